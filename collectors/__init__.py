@@ -1,0 +1,1 @@
+"""Built-in collector plugins, registered through the ``rbee.collectors`` entry points."""

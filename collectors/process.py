@@ -1,0 +1,37 @@
+"""Model name from the worker's command line, uptime from its start time in /proc.
+
+Uptime uses the kernel's own clock: the start time in /proc/<pid>/stat counts clock ticks
+(``os.sysconf("SC_CLK_TCK")``, not an assumed 100) since boot, and CLOCK_BOOTTIME is the same clock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+
+from rbee.plugin import hookimpl
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MODEL_FLAGS = ("--model", "-m")
+
+
+@lru_cache(maxsize=4096)
+def model_from_argv(argv: Sequence[str]) -> str | None:
+    """``--model X``, ``--model=X`` or ``-m X``; the first one given wins."""
+    for index, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--model="):
+            return arg.removeprefix("--model=") or None
+        if arg in MODEL_FLAGS and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+@hookimpl
+def rbee_collect_worker(worker, telemetry) -> None:
+    telemetry.model = model_from_argv(worker.worker.argv)
+    start_ticks = worker.sample.proc_start_ticks
+    if start_ticks >= 0:
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / CLOCK_TICKS
+        telemetry.uptime_s = max(0, int(uptime))

@@ -1,0 +1,58 @@
+"""The exceptions rbee raises, rooted in one base class so callers can catch all of ours at once.
+
+    RbeeError
+    ├── ConfigError        bad YAML, a bad key or value (names file, key and problem)
+    ├── ContractError      a payload that does not match the telemetry contract
+    ├── SpawnError         a worker could not be started (nothing is left behind)
+    │   └── LimitError     a CPU or memory limit that cannot be understood
+    ├── CgroupError        the cgroup tree cannot be used (permission, missing controller)
+    ├── CollectorError     a collector plugin failed (recorded per worker, never fatal)
+    └── NotFoundError      no such group, instance or hive
+
+Context goes in keyword attributes as well as the message, so that programs need not parse text.
+"""
+
+from __future__ import annotations
+
+
+class RbeeError(Exception):
+    """Base class of every error rbee raises on purpose."""
+
+
+class ConfigError(RbeeError):
+    def __init__(self, message: str, *, source: str = "", key: str = "") -> None:
+        where = ": ".join(part for part in (source, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.source = source
+        self.key = key
+
+
+class ContractError(RbeeError):
+    """A message that is not valid JSON or does not match the telemetry structs."""
+
+
+class SpawnError(RbeeError):
+    def __init__(self, message: str, *, group: str = "", instance: str = "") -> None:
+        super().__init__(message)
+        self.group = group
+        self.instance = instance
+
+
+class LimitError(SpawnError):
+    """A limit string such as ``"0%"`` or ``"12Q"`` that cannot become a cgroup setting."""
+
+
+class CgroupError(RbeeError):
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CollectorError(RbeeError):
+    def __init__(self, message: str, *, collector: str = "") -> None:
+        super().__init__(message)
+        self.collector = collector
+
+
+class NotFoundError(RbeeError):
+    """Asked for a group, instance or hive that does not exist."""

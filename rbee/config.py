@@ -1,0 +1,118 @@
+"""YAML configuration of the hive and the queen, validated into typed structs.
+
+Every interval, timeout, threshold and limit lives here with a sane default, so an empty file is a
+working configuration. Unknown keys are errors (a typo must not silently fall back to a default),
+and every error names the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+import yaml
+
+from ._errors import ConfigError
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config section."""
+
+
+class CgroupSettings(Settings):
+    backend: Literal["auto", "v2", "v1", "none"] = "auto"
+    root: str = "auto"
+    """Path of the workers' parent cgroup inside the hierarchy; "auto" means the delegated
+    subtree under systemd (v2) and ``rbee.slice`` otherwise."""
+
+
+class CollectorSettings(Settings):
+    interval_s: Seconds = 1.0
+    gpu: Literal["auto", "nvml", "nvidia-smi", "none"] = "auto"
+    nvidia_smi_path: str = "nvidia-smi"
+    nvidia_smi_timeout_s: Seconds = 2.0
+    refresh_timeout_s: Seconds = 3.0
+    """Deadline of one GPU refresh (NVML or nvidia-smi) before the tick goes on without it."""
+    disabled_plugins: list[str] = []
+
+
+class WorkerSpec(Settings):
+    """A worker the hive keeps running."""
+
+    group: str
+    instance: str
+    argv: Annotated[list[str], msgspec.Meta(min_length=1)]
+    cpu_limit: str | None = None
+    memory_limit: str | int | None = None
+    env: dict[str, str] = {}
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+    restart_backoff_s: Seconds = 1.0
+    restart_backoff_max_s: Seconds = 30.0
+
+
+class HeartbeatSettings(Settings):
+    interval_s: Seconds = 1.0
+    connect_timeout_s: Seconds = 2.0
+    read_timeout_s: Seconds = 5.0
+    write_timeout_s: Seconds = 5.0
+    pool_timeout_s: Seconds = 2.0
+    backoff_initial_s: Seconds = 0.5
+    backoff_max_s: Seconds = 10.0
+    reminder_interval_s: Seconds = 60.0
+    """While the queen is unreachable, how often the hive logs that it still is."""
+
+
+def _hostname() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:128] or "hive"
+
+
+class HiveConfig(Settings):
+    id: str = msgspec.field(default_factory=_hostname)
+    bind: str = "127.0.0.1"
+    port: Port = 7835
+    queen_url: str = "http://127.0.0.1:7833"
+    stop_grace_s: Seconds = 5.0
+    stop_workers_on_exit: bool = False
+    """False keeps workers running over a hive restart (they are re-adopted); ``rbee up`` sets it."""
+    heartbeat: HeartbeatSettings = msgspec.field(default_factory=HeartbeatSettings)
+    cgroup: CgroupSettings = msgspec.field(default_factory=CgroupSettings)
+    collect: CollectorSettings = msgspec.field(default_factory=CollectorSettings)
+    workers: list[WorkerSpec] = []
+    log_dir: str | None = None
+
+
+ConfigT = TypeVar("ConfigT", bound=Settings)
+
+
+def parse_config(data: object, config_type: type[ConfigT], source: str = "<config>") -> ConfigT:
+    """Validate already-parsed YAML data; errors name the source and the key path."""
+    if data is None:
+        data = {}
+    try:
+        return msgspec.convert(data, config_type, strict=False)
+    except msgspec.ValidationError as exc:
+        message, _, path = str(exc).rpartition(" - at `")
+        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
+        raise ConfigError(message or str(exc), source=source, key=key) from exc
+
+
+def load_config(path: str | Path, config_type: type[ConfigT]) -> ConfigT:
+    """Read and validate a YAML file. Raises ConfigError naming the file, key and problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", source=source) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of keys to values", source=source)
+    return parse_config(data, config_type, source)

@@ -1,0 +1,149 @@
+"""The telemetry contract: the typed messages a hive sends and the queen stores and streams.
+
+One module, used by both sides, so they cannot drift. JSON field names and units of the original
+system are kept (``cpu_pct``, ``rss_mb``, ``io_r_mb_s`` …) so its consumers can read ours; every field
+added since has a default and is left out of the JSON while it holds that default, which keeps a
+100-worker heartbeat small. Evolve only by adding defaulted fields; never change a field's type.
+
+Units: ``*_mb`` are MiB (2**20 bytes), ``*_mb_s`` MiB per second, ``*_pct`` percent of one CPU core
+(200.0 = two cores busy) or of one GPU.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+
+from ._errors import ContractError
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+UtcTimestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class WorkerState(enum.StrEnum):
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class OperationalStatus(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True):
+    """One collector's failure for one worker; the rest of the worker's record is still valid."""
+
+    collector: str
+    message: str
+
+
+class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One worker as seen at one sample.
+
+    The first twelve fields are the original record and are always present. Rates (``cpu_pct``,
+    ``io_*_mb_s``) are deltas between two samples: on a worker's first sample they are 0.0 and
+    ``rate_window_s`` is 0.0, so a reader can tell "not measured yet" from "idle".
+    """
+
+    pid: NonNegInt
+    group: Name
+    instance: Name
+    cpu_pct: NonNegFloat
+    rss_mb: NonNegFloat
+    io_r_mb_s: NonNegFloat
+    io_w_mb_s: NonNegFloat
+    uptime_s: NonNegInt
+    gpu_util_pct: NonNegFloat
+    vram_mb: NonNegFloat
+    total_vram_mb: NonNegFloat
+    model: str | None
+
+    state: WorkerState = WorkerState.RUNNING
+    rate_window_s: NonNegFloat = 0.0
+    memory_mb: NonNegFloat = 0.0
+    """Everything the cgroup charges (memory.current / usage_in_bytes), page cache included."""
+    gpu_indices: list[NonNegInt] = []
+    cpu_limit_pct: NonNegFloat | None = None
+    memory_limit_mb: NonNegFloat | None = None
+    limits_applied: bool = True
+    """False when the hive runs without cgroups and the requested limits are not enforced."""
+    errors: list[CollectorIssue] = []
+    metrics: dict[str, float] = {}
+    """Numbers contributed by third-party collector plugins, keyed ``plugin.metric``."""
+
+
+class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One GPU as its driver reports it; totals are read from the device, never assumed."""
+
+    index: NonNegInt
+    uuid: str
+    name: str
+    util_pct: NonNegFloat
+    vram_total_mb: NonNegFloat
+    vram_used_mb: NonNegFloat
+    vram_free_mb: NonNegFloat
+    temperature_c: float | None = None
+    power_w: NonNegFloat | None = None
+
+
+class Healthy(msgspec.Struct, tag_field="status", tag="healthy", frozen=True):
+    pass
+
+
+class Degraded(msgspec.Struct, tag_field="status", tag="degraded", frozen=True):
+    reason: str
+
+
+class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True):
+    reason: str
+
+
+HealthStatus = Healthy | Degraded | Unhealthy
+
+
+class HiveInfo(msgspec.Struct, kw_only=True):
+    id: Name
+    hostname: str
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    operational_status: OperationalStatus
+    health_status: HealthStatus
+    version: str
+
+
+class HiveHeartbeat(msgspec.Struct, kw_only=True):
+    """Everything the queen needs from one hive, sent whole every interval (never a diff), so that a
+    lost heartbeat costs nothing and a restarted queen is whole again after one."""
+
+    hive: HiveInfo
+    timestamp: UtcTimestamp
+    workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice] = []
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+_heartbeat_decoder = msgspec.json.Decoder(HiveHeartbeat)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """JSON bytes of any contract struct."""
+    return _encoder.encode(message)
+
+
+def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:
+    """Parse and validate a heartbeat. Raises ContractError naming the offending field."""
+    try:
+        return _heartbeat_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError(f"invalid heartbeat: {exc}") from exc

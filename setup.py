@@ -1,0 +1,60 @@
+"""Build and install rbee telemetry.
+
+The Cython extension ``rbee._cstat`` is built from ``ext/``; the built-in collectors in
+``collectors/`` are installed as ``rbee.collectors`` and registered through the same entry-point
+group, ``rbee.collectors``, that third-party collector plugins use.
+"""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = cythonize(
+    [Extension("rbee._cstat", ["ext/_cstat.pyx"], extra_compile_args=["-O2"])],
+    compiler_directives={"language_level": "3"},
+)
+
+setup(
+    name="rbee-telemetry",
+    version="0.1.0",
+    description="Telemetry pipeline for GPU inference fleets: hive agents, a queen, a live stream.",
+    python_requires=">=3.11",
+    packages=["rbee", "rbee.hive", "rbee.hive.cgroups", "rbee.plugin", "rbee.queen",
+              "rbee.collectors", "rbee.demo"],
+    package_dir={"rbee.collectors": "collectors"},
+    package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"]},
+    ext_modules=extensions,
+    install_requires=[
+        "pluggy>=1.5",
+        "trio>=0.27",
+        "httpx>=0.27",
+        "msgspec>=0.18.6",
+        "PyYAML>=6.0.1",
+        "nvidia-ml-py>=12.535",
+        "hypercorn>=0.17",
+        "starlette>=0.40",
+        "anyio>=4.4",
+        "httpx-sse>=0.4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.2",
+            "pytest-trio>=0.8",
+            "pytest-benchmark>=4.0",
+            "hypothesis>=6.100",
+            "psutil>=5.9",
+        ],
+        "lint": ["ruff>=0.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rbee = rbee.cli:main",
+            "rbee-hive = rbee.hive.main:main",
+            "rbee-queen = rbee.queen.main:main",
+        ],
+        "rbee.collectors": [
+            "cgroup = rbee.collectors.cgroup",
+            "process = rbee.collectors.process",
+            "gpu = rbee.collectors.gpu",
+        ],
+    },
+)
