@@ -1,0 +1,56 @@
+"""rbee telemetry: per-worker telemetry of GPU inference fleets, from hive agents to a live queen.
+
+The public surface is re-exported here; modules whose names start with ``_`` are private.
+"""
+
+from ._errors import (
+    CgroupError,
+    CollectorError,
+    ConfigError,
+    ContractError,
+    LimitError,
+    NotFoundError,
+    RbeeError,
+    SpawnError,
+)
+from .telemetry import (
+    CollectorIssue,
+    Degraded,
+    GpuDevice,
+    Healthy,
+    HiveHeartbeat,
+    HiveInfo,
+    OperationalStatus,
+    Unhealthy,
+    WorkerState,
+    WorkerTelemetry,
+    decode_heartbeat,
+    encode,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # errors
+    "CgroupError",
+    "CollectorError",
+    "ConfigError",
+    "ContractError",
+    "LimitError",
+    "NotFoundError",
+    "RbeeError",
+    "SpawnError",
+    # telemetry contract
+    "CollectorIssue",
+    "Degraded",
+    "GpuDevice",
+    "Healthy",
+    "HiveHeartbeat",
+    "HiveInfo",
+    "OperationalStatus",
+    "Unhealthy",
+    "WorkerState",
+    "WorkerTelemetry",
+    "decode_heartbeat",
+    "encode",
+]

@@ -30,6 +30,9 @@ class CgroupSettings(Settings):
     root: str = "auto"
     """Path of the workers' parent cgroup inside the hierarchy; "auto" means the delegated
     subtree under systemd (v2) and ``rbee.slice`` otherwise."""
+    io_counters: Literal["auto", "cgroup", "proc"] = "auto"
+    """Where I/O bytes are counted: "auto" is io.stat on v2 and the main process's /proc/<pid>/io
+    on v1, whose blkio counters stay at 0 on many current kernels; "cgroup" forces blkio."""
 
 
 class CollectorSettings(Settings):

@@ -279,6 +279,9 @@ class ProcessMonitor:
         except KeyError:
             raise NotFoundError(f"no worker {group}/{instance}") from None
 
+    def get_or_none(self, group: str, instance: str) -> Worker | None:
+        return self._workers.get((group, instance))
+
     def enumerate(self) -> list[tuple[str, str, int]]:
         """(group, instance, main PID) of every worker cgroup with live processes under the root."""
         found = []

@@ -25,6 +25,6 @@ def build_plugin_manager(disabled: Iterable[str] = (), extra_plugins: Iterable[o
         manager.set_blocked(name)
     manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra_plugins:
-        manager.register(plugin)
+        manager.register(plugin, name=getattr(plugin, "__name__", type(plugin).__name__))
     manager.check_pending()
     return manager

@@ -120,7 +120,7 @@ class CgroupTree(CgroupBackend):
 
     def prepare(self) -> None:
         for root in self.roots:
-            make_dir(root)
+            make_dir(root, parents=True)
 
     def remove_root(self) -> None:
         for root in self.roots:
@@ -173,10 +173,10 @@ class CgroupTree(CgroupBackend):
         return found
 
 
-def make_dir(path: Path) -> bool:
+def make_dir(path: Path, parents: bool = False) -> bool:
     """mkdir that says whether it created the directory; permission errors become CgroupError."""
     try:
-        path.mkdir()
+        path.mkdir(parents=parents)
         return True
     except FileExistsError:
         return False

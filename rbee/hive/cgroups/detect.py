@@ -67,7 +67,8 @@ def delegated_root(mount: Path) -> str | None:
 
 
 def select_backend(
-    backend: str = "auto", root: str = "auto", mountinfo: str = "/proc/self/mountinfo"
+    backend: str = "auto", root: str = "auto", io_counters: str = "auto",
+    mountinfo: str = "/proc/self/mountinfo",
 ) -> CgroupBackend:
     """Build and prepare the backend; raises CgroupError when an explicit choice cannot work."""
     if backend not in BACKENDS:
@@ -85,7 +86,7 @@ def select_backend(
         if not v1_mounts:
             raise CgroupError("cgroup v1 was asked for but no v1 controller is mounted")
         relative = DEFAULT_ROOT if root == "auto" else root.strip("/")
-        chosen = CgroupV1(v1_mounts, relative)
+        chosen = CgroupV1(v1_mounts, relative, io_counters)
     elif v2_mount is not None:
         relative = root.strip("/") if root != "auto" else (delegated_root(v2_mount) or DEFAULT_ROOT)
         chosen = CgroupV2(v2_mount, v2_mount / relative)

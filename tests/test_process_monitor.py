@@ -1,0 +1,303 @@
+"""The seed's ProcessMonitor tests, against real processes and the real cgroups of this machine.
+
+``monitor`` runs each test on every backend the kernel offers here: v1 controllers, the
+controller-less v2 mount (real cgroups, limits not enforceable) and none.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rbee import LimitError, NotFoundError, SpawnError
+from rbee.hive.cgroups import CgroupV1, CgroupV2, NoCgroup
+from rbee.hive.collection import TelemetryCollector
+from rbee.plugin.manager import build_plugin_manager
+
+from .conftest import busy_worker, needs_v1, sleeper
+from .fakes import write_fake_nvidia_smi
+
+
+def cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def collector_for(monitor, **settings) -> TelemetryCollector:
+    from rbee.config import CollectorSettings
+
+    return TelemetryCollector(monitor, build_plugin_manager(), CollectorSettings(**settings))
+
+
+def test_spawn_creates_cgroup(monitor):
+    pid = monitor.spawn("llm", "w1", sleeper())
+    backend = monitor.backend
+    if isinstance(backend, NoCgroup):
+        assert backend.pids("llm", "w1") == [pid]
+        return
+    for root in backend.roots:
+        assert (root / "llm" / "w1").is_dir()
+    assert pid in backend.pids("llm", "w1")
+    relative = "/" + str((backend.primary / "llm" / "w1").relative_to(backend.primary.parents[1]))
+    assert relative in cgroup_of(pid)
+
+
+@needs_v1
+def test_spawn_applies_cpu_limit(v1_monitor):
+    v1_monitor.spawn("llm", "cpu", sleeper(), cpu_limit="150%")
+    cpu_dir = v1_monitor.backend.dirs["cpu"] / "llm" / "cpu"
+    assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "150000"
+    assert (cpu_dir / "cpu.cfs_period_us").read_text().strip() == "100000"
+    assert v1_monitor.get("llm", "cpu").limits.cpu_pct == 150.0
+
+
+@needs_v1
+def test_spawn_applies_memory_limit(v1_monitor):
+    v1_monitor.spawn("llm", "mem", sleeper(), memory_limit="64M")
+    memory_dir = v1_monitor.backend.dirs["memory"] / "llm" / "mem"
+    assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 64 * 2**20
+
+
+@needs_v1
+def test_spawn_memory_limit_is_enforced(v1_monitor):
+    """A worker allocating past its memory limit is killed by the kernel, not the host."""
+    hog = [sys.executable, "-c", "x = bytearray(200 * 2**20); import time; time.sleep(60)"]
+    v1_monitor.spawn("llm", "hog", hog, memory_limit="64M")
+    process = v1_monitor.get("llm", "hog").process
+    assert process.wait(timeout=20) == -signal.SIGKILL
+
+
+def test_spawn_returns_valid_pid(monitor):
+    pid = monitor.spawn("llm", "pid", sleeper())
+    assert pid > 1
+    os.kill(pid, 0)  # exists
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"sleep")
+    assert monitor.get("llm", "pid").pid == pid
+
+
+def test_collect_reads_cgroup_stats(monitor):
+    """CPU % from usage deltas and I/O rates from io counter deltas are real, not 0 (defects 2, 3)."""
+    monitor.spawn("llm", "busy", busy_worker())
+    collector = collector_for(monitor, gpu="none")
+    first = collector.collect_instance("llm", "busy")
+    assert first.rate_window_s == 0.0 and first.cpu_pct == 0.0
+    time.sleep(0.6)
+    second = collector.collect_instance("llm", "busy")
+    assert second.rate_window_s > 0.5
+    assert 5.0 < second.cpu_pct < 150.0
+    assert second.rss_mb > 1.0
+    assert second.memory_mb >= second.rss_mb or isinstance(monitor.backend, NoCgroup)
+    if isinstance(monitor.backend, CgroupV1 | NoCgroup):
+        assert second.io_w_mb_s > 0.0  # /proc/<pid>/io counts the fsync'ed writes
+
+
+def test_collect_queries_nvidia_smi(monitor, tmp_path, monkeypatch):
+    """A fake nvidia-smi on PATH (no GPU here) reporting the worker's PID: VRAM and totals come
+    from what the tool printed, never from a constant (defect 5)."""
+    pid = monitor.spawn("llm", "gpu", sleeper())
+    write_fake_nvidia_smi(tmp_path, apps=[(pid, 1, 4000)])
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    collector = collector_for(monitor, gpu="nvidia-smi")
+    devices = collector.refresh_devices()
+    assert [d.vram_total_mb for d in devices] == [81559.0, 97871.0]
+    record = collector.collect_instance("llm", "gpu")
+    assert record.gpu_indices == [1]
+    assert record.vram_mb == 4000.0
+    assert record.total_vram_mb == 97871.0
+    assert record.gpu_util_pct == 37.0  # the device's, nvidia-smi has no per-process figure
+    collector.close()
+
+
+def test_collect_parses_cmdline(monitor):
+    monitor.spawn("llm", "a", [*sleeper(), "--model", "ignored-by-sleep"][:2])
+    monitor.spawn("llm", "b", busy_worker("llama-3-8b"))
+    collector = collector_for(monitor, gpu="none")
+    models = {r.instance: r.model for r in collector.collect_all()}
+    assert models == {"a": None, "b": "llama-3-8b"}
+
+
+def test_collect_calculates_uptime(monitor):
+    monitor.spawn("llm", "up", sleeper())
+    collector = collector_for(monitor, gpu="none")
+    time.sleep(1.2)
+    record = collector.collect_instance("llm", "up")
+    assert 1 <= record.uptime_s <= 3
+
+
+def test_collect_handles_missing_gpu(monitor, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi, and no NVML on this machine
+    monitor.spawn("llm", "nogpu", sleeper())
+    collector = collector_for(monitor)  # gpu: auto
+    assert collector.refresh_devices() == []
+    assert collector.refresh_errors == []
+    record = collector.collect_instance("llm", "nogpu")
+    assert (record.gpu_util_pct, record.vram_mb, record.total_vram_mb) == (0.0, 0.0, 0.0)
+    assert record.errors == []
+
+
+def test_collect_handles_dead_process(monitor):
+    pid = monitor.spawn("llm", "dies", sleeper())
+    monitor.spawn("llm", "lives", sleeper())
+    events = []
+    monitor.subscribe(lambda event, worker: events.append((event, worker.instance)))
+    collector = collector_for(monitor, gpu="none")
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.1)
+    records = collector.collect_all()
+    assert [r.instance for r in records] == ["lives"]
+    assert ("exited", "dies") in events
+    assert not Path(f"/proc/{pid}").exists()  # reaped, no zombie
+    assert ("llm", "dies") not in monitor.backend.enumerate()
+
+
+def test_enumerate_walks_cgroup_tree(cgroup_monitor):
+    monitor = cgroup_monitor
+    first = monitor.spawn("llm", "a", sleeper())
+    second = monitor.spawn("embed", "b", sleeper())
+    assert sorted(monitor.enumerate()) == [("embed", "b", second), ("llm", "a", first)]
+    # A restarted hive finds the same workers in the tree and adopts them.
+    from rbee.hive.monitor import ProcessMonitor
+
+    monitor.release()
+    restarted = ProcessMonitor(monitor.backend)
+    adopted = restarted.adopt_existing()
+    assert sorted((w.group, w.instance, w.pid) for w in adopted) == [
+        ("embed", "b", second), ("llm", "a", first)]
+    assert restarted.get("llm", "a").argv == tuple(sleeper())
+    restarted.stop_all(grace=0.5)
+    assert monitor.backend.enumerate() == []
+    for pid in (first, second):
+        assert not Path(f"/proc/{pid}").exists() or b") Z" in Path(f"/proc/{pid}/stat").read_bytes()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/nonexistent/worker-binary"], "not found"),
+    (["no-such-worker-binary-rbee"], "not found on PATH"),
+    (["{plain_file}"], "not executable"),
+    (["/tmp"], "not executable"),
+])
+def test_spawn_invalid_binary(monitor, tmp_path, argv, message):
+    plain_file = tmp_path / "model.bin"
+    plain_file.write_text("not a program")
+    argv = [arg.format(plain_file=plain_file) for arg in argv]
+    with pytest.raises(SpawnError, match=message):
+        monitor.spawn("llm", "bad", argv)
+    assert monitor.workers() == []
+    assert ("llm", "bad") not in monitor.backend.enumerate()
+
+
+@pytest.mark.parametrize("cpu, memory, message", [
+    ("abc", None, "invalid CPU limit 'abc'"),
+    ("0%", None, "greater than 0"),
+    ("-5%", None, "greater than 0"),
+    (None, "12Q", "invalid memory limit '12Q'"),
+    (None, "0", "greater than 0"),
+])
+def test_spawn_invalid_cpu_limit(monitor, cpu, memory, message):
+    with pytest.raises(LimitError, match=message):
+        monitor.spawn("llm", "limits", sleeper(), cpu_limit=cpu, memory_limit=memory)
+    assert monitor.workers() == []
+    assert monitor.backend.enumerate() == []
+
+
+def test_spawn_duplicate_and_bad_names(monitor):
+    monitor.spawn("llm", "dup", sleeper())
+    with pytest.raises(SpawnError, match="already exists"):
+        monitor.spawn("llm", "dup", sleeper())
+    with pytest.raises(SpawnError, match="invalid group name"):
+        monitor.spawn("../etc", "x", sleeper())
+    assert [w.instance for w in monitor.workers()] == ["dup"]
+
+
+def test_stop_escalates_to_sigkill_and_removes_cgroup(monitor):
+    stubborn = [sys.executable, "-c",
+                "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('ready', flush=True)\ntime.sleep(60)"]
+    pid = monitor.spawn("llm", "stubborn", stubborn)
+    time.sleep(0.3)  # let it install its handler
+    started = time.monotonic()
+    monitor.stop("llm", "stubborn", grace=0.3)
+    assert time.monotonic() - started < 3
+    assert monitor.get_or_none("llm", "stubborn") is None
+    assert not Path(f"/proc/{pid}").exists()
+    assert monitor.backend.enumerate() == []
+    with pytest.raises(NotFoundError):
+        monitor.stop("llm", "stubborn")
+
+
+def test_spawn_fallback_on_non_linux_explicit_none(none_monitor):
+    """Variant 1: the none backend (no cgroups): plain process, limits reported as not applied."""
+    pid = none_monitor.spawn("llm", "plain", busy_worker(), cpu_limit="50%")
+    worker = none_monitor.get("llm", "plain")
+    assert worker.limits_applied is False
+    collector = collector_for(none_monitor, gpu="none")
+    collector.collect_all()
+    time.sleep(0.5)
+    record = collector.collect_instance("llm", "plain")
+    assert record.pid == pid and record.limits_applied is False
+    assert record.cpu_pct > 5.0 and record.rss_mb > 1.0
+
+
+UNPRIVILEGED = """
+import os, sys
+from rbee.hive.cgroups import select_backend
+from rbee.hive.monitor import ProcessMonitor
+os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read root's Python install
+backend = select_backend("auto", sys.argv[1])
+monitor = ProcessMonitor(backend)
+pid = monitor.spawn("llm", "u", ["sleep", "30"], cpu_limit="50%")
+print(backend.name, monitor.get("llm", "u").limits_applied)
+monitor.stop_all(grace=0.5)
+try:
+    select_backend("v1", sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@needs_v1
+def test_spawn_fallback_on_non_linux_unprivileged(tmp_path):
+    """Variant 2: an unprivileged hive (user nobody) cannot create cgroups: "auto" falls back to
+    the none backend with a warning, and an explicit v1 request fails naming the path."""
+    from .conftest import RUN_ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", UNPRIVILEGED, f"{RUN_ROOT}/unprivileged"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "none False"
+    assert lines[1].startswith("CgroupError permission denied creating cgroup /sys/fs/cgroup/")
+    assert "unprivileged" in lines[1]
+
+
+def test_v2_worker_on_real_unified_mount():
+    """The real v2 mount here has no controllers: cpu.stat still counts, limits cannot apply."""
+    from .conftest import RUN_ROOT, V2_MOUNT
+
+    if V2_MOUNT is None or os.geteuid() != 0:
+        pytest.skip("needs root and a cgroup2 filesystem mounted")
+    from rbee.hive.cgroups import select_backend
+    from rbee.hive.monitor import ProcessMonitor
+
+    backend = select_backend("v2", f"{RUN_ROOT}/v2real")
+    assert isinstance(backend, CgroupV2)
+    monitor = ProcessMonitor(backend)
+    try:
+        pid = monitor.spawn("llm", "v2", busy_worker(), cpu_limit="50%")
+        assert f"0::/{RUN_ROOT}/v2real/llm/v2" in cgroup_of(pid)
+        collector = collector_for(monitor, gpu="none")
+        collector.collect_all()
+        time.sleep(0.5)
+        record = collector.collect_instance("llm", "v2")
+        assert record.cpu_pct > 5.0
+        assert record.limits_applied is ("cpu" in backend.enabled)
+    finally:
+        monitor.stop_all(grace=0.5)
+        backend.remove_root()
