@@ -19,13 +19,27 @@ MODEL_FLAGS = ("--model", "-m")
 
 @lru_cache(maxsize=4096)
 def model_from_argv(argv: Sequence[str]) -> str | None:
-    """``--model X``, ``--model=X`` or ``-m X``; the first one given wins."""
-    for index, arg in enumerate(argv[1:], start=1):
+    """``--model X``, ``--model=X`` or ``-m X`` among the program's arguments.
+
+    ``--model`` wins over ``-m``. For a Python interpreter (``python -m vllm.entrypoints… --model
+    X``) the interpreter's own options, its ``-m module`` included, are not the program's.
+    """
+    start = 1
+    if os.path.basename(argv[0]).startswith("python") if argv else False:
+        for index, arg in enumerate(argv[1:], start=1):
+            if arg == "-m" or not arg.startswith("-"):
+                start = index + (2 if arg == "-m" else 1)
+                break
+    short = None
+    for index in range(start, len(argv)):
+        arg = argv[index]
         if arg.startswith("--model="):
             return arg.removeprefix("--model=") or None
         if arg in MODEL_FLAGS and index + 1 < len(argv):
-            return argv[index + 1]
-    return None
+            if arg == "--model":
+                return argv[index + 1]
+            short = short or argv[index + 1]
+    return short
 
 
 @hookimpl

@@ -1,0 +1,53 @@
+"""A small stand-in for an LLM inference worker: ``python -m rbee.demo.worker --model NAME``.
+
+It does light work that changes over time (CPU bursts, a growing and shrinking buffer, file writes
+and reads) so that every metric of the pipeline moves. It exits cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import tempfile
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", "-m", required=True)
+    parser.add_argument("--load", type=float, default=0.3, help="peak share of one core, 0..1")
+    args = parser.parse_args(argv)
+    running = True
+
+    def stop(_signo, _frame):
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    buffer = bytearray()
+    fd, path = tempfile.mkstemp(prefix=f"rbee-demo-{args.model}-")
+    os.unlink(path)
+    started = time.monotonic()
+    try:
+        while running:
+            phase = (time.monotonic() - started) / 7.0
+            load = args.load * (0.55 + 0.45 * math.sin(phase))
+            busy_until = time.monotonic() + 0.1 * load
+            while time.monotonic() < busy_until:
+                sum(i * i for i in range(2000))
+            target = int((24 + 16 * math.sin(phase / 2)) * 2**20)
+            buffer = buffer[:target] if len(buffer) > target else buffer + bytearray(
+                min(2**20, target - len(buffer)))
+            os.pwrite(fd, os.urandom(16384), int(phase * 1000) % 64 * 16384)
+            os.fsync(fd)
+            os.pread(fd, 16384, 0)
+            time.sleep(max(0.0, 0.1 - 0.1 * load))
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The hive agent: owns the workers and produces a complete ``HiveHeartbeat`` every interval.
+
+Everything runs in one trio nursery. Collection and the GPU refresh block (file reads, NVML,
+nvidia-smi), so each runs in a worker thread with a limiter of one; the GPU refresh also runs under
+``collect.refresh_timeout_s`` and is abandoned past it, so a hung driver delays nothing. Whoever
+needs the heartbeat (the printer of ``rbee up``, the heartbeat sender, the HTTP API) reads
+``latest`` or waits on ``wait_changed``, which also fires at once when a worker spawns or exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .. import __version__
+from ..config import HiveConfig, WorkerSpec
+from ..plugin.manager import build_plugin_manager
+from ..telemetry import (
+    CollectorIssue, Degraded, Healthy, HealthStatus, HiveHeartbeat, HiveInfo, OperationalStatus,
+    utc_now,
+)
+from .cgroups import select_backend
+from .collection import TelemetryCollector
+from .monitor import ProcessMonitor, Worker
+
+log = logging.getLogger(__name__)
+
+
+class HiveAgent:
+    def __init__(self, config: HiveConfig, extra_plugins: Sequence[object] = ()) -> None:
+        self.config = config
+        backend = select_backend(config.cgroup.backend, config.cgroup.root,
+                                 config.cgroup.io_counters)
+        self.monitor = ProcessMonitor(backend)
+        self.collector = TelemetryCollector(
+            self.monitor,
+            build_plugin_manager(config.collect.disabled_plugins, extra_plugins),
+            config.collect,
+        )
+        self.status = OperationalStatus.STARTING
+        self.port = config.port
+        self._refresh_issue: CollectorIssue | None = None
+        self.latest = self._heartbeat([])
+        self._changed = trio.Event()
+        self._workers_changed = False
+        self._collect_limiter = trio.CapacityLimiter(1)
+        self._refresh_limiter = trio.CapacityLimiter(1)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.monitor.subscribe(self._on_worker_change)
+
+    # -- change notification --------------------------------------------------------------
+
+    def _on_worker_change(self, event: str, worker: Worker) -> None:
+        """Called from whichever thread spawned, stopped or reaped: wake the agent's loop."""
+        log.info("worker %s/%s %s (pid %d)", worker.group, worker.instance, event, worker.pid)
+        self._workers_changed = True
+        if self._token is not None:
+            try:
+                self._token.run_sync_soon(self._wake)
+            except trio.RunFinishedError:
+                pass
+
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    async def wait_changed(self) -> HiveHeartbeat:
+        """Wait for the next heartbeat snapshot (tick or worker change) and return it."""
+        await self._changed.wait()
+        return self.latest
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._wake_event = trio.Event()
+        try:
+            adopted = await trio.to_thread.run_sync(self.monitor.adopt_existing)
+            for worker in adopted:
+                log.info("re-adopted worker %s/%s (pid %d)", worker.group, worker.instance,
+                         worker.pid)
+            await self._start_configured(self.config.workers)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._refresh_loop)
+                await self._publish()
+                self.status = OperationalStatus.READY
+                task_status.started()
+                nursery.start_soon(self._collect_loop)
+        finally:
+            self.status = OperationalStatus.STOPPING
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def _start_configured(self, specs: Sequence[WorkerSpec]) -> None:
+        for spec in specs:
+            if self.monitor.get_or_none(spec.group, spec.instance) is not None:
+                continue
+            await self.spawn(spec)
+
+    async def spawn(self, spec: WorkerSpec) -> int:
+        argv = [arg.replace("{python}", sys.executable) for arg in spec.argv]
+        env = dict(spec.env) if spec.env else None
+        log_path = (f"{self.config.log_dir}/{spec.group}-{spec.instance}.log"
+                    if self.config.log_dir else None)
+        return await trio.to_thread.run_sync(
+            lambda: self.monitor.spawn(spec.group, spec.instance, argv, spec.cpu_limit,
+                                       spec.memory_limit, env, log_path))
+
+    async def stop_worker(self, group: str, instance: str) -> None:
+        await trio.to_thread.run_sync(self.monitor.stop, group, instance,
+                                      self.config.stop_grace_s)
+
+    async def _refresh_loop(self) -> None:
+        timeout = self.config.collect.refresh_timeout_s
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                await trio.to_thread.run_sync(self.collector.refresh_devices,
+                                              limiter=self._refresh_limiter, abandon_on_cancel=True)
+            if scope.cancelled_caught:
+                self._refresh_issue = CollectorIssue(
+                    collector="refresh", message=f"device refresh took longer than {timeout:g}s")
+                log.warning("GPU refresh took longer than %gs; going on without it", timeout)
+            else:
+                self._refresh_issue = None
+            await trio.sleep(self.config.collect.interval_s)
+
+    async def _collect_loop(self) -> None:
+        interval = self.config.heartbeat.interval_s
+        while True:
+            with trio.move_on_after(interval):
+                await self._wake_event.wait()
+            self._wake_event = trio.Event()
+            await self._publish()
+
+    async def _publish(self) -> None:
+        self._workers_changed = False
+        records = await trio.to_thread.run_sync(self.collector.collect_all,
+                                                limiter=self._collect_limiter)
+        self.latest = self._heartbeat(records)
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def _heartbeat(self, workers) -> HiveHeartbeat:
+        return HiveHeartbeat(
+            hive=HiveInfo(id=self.config.id, hostname=socket.gethostname(), port=self.port,
+                          operational_status=self.status, health_status=self.health(),
+                          version=__version__),
+            timestamp=utc_now(), workers=workers, capabilities=list(self.collector.devices))
+
+    def health(self) -> HealthStatus:
+        issues = list(self.collector.refresh_errors)
+        if self._refresh_issue is not None:
+            issues.append(self._refresh_issue)
+        if issues:
+            return Degraded(reason="; ".join(f"{i.collector}: {i.message}" for i in issues))
+        return Healthy()
+
+    async def _shutdown(self) -> None:
+        if self.config.stop_workers_on_exit:
+            await trio.to_thread.run_sync(self.monitor.stop_all, self.config.stop_grace_s)
+            self.monitor.backend.remove_root()
+        else:
+            self.monitor.release()
+        self.collector.close()
+        self.status = OperationalStatus.STOPPED

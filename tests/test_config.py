@@ -1,0 +1,52 @@
+"""YAML configuration: defaults, and errors that name the file, the key and the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from rbee import ConfigError
+from rbee.config import HiveConfig, load_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "hive.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_is_the_default_config(tmp_path):
+    config = load_config(write(tmp_path, ""), HiveConfig)
+    assert config.port == 7835 and config.heartbeat.interval_s == 1.0
+    assert config.cgroup.backend == "auto" and config.collect.gpu == "auto"
+
+
+def test_values_are_read(tmp_path):
+    config = load_config(write(tmp_path, """
+id: gpu-07
+heartbeat: {interval_s: 0.5}
+workers:
+  - {group: llm, instance: a, argv: [sleep, "9"], cpu_limit: 50%, memory_limit: 1G}
+"""), HiveConfig)
+    assert config.id == "gpu-07" and config.heartbeat.interval_s == 0.5
+    assert config.workers[0].memory_limit == "1G"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("port: seven", "hive.yaml: port: Expected `int`, got `str`"),
+    ("heartbeat: {interval_s: -1}", "heartbeat.interval_s: Expected `float` > 0.0"),
+    ("colect: {}", "Object contains unknown field `colect`"),
+    ("cgroup: {backend: v3}", "cgroup.backend: Invalid enum value 'v3'"),
+    ("workers: [{group: llm}]", "Object missing required field `instance`"),
+    ("port: [1, 2", "not valid YAML"),
+    ("- a\n- b", "the top level must be a mapping"),
+])
+def test_bad_config_names_file_key_and_problem(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), HiveConfig)
+    assert expected in str(caught.value)
+    assert str(tmp_path / "hive.yaml") in str(caught.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml", HiveConfig)
