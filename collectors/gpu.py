@@ -62,4 +62,5 @@ class GpuCollector:
 @hookimpl
 def rbee_collector_setup(settings, plugin_manager) -> None:
     source = open_gpu_source(settings.gpu, settings.nvidia_smi_path, settings.nvidia_smi_timeout_s)
-    plugin_manager.register(GpuCollector(source), name="gpu.devices")
+    if source is not None:  # no GPU: nothing to refresh, nothing to add to any worker
+        plugin_manager.register(GpuCollector(source), name="gpu.devices")

@@ -45,7 +45,7 @@ def model_from_argv(argv: Sequence[str]) -> str | None:
 @hookimpl
 def rbee_collect_worker(worker, telemetry) -> None:
     telemetry.model = model_from_argv(worker.worker.argv)
-    start_ticks = worker.sample.proc_start_ticks
+    start_ticks = worker.worker.stats.start_ticks
     if start_ticks >= 0:
         uptime = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / CLOCK_TICKS
         telemetry.uptime_s = max(0, int(uptime))

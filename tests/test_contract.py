@@ -7,8 +7,15 @@ import json
 import pytest
 
 from rbee import (
-    ContractError, Degraded, Healthy, HiveHeartbeat, HiveInfo, OperationalStatus, WorkerTelemetry,
-    decode_heartbeat, encode,
+    ContractError,
+    Degraded,
+    Healthy,
+    HiveHeartbeat,
+    HiveInfo,
+    OperationalStatus,
+    WorkerTelemetry,
+    decode_heartbeat,
+    encode,
 )
 from rbee.telemetry import utc_now
 

@@ -8,13 +8,13 @@ import sys
 import time
 
 import pytest
+from rbee.collectors.gpu import GpuCollector
 
 from rbee import CollectorError
 from rbee.config import CollectorSettings
 from rbee.hive.collection import TelemetryCollector
 from rbee.hive.gpu import NvidiaSmiSource, NvmlSource, open_gpu_source, run_with_timeout
 from rbee.plugin.manager import build_plugin_manager
-from rbee.collectors.gpu import GpuCollector
 
 from .conftest import sleeper
 from .fakes import StubNvml, processes_left, write_fake_nvidia_smi
@@ -64,7 +64,7 @@ def test_nvidia_smi_timeout_kills_the_child(tmp_path):
     script = write_fake_nvidia_smi(tmp_path, hang_s=31.5)
     source = NvidiaSmiSource(str(script), timeout_s=0.3)
     started = time.monotonic()
-    with pytest.raises(CollectorError, match="did not answer within 0.3s and was killed"):
+    with pytest.raises(CollectorError, match=r"did not answer within 0\.3s and was killed"):
         source.snapshot()
     assert time.monotonic() - started < 2.0
     time.sleep(0.1)

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from rbee import _pystat, statfiles
 from rbee._sample import (
-    CPU_V1_USAGE_NS, CPU_V2_STAT, IO_PROC, IO_V1_BLKIO, IO_V2_STAT, MEMSTAT_V1, MEMSTAT_V2,
+    CPU_V1_USAGE_NS,
+    CPU_V2_STAT,
+    IO_PROC,
+    IO_V1_BLKIO,
+    IO_V2_STAT,
+    MEMSTAT_V1,
+    MEMSTAT_V2,
 )
 
 _cstat = pytest.importorskip("rbee._cstat", reason="the Cython extension rbee._cstat is not built")
@@ -140,7 +146,7 @@ def test_twins_agree_on_well_formed_io_stat(values):
     data = well_formed_io(values)
     expected_read = sum(v[2] for v in values)
     expected_write = sum(v[3] for v in values)
-    cap = lambda total: total if total < 2**63 else -1  # noqa: E731
+    cap = lambda total: total if total < 2**63 else -1
     assert _pystat.parse_io_v2(data) == _cstat.parse_io_v2(data) == (cap(expected_read),
                                                                       cap(expected_write))
 

@@ -20,7 +20,13 @@ from .. import __version__
 from ..config import HiveConfig, WorkerSpec
 from ..plugin.manager import build_plugin_manager
 from ..telemetry import (
-    CollectorIssue, Degraded, Healthy, HealthStatus, HiveHeartbeat, HiveInfo, OperationalStatus,
+    CollectorIssue,
+    Degraded,
+    HealthStatus,
+    Healthy,
+    HiveHeartbeat,
+    HiveInfo,
+    OperationalStatus,
     utc_now,
 )
 from .cgroups import select_backend

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import pluggy
 
+from .. import statfiles
 from .._errors import NotFoundError
 from .._sample import StatSample
 from ..config import CollectorSettings
-from ..statfiles import read_sample
 from ..telemetry import CollectorIssue, GpuDevice, WorkerTelemetry
-from .monitor import GONE_STATES, ProcessMonitor, Worker
+from .monitor import GONE_STATES, ProcessMonitor, Worker, exited
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class _Impl:
 class TelemetryCollector:
     def __init__(self, monitor: ProcessMonitor, plugins: pluggy.PluginManager,
                  settings: CollectorSettings | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 read_sample: Callable[..., StatSample] | None = None) -> None:
+        """``read_sample`` overrides the stat parser (benchmarks compare the two twins)."""
+        self.read_sample = read_sample or statfiles.read_sample
         self.monitor = monitor
         self.plugins = plugins
         self.settings = settings or CollectorSettings()
@@ -109,8 +112,12 @@ class TelemetryCollector:
         return records[0]
 
     def _collect(self, workers: list[Worker]) -> list[WorkerTelemetry]:
+        gone = exited(workers)
         records = []
         for worker in workers:
+            if worker.pid in gone:
+                self.monitor.reap(worker)
+                continue
             record = self._collect_one(worker)
             if record is not None:
                 records.append(record)
@@ -118,8 +125,8 @@ class TelemetryCollector:
 
     def _collect_one(self, worker: Worker) -> WorkerTelemetry | None:
         now = self.clock()
-        sample = read_sample(*worker.stats.args)
-        if sample.proc_state in GONE_STATES:
+        sample = self.read_sample(*worker.stats.args)
+        if worker.stats.pidfd < 0 and sample.proc_state in GONE_STATES:
             self.monitor.reap(worker)
             return None
         previous = worker.previous
@@ -128,10 +135,8 @@ class TelemetryCollector:
         record = WorkerTelemetry(
             pid=worker.pid, group=worker.group, instance=worker.instance, cpu_pct=0.0,
             rss_mb=0.0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=0.0, vram_mb=0.0,
-            total_vram_mb=0.0, model=None, rate_window_s=round(view.elapsed_s, 3),
-            cpu_limit_pct=worker.limits.cpu_pct,
-            memory_limit_mb=(worker.limits.memory_bytes / 2**20
-                             if worker.limits.memory_bytes is not None else None),
+            total_vram_mb=0.0, model=None, rate_window_s=int(view.elapsed_s * 1000) / 1000,
+            cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
             limits_applied=worker.limits_applied,
         )
         for impl in self._impls:

@@ -24,6 +24,10 @@ class Limits:
     memory_bytes: int | None = None
 
     @property
+    def memory_mb(self) -> float | None:
+        return None if self.memory_bytes is None else self.memory_bytes / 2**20
+
+    @property
     def cpu_quota_us(self) -> int | None:
         if self.cpu_pct is None:
             return None

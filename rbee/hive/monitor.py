@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from .. import statfiles
 from .._errors import CgroupError, NotFoundError, SpawnError
 from .._sample import StatSample
 from .cgroups import CgroupBackend, NoCgroup, StatPaths
@@ -35,9 +37,14 @@ GONE_STATES = (-1, ord("Z"), ord("X"))
 
 
 class StatSource:
-    """A worker's stat files, opened once and re-read with pread every tick (see design notes)."""
+    """A worker's stat files, opened once and re-read with pread every tick (see design notes).
 
-    __slots__ = ("args", "fds")
+    Liveness comes from a pidfd (one ``poll`` for all workers per tick), and the start time never
+    changes, so ``/proc/<pid>/stat`` is read once here and per tick only where no cgroup counts
+    the worker's CPU or memory (the none backend, or v2 without the memory controller).
+    """
+
+    __slots__ = ("args", "fds", "pidfd", "start_ticks")
 
     def __init__(self, paths: StatPaths, pid: int) -> None:
         self.fds: list[int] = []
@@ -46,6 +53,13 @@ class StatSource:
         memory_stat = self._open(paths.memory_stat)
         io = self._open(paths.io)
         proc_stat = self._open(f"/proc/{pid}/stat")
+        first = statfiles.read_sample(-1, 0, -1, -1, 0, -1, 0, proc_stat)
+        self.start_ticks = first.proc_start_ticks
+        self.pidfd = open_pidfd(pid)
+        if self.pidfd >= 0 and paths.cpu is not None and paths.memory_stat is not None:
+            self.fds.remove(proc_stat)
+            os.close(proc_stat)
+            proc_stat = -1
         self.args = (cpu, paths.cpu_format, memory_current, memory_stat, paths.memory_stat_format,
                      io, paths.io_format, proc_stat)
 
@@ -63,6 +77,30 @@ class StatSource:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd that polls readable once the process exits; -1 where the kernel has none (< 5.3)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return -1
+
+
+def exited(workers: Sequence[Worker]) -> set[int]:
+    """PIDs of the workers whose main process has exited, from one poll over their pidfds.
+
+    Workers without a pidfd are judged by their /proc state, read in their per-tick sample."""
+    poller = select.poll()
+    by_fd = {}
+    for worker in workers:
+        if worker.stats.pidfd >= 0:
+            poller.register(worker.stats.pidfd, select.POLLIN)
+            by_fd[worker.stats.pidfd] = worker.pid
+    return {by_fd[fd] for fd, _ in poller.poll(0)} if by_fd else set()
 
 
 @dataclass(eq=False)
