@@ -50,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     run_up.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    status = 0
     try:
         trio.run(up, args)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:  # trio may deliver it inside an exception group
         print("rbee: stopped", file=sys.stderr)
-    except RbeeError as exc:
-        print(f"rbee: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* RbeeError as group:
+        for exc in group.exceptions:
+            print(f"rbee: {exc}", file=sys.stderr)
+        status = 1
+    return status
 
 
 if __name__ == "__main__":

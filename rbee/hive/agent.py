@@ -91,8 +91,8 @@ class HiveAgent:
             await self._start_configured(self.config.workers)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._refresh_loop)
-                await self._publish()
                 self.status = OperationalStatus.READY
+                await self._publish()
                 task_status.started()
                 nursery.start_soon(self._collect_loop)
         finally:

@@ -1,0 +1,67 @@
+"""The trio hive agent with real workers: a complete heartbeat every interval, an immediate one
+when a worker exits, and a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import trio
+
+from rbee import Degraded, Healthy, OperationalStatus
+from rbee.config import CollectorSettings, HeartbeatSettings, HiveConfig, WorkerSpec
+from rbee.hive.agent import HiveAgent
+
+from .conftest import RUN_ROOT, sleeper
+from .fakes import write_fake_nvidia_smi
+
+
+def config(tag: str, **overrides) -> HiveConfig:
+    from rbee.config import CgroupSettings
+
+    fields = dict(
+        id="hive-test", stop_workers_on_exit=True,
+        cgroup=CgroupSettings(root=f"{RUN_ROOT}/{tag}"),
+        collect=CollectorSettings(gpu="none"),
+        workers=[WorkerSpec(group="llm", instance=f"w{i}", argv=sleeper()) for i in range(2)],
+    )
+    fields.update(overrides)
+    return HiveConfig(**fields)
+
+
+async def test_agent_publishes_heartbeats_and_reacts_to_exit_at_once():
+    agent = HiveAgent(config("agent"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        heartbeat = agent.latest
+        assert heartbeat.hive.operational_status == OperationalStatus.READY
+        assert heartbeat.hive.health_status == Healthy()
+        assert sorted(w.instance for w in heartbeat.workers) == ["w0", "w1"]
+        victim = next(w.pid for w in heartbeat.workers if w.instance == "w0")
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(0.5):  # well inside the 1 s interval: pushed, not polled
+            while any(w.pid == victim for w in (await agent.wait_changed()).workers):
+                pass
+        assert [w.instance for w in agent.latest.workers] == ["w1"]
+        nursery.cancel_scope.cancel()
+    assert agent.status == OperationalStatus.STOPPED
+    assert agent.monitor.workers() == []
+    assert agent.monitor.backend.enumerate() == []
+
+
+async def test_hanging_gpu_refresh_marks_hive_degraded_but_heartbeats_go_on(tmp_path, monkeypatch):
+    """nvidia-smi that hangs (a fake on PATH: no GPU here) delays no heartbeat."""
+    write_fake_nvidia_smi(tmp_path, hang_s=30)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    agent = HiveAgent(config("hang", collect=CollectorSettings(
+        gpu="nvidia-smi", nvidia_smi_timeout_s=5.0, refresh_timeout_s=0.2, interval_s=0.2),
+        heartbeat=HeartbeatSettings(interval_s=0.2)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        with trio.fail_after(3):
+            while not isinstance((await agent.wait_changed()).hive.health_status, Degraded):
+                pass
+            seen = [len((await agent.wait_changed()).workers) for _ in range(3)]
+        assert seen == [2, 2, 2]
+        assert "longer than 0.2s" in agent.latest.hive.health_status.reason
+        nursery.cancel_scope.cancel()
