@@ -50,5 +50,9 @@ def pytest_terminal_summary(terminalreporter):
             write(f"  {count} workers: collect_all python/cython = {python / cython:.2f}x")
         if sample_c and sample_py:
             write(f"  {count} workers: sample path python/cython = {sample_py / sample_c:.2f}x")
+        parse_c = MEDIANS.get(f"parse_only[{count}] cython")
+        parse_py = MEDIANS.get(f"parse_only[{count}] python")
+        if parse_c and parse_py:
+            write(f"  {count} workers: parsing alone python/cython = {parse_py / parse_c:.2f}x")
         if cython and psutil_time:
             write(f"  {count} workers: psutil/cython collect_all = {psutil_time / cython:.2f}x")

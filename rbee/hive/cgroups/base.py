@@ -83,16 +83,17 @@ class CgroupBackend(ABC):
                 pass
 
 
+PERMISSION_HINT = ("run the hive as root, give it a delegated cgroup subtree (systemd Delegate=yes), "
+                   "or set cgroup.backend: none")
+
+
 def write_file(path: Path, value: str) -> None:
     """Write a cgroup control file, translating the kernel's refusal into a CgroupError."""
     try:
         path.write_text(value)
     except PermissionError as exc:
-        raise CgroupError(
-            f"permission denied writing {path}: run the hive as root or give it a delegated "
-            "cgroup subtree (systemd Delegate=yes), or set cgroup.backend: none",
-            path=str(path),
-        ) from exc
+        raise CgroupError(f"permission denied writing {path}: {PERMISSION_HINT}",
+                          path=str(path)) from exc
     except OSError as exc:
         raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}", path=str(path)) from exc
 
@@ -181,11 +182,8 @@ def make_dir(path: Path, parents: bool = False) -> bool:
     except FileExistsError:
         return False
     except PermissionError as exc:
-        raise CgroupError(
-            f"permission denied creating cgroup {path}: run the hive as root, give it a delegated "
-            "cgroup subtree (systemd Delegate=yes), or set cgroup.backend: none",
-            path=str(path),
-        ) from exc
+        raise CgroupError(f"permission denied creating cgroup {path}: {PERMISSION_HINT}",
+                          path=str(path)) from exc
     except OSError as exc:
         raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}", path=str(path)) from exc
 
