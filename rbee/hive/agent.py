@@ -10,6 +10,7 @@ needs the heartbeat (the printer of ``rbee up``, the heartbeat sender, the HTTP 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from ..telemetry import (
 )
 from .cgroups import select_backend
 from .collection import TelemetryCollector
-from .monitor import ProcessMonitor, Worker
+from .monitor import ProcessMonitor, Worker, open_pidfd
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,38 @@ class HiveAgent:
         self._collect_limiter = trio.CapacityLimiter(1)
         self._refresh_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
         self.monitor.subscribe(self._on_worker_change)
 
     # -- change notification --------------------------------------------------------------
 
     def _on_worker_change(self, event: str, worker: Worker) -> None:
-        """Called from whichever thread spawned, stopped or reaped: wake the agent's loop."""
+        """Called from whichever thread spawned, stopped or reaped: wake the agent's loop, and
+        watch a new worker for its exit."""
         log.info("worker %s/%s %s (pid %d)", worker.group, worker.instance, event, worker.pid)
         self._workers_changed = True
         if self._token is not None:
             try:
-                self._token.run_sync_soon(self._wake)
+                self._token.run_sync_soon(self._wake, worker if event == "spawned" else None)
             except trio.RunFinishedError:
                 pass
 
-    def _wake(self) -> None:
+    def _wake(self, spawned: Worker | None = None) -> None:
+        self._wake_event.set()
+        if spawned is not None and self._nursery is not None:
+            self._nursery.start_soon(self._watch_exit, spawned.pid)
+
+    async def _watch_exit(self, pid: int) -> None:
+        """Wake the loop the moment a worker's main process exits (its own pidfd, polled by trio),
+        so its exit reaches the heartbeat at once instead of at the next tick."""
+        pidfd = open_pidfd(pid)
+        if pidfd < 0:
+            return  # no pidfd on this kernel: the next tick notices the exit
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
         self._wake_event.set()
 
     async def wait_changed(self) -> HiveHeartbeat:
@@ -90,6 +108,9 @@ class HiveAgent:
                          worker.pid)
             await self._start_configured(self.config.workers)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for worker in self.monitor.workers():
+                    nursery.start_soon(self._watch_exit, worker.pid)
                 nursery.start_soon(self._refresh_loop)
                 self.status = OperationalStatus.READY
                 await self._publish()
