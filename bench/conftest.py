@@ -40,19 +40,15 @@ def pytest_terminal_summary(terminalreporter):
     write("rbee benchmark summary (medians)")
     for name, seconds in sorted(MEDIANS.items()):
         write(f"  {name:<40} {seconds * 1e3:8.3f} ms")
+    ratios = [  # (what, slower benchmark, faster benchmark)
+        ("collect_all python/cython", "collect_all[{n}] python", "collect_all[{n}] cython"),
+        ("sample path python/cython", "sample_only[{n}] python", "sample_only[{n}] cython"),
+        ("parsing alone python/cython", "parse_only[{n}] python", "parse_only[{n}] cython"),
+        ("psutil/cython collect_all", "psutil[{n}]", "collect_all[{n}] cython"),
+    ]
     for count in (10, 100):
-        cython = MEDIANS.get(f"collect_all[{count}] cython")
-        python = MEDIANS.get(f"collect_all[{count}] python")
-        psutil_time = MEDIANS.get(f"psutil[{count}]")
-        sample_c = MEDIANS.get(f"sample_only[{count}] cython")
-        sample_py = MEDIANS.get(f"sample_only[{count}] python")
-        if cython and python:
-            write(f"  {count} workers: collect_all python/cython = {python / cython:.2f}x")
-        if sample_c and sample_py:
-            write(f"  {count} workers: sample path python/cython = {sample_py / sample_c:.2f}x")
-        parse_c = MEDIANS.get(f"parse_only[{count}] cython")
-        parse_py = MEDIANS.get(f"parse_only[{count}] python")
-        if parse_c and parse_py:
-            write(f"  {count} workers: parsing alone python/cython = {parse_py / parse_c:.2f}x")
-        if cython and psutil_time:
-            write(f"  {count} workers: psutil/cython collect_all = {psutil_time / cython:.2f}x")
+        for what, slower, faster in ratios:
+            numerator = MEDIANS.get(slower.format(n=count))
+            denominator = MEDIANS.get(faster.format(n=count))
+            if numerator and denominator:
+                write(f"  {count} workers: {what} = {numerator / denominator:.2f}x")
