@@ -53,7 +53,6 @@ class HiveAgent:
         self._refresh_issue: CollectorIssue | None = None
         self.latest = self._heartbeat([])
         self._changed = trio.Event()
-        self._workers_changed = False
         self._collect_limiter = trio.CapacityLimiter(1)
         self._refresh_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
@@ -66,7 +65,6 @@ class HiveAgent:
         """Called from whichever thread spawned, stopped or reaped: wake the agent's loop, and
         watch a new worker for its exit."""
         log.info("worker %s/%s %s (pid %d)", worker.group, worker.instance, event, worker.pid)
-        self._workers_changed = True
         if self._token is not None:
             try:
                 self._token.run_sync_soon(self._wake, worker if event == "spawned" else None)
@@ -163,7 +161,6 @@ class HiveAgent:
             await self._publish()
 
     async def _publish(self) -> None:
-        self._workers_changed = False
         records = await trio.to_thread.run_sync(self.collector.collect_all,
                                                 limiter=self._collect_limiter)
         self.latest = self._heartbeat(records)
