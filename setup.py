@@ -31,8 +31,9 @@ setup(
         "PyYAML>=6.0.1",
         "nvidia-ml-py>=12.535",
         "hypercorn>=0.17",
-        "starlette>=0.40",
-        "anyio>=4.4",
+        "starlette>=0.49.1",
+        "sse-starlette>=3.0",
+        "anyio>=4.7",
         "httpx-sse>=0.4",
     ],
     extras_require={

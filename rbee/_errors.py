@@ -56,3 +56,10 @@ class CollectorError(RbeeError):
 
 class NotFoundError(RbeeError):
     """Asked for a group, instance or hive that does not exist."""
+
+
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, as trio's nurseries raise them."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
+    return [error]

@@ -13,7 +13,7 @@ from importlib.resources import files
 import trio
 import yaml
 
-from ._errors import RbeeError
+from ._errors import RbeeError, leaf_exceptions
 from .config import HiveConfig, parse_config
 from .hive.agent import HiveAgent
 from .view import table
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except* KeyboardInterrupt:  # trio may deliver it inside an exception group
         print("rbee: stopped", file=sys.stderr)
     except* RbeeError as group:
-        for exc in group.exceptions:
+        for exc in leaf_exceptions(group):
             print(f"rbee: {exc}", file=sys.stderr)
         status = 1
     return status

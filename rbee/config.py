@@ -90,6 +90,56 @@ class HiveConfig(Settings):
     log_dir: str | None = None
 
 
+class RegistrySettings(Settings):
+    """How the queen judges hives by the silence since their last heartbeat (its own clock)."""
+
+    stale_after_s: Seconds = 5.0
+    """Silent this long: shown as stale, no longer offered by scheduling queries."""
+    remove_after_s: Seconds = 60.0
+    """Silent this long: removed with its workers, and the removal announced on the stream."""
+    cleanup_interval_s: Seconds = 1.0
+    idle_gpu_util_pct: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """A worker at or under this GPU utilisation counts as idle."""
+    mass_silence_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    """If more than this share of the hives falls silent at once, the queen suspects its own side
+    (network, a stall) and removes none of them; they stay stale until they return."""
+    mass_silence_min_hives: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """The guard applies only to fleets of at least this many hives."""
+
+    def __post_init__(self) -> None:
+        if self.remove_after_s <= self.stale_after_s:
+            raise ValueError(
+                f"remove_after_s ({self.remove_after_s:g}) must be greater than "
+                f"stale_after_s ({self.stale_after_s:g})")
+
+
+class StreamSettings(Settings):
+    """The live SSE stream, ``GET /v1/heartbeats/stream``."""
+
+    queen_interval_s: Seconds = 2.5
+    """How often the fleet summary (event type ``queen``) is sent."""
+    keepalive_s: Seconds = 15.0
+    """Idle connections get a comment line this often, so proxies keep them open."""
+    client_buffer: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """Events queued per client; a client further behind is told it lagged and resynced."""
+    max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+
+
+class QueenConfig(Settings):
+    bind: str = "127.0.0.1"
+    """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
+    port: Port = 7833
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 2**20
+    """Largest heartbeat accepted; a 100-worker heartbeat is about 20 KiB."""
+    keep_alive_timeout_s: Seconds = 30.0
+    """An idle keep-alive connection (no request in flight) is closed after this long."""
+    backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    shutdown_grace_s: Seconds = 2.0
+    """On SIGINT/SIGTERM, how long requests in flight may take to finish."""
+    registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
+    stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+
+
 ConfigT = TypeVar("ConfigT", bound=Settings)
 
 

@@ -128,6 +128,83 @@ class HiveHeartbeat(msgspec.Struct, kw_only=True):
     capabilities: list[GpuDevice] = []
 
 
+# -- the live stream (GET /v1/heartbeats/stream) ----------------------------------------------
+# Every SSE event is named ``heartbeat``; its data is one of these, told apart by ``type``.
+# ``hive_telemetry`` and ``queen`` keep the original system's shapes; the others are ours.
+
+
+class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_telemetry"):
+    """Forwarded for every heartbeat the queen accepts: the hive's whole worker list."""
+
+    hive_id: str
+    timestamp: UtcTimestamp
+    """The hive's own clock at sending, as it reported it."""
+    workers: list[WorkerTelemetry]
+
+
+class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen"):
+    """The fleet summary, sent every ``stream.queen_interval_s``. Online means not stale;
+    available means schedulable (a ready, not unhealthy hive; for workers, also idle)."""
+
+    workers_online: NonNegInt
+    workers_available: NonNegInt
+    hives_online: NonNegInt
+    hives_available: NonNegInt
+    worker_ids: list[str]
+    """``hive/group/instance`` of every online worker."""
+    hive_ids: list[str]
+    timestamp: UtcTimestamp
+
+
+class HiveStaleEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_stale"):
+    """A hive missed heartbeats: still shown, no longer scheduled. Its next heartbeat revives it."""
+
+    hive_id: str
+    silent_s: NonNegFloat
+    timestamp: UtcTimestamp
+
+
+class HiveRemovedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_removed"):
+    """A hive and all its workers left the registry."""
+
+    hive_id: str
+    reason: str
+    worker_ids: list[str]
+    timestamp: UtcTimestamp
+
+
+class HiveState(msgspec.Struct, kw_only=True):
+    """One hive as a snapshot shows it."""
+
+    hive: HiveInfo
+    stale: bool
+    silent_s: NonNegFloat
+    """Seconds since the queen last heard from it, by the queen's clock."""
+    last_heartbeat: UtcTimestamp
+    workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice] = []
+
+
+class SnapshotEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="snapshot"):
+    """The whole fleet at once: the first event of every connection, and the resync after a lag."""
+
+    hives: list[HiveState]
+    timestamp: UtcTimestamp
+
+
+class LaggedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="lagged"):
+    """This client fell more than ``stream.client_buffer`` events behind; ``dropped`` events were
+    skipped and a snapshot follows at once, so its view is whole again."""
+
+    dropped: NonNegInt
+    timestamp: UtcTimestamp
+
+
+StreamEvent = (HiveTelemetryEvent | QueenEvent | HiveStaleEvent | HiveRemovedEvent | SnapshotEvent
+               | LaggedEvent)
+STREAM_EVENT_NAME = "heartbeat"
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -139,6 +216,17 @@ _encoder = msgspec.json.Encoder()
 def encode(message: msgspec.Struct) -> bytes:
     """JSON bytes of any contract struct."""
     return _encoder.encode(message)
+
+
+_stream_event_decoder = msgspec.json.Decoder(StreamEvent)
+
+
+def decode_stream_event(payload: bytes | str) -> StreamEvent:
+    """Parse the data of one stream event. Raises ContractError naming the offending field."""
+    try:
+        return _stream_event_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError(f"invalid stream event: {exc}") from exc
 
 
 def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:

@@ -1,0 +1,186 @@
+"""The queen's HTTP API, with the original system's paths and payloads.
+
+    POST   /v1/hive-heartbeat        a HiveHeartbeat; replies {"status": "ok", "message": ...}
+    GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent
+    GET    /health
+    GET    /v1/hives                 every hive (HiveState), stale ones flagged
+    GET    /v1/hives/{hive_id}
+    DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
+    GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N
+                                     only schedulable workers matching all of them
+
+Every error is JSON ``{"status": "error", "message": ...}`` with a 4xx/5xx code, and a request that
+fails validation leaves the registry untouched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .. import __version__
+from .._errors import ContractError, NotFoundError
+from ..telemetry import HiveTelemetryEvent, decode_heartbeat, encode
+
+if TYPE_CHECKING:
+    from .server import QueenServer
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    status: str
+    message: str
+
+
+class QueenHealth(msgspec.Struct, kw_only=True):
+    status: str
+    version: str
+    hives: int
+    stream_clients: int
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+class JsonResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return encode(content)
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    """Our errors and Starlette's own (unknown path, wrong method) as the same JSON reply."""
+    if isinstance(exc, ApiError):
+        status_code, message = exc.status_code, exc.message
+    else:
+        assert isinstance(exc, HTTPException)
+        status_code = exc.status_code
+        message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
+    return JsonResponse(Reply(status="error", message=message), status_code=status_code)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes (from
+    Content-Length before reading, or while reading a chunked body)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, f"invalid Content-Length header: {declared!r}")
+        if int(declared) > limit:
+            raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bool_param(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no", ""):
+        return False
+    raise ApiError(400, f"query parameter {name!r} must be true or false, not {value!r}")
+
+
+def _float_param(request: Request, name: str) -> float | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be a number, not {value!r}") from None
+    if not number >= 0:  # also refuses nan
+        raise ApiError(400, f"query parameter {name!r} must be >= 0, not {value!r}")
+    return number
+
+
+def build_app(queen: QueenServer) -> Starlette:
+    registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
+
+    async def post_heartbeat(request: Request) -> Response:
+        body = await read_body(request, config.max_body_bytes)
+        try:
+            heartbeat = decode_heartbeat(body)
+        except ContractError as exc:
+            raise ApiError(400, str(exc)) from exc
+        registry.update_hive(heartbeat)
+        broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
+                                               timestamp=heartbeat.timestamp,
+                                               workers=heartbeat.workers))
+        return JsonResponse(Reply(
+            status="ok", message=f"heartbeat from hive {heartbeat.hive.id!r} with "
+                                 f"{len(heartbeat.workers)} workers received"))
+
+    async def stream(request: Request) -> Response:
+        if broadcaster.closed:
+            raise ApiError(503, "the queen is shutting down")
+        if broadcaster.full:
+            raise ApiError(503, f"too many stream clients (stream.max_clients: "
+                                f"{broadcaster.max_clients})")
+        return EventSourceResponse(
+            broadcaster.stream(), ping=config.stream.keepalive_s,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def health(request: Request) -> Response:
+        return JsonResponse(QueenHealth(status="ok", version=__version__, hives=len(registry),
+                                        stream_clients=broadcaster.client_count))
+
+    async def list_hives(request: Request) -> Response:
+        return JsonResponse(registry.hives())
+
+    async def get_hive(request: Request) -> Response:
+        try:
+            return JsonResponse(registry.get_hive(request.path_params["hive_id"]))
+        except NotFoundError as exc:
+            raise ApiError(404, str(exc)) from exc
+
+    async def delete_hive(request: Request) -> Response:
+        hive_id = request.path_params["hive_id"]
+        event = registry.remove_hive(hive_id, "removed by request")
+        if event is None:
+            raise ApiError(404, f"unknown hive {hive_id!r}")
+        broadcaster.publish(event)
+        return JsonResponse(Reply(status="ok", message=f"hive {hive_id!r} and "
+                                                       f"{len(event.worker_ids)} workers removed"))
+
+    async def list_workers(request: Request) -> Response:
+        unknown = set(request.query_params) - {"idle", "model", "min_free_vram_mb"}
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                                f"known: idle, model, min_free_vram_mb")
+        idle = _bool_param(request, "idle")
+        model = request.query_params.get("model")
+        min_free = _float_param(request, "min_free_vram_mb")
+        if not idle and model is None and min_free is None:
+            return JsonResponse(registry.get_all_workers())
+        return JsonResponse(registry.find_workers(idle=idle, model=model,
+                                                  min_free_vram_mb=min_free))
+
+    return Starlette(
+        routes=[
+            Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
+            Route("/v1/heartbeats/stream", stream, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/hives", list_hives, methods=["GET"]),
+            Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
+            Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
+            Route("/v1/workers", list_workers, methods=["GET"]),
+        ],
+        exception_handlers={ApiError: _error, HTTPException: _error},
+    )

@@ -1,0 +1,304 @@
+"""The queen's fleet view: every hive, its workers and GPUs, and the scheduling queries over them.
+
+A hive's record is replaced whole by each heartbeat (never merged), so a worker that is gone from
+the hive is gone from the registry at the next heartbeat. Silence is judged by the queen's own
+monotonic clock at receipt, never by the hive's timestamp, which may be wrong. A silent hive goes
+through two steps: *stale* (still listed, no longer scheduled) and then *removed* with all its
+workers. If most of the fleet falls silent at once the fault is more likely on the queen's side
+(its network, a stall), so nothing is removed until that clears, as Kubernetes' node lifecycle
+controller and Nomad's heartbeat grace do.
+
+Every method takes one lock and returns fresh lists, so trio tasks and threads may read and write
+concurrently; the structs inside are never mutated after they are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+
+from .._errors import NotFoundError
+from ..config import RegistrySettings
+from ..telemetry import (
+    GpuDevice,
+    HiveHeartbeat,
+    HiveInfo,
+    HiveRemovedEvent,
+    HiveStaleEvent,
+    HiveState,
+    OperationalStatus,
+    QueenEvent,
+    SnapshotEvent,
+    Unhealthy,
+    WorkerState,
+    WorkerTelemetry,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULABLE_STATUSES = frozenset({OperationalStatus.READY, OperationalStatus.BUSY})
+
+
+class VramFigures(msgspec.Struct, kw_only=True):
+    """VRAM of the GPU(s) a worker runs on. A scheduler needs both figures: ``free_mb`` is what
+    the driver measures as free now; ``claimed_mb`` is what rbee workers on those GPUs hold."""
+
+    gpu_indices: list[int]
+    total_mb: float
+    free_mb: float
+    claimed_mb: float
+    measured: bool
+    """False when the hive sent no device list: ``free_mb`` is then the worker's own GPU total
+    less the VRAM it uses, the best estimate there is."""
+
+
+class FleetWorker(msgspec.Struct, kw_only=True):
+    """One worker as the queen sees it: where it runs, whether it may be scheduled, its VRAM."""
+
+    hive_id: str
+    hive_stale: bool
+    schedulable: bool
+    worker: WorkerTelemetry
+    vram: VramFigures | None = None
+
+    @property
+    def id(self) -> str:
+        return worker_id(self.hive_id, self.worker)
+
+
+def worker_id(hive_id: str, worker: WorkerTelemetry) -> str:
+    return f"{hive_id}/{worker.group}/{worker.instance}"
+
+
+@dataclass(slots=True)
+class _HiveEntry:
+    info: HiveInfo
+    workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice]
+    last_heartbeat: datetime
+    received_at: float
+    stale: bool = False
+
+    @property
+    def schedulable(self) -> bool:
+        return (not self.stale and self.info.operational_status in SCHEDULABLE_STATUSES
+                and not isinstance(self.info.health_status, Unhealthy))
+
+
+@dataclass(slots=True)
+class SweepResult:
+    """What one stale-cleanup pass changed; the queen announces each event on the stream."""
+
+    stale: list[HiveStaleEvent] = field(default_factory=list)
+    removed: list[HiveRemovedEvent] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+    """Hives silent past ``remove_after_s`` but kept by the mass-silence guard."""
+
+
+class HiveRegistry:
+    def __init__(self, settings: RegistrySettings | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings or RegistrySettings()
+        self._clock = clock
+        self._hives: dict[str, _HiveEntry] = {}
+        self._lock = threading.Lock()
+        self._last_sweep: float | None = None
+        self._holding = False
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def update_hive(self, heartbeat: HiveHeartbeat) -> None:
+        """Store a heartbeat: the hive's info, workers and GPUs replace what was there."""
+        entry = _HiveEntry(info=heartbeat.hive, workers=list(heartbeat.workers),
+                           capabilities=list(heartbeat.capabilities),
+                           last_heartbeat=heartbeat.timestamp, received_at=self._clock())
+        with self._lock:
+            self._hives[heartbeat.hive.id] = entry
+
+    def update_workers(self, hive_id: str, workers: list[WorkerTelemetry]) -> None:
+        """Replace a known hive's workers (never appends). Raises NotFoundError for a hive that
+        never sent a heartbeat: a worker list without its hive has nowhere to belong."""
+        with self._lock:
+            self._entry(hive_id).workers = list(workers)
+
+    def remove_hive(self, hive_id: str, reason: str = "removed") -> HiveRemovedEvent | None:
+        with self._lock:
+            entry = self._hives.pop(hive_id, None)
+        return None if entry is None else _removed(hive_id, entry, reason)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._hives)
+
+    def hive_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._hives)
+
+    def get_hive(self, hive_id: str) -> HiveState:
+        """One hive as a snapshot shows it. Raises NotFoundError naming an unknown hive."""
+        now = self._clock()
+        with self._lock:
+            return self._state(hive_id, self._entry(hive_id), now)
+
+    def hives(self) -> list[HiveState]:
+        now = self._clock()
+        with self._lock:
+            return [self._state(hive_id, entry, now)
+                    for hive_id, entry in sorted(self._hives.items())]
+
+    def get_workers(self, hive_id: str) -> list[WorkerTelemetry]:
+        """A hive's workers as last reported; empty for a hive the registry does not know."""
+        with self._lock:
+            entry = self._hives.get(hive_id)
+            return list(entry.workers) if entry is not None else []
+
+    def get_all_workers(self) -> list[FleetWorker]:
+        """Every worker of every hive, stale hives included (flagged), flattened."""
+        with self._lock:
+            return list(self._fleet_workers())
+
+    def snapshot(self) -> SnapshotEvent:
+        return SnapshotEvent(hives=self.hives(), timestamp=utc_now())
+
+    def summary(self) -> QueenEvent:
+        """Counts for the stream's ``queen`` event: online is not stale, available is
+        schedulable (for workers: also idle)."""
+        with self._lock:
+            online = [w for w in self._fleet_workers() if not w.hive_stale]
+            hives_online = sorted(h for h, e in self._hives.items() if not e.stale)
+            hives_available = sum(1 for e in self._hives.values() if e.schedulable)
+        return QueenEvent(
+            workers_online=len(online),
+            workers_available=sum(1 for w in online if self._is_idle(w)),
+            hives_online=len(hives_online), hives_available=hives_available,
+            worker_ids=[w.id for w in online], hive_ids=hives_online, timestamp=utc_now())
+
+    # -- scheduling queries ----------------------------------------------------------------
+
+    def find_workers(self, *, idle: bool = False, model: str | None = None,
+                     min_free_vram_mb: float | None = None) -> list[FleetWorker]:
+        """Schedulable workers matching every given condition."""
+        with self._lock:
+            found = [w for w in self._fleet_workers() if w.schedulable]
+        if idle:
+            found = [w for w in found if self._is_idle(w)]
+        if model is not None:
+            found = [w for w in found if w.worker.model == model]
+        if min_free_vram_mb is not None:
+            found = [w for w in found
+                     if w.vram is not None and w.vram.free_mb >= min_free_vram_mb]
+        return found
+
+    def find_idle_workers(self) -> list[FleetWorker]:
+        """Workers whose GPU utilisation is at or under ``idle_gpu_util_pct``."""
+        return self.find_workers(idle=True)
+
+    def find_workers_with_model(self, model: str) -> list[FleetWorker]:
+        return self.find_workers(model=model)
+
+    def find_workers_with_capacity(self, vram_mb: float) -> list[FleetWorker]:
+        """Workers whose GPU(s) have at least ``vram_mb`` MiB free, as the driver measures it on
+        the real device (never an assumed card size)."""
+        return self.find_workers(min_free_vram_mb=vram_mb)
+
+    def _is_idle(self, worker: FleetWorker) -> bool:
+        return worker.worker.gpu_util_pct <= self.settings.idle_gpu_util_pct
+
+    # -- stale cleanup ---------------------------------------------------------------------
+
+    def sweep(self) -> SweepResult:
+        """Mark silent hives stale and remove those silent past ``remove_after_s``.
+
+        Called by the queen's cleanup task every ``cleanup_interval_s``. If this call comes much
+        later than that (the queen was stopped or its loop stalled), the queen was not listening,
+        so every hive's silence is counted from now instead."""
+        settings = self.settings
+        result = SweepResult()
+        now = self._clock()
+        with self._lock:
+            if self._last_sweep is not None and now - self._last_sweep > settings.stale_after_s:
+                log.warning("the queen did not sweep for %.1fs (stalled or suspended); "
+                            "restarting every hive's silence count", now - self._last_sweep)
+                for entry in self._hives.values():
+                    entry.received_at = max(entry.received_at, now - settings.cleanup_interval_s)
+            self._last_sweep = now
+            silent = {hive_id: now - entry.received_at for hive_id, entry in self._hives.items()}
+            for hive_id, entry in self._hives.items():
+                stale = silent[hive_id] >= settings.stale_after_s
+                if stale and not entry.stale:
+                    result.stale.append(HiveStaleEvent(
+                        hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
+                entry.stale = stale
+            expired = [h for h, s in silent.items() if s >= settings.remove_after_s]
+            stale_count = sum(1 for entry in self._hives.values() if entry.stale)
+            if (expired and len(self._hives) >= settings.mass_silence_min_hives
+                    and stale_count > settings.mass_silence_fraction * len(self._hives)):
+                if not self._holding:
+                    log.warning("%d of %d hives are silent at once: suspecting the queen's side, "
+                                "removing none until they return", stale_count, len(self._hives))
+                self._holding = True
+                result.held, expired = expired, []
+            else:
+                self._holding = False
+            for hive_id in expired:
+                result.removed.append(_removed(
+                    hive_id, self._hives.pop(hive_id),
+                    f"no heartbeat for {silent[hive_id]:.1f}s "
+                    f"(remove_after_s: {settings.remove_after_s:g})"))
+        return result
+
+    # -- internals (callers hold the lock) -------------------------------------------------
+
+    def _entry(self, hive_id: str) -> _HiveEntry:
+        try:
+            return self._hives[hive_id]
+        except KeyError:
+            raise NotFoundError(f"unknown hive {hive_id!r}") from None
+
+    def _state(self, hive_id: str, entry: _HiveEntry, now: float) -> HiveState:
+        return HiveState(hive=entry.info, stale=entry.stale,
+                         silent_s=round(max(0.0, now - entry.received_at), 3),
+                         last_heartbeat=entry.last_heartbeat, workers=list(entry.workers),
+                         capabilities=list(entry.capabilities))
+
+    def _fleet_workers(self) -> Iterator[FleetWorker]:
+        for hive_id, entry in sorted(self._hives.items()):
+            schedulable = entry.schedulable
+            devices = {device.index: device for device in entry.capabilities}
+            for worker in entry.workers:
+                yield FleetWorker(
+                    hive_id=hive_id, hive_stale=entry.stale,
+                    schedulable=schedulable and worker.state is WorkerState.RUNNING,
+                    worker=worker, vram=_vram(worker, entry.workers, devices))
+
+
+def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
+    return HiveRemovedEvent(hive_id=hive_id, reason=reason, timestamp=utc_now(),
+                            worker_ids=[worker_id(hive_id, w) for w in entry.workers])
+
+
+def _vram(worker: WorkerTelemetry, neighbours: list[WorkerTelemetry],
+          devices: dict[int, GpuDevice]) -> VramFigures | None:
+    indices = worker.gpu_indices
+    if indices and all(i in devices for i in indices):
+        on_same_gpus = set(indices)
+        claimed = sum(w.vram_mb for w in neighbours if on_same_gpus.intersection(w.gpu_indices))
+        return VramFigures(
+            gpu_indices=list(indices),
+            total_mb=sum(devices[i].vram_total_mb for i in indices),
+            free_mb=sum(devices[i].vram_free_mb for i in indices),
+            claimed_mb=round(claimed, 1), measured=True)
+    if worker.total_vram_mb > 0:
+        return VramFigures(gpu_indices=list(indices), total_mb=worker.total_vram_mb,
+                           free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
+                           claimed_mb=worker.vram_mb, measured=False)
+    return None

@@ -1,0 +1,100 @@
+"""The queen process: HTTP server, registry, stream and background tasks in one trio nursery.
+
+HTTP is hypercorn's trio worker serving the Starlette app. Two background tasks live beside it:
+the stale cleanup (``registry.cleanup_interval_s``) and the fleet summary on the stream
+(``stream.queen_interval_s``). ``stop()`` first ends every SSE stream (sse-starlette's own shutdown
+draining works only on asyncio, so under trio the streams would otherwise hold the server open),
+then lets hypercorn finish requests in flight within ``shutdown_grace_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from ..config import QueenConfig
+from .api import build_app
+from .broadcast import Broadcaster
+from .registry import HiveRegistry
+
+log = logging.getLogger(__name__)
+
+
+def _hypercorn_config(config: QueenConfig) -> HypercornConfig:
+    http = HypercornConfig()
+    host = f"[{config.bind}]" if ":" in config.bind else config.bind
+    http.bind = [f"{host}:{config.port}"]
+    http.graceful_timeout = config.shutdown_grace_s
+    http.keep_alive_timeout = config.keep_alive_timeout_s
+    http.backlog = config.backlog
+    http.accesslog = None
+    http.errorlog = logging.getLogger("rbee.queen.http")
+    # hypercorn's read_timeout would also close SSE connections, whose clients send nothing
+    http.read_timeout = None
+    return http
+
+
+class QueenServer:
+    def __init__(self, config: QueenConfig | None = None) -> None:
+        self.config = config or QueenConfig()
+        self.registry = HiveRegistry(self.config.registry)
+        self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
+                                       max_clients=self.config.stream.max_clients,
+                                       snapshot=self.registry.snapshot)
+        self.app = build_app(self)
+        self.urls: list[str] = []
+        self._stopping = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until ``stop()``; reports the bound URLs (``http://host:port``) when listening."""
+        async with trio.open_nursery() as background:
+            background.start_soon(self._cleanup_loop)
+            background.start_soon(self._summary_loop)
+            async with trio.open_nursery() as http:
+                self.urls = await http.start(lambda task_status: serve(
+                    self.app, _hypercorn_config(self.config), shutdown_trigger=self._shutdown,
+                    task_status=task_status))
+                log.info("queen listening on %s", ", ".join(self.urls))
+                task_status.started(self.urls)
+            background.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Begin a clean stop: streams end at once, requests in flight get the grace period."""
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        await self._stopping.wait()
+        self.broadcaster.close()
+
+    async def _cleanup_loop(self) -> None:
+        async for _ in every(self.config.registry.cleanup_interval_s):
+            result = self.registry.sweep()
+            for event in result.stale:
+                log.warning("hive %s is stale: silent for %.1fs", event.hive_id, event.silent_s)
+                self.broadcaster.publish(event)
+            for event in result.removed:
+                log.warning("hive %s removed with %d workers: %s", event.hive_id,
+                            len(event.worker_ids), event.reason)
+                self.broadcaster.publish(event)
+
+    async def _summary_loop(self) -> None:
+        async for _ in every(self.config.stream.queen_interval_s):
+            self.broadcaster.publish(self.registry.summary())
+
+
+async def every(interval: float) -> AsyncIterator[float]:
+    """Yield at start + interval, start + 2 * interval, ... (no drift from the work between);
+    ticks missed while the loop was busy are skipped, not bunched."""
+    deadline = trio.current_time()
+    while True:
+        deadline += interval
+        await trio.sleep_until(deadline)
+        now = trio.current_time()
+        if now - deadline > interval:
+            deadline = now
+        yield deadline
