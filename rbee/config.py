@@ -123,6 +123,9 @@ class StreamSettings(Settings):
     client_buffer: Annotated[int, msgspec.Meta(ge=1)] = 256
     """Events queued per client; a client further behind is told it lagged and resynced."""
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    stall_timeout_s: Seconds = 10.0
+    """A connection whose client takes no data for this long is dropped by the kernel
+    (TCP_USER_TIMEOUT). It also bounds how long such a client can delay the queen's shutdown."""
 
 
 class QueenConfig(Settings):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -43,6 +44,25 @@ class QueenHealth(msgspec.Struct, kw_only=True):
     version: str
     hives: int
     stream_clients: int
+
+
+class EventStreamResponse(EventSourceResponse):
+    """sse-starlette's response with the last send (``more_body: False``) shielded.
+
+    When a stream ends, sse-starlette's disconnect listener cancels its task group while that last
+    send is still inside hypercorn; under the trio worker this cancels hypercorn's setup of the
+    connection's idle task, and the kept-alive connection is then closed by nobody: shutdown
+    waits out the whole grace period. Shielding the final send lets hypercorn finish the cycle."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def send_with_shielded_end(message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with anyio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await super().__call__(scope, receive, send_with_shielded_end)
 
 
 class ApiError(Exception):
@@ -133,7 +153,7 @@ def build_app(queen: QueenServer) -> Starlette:
         if broadcaster.full:
             raise ApiError(503, f"too many stream clients (stream.max_clients: "
                                 f"{broadcaster.max_clients})")
-        return EventSourceResponse(
+        return EventStreamResponse(
             broadcaster.stream(), ping=config.stream.keepalive_s,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

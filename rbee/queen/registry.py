@@ -178,7 +178,7 @@ class HiveRegistry:
             hives_available = sum(1 for e in self._hives.values() if e.schedulable)
         return QueenEvent(
             workers_online=len(online),
-            workers_available=sum(1 for w in online if self._is_idle(w)),
+            workers_available=sum(1 for w in online if w.schedulable and self._is_idle(w)),
             hives_online=len(hives_online), hives_available=hives_available,
             worker_ids=[w.id for w in online], hive_ids=hives_online, timestamp=utc_now())
 

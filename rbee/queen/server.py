@@ -10,11 +10,13 @@ then lets hypercorn finish requests in flight within ``shutdown_grace_s``.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from ..config import QueenConfig
 from .api import build_app
@@ -48,20 +50,38 @@ class QueenServer:
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
+        self.stopped = trio.Event()
+        """Set when ``run`` has returned (or failed): nothing of the queen is running."""
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Serve until ``stop()``; reports the bound URLs (``http://host:port``) when listening."""
-        async with trio.open_nursery() as background:
-            background.start_soon(self._cleanup_loop)
-            background.start_soon(self._summary_loop)
-            async with trio.open_nursery() as http:
-                self.urls = await http.start(lambda task_status: serve(
-                    self.app, _hypercorn_config(self.config), shutdown_trigger=self._shutdown,
-                    task_status=task_status))
-                log.info("queen listening on %s", ", ".join(self.urls))
-                task_status.started(self.urls)
-            background.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as background:
+                background.start_soon(self._cleanup_loop)
+                background.start_soon(self._summary_loop)
+                async with trio.open_nursery() as http:
+                    self.urls = await http.start(self._serve_http)
+                    log.info("queen listening on %s", ", ".join(self.urls))
+                    task_status.started(self.urls)
+                background.cancel_scope.cancel()
+        finally:
+            self.broadcaster.close()
+            self.stopped.set()
+
+    async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        http = _hypercorn_config(self.config)
+        sockets = http.create_sockets()
+        for sock in sockets.insecure_sockets:
+            # Accepted connections inherit it. A client that stops reading leaves hypercorn's
+            # (shielded) send blocked and its connection cannot close until that send ends; the
+            # kernel gives up on it after this long, which also bounds any wait at shutdown.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int(self.config.stream.stall_timeout_s * 1000))
+            sock.listen(http.backlog)
+        await worker_serve(wrap_app(self.app, http.wsgi_max_body_size, "asgi"), http,
+                           sockets=sockets, shutdown_trigger=self._shutdown,
+                           task_status=task_status)
 
     def stop(self) -> None:
         """Begin a clean stop: streams end at once, requests in flight get the grace period."""

@@ -1,0 +1,372 @@
+"""HiveRegistry: storage, scheduling queries, concurrency, stale cleanup.
+
+The seed's 15 registry tests keep their names. Silence is driven by a manual monotonic clock (the
+registry's only seam: the queen's ``time.monotonic``), so stale and removal thresholds are tested
+exactly and instantly; the cleanup task inside a running queen is tested in test_queen_api.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+import trio
+
+from rbee import NotFoundError
+from rbee.config import RegistrySettings
+from rbee.queen.registry import HiveRegistry
+from rbee.telemetry import Degraded, OperationalStatus, Unhealthy, WorkerState
+
+from .builders import GIB, gpu, heartbeat, worker
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def registry(clock) -> HiveRegistry:
+    return HiveRegistry(RegistrySettings(stale_after_s=3, remove_after_s=10, idle_gpu_util_pct=5),
+                        clock=clock)
+
+
+def ids(found) -> list[str]:
+    return [w.id for w in found]
+
+
+# -- storage ------------------------------------------------------------------------------
+
+
+def test_update_workers_stores_correctly(registry):
+    registry.update_hive(heartbeat("hive-a"))
+    registry.update_workers("hive-a", [worker("a", pid=11), worker("b", pid=12)])
+    stored = registry.get_workers("hive-a")
+    assert [(w.instance, w.pid) for w in stored] == [("a", 11), ("b", 12)]
+
+
+def test_get_workers_returns_stored(registry):
+    sent = [worker("a", model="qwen", cpu_pct=33.0), worker("b", model=None)]
+    registry.update_hive(heartbeat("hive-a", sent))
+    assert registry.get_workers("hive-a") == sent
+    assert registry.get_workers("no-such-hive") == []
+
+
+def test_get_all_workers_flattens(registry):
+    registry.update_hive(heartbeat("hive-a", [worker("a1"), worker("a2")]))
+    registry.update_hive(heartbeat("hive-b", [worker("b1")]))
+    assert ids(registry.get_all_workers()) == ["hive-a/llm/a1", "hive-a/llm/a2", "hive-b/llm/b1"]
+
+
+def test_update_workers_replaces_existing(registry):
+    registry.update_hive(heartbeat("hive-a", [worker("a"), worker("b")]))
+    registry.update_hive(heartbeat("hive-a", [worker("c")]))
+    assert [w.instance for w in registry.get_workers("hive-a")] == ["c"]
+    registry.update_workers("hive-a", [worker("d"), worker("e")])
+    registry.update_workers("hive-a", [worker("d"), worker("e")])
+    assert [w.instance for w in registry.get_workers("hive-a")] == ["d", "e"]
+
+
+def test_update_workers_unknown_hive_is_an_error(registry):
+    with pytest.raises(NotFoundError, match="unknown hive 'ghost'"):
+        registry.update_workers("ghost", [worker("a")])
+    assert len(registry) == 0
+    with pytest.raises(NotFoundError, match="unknown hive 'ghost'"):
+        registry.get_hive("ghost")
+
+
+def test_empty_workers_array(registry):
+    registry.update_hive(heartbeat("hive-a", [worker("a")]))
+    registry.update_hive(heartbeat("hive-a", []))
+    assert registry.get_workers("hive-a") == []
+    assert registry.hive_ids() == ["hive-a"]  # a hive with no workers is still a hive
+    summary = registry.summary()
+    assert (summary.hives_online, summary.workers_online) == (1, 0)
+
+
+def test_multiple_hives_isolated(registry):
+    registry.update_hive(heartbeat("hive-a", [worker("same", model="a-model")]))
+    registry.update_hive(heartbeat("hive-b", [worker("same", model="b-model")]))
+    registry.update_hive(heartbeat("hive-a", []))
+    assert registry.get_workers("hive-a") == []
+    assert [w.model for w in registry.get_workers("hive-b")] == ["b-model"]
+    removed = registry.remove_hive("hive-b")
+    assert removed is not None and removed.worker_ids == ["hive-b/llm/same"]
+    assert registry.hive_ids() == ["hive-a"]
+
+
+def test_remove_hive_removes_its_workers(registry):
+    registry.update_hive(heartbeat("hive-a", [worker("a"), worker("b")]))
+    event = registry.remove_hive("hive-a", "removed by request")
+    assert event.reason == "removed by request"
+    assert event.worker_ids == ["hive-a/llm/a", "hive-a/llm/b"]
+    assert registry.get_all_workers() == []
+    assert registry.remove_hive("hive-a") is None
+
+
+# -- scheduling queries -------------------------------------------------------------------
+
+
+def test_find_idle_workers_filters(registry):
+    registry.update_hive(heartbeat("hive-a", [
+        worker("idle", gpu_util_pct=0.0), worker("at-threshold", gpu_util_pct=5.0),
+        worker("busy", gpu_util_pct=73.0),
+        worker("exited", gpu_util_pct=0.0, state=WorkerState.EXITED)]))
+    assert ids(registry.find_idle_workers()) == ["hive-a/llm/idle", "hive-a/llm/at-threshold"]
+
+
+def test_find_workers_with_model_matches(registry):
+    registry.update_hive(heartbeat("hive-a", [worker("a", model="llama-3-8b"),
+                                              worker("b", model="llama-3-8b-instruct"),
+                                              worker("c", model=None)]))
+    registry.update_hive(heartbeat("hive-b", [worker("d", model="llama-3-8b")]))
+    assert ids(registry.find_workers_with_model("llama-3-8b")) == ["hive-a/llm/a", "hive-b/llm/d"]
+    assert registry.find_workers_with_model("mistral") == []
+
+
+def test_find_workers_with_capacity_checks_vram(registry):
+    """Free VRAM comes from each hive's real devices (an 80 GiB and a 24 GiB card here), never
+    from an assumed 24 GB; what workers claim is reported beside it, not mixed in."""
+    registry.update_hive(heartbeat(
+        "big", [worker("on-gpu0", gpu_indices=[0], vram_mb=30 * GIB),
+                worker("also-gpu0", gpu_indices=[0], vram_mb=10 * GIB),
+                worker("on-gpu1", gpu_indices=[1], vram_mb=20 * GIB),
+                worker("no-gpu")],
+        [gpu(0, total_gib=80, used_gib=42), gpu(1, total_gib=24, used_gib=21)]))
+
+    found = registry.find_workers_with_capacity(30 * GIB)
+    assert ids(found) == ["big/llm/on-gpu0", "big/llm/also-gpu0"]
+    vram = found[0].vram
+    assert vram.total_mb == 80 * GIB  # the device's total, not 24 GB
+    assert vram.free_mb == 38 * GIB  # measured by the driver: includes non-rbee use
+    assert vram.claimed_mb == 40 * GIB  # both rbee workers on GPU 0
+    assert vram.measured is True
+
+    assert ids(registry.find_workers_with_capacity(3 * GIB)) == [
+        "big/llm/on-gpu0", "big/llm/also-gpu0", "big/llm/on-gpu1"]
+    assert registry.find_workers_with_capacity(39 * GIB) == []
+
+
+def test_find_workers_with_capacity_multi_gpu_worker_sums_its_gpus(registry):
+    registry.update_hive(heartbeat(
+        "hive-a", [worker("tp2", gpu_indices=[0, 1], vram_mb=60 * GIB)],
+        [gpu(0, total_gib=80, used_gib=30), gpu(1, total_gib=80, used_gib=30)]))
+    (found,) = registry.find_workers_with_capacity(100 * GIB)
+    assert (found.vram.free_mb, found.vram.total_mb) == (100 * GIB, 160 * GIB)
+
+
+def test_find_workers_with_capacity_without_device_list_uses_worker_total(registry):
+    """A hive that sends no device list (an older hive): the worker's own GPU total less its use
+    is the best estimate, and it is marked as not measured."""
+    registry.update_hive(heartbeat("old", [worker("a", gpu_indices=[0], vram_mb=10 * GIB,
+                                                  total_vram_mb=48 * GIB)]))
+    (found,) = registry.find_workers_with_capacity(38 * GIB)
+    assert found.vram.free_mb == 38 * GIB and found.vram.measured is False
+
+
+def test_scheduling_on_empty_registry(registry):
+    assert registry.find_idle_workers() == []
+    assert registry.find_workers_with_model("llama-3-8b") == []
+    assert registry.find_workers_with_capacity(1.0) == []
+    assert registry.get_all_workers() == []
+    summary = registry.summary()
+    assert (summary.workers_online, summary.workers_available, summary.hives_online,
+            summary.hives_available, summary.worker_ids, summary.hive_ids) == (0, 0, 0, 0, [], [])
+    assert registry.snapshot().hives == []
+
+
+def test_unschedulable_hives_are_listed_but_not_offered(registry):
+    registry.update_hive(heartbeat("stopping", [worker("a")], status=OperationalStatus.STOPPING))
+    registry.update_hive(heartbeat("sick", [worker("b")], health=Unhealthy(reason="disk")))
+    registry.update_hive(heartbeat("degraded", [worker("c")],
+                                   health=Degraded(reason="gpu: refresh slow")))
+    assert ids(registry.find_idle_workers()) == ["degraded/llm/c"]
+    assert len(registry.get_all_workers()) == 3
+    summary = registry.summary()
+    assert (summary.hives_online, summary.hives_available) == (3, 1)
+    assert (summary.workers_online, summary.workers_available) == (3, 1)
+
+
+def test_counts_online_and_available(registry, clock):
+    registry.update_hive(heartbeat("a", [worker("idle"), worker("busy", gpu_util_pct=90.0)]))
+    registry.update_hive(heartbeat("b", [worker("idle")]))
+    clock.advance(2)
+    registry.update_hive(heartbeat("b", [worker("idle")]))
+    clock.advance(2)  # a: 4 s silent (stale); b: 2 s
+    registry.sweep()
+    summary = registry.summary()
+    assert summary.hive_ids == ["b"] and summary.worker_ids == ["b/llm/idle"]
+    assert (summary.hives_online, summary.hives_available) == (1, 1)
+    assert (summary.workers_online, summary.workers_available) == (1, 1)
+
+
+# -- concurrency --------------------------------------------------------------------------
+
+
+def test_update_workers_thread_safe(registry):
+    """Eight threads replace the same hive's workers 500 times each: every read sees one whole
+    list a writer stored, never a mix, and the last write wins."""
+    registry.update_hive(heartbeat("hive-a"))
+    lists = {t: [worker(f"t{t}-{i}") for i in range(10)] for t in range(8)}
+    torn: list[list[str]] = []
+
+    def write(t: int) -> None:
+        for _ in range(500):
+            registry.update_workers("hive-a", lists[t])
+            seen = [w.instance for w in registry.get_workers("hive-a")]
+            if len({name.split("-")[0] for name in seen}) != 1 or len(seen) != 10:
+                torn.append(seen)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torn == []
+    assert len(registry.get_workers("hive-a")) == 10
+
+
+async def test_concurrent_read_write(registry):
+    """Trio tasks and threads at once: 4 hives written from threads, queries from trio tasks and
+    threads; every query sees each hive's 20 workers whole."""
+    errors: list[str] = []
+
+    def writer(hive_id: str) -> None:
+        for round_ in range(200):
+            registry.update_hive(heartbeat(hive_id, [worker(f"{hive_id}-{round_}-{i}",
+                                                            gpu_util_pct=0.0)
+                                                     for i in range(20)]))
+
+    def check() -> None:
+        by_hive: dict[str, int] = {}
+        for found in registry.find_idle_workers():
+            by_hive[found.hive_id] = by_hive.get(found.hive_id, 0) + 1
+        if any(count != 20 for count in by_hive.values()):
+            errors.append(f"torn read: {by_hive}")
+
+    async def trio_reader() -> None:
+        for _ in range(200):
+            check()
+            registry.summary()
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        for hive in ("a", "b", "c", "d"):
+            nursery.start_soon(trio.to_thread.run_sync, writer, hive)
+        nursery.start_soon(trio.to_thread.run_sync, lambda: [check() for _ in range(200)])
+        nursery.start_soon(trio_reader)
+    assert errors == []
+    assert registry.summary().workers_online == 80
+
+
+# -- stale cleanup ------------------------------------------------------------------------
+
+
+def test_stale_hive_is_shown_but_not_scheduled(registry, clock):
+    registry.update_hive(heartbeat("quiet", [worker("a")]))
+    registry.update_hive(heartbeat("chatty", [worker("b")]))
+    clock.advance(2.9)
+    assert registry.sweep().stale == []
+    registry.update_hive(heartbeat("chatty", [worker("b")]))
+    clock.advance(0.2)
+    result = registry.sweep()
+    assert [e.hive_id for e in result.stale] == ["quiet"]
+    assert result.stale[0].silent_s == pytest.approx(3.1)
+    assert registry.sweep().stale == []  # announced once
+    assert ids(registry.find_idle_workers()) == ["chatty/llm/b"]
+    listed = {w.id: w.hive_stale for w in registry.get_all_workers()}
+    assert listed == {"quiet/llm/a": True, "chatty/llm/b": False}
+    assert registry.get_hive("quiet").stale is True
+
+
+def test_heartbeat_revives_stale_hive(registry, clock):
+    registry.update_hive(heartbeat("a", [worker("w")]))
+    clock.advance(5)
+    registry.sweep()
+    registry.update_hive(heartbeat("a", [worker("w")]))
+    assert registry.get_hive("a").stale is False
+    assert ids(registry.find_idle_workers()) == ["a/llm/w"]
+
+
+def test_silent_hive_is_removed_with_its_workers(registry, clock):
+    registry.update_hive(heartbeat("gone", [worker("a"), worker("b")]))
+    registry.update_hive(heartbeat("alive1"))
+    registry.update_hive(heartbeat("alive2"))
+    for _ in range(10):
+        clock.advance(1)
+        registry.update_hive(heartbeat("alive1"))
+        registry.update_hive(heartbeat("alive2"))
+        result = registry.sweep()
+    assert [(e.hive_id, e.worker_ids) for e in result.removed] == [
+        ("gone", ["gone/llm/a", "gone/llm/b"])]
+    assert "no heartbeat for 10.0s" in result.removed[0].reason
+    assert registry.hive_ids() == ["alive1", "alive2"]
+    assert all(w.hive_id != "gone" for w in registry.get_all_workers())
+
+
+def test_silence_is_judged_by_the_queen_clock_not_the_hive_timestamp(registry, clock):
+    """A hive whose clock is an hour behind is fresh as long as its heartbeats arrive; one whose
+    clock runs ahead is not kept alive by it."""
+    late = heartbeat("behind")
+    late.timestamp -= timedelta(hours=1)
+    early = heartbeat("ahead")
+    early.timestamp += timedelta(hours=1)
+    registry.update_hive(late)
+    registry.update_hive(early)
+    registry.update_hive(heartbeat("third"))
+    registry.sweep()
+    assert [h.stale for h in registry.hives()] == [False, False, False]
+    for _ in range(10):
+        clock.advance(1)
+        registry.update_hive(late)
+        registry.update_hive(heartbeat("third"))
+        result = registry.sweep()
+    assert [e.hive_id for e in result.removed] == ["ahead"]
+    assert registry.get_hive("behind").last_heartbeat == late.timestamp
+
+
+def test_mass_silence_removes_nothing(registry, clock):
+    """When most hives fall silent together the queen suspects its own side and keeps them (as
+    stale) until they come back; a lone silent hive is still removed afterwards."""
+    for hive in ("a", "b", "c", "d"):
+        registry.update_hive(heartbeat(hive, [worker("w")]))
+    for _ in range(30):  # the queen sweeps every second; all four stay silent past 10 s
+        clock.advance(1)
+        result = registry.sweep()
+        assert result.removed == []
+    assert result.held == ["a", "b", "c", "d"]
+    assert [h.stale for h in registry.hives()] == [True] * 4
+    assert registry.find_idle_workers() == []
+    for hive in ("a", "b", "c"):  # three come back; d stays silent
+        registry.update_hive(heartbeat(hive, [worker("w")]))
+    result = registry.sweep()
+    assert [e.hive_id for e in result.removed] == ["d"]
+
+
+def test_queen_stall_restarts_silence_count(registry, clock):
+    """If the queen itself did not run (suspended, loop stalled) for longer than stale_after_s,
+    hives were not silent: it was not listening. Nothing is removed for that gap."""
+    registry.update_hive(heartbeat("a"))
+    registry.sweep()
+    clock.advance(60)  # the queen was stopped for a minute
+    result = registry.sweep()
+    assert (result.stale, result.removed) == ([], [])
+    assert registry.get_hive("a").stale is False
+    for _ in range(11):  # but if the hive stays silent from here on, it goes
+        clock.advance(1)
+        result = registry.sweep()
+        if result.removed:
+            break
+    assert [e.hive_id for e in result.removed] == ["a"]
