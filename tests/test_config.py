@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rbee import ConfigError
-from rbee.config import HiveConfig, load_config
+from rbee.config import HiveConfig, QueenConfig, load_config
 
 
 def write(tmp_path, text: str):
@@ -50,3 +50,24 @@ def test_bad_config_names_file_key_and_problem(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "absent.yaml", HiveConfig)
+
+
+def test_queen_defaults(tmp_path):
+    config = load_config(write(tmp_path, ""), QueenConfig)
+    assert (config.bind, config.port) == ("127.0.0.1", 7833)
+    assert config.stream.queen_interval_s == 2.5
+    assert config.registry.stale_after_s < config.registry.remove_after_s
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("registry: {stale_after_s: 30, remove_after_s: 10}",
+     "registry: remove_after_s (10) must be greater than stale_after_s (30)"),
+    ("stream: {client_buffer: 0}", "stream.client_buffer: Expected `int` >= 1"),
+    ("registry: {mass_silence_fraction: 1.5}", "registry.mass_silence_fraction: Expected `float` <= 1"),
+    ("max_body_bytes: 10", "max_body_bytes: Expected `int` >= 1024"),
+    ("stream: {queen_interval: 1}", "stream: Object contains unknown field `queen_interval`"),
+])
+def test_bad_queen_config_names_key_and_problem(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), QueenConfig)
+    assert expected in str(caught.value)
