@@ -11,6 +11,8 @@ from rbee.hive.cgroups import select_backend
 from rbee.hive.monitor import ProcessMonitor
 
 MEDIANS: dict[str, float] = {}
+FIGURES: dict[str, str] = {}
+"""Figures that are not a median time (rates, latency percentiles), printed as they are."""
 
 
 @pytest.fixture(scope="module", params=[10, 100], ids=lambda n: f"{n}-workers")
@@ -33,9 +35,14 @@ def record(benchmark, name: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter):
+    write = terminalreporter.write_line
+    if FIGURES:
+        write("")
+        write("rbee queen figures")
+        for name, figure in FIGURES.items():
+            write(f"  {name}: {figure}")
     if not MEDIANS:
         return
-    write = terminalreporter.write_line
     write("")
     write("rbee benchmark summary (medians)")
     for name, seconds in sorted(MEDIANS.items()):

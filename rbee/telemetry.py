@@ -5,6 +5,9 @@ system are kept (``cpu_pct``, ``rss_mb``, ``io_r_mb_s`` …) so its consumers ca
 added since has a default and is left out of the JSON while it holds that default, which keeps a
 100-worker heartbeat small. Evolve only by adding defaulted fields; never change a field's type.
 
+Every struct is ``gc=False``: messages are trees, never cycles, and a queen holding thousands of
+workers would otherwise have the cyclic GC walk them all on every full collection.
+
 Units: ``*_mb`` are MiB (2**20 bytes), ``*_mb_s`` MiB per second, ``*_pct`` percent of one CPU core
 (200.0 = two cores busy) or of one GPU.
 """
@@ -38,14 +41,14 @@ class OperationalStatus(enum.StrEnum):
     STOPPED = "stopped"
 
 
-class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True):
+class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """One collector's failure for one worker; the rest of the worker's record is still valid."""
 
     collector: str
     message: str
 
 
-class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True):
+class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One worker as seen at one sample.
 
     The first twelve fields are the original record and are always present. Rates (``cpu_pct``,
@@ -80,7 +83,7 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Numbers contributed by third-party collector plugins, keyed ``plugin.metric``."""
 
 
-class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True):
+class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One GPU as its driver reports it; totals are read from the device, never assumed."""
 
     index: NonNegInt
@@ -94,22 +97,22 @@ class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True):
     power_w: NonNegFloat | None = None
 
 
-class Healthy(msgspec.Struct, tag_field="status", tag="healthy", frozen=True):
+class Healthy(msgspec.Struct, tag_field="status", tag="healthy", frozen=True, gc=False):
     pass
 
 
-class Degraded(msgspec.Struct, tag_field="status", tag="degraded", frozen=True):
+class Degraded(msgspec.Struct, tag_field="status", tag="degraded", frozen=True, gc=False):
     reason: str
 
 
-class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True):
+class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True, gc=False):
     reason: str
 
 
 HealthStatus = Healthy | Degraded | Unhealthy
 
 
-class HiveInfo(msgspec.Struct, kw_only=True):
+class HiveInfo(msgspec.Struct, kw_only=True, gc=False):
     id: Name
     hostname: str
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -118,7 +121,7 @@ class HiveInfo(msgspec.Struct, kw_only=True):
     version: str
 
 
-class HiveHeartbeat(msgspec.Struct, kw_only=True):
+class HiveHeartbeat(msgspec.Struct, kw_only=True, gc=False):
     """Everything the queen needs from one hive, sent whole every interval (never a diff), so that a
     lost heartbeat costs nothing and a restarted queen is whole again after one."""
 
@@ -133,7 +136,7 @@ class HiveHeartbeat(msgspec.Struct, kw_only=True):
 # ``hive_telemetry`` and ``queen`` keep the original system's shapes; the others are ours.
 
 
-class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_telemetry"):
+class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_telemetry", gc=False):
     """Forwarded for every heartbeat the queen accepts: the hive's whole worker list."""
 
     hive_id: str
@@ -142,7 +145,7 @@ class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hi
     workers: list[WorkerTelemetry]
 
 
-class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen"):
+class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen", gc=False):
     """The fleet summary, sent every ``stream.queen_interval_s``. Online means not stale;
     available means schedulable (a ready, not unhealthy hive; for workers, also idle)."""
 
@@ -156,7 +159,7 @@ class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen"):
     timestamp: UtcTimestamp
 
 
-class HiveStaleEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_stale"):
+class HiveStaleEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_stale", gc=False):
     """A hive missed heartbeats: still shown, no longer scheduled. Its next heartbeat revives it."""
 
     hive_id: str
@@ -164,7 +167,7 @@ class HiveStaleEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_s
     timestamp: UtcTimestamp
 
 
-class HiveRemovedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_removed"):
+class HiveRemovedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive_removed", gc=False):
     """A hive and all its workers left the registry."""
 
     hive_id: str
@@ -173,7 +176,7 @@ class HiveRemovedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hive
     timestamp: UtcTimestamp
 
 
-class HiveState(msgspec.Struct, kw_only=True):
+class HiveState(msgspec.Struct, kw_only=True, gc=False):
     """One hive as a snapshot shows it."""
 
     hive: HiveInfo
@@ -185,14 +188,14 @@ class HiveState(msgspec.Struct, kw_only=True):
     capabilities: list[GpuDevice] = []
 
 
-class SnapshotEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="snapshot"):
+class SnapshotEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="snapshot", gc=False):
     """The whole fleet at once: the first event of every connection, and the resync after a lag."""
 
     hives: list[HiveState]
     timestamp: UtcTimestamp
 
 
-class LaggedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="lagged"):
+class LaggedEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="lagged", gc=False):
     """This client fell more than ``stream.client_buffer`` events behind; ``dropped`` events were
     skipped and a snapshot follows at once, so its view is whole again."""
 

@@ -47,11 +47,18 @@ class Subscription:
         self._send.close()
 
     async def frames(self, resync: Callable[[int], Iterator[bytes]]) -> AsyncIterator[bytes]:
-        """The frames to write to this client, until the broadcaster closes. After a lag, the
-        backlog is discarded and ``resync(dropped)`` supplies the frames that replace it."""
+        """The bytes to write to this client, until the broadcaster closes. Frames queued while
+        the client was being written to go out together in one write. After a lag, the backlog
+        is discarded and ``resync(dropped)`` supplies the frames that replace it."""
         async for frame in self._receive:
             if not self.dropped:
-                yield frame
+                batch = [frame]
+                while True:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                yield frame if len(batch) == 1 else b"".join(batch)
                 continue
             discarded = 1
             while True:

@@ -173,7 +173,7 @@ class HiveRegistry:
         """Counts for the stream's ``queen`` event: online is not stale, available is
         schedulable (for workers: also idle)."""
         with self._lock:
-            online = [w for w in self._fleet_workers() if not w.hive_stale]
+            online = [w for w in self._fleet_workers(with_vram=False) if not w.hive_stale]
             hives_online = sorted(h for h, e in self._hives.items() if not e.stale)
             hives_available = sum(1 for e in self._hives.values() if e.schedulable)
         return QueenEvent(
@@ -270,15 +270,15 @@ class HiveRegistry:
                          last_heartbeat=entry.last_heartbeat, workers=list(entry.workers),
                          capabilities=list(entry.capabilities))
 
-    def _fleet_workers(self) -> Iterator[FleetWorker]:
+    def _fleet_workers(self, *, with_vram: bool = True) -> Iterator[FleetWorker]:
         for hive_id, entry in sorted(self._hives.items()):
             schedulable = entry.schedulable
-            devices = {device.index: device for device in entry.capabilities}
+            vram = _HiveVram(entry) if with_vram else None
             for worker in entry.workers:
                 yield FleetWorker(
                     hive_id=hive_id, hive_stale=entry.stale,
                     schedulable=schedulable and worker.state is WorkerState.RUNNING,
-                    worker=worker, vram=_vram(worker, entry.workers, devices))
+                    worker=worker, vram=vram.of(worker) if vram is not None else None)
 
 
 def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
@@ -286,19 +286,29 @@ def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
                             worker_ids=[worker_id(hive_id, w) for w in entry.workers])
 
 
-def _vram(worker: WorkerTelemetry, neighbours: list[WorkerTelemetry],
-          devices: dict[int, GpuDevice]) -> VramFigures | None:
-    indices = worker.gpu_indices
-    if indices and all(i in devices for i in indices):
-        on_same_gpus = set(indices)
-        claimed = sum(w.vram_mb for w in neighbours if on_same_gpus.intersection(w.gpu_indices))
-        return VramFigures(
-            gpu_indices=list(indices),
-            total_mb=sum(devices[i].vram_total_mb for i in indices),
-            free_mb=sum(devices[i].vram_free_mb for i in indices),
-            claimed_mb=round(claimed, 1), measured=True)
-    if worker.total_vram_mb > 0:
-        return VramFigures(gpu_indices=list(indices), total_mb=worker.total_vram_mb,
-                           free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
-                           claimed_mb=worker.vram_mb, measured=False)
-    return None
+class _HiveVram:
+    """One hive's GPUs and what its workers hold on each, computed once per query (linear in the
+    number of workers). A worker on several GPUs is counted as holding an equal share of its
+    VRAM on each, the telemetry giving only its total."""
+
+    def __init__(self, entry: _HiveEntry) -> None:
+        self.devices = {device.index: device for device in entry.capabilities}
+        self.claimed: dict[int, float] = {}
+        for worker in entry.workers:
+            for index in worker.gpu_indices:
+                share = worker.vram_mb / len(worker.gpu_indices)
+                self.claimed[index] = self.claimed.get(index, 0.0) + share
+
+    def of(self, worker: WorkerTelemetry) -> VramFigures | None:
+        indices, devices = worker.gpu_indices, self.devices
+        if indices and all(i in devices for i in indices):
+            return VramFigures(
+                gpu_indices=list(indices),
+                total_mb=sum(devices[i].vram_total_mb for i in indices),
+                free_mb=sum(devices[i].vram_free_mb for i in indices),
+                claimed_mb=round(sum(self.claimed[i] for i in indices), 1), measured=True)
+        if worker.total_vram_mb > 0:
+            return VramFigures(gpu_indices=list(indices), total_mb=worker.total_vram_mb,
+                               free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
+                               claimed_mb=worker.vram_mb, measured=False)
+        return None

@@ -1,0 +1,189 @@
+"""The queen under load, as a real ``rbee-queen`` process pinned to CPU 0; the load comes from this
+process, pinned to CPU 1. Targets: ingest >= 1,000 heartbeats of 100 workers per second on one
+core; SSE fan-out to 100 clients with p99 < 10 ms from ingest to receipt.
+
+Ingest is reported two ways: heartbeats per second of wall time (bounded by the load generator
+as well), and heartbeats per CPU-second the queen process used (its own cost, from
+/proc/<pid>/stat), which is the "on one core" figure. Fan-out latency runs from just before the
+POST is sent to the moment each client's socket delivers the event; clients read raw bytes so
+that the client side adds as little as possible.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from rbee.telemetry import encode
+from tests.builders import fleet_heartbeat
+
+from .conftest import FIGURES
+
+RBEE_QUEEN = str(Path(sys.executable).with_name("rbee-queen"))
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+TWO_CORES = len(os.sched_getaffinity(0)) >= 2
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # utime + stime
+
+
+@contextmanager
+def pinned(cpus: set[int]) -> Iterator[None]:
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.fixture
+def queen(tmp_path):
+    """A fresh ``rbee-queen`` on a free port, pinned to CPU 0 (each benchmark its own, so one's
+    fleet does not weigh on the next)."""
+    config = tmp_path / "queen.yaml"
+    config.write_text("port: 0\nstream: {client_buffer: 1024, max_clients: 200}\n")
+    process = subprocess.Popen(
+        [RBEE_QUEEN, "--config", str(config), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if TWO_CORES else None)
+    try:
+        url = process.stdout.readline().split()[-1]
+        assert url.startswith("http://127.0.0.1:"), url
+        with pinned({1} if TWO_CORES else os.sched_getaffinity(0)):
+            yield process, url
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
+# -- ingest -------------------------------------------------------------------------------
+
+HIVES = 32
+ROUND = 3000
+
+
+async def post_all(url: str, bodies: list[bytes], total: int) -> None:
+    """``total`` POSTs from ``len(bodies)`` concurrent hives, each on its own connection."""
+    per_hive = total // len(bodies)
+
+    async def hive(body: bytes) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10.0) as client:
+            for _ in range(per_hive):
+                response = await client.post("/v1/hive-heartbeat", content=body)
+                assert response.status_code == 200
+
+    async with trio.open_nursery() as nursery:
+        for body in bodies:
+            nursery.start_soon(hive, body)
+
+
+def test_queen_ingest(benchmark, queen):
+    process, url = queen
+    bodies = [encode(fleet_heartbeat(f"hive-{i:03}", 100)) for i in range(HIVES)]
+    total = HIVES * (ROUND // HIVES)
+    trio.run(post_all, url, bodies, HIVES)  # warm up connections and the queen
+    used: list[float] = []
+
+    def one_round() -> None:
+        before = cpu_seconds(process.pid)
+        trio.run(post_all, url, bodies, total)
+        used.append(cpu_seconds(process.pid) - before)
+
+    benchmark.pedantic(one_round, rounds=5, iterations=1)
+    wall = benchmark.stats.stats.median
+    per_cpu_second = total / statistics.median(used)
+    FIGURES["queen ingest, 100-worker heartbeats"] = (
+        f"{total / wall:,.0f}/s wall, {per_cpu_second:,.0f} per queen CPU-second "
+        f"({len(bodies[0]) / 1024:.1f} KiB each, {HIVES} concurrent hives)")
+    benchmark.extra_info.update(per_cpu_second=per_cpu_second, wall_rate=total / wall)
+    assert per_cpu_second > 0
+
+
+# -- SSE fan-out --------------------------------------------------------------------------
+
+CLIENTS = 100
+EVENTS = 60
+GAP_S = 0.05
+RECV_SIZE = 65536
+
+
+async def fan_out(url: str, workers: int) -> list[float]:
+    """Latency of every (event, client) pair, in seconds."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    markers = [f"mark-{k:05}".encode() for k in range(EVENTS)]
+    posted: list[float] = [0.0] * EVENTS
+    latencies: list[float] = []
+    ready = 0
+
+    async def client(all_ready: trio.Event) -> None:
+        nonlocal ready
+        sock = trio.socket.socket()
+        await sock.connect((host, int(port)))
+        await sock.send(b"GET /v1/heartbeats/stream HTTP/1.1\r\nHost: q\r\n\r\n")
+        buffer = b""
+        while b"snapshot" not in buffer:
+            buffer += await sock.recv(RECV_SIZE)
+        ready += 1
+        if ready == CLIENTS:
+            all_ready.set()
+        tail, k = b"", 0
+        while k < EVENTS:
+            chunk = await sock.recv(RECV_SIZE)
+            now = time.perf_counter()
+            window = tail + chunk  # a marker may straddle two reads
+            start = 0
+            while k < EVENTS and (at := window.find(markers[k], start)) >= 0:
+                latencies.append(now - posted[k])
+                start = at + 1
+                k += 1
+            tail = window[-16:]
+        sock.close()
+
+    template = fleet_heartbeat("fan-out", workers)
+    all_ready = trio.Event()
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as poster, \
+            trio.open_nursery() as nursery:
+        for _ in range(CLIENTS):
+            nursery.start_soon(client, all_ready)
+        await all_ready.wait()
+        for k in range(EVENTS):
+            template.workers[0].instance = markers[k].decode()
+            body = encode(template)
+            await trio.sleep(GAP_S)
+            posted[k] = time.perf_counter()
+            response = await poster.post("/v1/hive-heartbeat", content=body)
+            assert response.status_code == 200
+    return latencies
+
+
+@pytest.mark.parametrize("workers", [100, 10], ids=lambda n: f"{n}-workers")
+def test_sse_fan_out(benchmark, queen, workers):
+    _, url = queen
+    samples: list[float] = []
+
+    def one_round() -> None:
+        samples.extend(trio.run(fan_out, url, workers))
+
+    benchmark.pedantic(one_round, rounds=3, iterations=1)
+    samples.sort()
+    p50 = samples[len(samples) // 2] * 1e3
+    p99 = samples[int(len(samples) * 0.99)] * 1e3
+    FIGURES[f"SSE fan-out, {CLIENTS} clients, {workers}-worker heartbeats"] = (
+        f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {samples[-1] * 1e3:.2f} ms "
+        f"({len(samples)} receipts)")
+    benchmark.extra_info.update(p50_ms=p50, p99_ms=p99)
+    assert len(samples) == 3 * EVENTS * CLIENTS
