@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import msgspec
 import pytest
+import yaml
 
 from rbee import ConfigError
-from rbee.config import HiveConfig, QueenConfig, load_config
+from rbee.config import HiveConfig, QueenConfig, load_config, parse_config
 
 
 def write(tmp_path, text: str):
@@ -71,3 +75,13 @@ def test_bad_queen_config_names_key_and_problem(tmp_path, text, expected):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), QueenConfig)
     assert expected in str(caught.value)
+
+
+def test_readme_lists_every_queen_key_with_its_default():
+    """The README's queen.yaml block is the documentation of the config: it must parse and be
+    exactly the defaults, so it cannot drift from rbee/config.py."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("# queen.yaml: every key, with its default\n", 1)[1].split("```", 1)[0]
+    documented = yaml.safe_load(block)
+    assert parse_config(documented, QueenConfig) == QueenConfig()
+    assert documented == msgspec.to_builtins(QueenConfig())

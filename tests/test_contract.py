@@ -81,3 +81,25 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
     data = json.loads(encode(heartbeat([worker()])))
     data["workers"][0]["future_metric"] = 1
     assert decode_heartbeat(json.dumps(data)).workers[0].pid == 10
+
+
+def test_public_names_are_exported():
+    """The package's public surface, pinned: a rename or a forgotten re-export fails here."""
+    import rbee
+
+    assert sorted(rbee.__all__) == sorted(set(rbee.__all__))
+    for name in rbee.__all__:
+        assert getattr(rbee, name) is not None
+    assert {"HiveHeartbeat", "WorkerTelemetry", "StreamEvent", "decode_stream_event",
+            "RbeeError"} <= set(rbee.__all__)
+
+
+def test_stream_event_round_trip_names_a_bad_field():
+    from rbee import ContractError, QueenEvent, decode_stream_event, encode
+    from rbee.telemetry import utc_now
+
+    event = QueenEvent(workers_online=1, workers_available=0, hives_online=1, hives_available=1,
+                       worker_ids=["h/llm/a"], hive_ids=["h"], timestamp=utc_now())
+    assert decode_stream_event(encode(event)) == event
+    with pytest.raises(ContractError, match=r"\$\.workers_online"):
+        decode_stream_event(encode(event).replace(b'"workers_online":1', b'"workers_online":-1'))
