@@ -25,6 +25,23 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of every config section."""
 
 
+class HttpSettings(Settings):
+    """The HTTP server of the queen and of the hive."""
+
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 2**10
+    """Largest request body accepted (the queen's default is 4 MiB; a 100-worker heartbeat is
+    about 30 KiB)."""
+    keep_alive_timeout_s: Seconds = 30.0
+    """An idle keep-alive connection (no request in flight) is closed after this long."""
+    backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    shutdown_grace_s: Seconds = 2.0
+    """On SIGINT/SIGTERM, how long requests in flight may take to finish."""
+    stall_timeout_s: Seconds = 10.0
+    """A connection whose peer takes no data for this long is dropped by the kernel
+    (TCP_USER_TIMEOUT): a stream client that stopped reading. It also bounds how long such a
+    client can delay shutdown."""
+
+
 class CgroupSettings(Settings):
     backend: Literal["auto", "v2", "v1", "none"] = "auto"
     root: str = "auto"
@@ -79,6 +96,7 @@ class HiveConfig(Settings):
     id: str = msgspec.field(default_factory=_hostname)
     bind: str = "127.0.0.1"
     port: Port = 7835
+    http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     queen_url: str = "http://127.0.0.1:7833"
     stop_grace_s: Seconds = 5.0
     stop_workers_on_exit: bool = False
@@ -123,22 +141,13 @@ class StreamSettings(Settings):
     client_buffer: Annotated[int, msgspec.Meta(ge=1)] = 256
     """Events queued per client; a client further behind is told it lagged and resynced."""
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
-    stall_timeout_s: Seconds = 10.0
-    """A connection whose client takes no data for this long is dropped by the kernel
-    (TCP_USER_TIMEOUT). It also bounds how long such a client can delay the queen's shutdown."""
 
 
 class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
     port: Port = 7833
-    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 2**20
-    """Largest heartbeat accepted; a 100-worker heartbeat is about 20 KiB."""
-    keep_alive_timeout_s: Seconds = 30.0
-    """An idle keep-alive connection (no request in flight) is closed after this long."""
-    backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
-    shutdown_grace_s: Seconds = 2.0
-    """On SIGINT/SIGTERM, how long requests in flight may take to finish."""
+    http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(max_body_bytes=4 * 2**20))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
 

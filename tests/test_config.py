@@ -48,7 +48,7 @@ workers:
     (QueenConfig, "stream: {client_buffer: 0}", "stream.client_buffer: Expected `int` >= 1"),
     (QueenConfig, "registry: {mass_silence_fraction: 1.5}",
      "registry.mass_silence_fraction: Expected `float` <= 1"),
-    (QueenConfig, "max_body_bytes: 10", "max_body_bytes: Expected `int` >= 1024"),
+    (QueenConfig, "http: {max_body_bytes: 10}", "http.max_body_bytes: Expected `int` >= 1024"),
     (QueenConfig, "stream: {queen_interval: 1}",
      "stream: Object contains unknown field `queen_interval`"),
 ], ids=lambda value: value.__name__ if isinstance(value, type) else None)

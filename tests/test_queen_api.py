@@ -26,7 +26,7 @@ RBEE_QUEEN = str(Path(sys.executable).with_name("rbee-queen"))
 
 @pytest.fixture
 async def queen(nursery):
-    return await start_queen(nursery, max_body_bytes=64 * 1024,
+    return await start_queen(nursery, http={"max_body_bytes": 64 * 1024},
                              stream={"queen_interval_s": 3600, "keepalive_s": 3600})
 
 

@@ -291,7 +291,7 @@ async def test_stream_refuses_clients_past_the_limit(nursery, client):
 async def test_stream_shutdown_with_clients_attached(nursery, client):
     """stop() with reading clients attached ends their streams and the server at once, well
     inside the grace period that requests in flight would get."""
-    queen = await start_queen(nursery, shutdown_grace_s=30)
+    queen = await start_queen(nursery, http={"shutdown_grace_s": 30})
     ended: list[int] = []
 
     async def listen(n: int, ready: trio.Event) -> None:
@@ -313,10 +313,10 @@ async def test_stream_shutdown_with_clients_attached(nursery, client):
 
 
 async def test_stream_drops_a_stalled_client(nursery, client):
-    """A client that takes no data for stream.stall_timeout_s is disconnected (the kernel's
+    """A client that takes no data for http.stall_timeout_s is disconnected (the kernel's
     TCP_USER_TIMEOUT on the queen's sockets): its slot and buffer are freed."""
-    queen = await start_queen(nursery, stream={"client_buffer": 2, "stall_timeout_s": 0.5,
-                                               "queen_interval_s": 3600})
+    queen = await start_queen(nursery, http={"stall_timeout_s": 0.5},
+                              stream={"client_buffer": 2, "queen_interval_s": 3600})
     async with small_window_client() as slow, open_stream(slow, queen) as stalled:
         await stalled.next("snapshot")
         for _ in range(60):
@@ -328,8 +328,8 @@ async def test_stream_drops_a_stalled_client(nursery, client):
 async def test_stream_shutdown_with_a_stalled_client(nursery, client):
     """A client that stopped reading holds hypercorn's (shielded) send, so its response cannot
     finish; the stall timeout cuts it off and the queen still stops."""
-    queen = await start_queen(nursery, shutdown_grace_s=0.2,
-                              stream={"client_buffer": 2, "stall_timeout_s": 1})
+    queen = await start_queen(nursery, http={"shutdown_grace_s": 0.2, "stall_timeout_s": 1},
+                              stream={"client_buffer": 2})
     async with small_window_client() as slow, open_stream(slow, queen) as stalled:
         await stalled.next("snapshot")
         for _ in range(60):

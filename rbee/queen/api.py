@@ -21,22 +21,17 @@ import anyio
 import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
 from .._errors import ContractError, NotFoundError
-from ..telemetry import HiveTelemetryEvent, decode_heartbeat, encode
+from .._http import ApiError, JsonResponse, json_app, ok, read_body
+from ..telemetry import HiveTelemetryEvent, decode_heartbeat
 
 if TYPE_CHECKING:
     from .server import QueenServer
-
-
-class Reply(msgspec.Struct, kw_only=True):
-    status: str
-    message: str
 
 
 class QueenHealth(msgspec.Struct, kw_only=True):
@@ -65,49 +60,6 @@ class EventStreamResponse(EventSourceResponse):
         await super().__call__(scope, receive, send_with_shielded_end)
 
 
-class ApiError(Exception):
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-
-
-class JsonResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content: object) -> bytes:
-        return encode(content)
-
-
-def _error(request: Request, exc: Exception) -> Response:
-    """Our errors and Starlette's own (unknown path, wrong method) as the same JSON reply."""
-    if isinstance(exc, ApiError):
-        status_code, message = exc.status_code, exc.message
-    else:
-        assert isinstance(exc, HTTPException)
-        status_code = exc.status_code
-        message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
-    return JsonResponse(Reply(status="error", message=message), status_code=status_code)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes (from
-    Content-Length before reading, or while reading a chunked body)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, f"invalid Content-Length header: {declared!r}")
-        if int(declared) > limit:
-            raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _bool_param(request: Request, name: str) -> bool:
     value = request.query_params.get(name, "false").lower()
     if value in ("1", "true", "yes"):
@@ -134,7 +86,7 @@ def build_app(queen: QueenServer) -> Starlette:
     registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
 
     async def post_heartbeat(request: Request) -> Response:
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.http.max_body_bytes)
         try:
             heartbeat = decode_heartbeat(body)
         except ContractError as exc:
@@ -143,9 +95,8 @@ def build_app(queen: QueenServer) -> Starlette:
         broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
                                                timestamp=heartbeat.timestamp,
                                                workers=heartbeat.workers))
-        return JsonResponse(Reply(
-            status="ok", message=f"heartbeat from hive {heartbeat.hive.id!r} with "
-                                 f"{len(heartbeat.workers)} workers received"))
+        return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
+                  f"{len(heartbeat.workers)} workers received")
 
     async def stream(request: Request) -> Response:
         if broadcaster.closed:
@@ -176,8 +127,7 @@ def build_app(queen: QueenServer) -> Starlette:
         if event is None:
             raise ApiError(404, f"unknown hive {hive_id!r}")
         broadcaster.publish(event)
-        return JsonResponse(Reply(status="ok", message=f"hive {hive_id!r} and "
-                                                       f"{len(event.worker_ids)} workers removed"))
+        return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:
         unknown = set(request.query_params) - {"idle", "model", "min_free_vram_mb"}
@@ -192,15 +142,12 @@ def build_app(queen: QueenServer) -> Starlette:
         return JsonResponse(registry.find_workers(idle=idle, model=model,
                                                   min_free_vram_mb=min_free))
 
-    return Starlette(
-        routes=[
-            Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
-            Route("/v1/heartbeats/stream", stream, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/hives", list_hives, methods=["GET"]),
-            Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
-            Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
-            Route("/v1/workers", list_workers, methods=["GET"]),
-        ],
-        exception_handlers={ApiError: _error, HTTPException: _error},
-    )
+    return json_app([
+        Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
+        Route("/v1/heartbeats/stream", stream, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/hives", list_hives, methods=["GET"]),
+        Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
+        Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
+        Route("/v1/workers", list_workers, methods=["GET"]),
+    ])

@@ -4,7 +4,7 @@
 
 Without ``--config`` every default applies (``rbee/config.py`` lists them). The first line on
 stdout names the bound address(es), so a supervisor or test that asked for port 0 learns the port.
-SIGINT and SIGTERM stop it cleanly: streams end, requests in flight get ``shutdown_grace_s``.
+SIGINT and SIGTERM stop it cleanly: streams end, requests in flight get ``http.shutdown_grace_s``.
 """
 
 from __future__ import annotations

@@ -4,40 +4,23 @@ HTTP is hypercorn's trio worker serving the Starlette app. Two background tasks 
 the stale cleanup (``registry.cleanup_interval_s``) and the fleet summary on the stream
 (``stream.queen_interval_s``). ``stop()`` first ends every SSE stream (sse-starlette's own shutdown
 draining works only on asyncio, so under trio the streams would otherwise hold the server open),
-then lets hypercorn finish requests in flight within ``shutdown_grace_s``.
+then lets hypercorn finish requests in flight within ``http.shutdown_grace_s``.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncIterator
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
+from .._http import serve
 from ..config import QueenConfig
 from .api import build_app
 from .broadcast import Broadcaster
 from .registry import HiveRegistry
 
 log = logging.getLogger(__name__)
-
-
-def _hypercorn_config(config: QueenConfig) -> HypercornConfig:
-    http = HypercornConfig()
-    host = f"[{config.bind}]" if ":" in config.bind else config.bind
-    http.bind = [f"{host}:{config.port}"]
-    http.graceful_timeout = config.shutdown_grace_s
-    http.keep_alive_timeout = config.keep_alive_timeout_s
-    http.backlog = config.backlog
-    http.accesslog = None
-    http.errorlog = logging.getLogger("rbee.queen.http")
-    # hypercorn's read_timeout would also close SSE connections, whose clients send nothing
-    http.read_timeout = None
-    return http
 
 
 class QueenServer:
@@ -70,18 +53,8 @@ class QueenServer:
             self.stopped.set()
 
     async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
-        http = _hypercorn_config(self.config)
-        sockets = http.create_sockets()
-        for sock in sockets.insecure_sockets:
-            # Accepted connections inherit it. A client that stops reading leaves hypercorn's
-            # (shielded) send blocked and its connection cannot close until that send ends; the
-            # kernel gives up on it after this long, which also bounds any wait at shutdown.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                            int(self.config.stream.stall_timeout_s * 1000))
-            sock.listen(http.backlog)
-        await worker_serve(wrap_app(self.app, http.wsgi_max_body_size, "asgi"), http,
-                           sockets=sockets, shutdown_trigger=self._shutdown,
-                           task_status=task_status)
+        await serve(self.app, self.config.bind, self.config.port, self.config.http,
+                    shutdown_trigger=self._shutdown, task_status=task_status)
 
     def stop(self) -> None:
         """Begin a clean stop: streams end at once, requests in flight get the grace period."""

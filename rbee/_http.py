@@ -1,0 +1,109 @@
+"""What the queen's and the hive's HTTP servers share: JSON replies and errors, body limits, and
+serving a Starlette app on hypercorn's trio worker.
+
+Every error a client gets is JSON ``{"status": "error", "message": ...}``, Starlette's own (unknown
+path, wrong method) included, so a program can always read why.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from .config import HttpSettings
+from .telemetry import encode
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    status: str
+    message: str
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer with ``status_code`` and a JSON message."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+class JsonResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return encode(content)
+
+
+def ok(message: str, status_code: int = 200) -> JsonResponse:
+    return JsonResponse(Reply(status="ok", message=message), status_code=status_code)
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        status_code, message = exc.status_code, exc.message
+    else:
+        assert isinstance(exc, HTTPException)
+        status_code = exc.status_code
+        message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
+    return JsonResponse(Reply(status="error", message=message), status_code=status_code)
+
+
+def json_app(routes: Sequence[BaseRoute]) -> Starlette:
+    return Starlette(routes=list(routes),
+                     exception_handlers={ApiError: _error, HTTPException: _error})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes (from
+    Content-Length before reading, or while reading a chunked body)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, f"invalid Content-Length header: {declared!r}")
+        if int(declared) > limit:
+            raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
+                shutdown_trigger: Callable[[], Awaitable[None]],
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` until ``shutdown_trigger`` returns; reports the bound ``http://host:port``
+    URLs when listening (port 0 picks a free port)."""
+    http = HypercornConfig()
+    http.bind = [f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"]
+    http.graceful_timeout = settings.shutdown_grace_s
+    http.keep_alive_timeout = settings.keep_alive_timeout_s
+    http.backlog = settings.backlog
+    http.accesslog = None
+    http.errorlog = logging.getLogger("rbee.http")
+    http.read_timeout = None  # it would also close stream connections, whose clients send nothing
+    sockets = http.create_sockets()
+    for sock in sockets.insecure_sockets:
+        # Accepted connections inherit it. A client that stops reading leaves hypercorn's
+        # (shielded) send blocked, and its connection cannot close until that send ends; the
+        # kernel gives up on it after this long, which also bounds any wait at shutdown.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        int(settings.stall_timeout_s * 1000))
+        sock.listen(http.backlog)
+    await worker_serve(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets=sockets,
+                       shutdown_trigger=shutdown_trigger, task_status=task_status)
