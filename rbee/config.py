@@ -82,8 +82,10 @@ class HeartbeatSettings(Settings):
     read_timeout_s: Seconds = 5.0
     write_timeout_s: Seconds = 5.0
     pool_timeout_s: Seconds = 2.0
-    backoff_initial_s: Seconds = 0.5
-    backoff_max_s: Seconds = 10.0
+    backoff_initial_s: Seconds = 0.25
+    backoff_max_s: Seconds = 1.0
+    """The longest wait between failed attempts. At most the interval, so a hive reaches a queen
+    that comes back within one interval; raise it for very large fleets."""
     reminder_interval_s: Seconds = 60.0
     """While the queen is unreachable, how often the hive logs that it still is."""
 

@@ -52,6 +52,8 @@ class HiveAgent:
         self.port = config.port
         self._refresh_issue: CollectorIssue | None = None
         self.latest = self._heartbeat([])
+        self.generation = 0
+        """Increases with every new ``latest``: a reader that remembers it misses nothing."""
         self._changed = trio.Event()
         self._collect_limiter = trio.CapacityLimiter(1)
         self._refresh_limiter = trio.CapacityLimiter(1)
@@ -93,6 +95,13 @@ class HiveAgent:
         """Wait for the next heartbeat snapshot (tick or worker change) and return it."""
         await self._changed.wait()
         return self.latest
+
+    async def wait_newer(self, generation: int) -> tuple[int, HiveHeartbeat]:
+        """The latest snapshot once it is newer than ``generation`` (at once if it already is),
+        with its own generation."""
+        while self.generation <= generation:
+            await self._changed.wait()
+        return self.generation, self.latest
 
     # -- running --------------------------------------------------------------------------
 
@@ -164,6 +173,7 @@ class HiveAgent:
         records = await trio.to_thread.run_sync(self.collector.collect_all,
                                                 limiter=self._collect_limiter)
         self.latest = self._heartbeat(records)
+        self.generation += 1
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 

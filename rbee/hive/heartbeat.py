@@ -1,0 +1,145 @@
+"""The heartbeat sender: delivers the hive's latest snapshot to the queen, whatever the queen does.
+
+It sends every snapshot the agent publishes: one per ``heartbeat.interval_s`` and one at once when
+a worker spawns or exits. It holds only the latest snapshot, never a queue, so memory stays flat
+however long the queen is away. When a send fails (queen down, refused, timed out, 4xx/5xx) it
+waits a capped exponential backoff with jitter (so a fleet does not retry in step), then sends
+whatever is latest by then; the default cap equals the interval, so the queen hears from every
+hive within one interval of coming back. The first failure is logged, then a reminder every
+``reminder_interval_s``, then the recovery. Every request runs under the connect/read/write/pool
+timeouts of the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+import msgspec
+import trio
+
+from .._errors import ConfigError
+from ..config import HeartbeatSettings
+from ..telemetry import HiveHeartbeat, encode
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PATH = "/v1/hive-heartbeat"
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class HeartbeatSource(Protocol):
+    """What the sender needs of the hive agent."""
+
+    generation: int
+    latest: HiveHeartbeat
+
+    async def wait_newer(self, generation: int) -> tuple[int, HiveHeartbeat]: ...
+
+
+def parse_queen_url(url: str) -> httpx.URL:
+    """The queen's base URL, or a ConfigError on ``queen_url`` saying what is wrong with it."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"invalid URL {url!r}: {exc}", key="queen_url") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise ConfigError(f"{url!r}: the scheme must be http or https", key="queen_url")
+    if not parsed.host or any(c.isspace() for c in parsed.host):
+        raise ConfigError(f"{url!r}: no valid host", key="queen_url")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ConfigError(f"{url!r}: port {parsed.port} is out of range", key="queen_url")
+    return parsed
+
+
+@dataclass
+class DeliveryState:
+    """How delivery is going, for logs, the hive's /health and tests."""
+
+    delivered: int = 0
+    failed_attempts: int = 0
+    down_since: float | None = None
+    """trio time of the first failure of the current outage; None while the queen answers."""
+    last_problem: str = ""
+
+
+class _Reply(msgspec.Struct):
+    message: str = ""
+
+
+class HeartbeatSender:
+    def __init__(self, settings: HeartbeatSettings, queen_url: str, source: HeartbeatSource, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 random_fraction: Callable[[], float] = random.random) -> None:
+        self.settings = settings
+        self.queen_url = parse_queen_url(queen_url)
+        self.source = source
+        self.state = DeliveryState()
+        self._transport = transport
+        self._random = random_fraction
+        self._reminded_at = 0.0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
+                                write=settings.write_timeout_s, pool=settings.pool_timeout_s)
+        async with httpx.AsyncClient(base_url=self.queen_url, timeout=timeout,
+                                     transport=self._transport) as client:
+            task_status.started()
+            generation = 0
+            backoff = settings.backoff_initial_s
+            pending: HiveHeartbeat | None = None
+            while True:
+                if pending is None:
+                    generation, pending = await self.source.wait_newer(generation)
+                if await self.send(client, pending):
+                    pending, backoff = None, settings.backoff_initial_s
+                    continue
+                await trio.sleep(backoff * (0.5 + 0.5 * self._random()))
+                backoff = min(backoff * 2, settings.backoff_max_s)
+                generation, pending = self.source.generation, self.source.latest
+
+    async def send(self, client: httpx.AsyncClient, heartbeat: HiveHeartbeat) -> bool:
+        """One attempt; True if the queen accepted it. Never raises for the queen's faults."""
+        try:
+            response = await client.post(HEARTBEAT_PATH, content=encode(heartbeat),
+                                         headers=JSON_HEADERS)
+        except httpx.TimeoutException as exc:
+            return self._failed(f"timed out ({type(exc).__name__})")
+        except httpx.TransportError as exc:
+            return self._failed(f"{type(exc).__name__}: {exc}")
+        if response.status_code != 200:
+            try:
+                detail = msgspec.json.decode(response.content, type=_Reply).message
+            except msgspec.DecodeError:
+                detail = response.text[:200]
+            return self._failed(f"HTTP {response.status_code}: {detail}".rstrip(": "))
+        self._delivered()
+        return True
+
+    def _failed(self, problem: str) -> bool:
+        state, now = self.state, trio.current_time()
+        state.failed_attempts += 1
+        state.last_problem = problem
+        if state.down_since is None:
+            state.down_since = self._reminded_at = now
+            log.warning("queen %s: heartbeat not delivered: %s; the hive carries on and retries",
+                        self.queen_url, problem)
+        elif now - self._reminded_at >= self.settings.reminder_interval_s:
+            self._reminded_at = now
+            log.warning("queen %s still unreachable after %.0fs (%d attempts): %s",
+                        self.queen_url, now - state.down_since, state.failed_attempts, problem)
+        return False
+
+    def _delivered(self) -> None:
+        state = self.state
+        state.delivered += 1
+        if state.down_since is not None:
+            log.warning("queen %s reachable again after %.1fs", self.queen_url,
+                        trio.current_time() - state.down_since)
+            state.down_since = None
+            state.failed_attempts = 0
