@@ -49,7 +49,7 @@ def parse_queen_url(url: str) -> httpx.URL:
         raise ConfigError(f"invalid URL {url!r}: {exc}", key="queen_url") from exc
     if parsed.scheme not in ("http", "https"):
         raise ConfigError(f"{url!r}: the scheme must be http or https", key="queen_url")
-    if not parsed.host or any(c.isspace() for c in parsed.host):
+    if not parsed.host or "%" in parsed.host:  # httpx percent-encodes a space in a host
         raise ConfigError(f"{url!r}: no valid host", key="queen_url")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ConfigError(f"{url!r}: port {parsed.port} is out of range", key="queen_url")
