@@ -10,6 +10,7 @@ needs the heartbeat (the printer of ``rbee up``, the heartbeat sender, the HTTP 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import trio
 
 from .. import __version__
+from .._errors import RbeeError, SpawnError
 from ..config import HiveConfig, WorkerSpec
 from ..plugin.manager import build_plugin_manager
 from ..telemetry import (
@@ -35,6 +37,14 @@ from .collection import TelemetryCollector
 from .monitor import ProcessMonitor, Worker, open_pidfd
 
 log = logging.getLogger(__name__)
+
+
+def restart_wanted(spec: WorkerSpec, exit_code: int | None) -> bool:
+    """Whether a worker that exited on its own is restarted. An unknown exit code (a re-adopted
+    worker is not our child) counts as a failure."""
+    if spec.restart == "always":
+        return True
+    return spec.restart == "on-failure" and exit_code != 0
 
 
 class HiveAgent:
@@ -59,24 +69,54 @@ class HiveAgent:
         self._refresh_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
+        self._desired: dict[tuple[str, str], WorkerSpec] = {}
+        """Workers to keep running (the config's and those spawned through the API)."""
+        self._started_at: dict[tuple[str, str], float] = {}
+        self._failures: dict[tuple[str, str], int] = {}
         self.monitor.subscribe(self._on_worker_change)
 
     # -- change notification --------------------------------------------------------------
 
     def _on_worker_change(self, event: str, worker: Worker) -> None:
-        """Called from whichever thread spawned, stopped or reaped: wake the agent's loop, and
-        watch a new worker for its exit."""
+        """Called from whichever thread spawned, stopped or reaped: wake the agent's loop, watch
+        a new worker for its exit, and restart one that exited if its policy says so."""
         log.info("worker %s/%s %s (pid %d)", worker.group, worker.instance, event, worker.pid)
         if self._token is not None:
             try:
-                self._token.run_sync_soon(self._wake, worker if event == "spawned" else None)
+                self._token.run_sync_soon(self._wake, event, worker)
             except trio.RunFinishedError:
                 pass
 
-    def _wake(self, spawned: Worker | None = None) -> None:
+    def _wake(self, event: str, worker: Worker) -> None:
         self._wake_event.set()
-        if spawned is not None and self._nursery is not None:
-            self._nursery.start_soon(self._watch_exit, spawned.pid)
+        if event == "spawned":
+            self._started_at[worker.key] = trio.current_time()
+        if self._nursery is None:
+            return
+        if event == "spawned":
+            self._nursery.start_soon(self._watch_exit, worker.pid)
+        elif event == "exited":
+            spec = self._desired.get(worker.key)
+            if spec is not None and restart_wanted(spec, worker.exit_code):
+                self._nursery.start_soon(self._restart_later, spec)
+
+    async def _restart_later(self, spec: WorkerSpec) -> None:
+        """Restart an exited worker after a backoff that doubles with each quick failure, up to
+        ``restart_backoff_max_s``; a worker that ran that long starts the count again."""
+        key = (spec.group, spec.instance)
+        ran_for = trio.current_time() - self._started_at.get(key, -math.inf)
+        failures = 0 if ran_for >= spec.restart_backoff_max_s else self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        delay = min(spec.restart_backoff_s * 2 ** max(failures - 1, 0), spec.restart_backoff_max_s)
+        log.warning("worker %s/%s exited; restarting in %.1fs (policy %s)", spec.group,
+                    spec.instance, delay, spec.restart)
+        await trio.sleep(delay)
+        if self._desired.get(key) is spec and self.monitor.get_or_none(*key) is None:
+            try:
+                await self._spawn_now(spec)
+            except RbeeError as exc:
+                log.error("worker %s/%s could not be restarted: %s", spec.group, spec.instance,
+                          exc)
 
     async def _watch_exit(self, pid: int) -> None:
         """Wake the loop the moment a worker's main process exits (its own pidfd, polled by trio),
@@ -129,12 +169,25 @@ class HiveAgent:
                 await self._shutdown()
 
     async def _start_configured(self, specs: Sequence[WorkerSpec]) -> None:
+        """Start the config's workers that are not already running (re-adopted). One that cannot
+        start is logged and left out; the hive and the other workers carry on."""
         for spec in specs:
+            self._desired[(spec.group, spec.instance)] = spec
             if self.monitor.get_or_none(spec.group, spec.instance) is not None:
                 continue
-            await self.spawn(spec)
+            try:
+                await self._spawn_now(spec)
+            except SpawnError as exc:
+                log.error("worker %s/%s from the config not started: %s", spec.group,
+                          spec.instance, exc)
 
     async def spawn(self, spec: WorkerSpec) -> int:
+        """Start a worker and keep it running by its restart policy until ``stop_worker``."""
+        pid = await self._spawn_now(spec)
+        self._desired[(spec.group, spec.instance)] = spec
+        return pid
+
+    async def _spawn_now(self, spec: WorkerSpec) -> int:
         argv = [arg.replace("{python}", sys.executable) for arg in spec.argv]
         env = dict(spec.env) if spec.env else None
         log_path = (f"{self.config.log_dir}/{spec.group}-{spec.instance}.log"
@@ -144,6 +197,7 @@ class HiveAgent:
                                        spec.memory_limit, env, log_path))
 
     async def stop_worker(self, group: str, instance: str) -> None:
+        self._desired.pop((group, instance), None)
         await trio.to_thread.run_sync(self.monitor.stop, group, instance,
                                       self.config.stop_grace_s)
 

@@ -41,18 +41,21 @@ class HeartbeatSource(Protocol):
     async def wait_newer(self, generation: int) -> tuple[int, HiveHeartbeat]: ...
 
 
-def parse_queen_url(url: str) -> httpx.URL:
+def parse_queen_url(url: str, source: str = "") -> httpx.URL:
     """The queen's base URL, or a ConfigError on ``queen_url`` saying what is wrong with it."""
+    def problem(message: str) -> ConfigError:
+        return ConfigError(message, source=source, key="queen_url")
+
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ConfigError(f"invalid URL {url!r}: {exc}", key="queen_url") from exc
+        raise problem(f"invalid URL {url!r}: {exc}") from exc
     if parsed.scheme not in ("http", "https"):
-        raise ConfigError(f"{url!r}: the scheme must be http or https", key="queen_url")
+        raise problem(f"{url!r}: the scheme must be http or https")
     if not parsed.host or "%" in parsed.host:  # httpx percent-encodes a space in a host
-        raise ConfigError(f"{url!r}: no valid host", key="queen_url")
+        raise problem(f"{url!r}: no valid host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise ConfigError(f"{url!r}: port {parsed.port} is out of range", key="queen_url")
+        raise problem(f"{url!r}: port {parsed.port} is out of range")
     return parsed
 
 

@@ -1,0 +1,57 @@
+"""The hive process as one trio task: agent, heartbeat sender and HTTP API in one nursery.
+
+Construction checks what can be checked before anything starts (the queen URL, the cgroup tree
+and its permissions), so a bad setup fails at once with an error naming the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .._http import serve
+from ..config import HiveConfig
+from .agent import HiveAgent
+from .api import build_app
+from .heartbeat import HeartbeatSender
+
+log = logging.getLogger(__name__)
+
+
+class HiveService:
+    def __init__(self, config: HiveConfig) -> None:
+        self.config = config
+        self.agent = HiveAgent(config)
+        self.sender = HeartbeatSender(config.heartbeat, config.queen_url, self.agent)
+        self.app = build_app(self)
+        self.urls: list[str] = []
+        self._stopping = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run until ``stop()``; reports the API's bound URLs once workers and API are up."""
+        async with trio.open_nursery() as nursery:
+            http_done = trio.Event()
+
+            async def serve_api(task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    await serve(self.app, self.config.bind, self.config.port, self.config.http,
+                                shutdown_trigger=self._stopping.wait, task_status=task_status)
+                finally:
+                    http_done.set()
+
+            self.urls = await nursery.start(serve_api)
+            self.agent.port = int(self.urls[0].rsplit(":", 1)[1])  # the real one, if port 0
+            await nursery.start(self.agent.run)
+            await nursery.start(self.sender.run)
+            log.info("hive %s: API on %s, queen %s", self.config.id, " ".join(self.urls),
+                     self.sender.queen_url)
+            task_status.started(self.urls)
+            await self._stopping.wait()
+            with trio.move_on_after(self.config.http.shutdown_grace_s):
+                await http_done.wait()  # requests in flight finish
+            nursery.cancel_scope.cancel()  # the agent stops or releases its workers as it unwinds
+
+    def stop(self) -> None:
+        self._stopping.set()
