@@ -1,61 +1,164 @@
 """``rbee``: the command line of rbee telemetry.
 
-    rbee up     run the built-in demo on this machine: a local hive with demo workers, live view
+    rbee up        all in one on this machine: a queen, a local hive, demo workers, live view
+    rbee top       a live view of the fleet, from the queen's stream
+    rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB] [--json]
+
+``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.resources import files
 
+import httpx
+import msgspec
 import trio
 import yaml
 
 from ._errors import RbeeError, leaf_exceptions
-from .config import HiveConfig, parse_config
-from .hive.agent import HiveAgent
+from .config import HiveConfig, QueenConfig, parse_config
+from .fleetview import FleetView
+from .hive.service import HiveService
+from .queen.registry import FleetWorker
+from .queen.server import QueenServer
+from .stream_client import follow_stream
+from .telemetry import StreamEvent
 from .view import table
 
+DEFAULT_QUEEN = "http://127.0.0.1:7833"
 
-def demo_config() -> HiveConfig:
+
+def demo_config(queen_url: str) -> HiveConfig:
     source = files("rbee.demo") / "demo.yaml"
-    return parse_config(yaml.safe_load(source.read_text()), HiveConfig, str(source))
+    config = parse_config(yaml.safe_load(source.read_text()), HiveConfig, str(source))
+    return msgspec.structs.replace(config, queen_url=queen_url)
+
+
+async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None:
+    """Print the fleet whenever it changes (at most every ``refresh_s``); ``rounds`` > 0 stops
+    after that many tables."""
+    view = FleetView()
+    changed = trio.Event()
+    status = ""
+
+    def on_event(event: StreamEvent) -> None:
+        nonlocal status
+        view.apply(event)
+        status = ""
+        changed.set()
+
+    def on_down(problem: str) -> None:
+        nonlocal status
+        status = f"  [{problem}; retrying]"
+        changed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down))
+        shown = 0
+        while rounds == 0 or shown < rounds:
+            await changed.wait()
+            changed = trio.Event()
+            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+            print(f"{clear}rbee: queen {queen_url}{status}\n{view.render()}\n", flush=True)
+            shown += 1
+            await trio.sleep(refresh_s)
+        nursery.cancel_scope.cancel()
 
 
 async def up(args: argparse.Namespace) -> None:
-    config = demo_config()
-    agent = HiveAgent(config)
+    queen = QueenServer(parse_config({"port": args.port}, QueenConfig))
     async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
-        print(f"rbee up: hive {config.id!r}, cgroup backend {agent.monitor.backend.name}, "
-              f"{len(config.workers)} demo workers. Ctrl-C stops everything.", flush=True)
-        rounds = 0
-        while args.rounds == 0 or rounds < args.rounds:
-            heartbeat = await agent.wait_changed()
-            rows = [(heartbeat.hive.id, w, "") for w in heartbeat.workers]
-            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
-            print(f"{clear}{heartbeat.timestamp:%H:%M:%S}  {len(rows)} workers\n{table(rows)}\n",
-                  flush=True)
-            rounds += 1
-        nursery.cancel_scope.cancel()
+        queen_url = (await nursery.start(queen.run))[0]
+        hive = HiveService(demo_config(queen_url))
+        hive_done = trio.Event()
+
+        async def run_hive(task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await hive.run(task_status=task_status)
+            finally:
+                hive_done.set()
+
+        hive_urls = await nursery.start(run_hive)
+        print(f"rbee up: queen {queen_url}, hive {hive.config.id!r} (API {hive_urls[0]}, "
+              f"cgroup backend {hive.agent.monitor.backend.name}), "
+              f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.", flush=True)
+        await watch(queen_url, args.rounds)
+        hive.stop()  # its workers stop and their cgroups go before the queen does
+        await hive_done.wait()
+        queen.stop()
+
+
+async def top(args: argparse.Namespace) -> None:
+    await watch(args.queen, args.rounds)
+
+
+def workers(args: argparse.Namespace) -> int:
+    params: dict[str, str] = {}
+    if args.idle:
+        params["idle"] = "true"
+    if args.model is not None:
+        params["model"] = args.model
+    if args.min_free_vram is not None:
+        params["min_free_vram_mb"] = str(args.min_free_vram)
+    try:
+        response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout)
+    except httpx.TransportError as exc:
+        print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"rbee: {response.json().get('message', response.text)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(response.text)
+        return 0
+    found = msgspec.json.decode(response.content, type=list[FleetWorker])
+    print(table((w.hive_id, w.worker, _workers_note(w)) for w in found))
+    print(f"{len(found)} workers")
+    return 0
+
+
+def _workers_note(found: FleetWorker) -> str:
+    notes = ["STALE"] if found.hive_stale else []
+    if found.vram is not None:
+        notes.append(f"VRAM free {found.vram.free_mb:.0f} MiB, rbee {found.vram.claimed_mb:.0f}")
+    return ", ".join(notes)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rbee", description="rbee telemetry")
     parser.add_argument("--log-level", default="WARNING")
     commands = parser.add_subparsers(dest="command", required=True)
-    run_up = commands.add_parser("up", help="run the demo: hive and demo workers, live view")
+    queen_option = argparse.ArgumentParser(add_help=False)
+    queen_option.add_argument("--queen", default=os.environ.get("RBEE_QUEEN", DEFAULT_QUEEN),
+                              help=f"the queen's URL (default: $RBEE_QUEEN or {DEFAULT_QUEEN})")
+    run_up = commands.add_parser("up", help="queen, local hive and demo workers, live view")
+    run_up.add_argument("--port", type=int, default=7833, help="the queen's port (0: any free)")
     run_up.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
+    run_top = commands.add_parser("top", parents=[queen_option], help="live view of the fleet")
+    run_top.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
+    run_workers = commands.add_parser("workers", parents=[queen_option],
+                                      help="scheduling queries: workers matching all filters")
+    run_workers.add_argument("--idle", action="store_true", help="GPU at or under the threshold")
+    run_workers.add_argument("--model", help="serving this model")
+    run_workers.add_argument("--min-free-vram", type=float, metavar="MB",
+                             help="at least this much free VRAM (MiB) on the worker's GPUs")
+    run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
+    run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "workers":
+        return workers(args)
     status = 0
     try:
-        trio.run(up, args)
+        trio.run(up if args.command == "up" else top, args)
     except* KeyboardInterrupt:  # trio may deliver it inside an exception group
         print("rbee: stopped", file=sys.stderr)
-    except* RbeeError as group:
+    except* (RbeeError, OSError) as group:
         for exc in leaf_exceptions(group):
             print(f"rbee: {exc}", file=sys.stderr)
         status = 1
