@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from rbee.telemetry import encode
+from rbee.telemetry import OperationalStatus, encode
 
 from .builders import GIB, gpu, heartbeat, worker
 from .queenkit import open_stream, post_heartbeat, start_queen, url_of
@@ -275,3 +275,17 @@ def test_rbee_queen_port_in_use_is_a_clear_error(tmp_path):
         result = run_queen("--config", str(config))
     assert result.returncode == 1
     assert f"rbee-queen: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+async def test_a_stopping_hive_says_goodbye(queen, client):
+    """A heartbeat with status ``stopped`` is a hive's last: it leaves the registry at once and
+    the stream announces it, without waiting for the silence timeout."""
+    await post_heartbeat(client, queen, heartbeat("hive-a", [worker("a")]))
+    async with open_stream(client, queen) as stream:
+        await stream.next("snapshot")
+        response = await client.post("/v1/hive-heartbeat", content=encode(heartbeat(
+            "hive-a", [], status=OperationalStatus.STOPPED)))
+        removed = await stream.next("hive_removed")
+    assert response.json()["message"] == "hive 'hive-a' stopped: removed"
+    assert (removed.reason, removed.worker_ids) == ("the hive stopped", ["hive-a/llm/a"])
+    assert len(queen.registry) == 0

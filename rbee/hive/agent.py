@@ -238,6 +238,12 @@ class HiveAgent:
                           version=__version__),
             timestamp=utc_now(), workers=workers, capabilities=list(self.collector.devices))
 
+    def farewell(self) -> HiveHeartbeat:
+        """The last heartbeat of a stopping hive: status stopped, no workers (they are stopped,
+        or released to the next hive, which re-adopts and reports them)."""
+        self.status = OperationalStatus.STOPPED
+        return self._heartbeat([])
+
     def health(self) -> HealthStatus:
         issues = list(self.collector.refresh_errors)
         if self._refresh_issue is not None:

@@ -86,12 +86,16 @@ class HeartbeatSender:
         self._random = random_fraction
         self._reminded_at = 0.0
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def _client(self) -> httpx.AsyncClient:
         settings = self.settings
         timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                                 write=settings.write_timeout_s, pool=settings.pool_timeout_s)
-        async with httpx.AsyncClient(base_url=self.queen_url, timeout=timeout,
-                                     transport=self._transport) as client:
+        return httpx.AsyncClient(base_url=self.queen_url, timeout=timeout,
+                                 transport=self._transport)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        async with self._client() as client:
             task_status.started()
             generation = 0
             backoff = settings.backoff_initial_s
@@ -105,6 +109,11 @@ class HeartbeatSender:
                 await trio.sleep(backoff * (0.5 + 0.5 * self._random()))
                 backoff = min(backoff * 2, settings.backoff_max_s)
                 generation, pending = self.source.generation, self.source.latest
+
+    async def send_farewell(self, heartbeat: HiveHeartbeat) -> bool:
+        """One attempt, on a fresh connection, to tell the queen this hive stopped."""
+        async with self._client() as client:
+            return await self.send(client, heartbeat)
 
     async def send(self, client: httpx.AsyncClient, heartbeat: HiveHeartbeat) -> bool:
         """One attempt; True if the queen accepted it. Never raises for the queen's faults."""

@@ -52,6 +52,8 @@ class HiveService:
             with trio.move_on_after(self.config.http.shutdown_grace_s):
                 await http_done.wait()  # requests in flight finish
             nursery.cancel_scope.cancel()  # the agent stops or releases its workers as it unwinds
+        with trio.move_on_after(self.config.http.shutdown_grace_s):
+            await self.sender.send_farewell(self.agent.farewell())
 
     def stop(self) -> None:
         self._stopping.set()

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from .. import __version__
 from .._errors import ContractError, NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
-from ..telemetry import HiveTelemetryEvent, decode_heartbeat
+from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat
 
 if TYPE_CHECKING:
     from .server import QueenServer
@@ -91,6 +91,12 @@ def build_app(queen: QueenServer) -> Starlette:
             heartbeat = decode_heartbeat(body)
         except ContractError as exc:
             raise ApiError(400, str(exc)) from exc
+        if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
+            # a hive's goodbye: its workers are no longer watched by anyone
+            event = registry.remove_hive(heartbeat.hive.id, "the hive stopped")
+            if event is not None:
+                broadcaster.publish(event)
+            return ok(f"hive {heartbeat.hive.id!r} stopped: removed")
         registry.update_hive(heartbeat)
         broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
                                                timestamp=heartbeat.timestamp,
