@@ -28,8 +28,9 @@ async def start_queen(nursery: trio.Nursery, **settings: object) -> QueenServer:
     return queen
 
 
-def url_of(queen: QueenServer) -> str:
-    return queen.urls[0]
+def url_of(queen: QueenServer | str) -> str:
+    """The queen's base URL: an in-process QueenServer's, or a URL as it is."""
+    return queen if isinstance(queen, str) else queen.urls[0]
 
 
 async def post_heartbeat(client: httpx.AsyncClient, queen: QueenServer,
@@ -52,6 +53,14 @@ class StreamReader:
         with trio.fail_after(timeout):
             return await anext(self._events)
 
+    async def until(self, predicate, timeout: float = 5.0) -> StreamEvent:
+        """The first event for which ``predicate(event)`` holds."""
+        with trio.fail_after(timeout):
+            while True:
+                event = await self.next(timeout=timeout)
+                if predicate(event):
+                    return event
+
     async def rest(self) -> list[ServerSentEvent]:
         """Every event until the server ends the stream."""
         return [sse async for sse in self._events]
@@ -68,7 +77,7 @@ class StreamReader:
 
 
 @asynccontextmanager
-async def open_stream(client: httpx.AsyncClient, queen: QueenServer,
+async def open_stream(client: httpx.AsyncClient, queen: QueenServer | str,
                       headers: dict[str, str] | None = None) -> AsyncIterator[StreamReader]:
     async with aconnect_sse(client, "GET", f"{url_of(queen)}{STREAM_PATH}",
                             headers=dict(headers or {})) as source:

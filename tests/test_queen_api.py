@@ -19,6 +19,7 @@ import trio
 from rbee.telemetry import OperationalStatus, encode
 
 from .builders import GIB, gpu, heartbeat, worker
+from .daemons import Daemon
 from .queenkit import open_stream, post_heartbeat, start_queen, url_of
 
 RBEE_QUEEN = str(Path(sys.executable).with_name("rbee-queen"))
@@ -221,33 +222,9 @@ def test_rbee_queen_check_config(tmp_path):
                                      "Expected `float`, got `str`")
 
 
-class QueenProcess:
-    """``rbee-queen`` as a child process on a free port; killed on exit whatever happened."""
-
-    def __init__(self, tmp_path: Path, config: str = "") -> None:
-        path = tmp_path / "queen.yaml"
-        path.write_text(f"port: 0\n{config}")
-        self.process = subprocess.Popen([RBEE_QUEEN, "--config", str(path), "--log-level",
-                                         "WARNING"], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-
-    def __enter__(self) -> QueenProcess:
-        line = self.process.stdout.readline()
-        assert line.startswith("rbee-queen: listening on http://127.0.0.1:"), line
-        self.url = line.split()[-1]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.process.stdout.close()
-        self.process.stderr.close()
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 async def test_rbee_queen_stops_cleanly_on_signal_with_a_stream_client(tmp_path, stop):
-    with QueenProcess(tmp_path) as queen:
+    with Daemon("rbee-queen", tmp_path / "queen.yaml", "port: 0\n") as queen:
         async with httpx.AsyncClient(base_url=queen.url, timeout=httpx.Timeout(5.0, read=None)
                                      ) as client:
             response = await client.post("/v1/hive-heartbeat", content=encode(heartbeat("h")))
@@ -259,10 +236,7 @@ async def test_rbee_queen_stops_cleanly_on_signal_with_a_stream_client(tmp_path,
                 with trio.fail_after(5):  # the stream ends: the queen closed it
                     rest = [line async for line in lines]
         assert len(rest) < 10
-        with trio.fail_after(5):
-            while queen.process.poll() is None:
-                await trio.sleep(0.02)
-        assert queen.process.returncode == 0, queen.process.stderr.read()
+        assert await queen.wait_exit(5) == 0, queen.stderr()
 
 
 def test_rbee_queen_port_in_use_is_a_clear_error(tmp_path):

@@ -135,6 +135,7 @@ class NvidiaSmiSource:
     def __init__(self, path: str = "nvidia-smi", timeout_s: float = 2.0) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        self._running: set[subprocess.Popen] = set()
 
     def snapshot(self) -> GpuSnapshot:
         snapshot = GpuSnapshot()
@@ -162,33 +163,49 @@ class NvidiaSmiSource:
 
     def _query(self, query: str) -> list[list[str]]:
         output = run_with_timeout([self.path, query, "--format=csv,noheader,nounits"],
-                                  self.timeout_s)
+                                  self.timeout_s, self._running)
         return [[cell.strip() for cell in line.split(",")]
                 for line in output.splitlines() if line.strip()]
 
     def close(self) -> None:
-        return None
+        """Kill an nvidia-smi still running (a refresh abandoned at its deadline, at shutdown):
+        it must not outlive the hive."""
+        for process in list(self._running):
+            _kill_group(process)
 
 
-def run_with_timeout(argv: Sequence[str], timeout_s: float) -> str:
-    """stdout of ``argv``; kills its whole process group and raises CollectorError on timeout."""
+def run_with_timeout(argv: Sequence[str], timeout_s: float,
+                     running: set[subprocess.Popen] | None = None) -> str:
+    """stdout of ``argv``; kills its whole process group and raises CollectorError on timeout.
+    While it runs, the process is in ``running`` (if given), so an owner can kill it early."""
     try:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         raise CollectorError(f"cannot run {argv[0]}: {exc.strerror}", collector="gpu") from exc
+    running = set() if running is None else running
+    running.add(process)
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
         process.communicate()
         raise CollectorError(f"{argv[0]} did not answer within {timeout_s:g}s and was killed",
                              collector="gpu") from None
+    finally:
+        running.discard(process)
     if process.returncode != 0:
         message = stderr.decode(errors="replace").strip() or stdout.decode(errors="replace").strip()
         raise CollectorError(f"{argv[0]} failed ({process.returncode}): {message[:200]}",
                              collector="gpu")
     return stdout.decode(errors="replace")
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def open_gpu_source(kind: str, nvidia_smi_path: str = "nvidia-smi", timeout_s: float = 2.0,
