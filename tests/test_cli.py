@@ -1,0 +1,79 @@
+"""The ``rbee`` command line: ``up`` (the README's main command) as a real process, ``top`` and
+``workers`` against a real queen, and the fleet view they render from stream events."""
+
+from __future__ import annotations
+
+import subprocess
+
+import httpx
+import pytest
+import trio
+
+from rbee.fleetview import FleetView
+from rbee.telemetry import HiveRemovedEvent, HiveStaleEvent, HiveTelemetryEvent, utc_now
+
+from .builders import heartbeat, worker
+from .daemons import BIN
+from .queenkit import post_heartbeat, start_queen, url_of
+
+
+def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "rbee"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
+    """The demo end to end: the table comes from the queen's stream, so the whole pipeline ran;
+    afterwards no demo worker and no cgroup of the demo is left."""
+    result = rbee("up", "--port", "0", "--rounds", "4")
+    assert result.returncode == 0, result.stderr
+    assert "rbee up: queen http://127.0.0.1:" in result.stdout
+    last_table = result.stdout.rsplit("rbee: queen", 1)[1]
+    for instance, model in (("llm/llama-0", "llama-3-8b"), ("llm/llama-1", "llama-3-8b"),
+                            ("embed/bge-0", "bge-small")):
+        (line,) = [line for line in last_table.splitlines() if instance in line]
+        assert line.startswith("demo-hive") and model in line
+    leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
+    assert leftover.stdout == b""
+
+
+async def test_rbee_top_shows_the_fleet(nursery):
+    queen = await start_queen(nursery)
+    async with httpx.AsyncClient() as client:
+        await post_heartbeat(client, queen, heartbeat("gpu-07", [worker("a", model="qwen-7b")]))
+    result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
+                                                        "--rounds", "1", timeout=20))
+    assert result.returncode == 0, result.stderr
+    assert "1 hives (0 stale), 1 workers" in result.stdout
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("gpu-07")]
+    assert "llm/a" in line and "qwen-7b" in line
+
+
+def test_rbee_workers_without_a_queen_is_a_clear_error():
+    result = rbee("workers", "--queen", "http://127.0.0.1:9", "--timeout", "2")
+    assert result.returncode == 1
+    assert result.stderr.startswith("rbee: cannot reach the queen at http://127.0.0.1:9")
+
+
+def test_fleet_view_applies_events_in_order():
+    view = FleetView()
+    now = utc_now()
+    view.apply(HiveTelemetryEvent(hive_id="a", timestamp=now, workers=[worker("w1")]))
+    view.apply(HiveTelemetryEvent(hive_id="b", timestamp=now, workers=[worker("w2")]))
+    view.apply(HiveStaleEvent(hive_id="a", silent_s=6.0, timestamp=now))
+    rendered = view.render()
+    assert rendered.startswith("2 hives (1 stale), 2 workers")
+    (stale_line,) = [line for line in rendered.splitlines() if line.startswith("a ")]
+    assert "STALE" in stale_line
+    view.apply(HiveTelemetryEvent(hive_id="a", timestamp=now, workers=[]))  # back, no workers
+    view.apply(HiveRemovedEvent(hive_id="b", reason="gone", worker_ids=[], timestamp=now))
+    assert view.render().startswith("1 hives (0 stale), 0 workers")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["workers", "--min-free-vram", "lots"], "invalid float value: 'lots'"),
+    (["up", "--port", "x"], "invalid int value: 'x'"),
+])
+def test_rbee_bad_arguments(args, message):
+    result = rbee(*args)
+    assert result.returncode == 2 and message in result.stderr
