@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
@@ -81,7 +82,28 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "gzip":
+        return gunzip_limited(body, limit)
+    if encoding != "identity":
+        raise ApiError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or none")
+    return body
+
+
+def gunzip_limited(body: bytes, limit: int) -> bytes:
+    """Decompress a gzip body, refusing (413) one that would inflate past ``limit`` bytes before
+    inflating it further: a small "zip bomb" costs the server nothing."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ApiError(400, f"invalid gzip body: {exc}") from exc
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise ApiError(413, f"decompressed body exceeds max_body_bytes ({limit})")
+    if not inflater.eof:
+        raise ApiError(400, "invalid gzip body: truncated")
+    return data
 
 
 async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,

@@ -88,6 +88,9 @@ class HeartbeatSettings(Settings):
     that comes back within one interval; raise it for very large fleets."""
     reminder_interval_s: Seconds = 60.0
     """While the queen is unreachable, how often the hive logs that it still is."""
+    compress: bool = True
+    """Send heartbeats gzip-compressed (Content-Encoding: gzip): 100 workers take about 28 KB
+    as JSON and a tenth of that compressed. Turn off for a queen that cannot take it."""
 
 
 def _hostname() -> str:

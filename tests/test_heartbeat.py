@@ -9,6 +9,7 @@ trio's MockClock: virtual time and real sockets do not mix, and the schedule is 
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import logging
 import socket
@@ -175,10 +176,21 @@ async def test_heartbeat_json_serialization(nursery):
                                                      workers=sleeper_specs(1)), url)
     await wait_until(lambda: len(scripted.bodies) >= 2)
     assert scripted.headers[-1]["content-type"] == "application/json"
-    received = decode_heartbeat(scripted.bodies[-1])
+    assert scripted.headers[-1]["content-encoding"] == "gzip"
+    body = gzip.decompress(scripted.bodies[-1])
+    received = decode_heartbeat(body)
     assert received.hive.id == "hive-test"
     assert [w.pid for w in received.workers] == [w.pid for w in agent.monitor.workers()]
-    assert b'"cpu_pct":' in scripted.bodies[-1] and b'"total_vram_mb":' in scripted.bodies[-1]
+    assert b'"cpu_pct":' in body and b'"total_vram_mb":' in body
+
+
+async def test_heartbeat_uncompressed_when_configured(nursery):
+    scripted = ScriptedQueen([200])
+    url = await scripted.start(nursery)
+    await start_hive(nursery, hive_config("plain", heartbeat={**FAST, "compress": False}), url)
+    await wait_until(lambda: len(scripted.bodies) >= 1)
+    assert "content-encoding" not in scripted.headers[-1]
+    assert decode_heartbeat(scripted.bodies[-1]).hive.id == "hive-test"
 
 
 async def test_heartbeat_queen_not_found(nursery, caplog):

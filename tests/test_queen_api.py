@@ -6,6 +6,7 @@ was; scheduling queries answer over HTTP what the registry answers in-process.
 
 from __future__ import annotations
 
+import gzip
 import signal
 import socket
 import subprocess
@@ -116,6 +117,29 @@ async def test_oversized_chunked_heartbeat_is_refused(queen):
     sock.close()
     assert reply.startswith(b"HTTP/1.1 413 ")
     assert reply.endswith(b'{"status":"error","message":"body exceeds max_body_bytes (65536)"}')
+    assert len(queen.registry) == 0
+
+
+async def test_gzip_heartbeat_is_accepted(queen, client):
+    sent = heartbeat("hive-z", [worker(f"w{i}") for i in range(50)])
+    response = await client.post("/v1/hive-heartbeat", content=gzip.compress(encode(sent)),
+                                 headers={"content-encoding": "gzip"})
+    assert response.status_code == 200, response.text
+    assert queen.registry.get_workers("hive-z") == sent.workers
+
+
+@pytest.mark.parametrize("body, encoding, status, message", [
+    (gzip.compress(b" " * (10 * 2**20)), "gzip", 413,
+     "decompressed body exceeds max_body_bytes (65536)"),  # 10 KiB that inflate to 10 MiB
+    (b"not gzip at all", "gzip", 400, "invalid gzip body"),
+    (gzip.compress(b"{}")[:-6], "gzip", 400, "invalid gzip body: truncated"),
+    (b"{}", "br", 415, "unsupported Content-Encoding 'br'"),
+])
+async def test_bad_encoded_heartbeat_is_refused(queen, client, body, encoding, status, message):
+    response = await client.post("/v1/hive-heartbeat", content=body,
+                                 headers={"content-encoding": encoding})
+    assert response.status_code == status
+    assert message in response.json()["message"]
     assert len(queen.registry) == 0
 
 

@@ -12,6 +12,7 @@ timeouts of the config.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import random
 from collections.abc import Callable
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_PATH = "/v1/hive-heartbeat"
 JSON_HEADERS = {"content-type": "application/json"}
+GZIP_JSON_HEADERS = {**JSON_HEADERS, "content-encoding": "gzip"}
 
 
 class HeartbeatSource(Protocol):
@@ -117,9 +119,11 @@ class HeartbeatSender:
 
     async def send(self, client: httpx.AsyncClient, heartbeat: HiveHeartbeat) -> bool:
         """One attempt; True if the queen accepted it. Never raises for the queen's faults."""
+        body, headers = encode(heartbeat), JSON_HEADERS
+        if self.settings.compress:
+            body, headers = gzip.compress(body, compresslevel=1, mtime=0), GZIP_JSON_HEADERS
         try:
-            response = await client.post(HEARTBEAT_PATH, content=encode(heartbeat),
-                                         headers=JSON_HEADERS)
+            response = await client.post(HEARTBEAT_PATH, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             return self._failed(f"timed out ({type(exc).__name__})")
         except httpx.TransportError as exc:
