@@ -79,3 +79,10 @@ def test_readme_lists_every_queen_key_with_its_default():
     documented = yaml.safe_load(block)
     assert parse_config(documented, QueenConfig) == QueenConfig()
     assert documented == msgspec.to_builtins(QueenConfig())
+
+
+def test_readme_hive_example_is_a_valid_config():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("# hive.yaml (rbee/config.py lists every key with its default)\n", 1)[1]
+    config = parse_config(yaml.safe_load(block.split("```", 1)[0]), HiveConfig, "README.md")
+    assert config.id == "gpu-07" and config.workers[0].env == {"CUDA_VISIBLE_DEVICES": "0"}

@@ -1,0 +1,138 @@
+"""The pipeline end to end. Targets: a heartbeat of 100 workers < 25 KB on the wire; spawn → SSE
+client p99 < 20 ms through real ``rbee-queen`` and ``rbee-hive`` processes.
+
+The payload is measured on a real hive's heartbeat (100 workers in real cgroups, with limits) and,
+for a GPU hive, on a heartbeat with every GPU field filled; each as JSON and as sent (gzip, the
+default). Spawn latency runs from just before the hive's ``POST /v1/workers`` to the moment the
+stream client's socket delivers the first event naming the new worker; it includes the fork, the
+cgroup set-up and the first collection.
+"""
+
+from __future__ import annotations
+
+import gzip
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import yaml
+
+from rbee.hive.agent import HiveAgent
+from rbee.telemetry import encode
+from tests.builders import fleet_heartbeat
+from tests.hivekit import hive_config
+
+from .conftest import FIGURES
+
+BIN = Path(sys.executable).parent
+
+
+def wire(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=1, mtime=0)
+
+
+async def real_heartbeat(workers: int) -> bytes:
+    config = hive_config("bench-payload", id="gpu-node-017", workers=[
+        {"group": "llm", "instance": f"worker-{i:03}", "argv": ["sleep", "600"],
+         "cpu_limit": "400%", "memory_limit": "32G"} for i in range(workers)])
+    agent = HiveAgent(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await agent.wait_changed()  # a second sample: rates measured
+        body = encode(agent.latest)
+        nursery.cancel_scope.cancel()
+    return body
+
+
+def test_heartbeat_payload_size(benchmark):
+    body = trio.run(real_heartbeat, 100)
+    gpu_body = encode(fleet_heartbeat("gpu-node-017", 100))
+    compressed = benchmark(wire, gpu_body)  # the sender's cost per heartbeat
+    FIGURES["heartbeat, 100 workers (real, cgroups, no GPU)"] = (
+        f"{len(body) / 1000:.1f} KB JSON, {len(wire(body)) / 1000:.1f} KB sent (gzip)")
+    FIGURES["heartbeat, 100 workers (every GPU field set)"] = (
+        f"{len(gpu_body) / 1000:.1f} KB JSON, {len(compressed) / 1000:.1f} KB sent (gzip), "
+        f"gzip costs {benchmark.stats.stats.median * 1e3:.2f} ms")
+    assert gzip.decompress(compressed) == gpu_body
+
+
+class Daemon:
+    def __init__(self, command: str, config: Path) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / command), "--config", str(config), "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+        self.url = self.process.stdout.readline().split()[-1]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    (tmp_path / "queen.yaml").write_text("port: 0\n")
+    queen = Daemon("rbee-queen", tmp_path / "queen.yaml")
+    hive_yaml = tmp_path / "hive.yaml"
+    config = yaml.safe_load(yaml.safe_dump({
+        "id": "bench-hive", "port": 0, "queen_url": queen.url, "stop_workers_on_exit": True,
+        "cgroup": {"root": "rbee-bench-spawn"}, "collect": {"gpu": "none"}}))
+    hive_yaml.write_text(yaml.safe_dump(config))
+    hive = Daemon("rbee-hive", hive_yaml)
+    try:
+        yield queen.url, hive.url
+    finally:
+        hive.stop()
+        queen.stop()
+
+
+SPAWNS = 30
+
+
+async def spawn_latencies(queen_url: str, hive_url: str) -> list[float]:
+    host, port = queen_url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    await sock.connect((host, int(port)))
+    await sock.send(b"GET /v1/heartbeats/stream HTTP/1.1\r\nHost: q\r\n\r\n")
+    buffer = b""
+    while b"snapshot" not in buffer:
+        buffer += await sock.recv(65536)
+    latencies = []
+    async with httpx.AsyncClient(base_url=hive_url, timeout=10) as client:
+        for k in range(SPAWNS):
+            marker = f"spawn-{k:03}".encode()
+            started = time.perf_counter()
+            response = await client.post("/v1/workers", json={
+                "group": "bench", "instance": marker.decode(), "argv": ["sleep", "600"]})
+            assert response.status_code == 201, response.text
+            tail = b""
+            while True:
+                chunk = await sock.recv(65536)
+                if marker in tail + chunk:
+                    latencies.append(time.perf_counter() - started)
+                    break
+                tail = chunk[-32:]
+            await client.delete(f"/v1/workers/bench/{marker.decode()}")
+            await trio.sleep(0.05)
+    sock.close()
+    return latencies
+
+
+def test_spawn_to_sse_latency(benchmark, pipeline):
+    samples: list[float] = []
+
+    def one_round() -> None:
+        samples.extend(trio.run(spawn_latencies, *pipeline))
+
+    benchmark.pedantic(one_round, rounds=2, iterations=1)
+    samples.sort()
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e3
+    FIGURES["spawn -> SSE client (real processes)"] = (
+        f"p50 {statistics.median(samples) * 1e3:.1f} ms, p99 {p99:.1f} ms, "
+        f"max {samples[-1] * 1e3:.1f} ms ({len(samples)} spawns)")
+    assert len(samples) == 2 * SPAWNS
