@@ -65,3 +65,40 @@ async def test_hanging_gpu_refresh_marks_hive_degraded_but_heartbeats_go_on(tmp_
         assert seen == [2, 2, 2]
         assert "longer than 0.2s" in agent.latest.hive.health_status.reason
         nursery.cancel_scope.cancel()
+
+
+async def test_restart_policy_restarts_failed_workers_with_backoff():
+    """on-failure: a worker killed from outside comes back (a new PID) after its backoff; never:
+    it stays gone; a worker stopped on purpose is not restarted."""
+    from .hivekit import hive_config
+
+    agent = HiveAgent(hive_config("restart", workers=[
+        {"group": "llm", "instance": "phoenix", "argv": sleeper(), "restart": "on-failure",
+         "restart_backoff_s": 0.1},
+        {"group": "llm", "instance": "mortal", "argv": sleeper(), "restart": "never"},
+        {"group": "llm", "instance": "retired", "argv": sleeper(), "restart": "always",
+         "restart_backoff_s": 0.1}]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        pids = {w.instance: w.pid for w in agent.monitor.workers()}
+        os.kill(pids["phoenix"], signal.SIGKILL)
+        os.kill(pids["mortal"], signal.SIGKILL)
+        await agent.stop_worker("llm", "retired")
+        with trio.fail_after(5):
+            while (phoenix := agent.monitor.get_or_none("llm", "phoenix")) is None \
+                    or phoenix.pid == pids["phoenix"]:
+                await agent.wait_changed()
+        await trio.sleep(0.5)  # well past the backoff of the others
+        assert sorted(w.instance for w in agent.monitor.workers()) == ["phoenix"]
+        nursery.cancel_scope.cancel()
+
+
+def test_restart_wanted_by_policy_and_exit_code():
+    from rbee.hive.agent import restart_wanted
+
+    spec = {"group": "g", "instance": "i", "argv": ["x"]}
+    assert restart_wanted(WorkerSpec(**spec, restart="always"), 0) is True
+    assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), 0) is False
+    assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), 3) is True
+    assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), None) is True  # re-adopted
+    assert restart_wanted(WorkerSpec(**spec, restart="never"), 3) is False
