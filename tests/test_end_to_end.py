@@ -340,3 +340,20 @@ async def test_broadcast_channel_full(tmp_path, client):
             snapshot = await stalled.next(timeout=5)
         assert lagged.dropped > 0
         assert [h.hive.id for h in snapshot.hives] == ["e2e-slow"]
+
+
+@pytest.mark.parametrize("queen_url, expected", [
+    ("http://queen.example:7833", None),
+    ("ftp://queen.example", "queen_url: 'ftp://queen.example': the scheme must be http or https"),
+])
+def test_rbee_hive_check_config(tmp_path, queen_url, expected):
+    path = tmp_path / "hive.yaml"
+    path.write_text(hive_config("check", queen_url))
+    result = subprocess.run([str(BIN / "rbee-hive"), "--config", str(path), "--check-config"],
+                            capture_output=True, text=True, timeout=30)
+    if expected is None:
+        assert result.returncode == 0, result.stderr
+        assert "config OK" in result.stdout and "queen http://queen.example:7833" in result.stdout
+    else:
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"rbee-hive: {path}: {expected}"

@@ -1,0 +1,76 @@
+"""What ``rbee-queen`` and ``rbee-hive`` share as commands: the same options (``--config``,
+``--check-config``, ``--log-level``), config errors on stderr with exit status 2, a first stdout
+line naming the bound URLs, SIGINT/SIGTERM for a clean stop, and start-up failures (a taken port,
+a cgroup tree it may not use) on stderr with exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import trio
+
+from ._errors import RbeeError, leaf_exceptions
+from .config import Settings, load_config
+
+log = logging.getLogger(__name__)
+
+ConfigT = TypeVar("ConfigT", bound=Settings)
+
+
+class Service(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[list[str]]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+async def serve_until_signal(prog: str, service: Service) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(service.run)
+            print(f"{prog}: listening on {' '.join(urls)}", flush=True)
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                service.stop()
+                break
+
+
+def run_daemon(prog: str, description: str, config_type: type[ConfigT],
+               service: Callable[[ConfigT], Service],
+               check: Callable[[ConfigT, str], str], argv: list[str] | None = None) -> int:
+    """Parse the command line, load and check the config (``check`` raises RbeeError or returns
+    what --check-config prints), then run ``service(config)`` until a signal."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config and exit")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
+    source = args.config or ""
+    try:
+        config = load_config(args.config, config_type) if args.config else config_type()
+        summary = check(config, source)
+    except RbeeError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"{prog}: config OK ({source or 'defaults'}): {summary}")
+        return 0
+    status = 0
+    try:
+        trio.run(serve_until_signal, prog, service(config))
+    except* (RbeeError, OSError) as group:
+        for exc in leaf_exceptions(group):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            where = (f"cannot listen on {config.bind}:{config.port}: "  # type: ignore[attr-defined]
+                     if isinstance(exc, OSError) else "")
+            print(f"{prog}: {where}{reason}", file=sys.stderr)
+        status = 1
+    return status
