@@ -22,10 +22,10 @@ import pytest
 import trio
 import yaml
 
+from rbee.config import HiveConfig, parse_config
 from rbee.hive.agent import HiveAgent
 from rbee.telemetry import encode
 from tests.builders import fleet_heartbeat
-from tests.hivekit import hive_config
 
 from .conftest import FIGURES
 
@@ -37,9 +37,12 @@ def wire(body: bytes) -> bytes:
 
 
 async def real_heartbeat(workers: int) -> bytes:
-    config = hive_config("bench-payload", id="gpu-node-017", workers=[
-        {"group": "llm", "instance": f"worker-{i:03}", "argv": ["sleep", "600"],
-         "cpu_limit": "400%", "memory_limit": "32G"} for i in range(workers)])
+    config = parse_config({
+        "id": "gpu-node-017", "stop_workers_on_exit": True, "collect": {"gpu": "none"},
+        "cgroup": {"root": "rbee-bench-payload"},  # removed with the workers at the end
+        "workers": [{"group": "llm", "instance": f"worker-{i:03}", "argv": ["sleep", "600"],
+                     "cpu_limit": "400%", "memory_limit": "32G"} for i in range(workers)]},
+        HiveConfig)
     agent = HiveAgent(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
