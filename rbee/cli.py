@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from importlib.resources import files
 
@@ -87,10 +88,21 @@ async def up(args: argparse.Namespace) -> None:
         print(f"rbee up: queen {queen_url}, hive {hive.config.id!r} (API {hive_urls[0]}, "
               f"cgroup backend {hive.agent.monitor.backend.name}), "
               f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.", flush=True)
-        await watch(queen_url, args.rounds)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as view:
+                view.start_soon(_cancel_on_signal, signals, view.cancel_scope)
+                await watch(queen_url, args.rounds)
+                view.cancel_scope.cancel()
         hive.stop()  # its workers stop and their cgroups go before the queen does
         await hive_done.wait()
         queen.stop()
+
+
+async def _cancel_on_signal(signals, scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        print(f"rbee: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
+        scope.cancel()
+        return
 
 
 async def top(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 import httpx
@@ -33,6 +34,27 @@ def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
                             ("embed/bge-0", "bge-small")):
         (line,) = [line for line in last_table.splitlines() if instance in line]
         assert line.startswith("demo-hive") and model in line
+    leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
+    assert leftover.stdout == b""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+async def test_rbee_up_stops_cleanly_on_a_signal(stop):
+    """Ctrl-C (SIGINT) or a plain kill (SIGTERM): workers stopped, cgroups removed, exit 0."""
+    process = subprocess.Popen([str(BIN / "rbee"), "up", "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        with trio.fail_after(30):
+            while "demo-hive" not in (line := await trio.to_thread.run_sync(
+                    process.stdout.readline)):
+                assert line, process.stderr.read()
+        process.send_signal(stop)
+        _, stderr = await trio.to_thread.run_sync(lambda: process.communicate(timeout=30))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
     leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
     assert leftover.stdout == b""
 
