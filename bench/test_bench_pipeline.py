@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import gzip
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,10 +23,9 @@ from rbee.config import HiveConfig, parse_config
 from rbee.hive.agent import HiveAgent
 from rbee.telemetry import encode
 from tests.builders import fleet_heartbeat
+from tests.daemons import Daemon
 
 from .conftest import FIGURES
-
-BIN = Path(sys.executable).parent
 
 
 def wire(body: bytes) -> bytes:
@@ -64,34 +60,14 @@ def test_heartbeat_payload_size(benchmark):
     assert gzip.decompress(compressed) == gpu_body
 
 
-class Daemon:
-    def __init__(self, command: str, config: Path) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / command), "--config", str(config), "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
-        self.url = self.process.stdout.readline().split()[-1]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-        self.process.stdout.close()
-
-
 @pytest.fixture
 def pipeline(tmp_path):
-    (tmp_path / "queen.yaml").write_text("port: 0\n")
-    queen = Daemon("rbee-queen", tmp_path / "queen.yaml")
-    hive_yaml = tmp_path / "hive.yaml"
-    config = yaml.safe_load(yaml.safe_dump({
-        "id": "bench-hive", "port": 0, "queen_url": queen.url, "stop_workers_on_exit": True,
-        "cgroup": {"root": "rbee-bench-spawn"}, "collect": {"gpu": "none"}}))
-    hive_yaml.write_text(yaml.safe_dump(config))
-    hive = Daemon("rbee-hive", hive_yaml)
-    try:
+    hive_yaml = {"id": "bench-hive", "port": 0, "stop_workers_on_exit": True,
+                 "cgroup": {"root": "rbee-bench-spawn"}, "collect": {"gpu": "none"}}
+    with Daemon("rbee-queen", tmp_path / "queen.yaml", "port: 0\n") as queen, \
+            Daemon("rbee-hive", tmp_path / "hive.yaml", yaml.safe_dump(
+                {**hive_yaml, "queen_url": queen.url}), cgroup_root="rbee-bench-spawn") as hive:
         yield queen.url, hive.url
-    finally:
-        hive.stop()
-        queen.stop()
 
 
 SPAWNS = 30

@@ -85,6 +85,13 @@ async def open_stream(client: httpx.AsyncClient, queen: QueenServer | str,
         yield StreamReader(source)
 
 
+def free_port() -> int:
+    """A port free right now on 127.0.0.1, for a server that must come back on the same port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def small_window_client() -> httpx.AsyncClient:
     """A client whose socket receive buffer is 4 KiB: when it stops reading, the kernel cannot
     absorb the stream, so the queen sees it fall behind after a few events."""

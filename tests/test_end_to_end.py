@@ -27,7 +27,7 @@ from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, sleeper
 from .daemons import BIN, Daemon
 from .fakes import processes_left, write_fake_nvidia_smi
-from .queenkit import open_stream, small_window_client
+from .queenkit import free_port, open_stream, small_window_client
 
 QUEEN = ("port: {port}\n"
          "registry: {{stale_after_s: 1.0, remove_after_s: 3.0, cleanup_interval_s: 0.1}}\n"
@@ -169,12 +169,6 @@ async def test_scheduling_queries(tmp_path, client):
         assert bad.returncode == 1 and "'min_free_vram_mb' must be >= 0" in bad.stderr
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_queen_restart_recovers(tmp_path, client):

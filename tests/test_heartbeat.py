@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import logging
-import socket
 from functools import partial
 
 import httpx
@@ -30,7 +29,7 @@ from rbee.plugin import hookimpl
 
 from .conftest import sleeper
 from .hivekit import hive_config, sleeper_specs, start_hive
-from .queenkit import start_queen, url_of, wait_until
+from .queenkit import free_port, start_queen, url_of, wait_until
 
 FAST = {"interval_s": 0.2, "read_timeout_s": 0.5, "backoff_initial_s": 0.05,
         "backoff_max_s": 0.2}
@@ -62,10 +61,6 @@ class ScriptedQueen:
         return urls[0]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_send_heartbeat_posts_to_queen(nursery):

@@ -9,28 +9,16 @@ import signal
 import trio
 
 from rbee import Degraded, Healthy, OperationalStatus
-from rbee.config import CollectorSettings, HeartbeatSettings, HiveConfig, WorkerSpec
+from rbee.config import WorkerSpec
 from rbee.hive.agent import HiveAgent
 
-from .conftest import RUN_ROOT, sleeper
+from .conftest import sleeper
 from .fakes import write_fake_nvidia_smi
-
-
-def config(tag: str, **overrides) -> HiveConfig:
-    from rbee.config import CgroupSettings
-
-    fields = dict(
-        id="hive-test", stop_workers_on_exit=True,
-        cgroup=CgroupSettings(root=f"{RUN_ROOT}/{tag}"),
-        collect=CollectorSettings(gpu="none"),
-        workers=[WorkerSpec(group="llm", instance=f"w{i}", argv=sleeper()) for i in range(2)],
-    )
-    fields.update(overrides)
-    return HiveConfig(**fields)
+from .hivekit import hive_config, sleeper_specs
 
 
 async def test_agent_publishes_heartbeats_and_reacts_to_exit_at_once():
-    agent = HiveAgent(config("agent"))
+    agent = HiveAgent(hive_config("agent", workers=sleeper_specs(2)))
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         heartbeat = agent.latest
@@ -53,9 +41,9 @@ async def test_hanging_gpu_refresh_marks_hive_degraded_but_heartbeats_go_on(tmp_
     """nvidia-smi that hangs (a fake on PATH: no GPU here) delays no heartbeat."""
     write_fake_nvidia_smi(tmp_path, hang_s=30)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    agent = HiveAgent(config("hang", collect=CollectorSettings(
-        gpu="nvidia-smi", nvidia_smi_timeout_s=5.0, refresh_timeout_s=0.2, interval_s=0.2),
-        heartbeat=HeartbeatSettings(interval_s=0.2)))
+    agent = HiveAgent(hive_config("hang", workers=sleeper_specs(2), collect={
+        "gpu": "nvidia-smi", "nvidia_smi_timeout_s": 5.0, "refresh_timeout_s": 0.2,
+        "interval_s": 0.2}, heartbeat={"interval_s": 0.2}))
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         with trio.fail_after(3):
@@ -70,8 +58,6 @@ async def test_hanging_gpu_refresh_marks_hive_degraded_but_heartbeats_go_on(tmp_
 async def test_restart_policy_restarts_failed_workers_with_backoff():
     """on-failure: a worker killed from outside comes back (a new PID) after its backoff; never:
     it stays gone; a worker stopped on purpose is not restarted."""
-    from .hivekit import hive_config
-
     agent = HiveAgent(hive_config("restart", workers=[
         {"group": "llm", "instance": "phoenix", "argv": sleeper(), "restart": "on-failure",
          "restart_backoff_s": 0.1},

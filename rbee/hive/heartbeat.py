@@ -24,6 +24,7 @@ import msgspec
 import trio
 
 from .._errors import ConfigError
+from .._http import Reply
 from ..config import HeartbeatSettings
 from ..telemetry import HiveHeartbeat, encode
 
@@ -70,10 +71,6 @@ class DeliveryState:
     down_since: float | None = None
     """trio time of the first failure of the current outage; None while the queen answers."""
     last_problem: str = ""
-
-
-class _Reply(msgspec.Struct):
-    message: str = ""
 
 
 class HeartbeatSender:
@@ -130,8 +127,8 @@ class HeartbeatSender:
             return self._failed(f"{type(exc).__name__}: {exc}")
         if response.status_code != 200:
             try:
-                detail = msgspec.json.decode(response.content, type=_Reply).message
-            except msgspec.DecodeError:
+                detail = msgspec.json.decode(response.content, type=Reply).message
+            except (msgspec.DecodeError, msgspec.ValidationError):
                 detail = response.text[:200]
             return self._failed(f"HTTP {response.status_code}: {detail}".rstrip(": "))
         self._delivered()
