@@ -72,30 +72,33 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
 
 
 async def up(args: argparse.Namespace) -> None:
+    """Signals are taken from the first moment: one that comes while the queen and hive start is
+    acted on as soon as they are up, so the demo workers are always stopped."""
     queen = QueenServer(parse_config({"port": args.port}, QueenConfig))
-    async with trio.open_nursery() as nursery:
-        queen_url = (await nursery.start(queen.run))[0]
-        hive = HiveService(demo_config(queen_url))
-        hive_done = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            queen_url = (await nursery.start(queen.run))[0]
+            hive = HiveService(demo_config(queen_url))
+            hive_done = trio.Event()
 
-        async def run_hive(task_status: trio.TaskStatus[list[str]]) -> None:
-            try:
-                await hive.run(task_status=task_status)
-            finally:
-                hive_done.set()
+            async def run_hive(task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    await hive.run(task_status=task_status)
+                finally:
+                    hive_done.set()
 
-        hive_urls = await nursery.start(run_hive)
-        print(f"rbee up: queen {queen_url}, hive {hive.config.id!r} (API {hive_urls[0]}, "
-              f"cgroup backend {hive.agent.monitor.backend.name}), "
-              f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            hive_urls = await nursery.start(run_hive)
+            print(f"rbee up: queen {queen_url}, hive {hive.config.id!r} (API {hive_urls[0]}, "
+                  f"cgroup backend {hive.agent.monitor.backend.name}), "
+                  f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.",
+                  flush=True)
             async with trio.open_nursery() as view:
                 view.start_soon(_cancel_on_signal, signals, view.cancel_scope)
                 await watch(queen_url, args.rounds)
                 view.cancel_scope.cancel()
-        hive.stop()  # its workers stop and their cgroups go before the queen does
-        await hive_done.wait()
-        queen.stop()
+            hive.stop()  # its workers stop and their cgroups go before the queen does
+            await hive_done.wait()
+            queen.stop()
 
 
 async def _cancel_on_signal(signals, scope: trio.CancelScope) -> None:
