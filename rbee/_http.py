@@ -35,10 +35,12 @@ class Reply(msgspec.Struct, kw_only=True):
 class ApiError(Exception):
     """Raised by a handler to answer with ``status_code`` and a JSON message."""
 
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+        self.headers = headers
 
 
 class JsonResponse(Response):
@@ -53,13 +55,15 @@ def ok(message: str, status_code: int = 200) -> JsonResponse:
 
 
 def _error(request: Request, exc: Exception) -> Response:
+    headers = None
     if isinstance(exc, ApiError):
-        status_code, message = exc.status_code, exc.message
+        status_code, message, headers = exc.status_code, exc.message, exc.headers
     else:
         assert isinstance(exc, HTTPException)
         status_code = exc.status_code
         message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
-    return JsonResponse(Reply(status="error", message=message), status_code=status_code)
+    return JsonResponse(Reply(status="error", message=message), status_code=status_code,
+                        headers=headers)
 
 
 def json_app(routes: Sequence[BaseRoute]) -> Starlette:

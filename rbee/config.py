@@ -111,6 +111,9 @@ class HiveConfig(Settings):
     collect: CollectorSettings = msgspec.field(default_factory=CollectorSettings)
     workers: list[WorkerSpec] = []
     log_dir: str | None = None
+    auth_token_file: str | None = None
+    """A file holding the token shared with the queen (``rbee/auth.py``): sent with every
+    heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
 
 
 class RegistrySettings(Settings):
@@ -155,6 +158,9 @@ class QueenConfig(Settings):
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(max_body_bytes=4 * 2**20))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    auth_token_file: str | None = None
+    """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
+    heartbeat and of a hive's removal. Unset: none is asked for."""
 
 
 ConfigT = TypeVar("ConfigT", bound=Settings)

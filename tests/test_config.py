@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from rbee import ConfigError
+from rbee.auth import read_token
 from rbee.config import HiveConfig, QueenConfig, load_config, parse_config
 
 
@@ -86,3 +87,27 @@ def test_readme_hive_example_is_a_valid_config():
     block = readme.split("# hive.yaml (rbee/config.py lists every key with its default)\n", 1)[1]
     config = parse_config(yaml.safe_load(block.split("```", 1)[0]), HiveConfig, "README.md")
     assert config.id == "gpu-07" and config.workers[0].env == {"CUDA_VISIBLE_DEVICES": "0"}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "cannot read token file {path}: No such file or directory"),
+    ("  \n", "token file {path} is empty"),
+    ("short\n", "token in {path} is too short: 5 characters, at least 16"),
+    ("two words of a shared secret\n", "token in {path} must be one word of printable ASCII"),
+    ("t\u00f6ken-with-umlaut-0123456789", "token in {path} must be one word of printable ASCII"),
+])
+def test_bad_token_file_names_the_key_and_problem(tmp_path, content, problem):
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        read_token(str(path), "queen.yaml")
+    assert str(caught.value).startswith(
+        f"queen.yaml: auth_token_file: {problem.format(path=path)}")
+
+
+def test_token_file_is_read_stripped(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("  s3cr3t-token-0123456789\n")
+    assert read_token(str(path)) == "s3cr3t-token-0123456789"
+    assert read_token(None) is None

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 import yaml
 
+from rbee.auth import bearer
 from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent
 
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, sleeper
@@ -64,8 +67,9 @@ def hive(tmp_path, tag: str, queen_url: str, workers: list[dict] = (), env=None,
                   cgroup_root=f"{RUN_ROOT}/e2e-{tag}")
 
 
-def queen(tmp_path, **options) -> Daemon:
-    return Daemon("rbee-queen", tmp_path / "queen.yaml", queen_config(**options))
+def queen(tmp_path, port: int = 0, buffer: int = 256, **extra) -> Daemon:
+    text = queen_config(port, buffer) + (yaml.safe_dump(extra) if extra else "")
+    return Daemon("rbee-queen", tmp_path / "queen.yaml", text)
 
 
 @pytest.fixture
@@ -127,6 +131,52 @@ async def test_worker_dies_removed_from_registry(tmp_path, client):
         assert [w.instance for w in event.workers] == ["other"]
         assert [w["worker"]["instance"] for w in await queen_workers(client, q.url)] == ["other"]
         assert h.process.poll() is None
+
+
+def token_file(tmp_path, name: str) -> str:
+    path = tmp_path / name
+    path.write_text(secrets.token_urlsafe(32) + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+async def until_health(client, url: str, predicate, timeout: float = 10.0) -> dict:
+    with trio.fail_after(timeout):
+        while not predicate(health := (await client.get(f"{url}/health")).json()):
+            await trio.sleep(0.05)
+    return health
+
+
+async def test_shared_token_admits_only_hives_that_carry_it(tmp_path, client):
+    """auth_token_file on both sides: the hive with the queen's token is listed, one with another
+    token is refused (and says why in its /health), and the writes of both APIs need it."""
+    shared, other = token_file(tmp_path, "token"), token_file(tmp_path, "other-token")
+    with queen(tmp_path, auth_token_file=shared) as q, \
+            hive(tmp_path, "token", q.url, [demo_worker("a", "m")], auth_token_file=shared) as h, \
+            hive(tmp_path, "intruder", q.url, [demo_worker("b", "m")],
+                 auth_token_file=other) as intruder:
+        await until_queen_lists(client, q.url, 1)
+        refused = await until_health(client, intruder.url,
+                                     lambda health: health["queen"]["last_problem"])
+        assert refused["queen"]["delivered"] == 0
+        assert refused["queen"]["last_problem"].startswith(
+            "HTTP 401: POST /v1/hive-heartbeat: wrong token")
+        hives = (await client.get(f"{q.url}/v1/hives")).json()  # reads stay open
+        assert [hive["hive"]["id"] for hive in hives] == ["e2e-token"]
+
+        spawn = demo_worker("c", "m")
+        response = await client.post(f"{h.url}/v1/workers", json=spawn)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "needs the shared token" in response.json()["message"]
+        token = Path(shared).read_text().strip()
+        response = await client.post(f"{h.url}/v1/workers", json=spawn, headers=bearer(token))
+        assert response.status_code == 201, response.text
+        await until_queen_lists(client, q.url, 2)
+
+        response = await client.delete(f"{q.url}/v1/hives/e2e-token")
+        assert response.status_code == 401
+        assert len(await queen_workers(client, q.url)) == 2
 
 
 def rbee_workers(queen_url: str, *args: str) -> subprocess.CompletedProcess:

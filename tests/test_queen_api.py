@@ -245,6 +245,13 @@ def test_rbee_queen_check_config(tmp_path):
     assert result.stderr.strip() == (f"rbee-queen: {bad}: registry.stale_after_s: "
                                      "Expected `float`, got `str`")
 
+    missing = tmp_path / "absent-token"
+    bad.write_text(f"auth_token_file: {missing}\n")
+    result = run_queen("--config", str(bad), "--check-config")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"rbee-queen: {bad}: auth_token_file: cannot read token "
+                                     f"file {missing}: No such file or directory")
+
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 async def test_rbee_queen_stops_cleanly_on_signal_with_a_stream_client(tmp_path, stop):

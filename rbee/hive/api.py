@@ -7,8 +7,9 @@
                                          env, restart policy); 201, or 4xx naming the problem
     DELETE /v1/workers/{group}/{instance}
 
-A worker spawned here is kept running by its restart policy, like one from the config, until it
-is deleted.
+With ``auth_token_file`` set, spawning and stopping take ``Authorization: Bearer <token>`` (401
+without it); reads stay open. A worker spawned here is kept running by its restart policy, like
+one from the config, until it is deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.routing import Route
 
 from .._errors import CgroupError, LimitError, NotFoundError, SpawnError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
+from ..auth import require_token
 from ..config import WorkerSpec
 from ..telemetry import HealthStatus, OperationalStatus
 
@@ -71,6 +73,7 @@ def build_app(hive: HiveService) -> Starlette:
         return JsonResponse(agent.latest.workers)
 
     async def spawn(request: Request) -> Response:
+        require_token(request, hive.token)
         body = await read_body(request, config.http.max_body_bytes)
         try:
             spec = _spec_decoder.decode(body)
@@ -87,6 +90,7 @@ def build_app(hive: HiveService) -> Starlette:
         return ok(f"spawned {spec.group}/{spec.instance} (pid {pid})", status_code=201)
 
     async def stop(request: Request) -> Response:
+        require_token(request, hive.token)
         group, instance = request.path_params["group"], request.path_params["instance"]
         try:
             await agent.stop_worker(group, instance)

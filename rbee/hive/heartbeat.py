@@ -25,6 +25,7 @@ import trio
 
 from .._errors import ConfigError
 from .._http import Reply
+from ..auth import bearer
 from ..config import HeartbeatSettings
 from ..telemetry import HiveHeartbeat, encode
 
@@ -75,11 +76,13 @@ class DeliveryState:
 
 class HeartbeatSender:
     def __init__(self, settings: HeartbeatSettings, queen_url: str, source: HeartbeatSource, *,
+                 token: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  random_fraction: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.queen_url = parse_queen_url(queen_url)
         self.source = source
+        self._headers = bearer(token)
         self.state = DeliveryState()
         self._transport = transport
         self._random = random_fraction
@@ -89,7 +92,7 @@ class HeartbeatSender:
         settings = self.settings
         timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                                 write=settings.write_timeout_s, pool=settings.pool_timeout_s)
-        return httpx.AsyncClient(base_url=self.queen_url, timeout=timeout,
+        return httpx.AsyncClient(base_url=self.queen_url, timeout=timeout, headers=self._headers,
                                  transport=self._transport)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from .._daemon import run_daemon
+from ..auth import read_token
 from ..config import HiveConfig
 from .heartbeat import parse_queen_url
 from .service import HiveService
@@ -20,8 +21,9 @@ from .service import HiveService
 
 def check(config: HiveConfig, source: str) -> str:
     parse_queen_url(config.queen_url, source=source)
-    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {config.queen_url}, "
-            f"{len(config.workers)} workers")
+    token = read_token(config.auth_token_file, source)
+    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {config.queen_url}"
+            f"{' (with token)' if token else ''}, {len(config.workers)} workers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The hive process as one trio task: agent, heartbeat sender and HTTP API in one nursery.
 
-Construction checks what can be checked before anything starts (the queen URL, the cgroup tree
-and its permissions), so a bad setup fails at once with an error naming the problem.
+Construction checks what can be checked before anything starts (the token file, the queen URL,
+the cgroup tree and its permissions), so a bad setup fails at once with an error naming the problem.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import trio
 
 from .._http import serve
+from ..auth import read_token
 from ..config import HiveConfig
 from .agent import HiveAgent
 from .api import build_app
@@ -22,8 +23,10 @@ log = logging.getLogger(__name__)
 class HiveService:
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
+        self.token = read_token(config.auth_token_file)
         self.agent = HiveAgent(config)
-        self.sender = HeartbeatSender(config.heartbeat, config.queen_url, self.agent)
+        self.sender = HeartbeatSender(config.heartbeat, config.queen_url, self.agent,
+                                      token=self.token)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()

@@ -9,6 +9,9 @@
     GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N
                                      only schedulable workers matching all of them
 
+With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
+<token>`` (401 without it); reads stay open.
+
 Every error is JSON ``{"status": "error", "message": ...}`` with a 4xx/5xx code, and a request that
 fails validation leaves the registry untouched.
 """
@@ -28,6 +31,7 @@ from starlette.routing import Route
 from .. import __version__
 from .._errors import ContractError, NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
+from ..auth import require_token
 from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat
 
 if TYPE_CHECKING:
@@ -86,6 +90,7 @@ def build_app(queen: QueenServer) -> Starlette:
     registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
 
     async def post_heartbeat(request: Request) -> Response:
+        require_token(request, queen.token)
         body = await read_body(request, config.http.max_body_bytes)
         try:
             heartbeat = decode_heartbeat(body)
@@ -128,6 +133,7 @@ def build_app(queen: QueenServer) -> Starlette:
             raise ApiError(404, str(exc)) from exc
 
     async def delete_hive(request: Request) -> Response:
+        require_token(request, queen.token)
         hive_id = request.path_params["hive_id"]
         event = registry.remove_hive(hive_id, "removed by request")
         if event is None:

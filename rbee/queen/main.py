@@ -12,12 +12,15 @@ from __future__ import annotations
 import sys
 
 from .._daemon import run_daemon
+from ..auth import read_token
 from ..config import QueenConfig
 from .server import QueenServer
 
 
 def describe(config: QueenConfig, source: str) -> str:
-    return f"listening on {config.bind}:{config.port}"
+    token = read_token(config.auth_token_file, source)
+    return (f"listening on {config.bind}:{config.port}, "
+            f"{'hives need the token' if token else 'no token asked of hives'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from .._http import serve
+from ..auth import read_token
 from ..config import QueenConfig
 from .api import build_app
 from .broadcast import Broadcaster
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 class QueenServer:
     def __init__(self, config: QueenConfig | None = None) -> None:
         self.config = config or QueenConfig()
+        self.token = read_token(self.config.auth_token_file)
         self.registry = HiveRegistry(self.config.registry)
         self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
                                        max_clients=self.config.stream.max_clients,
