@@ -25,7 +25,7 @@ import trio
 import yaml
 
 from rbee.auth import bearer
-from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent
+from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent, utc_now
 
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, sleeper
 from .daemons import BIN, Daemon
@@ -255,18 +255,28 @@ async def test_hive_restart_clears_workers(tmp_path, client):
 
 async def test_hive_restart_readopts_workers(tmp_path, client):
     """With stop_workers_on_exit false (the default), a restarted hive re-adopts its running
-    workers from the cgroup tree: same PIDs, reported again, not started twice."""
+    workers from the cgroup tree: same PIDs, reported again, not started twice. The queen lists
+    them all along: the stopping hive does not say goodbye, as its workers run on."""
     with queen(tmp_path) as q:
         workers = [demo_worker("a", "m"), demo_worker("b", "m")]
-        with hive(tmp_path, "readopt", q.url, workers, stop_workers_on_exit=False) as first:
-            before = sorted(w["worker"]["pid"] for w in await until_queen_lists(client, q.url, 2))
-            first.cgroup_root = None  # its workers must outlive it
-        with hive(tmp_path, "readopt", q.url, workers, stop_workers_on_exit=True) as second:
-            with trio.fail_after(10):
-                while sorted(w["worker"]["pid"] for w in await queen_workers(client, q.url)) \
-                        != before:
-                    await trio.sleep(0.05)
-            assert "re-adopted worker llm/a" in second.stderr()
+        async with open_stream(client, q.url) as stream:
+            with hive(tmp_path, "readopt", q.url, workers, stop_workers_on_exit=False) as first:
+                before = sorted(w["worker"]["pid"]
+                                for w in await until_queen_lists(client, q.url, 2))
+                first.cgroup_root = None  # its workers must outlive it
+            assert first.process.returncode == 0
+            assert sorted(w["worker"]["pid"] for w in await queen_workers(client, q.url)) == before
+            restarted_at, seen = utc_now(), []
+
+            def from_second_hive(event) -> bool:
+                seen.append(type(event).__struct_config__.tag)
+                return bool(pids_in(event, "e2e-readopt")) and event.timestamp > restarted_at
+
+            with hive(tmp_path, "readopt", q.url, workers, stop_workers_on_exit=True) as second:
+                event = await stream.until(from_second_hive, timeout=10)
+                assert sorted(pids_in(event, "e2e-readopt")) == before
+                assert "re-adopted worker llm/a" in second.stderr()
+        assert "hive_removed" not in seen and "hive_stale" not in seen
 
 
 async def test_queen_unreachable(tmp_path, client):

@@ -239,8 +239,7 @@ class HiveAgent:
             timestamp=utc_now(), workers=workers, capabilities=list(self.collector.devices))
 
     def farewell(self) -> HiveHeartbeat:
-        """The last heartbeat of a stopping hive: status stopped, no workers (they are stopped,
-        or released to the next hive, which re-adopts and reports them)."""
+        """The last heartbeat of a hive that stopped its workers: status stopped, no workers."""
         self.status = OperationalStatus.STOPPED
         return self._heartbeat([])
 

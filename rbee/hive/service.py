@@ -55,8 +55,12 @@ class HiveService:
             with trio.move_on_after(self.config.http.shutdown_grace_s):
                 await http_done.wait()  # requests in flight finish
             nursery.cancel_scope.cancel()  # the agent stops or releases its workers as it unwinds
-        with trio.move_on_after(self.config.http.shutdown_grace_s):
-            await self.sender.send_farewell(self.agent.farewell())
+        if self.config.stop_workers_on_exit:
+            # Its workers are gone: the queen can drop this hive at once. Released workers run
+            # on, so the queen keeps listing them until the next hive (a restart, a rolling
+            # update) reports them again, or until they fall stale if none does.
+            with trio.move_on_after(self.config.http.shutdown_grace_s):
+                await self.sender.send_farewell(self.agent.farewell())
 
     def stop(self) -> None:
         self._stopping.set()
