@@ -43,6 +43,9 @@ setup(
             "pytest-benchmark>=4.0",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # the Ansible roles' tests: a real playbook run, and the linter's production profile
+            "ansible-core>=2.17",
+            "ansible-lint>=25.1",
         ],
         "lint": ["ruff>=0.5"],
     },

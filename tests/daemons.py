@@ -24,14 +24,26 @@ BIN = Path(sys.executable).parent
 class Daemon:
     def __init__(self, command: str, config_path: Path, config_text: str, *,
                  env: dict[str, str] | None = None, cgroup_root: str | None = None) -> None:
+        """``command`` from this environment, with ``config_text`` written to ``config_path``."""
         config_path.write_text(config_text)
-        self.command = command
+        self._start([str(BIN / command), "--config", str(config_path), "--log-level", "INFO"],
+                    config_path.with_suffix(".stderr"), env, cgroup_root)
+
+    @classmethod
+    def from_argv(cls, argv: list[str], stderr_path: Path, *, cgroup_root: str | None = None
+                  ) -> Daemon:
+        """Exactly the command line ``argv`` (say, a systemd unit's ExecStart)."""
+        daemon = cls.__new__(cls)
+        daemon._start(argv, stderr_path, None, cgroup_root)
+        return daemon
+
+    def _start(self, argv: list[str], stderr_path: Path, env: dict[str, str] | None,
+               cgroup_root: str | None) -> None:
         self.cgroup_root = cgroup_root
-        self.stderr_path = config_path.with_suffix(".stderr")
+        self.stderr_path = stderr_path
         self._stderr = self.stderr_path.open("w")
-        self.process = subprocess.Popen(
-            [str(BIN / command), "--config", str(config_path), "--log-level", "INFO"],
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr,
+                                        text=True, env=env)
 
     def __enter__(self) -> Daemon:
         line = self.process.stdout.readline()

@@ -1,0 +1,313 @@
+"""The Ansible rollout, for real: ``ansible-lint`` (production profile) on ``ansible/``, and the
+site playbook run against this machine with a local connection.
+
+The playbook installs this checkout (built into a wheel, as ``rbee_install_source: checkout``
+does) into a virtualenv, creates a real system user, renders configs, token files and systemd
+units, all under a temporary prefix, with Ansible's own state (``ANSIBLE_HOME``, temp dirs) in
+the same temporary tree. The token comes from an inventory vault file encrypted by
+``ansible-vault``, as in the README.
+
+What cannot be real here, and what stands in for it: this machine does not run systemd, so the
+roles run with ``rbee_*_service_manage: false`` and the test starts each service exactly as its
+unit's ``ExecStart`` says, plays a ``KillMode=process`` restart by hand, and checks the units with
+``systemd-analyze verify``. The services run as root, not as the unit's ``User=``: this
+interpreter lives under /root/.pyenv, which no other user may read. The hive runs as root anyway
+on this cgroup v1 host (the role refuses an unprivileged hive without cgroup v2).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import yaml
+
+from .conftest import IS_ROOT, RUN_ROOT
+from .daemons import BIN, Daemon, clear_cgroup_root
+from .queenkit import free_port
+
+pytestmark = pytest.mark.skipif(
+    not IS_ROOT, reason="the playbook creates a system user and chowns files: that needs root")
+
+REPO = Path(__file__).parents[1]
+SITE = REPO / "ansible" / "site.yml"
+EXAMPLE_INVENTORY = REPO / "ansible" / "inventory" / "example"
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                   re.MULTILINE)
+HEARTBEAT_INTERVAL_S = 1.0  # hive.yaml's default, which the deployment keeps
+
+
+@dataclass
+class Run:
+    output: str
+    changed: dict[str, int]
+    """changed=N of each host in the PLAY RECAP."""
+
+
+@dataclass
+class Deployment:
+    tree: Path
+    prefix: Path
+    inventory: Path
+    vault_password: Path
+    env: dict[str, str]
+    token: str
+    user: str
+    queen_port: int
+    hive_vars: dict
+    cgroup_root: str
+    runs: list[Run]
+
+    def path(self, relative: str) -> Path:
+        return self.prefix / relative
+
+    def playbook(self, *args: str) -> Run:
+        result = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", str(self.inventory),
+             "--vault-password-file", str(self.vault_password), str(SITE), *args],
+            env=self.env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+        run = Run(result.stdout, {host: int(changed)
+                                  for host, _, changed, *_ in RECAP.findall(result.stdout)})
+        assert set(run.changed) == {"queen-local", "hive-local"}, result.stdout[-3000:]
+        self.runs.append(run)
+        return run
+
+
+def export_checkout(destination: Path) -> Path:
+    """This checkout's files as git sees them (tracked, and new files not ignored), so building
+    its wheel writes nothing into the working tree."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return destination
+
+
+def write_inventory(tree: Path, prefix: Path, *, user: str, queen_port: int, hive_port: int,
+                    hive_vars: dict, token: str) -> tuple[Path, Path]:
+    """The inventory: this machine as the queen and as a hive, the example's group_vars/all
+    (token from the vault), the test's overrides, and a vault encrypted by ansible-vault."""
+    inventory = tree / "inventory"
+    shutil.copytree(EXAMPLE_INVENTORY / "group_vars" / "all", inventory / "group_vars" / "all")
+    local = {"ansible_host": "127.0.0.1", "ansible_connection": "local",
+             "ansible_python_interpreter": sys.executable,  # discovery picks a pyenv shim here
+             "ansible_become": False}  # already root, and sudo is not installed
+    hosts = {"rbee_queens": {"hosts": {"queen-local": {**local, "rbee_queen_port": queen_port}}},
+             "rbee_hives": {"hosts": {"hive-local": {**local, "rbee_hive_port": hive_port}}}}
+    (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    venv = prefix / "opt/rbee/venv"
+    overrides = {
+        "rbee_install_source": "checkout",
+        "rbee_install_checkout": str(export_checkout(tree / "checkout")),
+        "rbee_install_build_dir": str(tree / "wheels"),
+        "rbee_install_python": sys.executable,
+        "rbee_install_dist_dir": str(prefix / "opt/rbee/dist"),
+        **{f"rbee_{role}_{name}": str(prefix / path) for role in ("queen", "hive")
+           for name, path in (("venv_dir", "opt/rbee/venv"), ("config_dir", "etc/rbee"),
+                              ("unit_dir", "etc/systemd/system"))},
+        "rbee_hive_log_dir": str(prefix / "var/log/rbee"),
+        "rbee_queen_service_manage": False,
+        "rbee_hive_service_manage": False,
+        "rbee_queen_user": user,
+        "rbee_hive_user": "root",
+        "rbee_queen_bind": "127.0.0.1",  # the role binds 0.0.0.0 by default; tests stay on loopback
+        **hive_vars,
+        "rbee_hive_workers": [{"group": "demo", "instance": "a", "argv": [
+            str(venv / "bin/python"), "-m", "rbee.demo.worker", "--model", "ansible-demo",
+            "--load", "0.05"]}],
+    }
+    (inventory / "group_vars" / "all" / "zz-test.yml").write_text(yaml.safe_dump(overrides))
+    vault_password = tree / "vault-password"
+    vault_password.write_text(os.urandom(16).hex())
+    vault = inventory / "group_vars" / "all" / "vault.yml"
+    vault.write_text(f"vault_rbee_auth_token: {token}\n")
+    subprocess.run([str(BIN / "ansible-vault"), "encrypt", "--vault-password-file",
+                    str(vault_password), str(vault)], check=True, capture_output=True,
+                   env=ansible_env(tree), timeout=60)
+    assert vault.read_text().startswith("$ANSIBLE_VAULT;") and token not in vault.read_text()
+    return inventory, vault_password
+
+
+def ansible_env(tree: Path) -> dict[str, str]:
+    return {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
+            "ANSIBLE_HOME": str(tree / "ansible-home"),
+            "ANSIBLE_LOCAL_TEMP": str(tree / "ansible-tmp"),
+            "ANSIBLE_REMOTE_TEMP": str(tree / "ansible-tmp"),
+            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+
+
+def remove_user(name: str) -> None:
+    subprocess.run(["userdel", name], capture_output=True, timeout=30)
+    subprocess.run(["groupdel", name], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> Iterator[Deployment]:
+    """A check run on the new host, then the real run."""
+    tree = tmp_path_factory.mktemp("ansible")
+    prefix = tree / "root"
+    (prefix / "etc/systemd/system").mkdir(parents=True)  # there on every systemd host
+    user = f"rbee-t{os.getpid()}"
+    cgroup_root = f"{RUN_ROOT}/ansible"
+    hive_vars = {"rbee_hive_config": {"cgroup": {"root": cgroup_root},
+                                      "collect": {"gpu": "none"}}}
+    token = os.urandom(24).hex()
+    queen_port = free_port()
+    try:
+        inventory, vault_password = write_inventory(
+            tree, prefix, user=user, queen_port=queen_port, hive_port=free_port(),
+            hive_vars=hive_vars, token=token)
+        deployment = Deployment(tree, prefix, inventory, vault_password, ansible_env(tree),
+                                token, user, queen_port, hive_vars, cgroup_root, [])
+        deployment.playbook("--check", "--diff")
+        deployment.playbook()
+        yield deployment
+    finally:
+        remove_user(user)
+        clear_cgroup_root(cgroup_root)
+
+
+def test_ansible_lint_production_profile(tmp_path):
+    """On a copy, so that the linter's caches land in the temporary tree."""
+    shutil.copytree(REPO / "ansible", tmp_path / "ansible")
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "ANSIBLE_HOME": str(tmp_path / "ansible-home"), "NO_COLOR": "1"}
+    result = subprocess.run([str(BIN / "ansible-lint"), "--profile", "production"],
+                            cwd=tmp_path / "ansible", env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Profile 'production' was required, and it passed" in result.stderr + result.stdout
+
+
+def test_example_inventory_names_a_queen_and_hives(tmp_path):
+    result = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(EXAMPLE_INVENTORY),
+                             "--list"], env=ansible_env(tmp_path), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(result.stdout)
+    assert groups["rbee_queens"]["hosts"] == ["queen-01"]
+    assert len(groups["rbee_hives"]["hosts"]) >= 2
+
+
+def test_check_mode_on_a_new_host_writes_nothing(deployment):
+    check, real = deployment.runs[:2]
+    assert check.changed["queen-local"] > 0 and check.changed["hive-local"] > 0
+    assert "+auth_token_file: " in check.output  # the diff of the configs is shown
+    assert real.changed["queen-local"] > 0
+    for run in deployment.runs:
+        assert deployment.token not in run.output  # the token never shows, even in a diff
+
+
+def test_configs_pass_the_commands_own_check(deployment):
+    venv_bin = deployment.path("opt/rbee/venv/bin")
+    queen_yaml, hive_yaml = deployment.path("etc/rbee/queen.yaml"), deployment.path(
+        "etc/rbee/hive.yaml")
+    for command, config in (("rbee-queen", queen_yaml), ("rbee-hive", hive_yaml)):
+        result = subprocess.run([str(venv_bin / command), "--check-config", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    # the hive's queen URL comes from the inventory's queen entry
+    queen_url = f"http://127.0.0.1:{deployment.queen_port}"
+    assert f"queen {queen_url} (with token)" in result.stdout
+    queen = yaml.safe_load(queen_yaml.read_text())
+    assert (queen["bind"], queen["port"]) == ("127.0.0.1", deployment.queen_port)
+    hive = yaml.safe_load(hive_yaml.read_text())
+    assert hive["queen_url"] == queen_url and hive["id"] == "hive-local"
+    assert hive["cgroup"] == deployment.hive_vars["rbee_hive_config"]["cgroup"]
+
+    queen_group = grp.getgrnam(deployment.user).gr_gid
+    assert pwd.getpwnam(deployment.user).pw_shell == "/usr/sbin/nologin"
+    for path, gid in ((queen["auth_token_file"], queen_group), (hive["auth_token_file"], 0),
+                      (queen_yaml, queen_group)):
+        stat = os.stat(path)
+        assert (oct(stat.st_mode & 0o777), stat.st_uid, stat.st_gid) == ("0o640", 0, gid), path
+    assert Path(queen["auth_token_file"]).read_text() == deployment.token + "\n"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed on this machine")
+def test_units_pass_systemd_analyze_verify(deployment):
+    units = [deployment.path(f"etc/systemd/system/rbee-{name}.service")
+             for name in ("queen", "hive")]
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    hive_unit = units[1].read_text()
+    assert "\nDelegate=yes\n" in hive_unit and "\nKillMode=process\n" in hive_unit
+    assert "\nProtectControlGroups" not in hive_unit  # the hive writes its cgroup subtree
+    assert "\nProtectSystem=strict\n" in units[0].read_text()
+
+
+def exec_start(unit: Path) -> list[str]:
+    (line,) = [line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+async def test_services_run_as_their_units_say(deployment, tmp_path):
+    """Queen and hive started from the units' ExecStart: the queen lists the hive's worker
+    within two heartbeat intervals of the hive starting. Then a restart as systemd does it with
+    KillMode=process (SIGTERM to the hive alone): the worker runs on, the queen lists it all
+    along, and the new hive re-adopts it."""
+    units = deployment.path("etc/systemd/system")
+    queen_url = f"http://127.0.0.1:{deployment.queen_port}"
+    hive_argv = exec_start(units / "rbee-hive.service")
+    async with httpx.AsyncClient(base_url=queen_url, timeout=5) as client:
+
+        async def listed_pids() -> list[int]:
+            return [w["worker"]["pid"] for w in (await client.get("/v1/workers")).json()]
+
+        with Daemon.from_argv(exec_start(units / "rbee-queen.service"),
+                              tmp_path / "queen.stderr"):
+            with Daemon.from_argv(hive_argv, tmp_path / "hive.stderr",
+                                  cgroup_root=deployment.cgroup_root) as hive:
+                with trio.fail_after(2 * HEARTBEAT_INTERVAL_S):
+                    while not (pids := await listed_pids()):
+                        await trio.sleep(0.02)
+                hive.cgroup_root = None  # its worker must outlive it
+            assert hive.process.returncode == 0
+            os.kill(pids[0], 0)  # still running
+            assert await listed_pids() == pids
+            with Daemon.from_argv(hive_argv, tmp_path / "hive-2.stderr",
+                                  cgroup_root=deployment.cgroup_root) as restarted:
+                with trio.fail_after(2 * HEARTBEAT_INTERVAL_S):
+                    while "re-adopted worker demo/a" not in restarted.stderr():
+                        await trio.sleep(0.02)
+                assert await listed_pids() == pids
+        log = deployment.path("var/log/rbee/demo-a.log")
+        assert log.exists()
+
+
+def test_second_run_changes_nothing_and_a_change_restarts(deployment):
+    second = deployment.playbook()
+    assert second.changed == {"queen-local": 0, "hive-local": 0}, second.output[-3000:]
+
+    hive_yaml = deployment.path("etc/rbee/hive.yaml")
+    before = hive_yaml.read_text()
+    changed_config = json.loads(json.dumps(deployment.hive_vars["rbee_hive_config"]))
+    changed_config["heartbeat"] = {"interval_s": 2.0}
+    preview = deployment.playbook("--check", "--diff", "-e",
+                                  json.dumps({"rbee_hive_config": changed_config}))
+    assert preview.changed["queen-local"] == 0 and preview.changed["hive-local"] > 0
+    assert "+  interval_s: 2.0" in preview.output
+    assert "RUNNING HANDLER [rbee_hive : Restart rbee-hive]" in preview.output
+    assert "RUNNING HANDLER [rbee_queen" not in preview.output
+    assert hive_yaml.read_text() == before  # check mode wrote nothing
+    assert deployment.token not in second.output + preview.output
