@@ -9,7 +9,8 @@ the same temporary tree. The token comes from an inventory vault file encrypted 
 
 What cannot be real here, and what stands in for it: this machine does not run systemd, so the
 roles run with ``rbee_*_service_manage: false`` and the test starts each service exactly as its
-unit's ``ExecStart`` says, plays a ``KillMode=process`` restart by hand, and checks the units with
+unit's ``ExecStart`` says (under the unit's ``NoNewPrivileges`` and ``MemoryDenyWriteExecute``,
+set through prctl), plays a ``KillMode=process`` restart by hand, and checks the units with
 ``systemd-analyze verify``. The services run as root, not as the unit's ``User=``: this
 interpreter lives under /root/.pyenv, which no other user may read. The hive runs as root anyway
 on this cgroup v1 host (the role refuses an unprivileged hive without cgroup v2).
@@ -256,9 +257,24 @@ def test_units_pass_systemd_analyze_verify(deployment):
     assert "\nProtectSystem=strict\n" in units[0].read_text()
 
 
+# Applies the unit's NoNewPrivileges= and MemoryDenyWriteExecute= through the kernel's own
+# switches (prctl PR_SET_NO_NEW_PRIVS, PR_SET_MDWE; both survive exec), then execs the command:
+# proof that the service works under that hardening, without systemd.
+SANDBOX = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for option, wanted in ((38, "NoNewPrivileges=yes"), (65, "MemoryDenyWriteExecute=yes")):
+    if wanted in sys.argv[1].splitlines() and libc.prctl(option, 1, 0, 0, 0) != 0:
+        sys.exit(f"prctl({option}) for {wanted}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 def exec_start(unit: Path) -> list[str]:
-    (line,) = [line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
-    return shlex.split(line.removeprefix("ExecStart="))
+    """The unit's ExecStart, run under the sandbox settings of the unit that the kernel offers."""
+    text = unit.read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    return [sys.executable, "-c", SANDBOX, text, *shlex.split(line.removeprefix("ExecStart="))]
 
 
 async def test_services_run_as_their_units_say(deployment, tmp_path):
