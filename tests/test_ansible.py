@@ -75,11 +75,15 @@ class Deployment:
     def path(self, relative: str) -> Path:
         return self.prefix / relative
 
-    def playbook(self, *args: str) -> Run:
-        result = subprocess.run(
+    def run_playbook(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
             [str(BIN / "ansible-playbook"), "-i", str(self.inventory),
              "--vault-password-file", str(self.vault_password), str(SITE), *args],
             env=self.env, capture_output=True, text=True, timeout=600)
+
+    def playbook(self, *args: str) -> Run:
+        """A run that must succeed, with its output and each host's changed count."""
+        result = self.run_playbook(*args)
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
         run = Run(result.stdout, {host: int(changed)
                                   for host, _, changed, *_ in RECAP.findall(result.stdout)})
@@ -327,3 +331,20 @@ def test_second_run_changes_nothing_and_a_change_restarts(deployment):
     assert "RUNNING HANDLER [rbee_queen" not in preview.output
     assert hive_yaml.read_text() == before  # check mode wrote nothing
     assert deployment.token not in second.output + preview.output
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"rbee_hive_port": "http"},  # the argument specs
+     "argument 'rbee_hive_port' is of type str and we were unable to convert to int"),
+    ({"rbee_hive_auth_token": "short"},  # the preflight checks
+     "rbee_hive_auth_token must be one word of at least 16 printable ASCII characters"),
+    ({"rbee_hive_config": {"heartbeat": {"interval_s": "often"}}},  # the command's own check
+     "heartbeat.interval_s: Expected `float`, got `str`"),
+])
+def test_bad_variables_fail_with_a_clear_message_and_change_nothing(deployment, bad, message):
+    hive_yaml = deployment.path("etc/rbee/hive.yaml")
+    before = hive_yaml.read_text()
+    result = deployment.run_playbook("--limit", "hive-local", "-e", json.dumps(bad))
+    assert result.returncode != 0
+    assert message in " ".join((result.stdout + result.stderr).split()), result.stdout[-3000:]
+    assert hive_yaml.read_text() == before
