@@ -29,6 +29,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -305,12 +306,15 @@ async def test_services_run_as_their_units_say(deployment, tmp_path):
             assert hive.process.returncode == 0
             os.kill(pids[0], 0)  # still running
             assert await listed_pids() == pids
+            restarted_at = datetime.now(UTC)
             with Daemon.from_argv(hive_argv, tmp_path / "hive-2.stderr",
                                   cgroup_root=deployment.cgroup_root) as restarted:
                 with trio.fail_after(2 * HEARTBEAT_INTERVAL_S):
-                    while "re-adopted worker demo/a" not in restarted.stderr():
+                    while datetime.fromisoformat((await client.get("/v1/hives/hive-local")
+                                                  ).json()["last_heartbeat"]) < restarted_at:
                         await trio.sleep(0.02)
                 assert await listed_pids() == pids
+                assert "re-adopted worker demo/a" in restarted.stderr()
         log = deployment.path("var/log/rbee/demo-a.log")
         assert log.exists()
 
