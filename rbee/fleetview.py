@@ -2,8 +2,8 @@
 
 Used by ``rbee top`` and ``rbee up``. A snapshot replaces everything; ``hive_telemetry``
 replaces one hive's workers, GPUs and health (and clears its stale mark); ``hive_stale`` marks
-a hive; ``hive_removed`` drops it; ``queen`` updates the counts in the header. After ``lagged`` the queen sends a snapshot
-at once, so nothing needs repairing here.
+a hive; ``hive_removed`` drops it; ``queen`` updates the counts in the header. After ``lagged``
+the queen sends a snapshot at once, so nothing needs repairing here.
 """
 
 from __future__ import annotations

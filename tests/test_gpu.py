@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from rbee.collectors.gpu import GpuCollector, GpuPlugin
+from rbee.collectors.gpu import GpuPlugin
 
 from rbee import CollectorError
 from rbee.config import CollectorSettings

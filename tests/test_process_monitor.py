@@ -133,6 +133,7 @@ def test_collect_handles_missing_gpu(monitor, monkeypatch):
     """"No GPU" injected, so this holds on a GPU host too: an NVML whose library is missing and
     no nvidia-smi on PATH, with the default ``gpu: auto``."""
     from rbee.collectors.gpu import GpuPlugin
+
     from rbee.config import CollectorSettings
 
     monkeypatch.setenv("PATH", "/nonexistent")
