@@ -30,6 +30,7 @@ from ..telemetry import (
     HiveHeartbeat,
     HiveInfo,
     OperationalStatus,
+    describe_health,
     utc_now,
 )
 from .cgroups import select_backend
@@ -268,7 +269,7 @@ class HiveAgent:
         issues = [*self.collector.refresh_errors, *self.collector.sample_errors]
         issues += [issue for issue in (self._refresh_issue, self._sample_issue) if issue]
         reasons = [f"{i.collector}: {i.message}" for i in issues]
-        reasons += [f"GPU {d.index} ({d.uuid}) {d.health.__struct_config__.tag}: {d.health.reason}"
+        reasons += [f"GPU {d.index} ({d.uuid}) {describe_health(d.health)}"
                     for d in self.collector.devices if not isinstance(d.health, Healthy)]
         return Degraded(reason="; ".join(reasons)) if reasons else Healthy()
 
