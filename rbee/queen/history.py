@@ -217,7 +217,7 @@ class FleetHistory:
         per_column = max(1, round(step_s / stored_step))
         step_s = per_column * stored_step
         last = int(now // stored_step)
-        first = last - int(since_s // stored_step) + 1
+        first = last - max(1, round(since_s / stored_step)) + 1
         first -= (last - first + 1) % per_column  # whole columns only
         columns = (last - first + 1) // per_column
         timestamps = [(first + i * per_column) * stored_step for i in range(columns)]
