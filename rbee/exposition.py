@@ -85,8 +85,91 @@ GPU_GAUGES: tuple[tuple[str, str, Callable[[GpuDevice], float | None]], ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    info: bool = False
+    """An info metric: its value is 1, its labels are the information."""
+
+
+WORKER_FAMILIES = tuple(Family(name, text, WORKER_LABELS) for name, text, _ in WORKER_GAUGES)
+GPU_FAMILIES = tuple(Family(name, text, GPU_LABELS) for name, text, _ in GPU_GAUGES)
+OTHER_FAMILIES = (
+    Family("rbee_worker_gpu_device_utilization_ratio",
+           "A worker's SM use of one GPU or MIG instance (its own processes' samples, or the "
+           "device's figure where per-process figures are unsupported: see source)",
+           (*WORKER_LABELS, "gpu", "uuid", "source")),
+    Family("rbee_worker_gpu_device_memory_bytes", "VRAM a worker's processes hold on one GPU",
+           (*WORKER_LABELS, "gpu", "uuid")),
+    Family("rbee_gpu_health", "1 for the GPU's health state", (*GPU_LABELS, "state")),
+    Family("rbee_gpu_faults", "Standing faults by kind", (*GPU_LABELS, "kind", "fatal")),
+    Family("rbee_hive_up", "1 when the hive is heard from (not stale)", ("hive",)),
+    Family("rbee_hive_heartbeat_age_seconds",
+           "Seconds since its last heartbeat, by the queen's clock", ("hive",)),
+    Family("rbee_hive_health", "1 for the hive's health state", ("hive", "state")),
+    Family("rbee_hive_workers", "Workers the hive reports", ("hive",)),
+    Family("rbee_hive", "The hive's version, host and status",
+           ("hive", "version", "hostname", "status"), info=True),
+)
+FAMILIES = WORKER_FAMILIES + OTHER_FAMILIES[:2] + GPU_FAMILIES + OTHER_FAMILIES[2:]
+
+Row = tuple[tuple[str, ...], tuple[str, ...], float]
+"""One sample: the entity's labels (one tuple per worker, GPU or hive, shared by all of its
+samples), the family's extra labels, the value."""
+
+
+def fleet_rows(hives: list[HiveRecord]) -> list[list[Row]]:
+    """Every sample of the fleet, per family (in ``FAMILIES`` order), in one pass."""
+    rows: list[list[Row]] = [[] for _ in FAMILIES]
+    gpus_at = len(WORKER_FAMILIES) + 2
+    worker_rows, gpu_rows = rows[:len(WORKER_FAMILIES)], rows[gpus_at:gpus_at + len(GPU_FAMILIES)]
+    (device_util, device_vram, gpu_health, gpu_faults, hive_up, hive_age, hive_health,
+     hive_workers, hive_info) = (rows[FAMILIES.index(f)] for f in OTHER_FAMILIES)
+    none = ()
+    for hive in hives:
+        hive_id = hive.info.id
+        hive_labels = (hive_id,)
+        hive_up.append((hive_labels, none, 0.0 if hive.stale else 1.0))
+        hive_age.append((hive_labels, none, hive.silent_s))
+        hive_workers.append((hive_labels, none, len(hive.workers)))
+        state = _state(hive.info.health_status)
+        for known in HEALTH_STATES:
+            hive_health.append((hive_labels, (known,), 1.0 if known == state else 0.0))
+        hive_info.append((hive_labels, (hive.info.version, hive.info.hostname,
+                                        str(hive.info.operational_status)), 1.0))
+        for worker in hive.workers:
+            labels = (hive_id, worker.group, worker.instance, worker.model or "")
+            for family_rows, (_, _, value_of) in zip(worker_rows, WORKER_GAUGES, strict=True):
+                value = value_of(worker)
+                if value is not None:
+                    family_rows.append((labels, none, value))
+            for use in worker.gpus:
+                if use.util_pct is not None:
+                    device_util.append((labels, (str(use.index), use.uuid,
+                                                 str(use.util_source or "")), use.util_pct / 100))
+                if use.vram_mb is not None:
+                    device_vram.append((labels, (str(use.index), use.uuid), use.vram_mb * MIB))
+        for device in hive.gpus:
+            labels = (hive_id, str(device.index), device.uuid, device.mig_parent_uuid or "")
+            for family_rows, (_, _, value_of) in zip(gpu_rows, GPU_GAUGES, strict=True):
+                value = value_of(device)
+                if value is not None:
+                    family_rows.append((labels, none, value))
+            state = _state(device.health)
+            for known in HEALTH_STATES:
+                gpu_health.append((labels, (known,), 1.0 if known == state else 0.0))
+            for (kind, fatal), count in sorted(_fault_counts(device).items()):
+                gpu_faults.append((labels, (kind, fatal), count))
+    return rows
+
+
 class FleetCollector(Collector):
-    """A prometheus-client collector over ``records()``, called once per scrape."""
+    """The fleet as a prometheus-client collector over ``records()``, for any
+    ``CollectorRegistry`` (one's own exporter, say). rbee's own ``/metrics`` writes the same
+    samples with ``fleet_text``: prometheus-client's generic encoder takes 2.8 s for a fleet of
+    1,000 hives of 10 workers (230,000 samples), past a scrape's budget."""
 
     def __init__(self, records: Callable[[], Iterable[HiveRecord]]) -> None:
         self.records = records
@@ -95,92 +178,118 @@ class FleetCollector(Collector):
         return []  # unchecked: the families depend on the fleet at scrape time
 
     def collect(self) -> Iterator[Metric]:
-        return fleet_families(list(self.records()))
+        for family, rows in zip(FAMILIES, fleet_rows(list(self.records())), strict=True):
+            if family.info:
+                metric = InfoMetricFamily(family.name, family.help, labels=family.labels[:1])
+                for labels, extra, _ in rows:
+                    metric.add_metric(labels, dict(zip(family.labels[1:], extra, strict=True)))
+            else:
+                metric = GaugeMetricFamily(family.name, family.help, labels=family.labels)
+                for labels, extra, value in rows:
+                    metric.add_metric(labels + extra, value)
+            yield metric
 
 
-def fleet_families(hives: list[HiveRecord]) -> Iterator[Metric]:
-    worker_gauges = [GaugeMetricFamily(name, text, labels=WORKER_LABELS)
-                     for name, text, _ in WORKER_GAUGES]
-    per_gpu_util = GaugeMetricFamily(
-        "rbee_worker_gpu_device_utilization_ratio",
-        "A worker's SM use of one GPU or MIG instance (its own processes' samples, or the "
-        "device's figure where per-process figures are unsupported: see source)",
-        labels=(*WORKER_LABELS, "gpu", "uuid", "source"))
-    per_gpu_vram = GaugeMetricFamily(
-        "rbee_worker_gpu_device_memory_bytes", "VRAM a worker's processes hold on one GPU",
-        labels=(*WORKER_LABELS, "gpu", "uuid"))
-    gpu_gauges = [GaugeMetricFamily(name, text, labels=GPU_LABELS) for name, text, _ in GPU_GAUGES]
-    gpu_health = GaugeMetricFamily("rbee_gpu_health", "1 for the GPU's health state",
-                                   labels=(*GPU_LABELS, "state"))
-    gpu_faults = GaugeMetricFamily("rbee_gpu_faults", "Standing faults by kind",
-                                   labels=(*GPU_LABELS, "kind", "fatal"))
-    hive_up = GaugeMetricFamily("rbee_hive_up", "1 when the hive is heard from (not stale)",
-                                labels=("hive",))
-    hive_age = GaugeMetricFamily("rbee_hive_heartbeat_age_seconds",
-                                 "Seconds since its last heartbeat, by the queen's clock",
-                                 labels=("hive",))
-    hive_health = GaugeMetricFamily("rbee_hive_health", "1 for the hive's health state",
-                                    labels=("hive", "state"))
-    hive_workers = GaugeMetricFamily("rbee_hive_workers", "Workers the hive reports",
-                                     labels=("hive",))
-    hive_info = InfoMetricFamily("rbee_hive", "The hive's version, host and status",
-                                 labels=("hive",))
+def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
+    """The same samples as ``fleet_rows``, in the text format (0.0.4) or OpenMetrics 1.0, written
+    directly: each worker's, GPU's and hive's label string is built once and every family is one
+    list comprehension over them (~0.7 µs a sample here, against ~12 µs through
+    prometheus-client's encoder). ``test_exposition`` holds the two to the same samples."""
+    workers, gpus, hive_labels = [], [], []
     for hive in hives:
-        hive_id = hive.info.id
-        hive_up.add_metric([hive_id], 0.0 if hive.stale else 1.0)
-        hive_age.add_metric([hive_id], hive.silent_s)
-        hive_workers.add_metric([hive_id], len(hive.workers))
-        state = describe_health(hive.info.health_status).partition(":")[0]
-        for known in HEALTH_STATES:
-            hive_health.add_metric([hive_id, known], 1.0 if known == state else 0.0)
-        hive_info.add_metric([hive_id], {"version": hive.info.version,
-                                         "hostname": hive.info.hostname,
-                                         "status": str(hive.info.operational_status)})
-        for worker in hive.workers:
-            labels = [hive_id, worker.group, worker.instance, worker.model or ""]
-            for family, (_, _, value_of) in zip(worker_gauges, WORKER_GAUGES, strict=True):
-                value = value_of(worker)
-                if value is not None:
-                    family.add_metric(labels, value)
-            for use in worker.gpus:
-                if use.util_pct is not None:
-                    per_gpu_util.add_metric([*labels, str(use.index), use.uuid,
-                                             str(use.util_source or "")], use.util_pct / 100)
-                if use.vram_mb is not None:
-                    per_gpu_vram.add_metric([*labels, str(use.index), use.uuid],
-                                            use.vram_mb * MIB)
-        for device in hive.gpus:
-            labels = [hive_id, str(device.index), device.uuid, device.mig_parent_uuid or ""]
-            for family, (_, _, value_of) in zip(gpu_gauges, GPU_GAUGES, strict=True):
-                value = value_of(device)
-                if value is not None:
-                    family.add_metric(labels, value)
-            state = describe_health(device.health).partition(":")[0]
-            for known in HEALTH_STATES:
-                gpu_health.add_metric([*labels, known], 1.0 if known == state else 0.0)
-            faults = Counter((str(f.kind), str(f.fatal).lower()) for f in device.faults)
-            for (kind, fatal), count in sorted(faults.items()):
-                gpu_faults.add_metric([*labels, kind, fatal], count)
-    yield from worker_gauges
-    yield from (per_gpu_util, per_gpu_vram)
-    yield from gpu_gauges
-    yield from (gpu_health, gpu_faults, hive_up, hive_age, hive_health, hive_workers, hive_info)
+        hive_id = _escape(hive.info.id)
+        hive_labels.append((f'hive="{hive_id}"', hive))
+        for w in hive.workers:
+            workers.append((f'hive="{hive_id}",group="{_escape(w.group)}",instance='
+                            f'"{_escape(w.instance)}",model="{_escape(w.model or "")}"', w))
+        for d in hive.gpus:
+            gpus.append((f'hive="{hive_id}",gpu="{d.index}",uuid="{_escape(d.uuid)}",'
+                         f'mig_parent="{_escape(d.mig_parent_uuid or "")}"', d))
+    out: list[str] = []
+
+    def family(family: Family, lines: list[str]) -> None:
+        if lines:
+            kind = "info" if family.info and openmetrics else "gauge"
+            name = family.name if openmetrics or not family.info else f"{family.name}_info"
+            out.append(f"# HELP {name} {family.help}\n# TYPE {name} {kind}\n")
+            out.extend(lines)
+
+    for spec, (name, _, value_of) in zip(WORKER_FAMILIES, WORKER_GAUGES, strict=True):
+        family(spec, [f"{name}{{{labels}}} {value!r}\n" for labels, w in workers
+                      if (value := value_of(w)) is not None])
+    util, vram = OTHER_FAMILIES[0].name, OTHER_FAMILIES[1].name
+    family(OTHER_FAMILIES[0], [
+        f'{util}{{{labels},gpu="{u.index}",uuid="{_escape(u.uuid)}",source="{u.util_source or ""}"}}'
+        f" {u.util_pct / 100!r}\n" for labels, w in workers for u in w.gpus if u.util_pct is not None])
+    family(OTHER_FAMILIES[1], [
+        f'{vram}{{{labels},gpu="{u.index}",uuid="{_escape(u.uuid)}"}} {u.vram_mb * MIB!r}\n'
+        for labels, w in workers for u in w.gpus if u.vram_mb is not None])
+    for spec, (name, _, value_of) in zip(GPU_FAMILIES, GPU_GAUGES, strict=True):
+        family(spec, [f"{name}{{{labels}}} {value!r}\n" for labels, d in gpus
+                      if (value := value_of(d)) is not None])
+    health, faults = OTHER_FAMILIES[2].name, OTHER_FAMILIES[3].name
+    family(OTHER_FAMILIES[2], [
+        f'{health}{{{labels},state="{known}"}} {1.0 if _state(d.health) == known else 0.0}\n'
+        for labels, d in gpus for known in HEALTH_STATES])
+    family(OTHER_FAMILIES[3], [
+        f'{faults}{{{labels},kind="{kind}",fatal="{fatal}"}} {count}\n' for labels, d in gpus
+        for (kind, fatal), count in sorted(_fault_counts(d).items())])
+    up, age, hive_health, count, info = (f.name for f in OTHER_FAMILIES[4:])
+    family(OTHER_FAMILIES[4], [f"{up}{{{labels}}} {0.0 if h.stale else 1.0}\n"
+                               for labels, h in hive_labels])
+    family(OTHER_FAMILIES[5], [f"{age}{{{labels}}} {h.silent_s!r}\n" for labels, h in hive_labels])
+    family(OTHER_FAMILIES[6], [
+        f'{hive_health}{{{labels},state="{known}"}} '
+        f"{1.0 if _state(h.info.health_status) == known else 0.0}\n"
+        for labels, h in hive_labels for known in HEALTH_STATES])
+    family(OTHER_FAMILIES[7], [f"{count}{{{labels}}} {len(h.workers)}\n"
+                               for labels, h in hive_labels])
+    family(OTHER_FAMILIES[8], [
+        f'{info}_info{{{labels},version="{_escape(h.info.version)}",hostname='
+        f'"{_escape(h.info.hostname)}",status="{h.info.operational_status}"}} 1.0\n'
+        for labels, h in hive_labels])
+    return "".join(out)
 
 
-def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
-    """The exposition of ``registry`` in the format ``accept`` asks for: OpenMetrics when the
-    scraper asks for it (Prometheus does), else the classic text format."""
+def _state(status) -> str:
+    return describe_health(status).partition(":")[0]
+
+
+def _fault_counts(device: GpuDevice) -> Counter:
+    return Counter((str(f.kind), str(f.fatal).lower()) for f in device.faults)
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def render(registry: CollectorRegistry, accept: str | None,
+           hives: Callable[[], list[HiveRecord]] | None = None) -> tuple[bytes, str]:
+    """The exposition of ``registry`` (and of the fleet in ``hives()``) in the format ``accept``
+    asks for: OpenMetrics when the scraper asks for it (Prometheus does), else the classic text
+    format."""
     encoder, content_type = choose_encoder(accept or "")
-    return encoder(registry), content_type
+    body = encoder(registry)
+    if hives is None:
+        return body, content_type
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    fleet = fleet_text(hives(), openmetrics).encode()
+    if openmetrics:
+        return body.removesuffix(b"# EOF\n") + fleet + b"# EOF\n", content_type
+    return body + fleet, content_type
 
 
-def metrics_route(registry: CollectorRegistry) -> Route:
-    """``GET /metrics`` for ``registry``. The exposition is built in a worker thread: a large
-    fleet's takes tens of milliseconds, which must not hold up heartbeats or the stream."""
+def metrics_route(registry: CollectorRegistry,
+                  hives: Callable[[], list[HiveRecord]]) -> Route:
+    """``GET /metrics``: ``registry`` (the server's own figures) and the fleet in ``hives()``.
+    Built in a worker thread: a large fleet's takes tens of milliseconds, which must not hold up
+    heartbeats or the stream."""
 
     async def metrics(request: Request) -> Response:
         body, content_type = await trio.to_thread.run_sync(
-            render, registry, request.headers.get("accept"))
+            render, registry, request.headers.get("accept"), hives)
         return Response(body, media_type=content_type)
 
     return Route("/metrics", metrics, methods=["GET"])

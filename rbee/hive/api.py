@@ -28,7 +28,7 @@ from .._errors import CgroupError, LimitError, NotFoundError, SpawnError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
 from ..config import WorkerSpec
-from ..exposition import FleetCollector, HiveRecord, metrics_route
+from ..exposition import HiveRecord, metrics_route
 from ..telemetry import HealthStatus, HiveHeartbeat, OperationalStatus
 
 if TYPE_CHECKING:
@@ -61,8 +61,7 @@ def _record(heartbeat: HiveHeartbeat) -> HiveRecord:
 
 def build_app(hive: HiveService) -> Starlette:
     agent, sender, config = hive.agent, hive.sender, hive.config
-    metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(FleetCollector(lambda: [_record(agent.latest)]))
+    metrics = CollectorRegistry(auto_describe=False)  # nothing of its own yet: the fleet alone
 
     async def health(request: Request) -> Response:
         latest = agent.latest
@@ -113,5 +112,5 @@ def build_app(hive: HiveService) -> Starlette:
         Route("/v1/workers", list_workers, methods=["GET"]),
         Route("/v1/workers", spawn, methods=["POST"]),
         Route("/v1/workers/{group}/{instance}", stop, methods=["DELETE"]),
-        metrics_route(metrics),
+        metrics_route(metrics, lambda: [_record(agent.latest)]),
     ])

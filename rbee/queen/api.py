@@ -212,5 +212,5 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
         Route("/v1/workers", list_workers, methods=["GET"]),
         Route("/v1/history", history, methods=["GET"]),
-        metrics_route(metrics.registry),
+        metrics_route(metrics.registry, metrics.records),
     ])

@@ -1,4 +1,4 @@
-"""The queen's ``/metrics``: the whole fleet (``rbee.exposition``) and the queen itself.
+"""The queen's ``/metrics``: the queen itself, beside the whole fleet (``rbee.exposition``).
 
 The queen's own figures: heartbeats received and refused (by reason), the time to ingest one
 (read, decode, store, publish), stream clients and lagged clients, and the registry's size. They
@@ -14,7 +14,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ..exposition import FleetCollector, HiveRecord
+from ..exposition import HiveRecord
 
 REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large",
                    415: "unsupported_encoding"}
@@ -36,7 +36,8 @@ class QueenMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry)
         self.registry.register(_QueenState(records, stream_clients, lagged_total))
-        self.registry.register(FleetCollector(records))
+        self.records = records
+        """The fleet, written beside the registry by ``rbee.exposition.render``."""
 
     def refusal(self, status_code: int) -> None:
         self.refused.labels(REFUSAL_REASONS.get(status_code, "other")).inc()
