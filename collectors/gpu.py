@@ -42,9 +42,9 @@ class GpuCollector:
             return
         devices = {device.index: device for device in snapshot.devices}
         telemetry.gpu_indices = indices
-        telemetry.vram_mb = round(sum(use.vram_mb for use in uses), 1)
+        telemetry.vram_mb = round(sum(use.vram_mb for use in uses))  # whole MiB, as the original
         telemetry.total_vram_mb = round(
-            sum(devices[i].vram_total_mb for i in indices if i in devices), 1
+            sum(devices[i].vram_total_mb for i in indices if i in devices)
         )
         per_process = [use.util_pct for use in uses if use.util_pct is not None]
         if per_process:

@@ -23,6 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from ._errors import ContractError, ListenError
+from ._logs import RateLimitedLog
 from .config import HttpSettings
 from .telemetry import encode
 
@@ -54,21 +56,49 @@ def ok(message: str, status_code: int = 200) -> JsonResponse:
     return JsonResponse(Reply(status="ok", message=message), status_code=status_code)
 
 
+_client_errors = RateLimitedLog(logging.getLogger("rbee.http.clients"))
+_BODY_READ = "rbee_body_read"
+
+
 def _error(request: Request, exc: Exception) -> Response:
+    """The JSON answer to a refused request, logged (rate-limited, quoted). A request whose body
+    was not read to its end gets ``Connection: close``: the unread rest of the body would
+    otherwise be taken for the client's next request on that connection."""
     headers = None
     if isinstance(exc, ApiError):
         status_code, message, headers = exc.status_code, exc.message, exc.headers
+    elif isinstance(exc, ContractError):
+        status_code, message = 400, str(exc)
     else:
         assert isinstance(exc, HTTPException)
         status_code = exc.status_code
         message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
+    if _has_body(request) and not request.scope.get(_BODY_READ, False):
+        headers = {**(headers or {}), "connection": "close"}
+    client = request.client
+    _client_errors.warning("%s %s %r: %d %r", f"{client.host}:{client.port}" if client else "-",
+                           request.method, request.url.path, status_code, message)
     return JsonResponse(Reply(status="error", message=message), status_code=status_code,
                         headers=headers)
 
 
+def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug of ours: the client still gets JSON (the traceback goes to the log, once, by the
+    server that sees the exception re-raised)."""
+    return JsonResponse(Reply(status="error", message=f"internal error ({type(exc).__name__}); "
+                                                      f"the server's log has the details"),
+                        status_code=500, headers={"connection": "close"})
+
+
+def _has_body(request: Request) -> bool:
+    headers = request.headers
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+
+
 def json_app(routes: Sequence[BaseRoute]) -> Starlette:
     return Starlette(routes=list(routes),
-                     exception_handlers={ApiError: _error, HTTPException: _error})
+                     exception_handlers={ApiError: _error, ContractError: _error,
+                                         HTTPException: _error, Exception: _internal_error})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -87,6 +117,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
         chunks.append(chunk)
     body = b"".join(chunks)
+    request.scope[_BODY_READ] = True
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "gzip":
         return gunzip_limited(body, limit)
@@ -123,13 +154,18 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
     http.accesslog = None
     http.errorlog = logging.getLogger("rbee.http")
     http.read_timeout = None  # it would also close stream connections, whose clients send nothing
-    sockets = http.create_sockets()
-    for sock in sockets.insecure_sockets:
-        # Accepted connections inherit it. A client that stops reading leaves hypercorn's
-        # (shielded) send blocked, and its connection cannot close until that send ends; the
-        # kernel gives up on it after this long, which also bounds any wait at shutdown.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                        int(settings.stall_timeout_s * 1000))
-        sock.listen(http.backlog)
+    try:
+        sockets = http.create_sockets()
+        for sock in sockets.insecure_sockets:
+            # Accepted connections inherit it. A client that stops reading leaves hypercorn's
+            # (shielded) send blocked, and its connection cannot close until that send ends; the
+            # kernel gives up on it after this long, which also bounds any wait at shutdown.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int(settings.stall_timeout_s * 1000))
+            sock.listen(http.backlog)
+    except OSError as exc:
+        address = http.bind[0]
+        raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}",
+                          address=address) from exc
     await worker_serve(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets=sockets,
                        shutdown_trigger=shutdown_trigger, task_status=task_status)

@@ -10,22 +10,69 @@ workers would otherwise have the cyclic GC walk them all on every full collectio
 
 Units: ``*_mb`` are MiB (2**20 bytes), ``*_mb_s`` MiB per second, ``*_pct`` percent of one CPU core
 (200.0 = two cores busy) or of one GPU.
+
+Bounds. Whatever a client sends, what the queen keeps is bounded, so the decoder refuses (naming the
+field) rather than stores: ids (hive id, group, instance) are 1-128 characters of ``[A-Za-z0-9_.-]``
+starting with a letter or digit (no ``/``, so ``hive/group/instance`` is unambiguous and a hive id
+is one URL path segment; no whitespace or control characters, so an id cannot forge a log line or
+drive a terminal); free text is capped (``SHORT_TEXT_CHARS``, ``LONG_TEXT_CHARS``); plugin
+``metrics`` are capped in count, key length and charset; every number is finite and at most
+``MAX_FIGURE``, so a sum over the most workers and GPUs a heartbeat may carry stays finite; lists
+are capped (``MAX_WORKERS`` and the queen's own ``registry.max_workers_per_hive``). A hive cuts
+what it collects to these bounds (``fit_worker``) before sending, so its heartbeats always decode.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 
 from ._errors import ContractError
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+MIB = 2**20
+MAX_FIGURE = 2**40
+"""The largest value of any figure (MiB, MiB/s, percent, seconds): a mebibyte figure of 2**40 is
+an exbibyte, and 4096 such figures still sum to an exact, finite float."""
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+ID_MAX_CHARS = 128
+SHORT_TEXT_CHARS = 256
+"""Model, hostname, version, GPU name and UUID, collector name."""
+LONG_TEXT_CHARS = 2048
+"""An error message or a health reason."""
+MAX_WORKERS = 4096
+"""Workers in one heartbeat, whatever the queen's config; ``registry.max_workers_per_hive``
+(1024 by default) is the cap a queen applies."""
+MAX_GPUS = 256
+"""GPUs in one heartbeat, and GPU indices of one worker."""
+MAX_ERRORS = 32
+"""Collector errors of one worker."""
+MAX_METRICS = 64
+"""Plugin metrics of one worker."""
+METRIC_KEY_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+METRIC_KEY_CHARS = 64
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_FIGURE)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_FIGURE)]
+SignedFloat = Annotated[float, msgspec.Meta(ge=-MAX_FIGURE, le=MAX_FIGURE)]
+WholeMib = Annotated[int, msgspec.Meta(ge=0, le=MAX_FIGURE)] | NonNegFloat
+"""A MiB figure the original system types as an unsigned integer: sent as an integer, accepted as
+a float too (older hives sent ``19.83``) and rounded on decoding."""
+Pid = Annotated[int, msgspec.Meta(ge=0, le=2**22)]
+"""At most the kernel's largest ``pid_max``."""
+GpuIndex = Annotated[int, msgspec.Meta(ge=0, lt=MAX_GPUS)]
 UtcTimestamp = Annotated[datetime, msgspec.Meta(tz=True)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS,
+                                         pattern=ID_PATTERN)]
+"""A hive id, a worker's group or instance."""
+ShortText = Annotated[str, msgspec.Meta(max_length=SHORT_TEXT_CHARS)]
+LongText = Annotated[str, msgspec.Meta(max_length=LONG_TEXT_CHARS)]
+MetricKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METRIC_KEY_CHARS,
+                                        pattern=METRIC_KEY_PATTERN)]
+Metrics = Annotated[dict[MetricKey, SignedFloat], msgspec.Meta(max_length=MAX_METRICS)]
 
 
 class WorkerState(enum.StrEnum):
@@ -44,56 +91,71 @@ class OperationalStatus(enum.StrEnum):
 class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """One collector's failure for one worker; the rest of the worker's record is still valid."""
 
-    collector: str
-    message: str
+    collector: ShortText
+    message: LongText
 
 
 class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One worker as seen at one sample.
 
-    The first twelve fields are the original record and are always present. Rates (``cpu_pct``,
-    ``io_*_mb_s``) are deltas between two samples: on a worker's first sample they are 0.0 and
-    ``rate_window_s`` is 0.0, so a reader can tell "not measured yet" from "idle".
+    The first twelve fields are the original record and are always present, with its types:
+    ``rss_mb``, ``vram_mb``, ``total_vram_mb`` and ``uptime_s`` are whole numbers (the original's
+    ``u64``; a float from an older hive is rounded when decoded), ``rss_bytes`` keeps the finer
+    figure. Rates (``cpu_pct``, ``io_*_mb_s``) are deltas between two samples: on a worker's first
+    sample they are 0.0 and ``rate_window_s`` is 0.0, so a reader can tell "not measured yet"
+    from "idle".
     """
 
-    pid: NonNegInt
-    group: Name
-    instance: Name
+    pid: Pid
+    group: Identifier
+    instance: Identifier
     cpu_pct: NonNegFloat
-    rss_mb: NonNegFloat
+    rss_mb: WholeMib
     io_r_mb_s: NonNegFloat
     io_w_mb_s: NonNegFloat
     uptime_s: NonNegInt
     gpu_util_pct: NonNegFloat
-    vram_mb: NonNegFloat
-    total_vram_mb: NonNegFloat
-    model: str | None
+    vram_mb: WholeMib
+    total_vram_mb: WholeMib
+    model: ShortText | None
 
     state: WorkerState = WorkerState.RUNNING
     rate_window_s: NonNegFloat = 0.0
     memory_mb: NonNegFloat = 0.0
     """Everything the cgroup charges (memory.current / usage_in_bytes), page cache included."""
-    gpu_indices: list[NonNegInt] = []
+    gpu_indices: Annotated[list[GpuIndex], msgspec.Meta(max_length=MAX_GPUS)] = []
     cpu_limit_pct: NonNegFloat | None = None
     memory_limit_mb: NonNegFloat | None = None
     limits_applied: bool = True
     """False when the hive runs without cgroups and the requested limits are not enforced."""
-    errors: list[CollectorIssue] = []
-    metrics: dict[str, float] = {}
+    errors: Annotated[list[CollectorIssue], msgspec.Meta(max_length=MAX_ERRORS)] = []
+    metrics: Metrics = {}
     """Numbers contributed by third-party collector plugins, keyed ``plugin.metric``."""
+    rss_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_FIGURE * MIB)] = 0
+    """``rss_mb`` to the byte (0: not measured)."""
+
+    def __post_init__(self) -> None:
+        # Runs for every worker decoded, so the common case (integers already) is two checks.
+        if type(self.rss_mb) is float or type(self.vram_mb) is float \
+                or type(self.total_vram_mb) is float:
+            if type(self.rss_mb) is float and not self.rss_bytes:
+                self.rss_bytes = round(self.rss_mb * MIB)
+            self.rss_mb = round(self.rss_mb)
+            self.vram_mb = round(self.vram_mb)
+            self.total_vram_mb = round(self.total_vram_mb)
 
 
 class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One GPU as its driver reports it; totals are read from the device, never assumed."""
 
-    index: NonNegInt
-    uuid: str
-    name: str
+    index: GpuIndex
+    uuid: ShortText
+    name: ShortText
     util_pct: NonNegFloat
     vram_total_mb: NonNegFloat
     vram_used_mb: NonNegFloat
     vram_free_mb: NonNegFloat
-    temperature_c: float | None = None
+    temperature_c: SignedFloat | None = None
     power_w: NonNegFloat | None = None
 
 
@@ -102,23 +164,23 @@ class Healthy(msgspec.Struct, tag_field="status", tag="healthy", frozen=True, gc
 
 
 class Degraded(msgspec.Struct, tag_field="status", tag="degraded", frozen=True, gc=False):
-    reason: str
+    reason: LongText
 
 
 class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True, gc=False):
-    reason: str
+    reason: LongText
 
 
 HealthStatus = Healthy | Degraded | Unhealthy
 
 
 class HiveInfo(msgspec.Struct, kw_only=True, gc=False):
-    id: Name
-    hostname: str
+    id: Identifier
+    hostname: ShortText
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
     operational_status: OperationalStatus
     health_status: HealthStatus
-    version: str
+    version: ShortText
 
 
 class HiveHeartbeat(msgspec.Struct, kw_only=True, gc=False):
@@ -127,8 +189,8 @@ class HiveHeartbeat(msgspec.Struct, kw_only=True, gc=False):
 
     hive: HiveInfo
     timestamp: UtcTimestamp
-    workers: list[WorkerTelemetry]
-    capabilities: list[GpuDevice] = []
+    workers: Annotated[list[WorkerTelemetry], msgspec.Meta(max_length=MAX_WORKERS)]
+    capabilities: Annotated[list[GpuDevice], msgspec.Meta(max_length=MAX_GPUS)] = []
 
 
 # -- the live stream (GET /v1/heartbeats/stream) ----------------------------------------------
@@ -223,18 +285,106 @@ def encode(message: msgspec.Struct) -> bytes:
 
 _stream_event_decoder = msgspec.json.Decoder(StreamEvent)
 
+T = TypeVar("T")
+
+
+def decode_json(decoder: msgspec.json.Decoder[T], payload: bytes | str, what: str) -> T:
+    """Decode ``payload`` with ``decoder``; every way the input can be wrong is a ContractError
+    naming the problem (and the field, where there is one), never another exception: msgspec also
+    raises UnicodeDecodeError for invalid UTF-8 inside a string and RecursionError for deep
+    nesting, even in a field it would skip."""
+    try:
+        return decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError(f"invalid {what}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        raise ContractError(f"invalid {what}: a string is not valid UTF-8 (byte {bad!r})"
+                            ) from exc
+    except RecursionError as exc:
+        raise ContractError(f"invalid {what}: JSON nested too deeply") from exc
+
 
 def decode_stream_event(payload: bytes | str) -> StreamEvent:
     """Parse the data of one stream event. Raises ContractError naming the offending field."""
-    try:
-        return _stream_event_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ContractError(f"invalid stream event: {exc}") from exc
+    return decode_json(_stream_event_decoder, payload, "stream event")
 
 
 def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:
     """Parse and validate a heartbeat. Raises ContractError naming the offending field."""
-    try:
-        return _heartbeat_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ContractError(f"invalid heartbeat: {exc}") from exc
+    return decode_json(_heartbeat_decoder, payload, "heartbeat")
+
+
+# -- a hive's side of the bounds ----------------------------------------------------------------
+
+_FIGURES = ("cpu_pct", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "rate_window_s", "memory_mb",
+            "rss_mb", "vram_mb", "total_vram_mb", "uptime_s")
+_WHOLE = ("rss_mb", "vram_mb", "total_vram_mb", "uptime_s")
+_metric_key = re.compile(METRIC_KEY_PATTERN)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start and an ellipsis."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def _in_range(value: float, low: float = 0.0) -> bool:
+    return low <= value <= MAX_FIGURE  # False for NaN too
+
+
+def fit_worker(worker: WorkerTelemetry) -> None:
+    """Cut a freshly collected record to the contract's bounds, in place, so the queen accepts
+    the heartbeat whatever a plugin, a command line or a driver put into it: long text is
+    shortened, whole-number fields are rounded, a figure out of range becomes 0, metrics that
+    cannot be sent are dropped. What was changed is said in ``errors`` (collector ``contract``)."""
+    problems = []
+    for name in _FIGURES:
+        value = getattr(worker, name)
+        if not _in_range(value):
+            problems.append(f"{name} {value!r} out of range")
+            setattr(worker, name, 0)
+    for name in _WHOLE:
+        if type(getattr(worker, name)) is not int:
+            setattr(worker, name, round(getattr(worker, name)))
+    if worker.model is not None and len(worker.model) > SHORT_TEXT_CHARS:
+        worker.model = cut(worker.model, SHORT_TEXT_CHARS)
+    if worker.metrics:
+        metrics = {key: value for key, value in worker.metrics.items()
+                   if isinstance(key, str) and len(key) <= METRIC_KEY_CHARS
+                   and _metric_key.match(key) and isinstance(value, int | float)
+                   and _in_range(value, -MAX_FIGURE)}
+        if len(metrics) > MAX_METRICS:
+            metrics = dict(list(metrics.items())[:MAX_METRICS])
+        if len(metrics) < len(worker.metrics):
+            problems.append(f"{len(worker.metrics) - len(metrics)} metrics dropped (at most "
+                            f"{MAX_METRICS}, keys of {METRIC_KEY_CHARS} characters "
+                            f"{METRIC_KEY_PATTERN}, finite values)")
+            worker.metrics = metrics
+    if len(worker.gpu_indices) > MAX_GPUS or not all(
+            0 <= index < MAX_GPUS for index in worker.gpu_indices):
+        problems.append("GPU indices out of range dropped")
+        worker.gpu_indices = [i for i in worker.gpu_indices if 0 <= i < MAX_GPUS][:MAX_GPUS]
+    errors = worker.errors
+    if problems:
+        errors = [*errors[:MAX_ERRORS - 1], CollectorIssue(collector="contract",
+                                                           message="; ".join(problems))]
+    if len(errors) > MAX_ERRORS or any(
+            len(e.message) > LONG_TEXT_CHARS or len(e.collector) > SHORT_TEXT_CHARS
+            for e in errors):
+        errors = [CollectorIssue(collector=cut(e.collector, SHORT_TEXT_CHARS),
+                                 message=cut(e.message, LONG_TEXT_CHARS))
+                  for e in errors[:MAX_ERRORS]]
+    worker.errors = errors
+
+
+def fit_gpu(device: GpuDevice) -> None:
+    """A driver's device record cut to the contract's bounds, in place (as ``fit_worker``)."""
+    device.uuid = cut(device.uuid, SHORT_TEXT_CHARS)
+    device.name = cut(device.name, SHORT_TEXT_CHARS)
+    for name in ("util_pct", "vram_total_mb", "vram_used_mb", "vram_free_mb"):
+        if not _in_range(getattr(device, name)):
+            setattr(device, name, 0.0)
+    if device.temperature_c is not None and not _in_range(device.temperature_c, -MAX_FIGURE):
+        device.temperature_c = None
+    if device.power_w is not None and not _in_range(device.power_w):
+        device.power_w = None

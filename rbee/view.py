@@ -1,4 +1,9 @@
-"""Renders workers as the rows of a terminal table (``rbee up``, ``rbee top``)."""
+"""Renders workers as the rows of a terminal table (``rbee up``, ``rbee top``, ``rbee workers``).
+
+Every cell goes through ``printable`` on its way out, whatever column it is in, so text a hive
+sent (a model name, an error message) cannot move the cursor, recolour or clear the operator's
+terminal: a control character shows as its escape (``\x1b``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,14 @@ from .telemetry import WorkerTelemetry
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
            "VRAM MB", "UPTIME", "NOTE")
 WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 8, 0)
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
+    overrides, line separators) written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def uptime(seconds: int) -> str:
@@ -31,7 +44,8 @@ def row(hive: str, worker: WorkerTelemetry, note: str = "") -> str:
         f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s),
         ", ".join(notes),
     )
-    return "  ".join(cell[: w or None].ljust(w) for cell, w in zip(cells, WIDTHS, strict=True))
+    return "  ".join(printable(cell)[: w or None].ljust(w)
+                     for cell, w in zip(cells, WIDTHS, strict=True))
 
 
 def table(rows: Iterable[tuple[str, WorkerTelemetry, str]]) -> str:

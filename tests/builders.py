@@ -25,7 +25,7 @@ GIB = 1024.0  # MiB
 def worker(instance: str = "w0", *, group: str = "llm", model: str | None = "llama-3-8b",
            gpu_util_pct: float = 0.0, vram_mb: float = 0.0, gpu_indices: Sequence[int] = (),
            total_vram_mb: float = 0.0, pid: int = 4242, **fields) -> WorkerTelemetry:
-    values = dict(cpu_pct=12.5, rss_mb=512.0, io_r_mb_s=0.5, io_w_mb_s=0.25, uptime_s=60)
+    values = dict(cpu_pct=12.5, rss_mb=512, io_r_mb_s=0.5, io_w_mb_s=0.25, uptime_s=60)
     values.update(fields)
     return WorkerTelemetry(
         pid=pid, group=group, instance=instance, gpu_util_pct=gpu_util_pct, vram_mb=vram_mb,

@@ -23,6 +23,9 @@ from .._errors import RbeeError, SpawnError
 from ..config import HiveConfig, WorkerSpec
 from ..plugin.manager import build_plugin_manager
 from ..telemetry import (
+    LONG_TEXT_CHARS,
+    MAX_GPUS,
+    SHORT_TEXT_CHARS,
     CollectorIssue,
     Degraded,
     HealthStatus,
@@ -30,6 +33,9 @@ from ..telemetry import (
     HiveHeartbeat,
     HiveInfo,
     OperationalStatus,
+    cut,
+    fit_gpu,
+    fit_worker,
     utc_now,
 )
 from .cgroups import select_backend
@@ -232,11 +238,18 @@ class HiveAgent:
         changed.set()
 
     def _heartbeat(self, workers) -> HiveHeartbeat:
+        """The snapshot, cut to the contract's bounds: a plugin's or a driver's excess costs
+        its own field, never the delivery of the whole heartbeat."""
+        for worker in workers:
+            fit_worker(worker)
+        devices = list(self.collector.devices)[:MAX_GPUS]
+        for device in devices:
+            fit_gpu(device)
         return HiveHeartbeat(
-            hive=HiveInfo(id=self.config.id, hostname=socket.gethostname(), port=self.port,
-                          operational_status=self.status, health_status=self.health(),
-                          version=__version__),
-            timestamp=utc_now(), workers=workers, capabilities=list(self.collector.devices))
+            hive=HiveInfo(id=self.config.id, hostname=cut(socket.gethostname(), SHORT_TEXT_CHARS),
+                          port=self.port, operational_status=self.status,
+                          health_status=self.health(), version=__version__),
+            timestamp=utc_now(), workers=workers, capabilities=devices)
 
     def farewell(self) -> HiveHeartbeat:
         """The last heartbeat of a hive that stopped its workers: status stopped, no workers."""
@@ -248,7 +261,8 @@ class HiveAgent:
         if self._refresh_issue is not None:
             issues.append(self._refresh_issue)
         if issues:
-            return Degraded(reason="; ".join(f"{i.collector}: {i.message}" for i in issues))
+            return Degraded(reason=cut("; ".join(f"{i.collector}: {i.message}" for i in issues),
+                                       LONG_TEXT_CHARS))
         return Healthy()
 
     async def _shutdown(self) -> None:
