@@ -56,30 +56,33 @@ def ok(message: str, status_code: int = 200) -> JsonResponse:
     return JsonResponse(Reply(status="ok", message=message), status_code=status_code)
 
 
-_client_errors = RateLimitedLog(logging.getLogger("rbee.http.clients"))
 _BODY_READ = "rbee_body_read"
 
 
-def _error(request: Request, exc: Exception) -> Response:
-    """The JSON answer to a refused request, logged (rate-limited, quoted). A request whose body
-    was not read to its end gets ``Connection: close``: the unread rest of the body would
-    otherwise be taken for the client's next request on that connection."""
-    headers = None
-    if isinstance(exc, ApiError):
-        status_code, message, headers = exc.status_code, exc.message, exc.headers
-    elif isinstance(exc, ContractError):
-        status_code, message = 400, str(exc)
-    else:
-        assert isinstance(exc, HTTPException)
-        status_code = exc.status_code
-        message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
-    if _has_body(request) and not request.scope.get(_BODY_READ, False):
-        headers = {**(headers or {}), "connection": "close"}
-    client = request.client
-    _client_errors.warning("%s %s %r: %d %r", f"{client.host}:{client.port}" if client else "-",
-                           request.method, request.url.path, status_code, message)
-    return JsonResponse(Reply(status="error", message=message), status_code=status_code,
-                        headers=headers)
+def _error_handler(client_errors: RateLimitedLog):
+    def error(request: Request, exc: Exception) -> Response:
+        """The JSON answer to a refused request, logged (rate-limited, quoted). A request whose
+        body was not read to its end gets ``Connection: close``: the unread rest of the body
+        would otherwise be taken for the client's next request on that connection."""
+        headers = None
+        if isinstance(exc, ApiError):
+            status_code, message, headers = exc.status_code, exc.message, exc.headers
+        elif isinstance(exc, ContractError):
+            status_code, message = 400, str(exc)
+        else:
+            assert isinstance(exc, HTTPException)
+            status_code = exc.status_code
+            message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
+        if _has_body(request) and not request.scope.get(_BODY_READ, False):
+            headers = {**(headers or {}), "connection": "close"}
+        client = request.client
+        client_errors.warning("%s %s %r: %d %r",
+                              f"{client.host}:{client.port}" if client else "-",
+                              request.method, request.url.path, status_code, message)
+        return JsonResponse(Reply(status="error", message=message), status_code=status_code,
+                            headers=headers)
+
+    return error
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
@@ -96,9 +99,12 @@ def _has_body(request: Request) -> bool:
 
 
 def json_app(routes: Sequence[BaseRoute]) -> Starlette:
+    """A Starlette app whose every answer is JSON; refused requests are logged by
+    ``rbee.http.clients``, at most 10 lines per 10 s per app."""
+    error = _error_handler(RateLimitedLog(logging.getLogger("rbee.http.clients")))
     return Starlette(routes=list(routes),
-                     exception_handlers={ApiError: _error, ContractError: _error,
-                                         HTTPException: _error, Exception: _internal_error})
+                     exception_handlers={ApiError: error, ContractError: error,
+                                         HTTPException: error, Exception: _internal_error})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
