@@ -26,12 +26,24 @@ from starlette.routing import BaseRoute
 from ._errors import ContractError, ListenError
 from ._logs import RateLimitedLog
 from .config import HttpSettings
-from .telemetry import encode
+from .telemetry import decode_json, encode
 
 
 class Reply(msgspec.Struct, kw_only=True):
     status: str
     message: str
+
+
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def reply_message(content: bytes) -> str | None:
+    """The message of a JSON reply (an error's reason), or None when the body is not one: what a
+    client of ours shows when a server refuses it, whatever that server sent."""
+    try:
+        return decode_json(_reply_decoder, content, "reply").message
+    except ContractError:
+        return None
 
 
 class ApiError(Exception):

@@ -21,18 +21,19 @@ import msgspec
 import trio
 import yaml
 
-from ._errors import RbeeError, leaf_exceptions
-from ._http import Reply
+from ._errors import ContractError, RbeeError, leaf_exceptions
+from ._http import reply_message
 from .config import HiveConfig, QueenConfig, parse_config
 from .fleetview import FleetView
 from .hive.service import HiveService
 from .queen.registry import FleetWorker
 from .queen.server import QueenServer
 from .stream_client import follow_stream
-from .telemetry import StreamEvent
+from .telemetry import StreamEvent, decode_json
 from .view import printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
+_fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
 
 
 def demo_config(queen_url: str) -> HiveConfig:
@@ -128,19 +129,17 @@ def workers(args: argparse.Namespace) -> int:
         print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 200:
-        try:
-            problem = msgspec.json.decode(response.content, type=Reply).message
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+        problem = (reply_message(response.content)
+                   or f"HTTP {response.status_code}: {response.text[:200]}")
         print(f"rbee: {printable(problem)}", file=sys.stderr)
         return 1
     if args.json:
         print(response.text)
         return 0
     try:
-        found = msgspec.json.decode(response.content, type=list[FleetWorker])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        print(f"rbee: the queen's reply is not a list of workers: {exc}", file=sys.stderr)
+        found = decode_json(_fleet_decoder, response.content, "list of workers")
+    except ContractError as exc:
+        print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
         return 1
     print(table((w.hive_id, w.worker, _workers_note(w)) for w in found))
     print(f"{len(found)} workers")

@@ -68,6 +68,10 @@ UtcTimestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS,
                                          pattern=ID_PATTERN)]
 """A hive id, a worker's group or instance."""
+WorkerName = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS)]
+"""A group or instance: an ``Identifier`` whose pattern ``WorkerTelemetry.__post_init__`` checks,
+through a cache of names already seen (a regex per name would double the decoding time of a
+heartbeat, and a fleet's names repeat every second)."""
 ShortText = Annotated[str, msgspec.Meta(max_length=SHORT_TEXT_CHARS)]
 LongText = Annotated[str, msgspec.Meta(max_length=LONG_TEXT_CHARS)]
 MetricKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METRIC_KEY_CHARS,
@@ -107,8 +111,8 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     """
 
     pid: Pid
-    group: Identifier
-    instance: Identifier
+    group: WorkerName
+    instance: WorkerName
     cpu_pct: NonNegFloat
     rss_mb: WholeMib
     io_r_mb_s: NonNegFloat
@@ -135,7 +139,10 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     """``rss_mb`` to the byte (0: not measured)."""
 
     def __post_init__(self) -> None:
-        # Runs for every worker decoded, so the common case (integers already) is two checks.
+        # Runs for every worker decoded, so the common case (known names, integers already)
+        # is five quick checks.
+        if self.group not in _known_names or self.instance not in _known_names:
+            _check_names(self.group, self.instance)
         if type(self.rss_mb) is float or type(self.vram_mb) is float \
                 or type(self.total_vram_mb) is float:
             if type(self.rss_mb) is float and not self.rss_bytes:
@@ -143,6 +150,21 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
             self.rss_mb = round(self.rss_mb)
             self.vram_mb = round(self.vram_mb)
             self.total_vram_mb = round(self.total_vram_mb)
+
+
+_id_pattern = re.compile(ID_PATTERN)
+_known_names: set[str] = set()
+_KNOWN_NAMES_MAX = 65536
+
+
+def _check_names(*names: str) -> None:
+    for name in names:
+        if not _id_pattern.match(name):
+            raise ValueError(f"{name!r} is not a group or instance name: 1-{ID_MAX_CHARS} "
+                             f"characters of [A-Za-z0-9_.-], the first a letter or digit")
+    if len(_known_names) >= _KNOWN_NAMES_MAX:
+        _known_names.clear()
+    _known_names.update(names)
 
 
 class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .telemetry import WorkerTelemetry
+from .telemetry import MIB, WorkerTelemetry
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
            "VRAM MB", "UPTIME", "NOTE")
@@ -39,7 +39,7 @@ def row(hive: str, worker: WorkerTelemetry, note: str = "") -> str:
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
     cells = (
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
-        f"{worker.cpu_pct:.1f}", f"{worker.rss_mb:.1f}",
+        f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", f"{worker.gpu_util_pct:.0f}",
         f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s),
         ", ".join(notes),

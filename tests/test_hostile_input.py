@@ -123,8 +123,10 @@ BEYOND_BOUNDS = [
     (heartbeat_json(id="gpu 07"), "$.hive.id"),
     (heartbeat_json(id="x" * 129), "$.hive.id"),
     (heartbeat_json(hostname="h" * (SHORT_TEXT_CHARS + 1)), "$.hive.hostname"),
-    (_with_worker(group="b/c"), "$.workers[0].group"),
-    (_with_worker(instance="\x1b[2J"), "$.workers[0].instance"),
+    (_with_worker(group="b/c"), "'b/c' is not a group or instance name: 1-128 characters of "
+                                "[A-Za-z0-9_.-], the first a letter or digit - at `$.workers[0]`"),
+    (_with_worker(instance="\x1b[2J"), "'\\x1b[2J' is not a group or instance name"),
+    (_with_worker(instance="i" * 129), "$.workers[0].instance"),
     (_with_worker(model="m" * (SHORT_TEXT_CHARS + 1)), "$.workers[0].model"),
     (_with_worker(errors=[{"collector": "gpu", "message": "e" * (LONG_TEXT_CHARS + 1)}]),
      "$.workers[0].errors[0].message"),
@@ -168,8 +170,8 @@ async def test_vram_sums_stay_finite_and_rbee_workers_reads_the_fleet(queen, cli
 
 async def test_worker_ids_cannot_collide_and_every_hive_is_one_path_segment(queen, client):
     await post_heartbeat(client, queen, heartbeat("a", [worker("d", group="b-c")]))
-    response = await client.post("/v1/hive-heartbeat",
-                                 content=encode(heartbeat("a", [worker("d", group="b/c")])))
+    colliding = encode(heartbeat("a", [worker("d", group="b-c")])).replace(b'"b-c"', b'"b/c"')
+    response = await client.post("/v1/hive-heartbeat", content=colliding)
     assert response.status_code == 400
     (listed,) = msgspec.json.decode((await client.get("/v1/workers")).content,
                                     type=list[FleetWorker])
