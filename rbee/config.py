@@ -61,7 +61,13 @@ class CollectorSettings(Settings):
     nvidia_smi_path: str = "nvidia-smi"
     nvidia_smi_timeout_s: Seconds = 2.0
     refresh_timeout_s: Seconds = 3.0
-    """Deadline of one GPU refresh (NVML or nvidia-smi) before the tick goes on without it."""
+    """Deadline of one GPU refresh (NVML or nvidia-smi), and of one per-process utilisation
+    sample, before the tick goes on without it."""
+    gpu_event_wait_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
+    """How long each sample waits for NVML's Xid events (on the sampling thread, off the tick)."""
+    gpu_xid_window_s: Seconds = 300.0
+    """How long an Xid that needs no reset keeps its GPU degraded; one that needs a reset keeps
+    it unhealthy until the hive restarts."""
     disabled_plugins: list[str] = []
 
 
@@ -161,7 +167,10 @@ class RegistrySettings(Settings):
     """Silent this long: removed with its workers, and the removal announced on the stream."""
     cleanup_interval_s: Seconds = 1.0
     idle_gpu_util_pct: Annotated[float, msgspec.Meta(ge=0)] = 5.0
-    """A worker at or under this GPU utilisation counts as idle."""
+    """A worker at or under this GPU utilisation counts as idle (an unknown figure never does)."""
+    skip_unhealthy_gpus: bool = True
+    """Scheduling queries leave out workers on a GPU whose health is unhealthy (ECC errors, a
+    reset pending, a fatal Xid)."""
     mass_silence_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     """If more than this share of the hives falls silent at once, the queen suspects its own side
     (network, a stall) and removes none of them; they stay stale until they return."""

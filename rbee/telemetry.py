@@ -93,10 +93,44 @@ class OperationalStatus(enum.StrEnum):
 
 
 class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True, gc=False):
-    """One collector's failure for one worker; the rest of the worker's record is still valid."""
+    """One collector's failure for one worker (or a figure one GPU cannot give); the rest of the
+    record is still valid."""
 
     collector: ShortText
     message: LongText
+
+
+class GpuUtilSource(enum.StrEnum):
+    """Where a worker's GPU utilisation comes from, so no scheduler mistakes one for the other."""
+
+    PROCESS = "process"
+    """The worker's own processes' samples (NVML per-process utilisation) since the last tick:
+    a process with no newer sample did not run on the GPU, and counts 0."""
+    DEVICE = "device"
+    """The whole device's figure, every process on it included: per-process utilisation is not
+    supported there (nvidia-smi, some drivers). An upper bound for the worker, not its own use."""
+
+
+class WorkerGpuUse(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """What one worker uses of one GPU (or MIG instance): its processes' VRAM and utilisation
+    there, measured per GPU, never an equal share of a total. ``None`` is "the driver does not
+    say" (the reason is in the worker's ``errors``), never 0."""
+
+    index: GpuIndex
+    """The GPU's index on its hive; for a MIG instance, its parent GPU's."""
+    uuid: ShortText
+    """The device the processes run on: ``GPU-…``, or ``MIG-…`` for a MIG instance."""
+    vram_mb: NonNegFloat | None
+    util_pct: NonNegFloat | None
+    """SM utilisation, averaged over the samples of ``util_window_s`` (``util_source`` says whose)."""
+    mem_util_pct: NonNegFloat | None = None
+    """Memory-bandwidth utilisation over the same samples."""
+    util_source: GpuUtilSource | None = None
+    util_window_s: NonNegFloat = 0.0
+    """The span the utilisation covers: the time between two per-process queries (one tick), or
+    the driver's own averaging period for a device figure (1/6 s to 1 s, driver-chosen)."""
+    sample_age_s: NonNegFloat = 0.0
+    """Age of the utilisation figure when this record was built."""
 
 
 class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -118,7 +152,9 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     io_r_mb_s: NonNegFloat
     io_w_mb_s: NonNegFloat
     uptime_s: NonNegInt
-    gpu_util_pct: NonNegFloat
+    gpu_util_pct: NonNegFloat | None
+    """Sum over its GPUs of ``gpus[].util_pct`` (percent of one GPU). ``None`` when the driver
+    gives no figure for one of them: unknown is never reported as 0 (idle)."""
     vram_mb: WholeMib
     total_vram_mb: WholeMib
     model: ShortText | None
@@ -135,6 +171,12 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     errors: Annotated[list[CollectorIssue], msgspec.Meta(max_length=MAX_ERRORS)] = []
     metrics: Metrics = {}
     """Numbers contributed by third-party collector plugins, keyed ``plugin.metric``."""
+    gpu_util_source: GpuUtilSource | None = None
+    """Whose figure ``gpu_util_pct`` is; ``device`` if any of its GPUs gave only a device figure.
+    Absent for a worker on no GPU."""
+    gpus: Annotated[list[WorkerGpuUse], msgspec.Meta(max_length=MAX_GPUS)] = []
+    """Per GPU (or MIG instance) the worker's processes run on, or that CUDA_VISIBLE_DEVICES
+    gives it before it allocates anything."""
     rss_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_FIGURE * MIB)] = 0
     """``rss_mb`` to the byte (0: not measured)."""
 
@@ -167,18 +209,30 @@ def _check_names(*names: str) -> None:
     _known_names.update(names)
 
 
-class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """One GPU as its driver reports it; totals are read from the device, never assumed."""
+class GpuFaultKind(enum.StrEnum):
+    """The checks DCGM's health watches make, as NVML exposes them."""
 
-    index: GpuIndex
-    uuid: ShortText
-    name: ShortText
-    util_pct: NonNegFloat
-    vram_total_mb: NonNegFloat
-    vram_used_mb: NonNegFloat
-    vram_free_mb: NonNegFloat
-    temperature_c: SignedFloat | None = None
-    power_w: NonNegFloat | None = None
+    ECC_UNCORRECTED = "ecc_uncorrected"
+    """Uncorrected (double-bit) ECC errors since the driver loaded: data was lost."""
+    RETIRED_PAGES_PENDING = "retired_pages_pending"
+    """Pages waiting to be retired (pre-Ampere): the GPU needs a reset."""
+    REMAPPED_ROWS_PENDING = "remapped_rows_pending"
+    """Rows waiting to be remapped (Ampere and later): the GPU needs a reset."""
+    ROW_REMAP_FAILURE = "row_remap_failure"
+    """A row could not be remapped: the GPU should be replaced."""
+    THERMAL_SLOWDOWN = "thermal_slowdown"
+    POWER_BRAKE = "power_brake"
+    HW_SLOWDOWN = "hw_slowdown"
+    XID = "xid"
+    """An Xid error reported by the driver (NVML critical-error events)."""
+
+
+class GpuFault(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    kind: GpuFaultKind
+    detail: LongText
+    fatal: bool
+    """True: work on this GPU is at risk (data lost, reset needed), so the GPU is unhealthy and
+    scheduling skips it. False: it runs, slower (clock throttling) — degraded."""
 
 
 class Healthy(msgspec.Struct, tag_field="status", tag="healthy", frozen=True, gc=False):
@@ -194,6 +248,46 @@ class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True
 
 
 HealthStatus = Healthy | Degraded | Unhealthy
+
+
+def gpu_health(faults: list[GpuFault]) -> HealthStatus:
+    """A GPU's health from its faults: unhealthy if any is fatal, degraded if any, else healthy."""
+    if not faults:
+        return Healthy()
+    reason = "; ".join(f"{fault.kind}: {fault.detail}" for fault in faults)
+    return Unhealthy(reason=reason) if any(f.fatal for f in faults) else Degraded(reason=reason)
+
+
+class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """One GPU (or MIG instance) as its driver reports it; totals are read from the device, never
+    assumed. A figure the driver does not support is ``None`` with the reason in ``errors``.
+
+    ``util_pct`` and ``mem_util_pct`` are the driver's device-wide figures: the share of its
+    sampling period (1/6 s to 1 s, driver-chosen) in which a kernel ran / memory was read or
+    written. Short bursts between its samples can read 0; per-worker figures come from
+    per-process samples instead (``WorkerGpuUse``)."""
+
+    index: GpuIndex
+    """The GPU's index; for a MIG instance, its parent GPU's (``uuid`` tells instances apart)."""
+    uuid: ShortText
+    name: ShortText
+    util_pct: NonNegFloat | None
+    vram_total_mb: NonNegFloat
+    vram_used_mb: NonNegFloat
+    vram_free_mb: NonNegFloat
+    temperature_c: SignedFloat | None = None
+    power_w: NonNegFloat | None = None
+    mem_util_pct: NonNegFloat | None = None
+    sample_age_s: NonNegFloat = 0.0
+    """Age of these figures when the heartbeat was built."""
+    health: HealthStatus = Healthy()
+    faults: Annotated[list[GpuFault], msgspec.Meta(max_length=MAX_ERRORS)] = []
+    errors: Annotated[list[CollectorIssue], msgspec.Meta(max_length=MAX_ERRORS)] = []
+    mig_parent_uuid: ShortText | None = None
+    """Set on a MIG instance: the physical GPU it is carved from. A GPU in MIG mode is reported
+    as its instances (each with its own memory), not as itself."""
+    mig_instance_id: NonNegInt | None = None
+    """The GPU instance id of a MIG instance on its parent."""
 
 
 class HiveInfo(msgspec.Struct, kw_only=True, gc=False):
@@ -227,6 +321,9 @@ class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hi
     timestamp: UtcTimestamp
     """The hive's own clock at sending, as it reported it."""
     workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice] = []
+    """Its GPUs with their health, as in the heartbeat."""
+    health_status: HealthStatus | None = None
 
 
 class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen", gc=False):
@@ -339,9 +436,12 @@ def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:
 
 # -- a hive's side of the bounds ----------------------------------------------------------------
 
-_FIGURES = ("cpu_pct", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "rate_window_s", "memory_mb",
-            "rss_mb", "vram_mb", "total_vram_mb", "uptime_s")
+_WORKER_FIGURES = ("cpu_pct", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "rate_window_s",
+                   "memory_mb", "rss_mb", "vram_mb", "total_vram_mb", "uptime_s")
 _WHOLE = ("rss_mb", "vram_mb", "total_vram_mb", "uptime_s")
+_GPU_USE_FIGURES = ("vram_mb", "util_pct", "mem_util_pct", "util_window_s", "sample_age_s")
+_DEVICE_FIGURES = ("util_pct", "mem_util_pct", "vram_total_mb", "vram_used_mb", "vram_free_mb",
+                   "power_w", "sample_age_s")
 _metric_key = re.compile(METRIC_KEY_PATTERN)
 
 
@@ -354,17 +454,33 @@ def _in_range(value: float, low: float = 0.0) -> bool:
     return low <= value <= MAX_FIGURE  # False for NaN too
 
 
+def _fit_figures(record: msgspec.Struct, names: tuple[str, ...],
+                 unknowable: tuple[str, ...] = ()) -> list[str]:
+    """Out-of-range figures of ``record`` set to None (unknown) if in ``unknowable``, else 0."""
+    problems = []
+    for name in names:
+        value = getattr(record, name)
+        if value is not None and not _in_range(value):
+            problems.append(f"{name} {value!r} out of range")
+            setattr(record, name, None if name in unknowable else 0)
+    return problems
+
+
+def _fit_issues(issues: list[CollectorIssue]) -> list[CollectorIssue]:
+    if len(issues) <= MAX_ERRORS and all(len(i.message) <= LONG_TEXT_CHARS
+                                         and len(i.collector) <= SHORT_TEXT_CHARS for i in issues):
+        return issues
+    return [CollectorIssue(collector=cut(i.collector, SHORT_TEXT_CHARS),
+                           message=cut(i.message, LONG_TEXT_CHARS)) for i in issues[:MAX_ERRORS]]
+
+
 def fit_worker(worker: WorkerTelemetry) -> None:
     """Cut a freshly collected record to the contract's bounds, in place, so the queen accepts
     the heartbeat whatever a plugin, a command line or a driver put into it: long text is
-    shortened, whole-number fields are rounded, a figure out of range becomes 0, metrics that
-    cannot be sent are dropped. What was changed is said in ``errors`` (collector ``contract``)."""
-    problems = []
-    for name in _FIGURES:
-        value = getattr(worker, name)
-        if not _in_range(value):
-            problems.append(f"{name} {value!r} out of range")
-            setattr(worker, name, 0)
+    shortened, whole-number fields are rounded, a figure out of range becomes 0 (or unknown),
+    metrics that cannot be sent are dropped. What was changed is said in ``errors`` (collector
+    ``contract``)."""
+    problems = _fit_figures(worker, _WORKER_FIGURES, ("gpu_util_pct",))
     for name in _WHOLE:
         if type(getattr(worker, name)) is not int:
             setattr(worker, name, round(getattr(worker, name)))
@@ -386,27 +502,36 @@ def fit_worker(worker: WorkerTelemetry) -> None:
             0 <= index < MAX_GPUS for index in worker.gpu_indices):
         problems.append("GPU indices out of range dropped")
         worker.gpu_indices = [i for i in worker.gpu_indices if 0 <= i < MAX_GPUS][:MAX_GPUS]
+    if worker.gpus:
+        worker.gpus = worker.gpus[:MAX_GPUS]
+        for use in worker.gpus:
+            use.uuid = cut(use.uuid, SHORT_TEXT_CHARS)
+            problems += _fit_figures(use, _GPU_USE_FIGURES, ("vram_mb", "util_pct", "mem_util_pct"))
     errors = worker.errors
     if problems:
         errors = [*errors[:MAX_ERRORS - 1], CollectorIssue(collector="contract",
                                                            message="; ".join(problems))]
-    if len(errors) > MAX_ERRORS or any(
-            len(e.message) > LONG_TEXT_CHARS or len(e.collector) > SHORT_TEXT_CHARS
-            for e in errors):
-        errors = [CollectorIssue(collector=cut(e.collector, SHORT_TEXT_CHARS),
-                                 message=cut(e.message, LONG_TEXT_CHARS))
-                  for e in errors[:MAX_ERRORS]]
-    worker.errors = errors
+    worker.errors = _fit_issues(errors)
 
 
 def fit_gpu(device: GpuDevice) -> None:
     """A driver's device record cut to the contract's bounds, in place (as ``fit_worker``)."""
     device.uuid = cut(device.uuid, SHORT_TEXT_CHARS)
     device.name = cut(device.name, SHORT_TEXT_CHARS)
-    for name in ("util_pct", "vram_total_mb", "vram_used_mb", "vram_free_mb"):
-        if not _in_range(getattr(device, name)):
-            setattr(device, name, 0.0)
+    if device.mig_parent_uuid is not None:
+        device.mig_parent_uuid = cut(device.mig_parent_uuid, SHORT_TEXT_CHARS)
+    problems = _fit_figures(device, _DEVICE_FIGURES, ("util_pct", "mem_util_pct", "power_w"))
     if device.temperature_c is not None and not _in_range(device.temperature_c, -MAX_FIGURE):
+        problems.append(f"temperature_c {device.temperature_c!r} out of range")
         device.temperature_c = None
-    if device.power_w is not None and not _in_range(device.power_w):
-        device.power_w = None
+    if not isinstance(device.health, Healthy) and len(device.health.reason) > LONG_TEXT_CHARS:
+        device.health = type(device.health)(reason=cut(device.health.reason, LONG_TEXT_CHARS))
+    if len(device.faults) > MAX_ERRORS or any(len(f.detail) > LONG_TEXT_CHARS
+                                              for f in device.faults):
+        device.faults = [msgspec.structs.replace(f, detail=cut(f.detail, LONG_TEXT_CHARS))
+                         for f in device.faults[:MAX_ERRORS]]
+    errors = device.errors
+    if problems:
+        errors = [*errors[:MAX_ERRORS - 1], CollectorIssue(collector="contract",
+                                                           message="; ".join(problems))]
+    device.errors = _fit_issues(errors)

@@ -27,9 +27,11 @@ from rbee.telemetry import (
     MIB,
     SHORT_TEXT_CHARS,
     CollectorIssue,
+    Degraded,
     HiveTelemetryEvent,
     decode_heartbeat,
     encode,
+    fit_gpu,
     fit_worker,
     utc_now,
 )
@@ -223,6 +225,18 @@ def test_a_hive_cuts_what_it_collected_to_the_bounds_and_says_so():
     assert decoded.errors[-1].collector == "contract"
     assert "cpu_pct inf out of range" in decoded.errors[-1].message
     assert "39 metrics dropped" in decoded.errors[-1].message
+
+
+def test_a_hive_cuts_a_drivers_device_record_to_the_bounds():
+    device = gpu(0, total_gib=80, used_gib=1)
+    device.name = "n" * 1000
+    device.util_pct, device.power_w, device.vram_free_mb = float("nan"), float("inf"), -1.0
+    device.health = Degraded(reason="r" * 10_000)
+    fit_gpu(device)
+    (decoded,) = decode_heartbeat(encode(heartbeat("hive-a", [], [device]))).capabilities
+    assert len(decoded.name) == SHORT_TEXT_CHARS and len(decoded.health.reason) == LONG_TEXT_CHARS
+    assert (decoded.util_pct, decoded.power_w, decoded.vram_free_mb) == (None, None, 0)
+    assert decoded.errors[-1].collector == "contract"
 
 
 def test_a_worker_log_that_cannot_be_opened_is_a_spawn_error(none_monitor, tmp_path):

@@ -67,12 +67,14 @@ class HiveAgent:
         self.status = OperationalStatus.STARTING
         self.port = config.port
         self._refresh_issue: CollectorIssue | None = None
+        self._sample_issue: CollectorIssue | None = None
         self.latest = self._heartbeat([])
         self.generation = 0
         """Increases with every new ``latest``: a reader that remembers it misses nothing."""
         self._changed = trio.Event()
         self._collect_limiter = trio.CapacityLimiter(1)
         self._refresh_limiter = trio.CapacityLimiter(1)
+        self._sample_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._desired: dict[tuple[str, str], WorkerSpec] = {}
@@ -165,6 +167,7 @@ class HiveAgent:
                 for worker in self.monitor.workers():
                     nursery.start_soon(self._watch_exit, worker.pid)
                 nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._sample_loop)
                 self.status = OperationalStatus.READY
                 await self._publish()
                 task_status.started()
@@ -208,18 +211,34 @@ class HiveAgent:
                                       self.config.stop_grace_s)
 
     async def _refresh_loop(self) -> None:
-        timeout = self.config.collect.refresh_timeout_s
         while True:
-            with trio.move_on_after(timeout) as scope:
-                await trio.to_thread.run_sync(self.collector.refresh_devices,
-                                              limiter=self._refresh_limiter, abandon_on_cancel=True)
-            if scope.cancelled_caught:
-                self._refresh_issue = CollectorIssue(
-                    collector="refresh", message=f"device refresh took longer than {timeout:g}s")
-                log.warning("GPU refresh took longer than %gs; going on without it", timeout)
-            else:
-                self._refresh_issue = None
+            self._refresh_issue = await self._off_loop(
+                self.collector.refresh_devices, self._refresh_limiter, "device refresh")
             await trio.sleep(self.config.collect.interval_s)
+
+    async def _sample_loop(self) -> None:
+        """Per-process GPU utilisation, once per tick on a thread of its own: at 1.4-2.6 ms a GPU
+        it must not sit on the refresh's path. The next sample starts one interval after the
+        last one started, so the figures are never older than a tick plus one sample's cost."""
+        interval = self.config.collect.interval_s
+        while True:
+            started = trio.current_time()
+            self._sample_issue = await self._off_loop(
+                self.collector.sample_devices, self._sample_limiter, "GPU sample")
+            await trio.sleep_until(started + interval)
+
+    async def _off_loop(self, work, limiter: trio.CapacityLimiter, what: str
+                        ) -> CollectorIssue | None:
+        """Run blocking device work in a thread under ``refresh_timeout_s``; past it the work is
+        abandoned (a hung driver delays nothing) and reported."""
+        timeout = self.config.collect.refresh_timeout_s
+        with trio.move_on_after(timeout) as scope:
+            await trio.to_thread.run_sync(work, limiter=limiter, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("%s took longer than %gs; going on without it", what, timeout)
+            return CollectorIssue(collector="refresh",
+                                  message=f"{what} took longer than {timeout:g}s")
+        return None
 
     async def _collect_loop(self) -> None:
         interval = self.config.heartbeat.interval_s
@@ -242,7 +261,7 @@ class HiveAgent:
         its own field, never the delivery of the whole heartbeat."""
         for worker in workers:
             fit_worker(worker)
-        devices = list(self.collector.devices)[:MAX_GPUS]
+        devices = self.collector.devices_now()[:MAX_GPUS]
         for device in devices:
             fit_gpu(device)
         return HiveHeartbeat(
@@ -257,13 +276,15 @@ class HiveAgent:
         return self._heartbeat([])
 
     def health(self) -> HealthStatus:
-        issues = list(self.collector.refresh_errors)
-        if self._refresh_issue is not None:
-            issues.append(self._refresh_issue)
-        if issues:
-            return Degraded(reason=cut("; ".join(f"{i.collector}: {i.message}" for i in issues),
-                                       LONG_TEXT_CHARS))
-        return Healthy()
+        """Degraded, with every reason, when a refresh or sample failed or ran late, or a GPU is
+        not healthy (scheduling queries also skip workers on an unhealthy GPU)."""
+        issues = [*self.collector.refresh_errors, *self.collector.sample_errors]
+        issues += [issue for issue in (self._refresh_issue, self._sample_issue) if issue]
+        reasons = [f"{i.collector}: {i.message}" for i in issues]
+        reasons += [f"GPU {d.index} ({d.uuid}) {d.health.__struct_config__.tag}: {d.health.reason}"
+                    for d in self.collector.devices if not isinstance(d.health, Healthy)]
+        return (Degraded(reason=cut("; ".join(reasons), LONG_TEXT_CHARS)) if reasons
+                else Healthy())
 
     async def _shutdown(self) -> None:
         if self.config.stop_workers_on_exit:

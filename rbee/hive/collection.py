@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import pluggy
 
 from .. import statfiles
@@ -60,8 +61,10 @@ class TelemetryCollector:
         self.settings = settings or CollectorSettings()
         self.clock = clock
         self.devices: list[GpuDevice] = []
+        self.devices_at = clock()
         self.refresh_errors: list[CollectorIssue] = []
         """What went wrong in the last device refresh; the hive reports itself degraded then."""
+        self.sample_errors: list[CollectorIssue] = []
         plugins.hook.rbee_collector_setup(settings=self.settings, plugin_manager=plugins)
         self._impls = self._worker_impls()
 
@@ -84,16 +87,34 @@ class TelemetryCollector:
         Plugins are asked one by one; one that fails is recorded in ``refresh_errors`` and the
         devices of the others are kept."""
         devices: list[GpuDevice] = []
-        errors: list[CollectorIssue] = []
-        for impl in reversed(self.plugins.hook.rbee_refresh_devices.get_hookimpls()):
+        self.refresh_errors = self._call_each(self.plugins.hook.rbee_refresh_devices,
+                                              lambda found: devices.extend(found or ()))
+        self.devices = devices
+        self.devices_at = self.clock()
+        return devices
+
+    def sample_devices(self) -> None:
+        """Blocking: the plugins' slow sampling (per-process GPU utilisation), on its own thread.
+        One that fails is recorded in ``sample_errors``."""
+        self.sample_errors = self._call_each(self.plugins.hook.rbee_sample_devices)
+
+    def devices_now(self) -> list[GpuDevice]:
+        """The devices of the last refresh, each with its figures' age as of now."""
+        age = max(0.0, self.clock() - self.devices_at)
+        return [msgspec.structs.replace(device, sample_age_s=round(device.sample_age_s + age, 3))
+                for device in self.devices]
+
+    @staticmethod
+    def _call_each(hook, take: Callable[[object], object] = lambda result: None
+                   ) -> list[CollectorIssue]:
+        errors = []
+        for impl in reversed(hook.get_hookimpls()):
             try:
-                devices.extend(impl.function() or ())
+                take(impl.function())
             except Exception as exc:
                 errors.append(CollectorIssue(collector=impl.plugin_name,
                                              message=f"{type(exc).__name__}: {exc}"))
-        self.devices = devices
-        self.refresh_errors = errors
-        return devices
+        return errors
 
     # -- the collection API ---------------------------------------------------------------
 

@@ -23,6 +23,7 @@ __all__ = [
     "rbee_collector_setup",
     "rbee_collector_teardown",
     "rbee_refresh_devices",
+    "rbee_sample_devices",
 ]
 
 
@@ -49,6 +50,16 @@ def rbee_refresh_devices() -> list[GpuDevice]:
     May block: it runs in a worker thread, never on the event loop, under the
     ``collect.refresh_timeout_s`` deadline. The devices returned by all implementations are
     concatenated into the heartbeat's ``capabilities``. Return ``[]`` when there is nothing.
+    """
+
+
+@hookspec
+def rbee_sample_devices() -> None:
+    """Slow hive-wide sampling (per-process GPU utilisation, driver events) once per tick.
+
+    Runs in a worker thread of its own, concurrently with ``rbee_refresh_devices`` and never on
+    the tick's path, under the ``collect.refresh_timeout_s`` deadline. Keep what it reads for the
+    per-worker hook. All implementations are called; returns nothing.
     """
 
 

@@ -106,7 +106,9 @@ def build_app(queen: QueenServer) -> Starlette:
         registry.update_hive(heartbeat)
         broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
                                                timestamp=heartbeat.timestamp,
-                                               workers=heartbeat.workers))
+                                               workers=heartbeat.workers,
+                                               capabilities=heartbeat.capabilities,
+                                               health_status=heartbeat.hive.health_status))
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 

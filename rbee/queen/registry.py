@@ -67,6 +67,9 @@ class FleetWorker(msgspec.Struct, kw_only=True):
     schedulable: bool
     worker: WorkerTelemetry
     vram: VramFigures | None = None
+    unhealthy_gpus: list[str] = []
+    """UUIDs of the worker's GPUs whose health is unhealthy (skipped by scheduling queries when
+    ``registry.skip_unhealthy_gpus``)."""
 
     @property
     def id(self) -> str:
@@ -211,7 +214,9 @@ class HiveRegistry:
         return self.find_workers(min_free_vram_mb=vram_mb)
 
     def _is_idle(self, worker: FleetWorker) -> bool:
-        return worker.worker.gpu_util_pct <= self.settings.idle_gpu_util_pct
+        """At or under ``idle_gpu_util_pct``; an unknown figure (None) is never idle."""
+        util = worker.worker.gpu_util_pct
+        return util is not None and util <= self.settings.idle_gpu_util_pct
 
     # -- stale cleanup ---------------------------------------------------------------------
 
@@ -271,14 +276,19 @@ class HiveRegistry:
                          capabilities=list(entry.capabilities))
 
     def _fleet_workers(self, *, with_vram: bool = True) -> Iterator[FleetWorker]:
+        skip_unhealthy = self.settings.skip_unhealthy_gpus
         for hive_id, entry in sorted(self._hives.items()):
             schedulable = entry.schedulable
             vram = _HiveVram(entry) if with_vram else None
+            unhealthy = {d.uuid for d in entry.capabilities if isinstance(d.health, Unhealthy)}
             for worker in entry.workers:
+                on_unhealthy = _unhealthy_gpus_of(worker, entry.capabilities, unhealthy)
                 yield FleetWorker(
                     hive_id=hive_id, hive_stale=entry.stale,
-                    schedulable=schedulable and worker.state is WorkerState.RUNNING,
-                    worker=worker, vram=vram.of(worker) if vram is not None else None)
+                    schedulable=(schedulable and worker.state is WorkerState.RUNNING
+                                 and not (skip_unhealthy and on_unhealthy)),
+                    worker=worker, vram=vram.of(worker) if vram is not None else None,
+                    unhealthy_gpus=on_unhealthy)
 
 
 def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
@@ -286,29 +296,50 @@ def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
                             worker_ids=[worker_id(hive_id, w) for w in entry.workers])
 
 
+def _unhealthy_gpus_of(worker: WorkerTelemetry, devices: list[GpuDevice],
+                       unhealthy: set[str]) -> list[str]:
+    if not unhealthy:
+        return []
+    if worker.gpus:
+        return sorted({use.uuid for use in worker.gpus} & unhealthy)
+    return sorted(d.uuid for d in devices  # an older hive: by index
+                  if d.uuid in unhealthy and d.index in worker.gpu_indices)
+
+
 class _HiveVram:
     """One hive's GPUs and what its workers hold on each, computed once per query (linear in the
-    number of workers). A worker on several GPUs is counted as holding an equal share of its
-    VRAM on each, the telemetry giving only its total."""
+    number of workers). Devices are keyed by UUID, so MIG instances of one GPU stay apart. A worker
+    reports what it holds on each GPU (``gpus``); only a worker from an older hive that sends its
+    total alone is counted as holding an equal share on each of its GPUs."""
 
     def __init__(self, entry: _HiveEntry) -> None:
-        self.devices = {device.index: device for device in entry.capabilities}
-        self.claimed: dict[int, float] = {}
+        self.devices = {device.uuid: device for device in entry.capabilities}
+        self.by_index: dict[int, list[str]] = {}
+        for device in entry.capabilities:
+            self.by_index.setdefault(device.index, []).append(device.uuid)
+        self.claimed: dict[str, float] = {}
         for worker in entry.workers:
-            for index in worker.gpu_indices:
-                share = worker.vram_mb / len(worker.gpu_indices)
-                self.claimed[index] = self.claimed.get(index, 0.0) + share
+            for uuid, held in self._held(worker):
+                self.claimed[uuid] = self.claimed.get(uuid, 0.0) + held
+
+    def _held(self, worker: WorkerTelemetry) -> list[tuple[str, float]]:
+        if worker.gpus:
+            return [(use.uuid, use.vram_mb or 0.0) for use in worker.gpus]
+        uuids = [u for i in worker.gpu_indices for u in self.by_index.get(i, ())[:1]]
+        return [(u, worker.vram_mb / len(uuids)) for u in uuids]
 
     def of(self, worker: WorkerTelemetry) -> VramFigures | None:
-        indices, devices = worker.gpu_indices, self.devices
-        if indices and all(i in devices for i in indices):
+        devices = self.devices
+        uuids = [uuid for uuid, _ in self._held(worker)]
+        if uuids and all(u in devices for u in uuids) and (
+                worker.gpus or len(uuids) == len(worker.gpu_indices)):
             return VramFigures(
-                gpu_indices=list(indices),
-                total_mb=sum(devices[i].vram_total_mb for i in indices),
-                free_mb=sum(devices[i].vram_free_mb for i in indices),
-                claimed_mb=round(sum(self.claimed[i] for i in indices), 1), measured=True)
+                gpu_indices=list(worker.gpu_indices),
+                total_mb=sum(devices[u].vram_total_mb for u in uuids),
+                free_mb=sum(devices[u].vram_free_mb for u in uuids),
+                claimed_mb=round(sum(self.claimed[u] for u in uuids), 1), measured=True)
         if worker.total_vram_mb > 0:
-            return VramFigures(gpu_indices=list(indices), total_mb=worker.total_vram_mb,
+            return VramFigures(gpu_indices=list(worker.gpu_indices), total_mb=worker.total_vram_mb,
                                free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
                                claimed_mb=worker.vram_mb, measured=False)
         return None
