@@ -8,6 +8,7 @@ return shapes and error class.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 import time
@@ -151,6 +152,12 @@ class StubGpu:
     """None: MIG not supported; a list (maybe empty): MIG mode on, with these instances."""
 
 
+class c_nvmlProcessUtilizationSample_t(ctypes.Structure):  # pynvml's name
+    _fields_ = [("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong),
+                ("smUtil", ctypes.c_uint), ("memUtil", ctypes.c_uint),
+                ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint)]
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -271,14 +278,44 @@ class StubNvml:
         return []
 
     def nvmlDeviceGetProcessUtilization(self, handle, timeStamp):
+        """pynvml's wrapper (which asks the library twice: the size, then the samples)."""
+        samples = self._process_samples(handle, timeStamp)
         self._count("process_utilization")
+        return samples
+
+    def _process_samples(self, handle, since: int) -> list[_ProcessSample]:
         gpu = self._gpu(handle)
         if not gpu.per_process_util or gpu.mig is not None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
-        samples = [s for s in gpu.samples if s.timeStamp > timeStamp]
+        samples = [s for s in gpu.samples if s.timeStamp > since]
         if not samples:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
         return samples
+
+    # The C library's own entry point, as pynvml looks it up, with its sample struct: the
+    # hive's single-call query fills a buffer of its own through it.
+    c_nvmlProcessUtilizationSample_t = c_nvmlProcessUtilizationSample_t
+
+    def _nvmlGetFunctionPointer(self, name):
+        assert name == "nvmlDeviceGetProcessUtilization", name
+
+        def get_process_utilization(handle, buffer, count_ref, since) -> int:
+            self._count("process_utilization")
+            try:
+                samples = self._process_samples(handle, since.value)
+            except NVMLError as exc:
+                return exc.value
+            count = count_ref._obj
+            if buffer is None or len(buffer) < len(samples):
+                count.value = len(samples)
+                return 7  # NVML_ERROR_INSUFFICIENT_SIZE
+            for slot, sample in zip(buffer, samples, strict=False):
+                slot.pid, slot.timeStamp = sample.pid, sample.timeStamp
+                slot.smUtil, slot.memUtil = sample.smUtil, sample.memUtil
+            count.value = len(samples)
+            return 0
+
+        return get_process_utilization
 
     def nvmlDeviceGetTotalEccErrors(self, handle, error_type, counter_type):
         gpu = self._gpu(handle)

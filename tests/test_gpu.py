@@ -77,7 +77,40 @@ def test_idle_worker_holding_memory_is_idle_and_busy_one_busy(monitor):
         [use] = records["busy-0"].gpus
         assert (use.util_pct, use.mem_util_pct, use.vram_mb) == (90.0, 42.0, 10954.0)
         assert use.util_source is GpuUtilSource.PROCESS and use.sample_age_s < 1.0
-    assert nvml.calls["process_utilization"] == 3 * len(nvml.gpus)  # once per GPU per tick
+    # once per GPU per tick: both before the first refresh, then only the one in use
+    assert nvml.calls["process_utilization"] == 2 + 1 + 1
+
+
+@pytest.mark.parametrize("query", ["single call", "pynvml wrapper"])
+def test_per_process_query_counts_every_sample(query):
+    """The one-call query grows its buffer when the driver has more samples than room (here 300
+    processes); pynvml's own two-call wrapper, where the module has no C entry point, agrees."""
+    nvml = StubNvml()
+    if query == "pynvml wrapper":
+        nvml._nvmlGetFunctionPointer = None
+    source = NvmlSource(nvml)
+    for pid in range(1000, 1300):
+        nvml.run(0, pid, sm_util=pid % 100)
+    source.sample()
+    snapshot = source.snapshot()
+    util = source.utilisation(nvml.gpus[0].uuid, snapshot)
+    assert len(util.per_pid) == 300 and util.of(1042) == (42.0, 0.0)
+    source.sample()  # nothing ran since: every process at 0 %
+    assert source.utilisation(nvml.gpus[0].uuid, snapshot).of(1042) == (0.0, 0.0)
+
+
+def test_gpus_without_a_process_are_not_queried_per_process():
+    nvml = StubNvml()
+    source = NvmlSource(nvml)
+    source.snapshot()
+    source.sample()
+    assert nvml.calls.get("process_utilization", 0) == 0  # both GPUs empty: nothing to ask
+    nvml.place(gpu=1, pid=4242, mib=1024)
+    nvml.run(1, 4242, sm_util=30)
+    snapshot = source.snapshot()
+    source.sample()
+    assert nvml.calls["process_utilization"] == 1  # GPU 1 only
+    assert source.utilisation(nvml.gpus[1].uuid, snapshot).of(4242) == (30.0, 0.0)
 
 
 def test_no_process_ran_not_found_means_zero(monitor):

@@ -11,6 +11,7 @@ the one answer that means "unknown here", and the caller falls back to the devic
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,39 @@ from .source import Utilisation
 
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
+
+
+class SingleCallQuery:
+    """``nvmlDeviceGetProcessUtilization`` in one driver call, into a buffer kept between calls.
+
+    pynvml's wrapper asks twice when there are samples (the size, then the data); on an H100
+    (driver 580) one call here cost 2.2 ms of CPU against the wrapper's 2.7 ms, and 2.16 against
+    2.56 ms with nothing to return. Used where the module exposes pynvml's function lookup and
+    sample struct (the real ``pynvml``); elsewhere the public wrapper is called."""
+
+    SUCCESS, INSUFFICIENT_SIZE = 0, 7
+
+    def __init__(self, nvml, handle, capacity: int = 128) -> None:
+        self.nvml = nvml
+        self.handle = handle
+        self.function = nvml._nvmlGetFunctionPointer("nvmlDeviceGetProcessUtilization")
+        self.buffer = (nvml.c_nvmlProcessUtilizationSample_t * capacity)()
+
+    @classmethod
+    def available(cls, nvml) -> bool:
+        return (callable(getattr(nvml, "_nvmlGetFunctionPointer", None))
+                and hasattr(nvml, "c_nvmlProcessUtilizationSample_t"))
+
+    def __call__(self, handle, last_seen_us: int) -> list:
+        count = ctypes.c_uint(len(self.buffer))
+        result = self.function(handle, self.buffer, ctypes.byref(count),
+                               ctypes.c_ulonglong(last_seen_us))
+        if result == self.INSUFFICIENT_SIZE:  # more samples than room: grow, and ask again
+            self.buffer = (self.nvml.c_nvmlProcessUtilizationSample_t * (count.value * 2))()
+            return self(handle, last_seen_us)
+        if result != self.SUCCESS:
+            raise self.nvml.NVMLError(result)
+        return self.buffer[: count.value]
 
 
 class ProcessUtilisation:
@@ -36,6 +70,13 @@ class ProcessUtilisation:
         """Samples at or before this were counted already (or predate the hive: an old sample of
         a process that since went idle must not count)."""
         self._queried_us = self.last_seen_us
+        self._query = (SingleCallQuery(nvml, handle) if SingleCallQuery.available(nvml)
+                       else nvml.nvmlDeviceGetProcessUtilization)
+
+    def nobody(self) -> Utilisation:
+        """No process on the GPU: every (absent) process is at 0 %, without asking the driver.
+        ``last_seen`` stays, so the next query counts every sample since the last one."""
+        return Utilisation(GpuUtilSource.PROCESS, self._monotonic(), 0.0)
 
     def sample(self) -> Utilisation:
         nvml = self.nvml
@@ -43,7 +84,7 @@ class ProcessUtilisation:
         window_s = max(0.0, (now_us - self._queried_us) / 1e6)
         self._queried_us = now_us
         try:
-            samples = nvml.nvmlDeviceGetProcessUtilization(self.handle, self.last_seen_us)
+            samples = self._query(self.handle, self.last_seen_us)
         except nvml.NVMLError as exc:
             code = getattr(exc, "value", None)
             if code == nvml.NVML_ERROR_NOT_FOUND:  # no process ran since last_seen
