@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -69,9 +70,9 @@ Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS,
                                          pattern=ID_PATTERN)]
 """A hive id, a worker's group or instance."""
 WorkerName = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS)]
-"""A group or instance: an ``Identifier`` whose pattern ``WorkerTelemetry.__post_init__`` checks,
-through a cache of names already seen (a regex per name would double the decoding time of a
-heartbeat, and a fleet's names repeat every second)."""
+"""A group or instance: an ``Identifier`` whose pattern ``decode_heartbeat`` checks through a
+cache of names already seen (a regex per name would double the decoding time of a heartbeat, and
+a fleet's names repeat every second)."""
 ShortText = Annotated[str, msgspec.Meta(max_length=SHORT_TEXT_CHARS)]
 LongText = Annotated[str, msgspec.Meta(max_length=LONG_TEXT_CHARS)]
 MetricKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METRIC_KEY_CHARS,
@@ -179,34 +180,6 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     gives it before it allocates anything."""
     rss_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_FIGURE * MIB)] = 0
     """``rss_mb`` to the byte (0: not measured)."""
-
-    def __post_init__(self) -> None:
-        # Runs for every worker decoded, so the common case (known names, integers already)
-        # is five quick checks.
-        if self.group not in _known_names or self.instance not in _known_names:
-            _check_names(self.group, self.instance)
-        if type(self.rss_mb) is float or type(self.vram_mb) is float \
-                or type(self.total_vram_mb) is float:
-            if type(self.rss_mb) is float and not self.rss_bytes:
-                self.rss_bytes = round(self.rss_mb * MIB)
-            self.rss_mb = round(self.rss_mb)
-            self.vram_mb = round(self.vram_mb)
-            self.total_vram_mb = round(self.total_vram_mb)
-
-
-_id_pattern = re.compile(ID_PATTERN)
-_known_names: set[str] = set()
-_KNOWN_NAMES_MAX = 65536
-
-
-def _check_names(*names: str) -> None:
-    for name in names:
-        if not _id_pattern.match(name):
-            raise ValueError(f"{name!r} is not a group or instance name: 1-{ID_MAX_CHARS} "
-                             f"characters of [A-Za-z0-9_.-], the first a letter or digit")
-    if len(_known_names) >= _KNOWN_NAMES_MAX:
-        _known_names.clear()
-    _known_names.update(names)
 
 
 class GpuFaultKind(enum.StrEnum):
@@ -430,8 +403,48 @@ def decode_stream_event(payload: bytes | str) -> StreamEvent:
 
 
 def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:
-    """Parse and validate a heartbeat. Raises ContractError naming the offending field."""
-    return decode_json(_heartbeat_decoder, payload, "heartbeat")
+    """Parse and validate a heartbeat. Raises ContractError naming the offending field.
+
+    Beyond what the types check: group and instance names match ``ID_PATTERN``, and the
+    original's whole-number fields sent as floats (older hives) are rounded (``rss_bytes`` gets
+    the finer figure), so what the queen stores and streams is integers."""
+    heartbeat = decode_json(_heartbeat_decoder, payload, "heartbeat")
+    workers = heartbeat.workers
+    # C-level passes over the list (a Python loop would cost as much as the decoding): the names
+    # against those already seen, and one sum per field, which is a float if any value is.
+    if not (_known_names.issuperset(map(_group, workers))
+            and _known_names.issuperset(map(_instance, workers))):
+        for index, worker in enumerate(workers):
+            _check_names(worker, index)
+    if any(type(sum(map(field, workers))) is float for field in _whole_mib):
+        for worker in workers:
+            if type(worker.rss_mb) is float and not worker.rss_bytes:
+                worker.rss_bytes = round(worker.rss_mb * MIB)
+            worker.rss_mb = round(worker.rss_mb)
+            worker.vram_mb = round(worker.vram_mb)
+            worker.total_vram_mb = round(worker.total_vram_mb)
+    return heartbeat
+
+
+_group = attrgetter("group")
+_instance = attrgetter("instance")
+_whole_mib = (attrgetter("rss_mb"), attrgetter("vram_mb"), attrgetter("total_vram_mb"))
+_id_pattern = re.compile(ID_PATTERN)
+_known_names: set[str] = set()
+_KNOWN_NAMES_MAX = 65536
+
+
+def _check_names(worker: WorkerTelemetry, index: int) -> None:
+    for field in ("group", "instance"):
+        name = getattr(worker, field)
+        if name not in _known_names and not _id_pattern.match(name):
+            raise ContractError(
+                f"invalid heartbeat: {name!r} is not a group or instance name: 1-{ID_MAX_CHARS} "
+                f"characters of [A-Za-z0-9_.-], the first a letter or digit - at "
+                f"`$.workers[{index}].{field}`")
+    if len(_known_names) >= _KNOWN_NAMES_MAX:
+        _known_names.clear()
+    _known_names.update((worker.group, worker.instance))
 
 
 # -- a hive's side of the bounds ----------------------------------------------------------------
@@ -474,44 +487,80 @@ def _fit_issues(issues: list[CollectorIssue]) -> list[CollectorIssue]:
                            message=cut(i.message, LONG_TEXT_CHARS)) for i in issues[:MAX_ERRORS]]
 
 
+def _all_in_range(values: list, low: float = 0.0) -> bool:
+    """Every value (numbers) within [low, MAX_FIGURE]: three C calls, whatever the count; a NaN
+    makes the sum NaN and fails it."""
+    return not values or (min(values) >= low and max(values) <= MAX_FIGURE
+                          and sum(values) == sum(values))
+
+
 def fit_worker(worker: WorkerTelemetry) -> None:
     """Cut a freshly collected record to the contract's bounds, in place, so the queen accepts
     the heartbeat whatever a plugin, a command line or a driver put into it: long text is
     shortened, whole-number fields are rounded, a figure out of range becomes 0 (or unknown),
     metrics that cannot be sent are dropped. What was changed is said in ``errors`` (collector
-    ``contract``)."""
-    problems = _fit_figures(worker, _WORKER_FIGURES, ("gpu_util_pct",))
-    for name in _WHOLE:
-        if type(getattr(worker, name)) is not int:
+    ``contract``). It runs for every worker every tick, so a record within bounds costs only a
+    few checks."""
+    problems: list[str] = []
+    figures = [worker.cpu_pct, worker.io_r_mb_s, worker.io_w_mb_s, worker.rate_window_s,
+               worker.memory_mb, worker.rss_mb, worker.vram_mb, worker.total_vram_mb,
+               worker.uptime_s]  # _WORKER_FIGURES, spelled out: this runs every tick
+    if worker.gpu_util_pct is not None:
+        figures.append(worker.gpu_util_pct)
+    if not _all_in_range(figures):
+        problems += _fit_figures(worker, _WORKER_FIGURES, ("gpu_util_pct",))
+    if not (type(worker.rss_mb) is type(worker.vram_mb) is type(worker.total_vram_mb)
+            is type(worker.uptime_s) is int):
+        for name in _WHOLE:
             setattr(worker, name, round(getattr(worker, name)))
     if worker.model is not None and len(worker.model) > SHORT_TEXT_CHARS:
         worker.model = cut(worker.model, SHORT_TEXT_CHARS)
-    if worker.metrics:
-        metrics = {key: value for key, value in worker.metrics.items()
-                   if isinstance(key, str) and len(key) <= METRIC_KEY_CHARS
-                   and _metric_key.match(key) and isinstance(value, int | float)
-                   and _in_range(value, -MAX_FIGURE)}
-        if len(metrics) > MAX_METRICS:
-            metrics = dict(list(metrics.items())[:MAX_METRICS])
-        if len(metrics) < len(worker.metrics):
-            problems.append(f"{len(worker.metrics) - len(metrics)} metrics dropped (at most "
-                            f"{MAX_METRICS}, keys of {METRIC_KEY_CHARS} characters "
-                            f"{METRIC_KEY_PATTERN}, finite values)")
-            worker.metrics = metrics
-    if len(worker.gpu_indices) > MAX_GPUS or not all(
-            0 <= index < MAX_GPUS for index in worker.gpu_indices):
+    if worker.metrics and not (len(worker.metrics) <= MAX_METRICS
+                               and worker.metrics.keys() <= _known_metric_keys
+                               and _all_metric_values(list(worker.metrics.values()))):
+        problems += _fit_metrics(worker)
+    indices = worker.gpu_indices
+    if indices and (len(indices) > MAX_GPUS or min(indices) < 0 or max(indices) >= MAX_GPUS):
         problems.append("GPU indices out of range dropped")
-        worker.gpu_indices = [i for i in worker.gpu_indices if 0 <= i < MAX_GPUS][:MAX_GPUS]
+        worker.gpu_indices = [i for i in indices if 0 <= i < MAX_GPUS][:MAX_GPUS]
     if worker.gpus:
         worker.gpus = worker.gpus[:MAX_GPUS]
         for use in worker.gpus:
             use.uuid = cut(use.uuid, SHORT_TEXT_CHARS)
             problems += _fit_figures(use, _GPU_USE_FIGURES, ("vram_mb", "util_pct", "mem_util_pct"))
-    errors = worker.errors
     if problems:
-        errors = [*errors[:MAX_ERRORS - 1], CollectorIssue(collector="contract",
-                                                           message="; ".join(problems))]
-    worker.errors = _fit_issues(errors)
+        worker.errors = [*worker.errors[:MAX_ERRORS - 1],
+                         CollectorIssue(collector="contract", message="; ".join(problems))]
+    if worker.errors:
+        worker.errors = _fit_issues(worker.errors)
+
+
+_known_metric_keys: set[str] = set()
+
+
+def _all_metric_values(values: list) -> bool:
+    return all(type(v) is float or type(v) is int for v in values) and _all_in_range(
+        values, -MAX_FIGURE)
+
+
+def _fit_metrics(worker: WorkerTelemetry) -> list[str]:
+    """Keep the metrics the contract can carry (and remember their keys, so the next tick's
+    check of the same keys is a set comparison)."""
+    metrics = {key: value for key, value in worker.metrics.items()
+               if isinstance(key, str) and len(key) <= METRIC_KEY_CHARS
+               and _metric_key.match(key) and type(value) in (int, float)
+               and _in_range(value, -MAX_FIGURE)}
+    if len(metrics) > MAX_METRICS:
+        metrics = dict(list(metrics.items())[:MAX_METRICS])
+    if len(_known_metric_keys) >= _KNOWN_NAMES_MAX:
+        _known_metric_keys.clear()
+    _known_metric_keys.update(metrics)
+    dropped = len(worker.metrics) - len(metrics)
+    worker.metrics = metrics
+    if not dropped:
+        return []
+    return [f"{dropped} metrics dropped (at most {MAX_METRICS}, keys of {METRIC_KEY_CHARS} "
+            f"characters {METRIC_KEY_PATTERN}, finite values)"]
 
 
 def fit_gpu(device: GpuDevice) -> None:

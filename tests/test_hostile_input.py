@@ -126,8 +126,10 @@ BEYOND_BOUNDS = [
     (heartbeat_json(id="x" * 129), "$.hive.id"),
     (heartbeat_json(hostname="h" * (SHORT_TEXT_CHARS + 1)), "$.hive.hostname"),
     (_with_worker(group="b/c"), "'b/c' is not a group or instance name: 1-128 characters of "
-                                "[A-Za-z0-9_.-], the first a letter or digit - at `$.workers[0]`"),
-    (_with_worker(instance="\x1b[2J"), "'\\x1b[2J' is not a group or instance name"),
+                                "[A-Za-z0-9_.-], the first a letter or digit - at "
+                                "`$.workers[0].group`"),
+    (_with_worker(instance="\x1b[2J"), "'\\x1b[2J' is not a group or instance name: "),
+    (_with_worker(instance="a b"), "the first a letter or digit - at `$.workers[0].instance`"),
     (_with_worker(instance="i" * 129), "$.workers[0].instance"),
     (_with_worker(model="m" * (SHORT_TEXT_CHARS + 1)), "$.workers[0].model"),
     (_with_worker(errors=[{"collector": "gpu", "message": "e" * (LONG_TEXT_CHARS + 1)}]),
@@ -225,6 +227,11 @@ def test_a_hive_cuts_what_it_collected_to_the_bounds_and_says_so():
     assert decoded.errors[-1].collector == "contract"
     assert "cpu_pct inf out of range" in decoded.errors[-1].message
     assert "39 metrics dropped" in decoded.errors[-1].message
+    within = worker("b", metrics={"plugin.x": 1.5, "plugin.y": -2}, gpu_indices=[0, 7])
+    sent = encode(within)
+    for _ in range(2):  # the second time through the known-keys fast path
+        fit_worker(within)
+        assert encode(within) == sent
 
 
 def test_a_hive_cuts_a_drivers_device_record_to_the_bounds():
