@@ -35,6 +35,7 @@ setup(
         "sse-starlette>=3.0",
         "anyio>=4.7",
         "httpx-sse>=0.4",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

@@ -199,6 +199,23 @@ class StreamSettings(Settings):
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
+class HistorySettings(Settings):
+    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty."""
+
+    fine_step_s: Seconds = 1.0
+    fine_retention_s: Seconds = 900.0
+    coarse_step_s: Seconds = 10.0
+    coarse_retention_s: Seconds = 21600.0
+    max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
+    kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
+    max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
+
+    def __post_init__(self) -> None:
+        if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
+            raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
+
+
 class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
@@ -206,6 +223,7 @@ class QueenConfig(Settings):
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(max_body_bytes=4 * 2**20))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for."""

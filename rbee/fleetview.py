@@ -21,6 +21,7 @@ from .telemetry import (
     SnapshotEvent,
     StreamEvent,
     WorkerTelemetry,
+    describe_health,
 )
 from .view import gpu_table, table
 
@@ -73,5 +74,5 @@ def _hive_note(view: HiveView) -> str:
     """STALE, and a degraded or unhealthy hive's state, on each of its workers' rows."""
     notes = ["STALE"] if view.stale else []
     if view.health is not None and not isinstance(view.health, Healthy):
-        notes.append(f"hive {view.health.__struct_config__.tag}: {view.health.reason}")
+        notes.append(f"hive {describe_health(view.health)}")
     return ", ".join(notes)

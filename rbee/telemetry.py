@@ -223,6 +223,12 @@ class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True
 HealthStatus = Healthy | Degraded | Unhealthy
 
 
+def describe_health(status: HealthStatus) -> str:
+    """``healthy``, or ``degraded: <reason>`` / ``unhealthy: <reason>``, for logs and tables."""
+    tag = status.__struct_config__.tag
+    return tag if isinstance(status, Healthy) else f"{tag}: {status.reason}"
+
+
 def gpu_health(faults: list[GpuFault]) -> HealthStatus:
     """A GPU's health from its faults: unhealthy if any is fatal, degraded if any, else healthy."""
     if not faults:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry
+from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
            "VRAM MB", "UPTIME", "NOTE")
@@ -73,8 +73,8 @@ def gpu_table(rows: Iterable[tuple[str, GpuDevice]]) -> str:
 def _gpu_cells(hive: str, device: GpuDevice) -> tuple[str, ...]:
     where = (f"{device.index}/mig{device.mig_instance_id}" if device.mig_parent_uuid
              else str(device.index))
-    health = ("ok" if isinstance(device.health, Healthy)
-              else f"{device.health.__struct_config__.tag.upper()}: {device.health.reason}")
+    state, _, reason = describe_health(device.health).partition(": ")
+    health = "ok" if isinstance(device.health, Healthy) else f"{state.upper()}: {reason}"
     return (hive, where, device.name, _figure(device.util_pct), _figure(device.mem_util_pct),
             f"{device.vram_used_mb:.0f}/{device.vram_total_mb:.0f}",
             _figure(device.temperature_c), _figure(device.power_w), health)

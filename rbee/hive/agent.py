@@ -34,6 +34,7 @@ from ..telemetry import (
     HiveInfo,
     OperationalStatus,
     cut,
+    describe_health,
     fit_gpu,
     fit_worker,
     utc_now,
@@ -281,7 +282,7 @@ class HiveAgent:
         issues = [*self.collector.refresh_errors, *self.collector.sample_errors]
         issues += [issue for issue in (self._refresh_issue, self._sample_issue) if issue]
         reasons = [f"{i.collector}: {i.message}" for i in issues]
-        reasons += [f"GPU {d.index} ({d.uuid}) {d.health.__struct_config__.tag}: {d.health.reason}"
+        reasons += [f"GPU {d.index} ({d.uuid}) {describe_health(d.health)}"
                     for d in self.collector.devices if not isinstance(d.health, Healthy)]
         return (Degraded(reason=cut("; ".join(reasons), LONG_TEXT_CHARS)) if reasons
                 else Healthy())

@@ -25,6 +25,7 @@ import msgspec
 
 from .._errors import NotFoundError
 from ..config import RegistrySettings
+from ..exposition import HiveRecord
 from ..telemetry import (
     GpuDevice,
     HiveHeartbeat,
@@ -163,6 +164,15 @@ class HiveRegistry:
         with self._lock:
             entry = self._hives.get(hive_id)
             return list(entry.workers) if entry is not None else []
+
+    def records(self) -> list[HiveRecord]:
+        """Every hive as a scrape reads it: the stored structs themselves (never mutated), so
+        the lock is held only to copy the list."""
+        now = self._clock()
+        with self._lock:
+            return [HiveRecord(info=e.info, workers=e.workers, gpus=e.capabilities, stale=e.stale,
+                               silent_s=round(max(0.0, now - e.received_at), 3))
+                    for e in self._hives.values()]
 
     def get_all_workers(self) -> list[FleetWorker]:
         """Every worker of every hive, stale hives included (flagged), flattened."""
