@@ -178,10 +178,16 @@ def fuzz_requests(draw) -> FuzzRequest:
     if kind == "worker-path":
         return FuzzRequest("hive", "DELETE",
                            f"/v1/workers/{_segment(draw(text))}/{_segment(draw(text))}")
-    params = draw(st.dictionaries(st.sampled_from(["idle", "model", "min_free_vram_mb", "x"]),
-                                  text, max_size=3))
+    number = st.sampled_from(["inf", "-inf", "nan", "1e308", "1e999", "1e-300", "-0", "0",
+                              "0x10", "1_000", " 5 ", "86400"])
+    path, names = draw(st.sampled_from([
+        ("/v1/workers", ["idle", "model", "min_free_vram_mb", "x"]),
+        ("/v1/history", ["since", "step", "metric", "hive", "group", "instance", "gpu", "x"]),
+        ("/metrics", ["x"])]))
+    params = draw(st.dictionaries(st.sampled_from(names), st.one_of(text, number), max_size=3))
     query = "&".join(f"{_segment(k)}={_segment(v)}" for k, v in params.items())
-    return FuzzRequest("queen", "GET", f"/v1/workers?{query}")
+    return FuzzRequest(draw(st.sampled_from(["queen", "hive"])) if path == "/metrics"
+                       else "queen", "GET", f"{path}?{query}")
 
 
 @dataclass

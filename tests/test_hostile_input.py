@@ -183,6 +183,16 @@ async def test_worker_ids_cannot_collide_and_every_hive_is_one_path_segment(quee
     assert (await client.get("/v1/hives/a")).status_code == 200
 
 
+@pytest.mark.parametrize("path, params", [
+    ("/v1/history", {"step": "inf"}), ("/v1/history", {"since": "1e999"}),
+    ("/v1/workers", {"min_free_vram_mb": "inf"}),
+])
+async def test_query_numbers_must_be_finite(client, path, params):
+    response = await client.get(path, params=params)
+    assert response.status_code == 400
+    assert "must be a finite number" in response.json()["message"]
+
+
 # -- wire types: the original's u64 fields ------------------------------------------------------
 
 async def test_whole_mib_fields_are_sent_as_integers_and_floats_still_accepted(

@@ -20,6 +20,7 @@ fails validation leaves the registry untouched.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -90,6 +91,8 @@ def _float_param(request: Request, name: str) -> float | None:
         raise ApiError(400, f"query parameter {name!r} must be a number, not {value!r}") from None
     if not number >= 0:  # also refuses nan
         raise ApiError(400, f"query parameter {name!r} must be >= 0, not {value!r}")
+    if number == math.inf:  # a finite number only: infinity overflows what is computed from it
+        raise ApiError(400, f"query parameter {name!r} must be a finite number, not {value!r}")
     return number
 
 
