@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 
 import httpx
@@ -24,7 +25,7 @@ import yaml
 from ._errors import ContractError, RbeeError, leaf_exceptions
 from ._http import reply_message
 from .config import HiveConfig, QueenConfig, parse_config
-from .fleetview import FleetView
+from .fleetview import TREND_METRICS, FleetView
 from .hive.service import HiveService
 from .queen.registry import FleetWorker
 from .queen.server import QueenServer
@@ -62,6 +63,7 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down))
+        nursery.start_soon(follow_history, queen_url, view, lambda: changed.set())
         shown = 0
         while rounds == 0 or shown < rounds:
             await changed.wait()
@@ -72,6 +74,23 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
             shown += 1
             await trio.sleep(refresh_s)
         nursery.cancel_scope.cancel()
+
+
+async def follow_history(queen_url: str, view: FleetView, notify: Callable[[], None],
+                         every_s: float = 5.0) -> None:
+    """The workers' last minute for the LAST 60s column, every ``every_s``. Best effort: an old
+    queen without history, or one that is down, leaves the column blank."""
+    params = {"metric": TREND_METRICS, "since": "60", "step": "5"}
+    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s) as client:
+        while True:
+            try:
+                response = await client.get("/v1/history", params=params)
+                if response.status_code == 200:
+                    view.apply_history(response.json())
+                    notify()
+            except (httpx.HTTPError, ValueError):
+                pass
+            await trio.sleep(every_s)
 
 
 async def up(args: argparse.Namespace) -> None:

@@ -12,8 +12,15 @@ from collections.abc import Iterable
 from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "UPTIME", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 8, 0)
+           "VRAM MB", "UPTIME", "LAST 60s", "NOTE")
+WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 8, 14, 0)
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float | None], top: float = 100.0) -> str:
+    """One character per value, ``▁`` (0) to ``█`` (``top`` or more); a blank where none."""
+    return "".join(" " if v is None else BARS[min(len(BARS) - 1, int(max(v, 0.0) / top * len(BARS)))]
+                   for v in values)
 
 
 def printable(text: str) -> str:
@@ -30,7 +37,8 @@ def uptime(seconds: int) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
 
 
-def _cells(hive: str, worker: WorkerTelemetry, note: str = "") -> tuple[str, ...]:
+def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
+           ) -> tuple[str, ...]:
     notes = [note] if note else []
     if worker.rate_window_s == 0.0:
         notes.append("first sample")
@@ -41,7 +49,7 @@ def _cells(hive: str, worker: WorkerTelemetry, note: str = "") -> tuple[str, ...
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
-        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s),
+        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s), trend,
         ", ".join(notes),
     )
     return cells
@@ -56,8 +64,10 @@ def gpu_util(worker: WorkerTelemetry) -> str:
     return f"{worker.gpu_util_pct:.0f}{mark}"
 
 
-def table(rows: Iterable[tuple[str, WorkerTelemetry, str]]) -> str:
-    return _render(COLUMNS, WIDTHS, [_cells(hive, worker, note) for hive, worker, note in rows])
+def table(rows: Iterable[tuple[str, WorkerTelemetry, str] | tuple[str, WorkerTelemetry, str, str]]
+          ) -> str:
+    """Rows of (hive, worker, note[, trend]): ``trend`` is a sparkline for LAST 60s."""
+    return _render(COLUMNS, WIDTHS, [_cells(*row) for row in rows])
 
 
 GPU_COLUMNS = ("HIVE", "GPU", "NAME", "UTIL%", "MEM%", "VRAM USED/TOTAL MB", "TEMP", "POWER W",

@@ -126,6 +126,26 @@ def test_fleet_view_shows_gpus_mig_and_health():
     assert "2048/20480" in mig_line and "  ?  " in mig_line and mig_line.rstrip().endswith("ok")
 
 
+def test_fleet_view_trends_from_history():
+    """LAST 60s: GPU % for a worker on a GPU, else CPU % (scaled to its own peak past 100 %)."""
+    view = FleetView()
+    view.apply(HiveTelemetryEvent(hive_id="a", timestamp=utc_now(),
+                                  workers=[worker("gpu-w"), worker("cpu-w")]))
+    view.apply_history({"series": [
+        {"hive": "a", "group": "llm", "instance": "gpu-w", "metric": "gpu_util_pct",
+         "values": [0.0, 50.0, 100.0, None]},
+        {"hive": "a", "group": "llm", "instance": "gpu-w", "metric": "cpu_pct",
+         "values": [300.0, 300.0, 300.0, 300.0]},
+        {"hive": "a", "group": "llm", "instance": "cpu-w", "metric": "gpu_util_pct",
+         "values": [None, 0.0, None, 0.0]},
+        {"hive": "a", "group": "llm", "instance": "cpu-w", "metric": "cpu_pct",
+         "values": [0.0, 100.0, 200.0, None]},
+        {"hive": "a", "gpu": "GPU-0", "metric": "util_pct", "values": [1.0]}]})
+    lines = view.render().splitlines()
+    assert "▁▅█ " in next(line for line in lines if "llm/gpu-w" in line)
+    assert "▁▅█ " in next(line for line in lines if "llm/cpu-w" in line)  # 100 of its 200 peak
+
+
 @pytest.mark.parametrize("args, message", [
     (["workers", "--min-free-vram", "lots"], "invalid float value: 'lots'"),
     (["up", "--port", "x"], "invalid int value: 'x'"),
