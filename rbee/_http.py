@@ -12,6 +12,7 @@ import socket
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
+import anyio
 import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -127,6 +128,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise ApiError(400, f"invalid Content-Length header: {declared!r}")
         if int(declared) > limit:
+            if int(declared) <= DRAIN_MAX_BYTES:
+                await _discard(request)
             raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -142,6 +145,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     if encoding != "identity":
         raise ApiError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or none")
     return body
+
+
+DRAIN_MAX_BYTES = 16 * 2**20
+DRAIN_MAX_S = 2.0
+
+
+async def _discard(request: Request) -> None:
+    """Read and drop a refused body of at most ``DRAIN_MAX_BYTES`` (within ``DRAIN_MAX_S``)
+    before answering. Many clients (httpx among them) read no answer before they have sent the
+    whole body; closing on them mid-upload can leave their send blocked until it times out, so
+    they would never see the 413. A larger or slower body is not waited for: the answer and the
+    close come at once."""
+    with anyio.move_on_after(DRAIN_MAX_S):
+        async for _ in request.stream():
+            pass
 
 
 def gunzip_limited(body: bytes, limit: int) -> bytes:
