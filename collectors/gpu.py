@@ -74,8 +74,9 @@ class GpuCollector:
         totals = {device.uuid: device.vram_total_mb for device in snapshot.devices}
         telemetry.gpus = uses
         telemetry.gpu_indices = sorted({use.index for use in uses})
-        telemetry.vram_mb = round(sum(use.vram_mb or 0.0 for use in uses), 1)
-        telemetry.total_vram_mb = round(sum(totals.get(use.uuid, 0.0) for use in uses), 1)
+        # whole MiB, as the original's u64 (each GPU's own figure is in ``gpus``)
+        telemetry.vram_mb = round(sum(use.vram_mb or 0.0 for use in uses))
+        telemetry.total_vram_mb = round(sum(totals.get(use.uuid, 0.0) for use in uses))
         utils = [use.util_pct for use in uses]
         telemetry.gpu_util_pct = (None if None in utils
                                   else min(100.0 * len(uses), round(sum(utils), 1)))

@@ -22,17 +22,19 @@ import msgspec
 import trio
 import yaml
 
-from ._errors import RbeeError, leaf_exceptions
+from ._errors import ContractError, RbeeError, leaf_exceptions
+from ._http import reply_message
 from .config import HiveConfig, QueenConfig, parse_config
 from .fleetview import TREND_METRICS, FleetView
 from .hive.service import HiveService
 from .queen.registry import FleetWorker
 from .queen.server import QueenServer
 from .stream_client import follow_stream
-from .telemetry import StreamEvent
-from .view import table
+from .telemetry import StreamEvent, decode_json
+from .view import printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
+_fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
 
 
 def demo_config(queen_url: str) -> HiveConfig:
@@ -67,7 +69,8 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
             await changed.wait()
             changed = trio.Event()
             clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
-            print(f"{clear}rbee: queen {queen_url}{status}\n{view.render()}\n", flush=True)
+            print(f"{clear}rbee: queen {queen_url}{printable(status)}\n{view.render()}\n",
+                  flush=True)
             shown += 1
             await trio.sleep(refresh_s)
         nursery.cancel_scope.cancel()
@@ -145,12 +148,18 @@ def workers(args: argparse.Namespace) -> int:
         print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 200:
-        print(f"rbee: {response.json().get('message', response.text)}", file=sys.stderr)
+        problem = (reply_message(response.content)
+                   or f"HTTP {response.status_code}: {response.text[:200]}")
+        print(f"rbee: {printable(problem)}", file=sys.stderr)
         return 1
     if args.json:
         print(response.text)
         return 0
-    found = msgspec.json.decode(response.content, type=list[FleetWorker])
+    try:
+        found = decode_json(_fleet_decoder, response.content, "list of workers")
+    except ContractError as exc:
+        print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
+        return 1
     print(table((w.hive_id, w.worker, _workers_note(w)) for w in found))
     print(f"{len(found)} workers")
     return 0

@@ -7,6 +7,7 @@ and every error names the file, the key and the problem.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 import yaml
 
-from ._errors import ConfigError
+from ._errors import ConfigError, LimitError
+from .hive.limits import parse_limits
+from .telemetry import MAX_WORKERS, Identifier
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -71,8 +74,8 @@ class CollectorSettings(Settings):
 class WorkerSpec(Settings):
     """A worker the hive keeps running."""
 
-    group: str
-    instance: str
+    group: Identifier
+    instance: Identifier
     argv: Annotated[list[str], msgspec.Meta(min_length=1)]
     cpu_limit: str | None = None
     memory_limit: str | int | None = None
@@ -80,6 +83,14 @@ class WorkerSpec(Settings):
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     restart_backoff_s: Seconds = 1.0
     restart_backoff_max_s: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        # The limits are understood here, so that --check-config and the spawn API refuse
+        # "12Q" as the spawn itself would.
+        try:
+            parse_limits(self.cpu_limit, self.memory_limit)
+        except LimitError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class HeartbeatSettings(Settings):
@@ -100,11 +111,28 @@ class HeartbeatSettings(Settings):
 
 
 def _hostname() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:128] or "hive"
+    """This machine's name as a hive id (the contract's charset)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip("_.-")[:128] or "hive"
+
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
+
+
+def check_bind(bind: str) -> None:
+    """Raise ValueError unless ``bind`` is an IP address or a host name (the listen address's
+    syntax; whether it is this machine's is only known when listening)."""
+    try:
+        ipaddress.ip_address(bind)
+        return
+    except ValueError:
+        pass
+    labels = bind.removesuffix(".").split(".")
+    if len(bind) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(f"bind {bind!r} is neither an IP address nor a host name")
 
 
 class HiveConfig(Settings):
-    id: str = msgspec.field(default_factory=_hostname)
+    id: Identifier = msgspec.field(default_factory=_hostname)
     bind: str = "127.0.0.1"
     port: Port = 7835
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
@@ -120,6 +148,14 @@ class HiveConfig(Settings):
     auth_token_file: str | None = None
     """A file holding the token shared with the queen (``rbee/auth.py``): sent with every
     heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
+
+    def __post_init__(self) -> None:
+        check_bind(self.bind)
+        seen = set()
+        for spec in self.workers:
+            if (spec.group, spec.instance) in seen:
+                raise ValueError(f"worker {spec.group}/{spec.instance} is listed twice")
+            seen.add((spec.group, spec.instance))
 
 
 class RegistrySettings(Settings):
@@ -140,6 +176,9 @@ class RegistrySettings(Settings):
     (network, a stall) and removes none of them; they stay stale until they return."""
     mass_silence_min_hives: Annotated[int, msgspec.Meta(ge=1)] = 3
     """The guard applies only to fleets of at least this many hives."""
+    max_workers_per_hive: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1024
+    """A heartbeat with more workers is refused (400), so one hive cannot make the queen hold
+    more than this many worker records."""
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
@@ -189,6 +228,9 @@ class QueenConfig(Settings):
     """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for."""
 
+    def __post_init__(self) -> None:
+        check_bind(self.bind)
+
 
 ConfigT = TypeVar("ConfigT", bound=Settings)
 
@@ -200,8 +242,10 @@ def parse_config(data: object, config_type: type[ConfigT], source: str = "<confi
     try:
         return msgspec.convert(data, config_type, strict=False)
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).rpartition(" - at `")
-        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
+        message, at, path = str(exc).rpartition(" - at `")
+        if not at:  # the top level's own check (__post_init__): its message names the key
+            message, path = str(exc), ""
+        key = path.rstrip("`").removeprefix("$").lstrip(".")
         raise ConfigError(message or str(exc), source=source, key=key) from exc
 
 

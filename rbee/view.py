@@ -1,10 +1,15 @@
-"""Renders workers as the rows of a terminal table (``rbee up``, ``rbee top``)."""
+"""Renders workers and GPUs as terminal tables (``rbee up``, ``rbee top``, ``rbee workers``).
+
+Every cell goes through ``printable`` in ``_render``, whatever table or column it is in, so text a
+hive sent (a model name, an error message, a GPU name) cannot move the cursor, recolour or clear
+the operator's terminal: a control character shows as its escape (``\x1b``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .telemetry import GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
+from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
            "VRAM MB", "UPTIME", "LAST 60s", "NOTE")
@@ -16,6 +21,14 @@ def sparkline(values: list[float | None], top: float = 100.0) -> str:
     """One character per value, ``▁`` (0) to ``█`` (``top`` or more); a blank where none."""
     return "".join(" " if v is None else BARS[min(len(BARS) - 1, int(max(v, 0.0) / top * len(BARS)))]
                    for v in values)
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
+    overrides, line separators) written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def uptime(seconds: int) -> str:
@@ -34,7 +47,7 @@ def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
     cells = (
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
-        f"{worker.cpu_pct:.1f}", f"{worker.rss_mb:.1f}",
+        f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
         f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s), trend,
         ", ".join(notes),
@@ -83,6 +96,7 @@ def _figure(value: float | None) -> str:
 
 def _render(columns: tuple[str, ...], widths: tuple[int, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(cell[: w or None].ljust(w) for cell, w in zip(cells, widths, strict=True))
+    lines += ["  ".join(printable(cell)[: w or None].ljust(w)
+                        for cell, w in zip(cells, widths, strict=True))
               for cells in rows]
     return "\n".join(line.rstrip() for line in lines)

@@ -23,6 +23,9 @@ from .._errors import RbeeError, SpawnError
 from ..config import HiveConfig, WorkerSpec
 from ..plugin.manager import build_plugin_manager
 from ..telemetry import (
+    LONG_TEXT_CHARS,
+    MAX_GPUS,
+    SHORT_TEXT_CHARS,
     CollectorIssue,
     Degraded,
     HealthStatus,
@@ -30,7 +33,10 @@ from ..telemetry import (
     HiveHeartbeat,
     HiveInfo,
     OperationalStatus,
+    cut,
     describe_health,
+    fit_gpu,
+    fit_worker,
     utc_now,
 )
 from .cgroups import select_backend
@@ -252,11 +258,18 @@ class HiveAgent:
         changed.set()
 
     def _heartbeat(self, workers) -> HiveHeartbeat:
+        """The snapshot, cut to the contract's bounds: a plugin's or a driver's excess costs
+        its own field, never the delivery of the whole heartbeat."""
+        for worker in workers:
+            fit_worker(worker)
+        devices = self.collector.devices_now()[:MAX_GPUS]
+        for device in devices:
+            fit_gpu(device)
         return HiveHeartbeat(
-            hive=HiveInfo(id=self.config.id, hostname=socket.gethostname(), port=self.port,
-                          operational_status=self.status, health_status=self.health(),
-                          version=__version__),
-            timestamp=utc_now(), workers=workers, capabilities=self.collector.devices_now())
+            hive=HiveInfo(id=self.config.id, hostname=cut(socket.gethostname(), SHORT_TEXT_CHARS),
+                          port=self.port, operational_status=self.status,
+                          health_status=self.health(), version=__version__),
+            timestamp=utc_now(), workers=workers, capabilities=devices)
 
     def farewell(self) -> HiveHeartbeat:
         """The last heartbeat of a hive that stopped its workers: status stopped, no workers."""
@@ -271,7 +284,8 @@ class HiveAgent:
         reasons = [f"{i.collector}: {i.message}" for i in issues]
         reasons += [f"GPU {d.index} ({d.uuid}) {describe_health(d.health)}"
                     for d in self.collector.devices if not isinstance(d.health, Healthy)]
-        return Degraded(reason="; ".join(reasons)) if reasons else Healthy()
+        return (Degraded(reason=cut("; ".join(reasons), LONG_TEXT_CHARS)) if reasons
+                else Healthy())
 
     async def _shutdown(self) -> None:
         if self.config.stop_workers_on_exit:

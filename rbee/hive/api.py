@@ -29,7 +29,7 @@ from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
 from ..config import WorkerSpec
 from ..exposition import HiveRecord, metrics_route
-from ..telemetry import HealthStatus, HiveHeartbeat, OperationalStatus
+from ..telemetry import HealthStatus, HiveHeartbeat, OperationalStatus, decode_json
 
 if TYPE_CHECKING:
     from .service import HiveService
@@ -83,10 +83,7 @@ def build_app(hive: HiveService) -> Starlette:
     async def spawn(request: Request) -> Response:
         require_token(request, hive.token)
         body = await read_body(request, config.http.max_body_bytes)
-        try:
-            spec = _spec_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ApiError(400, f"invalid worker: {exc}") from exc
+        spec = decode_json(_spec_decoder, body, "worker")  # a ContractError answers 400
         try:
             pid = await agent.spawn(spec)
         except LimitError as exc:

@@ -214,7 +214,11 @@ class ProcessMonitor:
                 for fd in fds:
                     os.write(fd, b"0")
 
-            output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+            try:
+                output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+            except OSError as exc:
+                raise SpawnError(f"cannot open the worker's log file {log_path}: "
+                                 f"{exc.strerror}") from exc
             try:
                 return subprocess.Popen(
                     [binary, *argv[1:]], executable=binary, preexec_fn=join_cgroup,

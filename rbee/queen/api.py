@@ -20,6 +20,7 @@ fails validation leaves the registry untouched.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._errors import ContractError, NotFoundError
+from .._errors import NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
 from ..exposition import metrics_route
@@ -90,6 +91,8 @@ def _float_param(request: Request, name: str) -> float | None:
         raise ApiError(400, f"query parameter {name!r} must be a number, not {value!r}") from None
     if not number >= 0:  # also refuses nan
         raise ApiError(400, f"query parameter {name!r} must be >= 0, not {value!r}")
+    if number == math.inf:  # a finite number only: infinity overflows what is computed from it
+        raise ApiError(400, f"query parameter {name!r} must be a finite number, not {value!r}")
     return number
 
 
@@ -112,10 +115,11 @@ def build_app(queen: QueenServer) -> Starlette:
     async def ingest(request: Request) -> Response:
         require_token(request, queen.token)
         body = await read_body(request, config.http.max_body_bytes)
-        try:
-            heartbeat = decode_heartbeat(body)
-        except ContractError as exc:
-            raise ApiError(400, str(exc)) from exc
+        heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
+        if len(heartbeat.workers) > config.registry.max_workers_per_hive:
+            raise ApiError(400, f"invalid heartbeat: {len(heartbeat.workers)} workers, more than "
+                                f"registry.max_workers_per_hive "
+                                f"({config.registry.max_workers_per_hive}) - at `$.workers`")
         if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
             # a hive's goodbye: its workers are no longer watched by anyone
             event = registry.remove_hive(heartbeat.hive.id, "the hive stopped")

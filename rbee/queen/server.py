@@ -79,10 +79,10 @@ class QueenServer:
         async for _ in every(self.config.registry.cleanup_interval_s):
             result = self.registry.sweep()
             for event in result.stale:
-                log.warning("hive %s is stale: silent for %.1fs", event.hive_id, event.silent_s)
+                log.warning("hive %r is stale: silent for %.1fs", event.hive_id, event.silent_s)
                 self.broadcaster.publish(event)
             for event in result.removed:
-                log.warning("hive %s removed with %d workers: %s", event.hive_id,
+                log.warning("hive %r removed with %d workers: %s", event.hive_id,
                             len(event.worker_ids), event.reason)
                 self.broadcaster.publish(event)
 
