@@ -35,9 +35,9 @@ class GpuCollector:
         snapshot = self.snapshot
         uses = []
         if snapshot.processes:
-            for pid in worker.worker.list_pids():
+            for pid in worker.pids():
                 uses.extend(snapshot.processes.get(pid, ()))
-        indices = sorted({use.gpu_index for use in uses}) or list(worker.worker.gpu_hint)
+        indices = sorted({use.gpu_index for use in uses}) or list(worker.gpu_indices)
         if not indices:
             return
         devices = {device.index: device for device in snapshot.devices}

@@ -1,7 +1,8 @@
 """Model name from the worker's command line, uptime from its start time in /proc.
 
-Uptime uses the kernel's own clock: the start time in /proc/<pid>/stat counts clock ticks
-(``os.sysconf("SC_CLK_TCK")``, not an assumed 100) since boot, and CLOCK_BOOTTIME is the same clock.
+Uptime uses the kernel's own clock: the view's start time comes from /proc/<pid>/stat, in clock
+ticks (``os.sysconf("SC_CLK_TCK")``, not an assumed 100) since boot, and CLOCK_BOOTTIME is the
+same clock.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from functools import lru_cache
 
 from rbee.plugin import hookimpl
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MODEL_FLAGS = ("--model", "-m")
 
 
@@ -44,8 +44,7 @@ def model_from_argv(argv: Sequence[str]) -> str | None:
 
 @hookimpl
 def rbee_collect_worker(worker, telemetry) -> None:
-    telemetry.model = model_from_argv(worker.worker.argv)
-    start_ticks = worker.worker.stats.start_ticks
-    if start_ticks >= 0:
-        uptime = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / CLOCK_TICKS
-        telemetry.uptime_s = max(0, int(uptime))
+    telemetry.model = model_from_argv(worker.argv)
+    started = worker.start_boottime_s
+    if started is not None:
+        telemetry.uptime_s = max(0, int(time.clock_gettime(time.CLOCK_BOOTTIME) - started))

@@ -10,6 +10,7 @@ from ._errors import (
     ContractError,
     LimitError,
     NotFoundError,
+    PluginError,
     RbeeError,
     SpawnError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ContractError",
     "LimitError",
     "NotFoundError",
+    "PluginError",
     "RbeeError",
     "SpawnError",
     # telemetry contract

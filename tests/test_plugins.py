@@ -21,7 +21,7 @@ from rbee.plugin import hookimpl
 
 @hookimpl
 def rbee_collect_worker(worker, telemetry):
-    telemetry.metrics["threads.count"] = float(len(open(f"/proc/{worker.worker.pid}/status")
+    telemetry.metrics["threads.count"] = float(len(open(f"/proc/{worker.pid}/status")
                                                .read().split("Threads:")[1].split()[0]))
 '''
 

@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+import httpx
 import trio
 
 from .. import __version__
@@ -37,6 +38,13 @@ from .collection import TelemetryCollector
 from .monitor import ProcessMonitor, Worker, open_pidfd
 
 log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a worker whose spec says ``{port}``."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def restart_wanted(spec: WorkerSpec, exit_code: int | None) -> bool:
@@ -159,6 +167,7 @@ class HiveAgent:
                 for worker in self.monitor.workers():
                     nursery.start_soon(self._watch_exit, worker.pid)
                 nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._refresh_workers_loop)
                 self.status = OperationalStatus.READY
                 await self._publish()
                 task_status.started()
@@ -173,7 +182,10 @@ class HiveAgent:
         start is logged and left out; the hive and the other workers carry on."""
         for spec in specs:
             self._desired[(spec.group, spec.instance)] = spec
-            if self.monitor.get_or_none(spec.group, spec.instance) is not None:
+            adopted = self.monitor.get_or_none(spec.group, spec.instance)
+            if adopted is not None:
+                if spec.metrics_url and "{port}" not in spec.metrics_url:
+                    adopted.metrics_url = spec.metrics_url
                 continue
             try:
                 await self._spawn_now(spec)
@@ -188,13 +200,17 @@ class HiveAgent:
         return pid
 
     async def _spawn_now(self, spec: WorkerSpec) -> int:
-        argv = [arg.replace("{python}", sys.executable) for arg in spec.argv]
+        port = str(free_port()) if any("{port}" in a for a in (*spec.argv, spec.metrics_url or "")
+                                       ) else ""
+        argv = [arg.replace("{python}", sys.executable).replace("{port}", port)
+                for arg in spec.argv]
+        metrics_url = spec.metrics_url.replace("{port}", port) if spec.metrics_url else None
         env = dict(spec.env) if spec.env else None
         log_path = (f"{self.config.log_dir}/{spec.group}-{spec.instance}.log"
                     if self.config.log_dir else None)
         return await trio.to_thread.run_sync(
             lambda: self.monitor.spawn(spec.group, spec.instance, argv, spec.cpu_limit,
-                                       spec.memory_limit, env, log_path))
+                                       spec.memory_limit, env, log_path, metrics_url))
 
     async def stop_worker(self, group: str, instance: str) -> None:
         self._desired.pop((group, instance), None)
@@ -214,6 +230,20 @@ class HiveAgent:
             else:
                 self._refresh_issue = None
             await trio.sleep(self.config.collect.interval_s)
+
+    async def _refresh_workers_loop(self) -> None:
+        """The plugins' async per-worker refresh (engine metrics), on its own cadence: it never
+        delays a collection tick, and the tick reads whatever it last stored. One pooled HTTP
+        client serves every plugin for the hive's life and is closed when the hive stops."""
+        settings = self.config.collect
+        limits = httpx.Limits(max_connections=settings.engine.max_concurrency,
+                              max_keepalive_connections=settings.engine.max_concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=settings.engine.timeout_s,
+                                     trust_env=False) as http:
+            while True:
+                next_at = trio.current_time() + settings.interval_s
+                await self.collector.refresh_workers(http, settings.interval_s)
+                await trio.sleep_until(next_at)
 
     async def _collect_loop(self) -> None:
         interval = self.config.heartbeat.interval_s
@@ -244,7 +274,9 @@ class HiveAgent:
         return self._heartbeat([])
 
     def health(self) -> HealthStatus:
-        issues = list(self.collector.refresh_errors)
+        issues = [*self.collector.refresh_errors, *self.collector.worker_refresh_errors]
+        issues.extend(CollectorIssue(collector=name, message=f"over its per-tick budget ({ms} ms)")
+                      for name, ms in self.collector.over_budget.items())
         if self._refresh_issue is not None:
             issues.append(self._refresh_issue)
         if issues:
