@@ -35,6 +35,7 @@ setup(
         "sse-starlette>=3.0",
         "anyio>=4.7",
         "httpx-sse>=0.4",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [
@@ -59,6 +60,7 @@ setup(
             "cgroup = rbee.collectors.cgroup",
             "process = rbee.collectors.process",
             "gpu = rbee.collectors.gpu",
+            "engine = rbee.collectors.engine",
         ],
     },
 )

@@ -17,6 +17,7 @@ from ._errors import (
 from .telemetry import (
     CollectorIssue,
     Degraded,
+    EngineState,
     GpuDevice,
     Healthy,
     HiveHeartbeat,
@@ -54,6 +55,7 @@ __all__ = [
     # telemetry contract
     "CollectorIssue",
     "Degraded",
+    "EngineState",
     "GpuDevice",
     "Healthy",
     "HiveHeartbeat",
