@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from .telemetry import WorkerTelemetry
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "UPTIME", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 8, 0)
+           "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "NOTE")
+WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 0)
+"""RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
+use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
 
 
 def uptime(seconds: int) -> str:
@@ -24,12 +26,16 @@ def row(hive: str, worker: WorkerTelemetry, note: str = "") -> str:
     if not worker.limits_applied:
         notes.append("limits not enforced")
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
+    engine = worker.engine
     cells = (
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", f"{worker.gpu_util_pct:.0f}",
-        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s),
-        ", ".join(notes),
+        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}",
+        str(engine.requests_running) if engine else "-",
+        str(engine.requests_waiting) if engine else "-",
+        f"{engine.kv_cache_pct:.0f}" if engine and engine.kv_cache_pct is not None else "-",
+        uptime(worker.uptime_s), ", ".join(notes),
     )
     return "  ".join(cell[: w or None].ljust(w) for cell, w in zip(cells, WIDTHS, strict=True))
 
