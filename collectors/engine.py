@@ -44,8 +44,8 @@ async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: 
             async for chunk in response.aiter_raw():
                 size += len(chunk)
                 if size > max_bytes:
-                    raise EngineError(f"{url} sent more than collect.engine.max_bytes "
-                                      f"({max_bytes})")
+                    raise EngineError(f"{url} sent more than {max_bytes} bytes, over "
+                                      f"collect.engine.max_bytes ({max_bytes})")
                 chunks.append(chunk)
     return b"".join(chunks)
 

@@ -21,10 +21,14 @@ MODEL_FLAGS = ("--model", "-m")
 def model_from_argv(argv: Sequence[str]) -> str | None:
     """``--model X``, ``--model=X`` or ``-m X`` among the program's arguments.
 
-    ``--model`` wins over ``-m``. For a Python interpreter (``python -m vllm.entrypoints… --model
+    ``--model`` wins over ``-m``; ``vllm serve MODEL`` names it as its first argument. For a
+    Python interpreter (``python -m vllm.entrypoints… --model
     X``) the interpreter's own options, its ``-m module`` included, are not the program's.
     """
     start = 1
+    if (len(argv) > 2 and os.path.basename(argv[0]) == "vllm" and argv[1] == "serve"
+            and not argv[2].startswith("-")):
+        return argv[2]
     if os.path.basename(argv[0]).startswith("python") if argv else False:
         for index, arg in enumerate(argv[1:], start=1):
             if arg == "-m" or not arg.startswith("-"):

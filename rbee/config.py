@@ -71,7 +71,8 @@ class CollectorSettings(Settings):
     nvidia_smi_path: str = "nvidia-smi"
     nvidia_smi_timeout_s: Seconds = 2.0
     refresh_timeout_s: Seconds = 3.0
-    """Deadline of one GPU refresh (NVML or nvidia-smi) before the tick goes on without it."""
+    """Deadline of one GPU refresh (NVML or nvidia-smi) before the tick goes on without it, and
+    of one plugin's async worker refresh (``rbee_refresh_workers``) before it is cancelled."""
     disabled_plugins: list[str] = []
     plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin

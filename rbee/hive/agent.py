@@ -242,7 +242,7 @@ class HiveAgent:
                                      trust_env=False) as http:
             while True:
                 next_at = trio.current_time() + settings.interval_s
-                await self.collector.refresh_workers(http, settings.interval_s)
+                await self.collector.refresh_workers(http, settings.refresh_timeout_s)
                 await trio.sleep_until(next_at)
 
     async def _collect_loop(self) -> None:

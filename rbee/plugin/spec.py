@@ -71,9 +71,10 @@ def rbee_refresh_workers(workers: Sequence[WorkerView], http: httpx.AsyncClient
                          ) -> Awaitable[None] | None:
     """Refresh per-worker state that needs I/O (an engine's metrics endpoint), asynchronously.
 
-    Implement it as ``async def``: the hive calls it once every ``collect.interval_s`` in its own
-    trio task, apart from the collection tick, awaits every plugin's coroutine concurrently, and
-    cancels one still running after ``collect.interval_s``. Keep results in each worker's
+    Implement it as ``async def``: the hive calls it once every ``collect.interval_s`` (or as soon
+    as the previous call ends, if that took longer) in its own trio task, apart from the
+    collection tick, awaits every plugin's coroutine concurrently, and cancels one still running
+    after ``collect.refresh_timeout_s``. Keep results in each worker's
     ``worker.state(<your plugin name>)``; the per-worker hook reads them on the next tick. Raising
     is recorded in the hive's health (degraded) and the next interval calls it again.
 
