@@ -63,7 +63,10 @@ def build_plugin_manager(disabled: Iterable[str] = (), extra_plugins: Iterable[o
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+        name = manager.get_name(exc.plugin) or repr(exc.plugin)
+        hook = str(exc).split("'")[1] if str(exc).count("'") >= 2 else ""
+        raise PluginError(f"plugin {name!r} implements {hook!r}, which is no rbee hook (see "
+                          "rbee.plugin.spec)", plugin=name, hook=hook) from exc
     if os.environ.get("RBEE_TRACE_PLUGINS", "") not in ("", "0"):
         trace_calls(manager)
     return manager
