@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from rbee.fleetview import FleetView
-from rbee.telemetry import HiveRemovedEvent, HiveStaleEvent, HiveTelemetryEvent, utc_now
+from rbee.telemetry import EngineState, HiveRemovedEvent, HiveStaleEvent, HiveTelemetryEvent, utc_now
 
 from .builders import heartbeat, worker
 from .daemons import BIN
@@ -71,6 +71,34 @@ async def test_rbee_top_shows_the_fleet(nursery):
     assert "llm/a" in line and "qwen-7b" in line
 
 
+async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
+    queen = await start_queen(nursery)
+    async with httpx.AsyncClient() as client:
+        await post_heartbeat(client, queen, heartbeat("gpu-07", [
+            worker("full", engine=EngineState(engine="vllm", requests_running=8,
+                                              requests_waiting=5, kv_cache_pct=93.6)),
+            worker("free", engine=EngineState(engine="vllm", requests_running=1,
+                                              requests_waiting=0, kv_cache_pct=12.0)),
+            worker("plain")]))
+    result = await trio.to_thread.run_sync(lambda: rbee(
+        "workers", "--queen", url_of(queen), "--max-waiting", "0", "--max-kv-cache-pct", "80",
+        timeout=20))
+    assert result.returncode == 0, result.stderr
+    assert "llm/free" in result.stdout and "llm/full" not in result.stdout
+    assert result.stdout.rstrip().endswith("1 workers")
+    result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
+                                                        "--rounds", "1", timeout=20))
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("HIVE"))
+    columns = {name: header.index(name) for name in ("RUN", "QUEUE", "KV%", "UPTIME")}
+    full = next(line for line in lines if "llm/full" in line)
+    plain = next(line for line in lines if "llm/plain" in line)
+    assert full[columns["RUN"]:columns["QUEUE"]].split() == ["8"]
+    assert full[columns["QUEUE"]:columns["KV%"]].split() == ["5"]
+    assert full[columns["KV%"]:columns["UPTIME"]].split() == ["94"]
+    assert plain[columns["RUN"]:columns["UPTIME"]].split() == ["-", "-", "-"]
+
+
 def test_rbee_workers_without_a_queen_is_a_clear_error():
     result = rbee("workers", "--queen", "http://127.0.0.1:9", "--timeout", "2")
     assert result.returncode == 1
@@ -94,6 +122,7 @@ def test_fleet_view_applies_events_in_order():
 
 @pytest.mark.parametrize("args, message", [
     (["workers", "--min-free-vram", "lots"], "invalid float value: 'lots'"),
+    (["workers", "--max-waiting", "1.5"], "invalid int value: '1.5'"),
     (["up", "--port", "x"], "invalid int value: 'x'"),
 ])
 def test_rbee_bad_arguments(args, message):
