@@ -30,7 +30,8 @@ STALE_INTERVALS = 3
 
 
 async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: int) -> bytes:
-    """The body of ``GET url``: EngineError for a non-200 answer or a body over ``max_bytes``,
+    """The body of ``GET url``: EngineError for a non-200 answer or a body over ``max_bytes``
+    (counted as sent and again once decompressed, so no gzip bomb gets past it),
     trio.TooSlowError past ``timeout_s`` for the whole exchange."""
     with trio.fail_after(timeout_s):
         async with http.stream("GET", url, timeout=timeout_s) as response:
@@ -41,7 +42,7 @@ async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: 
                 raise EngineError(f"{url} sent {declared} bytes, over collect.engine.max_bytes "
                                   f"({max_bytes})")
             chunks, size = [], 0
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():  # decoded: engines gzip when asked
                 size += len(chunk)
                 if size > max_bytes:
                     raise EngineError(f"{url} sent more than {max_bytes} bytes, over "

@@ -4,6 +4,7 @@ in its own thread (http.server) and is shut down and closed by the context manag
 
 from __future__ import annotations
 
+import gzip
 import re
 import threading
 import time
@@ -51,6 +52,9 @@ class Answer:
     content_type: str = CONTENT_TYPE
     declare_length: bool = True
     """False: no Content-Length, the body ends when the connection closes (HTTP/1.0)."""
+    gzip: bool = False
+    """Compress the body (Content-Encoding: gzip) when the client accepts it, as vLLM and
+    prometheus-client's own server do."""
 
 
 class MetricsServer:
@@ -67,13 +71,19 @@ class MetricsServer:
                 server.requests += 1
                 answer = server.answer if self.path == "/metrics" else Answer(b"not found", 404)
                 time.sleep(answer.delay_s)
+                body = answer.body
+                compress = answer.gzip and "gzip" in self.headers.get("Accept-Encoding", "")
+                if compress:
+                    body = gzip.compress(body)
                 try:
                     self.send_response(answer.status)
                     self.send_header("Content-Type", answer.content_type)
+                    if compress:
+                        self.send_header("Content-Encoding", "gzip")
                     if answer.declare_length:
-                        self.send_header("Content-Length", str(len(answer.body)))
+                        self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(answer.body)
+                    self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the scraper gave up first: what a slow engine sees
 

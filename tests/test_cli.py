@@ -30,10 +30,17 @@ def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     assert result.returncode == 0, result.stderr
     assert "rbee up: queen http://127.0.0.1:" in result.stdout
     last_table = result.stdout.rsplit("rbee: queen", 1)[1]
+    header = next(line for line in last_table.splitlines() if line.startswith("HIVE"))
+    engine_cells = slice(header.index("RUN"), header.index("UPTIME"))
     for instance, model in (("llm/llama-0", "llama-3-8b"), ("llm/llama-1", "llama-3-8b"),
                             ("embed/bge-0", "bge-small")):
         (line,) = [line for line in last_table.splitlines() if instance in line]
         assert line.startswith("demo-hive") and model in line
+        run, queue, kv = line[engine_cells].split()
+        if instance.startswith("llm/"):  # their simulated vLLM engines, read by the hive
+            assert run.isdigit() and queue.isdigit() and kv.isdigit(), line
+        else:
+            assert (run, queue, kv) == ("-", "-", "-"), line
     leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
     assert leftover.stdout == b""
 

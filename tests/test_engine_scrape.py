@@ -50,8 +50,10 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
     with metrics_servers(fixture("vllm-0.10.0.prom"), fixture("vllm-0.6.3.prom"),
                          "<html><body>It works!</body></html>\n", huge,
                          Answer(huge.encode(), declare_length=False),
+                         Answer(fixture("tgi-3.0.prom").encode(), gzip=True),
+                         Answer(huge.encode(), gzip=True),
                          Answer(fixture("sglang-0.4.prom").encode(), delay_s=2.0)) as servers:
-        vllm, by_argv, garbage, big, big_unannounced, slow = servers
+        vllm, by_argv, garbage, big, big_unannounced, gzipped, gzip_bomb, slow = servers
         vllm_binary = fake_launcher(tmp_path, "vllm")
         workers = [
             spec("vllm", vllm.url),
@@ -60,6 +62,8 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
             spec("garbage", garbage.url),
             spec("huge", big.url),
             spec("huge-unannounced", big_unannounced.url),
+            spec("gzipped", gzipped.url),
+            spec("gzip-bomb", gzip_bomb.url),  # small on the wire, over the limit unpacked
             spec("slow", slow.url),
             spec("unreachable", f"http://127.0.0.1:{free_port()}/metrics"),
             spec("plain"),
@@ -69,7 +73,7 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
             collect={"interval_s": INTERVAL, "engine": {"timeout_s": 0.3, "max_bytes": 65536}}))
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
-            records = await until(agent, lambda r: len(r) == 9 and all(
+            records = await until(agent, lambda r: len(r) == 11 and all(
                 r[i].engine or r[i].errors for i in r if i != "plain"))
             ticks_before, started = agent.generation, trio.current_time()
             await trio.sleep(1.0)  # the slow engine (2 s) is being waited on all along
@@ -81,12 +85,14 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
     assert (records["vllm"].engine.requests_running, records["vllm"].engine.requests_waiting,
             records["vllm"].engine.kv_cache_pct) == (12, 7, 94.12)
     assert records["by-argv"].engine.requests_running == 3  # found from `vllm serve --port N`
+    assert records["gzipped"].engine.engine == "tgi" and records["gzipped"].errors == []
     assert records["by-argv"].model == "mistral-7b" and records["by-argv"].errors == []
     problems = {
         "not-found": "HTTP 404 from http://127.0.0.1:",
         "garbage": "no known engine metrics in the exposition",
         "huge": "sent 200057 bytes, over collect.engine.max_bytes (65536)",
         "huge-unannounced": "sent more than 65536 bytes, over collect.engine.max_bytes (65536)",
+        "gzip-bomb": "sent more than 65536 bytes, over collect.engine.max_bytes (65536)",
         "slow": "no answer from http://127.0.0.1:",
         "unreachable": "cannot read http://127.0.0.1:",
     }
@@ -95,7 +101,7 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
         assert record.engine is None, instance
         assert [e.collector for e in record.errors] == [ENGINE], (instance, record.errors)
         assert problem in record.errors[0].message, (instance, record.errors[0].message)
-        assert record.uptime_s >= 0 and record.rss_mb > 0 and record.rate_window_s > 0  # the rest
+        assert record.rate_window_s > 0 and record.uptime_s >= 0  # the other plugins ran, clean
     assert "within 0.3s" in records["slow"].errors[0].message
     assert records["plain"].engine is None and records["plain"].errors == []
     assert records["vllm"].errors == []
@@ -143,3 +149,28 @@ async def test_scrapes_run_concurrently_under_one_deadline(monitor):
     assert took < 1.0, f"took {took:.2f}s"
     assert sorted(r.engine.requests_running for r in records) == [9] * 12
     assert all(r.errors == [] for r in records)
+
+
+async def test_spawned_with_metrics_url_through_the_hive_api_to_the_queen(tmp_path):
+    """The whole path with real daemons: POST /v1/workers with a metrics_url → the hive scrapes
+    the engine → the heartbeat → the queen's /v1/workers filters and its stream."""
+    from .queenkit import open_stream
+    from .test_end_to_end import hive, queen
+
+    with metrics_servers(fixture("vllm-0.10.0.prom")) as [server], queen(tmp_path) as q, \
+            hive(tmp_path, "engine-e2e", q.url) as h:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
+            response = await client.post(f"{h.url}/v1/workers", json={
+                "group": "llm", "instance": "v", "argv": sleeper(), "metrics_url": server.url})
+            assert response.status_code == 201, response.text
+            async with open_stream(client, q.url) as stream:
+                event = await stream.until(lambda e: any(
+                    w.engine is not None for w in getattr(e, "workers", [])), timeout=10)
+            (record,) = event.workers
+            assert (record.engine.requests_running, record.engine.kv_cache_pct) == (12, 94.12)
+            found = (await client.get(f"{q.url}/v1/workers",
+                                      params={"max_waiting": "7", "max_kv_cache_pct": "95"})).json()
+            assert [w["worker"]["instance"] for w in found] == ["v"]
+            assert (await client.get(f"{q.url}/v1/workers",
+                                     params={"max_waiting": "6"})).json() == []
+            assert (await client.get(f"{q.url}/v1/workers", params={"idle": "true"})).json() == []
