@@ -121,13 +121,17 @@ def test_bad_expositions_are_refused_by_name(text, message):
         parse_exposition(text, 0.0)
 
 
-def test_lines_unchanged_since_the_last_scrape_give_the_same_reading():
+def test_series_seen_last_scrape_give_the_same_reading_as_a_full_parse():
     text = fixture("vllm-0.10.0.prom")
-    lines: dict = {}
-    assert parse_exposition(text, 1.0, lines) == parse_exposition(text, 1.0)
-    assert len(lines) > 20 and all(not line.startswith("#") for line in lines)
-    later = bump(text, "vllm:num_requests_waiting", 5)
-    assert parse_exposition(later, 2.0, lines).waiting == 12  # a changed line is parsed anew
+    series: dict = {}
+    assert parse_exposition(text, 1.0, series) == parse_exposition(text, 1.0)
+    assert len(series) == 30 and all(s.startswith("vllm:") for s in series)
+    later = observe(bump(text, "vllm:num_requests_waiting", 5),
+                    "vllm:time_to_first_token_seconds", 0.3, 10)
+    assert parse_exposition(later, 2.0, series) == parse_exposition(later, 2.0)
+    broken = bump(later, "vllm:num_requests_running", 0).replace(" 12.0\n", " twelve\n", 1)
+    with pytest.raises(EngineError, match="malformed vllm metrics"):  # a known series, bad value
+        parse_exposition(broken, 3.0, series)
 
 
 def test_several_label_sets_are_summed_and_kv_is_the_fullest():

@@ -36,6 +36,7 @@ from ..telemetry import (
 from .cgroups import select_backend
 from .collection import TelemetryCollector
 from .monitor import ProcessMonitor, Worker, open_pidfd
+from .origins import OriginPools
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,11 @@ class HiveAgent:
 
     async def _refresh_workers_loop(self) -> None:
         """The plugins' async per-worker refresh (engine metrics), on its own cadence: it never
-        delays a collection tick, and the tick reads whatever it last stored. One pooled HTTP
-        client serves every plugin for the hive's life and is closed when the hive stops."""
+        delays a collection tick, and the tick reads whatever it last stored. One HTTP client (a
+        small pool per origin, ``OriginPools``) serves every plugin for the hive's life and is
+        closed when the hive stops."""
         settings = self.config.collect
-        limits = httpx.Limits(max_connections=settings.engine.max_concurrency,
-                              max_keepalive_connections=settings.engine.max_concurrency)
-        async with httpx.AsyncClient(limits=limits, timeout=settings.engine.timeout_s,
+        async with httpx.AsyncClient(transport=OriginPools(), timeout=settings.engine.timeout_s,
                                      trust_env=False) as http:
             while True:
                 next_at = trio.current_time() + settings.interval_s
