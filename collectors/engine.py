@@ -16,17 +16,20 @@ shown either.
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
 import trio
 
-from rbee.hive.engines import EngineError, EngineTracker, parse_exposition
+from rbee.hive.engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
 from rbee.hive.launchers import metrics_url_from_argv
 from rbee.plugin import hookimpl
 
 NAME = "engine"
 STALE_INTERVALS = 3
+VERSION_RETRY_S = 300.0
+VERSION_MAX_BYTES = 2**20
 
 
 async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: int) -> bytes:
@@ -51,9 +54,27 @@ async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: 
     return b"".join(chunks)
 
 
+async def fetch_version(http: httpx.AsyncClient, metrics_url: str, engine: str,
+                        timeout_s: float) -> str | None:
+    """The engine's version from its info endpoint on the metrics port; None when it has none or
+    says nothing readable (an engine's version is nice to have, never an error)."""
+    names = ENGINE_NAMES[engine]
+    if names.version_path is None:
+        return None
+    url = str(httpx.URL(metrics_url).copy_with(path=names.version_path, query=None))
+    try:
+        info = json.loads(await fetch(http, url, timeout_s, VERSION_MAX_BYTES))
+    except (EngineError, httpx.HTTPError, trio.TooSlowError, ValueError):
+        return None
+    version = info.get(names.version_key) if isinstance(info, dict) else None
+    return version[:64] if isinstance(version, str) and version else None
+
+
 class EngineCollector:
     """Per-hive state: settings, and the scrape. Per-worker state lives in each worker's
-    ``state("engine")`` slot: its tracker (readings over time) and its last result."""
+    ``state("engine")`` slot: its tracker (readings over time), its last result, and its
+    engine's version (asked once the engine is known; again after ``VERSION_RETRY_S`` if the
+    engine did not say)."""
 
     def __init__(self, settings, interval_s: float) -> None:
         self.settings = settings
@@ -76,7 +97,16 @@ class EngineCollector:
                     body = EngineError(f"cannot read {url}: {type(exc).__name__}: {exc}")
                 except EngineError as exc:
                     body = exc
-            fetched.append((worker, body, time.monotonic()))
+                taken_at = time.monotonic()
+                slot = worker.state(NAME)
+                engine = slot.get("engine")
+                if (engine is not None and slot.get("version") is None
+                        and taken_at - slot.get("version_asked_at", -VERSION_RETRY_S)
+                        >= VERSION_RETRY_S):
+                    slot["version_asked_at"] = taken_at
+                    slot["version"] = await fetch_version(http, url, engine,
+                                                          self.settings.timeout_s)
+            fetched.append((worker, body, taken_at))
 
         async with trio.open_nursery() as nursery:
             for worker in workers:
@@ -103,7 +133,12 @@ class EngineCollector:
                 except UnicodeDecodeError as exc:
                     raise EngineError(f"metrics are not UTF-8 text: {exc}") from exc
                 reading = parse_exposition(text, taken_at, slot.setdefault("lines", {}))
-                slot["result"] = (taken_at, tracker.update(reading))
+                state = tracker.update(reading)
+                if slot.get("engine") != reading.engine:  # a new engine on the port: ask again
+                    slot["engine"], slot["version"] = reading.engine, None
+                    slot.pop("version_asked_at", None)
+                state.version = slot.get("version")
+                slot["result"] = (taken_at, state)
             except EngineError as exc:
                 slot["result"] = (taken_at, str(exc))
 

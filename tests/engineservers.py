@@ -63,13 +63,18 @@ class MetricsServer:
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
+        self.others: dict[str, Answer] = {}
+        """Answers for other paths (an engine's info endpoint); anything else is a 404."""
         self.requests = 0
+        self.paths: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests += 1
-                answer = server.answer if self.path == "/metrics" else Answer(b"not found", 404)
+                server.paths.append(self.path)
+                answer = server.answer if self.path == "/metrics" else server.others.get(
+                    self.path, Answer(b"not found", 404))
                 time.sleep(answer.delay_s)
                 body = answer.body
                 compress = answer.gzip and "gzip" in self.headers.get("Accept-Encoding", "")

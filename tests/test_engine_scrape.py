@@ -54,6 +54,9 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
                          Answer(huge.encode(), gzip=True),
                          Answer(fixture("sglang-0.4.prom").encode(), delay_s=2.0)) as servers:
         vllm, by_argv, garbage, big, big_unannounced, gzipped, gzip_bomb, slow = servers
+        vllm.others["/version"] = Answer(b'{"version":"0.10.0"}', content_type="application/json")
+        gzipped.others["/info"] = Answer(b'{"model_id":"m","version":"3.0.1","sha":"x"}',
+                                         content_type="application/json")
         vllm_binary = fake_launcher(tmp_path, "vllm")
         workers = [
             spec("vllm", vllm.url),
@@ -74,7 +77,8 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
             records = await until(agent, lambda r: len(r) == 11 and all(
-                r[i].engine or r[i].errors for i in r if i != "plain"))
+                r[i].engine or r[i].errors for i in r if i != "plain")
+                and r["vllm"].engine is not None and r["vllm"].engine.version is not None)
             ticks_before, started = agent.generation, trio.current_time()
             await trio.sleep(1.0)  # the slow engine (2 s) is being waited on all along
             ticks = agent.generation - ticks_before
@@ -86,6 +90,10 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
             records["vllm"].engine.kv_cache_pct) == (12, 7, 94.12)
     assert records["by-argv"].engine.requests_running == 3  # found from `vllm serve --port N`
     assert records["gzipped"].engine.engine == "tgi" and records["gzipped"].errors == []
+    assert records["vllm"].engine.version == "0.10.0"  # its GET /version, asked once
+    assert records["gzipped"].engine.version == "3.0.1"  # TGI's GET /info
+    assert records["by-argv"].engine.version is None  # no info endpoint: no version, no error
+    assert vllm.paths.count("/version") == 1 and vllm.paths.count("/metrics") > 3  # asked once
     assert records["by-argv"].model == "mistral-7b" and records["by-argv"].errors == []
     problems = {
         "not-found": "HTTP 404 from http://127.0.0.1:",

@@ -14,6 +14,10 @@ fixtures in ``tests/engine_fixtures/`` say which file and version):
 - llama.cpp server: ``tools/server`` ``/metrics`` (``--metrics``); builds before the unified KV
   cache print ``llamacpp:kv_cache_usage_ratio``, current ones do not.
 
+None of them prints its version on ``/metrics``; each says it on an info endpoint of the same port
+(vLLM ``GET /version``, SGLang ``GET /get_server_info``, TGI ``GET /info``: ``version``; llama.cpp
+``GET /props``: ``build_info``), which the collector asks once per worker.
+
 The text is parsed by prometheus-client's parser, which is pure Python (~30 µs a labelled line). So
 two things are kept from it: only the lines that begin with a name we read are handed to it (not
 comments, the process_* and python_* families, histograms we do not use: a vLLM exposition is ~440
@@ -59,6 +63,9 @@ class EngineNames:
     generation_tokens: str | None = None
     preemptions: str | None = None
     ttft_buckets: str | None = None
+    version_path: str | None = None
+    """The engine's own info endpoint (JSON) on the same port, and the key of its version."""
+    version_key: str = "version"
 
     @property
     def wanted(self) -> tuple[str, ...]:
@@ -92,21 +99,24 @@ ENGINES = (
                 prompt_tokens="vllm:prompt_tokens_total",
                 generation_tokens="vllm:generation_tokens_total",
                 preemptions="vllm:num_preemptions_total",
-                ttft_buckets="vllm:time_to_first_token_seconds_bucket"),
+                ttft_buckets="vllm:time_to_first_token_seconds_bucket", version_path="/version"),
     EngineNames(engine="sglang", marker="sglang:", running="sglang:num_running_reqs",
                 waiting="sglang:num_queue_reqs", kv_cache=("sglang:token_usage",),
                 prompt_tokens="sglang:prompt_tokens_total",
                 generation_tokens="sglang:generation_tokens_total",
                 preemptions="sglang:num_retracted_requests_total",
-                ttft_buckets="sglang:time_to_first_token_seconds_bucket"),
+                ttft_buckets="sglang:time_to_first_token_seconds_bucket",
+                version_path="/get_server_info"),
     EngineNames(engine="tgi", marker="tgi_", running="tgi_batch_current_size",
                 waiting="tgi_queue_size", prompt_tokens="tgi_request_input_length_sum",
-                generation_tokens="tgi_request_generated_tokens_sum"),
+                generation_tokens="tgi_request_generated_tokens_sum", version_path="/info"),
     EngineNames(engine="llamacpp", marker="llamacpp:", running="llamacpp:requests_processing",
                 waiting="llamacpp:requests_deferred", kv_cache=("llamacpp:kv_cache_usage_ratio",),
                 prompt_tokens="llamacpp:prompt_tokens_total",
-                generation_tokens="llamacpp:tokens_predicted_total"),
+                generation_tokens="llamacpp:tokens_predicted_total", version_path="/props",
+                version_key="build_info"),
 )
+ENGINE_NAMES = {names.engine: names for names in ENGINES}
 
 
 @dataclass(frozen=True, slots=True)
