@@ -133,8 +133,8 @@ class WorkerView:
         where a plugin keeps what it needs between ticks, or hands from its async refresh to its
         per-worker hook. Dropped with the worker."""
         slot = self._states.get(owner)
-        if slot is None:
-            slot = self._states[owner] = {}
+        if slot is None:  # setdefault: atomic, the async refresh and the tick may race here
+            slot = self._states.setdefault(owner, {})
         return slot
 
     def __repr__(self) -> str:
