@@ -18,7 +18,7 @@ setup(
     version="0.1.0",
     description="Telemetry pipeline for GPU inference fleets: hive agents, a queen, a live stream.",
     python_requires=">=3.11",
-    packages=["rbee", "rbee.hive", "rbee.hive.cgroups", "rbee.plugin", "rbee.queen",
+    packages=["rbee", "rbee.hive", "rbee.hive.cgroups", "rbee.hive.gpu", "rbee.plugin", "rbee.queen",
               "rbee.collectors", "rbee.demo"],
     package_dir={"rbee.collectors": "collectors"},
     package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"]},

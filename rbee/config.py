@@ -71,8 +71,14 @@ class CollectorSettings(Settings):
     nvidia_smi_path: str = "nvidia-smi"
     nvidia_smi_timeout_s: Seconds = 2.0
     refresh_timeout_s: Seconds = 3.0
-    """Deadline of one GPU refresh (NVML or nvidia-smi) before the tick goes on without it, and
-    of one plugin's async worker refresh (``rbee_refresh_workers``) before it is cancelled."""
+    """Deadline of one GPU refresh (NVML or nvidia-smi), and of one per-process utilisation
+    sample, before the tick goes on without it; and of one plugin's async worker refresh
+    (``rbee_refresh_workers``) before it is cancelled."""
+    gpu_event_wait_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
+    """How long each sample waits for NVML's Xid events (on the sampling thread, off the tick)."""
+    gpu_xid_window_s: Seconds = 300.0
+    """How long an Xid that needs no reset keeps its GPU degraded; one that needs a reset keeps
+    it unhealthy until the hive restarts."""
     disabled_plugins: list[str] = []
     plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin
@@ -147,7 +153,10 @@ class RegistrySettings(Settings):
     """Silent this long: removed with its workers, and the removal announced on the stream."""
     cleanup_interval_s: Seconds = 1.0
     idle_gpu_util_pct: Annotated[float, msgspec.Meta(ge=0)] = 5.0
-    """A worker at or under this GPU utilisation counts as idle."""
+    """A worker at or under this GPU utilisation counts as idle (an unknown figure never does)."""
+    skip_unhealthy_gpus: bool = True
+    """Scheduling queries leave out workers on a GPU whose health is unhealthy (ECC errors, a
+    reset pending, a fatal Xid)."""
     mass_silence_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     """If more than this share of the hives falls silent at once, the queen suspects its own side
     (network, a stall) and removes none of them; they stay stale until they return."""
@@ -173,6 +182,23 @@ class StreamSettings(Settings):
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
+class HistorySettings(Settings):
+    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty."""
+
+    fine_step_s: Seconds = 1.0
+    fine_retention_s: Seconds = 900.0
+    coarse_step_s: Seconds = 10.0
+    coarse_retention_s: Seconds = 21600.0
+    max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
+    kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
+    max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
+
+    def __post_init__(self) -> None:
+        if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
+            raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
+
+
 class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
@@ -180,6 +206,7 @@ class QueenConfig(Settings):
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(max_body_bytes=4 * 2**20))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for."""

@@ -1,9 +1,9 @@
-"""The fleet as a stream client sees it: stream events applied in order, rendered as a table.
+"""The fleet as a stream client sees it: stream events applied in order, rendered as tables.
 
-Used by ``rbee top`` and ``rbee up``. A snapshot replaces everything; ``hive_telemetry`` replaces
-one hive's workers (and clears its stale mark); ``hive_stale`` marks a hive; ``hive_removed``
-drops it; ``queen`` updates the counts in the header. After ``lagged`` the queen sends a snapshot
-at once, so nothing needs repairing here.
+Used by ``rbee top`` and ``rbee up``. A snapshot replaces everything; ``hive_telemetry``
+replaces one hive's workers, GPUs and health (and clears its stale mark); ``hive_stale`` marks
+a hive; ``hive_removed`` drops it; ``queen`` updates the counts in the header. After ``lagged``
+the queen sends a snapshot at once, so nothing needs repairing here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .telemetry import (
+    GpuDevice,
+    HealthStatus,
+    Healthy,
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveTelemetryEvent,
@@ -18,14 +21,17 @@ from .telemetry import (
     SnapshotEvent,
     StreamEvent,
     WorkerTelemetry,
+    describe_health,
 )
-from .view import table
+from .view import gpu_table, table
 
 
 @dataclass
 class HiveView:
     workers: list[WorkerTelemetry]
     stale: bool = False
+    gpus: list[GpuDevice] = field(default_factory=list)
+    health: HealthStatus | None = None
 
 
 @dataclass
@@ -36,9 +42,11 @@ class FleetView:
     def apply(self, event: StreamEvent) -> None:
         match event:
             case SnapshotEvent(hives=hives):
-                self.hives = {h.hive.id: HiveView(list(h.workers), h.stale) for h in hives}
+                self.hives = {h.hive.id: HiveView(list(h.workers), h.stale, list(h.capabilities),
+                                                  h.hive.health_status) for h in hives}
             case HiveTelemetryEvent(hive_id=hive_id, workers=workers):
-                self.hives[hive_id] = HiveView(list(workers))
+                self.hives[hive_id] = HiveView(list(workers), gpus=list(event.capabilities),
+                                               health=event.health_status)
             case HiveStaleEvent(hive_id=hive_id) if hive_id in self.hives:
                 self.hives[hive_id].stale = True
             case HiveRemovedEvent(hive_id=hive_id):
@@ -47,7 +55,7 @@ class FleetView:
                 self.summary = event
 
     def render(self) -> str:
-        rows = [(hive_id, worker, "STALE" if view.stale else "")
+        rows = [(hive_id, worker, _hive_note(view))
                 for hive_id, view in sorted(self.hives.items())
                 for worker in sorted(view.workers, key=lambda w: (w.group, w.instance))]
         stale = sum(1 for view in self.hives.values() if view.stale)
@@ -55,4 +63,16 @@ class FleetView:
         if self.summary is not None:
             header += (f"; schedulable: {self.summary.hives_available} hives, "
                        f"{self.summary.workers_available} idle workers")
-        return f"{header}\n{table(rows)}"
+        text = f"{header}\n{table(rows)}"
+        gpus = [(hive_id, gpu) for hive_id, view in sorted(self.hives.items()) for gpu in view.gpus]
+        if gpus:
+            text += f"\n\n{gpu_table(gpus)}"
+        return text
+
+
+def _hive_note(view: HiveView) -> str:
+    """STALE, and a degraded or unhealthy hive's state, on each of its workers' rows."""
+    notes = ["STALE"] if view.stale else []
+    if view.health is not None and not isinstance(view.health, Healthy):
+        notes.append(f"hive {describe_health(view.health)}")
+    return ", ".join(notes)

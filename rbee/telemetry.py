@@ -42,7 +42,8 @@ class OperationalStatus(enum.StrEnum):
 
 
 class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True, gc=False):
-    """One collector's failure for one worker; the rest of the worker's record is still valid."""
+    """One collector's failure for one worker (or a figure one GPU cannot give); the rest of the
+    record is still valid."""
 
     collector: str
     message: str
@@ -70,6 +71,39 @@ class EngineState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Seconds between the two readings behind the rates; 0.0 until there are two."""
 
 
+class GpuUtilSource(enum.StrEnum):
+    """Where a worker's GPU utilisation comes from, so no scheduler mistakes one for the other."""
+
+    PROCESS = "process"
+    """The worker's own processes' samples (NVML per-process utilisation) since the last tick:
+    a process with no newer sample did not run on the GPU, and counts 0."""
+    DEVICE = "device"
+    """The whole device's figure, every process on it included: per-process utilisation is not
+    supported there (nvidia-smi, some drivers). An upper bound for the worker, not its own use."""
+
+
+class WorkerGpuUse(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """What one worker uses of one GPU (or MIG instance): its processes' VRAM and utilisation
+    there, measured per GPU, never an equal share of a total. ``None`` is "the driver does not
+    say" (the reason is in the worker's ``errors``), never 0."""
+
+    index: NonNegInt
+    """The GPU's index on its hive; for a MIG instance, its parent GPU's."""
+    uuid: str
+    """The device the processes run on: ``GPU-…``, or ``MIG-…`` for a MIG instance."""
+    vram_mb: NonNegFloat | None
+    util_pct: NonNegFloat | None
+    """SM utilisation, averaged over the samples of ``util_window_s`` (``util_source`` says whose)."""
+    mem_util_pct: NonNegFloat | None = None
+    """Memory-bandwidth utilisation over the same samples."""
+    util_source: GpuUtilSource | None = None
+    util_window_s: NonNegFloat = 0.0
+    """The span the utilisation covers: the time between two per-process queries (one tick), or
+    the driver's own averaging period for a device figure (1/6 s to 1 s, driver-chosen)."""
+    sample_age_s: NonNegFloat = 0.0
+    """Age of the utilisation figure when this record was built."""
+
+
 class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One worker as seen at one sample.
 
@@ -86,7 +120,9 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     io_r_mb_s: NonNegFloat
     io_w_mb_s: NonNegFloat
     uptime_s: NonNegInt
-    gpu_util_pct: NonNegFloat
+    gpu_util_pct: NonNegFloat | None
+    """Sum over its GPUs of ``gpus[].util_pct`` (percent of one GPU). ``None`` when the driver
+    gives no figure for one of them: unknown is never reported as 0 (idle)."""
     vram_mb: NonNegFloat
     total_vram_mb: NonNegFloat
     model: str | None
@@ -103,22 +139,40 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     errors: list[CollectorIssue] = []
     metrics: dict[str, float] = {}
     """Numbers contributed by third-party collector plugins, keyed ``plugin.metric``."""
+    gpu_util_source: GpuUtilSource | None = None
+    """Whose figure ``gpu_util_pct`` is; ``device`` if any of its GPUs gave only a device figure.
+    Absent for a worker on no GPU."""
+    gpus: list[WorkerGpuUse] = []
+    """Per GPU (or MIG instance) the worker's processes run on, or that CUDA_VISIBLE_DEVICES
+    gives it before it allocates anything."""
     engine: EngineState | None = None
     """The worker's inference engine, from its own metrics; None when unknown or unreadable."""
 
 
-class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """One GPU as its driver reports it; totals are read from the device, never assumed."""
+class GpuFaultKind(enum.StrEnum):
+    """The checks DCGM's health watches make, as NVML exposes them."""
 
-    index: NonNegInt
-    uuid: str
-    name: str
-    util_pct: NonNegFloat
-    vram_total_mb: NonNegFloat
-    vram_used_mb: NonNegFloat
-    vram_free_mb: NonNegFloat
-    temperature_c: float | None = None
-    power_w: NonNegFloat | None = None
+    ECC_UNCORRECTED = "ecc_uncorrected"
+    """Uncorrected (double-bit) ECC errors since the driver loaded: data was lost."""
+    RETIRED_PAGES_PENDING = "retired_pages_pending"
+    """Pages waiting to be retired (pre-Ampere): the GPU needs a reset."""
+    REMAPPED_ROWS_PENDING = "remapped_rows_pending"
+    """Rows waiting to be remapped (Ampere and later): the GPU needs a reset."""
+    ROW_REMAP_FAILURE = "row_remap_failure"
+    """A row could not be remapped: the GPU should be replaced."""
+    THERMAL_SLOWDOWN = "thermal_slowdown"
+    POWER_BRAKE = "power_brake"
+    HW_SLOWDOWN = "hw_slowdown"
+    XID = "xid"
+    """An Xid error reported by the driver (NVML critical-error events)."""
+
+
+class GpuFault(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    kind: GpuFaultKind
+    detail: str
+    fatal: bool
+    """True: work on this GPU is at risk (data lost, reset needed), so the GPU is unhealthy and
+    scheduling skips it. False: it runs, slower (clock throttling) — degraded."""
 
 
 class Healthy(msgspec.Struct, tag_field="status", tag="healthy", frozen=True, gc=False):
@@ -134,6 +188,52 @@ class Unhealthy(msgspec.Struct, tag_field="status", tag="unhealthy", frozen=True
 
 
 HealthStatus = Healthy | Degraded | Unhealthy
+
+
+def describe_health(status: HealthStatus) -> str:
+    """``healthy``, or ``degraded: <reason>`` / ``unhealthy: <reason>``, for logs and tables."""
+    tag = status.__struct_config__.tag
+    return tag if isinstance(status, Healthy) else f"{tag}: {status.reason}"
+
+
+def gpu_health(faults: list[GpuFault]) -> HealthStatus:
+    """A GPU's health from its faults: unhealthy if any is fatal, degraded if any, else healthy."""
+    if not faults:
+        return Healthy()
+    reason = "; ".join(f"{fault.kind}: {fault.detail}" for fault in faults)
+    return Unhealthy(reason=reason) if any(f.fatal for f in faults) else Degraded(reason=reason)
+
+
+class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """One GPU (or MIG instance) as its driver reports it; totals are read from the device, never
+    assumed. A figure the driver does not support is ``None`` with the reason in ``errors``.
+
+    ``util_pct`` and ``mem_util_pct`` are the driver's device-wide figures: the share of its
+    sampling period (1/6 s to 1 s, driver-chosen) in which a kernel ran / memory was read or
+    written. Short bursts between its samples can read 0; per-worker figures come from
+    per-process samples instead (``WorkerGpuUse``)."""
+
+    index: NonNegInt
+    """The GPU's index; for a MIG instance, its parent GPU's (``uuid`` tells instances apart)."""
+    uuid: str
+    name: str
+    util_pct: NonNegFloat | None
+    vram_total_mb: NonNegFloat
+    vram_used_mb: NonNegFloat
+    vram_free_mb: NonNegFloat
+    temperature_c: float | None = None
+    power_w: NonNegFloat | None = None
+    mem_util_pct: NonNegFloat | None = None
+    sample_age_s: NonNegFloat = 0.0
+    """Age of these figures when the heartbeat was built."""
+    health: HealthStatus = Healthy()
+    faults: list[GpuFault] = []
+    errors: list[CollectorIssue] = []
+    mig_parent_uuid: str | None = None
+    """Set on a MIG instance: the physical GPU it is carved from. A GPU in MIG mode is reported
+    as its instances (each with its own memory), not as itself."""
+    mig_instance_id: NonNegInt | None = None
+    """The GPU instance id of a MIG instance on its parent."""
 
 
 class HiveInfo(msgspec.Struct, kw_only=True, gc=False):
@@ -167,6 +267,9 @@ class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hi
     timestamp: UtcTimestamp
     """The hive's own clock at sending, as it reported it."""
     workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice] = []
+    """Its GPUs with their health, as in the heartbeat."""
+    health_status: HealthStatus | None = None
 
 
 class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen", gc=False):

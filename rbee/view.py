@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .telemetry import WorkerTelemetry
+from .telemetry import GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
            "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "NOTE")
@@ -19,7 +19,7 @@ def uptime(seconds: int) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
 
 
-def row(hive: str, worker: WorkerTelemetry, note: str = "") -> str:
+def _cells(hive: str, worker: WorkerTelemetry, note: str = "") -> tuple[str, ...]:
     notes = [note] if note else []
     if worker.rate_window_s == 0.0:
         notes.append("first sample")
@@ -30,17 +30,55 @@ def row(hive: str, worker: WorkerTelemetry, note: str = "") -> str:
     cells = (
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_mb:.1f}",
-        f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", f"{worker.gpu_util_pct:.0f}",
+        f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
         f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}",
         str(engine.requests_running) if engine else "-",
         str(engine.requests_waiting) if engine else "-",
         f"{engine.kv_cache_pct:.0f}" if engine and engine.kv_cache_pct is not None else "-",
         uptime(worker.uptime_s), ", ".join(notes),
     )
-    return "  ".join(cell[: w or None].ljust(w) for cell, w in zip(cells, WIDTHS, strict=True))
+    return cells
+
+
+def gpu_util(worker: WorkerTelemetry) -> str:
+    """The worker's GPU %: ``?`` when the driver gives no figure, ``~`` after a device-wide figure
+    (per-process figures unsupported: every process on that GPU shares it)."""
+    if worker.gpu_util_pct is None:
+        return "?"
+    mark = "~" if worker.gpu_util_source is GpuUtilSource.DEVICE else ""
+    return f"{worker.gpu_util_pct:.0f}{mark}"
 
 
 def table(rows: Iterable[tuple[str, WorkerTelemetry, str]]) -> str:
-    header = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, WIDTHS, strict=True))
-    lines = [header] + [row(hive, worker, note) for hive, worker, note in rows]
+    return _render(COLUMNS, WIDTHS, [_cells(hive, worker, note) for hive, worker, note in rows])
+
+
+GPU_COLUMNS = ("HIVE", "GPU", "NAME", "UTIL%", "MEM%", "VRAM USED/TOTAL MB", "TEMP", "POWER W",
+               "HEALTH")
+GPU_WIDTHS = (14, 8, 28, 6, 5, 19, 5, 8, 0)
+
+
+def gpu_table(rows: Iterable[tuple[str, GpuDevice]]) -> str:
+    """The hives' GPUs: a MIG instance shows as ``<gpu>/mig<id>``; health with its reasons."""
+    return _render(GPU_COLUMNS, GPU_WIDTHS, [_gpu_cells(hive, device) for hive, device in rows])
+
+
+def _gpu_cells(hive: str, device: GpuDevice) -> tuple[str, ...]:
+    where = (f"{device.index}/mig{device.mig_instance_id}" if device.mig_parent_uuid
+             else str(device.index))
+    state, _, reason = describe_health(device.health).partition(": ")
+    health = "ok" if isinstance(device.health, Healthy) else f"{state.upper()}: {reason}"
+    return (hive, where, device.name, _figure(device.util_pct), _figure(device.mem_util_pct),
+            f"{device.vram_used_mb:.0f}/{device.vram_total_mb:.0f}",
+            _figure(device.temperature_c), _figure(device.power_w), health)
+
+
+def _figure(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
+
+
+def _render(columns: tuple[str, ...], widths: tuple[int, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(cell[: w or None].ljust(w) for cell, w in zip(cells, widths, strict=True))
+              for cells in rows]
     return "\n".join(line.rstrip() for line in lines)

@@ -7,13 +7,23 @@ import signal
 import subprocess
 
 import httpx
+import msgspec
 import pytest
 import trio
 
 from rbee.fleetview import FleetView
-from rbee.telemetry import EngineState, HiveRemovedEvent, HiveStaleEvent, HiveTelemetryEvent, utc_now
+from rbee.telemetry import (
+    Degraded,
+    EngineState,
+    GpuUtilSource,
+    HiveRemovedEvent,
+    HiveStaleEvent,
+    HiveTelemetryEvent,
+    Unhealthy,
+    utc_now,
+)
 
-from .builders import heartbeat, worker
+from .builders import gpu, heartbeat, worker
 from .daemons import BIN
 from .queenkit import post_heartbeat, start_queen, url_of
 
@@ -125,6 +135,31 @@ def test_fleet_view_applies_events_in_order():
     view.apply(HiveTelemetryEvent(hive_id="a", timestamp=now, workers=[]))  # back, no workers
     view.apply(HiveRemovedEvent(hive_id="b", reason="gone", worker_ids=[], timestamp=now))
     assert view.render().startswith("1 hives (0 stale), 0 workers")
+
+
+def test_fleet_view_shows_gpus_mig_and_health():
+    """``rbee top``: each hive's GPUs with their health (a MIG instance as ``<gpu>/mig<id>``),
+    and a hive degraded by a GPU marks its workers' rows."""
+    sick = msgspec.structs.replace(
+        gpu(0, total_gib=80, used_gib=8), temperature_c=61.0,
+        health=Unhealthy(reason="xid: Xid 79 (GPU has fallen off the bus), 3s ago"))
+    mig = msgspec.structs.replace(gpu(1, total_gib=20, used_gib=2), uuid="MIG-1", util_pct=None,
+                                  mig_parent_uuid="GPU-00000001", mig_instance_id=3)
+    view = FleetView()
+    view.apply(HiveTelemetryEvent(
+        hive_id="a", timestamp=utc_now(), capabilities=[sick, mig],
+        health_status=Degraded(reason="GPU 0 (GPU-00000000) unhealthy: xid: Xid 79"),
+        workers=[worker("w1", gpu_util_pct=None), worker("w2", gpu_util_pct=40.0,
+                                                         gpu_util_source=GpuUtilSource.DEVICE)]))
+    rendered = view.render()
+    w1, w2 = (next(line for line in rendered.splitlines() if f"llm/{w}" in line) for w in ("w1", "w2"))
+    assert "  ?  " in w1 and "40~" in w2  # unknown, and a device-wide figure
+    assert "hive degraded: GPU 0 (GPU-00000000) unhealthy" in w1
+    gpu0 = next(line for line in rendered.splitlines() if line.startswith("a ") and "test gpu" in line
+                and " 0 " in line[14:26])
+    assert "UNHEALTHY: xid: Xid 79" in gpu0 and "8192/81920" in gpu0
+    mig_line = next(line for line in rendered.splitlines() if "1/mig3" in line)
+    assert "2048/20480" in mig_line and "  ?  " in mig_line and mig_line.rstrip().endswith("ok")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -186,7 +186,9 @@ def rbee_workers(queen_url: str, *args: str) -> subprocess.CompletedProcess:
 
 async def test_scheduling_queries(tmp_path, client):
     """Two hives, one with two GPUs (an 80 GB A100 and a 96 GB H100, from a fake nvidia-smi):
-    ``rbee workers`` answers idle / model / free-VRAM queries from the real devices' figures."""
+    ``rbee workers`` answers idle / model / free-VRAM queries from the real devices' figures.
+    nvidia-smi has no per-process utilisation, so a worker with a process on a GPU gets that
+    GPU's figure (marked ``device``); one with none on it uses none of it."""
     bin_dir = tmp_path / "gpu-bin"
     bin_dir.mkdir()
     write_fake_nvidia_smi(bin_dir)
@@ -209,7 +211,16 @@ async def test_scheduling_queries(tmp_path, client):
 
         assert instances() == ["bge", "llama", "qwen"]
         assert instances("--model", "llama-3-8b") == ["llama"]
-        assert instances("--idle") == ["bge"]  # the GPUs are 12% and 37% busy
+        assert instances("--idle") == ["bge", "llama", "qwen"]  # no process on any GPU yet
+        [llama] = [w for w in await queen_workers(client, q.url) if w["worker"]["instance"] == "llama"]
+        write_fake_nvidia_smi(bin_dir, apps=[(llama["worker"]["pid"], 1, 20000)])
+        with trio.fail_after(10):
+            while not [w for w in await queen_workers(client, q.url)
+                       if w["worker"]["vram_mb"] == 20000]:
+                await trio.sleep(0.05)
+        assert instances("--idle") == ["bge", "qwen"]  # llama is on the H100, 37% busy
+        [llama] = [w for w in await queen_workers(client, q.url) if w["worker"]["instance"] == "llama"]
+        assert (llama["worker"]["gpu_util_pct"], llama["worker"]["gpu_util_source"]) == (37.0, "device")
         assert instances("--min-free-vram", "78000") == ["qwen"]  # A100: 80535 MiB free
         assert instances("--min-free-vram", "77000") == ["llama", "qwen"]  # H100: 77391
         assert instances("--min-free-vram", "90000") == []

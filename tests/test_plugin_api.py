@@ -32,6 +32,7 @@ HOOKS = {
         "(settings: 'CollectorSettings', plugin_manager: 'pluggy.PluginManager') -> 'None'",
     "rbee_collector_teardown": "() -> 'None'",
     "rbee_refresh_devices": "() -> 'list[GpuDevice]'",
+    "rbee_sample_devices": "() -> 'None'",
     "rbee_refresh_workers": "(workers: 'Sequence[WorkerView]', http: 'httpx.AsyncClient') "
                             "-> 'Awaitable[None] | None'",
     "rbee_collect_worker": "(worker: 'WorkerView', telemetry: 'WorkerTelemetry') -> 'None'",

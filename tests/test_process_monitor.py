@@ -21,7 +21,7 @@ from rbee.hive.collection import TelemetryCollector
 from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import busy_worker, needs_v1, needs_v2, sleeper
-from .fakes import write_fake_nvidia_smi
+from .fakes import StubNvml, write_fake_nvidia_smi
 
 
 def cgroup_of(pid: int) -> str:
@@ -130,9 +130,16 @@ def test_collect_calculates_uptime(monitor):
 
 
 def test_collect_handles_missing_gpu(monitor, monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi, and no NVML on this machine
+    """"No GPU" injected, so this holds on a GPU host too: an NVML whose library is missing and
+    no nvidia-smi on PATH, with the default ``gpu: auto``."""
+    from rbee.collectors.gpu import GpuPlugin
+
+    from rbee.config import CollectorSettings
+
+    monkeypatch.setenv("PATH", "/nonexistent")
     monitor.spawn("llm", "nogpu", sleeper())
-    collector = collector_for(monitor)  # gpu: auto
+    manager = build_plugin_manager(disabled=["gpu"], extra_plugins=[GpuPlugin(StubNvml(driver=False))])
+    collector = TelemetryCollector(monitor, manager, CollectorSettings())
     assert collector.refresh_devices() == []
     assert collector.refresh_errors == []
     record = collector.collect_instance("llm", "nogpu")

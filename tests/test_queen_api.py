@@ -14,10 +14,20 @@ import sys
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import trio
 
-from rbee.telemetry import EngineState, OperationalStatus, encode
+from rbee.telemetry import (
+    Degraded,
+    EngineState,
+    GpuFault,
+    GpuFaultKind,
+    OperationalStatus,
+    Unhealthy,
+    WorkerGpuUse,
+    encode,
+)
 
 from .builders import GIB, gpu, heartbeat, worker
 from .daemons import Daemon
@@ -201,6 +211,39 @@ async def test_workers_scheduling_queries_over_http(queen, client):
                               "claimed_mb": 75 * GIB, "measured": True}
     assert (listed["hive_id"], listed["schedulable"], listed["hive_stale"]) == (
         "hive-a", True, False)
+
+
+async def test_gpu_health_and_mig_through_the_api(queen, client):
+    """/v1/hives shows each GPU's health and MIG instances as the hive sent them; a worker on an
+    unhealthy GPU is left out of scheduling queries and shows that GPU in the full listing."""
+    sick = msgspec.structs.replace(
+        gpu(0, total_gib=80, used_gib=10), faults=[GpuFault(
+            kind=GpuFaultKind.REMAPPED_ROWS_PENDING, fatal=True,
+            detail="rows wait to be remapped: reset the GPU")],
+        health=Unhealthy(reason="remapped_rows_pending: rows wait to be remapped: reset the GPU"))
+    mig = msgspec.structs.replace(gpu(1, total_gib=20, used_gib=5), uuid="MIG-7", util_pct=None,
+                                  mig_parent_uuid="GPU-00000001", mig_instance_id=2)
+    await post_heartbeat(client, queen, heartbeat(
+        "hive-a", [worker("on-sick", gpu_indices=[0], gpus=[WorkerGpuUse(
+                       index=0, uuid="GPU-00000000", vram_mb=10 * GIB, util_pct=0.0)]),
+                   worker("on-mig", gpu_indices=[1], gpu_util_pct=None, gpus=[WorkerGpuUse(
+                       index=1, uuid="MIG-7", vram_mb=5 * GIB, util_pct=None)])],
+        [sick, mig], health=Degraded(reason="GPU 0 (GPU-00000000) unhealthy: remapped rows")))
+    hive = (await client.get("/v1/hives/hive-a")).json()
+    assert hive["hive"]["health_status"]["status"] == "degraded"
+    gpus = {g["uuid"]: g for g in hive["capabilities"]}
+    assert gpus["GPU-00000000"]["health"] == {
+        "status": "unhealthy", "reason": "remapped_rows_pending: rows wait to be remapped: reset the GPU"}
+    assert gpus["GPU-00000000"]["faults"][0]["kind"] == "remapped_rows_pending"
+    assert (gpus["MIG-7"]["mig_parent_uuid"], gpus["MIG-7"]["util_pct"]) == ("GPU-00000001", None)
+    listed = {w["worker"]["instance"]: w for w in (await client.get("/v1/workers")).json()}
+    assert (listed["on-sick"]["schedulable"], listed["on-sick"]["unhealthy_gpus"]) == (
+        False, ["GPU-00000000"])
+    schedulable = (await client.get("/v1/workers", params={"min_free_vram_mb": 0})).json()
+    assert [w["worker"]["instance"] for w in schedulable] == ["on-mig"]
+    assert schedulable[0]["vram"]["free_mb"] == 15 * GIB  # the MIG instance's, not its parent's
+    idle = (await client.get("/v1/workers", params={"idle": "true"})).json()
+    assert idle == []  # on-mig's utilisation is unknown: never idle
 
 
 @pytest.mark.parametrize("params, expected", [

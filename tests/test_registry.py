@@ -10,13 +10,21 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import msgspec
 import pytest
 import trio
 
 from rbee import NotFoundError
 from rbee.config import RegistrySettings
 from rbee.queen.registry import HiveRegistry, is_idle
-from rbee.telemetry import Degraded, EngineState, OperationalStatus, Unhealthy, WorkerState
+from rbee.telemetry import (
+    Degraded,
+    EngineState,
+    OperationalStatus,
+    Unhealthy,
+    WorkerGpuUse,
+    WorkerState,
+)
 
 from .builders import GIB, gpu, heartbeat, worker
 
@@ -185,6 +193,45 @@ def test_find_workers_with_capacity_multi_gpu_worker_sums_its_gpus(registry):
         [gpu(0, total_gib=80, used_gib=30), gpu(1, total_gib=80, used_gib=30)]))
     (found,) = registry.find_workers_with_capacity(100 * GIB)
     assert (found.vram.free_mb, found.vram.total_mb) == (100 * GIB, 160 * GIB)
+
+
+def test_claimed_vram_comes_from_per_gpu_figures_not_an_equal_share(registry):
+    """A worker holding 50 GiB on GPU 0 and 10 GiB on GPU 1 (its ``gpus`` breakdown) claims
+    exactly that on each; a worker on GPU 1 alone sees 10 GiB of rbee's there, not 30."""
+    tp2 = worker("tp2", gpu_indices=[0, 1], vram_mb=60 * GIB, gpus=[
+        WorkerGpuUse(index=0, uuid="GPU-00000000", vram_mb=50 * GIB, util_pct=3.0),
+        WorkerGpuUse(index=1, uuid="GPU-00000001", vram_mb=10 * GIB, util_pct=1.0)])
+    solo = worker("solo", gpu_indices=[1], gpus=[
+        WorkerGpuUse(index=1, uuid="GPU-00000001", vram_mb=0.0, util_pct=0.0)])
+    registry.update_hive(heartbeat("hive-a", [tp2, solo], [
+        gpu(0, total_gib=80, used_gib=50), gpu(1, total_gib=80, used_gib=10)]))
+    found = {w.worker.instance: w for w in registry.get_all_workers()}
+    assert found["solo"].vram.claimed_mb == 10 * GIB
+    assert found["tp2"].vram.claimed_mb == 60 * GIB and found["tp2"].vram.free_mb == 100 * GIB
+
+
+def test_unknown_gpu_utilisation_is_never_idle(registry):
+    registry.update_hive(heartbeat("a", [worker("known", gpu_util_pct=0.0),
+                                         worker("unknown", gpu_util_pct=None)]))
+    assert ids(registry.find_idle_workers()) == ["a/llm/known"]
+
+
+def test_workers_on_an_unhealthy_gpu_are_skipped_by_scheduling(registry):
+    sick = msgspec.structs.replace(gpu(1, total_gib=80, used_gib=1), health=Unhealthy(
+        reason="ecc_uncorrected: 2 uncorrected ECC errors since the driver loaded"))
+    registry.update_hive(heartbeat("a", [
+        worker("on-0", gpu_indices=[0], gpus=[WorkerGpuUse(index=0, uuid="GPU-00000000",
+                                                            vram_mb=1.0, util_pct=0.0)]),
+        worker("on-1", gpu_indices=[1], gpus=[WorkerGpuUse(index=1, uuid="GPU-00000001",
+                                                            vram_mb=1.0, util_pct=0.0)]),
+        worker("old-hive-on-1", gpu_indices=[1])],
+        [gpu(0, total_gib=80, used_gib=1), sick]))
+    assert ids(registry.find_idle_workers()) == ["a/llm/on-0"]
+    listed = {w.worker.instance: w for w in registry.get_all_workers()}
+    assert listed["on-1"].unhealthy_gpus == ["GPU-00000001"] and not listed["on-1"].schedulable
+    assert listed["old-hive-on-1"].unhealthy_gpus == ["GPU-00000001"]
+    registry.settings = msgspec.structs.replace(registry.settings, skip_unhealthy_gpus=False)
+    assert len(registry.find_idle_workers()) == 3
 
 
 def test_find_workers_with_capacity_without_device_list_uses_worker_total(registry):

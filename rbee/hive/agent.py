@@ -31,6 +31,7 @@ from ..telemetry import (
     HiveHeartbeat,
     HiveInfo,
     OperationalStatus,
+    describe_health,
     utc_now,
 )
 from .cgroups import select_backend
@@ -70,12 +71,14 @@ class HiveAgent:
         self.status = OperationalStatus.STARTING
         self.port = config.port
         self._refresh_issue: CollectorIssue | None = None
+        self._sample_issue: CollectorIssue | None = None
         self.latest = self._heartbeat([])
         self.generation = 0
         """Increases with every new ``latest``: a reader that remembers it misses nothing."""
         self._changed = trio.Event()
         self._collect_limiter = trio.CapacityLimiter(1)
         self._refresh_limiter = trio.CapacityLimiter(1)
+        self._sample_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._desired: dict[tuple[str, str], WorkerSpec] = {}
@@ -168,6 +171,7 @@ class HiveAgent:
                 for worker in self.monitor.workers():
                     nursery.start_soon(self._watch_exit, worker.pid)
                 nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._sample_loop)
                 nursery.start_soon(self._refresh_workers_loop)
                 self.status = OperationalStatus.READY
                 await self._publish()
@@ -219,17 +223,9 @@ class HiveAgent:
                                       self.config.stop_grace_s)
 
     async def _refresh_loop(self) -> None:
-        timeout = self.config.collect.refresh_timeout_s
         while True:
-            with trio.move_on_after(timeout) as scope:
-                await trio.to_thread.run_sync(self.collector.refresh_devices,
-                                              limiter=self._refresh_limiter, abandon_on_cancel=True)
-            if scope.cancelled_caught:
-                self._refresh_issue = CollectorIssue(
-                    collector="refresh", message=f"device refresh took longer than {timeout:g}s")
-                log.warning("GPU refresh took longer than %gs; going on without it", timeout)
-            else:
-                self._refresh_issue = None
+            self._refresh_issue = await self._off_loop(
+                self.collector.refresh_devices, self._refresh_limiter, "device refresh")
             await trio.sleep(self.config.collect.interval_s)
 
     async def _refresh_workers_loop(self) -> None:
@@ -244,6 +240,30 @@ class HiveAgent:
                 next_at = trio.current_time() + settings.interval_s
                 await self.collector.refresh_workers(http, settings.refresh_timeout_s)
                 await trio.sleep_until(next_at)
+
+    async def _sample_loop(self) -> None:
+        """Per-process GPU utilisation, once per tick on a thread of its own: at 1.4-2.6 ms a GPU
+        it must not sit on the refresh's path. The next sample starts one interval after the
+        last one started, so the figures are never older than a tick plus one sample's cost."""
+        interval = self.config.collect.interval_s
+        while True:
+            started = trio.current_time()
+            self._sample_issue = await self._off_loop(
+                self.collector.sample_devices, self._sample_limiter, "GPU sample")
+            await trio.sleep_until(started + interval)
+
+    async def _off_loop(self, work, limiter: trio.CapacityLimiter, what: str
+                        ) -> CollectorIssue | None:
+        """Run blocking device work in a thread under ``refresh_timeout_s``; past it the work is
+        abandoned (a hung driver delays nothing) and reported."""
+        timeout = self.config.collect.refresh_timeout_s
+        with trio.move_on_after(timeout) as scope:
+            await trio.to_thread.run_sync(work, limiter=limiter, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("%s took longer than %gs; going on without it", what, timeout)
+            return CollectorIssue(collector="refresh",
+                                  message=f"{what} took longer than {timeout:g}s")
+        return None
 
     async def _collect_loop(self) -> None:
         interval = self.config.heartbeat.interval_s
@@ -266,7 +286,7 @@ class HiveAgent:
             hive=HiveInfo(id=self.config.id, hostname=socket.gethostname(), port=self.port,
                           operational_status=self.status, health_status=self.health(),
                           version=__version__),
-            timestamp=utc_now(), workers=workers, capabilities=list(self.collector.devices))
+            timestamp=utc_now(), workers=workers, capabilities=self.collector.devices_now())
 
     def farewell(self) -> HiveHeartbeat:
         """The last heartbeat of a hive that stopped its workers: status stopped, no workers."""
@@ -274,14 +294,18 @@ class HiveAgent:
         return self._heartbeat([])
 
     def health(self) -> HealthStatus:
-        issues = [*self.collector.refresh_errors, *self.collector.worker_refresh_errors]
-        issues.extend(CollectorIssue(collector=name, message=f"over its per-tick budget ({ms} ms)")
-                      for name, ms in self.collector.over_budget.items())
-        if self._refresh_issue is not None:
-            issues.append(self._refresh_issue)
-        if issues:
-            return Degraded(reason="; ".join(f"{i.collector}: {i.message}" for i in issues))
-        return Healthy()
+        """Degraded, with every reason, when a refresh or sample failed or ran late, a plugin
+        overran its per-tick budget, or a GPU is not healthy (scheduling queries also skip
+        workers on an unhealthy GPU)."""
+        issues = [*self.collector.refresh_errors, *self.collector.sample_errors,
+                  *self.collector.worker_refresh_errors]
+        issues += [issue for issue in (self._refresh_issue, self._sample_issue) if issue]
+        issues += [CollectorIssue(collector=name, message=f"over its per-tick budget ({ms} ms)")
+                   for name, ms in self.collector.over_budget.items()]
+        reasons = [f"{i.collector}: {i.message}" for i in issues]
+        reasons += [f"GPU {d.index} ({d.uuid}) {describe_health(d.health)}"
+                    for d in self.collector.devices if not isinstance(d.health, Healthy)]
+        return Degraded(reason="; ".join(reasons)) if reasons else Healthy()
 
     async def _shutdown(self) -> None:
         if self.config.stop_workers_on_exit:

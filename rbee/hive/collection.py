@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import httpx
+import msgspec
 import pluggy
 import trio
 
@@ -51,8 +52,10 @@ class TelemetryCollector:
         self.settings = settings or CollectorSettings()
         self.clock = clock
         self.devices: list[GpuDevice] = []
+        self.devices_at = clock()
         self.refresh_errors: list[CollectorIssue] = []
         """What went wrong in the last device refresh; the hive reports itself degraded then."""
+        self.sample_errors: list[CollectorIssue] = []
         self.worker_refresh_errors: list[CollectorIssue] = []
         """What went wrong in the last async worker refresh (``rbee_refresh_workers``)."""
         self.over_budget: dict[str, float] = {}
@@ -72,16 +75,35 @@ class TelemetryCollector:
         Plugins are asked one by one; one that fails is recorded in ``refresh_errors`` and the
         devices of the others are kept."""
         devices: list[GpuDevice] = []
-        errors: list[CollectorIssue] = []
-        for name, call in self.hooks.callers("rbee_refresh_devices"):
+        self.refresh_errors = self._call_each("rbee_refresh_devices",
+                                              lambda found: devices.extend(found or ()))
+        self.devices = devices
+        self.devices_at = self.clock()
+        return devices
+
+    def sample_devices(self) -> None:
+        """Blocking: the plugins' slow sampling (per-process GPU utilisation), on its own thread.
+        One that fails is recorded in ``sample_errors``."""
+        self.sample_errors = self._call_each("rbee_sample_devices")
+
+    def devices_now(self) -> list[GpuDevice]:
+        """The devices of the last refresh, each with its figures' age as of now."""
+        age = max(0.0, self.clock() - self.devices_at)
+        return [msgspec.structs.replace(device, sample_age_s=round(device.sample_age_s + age, 3))
+                for device in self.devices]
+
+    def _call_each(self, hook_name: str, take: Callable[[object], object] = lambda result: None
+                   ) -> list[CollectorIssue]:
+        """Call each plugin's implementation of a hook on its own, through pluggy; ``take`` gets
+        each one's result. Returns the failures, one per plugin that raised."""
+        errors = []
+        for name, call in self.hooks.callers(hook_name):
             try:
-                for found in call():
-                    devices.extend(found or ())
+                for result in call():
+                    take(result)
             except Exception as exc:
                 errors.append(issue(name, exc))
-        self.devices = devices
-        self.refresh_errors = errors
-        return devices
+        return errors
 
     async def refresh_workers(self, http: httpx.AsyncClient, deadline_s: float) -> None:
         """Run every plugin's ``rbee_refresh_workers`` concurrently, each cancelled after

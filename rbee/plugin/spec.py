@@ -37,6 +37,7 @@ __all__ = [
     "rbee_collector_teardown",
     "rbee_refresh_devices",
     "rbee_refresh_workers",
+    "rbee_sample_devices",
 ]
 
 
@@ -67,6 +68,16 @@ def rbee_refresh_devices() -> list[GpuDevice]:
 
 
 @hookspec
+def rbee_sample_devices() -> None:
+    """Slow hive-wide sampling (per-process GPU utilisation, driver events) once per tick.
+
+    Runs in a worker thread of its own, concurrently with ``rbee_refresh_devices`` and never on
+    the tick's path, under the ``collect.refresh_timeout_s`` deadline. Keep what it reads for the
+    per-worker hook. All implementations are called; returns nothing.
+    """
+
+
+@hookspec
 def rbee_refresh_workers(workers: Sequence[WorkerView], http: httpx.AsyncClient
                          ) -> Awaitable[None] | None:
     """Refresh per-worker state that needs I/O (an engine's metrics endpoint), asynchronously.
@@ -79,8 +90,8 @@ def rbee_refresh_workers(workers: Sequence[WorkerView], http: httpx.AsyncClient
     is recorded in the hive's health (degraded) and the next interval calls it again.
 
     :param workers: a view of every worker the hive has now.
-    :param http: the hive's shared ``httpx.AsyncClient`` (one connection pool, kept across calls,
-        closed by the hive); give each request its own timeout.
+    :param http: the hive's shared ``httpx.AsyncClient`` (a small connection pool per origin,
+        kept across calls, closed by the hive); give each request its own timeout.
     Returns a coroutine (or None for nothing to do); all implementations are called.
     """
 

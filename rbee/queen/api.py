@@ -9,6 +9,8 @@
     GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N,
                                      ?max_waiting=N, ?max_kv_cache_pct=P only schedulable
                                      workers matching all of them
+    GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
+    GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
 
 With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
 <token>`` (401 without it); reads stay open.
@@ -19,6 +21,7 @@ fails validation leaves the registry untouched.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -33,7 +36,11 @@ from .. import __version__
 from .._errors import ContractError, NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
+from ..exposition import metrics_route
 from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat
+from .history import METRICS, QueryError, Selector
+
+HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since", "step"})
 
 if TYPE_CHECKING:
     from .server import QueenServer
@@ -93,7 +100,20 @@ def _float_param(request: Request, name: str) -> float | None:
 def build_app(queen: QueenServer) -> Starlette:
     registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
 
+    metrics = queen.metrics
+
     async def post_heartbeat(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await ingest(request)
+        except ApiError as exc:
+            metrics.refusal(exc.status_code)
+            raise
+        metrics.received.inc()
+        metrics.ingest.observe(time.perf_counter() - started)
+        return response
+
+    async def ingest(request: Request) -> Response:
         require_token(request, queen.token)
         body = await read_body(request, config.http.max_body_bytes)
         try:
@@ -109,7 +129,9 @@ def build_app(queen: QueenServer) -> Starlette:
         registry.update_hive(heartbeat)
         broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
                                                timestamp=heartbeat.timestamp,
-                                               workers=heartbeat.workers))
+                                               workers=heartbeat.workers,
+                                               capabilities=heartbeat.capabilities,
+                                               health_status=heartbeat.hive.health_status))
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
@@ -164,6 +186,33 @@ def build_app(queen: QueenServer) -> Starlette:
             idle=idle, model=model, min_free_vram_mb=min_free, max_kv_cache_pct=max_kv,
             max_waiting=None if max_waiting is None else int(max_waiting)))
 
+    async def history(request: Request) -> Response:
+        params = request.query_params
+        unknown = set(params) - HISTORY_PARAMS
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(HISTORY_PARAMS))}")
+        metrics = None
+        if "metric" in params:
+            metrics = frozenset(m.strip() for m in params["metric"].split(",") if m.strip())
+            bad = metrics - METRICS
+            if bad or not metrics:
+                raise ApiError(400, f"unknown metric(s): {', '.join(sorted(bad)) or '(none)'}; "
+                                    f"known: {', '.join(sorted(METRICS))}")
+        since = _float_param(request, "since")
+        step = _float_param(request, "step")
+        if step is not None and step == 0:
+            raise ApiError(400, "query parameter 'step' must be > 0, not '0'")
+        selector = Selector(hive=params.get("hive"), group=params.get("group"),
+                            instance=params.get("instance"), gpu=params.get("gpu"),
+                            metrics=metrics)
+        try:
+            answer = queen.history.query(selector, 60.0 if since is None else since, step,
+                                         time.time())
+        except QueryError as exc:
+            raise ApiError(400, str(exc)) from exc
+        return JsonResponse(answer)
+
     return json_app([
         Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
         Route("/v1/heartbeats/stream", stream, methods=["GET"]),
@@ -172,4 +221,6 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
         Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
         Route("/v1/workers", list_workers, methods=["GET"]),
+        Route("/v1/history", history, methods=["GET"]),
+        metrics_route(metrics.registry, metrics.records),
     ])

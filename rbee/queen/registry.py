@@ -25,6 +25,7 @@ import msgspec
 
 from .._errors import NotFoundError
 from ..config import RegistrySettings
+from ..exposition import HiveRecord
 from ..telemetry import (
     GpuDevice,
     HiveHeartbeat,
@@ -67,6 +68,9 @@ class FleetWorker(msgspec.Struct, kw_only=True):
     schedulable: bool
     worker: WorkerTelemetry
     vram: VramFigures | None = None
+    unhealthy_gpus: list[str] = []
+    """UUIDs of the worker's GPUs whose health is unhealthy (skipped by scheduling queries when
+    ``registry.skip_unhealthy_gpus``)."""
 
     @property
     def id(self) -> str:
@@ -76,11 +80,13 @@ class FleetWorker(msgspec.Struct, kw_only=True):
 def is_idle(worker: WorkerTelemetry, idle_gpu_util_pct: float) -> bool:
     """Whether a worker can take new work now. The engine knows best: when its state is known,
     idle means no request running and none waiting, whatever the GPU shows. Otherwise the GPU
-    decides: utilisation at or under ``idle_gpu_util_pct``."""
+    decides: utilisation at or under ``idle_gpu_util_pct``; an unknown figure (None) is never
+    idle."""
     engine = worker.engine
     if engine is not None:
         return engine.requests_running == 0 and engine.requests_waiting == 0
-    return worker.gpu_util_pct <= idle_gpu_util_pct
+    util = worker.gpu_util_pct
+    return util is not None and util <= idle_gpu_util_pct
 
 
 def worker_id(hive_id: str, worker: WorkerTelemetry) -> str:
@@ -170,6 +176,15 @@ class HiveRegistry:
         with self._lock:
             entry = self._hives.get(hive_id)
             return list(entry.workers) if entry is not None else []
+
+    def records(self) -> list[HiveRecord]:
+        """Every hive as a scrape reads it: the stored structs themselves (never mutated), so
+        the lock is held only to copy the list."""
+        now = self._clock()
+        with self._lock:
+            return [HiveRecord(info=e.info, workers=e.workers, gpus=e.capabilities, stale=e.stale,
+                               silent_s=round(max(0.0, now - e.received_at), 3))
+                    for e in self._hives.values()]
 
     def get_all_workers(self) -> list[FleetWorker]:
         """Every worker of every hive, stale hives included (flagged), flattened."""
@@ -292,14 +307,19 @@ class HiveRegistry:
                          capabilities=list(entry.capabilities))
 
     def _fleet_workers(self, *, with_vram: bool = True) -> Iterator[FleetWorker]:
+        skip_unhealthy = self.settings.skip_unhealthy_gpus
         for hive_id, entry in sorted(self._hives.items()):
             schedulable = entry.schedulable
             vram = _HiveVram(entry) if with_vram else None
+            unhealthy = {d.uuid for d in entry.capabilities if isinstance(d.health, Unhealthy)}
             for worker in entry.workers:
+                on_unhealthy = _unhealthy_gpus_of(worker, entry.capabilities, unhealthy)
                 yield FleetWorker(
                     hive_id=hive_id, hive_stale=entry.stale,
-                    schedulable=schedulable and worker.state is WorkerState.RUNNING,
-                    worker=worker, vram=vram.of(worker) if vram is not None else None)
+                    schedulable=(schedulable and worker.state is WorkerState.RUNNING
+                                 and not (skip_unhealthy and on_unhealthy)),
+                    worker=worker, vram=vram.of(worker) if vram is not None else None,
+                    unhealthy_gpus=on_unhealthy)
 
 
 def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
@@ -307,29 +327,50 @@ def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
                             worker_ids=[worker_id(hive_id, w) for w in entry.workers])
 
 
+def _unhealthy_gpus_of(worker: WorkerTelemetry, devices: list[GpuDevice],
+                       unhealthy: set[str]) -> list[str]:
+    if not unhealthy:
+        return []
+    if worker.gpus:
+        return sorted({use.uuid for use in worker.gpus} & unhealthy)
+    return sorted(d.uuid for d in devices  # an older hive: by index
+                  if d.uuid in unhealthy and d.index in worker.gpu_indices)
+
+
 class _HiveVram:
     """One hive's GPUs and what its workers hold on each, computed once per query (linear in the
-    number of workers). A worker on several GPUs is counted as holding an equal share of its
-    VRAM on each, the telemetry giving only its total."""
+    number of workers). Devices are keyed by UUID, so MIG instances of one GPU stay apart. A worker
+    reports what it holds on each GPU (``gpus``); only a worker from an older hive that sends its
+    total alone is counted as holding an equal share on each of its GPUs."""
 
     def __init__(self, entry: _HiveEntry) -> None:
-        self.devices = {device.index: device for device in entry.capabilities}
-        self.claimed: dict[int, float] = {}
+        self.devices = {device.uuid: device for device in entry.capabilities}
+        self.by_index: dict[int, list[str]] = {}
+        for device in entry.capabilities:
+            self.by_index.setdefault(device.index, []).append(device.uuid)
+        self.claimed: dict[str, float] = {}
         for worker in entry.workers:
-            for index in worker.gpu_indices:
-                share = worker.vram_mb / len(worker.gpu_indices)
-                self.claimed[index] = self.claimed.get(index, 0.0) + share
+            for uuid, held in self._held(worker):
+                self.claimed[uuid] = self.claimed.get(uuid, 0.0) + held
+
+    def _held(self, worker: WorkerTelemetry) -> list[tuple[str, float]]:
+        if worker.gpus:
+            return [(use.uuid, use.vram_mb or 0.0) for use in worker.gpus]
+        uuids = [u for i in worker.gpu_indices for u in self.by_index.get(i, ())[:1]]
+        return [(u, worker.vram_mb / len(uuids)) for u in uuids]
 
     def of(self, worker: WorkerTelemetry) -> VramFigures | None:
-        indices, devices = worker.gpu_indices, self.devices
-        if indices and all(i in devices for i in indices):
+        devices = self.devices
+        uuids = [uuid for uuid, _ in self._held(worker)]
+        if uuids and all(u in devices for u in uuids) and (
+                worker.gpus or len(uuids) == len(worker.gpu_indices)):
             return VramFigures(
-                gpu_indices=list(indices),
-                total_mb=sum(devices[i].vram_total_mb for i in indices),
-                free_mb=sum(devices[i].vram_free_mb for i in indices),
-                claimed_mb=round(sum(self.claimed[i] for i in indices), 1), measured=True)
+                gpu_indices=list(worker.gpu_indices),
+                total_mb=sum(devices[u].vram_total_mb for u in uuids),
+                free_mb=sum(devices[u].vram_free_mb for u in uuids),
+                claimed_mb=round(sum(self.claimed[u] for u in uuids), 1), measured=True)
         if worker.total_vram_mb > 0:
-            return VramFigures(gpu_indices=list(indices), total_mb=worker.total_vram_mb,
+            return VramFigures(gpu_indices=list(worker.gpu_indices), total_mb=worker.total_vram_mb,
                                free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
                                claimed_mb=worker.vram_mb, measured=False)
         return None
