@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 
 import httpx
 import msgspec
@@ -27,6 +28,9 @@ from .builders import gpu, heartbeat, worker
 from .daemons import BIN
 from .queenkit import post_heartbeat, start_queen, url_of
 
+OUR_DEMO_WORKERS = f"^{sys.executable} -m rbee.demo.worker"
+"""This checkout's demo workers only: the machine may run other installations' at the same time."""
+
 
 def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "rbee"), *args], capture_output=True, text=True,
@@ -36,22 +40,23 @@ def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     """The demo end to end: the table comes from the queen's stream, so the whole pipeline ran;
     afterwards no demo worker and no cgroup of the demo is left."""
-    result = rbee("up", "--port", "0", "--rounds", "4")
+    result = rbee("up", "--port", "0", "--rounds", "10")
     assert result.returncode == 0, result.stderr
     assert "rbee up: queen http://127.0.0.1:" in result.stdout
-    last_table = result.stdout.rsplit("rbee: queen", 1)[1]
-    header = next(line for line in last_table.splitlines() if line.startswith("HIVE"))
+    tables = result.stdout.split("rbee: queen")[1:]
+    header = next(line for line in tables[-1].splitlines() if line.startswith("HIVE"))
     engine_cells = slice(header.index("RUN"), header.index("UPTIME"))
     for instance, model in (("llm/llama-0", "llama-3-8b"), ("llm/llama-1", "llama-3-8b"),
                             ("embed/bge-0", "bge-small")):
-        (line,) = [line for line in last_table.splitlines() if instance in line]
-        assert line.startswith("demo-hive") and model in line
-        run, queue, kv = line[engine_cells].split()
-        if instance.startswith("llm/"):  # their simulated vLLM engines, read by the hive
-            assert run.isdigit() and queue.isdigit() and kv.isdigit(), line
+        shown = [line for table in tables for line in table.splitlines() if instance in line]
+        assert shown and all(line.startswith("demo-hive") and model in line for line in shown)
+        cells = [tuple(line[engine_cells].split()) for line in shown]
+        if instance.startswith("llm/"):  # their simulated vLLM engines, read by the hive once
+            # each has started serving (a second or two after spawn on a busy machine)
+            assert any(all(cell.isdigit() for cell in row) for row in cells), shown
         else:
-            assert (run, queue, kv) == ("-", "-", "-"), line
-    leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
+            assert set(cells) == {("-", "-", "-")}, shown
+    leftover = subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS], capture_output=True)
     assert leftover.stdout == b""
 
 
@@ -72,7 +77,7 @@ async def test_rbee_up_stops_cleanly_on_a_signal(stop):
             process.kill()
             process.communicate()
     assert process.returncode == 0, stderr
-    leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
+    leftover = subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS], capture_output=True)
     assert leftover.stdout == b""
 
 
