@@ -53,7 +53,7 @@ class GpuCollector:
         index_of: dict[str, int] = {}
         vram_on: dict[str, float | None] = {}
         if snapshot.processes:
-            for pid in worker.worker.list_pids():
+            for pid in worker.pids():
                 for placed in snapshot.processes.get(pid, ()):
                     pids_on.setdefault(placed.uuid, []).append(pid)
                     index_of[placed.uuid] = placed.gpu_index
@@ -61,7 +61,7 @@ class GpuCollector:
                     vram_on[placed.uuid] = (None if known is None or placed.vram_mb is None
                                             else known + placed.vram_mb)
         for device in snapshot.devices:  # CUDA_VISIBLE_DEVICES, before it allocates anything
-            if (device.index in worker.worker.gpu_hint and device.mig_parent_uuid is None
+            if (device.index in worker.gpu_indices and device.mig_parent_uuid is None
                     and device.uuid not in pids_on):
                 pids_on[device.uuid], index_of[device.uuid] = [], device.index
                 vram_on[device.uuid] = 0.0

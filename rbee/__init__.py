@@ -11,12 +11,14 @@ from ._errors import (
     LimitError,
     ListenError,
     NotFoundError,
+    PluginError,
     RbeeError,
     SpawnError,
 )
 from .telemetry import (
     CollectorIssue,
     Degraded,
+    EngineState,
     GpuDevice,
     GpuFault,
     GpuFaultKind,
@@ -53,11 +55,13 @@ __all__ = [
     "LimitError",
     "ListenError",
     "NotFoundError",
+    "PluginError",
     "RbeeError",
     "SpawnError",
     # telemetry contract
     "CollectorIssue",
     "Degraded",
+    "EngineState",
     "GpuDevice",
     "GpuFault",
     "GpuFaultKind",

@@ -2,7 +2,8 @@
 
     rbee up        all in one on this machine: a queen, a local hive, demo workers, live view
     rbee top       a live view of the fleet, from the queen's stream
-    rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB] [--json]
+    rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
+                   [--max-waiting N] [--max-kv-cache-pct P] [--json]
 
 ``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one.
 """
@@ -49,12 +50,17 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
     view = FleetView()
     changed = trio.Event()
     status = ""
+    streamed = False
 
     def on_event(event: StreamEvent) -> None:
-        nonlocal status
+        nonlocal status, streamed
         view.apply(event)
-        status = ""
+        status, streamed = "", True
         changed.set()
+
+    def on_history() -> None:
+        if streamed:  # a trend alone is no fleet: the first table waits for the snapshot
+            changed.set()
 
     def on_down(problem: str) -> None:
         nonlocal status
@@ -63,7 +69,7 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down))
-        nursery.start_soon(follow_history, queen_url, view, lambda: changed.set())
+        nursery.start_soon(follow_history, queen_url, view, on_history)
         shown = 0
         while rounds == 0 or shown < rounds:
             await changed.wait()
@@ -142,6 +148,10 @@ def workers(args: argparse.Namespace) -> int:
         params["model"] = args.model
     if args.min_free_vram is not None:
         params["min_free_vram_mb"] = str(args.min_free_vram)
+    if args.max_waiting is not None:
+        params["max_waiting"] = str(args.max_waiting)
+    if args.max_kv_cache_pct is not None:
+        params["max_kv_cache_pct"] = str(args.max_kv_cache_pct)
     try:
         response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout)
     except httpx.TransportError as exc:
@@ -186,10 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     run_top.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
     run_workers = commands.add_parser("workers", parents=[queen_option],
                                       help="scheduling queries: workers matching all filters")
-    run_workers.add_argument("--idle", action="store_true", help="GPU at or under the threshold")
+    run_workers.add_argument("--idle", action="store_true",
+                             help="no request in its engine (engine known), else GPU at or "
+                                  "under the threshold")
     run_workers.add_argument("--model", help="serving this model")
     run_workers.add_argument("--min-free-vram", type=float, metavar="MB",
                              help="at least this much free VRAM (MiB) on the worker's GPUs")
+    run_workers.add_argument("--max-waiting", type=int, metavar="N",
+                             help="at most N requests waiting in its engine")
+    run_workers.add_argument("--max-kv-cache-pct", type=float, metavar="P",
+                             help="its engine's KV cache at most P %% full")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
     args = parser.parse_args(argv)

@@ -55,6 +55,19 @@ class CgroupSettings(Settings):
     on v1, whose blkio counters stay at 0 on many current kernels; "cgroup" forces blkio."""
 
 
+class EngineSettings(Settings):
+    """The engine collector: each worker's own inference-engine metrics (Prometheus text)."""
+
+    timeout_s: Seconds = 0.5
+    """Deadline of one scrape (connect, send, read); a slower engine has no state that tick."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 2**20
+    """Largest exposition read from one engine; a longer body is refused, not truncated."""
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """Scrapes in flight at once (and connections kept open) for the whole hive."""
+    ttft_window_s: Seconds = 60.0
+    """The window of the time-to-first-token percentiles (histogram bucket deltas)."""
+
+
 class CollectorSettings(Settings):
     interval_s: Seconds = 1.0
     gpu: Literal["auto", "nvml", "nvidia-smi", "none"] = "auto"
@@ -62,13 +75,18 @@ class CollectorSettings(Settings):
     nvidia_smi_timeout_s: Seconds = 2.0
     refresh_timeout_s: Seconds = 3.0
     """Deadline of one GPU refresh (NVML or nvidia-smi), and of one per-process utilisation
-    sample, before the tick goes on without it."""
+    sample, before the tick goes on without it; and of one plugin's async worker refresh
+    (``rbee_refresh_workers``) before it is cancelled."""
     gpu_event_wait_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
     """How long each sample waits for NVML's Xid events (on the sampling thread, off the tick)."""
     gpu_xid_window_s: Seconds = 300.0
     """How long an Xid that needs no reset keeps its GPU degraded; one that needs a reset keeps
     it unhealthy until the hive restarts."""
     disabled_plugins: list[str] = []
+    plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin
+    is skipped for the rest of that tick and reported."""
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
 
 
 class WorkerSpec(Settings):
@@ -80,6 +98,10 @@ class WorkerSpec(Settings):
     cpu_limit: str | None = None
     memory_limit: str | int | None = None
     env: dict[str, str] = {}
+    metrics_url: str | None = None
+    """The engine's Prometheus endpoint (``http://127.0.0.1:8000/metrics``). Without it, the port
+    is read from argv for known launchers (vllm, sglang, text-generation-launcher, llama-server).
+    ``{port}`` here and in argv is replaced by one free port picked at spawn."""
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     restart_backoff_s: Seconds = 1.0
     restart_backoff_max_s: Seconds = 30.0

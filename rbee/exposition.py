@@ -68,6 +68,20 @@ WORKER_GAUGES: tuple[tuple[str, str, Callable[[WorkerTelemetry], float | None]],
     ("rbee_worker_gpu_memory_bytes", "VRAM its processes hold, all its GPUs",
      lambda w: w.vram_mb * MIB),
     ("rbee_worker_errors", "Collector errors in its last record", lambda w: len(w.errors)),
+    ("rbee_worker_engine_requests_running", "Requests its inference engine is serving",
+     lambda w: None if w.engine is None else w.engine.requests_running),
+    ("rbee_worker_engine_requests_waiting", "Requests queued in its inference engine",
+     lambda w: None if w.engine is None else w.engine.requests_waiting),
+    ("rbee_worker_engine_kv_cache_usage_ratio", "Share of its engine's KV cache in use",
+     lambda w: None if w.engine is None or w.engine.kv_cache_pct is None
+     else w.engine.kv_cache_pct / 100),
+    ("rbee_worker_engine_prompt_tokens_per_second", "Prompt tokens its engine processed per second",
+     lambda w: None if w.engine is None else w.engine.prompt_tokens_s),
+    ("rbee_worker_engine_generation_tokens_per_second", "Tokens its engine generated per second",
+     lambda w: None if w.engine is None else w.engine.generation_tokens_s),
+    ("rbee_worker_engine_time_to_first_token_p95_seconds",
+     "95th percentile of its engine's time to first token over the engine window",
+     lambda w: None if w.engine is None else w.engine.ttft_p95_s),
 )
 
 GPU_GAUGES: tuple[tuple[str, str, Callable[[GpuDevice], float | None]], ...] = (

@@ -101,6 +101,28 @@ class CollectorIssue(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     message: LongText
 
 
+class EngineState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """A worker's inference engine as its own metrics endpoint reports it (vLLM, SGLang, TGI,
+    llama.cpp). A figure the engine does not publish, or that needs two readings (rates, the
+    time-to-first-token percentiles over ``collect.engine.ttft_window_s``), is None."""
+
+    engine: ShortText
+    """``vllm``, ``sglang``, ``tgi`` or ``llamacpp``."""
+    version: ShortText | None = None
+    requests_running: NonNegInt
+    requests_waiting: NonNegInt
+    """Requests queued in the engine, not yet scheduled."""
+    kv_cache_pct: NonNegFloat | None = None
+    """Share of the engine's KV cache in use, 0..100."""
+    prompt_tokens_s: NonNegFloat | None = None
+    generation_tokens_s: NonNegFloat | None = None
+    ttft_p50_s: NonNegFloat | None = None
+    ttft_p95_s: NonNegFloat | None = None
+    preemptions_s: NonNegFloat | None = None
+    rate_window_s: NonNegFloat = 0.0
+    """Seconds between the two readings behind the rates; 0.0 until there are two."""
+
+
 class GpuUtilSource(enum.StrEnum):
     """Where a worker's GPU utilisation comes from, so no scheduler mistakes one for the other."""
 
@@ -180,6 +202,8 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     gives it before it allocates anything."""
     rss_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_FIGURE * MIB)] = 0
     """``rss_mb`` to the byte (0: not measured)."""
+    engine: EngineState | None = None
+    """The worker's inference engine, from its own metrics; None when unknown or unreadable."""
 
 
 class GpuFaultKind(enum.StrEnum):

@@ -12,8 +12,10 @@ from collections.abc import Iterable
 from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "UPTIME", "LAST 60s", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 8, 14, 0)
+           "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "LAST 60s", "NOTE")
+WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 14, 0)
+"""RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
+use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
 BARS = "▁▂▃▄▅▆▇█"
 
 
@@ -45,12 +47,16 @@ def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
     if not worker.limits_applied:
         notes.append("limits not enforced")
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
+    engine = worker.engine
     cells = (
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
-        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s), trend,
-        ", ".join(notes),
+        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}",
+        str(engine.requests_running) if engine else "-",
+        str(engine.requests_waiting) if engine else "-",
+        f"{engine.kv_cache_pct:.0f}" if engine and engine.kv_cache_pct is not None else "-",
+        uptime(worker.uptime_s), trend, ", ".join(notes),
     )
     return cells
 

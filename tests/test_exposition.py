@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from rbee.exposition import FleetCollector, HiveRecord, fleet_text, render
 from rbee.telemetry import (
     Degraded,
+    EngineState,
     GpuFault,
     GpuFaultKind,
     GpuUtilSource,
@@ -39,7 +40,10 @@ def records() -> list[HiveRecord]:
         health=Unhealthy(reason="xid"))
     mig = msgspec.structs.replace(gpu(0, total_gib=20, used_gib=3), uuid="MIG-1", util_pct=None,
                                   mig_parent_uuid="GPU-00000000", mig_instance_id=1)
-    one = heartbeat("a", [odd, worker("w1")], [mig, sick], health=Degraded(reason="GPU 1"))
+    served = worker("w1", engine=EngineState(engine="vllm", requests_running=12,
+                                             requests_waiting=7, kv_cache_pct=94.0,
+                                             ttft_p95_s=0.975))
+    one = heartbeat("a", [odd, served], [mig, sick], health=Degraded(reason="GPU 1"))
     two = fleet_heartbeat("b", 3)
     return [HiveRecord(info=one.hive, workers=one.workers, gpus=one.capabilities, silent_s=0.5),
             HiveRecord(info=two.hive, workers=two.workers, gpus=two.capabilities, stale=True,
@@ -93,5 +97,17 @@ def test_values_labels_escaping_and_absence():
     up = {x[0]["hive"]: x[1] for x in by_key["rbee_hive_up"]}
     age = {x[0]["hive"]: x[1] for x in by_key["rbee_hive_heartbeat_age_seconds"]}
     assert up == {"a": 1.0, "b": 0.0} and age == {"a": 0.5, "b": 7.25}
+    engine = {name: [(x[0]["instance"], x[1]) for x in by_key.get(name, []) if x[0]["hive"] == "a"]
+              for name in ("rbee_worker_engine_requests_running",
+                           "rbee_worker_engine_requests_waiting",
+                           "rbee_worker_engine_kv_cache_usage_ratio",
+                           "rbee_worker_engine_generation_tokens_per_second",
+                           "rbee_worker_engine_time_to_first_token_p95_seconds")}
+    assert engine == {  # w0 has no engine state, w1's has no rates yet: absent, not 0
+        "rbee_worker_engine_requests_running": [("w1", 12.0)],
+        "rbee_worker_engine_requests_waiting": [("w1", 7.0)],
+        "rbee_worker_engine_kv_cache_usage_ratio": [("w1", 0.94)],
+        "rbee_worker_engine_generation_tokens_per_second": [],
+        "rbee_worker_engine_time_to_first_token_p95_seconds": [("w1", 0.975)]}
     mig_util = [x for x in by_key.get("rbee_gpu_utilization_ratio", []) if x[0]["uuid"] == "MIG-1"]
     assert mig_util == []  # the driver gives none for a MIG instance

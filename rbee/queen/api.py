@@ -6,8 +6,9 @@
     GET    /v1/hives                 every hive (HiveState), stale ones flagged
     GET    /v1/hives/{hive_id}
     DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
-    GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N
-                                     only schedulable workers matching all of them
+    GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N,
+                                     ?max_waiting=N, ?max_kv_cache_pct=P only schedulable
+                                     workers matching all of them
     GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
     GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
 
@@ -70,6 +71,9 @@ class EventStreamResponse(EventSourceResponse):
                 await send(message)
 
         await super().__call__(scope, receive, send_with_shielded_end)
+
+
+WORKER_FILTERS = ("idle", "model", "min_free_vram_mb", "max_waiting", "max_kv_cache_pct")
 
 
 def _bool_param(request: Request, name: str) -> bool:
@@ -168,17 +172,23 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:
-        unknown = set(request.query_params) - {"idle", "model", "min_free_vram_mb"}
+        unknown = set(request.query_params) - set(WORKER_FILTERS)
         if unknown:
             raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                                f"known: idle, model, min_free_vram_mb")
+                                f"known: {', '.join(WORKER_FILTERS)}")
         idle = _bool_param(request, "idle")
         model = request.query_params.get("model")
         min_free = _float_param(request, "min_free_vram_mb")
-        if not idle and model is None and min_free is None:
+        max_waiting = _float_param(request, "max_waiting")
+        if max_waiting is not None and not max_waiting.is_integer():
+            raise ApiError(400, f"query parameter 'max_waiting' must be a whole number, "
+                                f"not {request.query_params['max_waiting']!r}")
+        max_kv = _float_param(request, "max_kv_cache_pct")
+        if not idle and all(v is None for v in (model, min_free, max_waiting, max_kv)):
             return JsonResponse(registry.get_all_workers())
-        return JsonResponse(registry.find_workers(idle=idle, model=model,
-                                                  min_free_vram_mb=min_free))
+        return JsonResponse(registry.find_workers(
+            idle=idle, model=model, min_free_vram_mb=min_free, max_kv_cache_pct=max_kv,
+            max_waiting=None if max_waiting is None else int(max_waiting)))
 
     async def history(request: Request) -> Response:
         params = request.query_params
