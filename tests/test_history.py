@@ -57,6 +57,23 @@ def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
     assert (cpu.hive, cpu.group, cpu.instance) == ("a", "llm", "w")
 
 
+def test_engine_figures_where_known():
+    from rbee.telemetry import EngineState
+
+    history = FleetHistory()
+    for second in range(3):
+        engine = EngineState(engine="vllm", requests_running=2, requests_waiting=second,
+                             kv_cache_pct=40.0 + second)
+        history.record([record_of("a", [worker("llm", engine=engine), worker("plain")])],
+                       T0 + second)
+    answer = history.query(Selector(metrics=frozenset({"engine_waiting", "kv_cache_pct"})), 3,
+                           None, T0 + 2.5)
+    by = {(s.instance, s.metric): s.values for s in answer.series}
+    assert by[("llm", "engine_waiting")] == [0.0, 1.0, 2.0]
+    assert by[("llm", "kv_cache_pct")] == [40.0, 41.0, 42.0]
+    assert by[("plain", "kv_cache_pct")] == [None] * 3
+
+
 def test_coarser_steps_average_and_long_windows_use_the_coarse_tier():
     history = FleetHistory()
     for second in range(40):
@@ -100,8 +117,8 @@ def test_gpu_series_by_uuid_or_index_and_selectors():
 def test_series_are_capped_and_forgotten():
     history = FleetHistory(HistorySettings(max_series=8, fine_retention_s=60, coarse_retention_s=600,
                                            max_series_per_query=4))
-    history.record([record_of("a", [worker("w1"), worker("w2")])], T0)  # 12 series wanted
-    assert len(history) == 8 and history.refused == 4
+    history.record([record_of("a", [worker("w1"), worker("w2")])], T0)  # 2 x 9 series wanted
+    assert len(history) == 8 and history.refused == 2 * 9 - 8
     with pytest.raises(QueryError, match=r"8 series match, more than history.max_series_per_"
                                          r"query \(4\): narrow the query"):
         history.query(Selector(), 60, None, T0)

@@ -37,6 +37,10 @@ WORKER_METRICS: dict[str, tuple[Callable[[WorkerTelemetry], float | None], float
     "io_w_mb_s": (lambda w: w.io_w_mb_s, 1.0),
     "gpu_util_pct": (lambda w: w.gpu_util_pct, 1.0),
     "vram_mb": (lambda w: w.vram_mb, 1 / 1024),
+    # the worker's inference engine, where known (None otherwise: a gap, never 0)
+    "engine_running": (lambda w: w.engine.requests_running if w.engine else None, 1.0),
+    "engine_waiting": (lambda w: w.engine.requests_waiting if w.engine else None, 1.0),
+    "kv_cache_pct": (lambda w: w.engine.kv_cache_pct if w.engine else None, 1.0),
 }
 GPU_METRICS: dict[str, tuple[Callable[[GpuDevice], float | None], float]] = {
     "util_pct": (lambda d: d.util_pct, 1.0),
