@@ -44,7 +44,8 @@ def test_ring_keeps_the_newest_points_and_leaves_gaps_empty():
 def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
     history = FleetHistory()
     for second in range(10):
-        busy = worker("w", cpu_pct=10.0 * second, gpu_util_pct=None, rss_mb=4 * GIB)
+        busy = worker("w", cpu_pct=10.0 * second, gpu_util_pct=50.0 if second < 3 else None,
+                      rss_mb=4 * GIB)
         history.record([record_of("a", [busy], stale=second in (4, 5))], T0 + second)
     answer = history.query(Selector(metrics=frozenset({"cpu_pct", "gpu_util_pct", "rss_mb"})),
                            10, None, T0 + 9.5)
@@ -52,7 +53,7 @@ def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
     cpu, gpu_util, rss = answer.series  # sorted by key
     assert (cpu.metric, gpu_util.metric, rss.metric) == ("cpu_pct", "gpu_util_pct", "rss_mb")
     assert cpu.values == [0.0, 10.0, 20.0, 30.0, None, None, 60.0, 70.0, 80.0, 90.0]
-    assert gpu_util.values == [None] * 10  # unknown is never 0
+    assert gpu_util.values == [50.0] * 3 + [None] * 7  # unknown is never 0
     assert rss.values[0] == 4096.0  # MiB in, GiB stored, MiB out
     assert (cpu.hive, cpu.group, cpu.instance) == ("a", "llm", "w")
 
@@ -71,7 +72,7 @@ def test_engine_figures_where_known():
     by = {(s.instance, s.metric): s.values for s in answer.series}
     assert by[("llm", "engine_waiting")] == [0.0, 1.0, 2.0]
     assert by[("llm", "kv_cache_pct")] == [40.0, 41.0, 42.0]
-    assert by[("plain", "kv_cache_pct")] == [None] * 3
+    assert ("plain", "kv_cache_pct") not in by  # never known: no series at all
 
 
 def test_coarser_steps_average_and_long_windows_use_the_coarse_tier():
@@ -108,7 +109,7 @@ def test_gpu_series_by_uuid_or_index_and_selectors():
     [series] = by_index.series
     assert (series.gpu, series.gpu_index, series.values) == ("GPU-00000001", 1, [51.0])
     assert [s.gpu_index for s in history.query(Selector(gpu="GPU-00000000"), 1, None, now).series
-            ] == [0] * 5
+            ] == [0] * 3  # util, VRAM, temperature (no power or memory figure: no series)
     workers = history.query(Selector(instance="w1", metrics=frozenset({"cpu_pct"})), 1, None, now)
     assert [(s.hive, s.instance) for s in workers.series] == [("a", "w1"), ("b", "w1")]
     assert history.query(Selector(group="embed", gpu="0"), 1, None, now).series == []
@@ -117,8 +118,8 @@ def test_gpu_series_by_uuid_or_index_and_selectors():
 def test_series_are_capped_and_forgotten():
     history = FleetHistory(HistorySettings(max_series=8, fine_retention_s=60, coarse_retention_s=600,
                                            max_series_per_query=4))
-    history.record([record_of("a", [worker("w1"), worker("w2")])], T0)  # 2 x 9 series wanted
-    assert len(history) == 8 and history.refused == 2 * 9 - 8
+    history.record([record_of("a", [worker("w1"), worker("w2")])], T0)  # 2 x 6 series (no engine: no engine series)
+    assert len(history) == 8 and history.refused == 2 * 6 - 8
     with pytest.raises(QueryError, match=r"8 series match, more than history.max_series_per_"
                                          r"query \(4\): narrow the query"):
         history.query(Selector(), 60, None, T0)

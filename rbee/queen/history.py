@@ -184,6 +184,8 @@ class FleetHistory:
     def _add(self, key: tuple, value: float | None, scale: float, now: float) -> None:
         series = self._series.get(key)
         if series is None:
+            if value is None:
+                return  # a figure never known (no engine, no sensor) costs no series
             if len(self._series) >= self.settings.max_series:
                 self.refused += 1
                 return
