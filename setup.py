@@ -21,7 +21,9 @@ setup(
     packages=["rbee", "rbee.hive", "rbee.hive.cgroups", "rbee.hive.gpu", "rbee.plugin", "rbee.queen",
               "rbee.collectors", "rbee.demo"],
     package_dir={"rbee.collectors": "collectors"},
-    package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"]},
+    package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"],
+                  "rbee.queen": ["static/*.html", "static/*.js", "static/*.css", "static/*.svg",
+                                 "static/vendor/*"]},
     ext_modules=extensions,
     install_requires=[
         "pluggy>=1.5",
@@ -44,6 +46,8 @@ setup(
             "pytest-benchmark>=4.0",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # the dashboard's tests drive Debian's chromium through its chromedriver
+            "selenium>=4.20",
             # the Ansible roles' tests: a real playbook run, and the linter's production profile
             "ansible-core>=2.17",
             "ansible-lint>=25.1",
