@@ -2,8 +2,8 @@
 // drawn at most once per animation frame. Read-only; no inline script or style (the page's CSP).
 //
 // Why it stays smooth with 1,000 workers updating every second: events only change the model and
-// ask for a frame; a frame diffs each row's cells against what is shown and writes only the
-// changed text, and reorders rows only when the order changed. window.rbeeDashboard exposes the
+// ask for a frame; only the rows in view are in the DOM, a frame diffs their cells against what
+// is shown and writes only the changed text, and moves rows only when the window changed. window.rbeeDashboard exposes the
 // time each render took (script plus the style and layout it forces), for the browser test.
 "use strict";
 
@@ -16,7 +16,8 @@
 
   const fleet = new Map(); // hive id -> {id, stale, health, status, workers, gpus}
   const trends = new Map(); // worker key -> [values] (last 60 s)
-  const rows = new Map(); // worker key -> {tr, cells, shown}
+  const rows = new Map(); // worker key -> {tr, cells, shown}: the rows in the DOM
+  const current = new Map(); // worker key -> {key, hive, worker}: every worker, last render
   const stats = { renders: 0, times: [], events: 0, connection: "connecting", connects: 0 };
   let order = [];
   let sort = { key: "name", dir: 1 };
@@ -108,9 +109,12 @@
     renderSummary(workers);
     renderHives();
     renderGpus();
+    const t1 = performance.now();
     renderWorkers(workers);
+    const t2 = performance.now();
     void document.body.offsetHeight; // the style and layout this frame needs, inside the figure
     const took = performance.now() - started;
+    stats.phases = [t1 - started, t2 - t1, performance.now() - t2]; // summary and GPUs, rows, style+layout
     stats.renders += 1;
     stats.times.push(took);
     if (stats.times.length > 2000) stats.times.splice(0, 1000);
@@ -169,9 +173,13 @@
     syncOptions(hiveSelect, items.map((h) => h.id));
   }
 
-  let gpusShown = "";
+  // One card per GPU, built once and then updated in place (text diffs), so a hive going stale
+  // and back, or new figures every second, never rebuilds the grid.
+  const cards = new Map(); // "hive/uuid" -> {article, title, badge, meter, bar, values}
+  const FACTS = ["Utilisation", "VRAM used", "VRAM free", "Claimed by rbee", "Temperature", "Power", "Health"];
+  let cardsShown = "";
+
   function renderGpus() {
-    const cards = [];
     const claimed = new Map(); // "hive/uuid" -> MiB held by rbee workers
     for (const hive of fleet.values()) {
       for (const worker of hive.workers) {
@@ -181,53 +189,78 @@
         }
       }
     }
-    for (const hive of [...fleet.values()].sort((a, b) => a.id.localeCompare(b.id))) {
-      for (const gpu of hive.gpus) cards.push({ hive, gpu, claimed: claimed.get(`${hive.id}/${gpu.uuid}`) || 0 });
+    const keys = [];
+    for (const hive of [...fleet.values()].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))) {
+      for (const gpu of hive.gpus) {
+        const key = `${hive.id}/${gpu.uuid}`;
+        keys.push(key);
+        updateCard(cards.get(key) || newCard(key), hive, gpu, claimed.get(key) || 0);
+      }
     }
-    const signature = JSON.stringify(cards.map((c) => [c.hive.id, c.hive.stale, c.gpu, c.claimed]));
-    if (signature === gpusShown) return;
-    gpusShown = signature;
-    $("no-gpus").hidden = cards.length > 0;
-    $("gpus").replaceChildren(...cards.map(gpuCard));
+    const signature = keys.join("\n");
+    if (signature === cardsShown) return;
+    cardsShown = signature;
+    const wanted = new Set(keys);
+    for (const key of cards.keys()) if (!wanted.has(key)) cards.delete(key);
+    $("no-gpus").hidden = keys.length > 0;
+    $("gpus").replaceChildren(...keys.map((key) => cards.get(key).article));
   }
 
-  function gpuCard({ hive, gpu, claimed }) {
-    const card = document.createElement("article");
-    card.className = "card" + (hive.stale ? " is-stale" : "");
-    const title = document.createElement("h3");
-    title.append(`${hive.id} · GPU ${gpu.index} · ${gpu.name} `);
-    if (hive.stale) title.append(badge("STALE", "stale"));
+  function newCard(key) {
+    const article = document.createElement("article");
+    article.className = "card";
+    const heading = document.createElement("h3");
+    const title = document.createTextNode("");
+    const staleBadge = badge("STALE", "stale");
+    heading.append(title, " ", staleBadge);
     const meter = document.createElement("div");
     meter.className = "meter";
     meter.setAttribute("role", "meter");
-    meter.setAttribute("aria-label", "VRAM used");
-    const used = gpu.vram_total_mb ? gpu.vram_used_mb / gpu.vram_total_mb : 0;
-    meter.setAttribute("aria-valuenow", String(Math.round(used * 100)));
+    meter.setAttribute("aria-label", "VRAM used, percent");
     meter.setAttribute("aria-valuemin", "0");
     meter.setAttribute("aria-valuemax", "100");
     const bar = document.createElement("span");
-    bar.style.width = `${Math.round(used * 100)}%`; // CSSOM, which the CSP allows
     meter.append(bar);
     const facts = document.createElement("dl");
-    const state = health(gpu.health);
-    for (const [name, value, cls] of [
-      ["Utilisation", pct(gpu.util_pct)],
-      ["VRAM used", `${mib(gpu.vram_used_mb)} of ${mib(gpu.vram_total_mb)}`],
-      ["VRAM free", mib(gpu.vram_free_mb)],
-      ["Claimed by rbee", mib(claimed)],
-      ["Temperature", gpu.temperature_c == null ? "–" : `${Math.round(gpu.temperature_c)} °C`],
-      ["Power", gpu.power_w == null ? "–" : `${Math.round(gpu.power_w)} W`],
-      ["Health", state, state.split(":")[0]],
-    ]) {
+    const values = FACTS.map((name) => {
       const dt = document.createElement("dt");
       dt.textContent = name;
       const dd = document.createElement("dd");
-      dd.textContent = value;
-      if (cls) { dd.className = cls; dd.title = value; }
       facts.append(dt, dd);
-    }
-    card.append(title, meter, facts);
+      return dd;
+    });
+    article.append(heading, meter, facts);
+    const card = { article, title, staleBadge, meter, bar, values, used: null, stale: null };
+    cards.set(key, card);
     return card;
+  }
+
+  function updateCard(card, hive, gpu, claimedMb) {
+    if (card.title.data !== `${hive.id} · GPU ${gpu.index} · ${gpu.name}`) {
+      card.title.data = `${hive.id} · GPU ${gpu.index} · ${gpu.name}`;
+    }
+    if (card.stale !== hive.stale) {
+      card.stale = hive.stale;
+      card.staleBadge.hidden = !hive.stale;
+      card.article.classList.toggle("is-stale", hive.stale);
+    }
+    const used = gpu.vram_total_mb ? Math.round(gpu.vram_used_mb / gpu.vram_total_mb * 100) : 0;
+    if (card.used !== used) {
+      card.used = used;
+      card.meter.setAttribute("aria-valuenow", String(used));
+      card.bar.style.width = `${used}%`; // CSSOM, which the CSP allows
+    }
+    const state = health(gpu.health);
+    const texts = [
+      pct(gpu.util_pct), `${mib(gpu.vram_used_mb)} of ${mib(gpu.vram_total_mb)}`, mib(gpu.vram_free_mb),
+      mib(claimedMb), gpu.temperature_c == null ? "–" : `${Math.round(gpu.temperature_c)} °C`,
+      gpu.power_w == null ? "–" : `${Math.round(gpu.power_w)} W`, state,
+    ];
+    texts.forEach((text, i) => setText(card.values[i], text));
+    const healthCell = card.values[FACTS.length - 1];
+    const healthClass = state.split(":")[0];
+    if (healthCell.className !== healthClass) { healthCell.className = healthClass; }
+    if (healthCell.title !== state) healthCell.title = state;
   }
 
   const COLUMNS = ["name", "model", "cpu", "rss", "io", "gpu", "vram", "queue", "kv", "uptime", "spark", "errors"];
@@ -270,16 +303,39 @@
     }
   }
 
+  // Only the rows in view (and a margin) are in the DOM: the table scrolls in its own box and
+  // two spacer rows stand for the rest, so style and layout cost the same for 10 or 10,000
+  // workers. `order` is every worker that passes the filters, in the shown order.
+  const ROW_PX = 28, MARGIN_ROWS = 15;
+  let windowShown = "";
+
   function renderWorkers(workers) {
     const hiveFilter = $("f-hive").value, modelFilter = $("f-model").value, idleOnly = $("f-idle").checked;
     syncOptions($("f-model"), [...new Set(workers.map((e) => e.worker.model).filter(Boolean))].sort());
-    const seen = new Set();
+    current.clear();
     const visible = [];
     for (const entry of workers) {
-      seen.add(entry.key);
-      let row = rows.get(entry.key);
-      if (!row) row = newRow(entry.key);
-      row.entry = entry;
+      current.set(entry.key, entry);
+      if ((!hiveFilter || entry.hive.id === hiveFilter) && (!modelFilter || entry.worker.model === modelFilter)
+          && (!idleOnly || isIdle(entry))) visible.push(entry);
+    }
+    const dir = sort.dir;
+    for (const entry of visible) entry.sortValue = sortValue(entry);
+    visible.sort((a, b) => {
+      const x = a.sortValue, y = b.sortValue;
+      const c = x < y ? -1 : x > y ? 1 : 0;
+      return c !== 0 ? c * dir : (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
+    });
+    order = visible.map((e) => e.key);
+
+    const scroller = $("table-scroll");
+    const first = Math.max(0, Math.floor(scroller.scrollTop / ROW_PX) - MARGIN_ROWS);
+    const count = Math.ceil((scroller.clientHeight || 800) / ROW_PX) + 2 * MARGIN_ROWS;
+    const shown = visible.slice(first, first + count);
+    const keep = new Set();
+    for (const entry of shown) {
+      keep.add(entry.key);
+      const row = rows.get(entry.key) || newRow(entry.key);
       const cells = cellsOf(entry);
       for (let i = 0; i < COLUMNS.length; i++) {
         const text = cells[COLUMNS[i]];
@@ -287,21 +343,17 @@
       }
       const stale = entry.hive.stale;
       if (row.stale !== stale) { row.stale = stale; row.tr.classList.toggle("is-stale", stale); }
-      if ((!hiveFilter || entry.hive.id === hiveFilter) && (!modelFilter || entry.worker.model === modelFilter)
-          && (!idleOnly || isIdle(entry))) visible.push(entry);
     }
-    for (const key of rows.keys()) if (!seen.has(key)) rows.delete(key);
-    const dir = sort.dir;
-    visible.sort((a, b) => {
-      const x = sortValue(a), y = sortValue(b);
-      const c = typeof x === "string" ? x.localeCompare(y) : x - y;
-      return c !== 0 ? c * dir : a.key.localeCompare(b.key);
-    });
-    const next = visible.map((e) => e.key);
-    if (next.length !== order.length || next.some((key, i) => key !== order[i])) {
-      order = next;
+    for (const key of rows.keys()) if (!keep.has(key)) rows.delete(key);
+    const signature = `${first}|${visible.length}|${shown.map((e) => e.key).join("\n")}`;
+    if (signature !== windowShown) {
+      windowShown = signature;
+      const height = `min(72vh, ${(visible.length + 1) * ROW_PX + 4}px)`;
+      if (scroller.style.height !== height) scroller.style.height = height;
+      topSpacer.style.height = `${first * ROW_PX}px`;
+      bottomSpacer.style.height = `${Math.max(0, visible.length - first - shown.length) * ROW_PX}px`;
       const focused = document.activeElement; // moving a row out and back would drop its focus
-      $("worker-rows").replaceChildren(...next.map((key) => rows.get(key).tr));
+      $("worker-rows").replaceChildren(topSpacer, ...shown.map((e) => rows.get(e.key).tr), bottomSpacer);
       if (focused && focused !== document.activeElement && focused.isConnected) {
         focused.focus({ preventScroll: true });
       }
@@ -310,21 +362,31 @@
       `(${visible.length} of ${workers.length})`);
   }
 
+  function spacer() {
+    const div = document.createElement("div");
+    div.className = "spacer";
+    div.setAttribute("aria-hidden", "true");
+    return div;
+  }
+  const topSpacer = spacer(), bottomSpacer = spacer();
+
   function newRow(key) {
-    const tr = document.createElement("tr");
+    const tr = document.createElement("div");
+    tr.className = "row";
+    tr.setAttribute("role", "row");
     tr.tabIndex = 0;
     tr.dataset.key = key;
     const cells = COLUMNS.map((column) => {
-      const td = document.createElement(column === "name" ? "th" : "td");
-      if (column === "name") td.scope = "row";
-      if (column === "spark") td.className = "spark";
-      if (column === "errors") td.className = "err";
+      const cell = document.createElement("div");
+      cell.setAttribute("role", column === "name" ? "rowheader" : "cell");
+      if (column === "spark") cell.className = "spark";
+      if (column === "errors") cell.className = "err";
       const text = document.createTextNode("");
-      td.append(text);
-      tr.append(td);
+      cell.append(text);
+      tr.append(cell);
       return text;
     });
-    const row = { tr, cells, shown: new Array(COLUMNS.length).fill(""), stale: false, entry: null };
+    const row = { tr, cells, shown: new Array(COLUMNS.length).fill(""), stale: false };
     rows.set(key, row);
     return row;
   }
@@ -419,9 +481,9 @@
   }
 
   function renderPanelFacts() {
-    const row = rows.get(panelKey);
-    if (!row || !row.entry) { setText($("panel-facts"), "This worker is gone."); return; }
-    const w = row.entry.worker;
+    const entry = current.get(panelKey);
+    if (!entry) { setText($("panel-facts"), "This worker is gone."); return; }
+    const w = entry.worker;
     const limits = [w.cpu_limit_pct != null ? `CPU limit ${w.cpu_limit_pct} %` : null,
                     w.memory_limit_mb != null ? `memory limit ${mib(w.memory_limit_mb)}` : null].filter(Boolean);
     setText($("panel-facts"), [`pid ${w.pid}`, `model ${w.model || "–"}`, `up ${duration(w.uptime_s)}`,
@@ -470,29 +532,30 @@
   // -- controls ----------------------------------------------------------------------------
 
   function setupControls() {
-    for (const th of document.querySelectorAll("th[data-key]")) {
+    for (const th of document.querySelectorAll("[role=columnheader][data-key]")) {
       th.querySelector("button").addEventListener("click", () => {
         const key = th.dataset.key;
         sort = { key, dir: sort.key === key ? -sort.dir : (key === "name" || key === "model" ? 1 : -1) };
-        for (const other of document.querySelectorAll("th[data-key]")) other.removeAttribute("aria-sort");
+        for (const other of document.querySelectorAll("[role=columnheader][data-key]")) other.removeAttribute("aria-sort");
         th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
         requestRender();
       });
     }
-    document.querySelector('th[data-key="name"]').setAttribute("aria-sort", "ascending");
+    document.querySelector('[role=columnheader][data-key="name"]').setAttribute("aria-sort", "ascending");
     for (const id of ["f-hive", "f-model", "f-idle"]) $(id).addEventListener("change", requestRender);
     $("filters").addEventListener("submit", (e) => e.preventDefault());
+    $("table-scroll").addEventListener("scroll", requestRender, { passive: true });
     const body = $("worker-rows");
     body.addEventListener("click", (e) => {
-      const tr = e.target.closest("tr");
+      const tr = e.target.closest(".row[data-key]");
       if (tr) openPanel(tr.dataset.key);
     });
     body.addEventListener("keydown", (e) => {
-      const tr = e.target.closest("tr");
+      const tr = e.target.closest(".row[data-key]");
       if (!tr) return;
       if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openPanel(tr.dataset.key); }
-      if (e.key === "ArrowDown" && tr.nextElementSibling) { e.preventDefault(); tr.nextElementSibling.focus(); }
-      if (e.key === "ArrowUp" && tr.previousElementSibling) { e.preventDefault(); tr.previousElementSibling.focus(); }
+      const next = e.key === "ArrowDown" ? tr.nextElementSibling : e.key === "ArrowUp" ? tr.previousElementSibling : null;
+      if (next && next.dataset.key) { e.preventDefault(); next.focus(); }
     });
     $("panel-close").addEventListener("click", closePanel);
     document.addEventListener("keydown", (e) => { if (e.key === "Escape" && panelKey !== null) closePanel(); });
