@@ -38,6 +38,8 @@ def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     result = rbee("up", "--port", "0", "--rounds", "4")
     assert result.returncode == 0, result.stderr
     assert "rbee up: queen http://127.0.0.1:" in result.stdout
+    queen_url = result.stdout.split("rbee up: queen ", 1)[1].split(",", 1)[0]
+    assert f"\ndashboard: {queen_url}/\n" in result.stdout
     last_table = result.stdout.rsplit("rbee: queen", 1)[1]
     for instance, model in (("llm/llama-0", "llama-3-8b"), ("llm/llama-1", "llama-3-8b"),
                             ("embed/bge-0", "bge-small")):
