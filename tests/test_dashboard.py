@@ -29,6 +29,8 @@ from .queenkit import free_port, start_queen
 from .test_end_to_end import demo_worker, hive, queen
 
 STATIC = files("rbee.queen") / "static"
+NOT_KNOWN = "\N{EN DASH}"
+"""What the page shows for a figure the worker does not report."""
 SCREENSHOTS = os.environ.get("RBEE_SCREENSHOT_DIR")
 """Where the browser tests also copy their screenshots (the README's one comes from here)."""
 
@@ -205,6 +207,41 @@ def test_dashboard_shows_the_live_fleet(tmp_path):
         assert driver.execute_script(
             "return getComputedStyle(document.body).backgroundColor") == "rgb(18, 19, 20)"
         screenshot(driver, tmp_path, "dashboard-dark.png")
+        assert console_errors(driver) == []
+
+
+def test_dashboard_marks_stale_hives_and_drops_removed_ones(tmp_path):
+    """A hive that falls silent is marked STALE (in words, not only in colour) once the queen
+    says so, and its workers go with it when the queen removes it (1 s and 3 s here). Engine
+    figures (queue, KV cache), when a worker carries them, fill their columns."""
+    from .builders import heartbeat, worker
+
+    with queen(tmp_path) as q, chromium(tmp_path) as driver, httpx.Client(timeout=10) as client:
+        driver.get(f"{q.url}/")
+        wait_for(driver, CONNECTION, lambda text: text == "live")
+        body = encode(heartbeat("ghost", [worker("a"), worker("b")]))
+        response = client.post(f"{q.url}/v1/hive-heartbeat", content=body,
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text
+        wait_for(driver, WORKER_KEYS, lambda keys: keys == ["ghost/llm/a", "ghost/llm/b"])
+        cells = "return window.rbeeDashboard.cells('ghost/llm/a')"
+        assert driver.execute_script(cells)[7:9] == [NOT_KNOWN, NOT_KNOWN]  # no engine figures
+        wait_for(driver, cells, lambda shown: shown[0] == "ghost/llm/a · STALE", timeout=5)
+        assert "STALE" in driver.execute_script("return document.getElementById('hives').textContent")
+        assert driver.execute_script("return document.getElementById('s-hives').textContent"
+                                     ) == "1 (1 stale)"
+        wait_for(driver, WORKER_KEYS, lambda keys: keys == [], timeout=8)
+        assert driver.execute_script("return document.getElementById('s-hives').textContent") == "0"
+
+        event = msgspec.json.decode(encode(heartbeat("engines", [worker("vllm")])))
+        driver.execute_script("""
+            const beat = arguments[0];
+            beat.workers[0].engine = {engine: "vllm", requests_running: 3, requests_waiting: 7,
+                                      kv_cache_pct: 41.6};
+            window.rbeeDashboard.apply({type: "hive_telemetry", hive_id: beat.hive.id,
+                timestamp: beat.timestamp, workers: beat.workers, capabilities: []});""", event)
+        shown = wait_for(driver, "return window.rbeeDashboard.cells('engines/llm/vllm')", bool)
+        assert shown[7:9] == ["3 run / 7 wait", "42"]
         assert console_errors(driver) == []
 
 

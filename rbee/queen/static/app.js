@@ -577,6 +577,8 @@
 
   window.rbeeDashboard = {
     stats,
+    apply, // one stream event, as the queen sends it: how the tests show fields not yet merged
+    cells: (key) => (rows.has(key) ? rows.get(key).shown.slice() : null),
     renderTimes: () => stats.times.slice(),
     workerKeys: () => [...order],
   };
