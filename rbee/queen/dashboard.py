@@ -4,8 +4,8 @@ no CDN: management networks are often offline).
 The page is read-only and takes everything from the queen's own endpoints (the SSE stream and
 ``/v1/history``), so its Content-Security-Policy allows nothing but this origin: no inline script or
 style, no other host, no framing. The page and its scripts are revalidated on every load (their
-names carry no version, so a cached copy could outlive an upgrade); the vendored library, whose
-content changes only with its file name's README entry, may be cached for a day.
+names carry no version, so a cached copy could outlive an upgrade of the queen); the vendored
+library changes only when it is re-vendored, so a day's caching is safe.
 """
 
 from __future__ import annotations
