@@ -333,7 +333,8 @@ def test_dashboard_renders_1000_workers_within_a_frame(tmp_path):
               f"p95 {p95:.2f} ms, max {max(times):.2f} ms")
         assert median <= 16.0, (median, p95)
         # The tail is the browser's style and layout preempted on a busy machine (2 shared cores
-        # here); a regression to rebuilding every row showed as a median of 200 ms, p95 600 ms.
-        assert p95 <= 100.0, (median, p95)
+        # here: p95 50-80 ms while other suites ran), so it is bounded loosely; rebuilding every
+        # row, as the first version did, showed as a median of 200 ms and a p95 of 600 ms.
+        assert p95 <= 250.0, (median, p95)
         assert console_errors(driver) == []
 
