@@ -21,7 +21,9 @@ setup(
     packages=["rbee", "rbee.hive", "rbee.hive.cgroups", "rbee.hive.gpu", "rbee.plugin", "rbee.queen",
               "rbee.collectors", "rbee.demo"],
     package_dir={"rbee.collectors": "collectors"},
-    package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"]},
+    package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"],
+                  "rbee.queen": ["static/*.html", "static/*.js", "static/*.css", "static/*.svg",
+                                 "static/vendor/*"]},
     ext_modules=extensions,
     install_requires=[
         "pluggy>=1.5",
@@ -47,6 +49,8 @@ setup(
             # tests pip-install examples/rbee-plugin-example offline, without build isolation:
             # bdist_wheel is part of setuptools from 70.1 on
             "setuptools>=70.1",
+            # the dashboard's tests drive Debian's chromium through its chromedriver
+            "selenium>=4.20",
             # the Ansible roles' tests: a real playbook run, and the linter's production profile
             "ansible-core>=2.17",
             "ansible-lint>=25.1",

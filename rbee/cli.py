@@ -1,6 +1,7 @@
 """``rbee``: the command line of rbee telemetry.
 
     rbee up        all in one on this machine: a queen, a local hive, demo workers, live view
+                   (and the queen's browser dashboard, whose URL it prints)
     rbee top       a live view of the fleet, from the queen's stream
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
                    [--max-waiting N] [--max-kv-cache-pct P] [--json]
@@ -118,8 +119,8 @@ async def up(args: argparse.Namespace) -> None:
             hive_urls = await nursery.start(run_hive)
             print(f"rbee up: queen {queen_url}, hive {hive.config.id!r} (API {hive_urls[0]}, "
                   f"cgroup backend {hive.agent.monitor.backend.name}), "
-                  f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.",
-                  flush=True)
+                  f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.\n"
+                  f"dashboard: {queen_url}/", flush=True)
             async with trio.open_nursery() as view:
                 view.start_soon(_cancel_on_signal, signals, view.cancel_scope)
                 await watch(queen_url, args.rounds)

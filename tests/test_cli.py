@@ -43,6 +43,8 @@ def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     result = rbee("up", "--port", "0", "--rounds", "10")
     assert result.returncode == 0, result.stderr
     assert "rbee up: queen http://127.0.0.1:" in result.stdout
+    queen_url = result.stdout.split("rbee up: queen ", 1)[1].split(",", 1)[0]
+    assert f"\ndashboard: {queen_url}/\n" in result.stdout
     tables = result.stdout.split("rbee: queen")[1:]
     header = next(line for line in tables[-1].splitlines() if line.startswith("HIVE"))
     engine_cells = slice(header.index("RUN"), header.index("UPTIME"))

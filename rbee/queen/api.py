@@ -11,6 +11,7 @@
                                      workers matching all of them
     GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
     GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
+    GET    /                         the live fleet dashboard; /static/... its files (dashboard.py)
 
 With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
 <token>`` (401 without it); reads stay open.
@@ -39,6 +40,7 @@ from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
 from ..exposition import metrics_route
 from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat
+from .dashboard import dashboard_routes
 from .history import METRICS, QueryError, Selector
 
 HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since", "step"})
@@ -227,4 +229,5 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/workers", list_workers, methods=["GET"]),
         Route("/v1/history", history, methods=["GET"]),
         metrics_route(metrics.registry, metrics.records),
+        *dashboard_routes(),
     ])

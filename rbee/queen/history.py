@@ -65,12 +65,24 @@ class Ring:
 
     def put(self, index: int, value: float) -> None:
         if index > self.last:
-            for gap in range(max(self.last + 1, index - self.slots + 1), index):
-                self.data[(gap % self.slots) * 2:(gap % self.slots) * 2 + 2] = NAN16
+            if self.last >= 0:  # a new ring is all NaN already
+                self._clear(max(self.last + 1, index - self.slots + 1), index)
             self.last = index
         elif index <= self.last - self.slots:
             return  # older than the ring holds
         struct.pack_into("<e", self.data, (index % self.slots) * 2, value)
+
+    def _clear(self, first: int, stop: int) -> None:
+        """NaN over points ``first``..``stop - 1`` (fewer than ``slots``): the gap a silence left,
+        in at most two slice writes (point by point, 6,000 new series stalled the queen 18 s)."""
+        count = stop - first
+        if count <= 0:
+            return
+        start = first % self.slots
+        head = min(count, self.slots - start)
+        self.data[start * 2:(start + head) * 2] = NAN16 * head
+        if count > head:
+            self.data[:(count - head) * 2] = NAN16 * (count - head)
 
     def read(self, first: int, last: int) -> list[float]:
         """Points ``first``..``last`` (absolute indices); NaN where nothing is held."""

@@ -1,0 +1,591 @@
+// rbee fleet dashboard: the queen's SSE stream (/v1/heartbeats/stream) folded into a fleet model,
+// drawn at most once per animation frame. Read-only; no inline script or style (the page's CSP).
+//
+// Why it stays smooth with 1,000 workers updating every second: events only change the model and
+// ask for a frame; only the rows in view are in the DOM, a frame diffs their cells against what
+// is shown and writes only the changed text, and moves rows only when the window changed. window.rbeeDashboard exposes the
+// time each render took (script plus the style and layout it forces), for the browser test.
+"use strict";
+
+(() => {
+  const STREAM = "/v1/heartbeats/stream";
+  const IDLE_GPU_PCT = 5; // the queen's registry.idle_gpu_util_pct default
+  const BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 5000;
+  const SPARK = "▁▂▃▄▅▆▇█";
+  const $ = (id) => document.getElementById(id);
+
+  const fleet = new Map(); // hive id -> {id, stale, health, status, workers, gpus}
+  const trends = new Map(); // worker key -> [values] (last 60 s)
+  const rows = new Map(); // worker key -> {tr, cells, shown}: the rows in the DOM
+  const current = new Map(); // worker key -> {key, hive, worker}: every worker, last render
+  const stats = { renders: 0, times: [], events: 0, connection: "connecting", connects: 0 };
+  let order = [];
+  let sort = { key: "name", dir: 1 };
+  let framePending = false;
+  let panelKey = null;
+
+  // -- the stream --------------------------------------------------------------------------
+
+  let source = null, backoff = BACKOFF_MIN_MS, retryTimer = null;
+
+  function connect() {
+    retryTimer = null;
+    source = new EventSource(STREAM);
+    source.addEventListener("open", () => {
+      backoff = BACKOFF_MIN_MS;
+      stats.connects += 1;
+    });
+    source.addEventListener("heartbeat", (message) => {
+      let event;
+      try { event = JSON.parse(message.data); } catch { return; }
+      apply(event);
+    });
+    source.addEventListener("error", () => {
+      // EventSource would retry on its own at a fixed pace; ours backs off with jitter and says so
+      source.close();
+      setConnection("reconnecting");
+      const delay = backoff * (0.5 + Math.random() / 2);
+      backoff = Math.min(BACKOFF_MAX_MS, backoff * 2);
+      retryTimer = setTimeout(connect, delay);
+    });
+  }
+
+  function apply(event) {
+    stats.events += 1;
+    switch (event.type) {
+      case "snapshot":
+        fleet.clear();
+        for (const state of event.hives || []) {
+          setHive(state.hive.id, state.workers, state.capabilities, state.hive.health_status,
+                  state.stale, state.hive.operational_status);
+        }
+        setConnection("live");
+        break;
+      case "hive_telemetry": {
+        const known = fleet.get(event.hive_id);
+        setHive(event.hive_id, event.workers, event.capabilities,
+                event.health_status || (known && known.health), false, known && known.status);
+        break;
+      }
+      case "hive_stale": {
+        const hive = fleet.get(event.hive_id);
+        if (hive) hive.stale = true;
+        break;
+      }
+      case "hive_removed":
+        fleet.delete(event.hive_id);
+        break;
+      default:
+        return; // queen (counts we compute ourselves), lagged (a snapshot follows)
+    }
+    requestRender();
+  }
+
+  function setHive(id, workers, gpus, health, stale, status) {
+    fleet.set(id, { id, workers: workers || [], gpus: gpus || [], health: health || null,
+                    stale: Boolean(stale), status: status || null });
+  }
+
+  function setConnection(state) {
+    if (stats.connection === state) return;
+    stats.connection = state;
+    $("connection").dataset.state = state;
+    $("connection-text").textContent = state === "live" ? "live" :
+      state === "reconnecting" ? "reconnecting…" : state;
+  }
+
+  // -- rendering ---------------------------------------------------------------------------
+
+  function requestRender() {
+    if (framePending) return;
+    framePending = true;
+    requestAnimationFrame(render);
+  }
+
+  function render() {
+    framePending = false;
+    const started = performance.now();
+    const workers = allWorkers();
+    renderSummary(workers);
+    renderHives();
+    renderGpus();
+    const t1 = performance.now();
+    renderWorkers(workers);
+    const t2 = performance.now();
+    void document.body.offsetHeight; // the style and layout this frame needs, inside the figure
+    const took = performance.now() - started;
+    stats.phases = [t1 - started, t2 - t1, performance.now() - t2]; // summary and GPUs, rows, style+layout
+    stats.renders += 1;
+    stats.times.push(took);
+    if (stats.times.length > 2000) stats.times.splice(0, 1000);
+    if (panelKey !== null) renderPanelFacts();
+  }
+
+  function allWorkers() {
+    const list = [];
+    for (const hive of fleet.values()) {
+      for (const worker of hive.workers) {
+        list.push({ key: `${hive.id}/${worker.group}/${worker.instance}`, hive, worker });
+      }
+    }
+    return list;
+  }
+
+  function isIdle(entry) {
+    const w = entry.worker;
+    return !entry.hive.stale && (w.state || "running") === "running" &&
+      w.gpu_util_pct !== null && w.gpu_util_pct !== undefined && w.gpu_util_pct <= IDLE_GPU_PCT;
+  }
+
+  function setText(element, text) {
+    if (element.textContent !== text) element.textContent = text;
+  }
+
+  function renderSummary(workers) {
+    let gpus = 0, freeMb = 0, fresh = 0;
+    for (const hive of fleet.values()) {
+      if (hive.stale) continue;
+      fresh += 1;
+      for (const gpu of hive.gpus) { gpus += 1; freeMb += gpu.vram_free_mb || 0; }
+    }
+    const stale = fleet.size - fresh;
+    setText($("s-hives"), `${fleet.size}${stale ? ` (${stale} stale)` : ""}`);
+    setText($("s-workers"), String(workers.length));
+    setText($("s-gpus"), String(gpus));
+    setText($("s-vram"), gpus ? mib(freeMb) : "–");
+    setText($("s-idle"), String(workers.filter(isIdle).length));
+  }
+
+  let hivesShown = "";
+  function renderHives() {
+    const items = [...fleet.values()].sort((a, b) => a.id.localeCompare(b.id));
+    const signature = items.map((h) => `${h.id}|${h.stale}|${health(h.health)}|${h.workers.length}`).join(",");
+    if (signature === hivesShown) return;
+    hivesShown = signature;
+    const list = $("hives");
+    list.replaceChildren(...items.map((hive) => {
+      const li = document.createElement("li");
+      li.append(`${hive.id}: ${hive.workers.length} workers, ${health(hive.health)} `);
+      if (hive.stale) li.append(badge("STALE", "stale"));
+      return li;
+    }));
+    const hiveSelect = $("f-hive");
+    syncOptions(hiveSelect, items.map((h) => h.id));
+  }
+
+  // One card per GPU, built once and then updated in place (text diffs), so a hive going stale
+  // and back, or new figures every second, never rebuilds the grid.
+  const cards = new Map(); // "hive/uuid" -> {article, title, badge, meter, bar, values}
+  const FACTS = ["Utilisation", "VRAM used", "VRAM free", "Claimed by rbee", "Temperature", "Power", "Health"];
+  let cardsShown = "";
+
+  function renderGpus() {
+    const claimed = new Map(); // "hive/uuid" -> MiB held by rbee workers
+    for (const hive of fleet.values()) {
+      for (const worker of hive.workers) {
+        for (const use of worker.gpus || []) {
+          const key = `${hive.id}/${use.uuid}`;
+          claimed.set(key, (claimed.get(key) || 0) + (use.vram_mb || 0));
+        }
+      }
+    }
+    const keys = [];
+    for (const hive of [...fleet.values()].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))) {
+      for (const gpu of hive.gpus) {
+        const key = `${hive.id}/${gpu.uuid}`;
+        keys.push(key);
+        updateCard(cards.get(key) || newCard(key), hive, gpu, claimed.get(key) || 0);
+      }
+    }
+    const signature = keys.join("\n");
+    if (signature === cardsShown) return;
+    cardsShown = signature;
+    const wanted = new Set(keys);
+    for (const key of cards.keys()) if (!wanted.has(key)) cards.delete(key);
+    $("no-gpus").hidden = keys.length > 0;
+    $("gpus").replaceChildren(...keys.map((key) => cards.get(key).article));
+  }
+
+  function newCard(key) {
+    const article = document.createElement("article");
+    article.className = "card";
+    const heading = document.createElement("h3");
+    const title = document.createTextNode("");
+    const staleBadge = badge("STALE", "stale");
+    heading.append(title, " ", staleBadge);
+    const meter = document.createElement("div");
+    meter.className = "meter";
+    meter.setAttribute("role", "meter");
+    meter.setAttribute("aria-label", "VRAM used, percent");
+    meter.setAttribute("aria-valuemin", "0");
+    meter.setAttribute("aria-valuemax", "100");
+    const bar = document.createElement("span");
+    meter.append(bar);
+    const facts = document.createElement("dl");
+    const values = FACTS.map((name) => {
+      const dt = document.createElement("dt");
+      dt.textContent = name;
+      const dd = document.createElement("dd");
+      facts.append(dt, dd);
+      return dd;
+    });
+    article.append(heading, meter, facts);
+    const card = { article, title, staleBadge, meter, bar, values, used: null, stale: null };
+    cards.set(key, card);
+    return card;
+  }
+
+  function updateCard(card, hive, gpu, claimedMb) {
+    if (card.title.data !== `${hive.id} · GPU ${gpu.index} · ${gpu.name}`) {
+      card.title.data = `${hive.id} · GPU ${gpu.index} · ${gpu.name}`;
+    }
+    if (card.stale !== hive.stale) {
+      card.stale = hive.stale;
+      card.staleBadge.hidden = !hive.stale;
+      card.article.classList.toggle("is-stale", hive.stale);
+    }
+    const used = gpu.vram_total_mb ? Math.round(gpu.vram_used_mb / gpu.vram_total_mb * 100) : 0;
+    if (card.used !== used) {
+      card.used = used;
+      card.meter.setAttribute("aria-valuenow", String(used));
+      card.bar.style.width = `${used}%`; // CSSOM, which the CSP allows
+    }
+    const state = health(gpu.health);
+    const texts = [
+      pct(gpu.util_pct), `${mib(gpu.vram_used_mb)} of ${mib(gpu.vram_total_mb)}`, mib(gpu.vram_free_mb),
+      mib(claimedMb), gpu.temperature_c == null ? "–" : `${Math.round(gpu.temperature_c)} °C`,
+      gpu.power_w == null ? "–" : `${Math.round(gpu.power_w)} W`, state,
+    ];
+    texts.forEach((text, i) => setText(card.values[i], text));
+    const healthCell = card.values[FACTS.length - 1];
+    const healthClass = state.split(":")[0];
+    if (healthCell.className !== healthClass) { healthCell.className = healthClass; }
+    if (healthCell.title !== state) healthCell.title = state;
+  }
+
+  const COLUMNS = ["name", "model", "cpu", "rss", "io", "gpu", "vram", "queue", "kv", "uptime", "spark", "errors"];
+
+  function cellsOf(entry) {
+    const w = entry.worker, engine = w.engine || null;
+    const waiting = engine ? (engine.requests_waiting ?? null) : null;
+    const running = engine ? (engine.requests_running ?? null) : null;
+    return {
+      name: entry.key + (entry.hive.stale ? " · STALE" : ""),
+      model: w.model || "–",
+      cpu: num(w.cpu_pct, 1),
+      rss: num(w.rss_mb, 0),
+      io: `${num(w.io_r_mb_s, 2)}/${num(w.io_w_mb_s, 2)}`,
+      gpu: w.gpu_util_pct == null ? "–" : num(w.gpu_util_pct, 0),
+      vram: num(w.vram_mb, 0),
+      queue: engine && (running !== null || waiting !== null) ? `${running ?? "–"} run / ${waiting ?? "–"} wait` : "–",
+      kv: engine && engine.kv_cache_pct != null ? num(engine.kv_cache_pct, 0) : "–",
+      uptime: duration(w.uptime_s),
+      spark: spark(trends.get(entry.key)),
+      errors: (w.errors || []).length ? String(w.errors.length) : "",
+    };
+  }
+
+  function sortValue(entry) {
+    const w = entry.worker, e = w.engine || {};
+    switch (sort.key) {
+      case "name": return entry.key;
+      case "model": return w.model || "";
+      case "cpu": return w.cpu_pct;
+      case "rss": return w.rss_mb;
+      case "io": return (w.io_r_mb_s || 0) + (w.io_w_mb_s || 0);
+      case "gpu": return w.gpu_util_pct ?? -1;
+      case "vram": return w.vram_mb;
+      case "queue": return e.requests_waiting ?? -1;
+      case "kv": return e.kv_cache_pct ?? -1;
+      case "uptime": return w.uptime_s;
+      case "errors": return (w.errors || []).length;
+      default: return entry.key;
+    }
+  }
+
+  // Only the rows in view (and a margin) are in the DOM: the table scrolls in its own box and
+  // two spacer rows stand for the rest, so style and layout cost the same for 10 or 10,000
+  // workers. `order` is every worker that passes the filters, in the shown order.
+  const ROW_PX = 28, MARGIN_ROWS = 15;
+  let windowShown = "";
+
+  function renderWorkers(workers) {
+    const hiveFilter = $("f-hive").value, modelFilter = $("f-model").value, idleOnly = $("f-idle").checked;
+    syncOptions($("f-model"), [...new Set(workers.map((e) => e.worker.model).filter(Boolean))].sort());
+    current.clear();
+    const visible = [];
+    for (const entry of workers) {
+      current.set(entry.key, entry);
+      if ((!hiveFilter || entry.hive.id === hiveFilter) && (!modelFilter || entry.worker.model === modelFilter)
+          && (!idleOnly || isIdle(entry))) visible.push(entry);
+    }
+    const dir = sort.dir;
+    for (const entry of visible) entry.sortValue = sortValue(entry);
+    visible.sort((a, b) => {
+      const x = a.sortValue, y = b.sortValue;
+      const c = x < y ? -1 : x > y ? 1 : 0;
+      return c !== 0 ? c * dir : (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
+    });
+    order = visible.map((e) => e.key);
+
+    const scroller = $("table-scroll");
+    const first = Math.max(0, Math.floor(scroller.scrollTop / ROW_PX) - MARGIN_ROWS);
+    const count = Math.ceil((scroller.clientHeight || 800) / ROW_PX) + 2 * MARGIN_ROWS;
+    const shown = visible.slice(first, first + count);
+    const keep = new Set();
+    for (const entry of shown) {
+      keep.add(entry.key);
+      const row = rows.get(entry.key) || newRow(entry.key);
+      const cells = cellsOf(entry);
+      for (let i = 0; i < COLUMNS.length; i++) {
+        const text = cells[COLUMNS[i]];
+        if (row.shown[i] !== text) { row.shown[i] = text; row.cells[i].data = text; }
+      }
+      const stale = entry.hive.stale;
+      if (row.stale !== stale) { row.stale = stale; row.tr.classList.toggle("is-stale", stale); }
+    }
+    for (const key of rows.keys()) if (!keep.has(key)) rows.delete(key);
+    const signature = `${first}|${visible.length}|${shown.map((e) => e.key).join("\n")}`;
+    if (signature !== windowShown) {
+      windowShown = signature;
+      const height = `min(72vh, ${(visible.length + 1) * ROW_PX + 4}px)`;
+      if (scroller.style.height !== height) scroller.style.height = height;
+      topSpacer.style.height = `${first * ROW_PX}px`;
+      bottomSpacer.style.height = `${Math.max(0, visible.length - first - shown.length) * ROW_PX}px`;
+      const focused = document.activeElement; // moving a row out and back would drop its focus
+      $("worker-rows").replaceChildren(topSpacer, ...shown.map((e) => rows.get(e.key).tr), bottomSpacer);
+      if (focused && focused !== document.activeElement && focused.isConnected) {
+        focused.focus({ preventScroll: true });
+      }
+    }
+    setText($("workers-count"), visible.length === workers.length ? `(${workers.length})` :
+      `(${visible.length} of ${workers.length})`);
+  }
+
+  function spacer() {
+    const div = document.createElement("div");
+    div.className = "spacer";
+    div.setAttribute("aria-hidden", "true");
+    return div;
+  }
+  const topSpacer = spacer(), bottomSpacer = spacer();
+
+  function newRow(key) {
+    const tr = document.createElement("div");
+    tr.className = "row";
+    tr.setAttribute("role", "row");
+    tr.tabIndex = 0;
+    tr.dataset.key = key;
+    const cells = COLUMNS.map((column) => {
+      const cell = document.createElement("div");
+      cell.setAttribute("role", column === "name" ? "rowheader" : "cell");
+      if (column === "spark") cell.className = "spark";
+      if (column === "errors") cell.className = "err";
+      const text = document.createTextNode("");
+      cell.append(text);
+      tr.append(cell);
+      return text;
+    });
+    const row = { tr, cells, shown: new Array(COLUMNS.length).fill(""), stale: false };
+    rows.set(key, row);
+    return row;
+  }
+
+  function syncOptions(select, values) {
+    const have = [...select.options].slice(1).map((o) => o.value);
+    if (have.length === values.length && have.every((v, i) => v === values[i])) return;
+    const chosen = select.value;
+    select.replaceChildren(select.options[0], ...values.map((v) => new Option(v, v)));
+    select.value = values.includes(chosen) ? chosen : "";
+  }
+
+  // -- formatting --------------------------------------------------------------------------
+
+  function num(value, digits) { return value == null ? "–" : Number(value).toFixed(digits); }
+  function pct(value) { return value == null ? "–" : `${Math.round(value)} %`; }
+  function mib(value) {
+    if (value == null) return "–";
+    return value >= 10240 ? `${(value / 1024).toFixed(1)} GiB` : `${Math.round(value)} MiB`;
+  }
+  function duration(seconds) {
+    if (seconds == null) return "–";
+    const h = Math.floor(seconds / 3600), m = Math.floor(seconds % 3600 / 60), s = seconds % 60;
+    return h ? `${h}:${String(m).padStart(2, "0")}:${String(s).padStart(2, "0")}` : `${m}:${String(s).padStart(2, "0")}`;
+  }
+  function health(status) {
+    if (!status) return "unknown";
+    return status.status === "healthy" ? "healthy" : `${status.status}: ${status.reason}`;
+  }
+  function badge(text, cls) {
+    const span = document.createElement("span");
+    span.className = `badge ${cls}`;
+    span.textContent = text;
+    return span;
+  }
+  function spark(values) {
+    if (!values) return "";
+    const known = values.filter((v) => v != null);
+    if (!known.length) return "";
+    const top = Math.max(1, ...known);
+    return values.map((v) => v == null ? " " : SPARK[Math.min(7, Math.floor(v / top * 7.999))]).join("");
+  }
+
+  // -- history: sparklines every 5 s, and the worker panel ---------------------------------
+
+  async function history(params) {
+    const response = await fetch(`/v1/history?${new URLSearchParams(params)}`);
+    if (!response.ok) throw new Error(`history: HTTP ${response.status}`);
+    return response.json();
+  }
+
+  async function refreshTrends() {
+    try {
+      const answer = await history({ metric: "cpu_pct,gpu_util_pct", since: "60", step: "5" });
+      const byKey = new Map();
+      for (const series of answer.series) {
+        const key = `${series.hive}/${series.group}/${series.instance}`;
+        const slot = byKey.get(key) || {};
+        slot[series.metric] = series.values;
+        byKey.set(key, slot);
+      }
+      trends.clear();
+      for (const [key, slot] of byKey) {
+        const gpu = slot.gpu_util_pct;
+        trends.set(key, gpu && gpu.some((v) => v != null) ? gpu : slot.cpu_pct);
+      }
+      requestRender();
+    } catch {
+      // best effort: the queen is down or too old for history; the column stays as it was
+    }
+  }
+
+  const charts = [];
+
+  function openPanel(key) {
+    panelKey = key;
+    const panel = $("panel");
+    panel.hidden = false;
+    setText($("panel-title"), key);
+    renderPanelFacts();
+    panel.focus();
+    refreshPanel();
+  }
+
+  function closePanel() {
+    const key = panelKey;
+    panelKey = null;
+    $("panel").hidden = true;
+    for (const chart of charts.splice(0)) chart.destroy();
+    const row = key && rows.get(key);
+    if (row) row.tr.focus();
+  }
+
+  function renderPanelFacts() {
+    const entry = current.get(panelKey);
+    if (!entry) { setText($("panel-facts"), "This worker is gone."); return; }
+    const w = entry.worker;
+    const limits = [w.cpu_limit_pct != null ? `CPU limit ${w.cpu_limit_pct} %` : null,
+                    w.memory_limit_mb != null ? `memory limit ${mib(w.memory_limit_mb)}` : null].filter(Boolean);
+    setText($("panel-facts"), [`pid ${w.pid}`, `model ${w.model || "–"}`, `up ${duration(w.uptime_s)}`,
+      ...limits, ...(w.errors || []).map((e) => `${e.collector}: ${e.message}`)].join(" · "));
+  }
+
+  async function refreshPanel() {
+    const key = panelKey;
+    if (key === null) return;
+    const [hive, group, ...rest] = key.split("/");
+    const selector = { hive, group, instance: rest.join("/"), metric: "cpu_pct,gpu_util_pct,rss_mb,vram_mb" };
+    try {
+      const [fine, coarse] = await Promise.all([
+        history({ ...selector, since: "900", step: "1" }),
+        history({ ...selector, since: "21600", step: "60" }),
+      ]);
+      if (panelKey !== key) return;
+      for (const chart of charts.splice(0)) chart.destroy();
+      charts.push(chart($("chart-15m"), fine), chart($("chart-6h"), coarse));
+    } catch {
+      setText($("panel-facts"), "History is not available from this queen.");
+    }
+  }
+
+  function chart(target, answer) {
+    const metrics = [["cpu_pct", "CPU %", "pct"], ["gpu_util_pct", "GPU %", "pct"],
+                     ["rss_mb", "RSS MiB", "mib"], ["vram_mb", "VRAM MiB", "mib"]];
+    const colours = ["#d98a00", "#3b82c4", "#7a4fb5", "#2f8f5b"];
+    const data = [answer.timestamps];
+    const series = [{}];
+    metrics.forEach(([metric, label, scale], i) => {
+      const found = answer.series.find((s) => s.metric === metric);
+      data.push(found ? found.values : answer.timestamps.map(() => null));
+      series.push({ label, scale, stroke: colours[i], width: 1.5, dash: i % 2 ? [4, 3] : undefined });
+    });
+    const axis = getComputedStyle(document.documentElement).getPropertyValue("--muted").trim();
+    target.replaceChildren();
+    return new uPlot({
+      width: Math.max(320, target.clientWidth || 640), height: 200, series, legend: { live: false },
+      scales: { pct: { range: (u, min, max) => [0, Math.max(100, max || 0)] } },
+      axes: [{ stroke: axis }, { scale: "pct", label: "%", stroke: axis },
+             { scale: "mib", label: "MiB", side: 1, stroke: axis, grid: { show: false } }],
+    }, data, target);
+  }
+
+  // -- controls ----------------------------------------------------------------------------
+
+  function setupControls() {
+    for (const th of document.querySelectorAll("[role=columnheader][data-key]")) {
+      th.querySelector("button").addEventListener("click", () => {
+        const key = th.dataset.key;
+        sort = { key, dir: sort.key === key ? -sort.dir : (key === "name" || key === "model" ? 1 : -1) };
+        for (const other of document.querySelectorAll("[role=columnheader][data-key]")) other.removeAttribute("aria-sort");
+        th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
+        requestRender();
+      });
+    }
+    document.querySelector('[role=columnheader][data-key="name"]').setAttribute("aria-sort", "ascending");
+    for (const id of ["f-hive", "f-model", "f-idle"]) $(id).addEventListener("change", requestRender);
+    $("filters").addEventListener("submit", (e) => e.preventDefault());
+    $("table-scroll").addEventListener("scroll", requestRender, { passive: true });
+    const body = $("worker-rows");
+    body.addEventListener("click", (e) => {
+      const tr = e.target.closest(".row[data-key]");
+      if (tr) openPanel(tr.dataset.key);
+    });
+    body.addEventListener("keydown", (e) => {
+      const tr = e.target.closest(".row[data-key]");
+      if (!tr) return;
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openPanel(tr.dataset.key); }
+      const next = e.key === "ArrowDown" ? tr.nextElementSibling : e.key === "ArrowUp" ? tr.previousElementSibling : null;
+      if (next && next.dataset.key) { e.preventDefault(); next.focus(); }
+    });
+    $("panel-close").addEventListener("click", closePanel);
+    document.addEventListener("keydown", (e) => { if (e.key === "Escape" && panelKey !== null) closePanel(); });
+    const themes = ["auto", "light", "dark"];
+    let theme = localStorage.getItem("rbee-theme") || "auto";
+    const applyTheme = () => {
+      if (theme === "auto") delete document.documentElement.dataset.theme;
+      else document.documentElement.dataset.theme = theme;
+      $("theme").textContent = `theme: ${theme}`;
+    };
+    $("theme").addEventListener("click", () => {
+      theme = themes[(themes.indexOf(theme) + 1) % themes.length];
+      localStorage.setItem("rbee-theme", theme);
+      applyTheme();
+      if (panelKey !== null) refreshPanel();
+    });
+    applyTheme();
+  }
+
+  window.rbeeDashboard = {
+    stats,
+    apply, // one stream event, as the queen sends it: how the tests show fields not yet merged
+    cells: (key) => (rows.has(key) ? rows.get(key).shown.slice() : null),
+    renderTimes: () => stats.times.slice(),
+    workerKeys: () => [...order],
+  };
+
+  setupControls();
+  connect();
+  refreshTrends();
+  setInterval(refreshTrends, 5000);
+  setInterval(() => { if (panelKey !== null) refreshPanel(); }, 5000);
+})();
