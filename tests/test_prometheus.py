@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import yaml
 
-from rbee.telemetry import WorkerGpuUse, encode
+from rbee.telemetry import EngineState, WorkerGpuUse, encode
 
 from .builders import GIB, gpu, heartbeat, worker
 from .conftest import RUN_ROOT, sleeper
@@ -33,6 +33,8 @@ def crafted() -> bytes:
     return encode(heartbeat("crafted", [
         worker("w0", model="llama-3-8b", rss_mb=512.0, gpu_util_pct=37.0, vram_mb=20 * GIB,
                gpu_indices=[0], cpu_limit_pct=400.0, memory_limit_mb=32768.0,
+               engine=EngineState(engine="vllm", requests_running=3, requests_waiting=2,
+                                  kv_cache_pct=94.0),
                gpus=[WorkerGpuUse(index=0, uuid="GPU-00000000", vram_mb=20 * GIB, util_pct=37.0)]),
         worker("unknown-gpu", gpu_util_pct=None)],
         [msgspec.structs.replace(gpu(0, total_gib=80, used_gib=20, util_pct=41.0),
@@ -78,6 +80,10 @@ def test_prometheus_reads_back_what_the_hives_sent(fleet):
         == 512 * MIB
     assert value(prometheus.query(f"rbee_worker_gpu_utilization_ratio{{{crafted_worker}}}")) == 0.37
     assert value(prometheus.query(f"rbee_worker_cpu_limit_ratio{{{crafted_worker}}}")) == 4.0
+    assert value(prometheus.query(
+        f"rbee_worker_engine_kv_cache_usage_ratio{{{crafted_worker}}}")) == 0.94
+    assert value(prometheus.query(
+        f"rbee_worker_engine_requests_waiting{{{crafted_worker}}}")) == 2
     [labels] = [r["metric"] for r in prometheus.query(
         f"rbee_worker_gpu_device_memory_bytes{{{crafted_worker}}}")]
     assert (labels["gpu"], labels["uuid"], labels["model"]) == ("0", "GPU-00000000", "llama-3-8b")
@@ -125,7 +131,7 @@ def test_every_dashboard_query_returns_series(fleet):
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [target["expr"].replace("$hive", ".*")
              for panel in dashboard["panels"] for target in panel["targets"]]
-    assert len(exprs) >= 15
+    assert len(exprs) >= 18
     deadline = time.monotonic() + 30
     empty = exprs
     while empty and time.monotonic() < deadline:  # rates need two scrapes
