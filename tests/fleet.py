@@ -40,7 +40,8 @@ from typing import TypeVar
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "iproute2",
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "python3-packaging",
+            "iproute2",
             "openssh-server", "sudo", "procps")
 CACHE = Path(os.environ.get("RBEE_FLEET_CACHE", "/var/cache/rbee-test"))
 WHEELHOUSE = "/var/cache/rbee-wheels"
@@ -280,10 +281,8 @@ class Fleet:
         while not host.leader:
             assert host.process.poll() is None, console(host)
             assert time.monotonic() < deadline, "nspawn started no container\n" + console(host)
-            children = Path(f"/proc/{host.process.pid}/task/{host.process.pid}/children")
-            with contextlib.suppress(OSError, IndexError):  # not forked yet
-                host.leader = int(children.read_text().split()[0])
             time.sleep(0.05)
+            host.leader = container_init(host.process.pid)
 
     def _wait_until_running(self, host: Host) -> None:
         deadline = time.monotonic() + 90
@@ -293,6 +292,20 @@ class Fleet:
             assert time.monotonic() < deadline, f"{host.name} is {state!r}\n" + console(host)
             time.sleep(0.2)
             state = host.run("systemctl", "is-system-running", check=False).stdout.strip()
+
+
+def container_init(nspawn: int) -> int:
+    """The PID (here) of the container's systemd: the child of nspawn that is PID 1 in its own
+    PID namespace and has exec'd systemd. nspawn forks a short-lived helper first, so the first
+    child seen is not necessarily it; 0 while there is none yet."""
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{child}/status").read_text()
+                fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+                if fields.get("Name") == "systemd" and fields.get("NSpid", "").split()[-1] == "1":
+                    return int(child)
+    return 0
 
 
 def console(host: Host) -> str:
