@@ -133,6 +133,11 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(tree / "cp")}
         deployment = Deployment(fleet, tree, inventory, vault_password, env, token)
         deployment.playbook()
+        # Later runs install the wheel the first one built, as rbee_install_source: wheel does:
+        # the same file and version, so nothing changes, and no run rebuilds the extension.
+        (wheel,) = (tree / "wheels").glob("rbee_telemetry-*.whl")
+        (inventory / "group_vars" / "all" / "zzz-built-wheel.yml").write_text(yaml.safe_dump(
+            {"rbee_install_source": "wheel", "rbee_install_wheel": str(wheel)}))
         yield deployment
 
 
@@ -141,8 +146,9 @@ def main_pid(host: Host, unit: str) -> int:
 
 
 def listed_workers(deployment: Deployment) -> dict[str, int]:
-    """The queen's workers: worker id → PID, of every hive."""
-    return {w["worker"]["id"]: w["worker"]["pid"] for w in deployment.get("/v1/workers")}
+    """The queen's workers: hive/group/instance → PID, of every hive."""
+    return {"{hive_id}/{worker[group]}/{worker[instance]}".format(**w): w["worker"]["pid"]
+            for w in deployment.get("/v1/workers")}
 
 
 def wait_for(condition, timeout: float, message: str) -> None:
@@ -203,7 +209,7 @@ def test_queen_lists_both_hives_workers(deployment):
     assert set(hives) == set(HIVES) and not any(h["stale"] for h in hives.values())
     for name in HIVES:
         host = deployment.fleet.hosts[name]
-        (pid,) = {w["worker"]["pid"] for w in hives[name]["workers"]}
+        (pid,) = {w["pid"] for w in hives[name]["workers"]}
         unit = host.show("rbee-hive", "ControlGroup")["ControlGroup"]
         assert str(pid) in host.run("cat", f"/sys/fs/cgroup{unit}/workers/demo/a/cgroup.procs"
                                     ).stdout.split()
@@ -218,9 +224,8 @@ def test_restart_keeps_the_workers_and_readopts_them(deployment):
     assert after not in (before, 0)
     assert listed_workers(deployment) == workers  # the queen lists them all along
     cgroup = host.show("rbee-hive", "ControlGroup")["ControlGroup"]
-    hive_worker = [pid for pid in workers.values()
-                   if str(pid) in host.run("cat", f"/sys/fs/cgroup{cgroup}/workers/demo/a/cgroup.procs").stdout.split()]
-    assert len(hive_worker) == 1  # the same PID, still in the unit's workers subtree
+    procs = host.run("cat", f"/sys/fs/cgroup{cgroup}/workers/demo/a/cgroup.procs").stdout
+    assert procs.split() == [str(workers[f"{host.name}/demo/a"])]  # the same PID, in place
     wait_for(lambda: "re-adopted worker demo/a" in host.run(
         "journalctl", "-u", "rbee-hive", f"_PID={after}", "--no-pager").stdout,
         10, "the new hive did not re-adopt its worker")
@@ -311,24 +316,25 @@ def test_rolling_update_goes_one_hive_at_a_time(deployment):
 
 
 def test_a_hive_stopped_for_good_stops_the_rollout(deployment):
-    """hive-1's service is stopped for good the moment the rollout restarts it (a runtime
-    drop-in's ExecStartPost queues ``systemctl stop``; an explicit stop is never undone by
-    Restart=always): the play stops at hive-1 with a message that names the hive, the queen and
-    what systemd says, and hive-2 keeps its config and its running hive."""
+    """hive-1 stops for good on the restart the rollout gives it: a runtime drop-in makes its
+    ExecStart exit with status 2, which the unit never restarts (RestartPreventExitStatus=2, as
+    for a config error). The play stops at hive-1 with a message that names the hive, the queen
+    and what systemd says, and hive-2 keeps its config and its running hive."""
     fleet = deployment.fleet
     broken, other = (fleet.hosts[name] for name in HIVES)
     other_pid = main_pid(other, "rbee-hive")
     other_config = other.run("cat", "/etc/rbee/hive.yaml").stdout
     drop_in = "/run/systemd/system/rbee-hive.service.d/zz-stop-for-good.conf"
     broken.run("mkdir", "-p", os.path.dirname(drop_in))
-    broken.run("sh", "-c", "printf '[Service]\\nExecStartPost=/bin/systemctl --no-block stop "
-               f"rbee-hive.service\\n' > {drop_in}")
+    broken.run("sh", "-c", "printf '[Service]\\nExecStart=\\nExecStart=/bin/sh -c \"exit 2\"\\n' "
+               f"> {drop_in}")
     try:
         changed = {**HIVE_CONFIG, "heartbeat": {"read_timeout_s": 3.0}}
         result = deployment.run_playbook("-e", "rbee_hive_batch=1", "-e",
                                          "rbee_hive_wait_for_queen_retries=6",
                                          "-e", json.dumps({"rbee_hive_config": changed}))
-        assert broken.show("rbee-hive", "ActiveState")["ActiveState"] == "inactive"
+        state = broken.show("rbee-hive", "ActiveState", "Result")
+        assert state == {"ActiveState": "failed", "Result": "exit-code"}, state
     finally:
         broken.run("rm", "-f", drop_in)
         broken.run("systemctl", "daemon-reload")
@@ -336,7 +342,8 @@ def test_a_hive_stopped_for_good_stops_the_rollout(deployment):
     output = " ".join(result.stdout.split())
     assert result.returncode != 0
     assert (f"rbee-hive on {HIVES[0]} did not report to the queen at {deployment.queen_url} "
-            "within 6 s of its service step (systemd says: inactive dead success)") in output, \
+            "within 6 s of its service step (systemd says: Result=exit-code ActiveState=failed "
+            "SubState=failed)") in output, \
         result.stdout[-4000:]
     assert "The rollout stops here" in output
     recap = Run.parse(result.stdout).changed
