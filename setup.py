@@ -35,6 +35,7 @@ setup(
         "sse-starlette>=3.0",
         "anyio>=4.7",
         "httpx-sse>=0.4",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [
@@ -43,6 +44,9 @@ setup(
             "pytest-benchmark>=4.0",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # tests pip-install examples/rbee-plugin-example offline, without build isolation:
+            # bdist_wheel is part of setuptools from 70.1 on
+            "setuptools>=70.1",
             # the Ansible roles' tests: a real playbook run, and the linter's production profile
             "ansible-core>=2.17",
             "ansible-lint>=25.1",
@@ -59,6 +63,7 @@ setup(
             "cgroup = rbee.collectors.cgroup",
             "process = rbee.collectors.process",
             "gpu = rbee.collectors.gpu",
+            "engine = rbee.collectors.engine",
         ],
     },
 )

@@ -30,14 +30,15 @@ def _hundredths(value: float) -> float:
 @hookimpl
 def rbee_collect_worker(worker, telemetry) -> None:
     sample = worker.sample
-    if sample.memory_rss_bytes >= 0:
-        telemetry.rss_mb = _hundredths(sample.memory_rss_bytes / MIB)
-    elif sample.proc_rss_pages >= 0:
-        telemetry.rss_mb = _hundredths(sample.proc_rss_pages * PAGE_SIZE / MIB)
+    rss_bytes = (sample.memory_rss_bytes if sample.memory_rss_bytes >= 0
+                 else sample.proc_rss_pages * PAGE_SIZE if sample.proc_rss_pages >= 0 else -1)
+    if rss_bytes >= 0:  # the original's u64 MiB, and the byte figure beside it
+        telemetry.rss_bytes = rss_bytes
+        telemetry.rss_mb = (rss_bytes + MIB // 2) // MIB
     if sample.memory_current_bytes >= 0:
         telemetry.memory_mb = _hundredths(sample.memory_current_bytes / MIB)
     else:
-        telemetry.memory_mb = telemetry.rss_mb
+        telemetry.memory_mb = _hundredths(max(rss_bytes, 0) / MIB)
 
     previous = worker.previous
     seconds = worker.elapsed_s

@@ -53,7 +53,7 @@ class GpuCollector:
         index_of: dict[str, int] = {}
         vram_on: dict[str, float | None] = {}
         if snapshot.processes:
-            for pid in worker.worker.list_pids():
+            for pid in worker.pids():
                 for placed in snapshot.processes.get(pid, ()):
                     pids_on.setdefault(placed.uuid, []).append(pid)
                     index_of[placed.uuid] = placed.gpu_index
@@ -61,7 +61,7 @@ class GpuCollector:
                     vram_on[placed.uuid] = (None if known is None or placed.vram_mb is None
                                             else known + placed.vram_mb)
         for device in snapshot.devices:  # CUDA_VISIBLE_DEVICES, before it allocates anything
-            if (device.index in worker.worker.gpu_hint and device.mig_parent_uuid is None
+            if (device.index in worker.gpu_indices and device.mig_parent_uuid is None
                     and device.uuid not in pids_on):
                 pids_on[device.uuid], index_of[device.uuid] = [], device.index
                 vram_on[device.uuid] = 0.0
@@ -74,8 +74,9 @@ class GpuCollector:
         totals = {device.uuid: device.vram_total_mb for device in snapshot.devices}
         telemetry.gpus = uses
         telemetry.gpu_indices = sorted({use.index for use in uses})
-        telemetry.vram_mb = round(sum(use.vram_mb or 0.0 for use in uses), 1)
-        telemetry.total_vram_mb = round(sum(totals.get(use.uuid, 0.0) for use in uses), 1)
+        # whole MiB, as the original's u64 (each GPU's own figure is in ``gpus``)
+        telemetry.vram_mb = round(sum(use.vram_mb or 0.0 for use in uses))
+        telemetry.total_vram_mb = round(sum(totals.get(use.uuid, 0.0) for use in uses))
         utils = [use.util_pct for use in uses]
         telemetry.gpu_util_pct = (None if None in utils
                                   else min(100.0 * len(uses), round(sum(utils), 1)))

@@ -1,7 +1,8 @@
 """Model name from the worker's command line, uptime from its start time in /proc.
 
-Uptime uses the kernel's own clock: the start time in /proc/<pid>/stat counts clock ticks
-(``os.sysconf("SC_CLK_TCK")``, not an assumed 100) since boot, and CLOCK_BOOTTIME is the same clock.
+Uptime uses the kernel's own clock: the view's start time comes from /proc/<pid>/stat, in clock
+ticks (``os.sysconf("SC_CLK_TCK")``, not an assumed 100) since boot, and CLOCK_BOOTTIME is the
+same clock.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from functools import lru_cache
 
 from rbee.plugin import hookimpl
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MODEL_FLAGS = ("--model", "-m")
 
 
@@ -21,10 +21,14 @@ MODEL_FLAGS = ("--model", "-m")
 def model_from_argv(argv: Sequence[str]) -> str | None:
     """``--model X``, ``--model=X`` or ``-m X`` among the program's arguments.
 
-    ``--model`` wins over ``-m``. For a Python interpreter (``python -m vllm.entrypoints… --model
+    ``--model`` wins over ``-m``; ``vllm serve MODEL`` names it as its first argument. For a
+    Python interpreter (``python -m vllm.entrypoints… --model
     X``) the interpreter's own options, its ``-m module`` included, are not the program's.
     """
     start = 1
+    if (len(argv) > 2 and os.path.basename(argv[0]) == "vllm" and argv[1] == "serve"
+            and not argv[2].startswith("-")):
+        return argv[2]
     if os.path.basename(argv[0]).startswith("python") if argv else False:
         for index, arg in enumerate(argv[1:], start=1):
             if arg == "-m" or not arg.startswith("-"):
@@ -44,8 +48,7 @@ def model_from_argv(argv: Sequence[str]) -> str | None:
 
 @hookimpl
 def rbee_collect_worker(worker, telemetry) -> None:
-    telemetry.model = model_from_argv(worker.worker.argv)
-    start_ticks = worker.worker.stats.start_ticks
-    if start_ticks >= 0:
-        uptime = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / CLOCK_TICKS
-        telemetry.uptime_s = max(0, int(uptime))
+    telemetry.model = model_from_argv(worker.argv)
+    started = worker.start_boottime_s
+    if started is not None:
+        telemetry.uptime_s = max(0, int(time.clock_gettime(time.CLOCK_BOOTTIME) - started))

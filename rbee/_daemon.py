@@ -68,9 +68,14 @@ def run_daemon(prog: str, description: str, config_type: type[ConfigT],
         trio.run(serve_until_signal, prog, service(config))
     except* (RbeeError, OSError) as group:
         for exc in leaf_exceptions(group):
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            where = (f"cannot listen on {config.bind}:{config.port}: "  # type: ignore[attr-defined]
-                     if isinstance(exc, OSError) else "")
-            print(f"{prog}: {where}{reason}", file=sys.stderr)
+            print(f"{prog}: {describe_failure(exc)}", file=sys.stderr)
         status = 1
     return status
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A start-up failure in one line that names what failed: our errors say it themselves; an
+    OSError names its file (a listening error is a ListenError, naming the address)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)

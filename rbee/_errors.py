@@ -7,6 +7,8 @@
     │   └── LimitError     a CPU or memory limit that cannot be understood
     ├── CgroupError        the cgroup tree cannot be used (permission, missing controller)
     ├── CollectorError     a collector plugin failed (recorded per worker, never fatal)
+    ├── ListenError        a server cannot listen on its address (taken, not ours, unresolvable)
+    ├── PluginError        a plugin rbee refuses to register (a hook wrapper, a bad hook)
     └── NotFoundError      no such group, instance or hive
 
 Context goes in keyword attributes as well as the message, so that programs need not parse text.
@@ -52,6 +54,19 @@ class CollectorError(RbeeError):
     def __init__(self, message: str, *, collector: str = "") -> None:
         super().__init__(message)
         self.collector = collector
+
+
+class ListenError(RbeeError):
+    def __init__(self, message: str, *, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class PluginError(RbeeError):
+    def __init__(self, message: str, *, plugin: str = "", hook: str = "") -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.hook = hook
 
 
 class NotFoundError(RbeeError):

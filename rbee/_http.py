@@ -12,6 +12,7 @@ import socket
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
+import anyio
 import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -23,13 +24,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from ._errors import ContractError, ListenError
+from ._logs import RateLimitedLog
 from .config import HttpSettings
-from .telemetry import encode
+from .telemetry import decode_json, encode
 
 
 class Reply(msgspec.Struct, kw_only=True):
     status: str
     message: str
+
+
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def reply_message(content: bytes) -> str | None:
+    """The message of a JSON reply (an error's reason), or None when the body is not one: what a
+    client of ours shows when a server refuses it, whatever that server sent."""
+    try:
+        return decode_json(_reply_decoder, content, "reply").message
+    except ContractError:
+        return None
 
 
 class ApiError(Exception):
@@ -54,21 +69,55 @@ def ok(message: str, status_code: int = 200) -> JsonResponse:
     return JsonResponse(Reply(status="ok", message=message), status_code=status_code)
 
 
-def _error(request: Request, exc: Exception) -> Response:
-    headers = None
-    if isinstance(exc, ApiError):
-        status_code, message, headers = exc.status_code, exc.message, exc.headers
-    else:
-        assert isinstance(exc, HTTPException)
-        status_code = exc.status_code
-        message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
-    return JsonResponse(Reply(status="error", message=message), status_code=status_code,
-                        headers=headers)
+_BODY_READ = "rbee_body_read"
+
+
+def _error_handler(client_errors: RateLimitedLog):
+    def error(request: Request, exc: Exception) -> Response:
+        """The JSON answer to a refused request, logged (rate-limited, quoted). A request whose
+        body was not read to its end gets ``Connection: close``: the unread rest of the body
+        would otherwise be taken for the client's next request on that connection."""
+        headers = None
+        if isinstance(exc, ApiError):
+            status_code, message, headers = exc.status_code, exc.message, exc.headers
+        elif isinstance(exc, ContractError):
+            status_code, message = 400, str(exc)
+        else:
+            assert isinstance(exc, HTTPException)
+            status_code = exc.status_code
+            message = f"{request.method} {request.url.path}: {exc.detail.lower()}"
+        if _has_body(request) and not request.scope.get(_BODY_READ, False):
+            headers = {**(headers or {}), "connection": "close"}
+        client = request.client
+        client_errors.warning("%s %s %r: %d %r",
+                              f"{client.host}:{client.port}" if client else "-",
+                              request.method, request.url.path, status_code, message)
+        return JsonResponse(Reply(status="error", message=message), status_code=status_code,
+                            headers=headers)
+
+    return error
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug of ours: the client still gets JSON (the traceback goes to the log, once, by the
+    server that sees the exception re-raised)."""
+    return JsonResponse(Reply(status="error", message=f"internal error ({type(exc).__name__}); "
+                                                      f"the server's log has the details"),
+                        status_code=500, headers={"connection": "close"})
+
+
+def _has_body(request: Request) -> bool:
+    headers = request.headers
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
 def json_app(routes: Sequence[BaseRoute]) -> Starlette:
+    """A Starlette app whose every answer is JSON; refused requests are logged by
+    ``rbee.http.clients``, at most 10 lines per 10 s per app."""
+    error = _error_handler(RateLimitedLog(logging.getLogger("rbee.http.clients")))
     return Starlette(routes=list(routes),
-                     exception_handlers={ApiError: _error, HTTPException: _error})
+                     exception_handlers={ApiError: error, ContractError: error,
+                                         HTTPException: error, Exception: _internal_error})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -79,6 +128,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise ApiError(400, f"invalid Content-Length header: {declared!r}")
         if int(declared) > limit:
+            if int(declared) <= DRAIN_MAX_BYTES:
+                await _discard(request)
             raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -87,12 +138,28 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
         chunks.append(chunk)
     body = b"".join(chunks)
+    request.scope[_BODY_READ] = True
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "gzip":
         return gunzip_limited(body, limit)
     if encoding != "identity":
         raise ApiError(415, f"unsupported Content-Encoding {encoding!r}: use gzip or none")
     return body
+
+
+DRAIN_MAX_BYTES = 16 * 2**20
+DRAIN_MAX_S = 2.0
+
+
+async def _discard(request: Request) -> None:
+    """Read and drop a refused body of at most ``DRAIN_MAX_BYTES`` (within ``DRAIN_MAX_S``)
+    before answering. Many clients (httpx among them) read no answer before they have sent the
+    whole body; closing on them mid-upload can leave their send blocked until it times out, so
+    they would never see the 413. A larger or slower body is not waited for: the answer and the
+    close come at once."""
+    with anyio.move_on_after(DRAIN_MAX_S):
+        async for _ in request.stream():
+            pass
 
 
 def gunzip_limited(body: bytes, limit: int) -> bytes:
@@ -123,13 +190,18 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
     http.accesslog = None
     http.errorlog = logging.getLogger("rbee.http")
     http.read_timeout = None  # it would also close stream connections, whose clients send nothing
-    sockets = http.create_sockets()
-    for sock in sockets.insecure_sockets:
-        # Accepted connections inherit it. A client that stops reading leaves hypercorn's
-        # (shielded) send blocked, and its connection cannot close until that send ends; the
-        # kernel gives up on it after this long, which also bounds any wait at shutdown.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                        int(settings.stall_timeout_s * 1000))
-        sock.listen(http.backlog)
+    try:
+        sockets = http.create_sockets()
+        for sock in sockets.insecure_sockets:
+            # Accepted connections inherit it. A client that stops reading leaves hypercorn's
+            # (shielded) send blocked, and its connection cannot close until that send ends; the
+            # kernel gives up on it after this long, which also bounds any wait at shutdown.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int(settings.stall_timeout_s * 1000))
+            sock.listen(http.backlog)
+    except OSError as exc:
+        address = http.bind[0]
+        raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}",
+                          address=address) from exc
     await worker_serve(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets=sockets,
                        shutdown_trigger=shutdown_trigger, task_status=task_status)

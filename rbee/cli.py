@@ -2,7 +2,8 @@
 
     rbee up        all in one on this machine: a queen, a local hive, demo workers, live view
     rbee top       a live view of the fleet, from the queen's stream
-    rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB] [--json]
+    rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
+                   [--max-waiting N] [--max-kv-cache-pct P] [--json]
 
 ``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one.
 """
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 
 import httpx
@@ -21,17 +23,19 @@ import msgspec
 import trio
 import yaml
 
-from ._errors import RbeeError, leaf_exceptions
+from ._errors import ContractError, RbeeError, leaf_exceptions
+from ._http import reply_message
 from .config import HiveConfig, QueenConfig, parse_config
-from .fleetview import FleetView
+from .fleetview import TREND_METRICS, FleetView
 from .hive.service import HiveService
 from .queen.registry import FleetWorker
 from .queen.server import QueenServer
 from .stream_client import follow_stream
-from .telemetry import StreamEvent
-from .view import table
+from .telemetry import StreamEvent, decode_json
+from .view import printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
+_fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
 
 
 def demo_config(queen_url: str) -> HiveConfig:
@@ -46,12 +50,17 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
     view = FleetView()
     changed = trio.Event()
     status = ""
+    streamed = False
 
     def on_event(event: StreamEvent) -> None:
-        nonlocal status
+        nonlocal status, streamed
         view.apply(event)
-        status = ""
+        status, streamed = "", True
         changed.set()
+
+    def on_history() -> None:
+        if streamed:  # a trend alone is no fleet: the first table waits for the snapshot
+            changed.set()
 
     def on_down(problem: str) -> None:
         nonlocal status
@@ -60,15 +69,34 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down))
+        nursery.start_soon(follow_history, queen_url, view, on_history)
         shown = 0
         while rounds == 0 or shown < rounds:
             await changed.wait()
             changed = trio.Event()
             clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
-            print(f"{clear}rbee: queen {queen_url}{status}\n{view.render()}\n", flush=True)
+            print(f"{clear}rbee: queen {queen_url}{printable(status)}\n{view.render()}\n",
+                  flush=True)
             shown += 1
             await trio.sleep(refresh_s)
         nursery.cancel_scope.cancel()
+
+
+async def follow_history(queen_url: str, view: FleetView, notify: Callable[[], None],
+                         every_s: float = 5.0) -> None:
+    """The workers' last minute for the LAST 60s column, every ``every_s``. Best effort: an old
+    queen without history, or one that is down, leaves the column blank."""
+    params = {"metric": TREND_METRICS, "since": "60", "step": "5"}
+    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s) as client:
+        while True:
+            try:
+                response = await client.get("/v1/history", params=params)
+                if response.status_code == 200:
+                    view.apply_history(response.json())
+                    notify()
+            except (httpx.HTTPError, ValueError):
+                pass
+            await trio.sleep(every_s)
 
 
 async def up(args: argparse.Namespace) -> None:
@@ -120,18 +148,28 @@ def workers(args: argparse.Namespace) -> int:
         params["model"] = args.model
     if args.min_free_vram is not None:
         params["min_free_vram_mb"] = str(args.min_free_vram)
+    if args.max_waiting is not None:
+        params["max_waiting"] = str(args.max_waiting)
+    if args.max_kv_cache_pct is not None:
+        params["max_kv_cache_pct"] = str(args.max_kv_cache_pct)
     try:
         response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout)
     except httpx.TransportError as exc:
         print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 200:
-        print(f"rbee: {response.json().get('message', response.text)}", file=sys.stderr)
+        problem = (reply_message(response.content)
+                   or f"HTTP {response.status_code}: {response.text[:200]}")
+        print(f"rbee: {printable(problem)}", file=sys.stderr)
         return 1
     if args.json:
         print(response.text)
         return 0
-    found = msgspec.json.decode(response.content, type=list[FleetWorker])
+    try:
+        found = decode_json(_fleet_decoder, response.content, "list of workers")
+    except ContractError as exc:
+        print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
+        return 1
     print(table((w.hive_id, w.worker, _workers_note(w)) for w in found))
     print(f"{len(found)} workers")
     return 0
@@ -158,10 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     run_top.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
     run_workers = commands.add_parser("workers", parents=[queen_option],
                                       help="scheduling queries: workers matching all filters")
-    run_workers.add_argument("--idle", action="store_true", help="GPU at or under the threshold")
+    run_workers.add_argument("--idle", action="store_true",
+                             help="no request in its engine (engine known), else GPU at or "
+                                  "under the threshold")
     run_workers.add_argument("--model", help="serving this model")
     run_workers.add_argument("--min-free-vram", type=float, metavar="MB",
                              help="at least this much free VRAM (MiB) on the worker's GPUs")
+    run_workers.add_argument("--max-waiting", type=int, metavar="N",
+                             help="at most N requests waiting in its engine")
+    run_workers.add_argument("--max-kv-cache-pct", type=float, metavar="P",
+                             help="its engine's KV cache at most P %% full")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
     args = parser.parse_args(argv)

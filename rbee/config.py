@@ -7,6 +7,7 @@ and every error names the file, the key and the problem.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 import yaml
 
-from ._errors import ConfigError
+from ._errors import ConfigError, LimitError
+from .hive.limits import parse_limits
+from .telemetry import MAX_WORKERS, Identifier
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -52,6 +55,19 @@ class CgroupSettings(Settings):
     on v1, whose blkio counters stay at 0 on many current kernels; "cgroup" forces blkio."""
 
 
+class EngineSettings(Settings):
+    """The engine collector: each worker's own inference-engine metrics (Prometheus text)."""
+
+    timeout_s: Seconds = 0.5
+    """Deadline of one scrape (connect, send, read); a slower engine has no state that tick."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 2**20
+    """Largest exposition read from one engine; a longer body is refused, not truncated."""
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """Scrapes in flight at once (and connections kept open) for the whole hive."""
+    ttft_window_s: Seconds = 60.0
+    """The window of the time-to-first-token percentiles (histogram bucket deltas)."""
+
+
 class CollectorSettings(Settings):
     interval_s: Seconds = 1.0
     gpu: Literal["auto", "nvml", "nvidia-smi", "none"] = "auto"
@@ -59,27 +75,44 @@ class CollectorSettings(Settings):
     nvidia_smi_timeout_s: Seconds = 2.0
     refresh_timeout_s: Seconds = 3.0
     """Deadline of one GPU refresh (NVML or nvidia-smi), and of one per-process utilisation
-    sample, before the tick goes on without it."""
+    sample, before the tick goes on without it; and of one plugin's async worker refresh
+    (``rbee_refresh_workers``) before it is cancelled."""
     gpu_event_wait_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
     """How long each sample waits for NVML's Xid events (on the sampling thread, off the tick)."""
     gpu_xid_window_s: Seconds = 300.0
     """How long an Xid that needs no reset keeps its GPU degraded; one that needs a reset keeps
     it unhealthy until the hive restarts."""
     disabled_plugins: list[str] = []
+    plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin
+    is skipped for the rest of that tick and reported."""
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
 
 
 class WorkerSpec(Settings):
     """A worker the hive keeps running."""
 
-    group: str
-    instance: str
+    group: Identifier
+    instance: Identifier
     argv: Annotated[list[str], msgspec.Meta(min_length=1)]
     cpu_limit: str | None = None
     memory_limit: str | int | None = None
     env: dict[str, str] = {}
+    metrics_url: str | None = None
+    """The engine's Prometheus endpoint (``http://127.0.0.1:8000/metrics``). Without it, the port
+    is read from argv for known launchers (vllm, sglang, text-generation-launcher, llama-server).
+    ``{port}`` here and in argv is replaced by one free port picked at spawn."""
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     restart_backoff_s: Seconds = 1.0
     restart_backoff_max_s: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        # The limits are understood here, so that --check-config and the spawn API refuse
+        # "12Q" as the spawn itself would.
+        try:
+            parse_limits(self.cpu_limit, self.memory_limit)
+        except LimitError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class HeartbeatSettings(Settings):
@@ -100,11 +133,28 @@ class HeartbeatSettings(Settings):
 
 
 def _hostname() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:128] or "hive"
+    """This machine's name as a hive id (the contract's charset)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip("_.-")[:128] or "hive"
+
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
+
+
+def check_bind(bind: str) -> None:
+    """Raise ValueError unless ``bind`` is an IP address or a host name (the listen address's
+    syntax; whether it is this machine's is only known when listening)."""
+    try:
+        ipaddress.ip_address(bind)
+        return
+    except ValueError:
+        pass
+    labels = bind.removesuffix(".").split(".")
+    if len(bind) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(f"bind {bind!r} is neither an IP address nor a host name")
 
 
 class HiveConfig(Settings):
-    id: str = msgspec.field(default_factory=_hostname)
+    id: Identifier = msgspec.field(default_factory=_hostname)
     bind: str = "127.0.0.1"
     port: Port = 7835
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
@@ -120,6 +170,14 @@ class HiveConfig(Settings):
     auth_token_file: str | None = None
     """A file holding the token shared with the queen (``rbee/auth.py``): sent with every
     heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
+
+    def __post_init__(self) -> None:
+        check_bind(self.bind)
+        seen = set()
+        for spec in self.workers:
+            if (spec.group, spec.instance) in seen:
+                raise ValueError(f"worker {spec.group}/{spec.instance} is listed twice")
+            seen.add((spec.group, spec.instance))
 
 
 class RegistrySettings(Settings):
@@ -140,6 +198,9 @@ class RegistrySettings(Settings):
     (network, a stall) and removes none of them; they stay stale until they return."""
     mass_silence_min_hives: Annotated[int, msgspec.Meta(ge=1)] = 3
     """The guard applies only to fleets of at least this many hives."""
+    max_workers_per_hive: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1024
+    """A heartbeat with more workers is refused (400), so one hive cannot make the queen hold
+    more than this many worker records."""
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
@@ -160,6 +221,23 @@ class StreamSettings(Settings):
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
+class HistorySettings(Settings):
+    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty."""
+
+    fine_step_s: Seconds = 1.0
+    fine_retention_s: Seconds = 900.0
+    coarse_step_s: Seconds = 10.0
+    coarse_retention_s: Seconds = 21600.0
+    max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
+    kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
+    max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
+
+    def __post_init__(self) -> None:
+        if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
+            raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
+
+
 class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
@@ -167,9 +245,13 @@ class QueenConfig(Settings):
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(max_body_bytes=4 * 2**20))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for."""
+
+    def __post_init__(self) -> None:
+        check_bind(self.bind)
 
 
 ConfigT = TypeVar("ConfigT", bound=Settings)
@@ -182,8 +264,10 @@ def parse_config(data: object, config_type: type[ConfigT], source: str = "<confi
     try:
         return msgspec.convert(data, config_type, strict=False)
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).rpartition(" - at `")
-        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
+        message, at, path = str(exc).rpartition(" - at `")
+        if not at:  # the top level's own check (__post_init__): its message names the key
+            message, path = str(exc), ""
+        key = path.rstrip("`").removeprefix("$").lstrip(".")
         raise ConfigError(message or str(exc), source=source, key=key) from exc
 
 

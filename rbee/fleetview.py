@@ -23,7 +23,7 @@ from .telemetry import (
     WorkerTelemetry,
     describe_health,
 )
-from .view import gpu_table, table
+from .view import gpu_table, sparkline, table
 
 
 @dataclass
@@ -34,10 +34,33 @@ class HiveView:
     health: HealthStatus | None = None
 
 
+TREND_METRICS = "gpu_util_pct,cpu_pct"
+
+
 @dataclass
 class FleetView:
     hives: dict[str, HiveView] = field(default_factory=dict)
     summary: QueenEvent | None = None
+    trends: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    """Per worker, its last minute as a sparkline (GPU % for a worker on a GPU, else CPU %),
+    from the queen's ``/v1/history``."""
+
+    def apply_history(self, answer: dict) -> None:
+        """Take a ``/v1/history`` answer for ``TREND_METRICS``."""
+        by_worker: dict[tuple[str, str, str], dict[str, list]] = {}
+        for series in answer.get("series", ()):
+            if series.get("instance") is not None:
+                key = (series["hive"], series["group"], series["instance"])
+                by_worker.setdefault(key, {})[series["metric"]] = series["values"]
+        trends = {}
+        for key, metrics in by_worker.items():
+            gpu = metrics.get("gpu_util_pct") or []
+            if any(v for v in gpu):
+                trends[key] = sparkline(gpu)
+            else:
+                cpu = metrics.get("cpu_pct") or []
+                trends[key] = sparkline(cpu, max([100.0, *(v for v in cpu if v is not None)]))
+        self.trends = trends
 
     def apply(self, event: StreamEvent) -> None:
         match event:
@@ -55,7 +78,8 @@ class FleetView:
                 self.summary = event
 
     def render(self) -> str:
-        rows = [(hive_id, worker, _hive_note(view))
+        rows = [(hive_id, worker, _hive_note(view),
+                 self.trends.get((hive_id, worker.group, worker.instance), ""))
                 for hive_id, view in sorted(self.hives.items())
                 for worker in sorted(view.workers, key=lambda w: (w.group, w.instance))]
         stale = sum(1 for view in self.hives.values() if view.stale)

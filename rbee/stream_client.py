@@ -13,6 +13,7 @@ import httpx
 import trio
 from httpx_sse import aconnect_sse
 
+from ._errors import ContractError
 from .telemetry import STREAM_EVENT_NAME, StreamEvent, decode_stream_event
 
 log = logging.getLogger(__name__)
@@ -39,5 +40,7 @@ async def follow_stream(queen_url: str, on_event: Callable[[StreamEvent], None],
                 problem = f"HTTP {exc.response.status_code} from {queen_url}{STREAM_PATH}"
             except httpx.TransportError as exc:
                 problem = f"cannot reach the queen at {queen_url}: {type(exc).__name__}"
+            except ContractError as exc:  # not our queen's stream, or a newer one's
+                problem = f"unreadable event from {queen_url}{STREAM_PATH}: {exc}"
             on_down(problem)
             await trio.sleep(retry_s)

@@ -1,14 +1,36 @@
-"""Renders workers as the rows of a terminal table (``rbee up``, ``rbee top``)."""
+"""Renders workers and GPUs as terminal tables (``rbee up``, ``rbee top``, ``rbee workers``).
+
+Every cell goes through ``printable`` in ``_render``, whatever table or column it is in, so text a
+hive sent (a model name, an error message, a GPU name) cannot move the cursor, recolour or clear
+the operator's terminal: a control character shows as its escape (``\x1b``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .telemetry import GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
+from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "UPTIME", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 8, 0)
+           "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "LAST 60s", "NOTE")
+WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 14, 0)
+"""RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
+use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float | None], top: float = 100.0) -> str:
+    """One character per value, ``▁`` (0) to ``█`` (``top`` or more); a blank where none."""
+    return "".join(" " if v is None else BARS[min(len(BARS) - 1, int(max(v, 0.0) / top * len(BARS)))]
+                   for v in values)
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
+    overrides, line separators) written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def uptime(seconds: int) -> str:
@@ -17,19 +39,24 @@ def uptime(seconds: int) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
 
 
-def _cells(hive: str, worker: WorkerTelemetry, note: str = "") -> tuple[str, ...]:
+def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
+           ) -> tuple[str, ...]:
     notes = [note] if note else []
     if worker.rate_window_s == 0.0:
         notes.append("first sample")
     if not worker.limits_applied:
         notes.append("limits not enforced")
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
+    engine = worker.engine
     cells = (
         hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
-        f"{worker.cpu_pct:.1f}", f"{worker.rss_mb:.1f}",
+        f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
-        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}", uptime(worker.uptime_s),
-        ", ".join(notes),
+        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}",
+        str(engine.requests_running) if engine else "-",
+        str(engine.requests_waiting) if engine else "-",
+        f"{engine.kv_cache_pct:.0f}" if engine and engine.kv_cache_pct is not None else "-",
+        uptime(worker.uptime_s), trend, ", ".join(notes),
     )
     return cells
 
@@ -43,8 +70,10 @@ def gpu_util(worker: WorkerTelemetry) -> str:
     return f"{worker.gpu_util_pct:.0f}{mark}"
 
 
-def table(rows: Iterable[tuple[str, WorkerTelemetry, str]]) -> str:
-    return _render(COLUMNS, WIDTHS, [_cells(hive, worker, note) for hive, worker, note in rows])
+def table(rows: Iterable[tuple[str, WorkerTelemetry, str] | tuple[str, WorkerTelemetry, str, str]]
+          ) -> str:
+    """Rows of (hive, worker, note[, trend]): ``trend`` is a sparkline for LAST 60s."""
+    return _render(COLUMNS, WIDTHS, [_cells(*row) for row in rows])
 
 
 GPU_COLUMNS = ("HIVE", "GPU", "NAME", "UTIL%", "MEM%", "VRAM USED/TOTAL MB", "TEMP", "POWER W",
@@ -73,6 +102,7 @@ def _figure(value: float | None) -> str:
 
 def _render(columns: tuple[str, ...], widths: tuple[int, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(cell[: w or None].ljust(w) for cell, w in zip(cells, widths, strict=True))
+    lines += ["  ".join(printable(cell)[: w or None].ljust(w)
+                        for cell, w in zip(cells, widths, strict=True))
               for cells in rows]
     return "\n".join(line.rstrip() for line in lines)

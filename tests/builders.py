@@ -23,9 +23,9 @@ GIB = 1024.0  # MiB
 
 
 def worker(instance: str = "w0", *, group: str = "llm", model: str | None = "llama-3-8b",
-           gpu_util_pct: float = 0.0, vram_mb: float = 0.0, gpu_indices: Sequence[int] = (),
-           total_vram_mb: float = 0.0, pid: int = 4242, **fields) -> WorkerTelemetry:
-    values = dict(cpu_pct=12.5, rss_mb=512.0, io_r_mb_s=0.5, io_w_mb_s=0.25, uptime_s=60)
+           gpu_util_pct: float = 0.0, vram_mb: float = 0, gpu_indices: Sequence[int] = (),
+           total_vram_mb: float = 0, pid: int = 4242, **fields) -> WorkerTelemetry:
+    values = dict(cpu_pct=12.5, rss_mb=512, io_r_mb_s=0.5, io_w_mb_s=0.25, uptime_s=60)
     values.update(fields)
     return WorkerTelemetry(
         pid=pid, group=group, instance=instance, gpu_util_pct=gpu_util_pct, vram_mb=vram_mb,
@@ -53,7 +53,7 @@ def fleet_heartbeat(hive_id: str, n_workers: int) -> HiveHeartbeat:
     """A realistic heartbeat of ``n_workers`` workers on an 8-GPU hive (for size and load)."""
     gpus = [gpu(i, total_gib=80, used_gib=20 + i, util_pct=40.0 + i) for i in range(8)]
     workers = [worker(f"worker-{i:03d}", model=f"model-{i % 5}", gpu_util_pct=float(i % 100),
-                      vram_mb=2048.0 + i, gpu_indices=[i % 8], total_vram_mb=80 * GIB,
+                      vram_mb=2048 + i, gpu_indices=[i % 8], total_vram_mb=80 * 1024,
                       pid=10_000 + i, rate_window_s=1.0, memory_mb=900.0 + i,
                       cpu_limit_pct=400.0, memory_limit_mb=32768.0)
                for i in range(n_workers)]

@@ -108,6 +108,7 @@ def write_inventory(tree: Path, prefix: Path, *, user: str, queen_port: int, hiv
         "rbee_queen_user": user,
         "rbee_hive_user": "root",
         "rbee_queen_bind": "127.0.0.1",  # the role binds 0.0.0.0 by default; tests stay on loopback
+        "rbee_queen_prometheus_file_sd": str(prefix / "etc/prometheus/rbee-targets.json"),
         **hive_vars,
         "rbee_hive_workers": [{"group": "demo", "instance": "a", "argv": [
             str(venv / "bin/python"), "-m", "rbee.demo.worker", "--model", "ansible-demo",
@@ -129,15 +130,16 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
     tree = tmp_path_factory.mktemp("ansible")
     prefix = tree / "root"
     (prefix / "etc/systemd/system").mkdir(parents=True)  # there on every systemd host
+    (prefix / "etc/prometheus").mkdir(parents=True)  # and on a Prometheus host
     user = f"rbee-t{os.getpid()}"
     cgroup_root = f"{RUN_ROOT}/ansible"
     hive_vars = {"rbee_hive_config": {"cgroup": {"root": cgroup_root},
                                       "collect": {"gpu": "none"}}}
     token = os.urandom(24).hex()
-    queen_port = free_port()
+    queen_port, hive_port = free_port(), free_port()
     try:
         inventory, vault_password = write_inventory(
-            tree, prefix, user=user, queen_port=queen_port, hive_port=free_port(),
+            tree, prefix, user=user, queen_port=queen_port, hive_port=hive_port,
             hive_vars=hive_vars, token=token)
         deployment = Deployment(tree, prefix, inventory, vault_password, ansible_env(tree),
                                 token, user, queen_port, hive_vars, cgroup_root, [])
@@ -204,6 +206,11 @@ def test_configs_pass_the_commands_own_check(deployment):
         stat = os.stat(path)
         assert (oct(stat.st_mode & 0o777), stat.st_uid, stat.st_gid) == ("0o640", 0, gid), path
     assert Path(queen["auth_token_file"]).read_text() == deployment.token + "\n"
+    # Prometheus file_sd targets: the queen and the hive, each at its /metrics port
+    targets = json.loads(deployment.path("etc/prometheus/rbee-targets.json").read_text())
+    assert targets == [
+        {"targets": [f"127.0.0.1:{deployment.queen_port}"], "labels": {"rbee_role": "queen"}},
+        {"targets": [f"127.0.0.1:{hive['port']}"], "labels": {"rbee_role": "hive"}}]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 
 import httpx
 import msgspec
@@ -14,6 +15,7 @@ import trio
 from rbee.fleetview import FleetView
 from rbee.telemetry import (
     Degraded,
+    EngineState,
     GpuUtilSource,
     HiveRemovedEvent,
     HiveStaleEvent,
@@ -26,6 +28,9 @@ from .builders import gpu, heartbeat, worker
 from .daemons import BIN
 from .queenkit import post_heartbeat, start_queen, url_of
 
+OUR_DEMO_WORKERS = f"^{sys.executable} -m rbee.demo.worker"
+"""This checkout's demo workers only: the machine may run other installations' at the same time."""
+
 
 def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "rbee"), *args], capture_output=True, text=True,
@@ -35,15 +40,23 @@ def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     """The demo end to end: the table comes from the queen's stream, so the whole pipeline ran;
     afterwards no demo worker and no cgroup of the demo is left."""
-    result = rbee("up", "--port", "0", "--rounds", "4")
+    result = rbee("up", "--port", "0", "--rounds", "10")
     assert result.returncode == 0, result.stderr
     assert "rbee up: queen http://127.0.0.1:" in result.stdout
-    last_table = result.stdout.rsplit("rbee: queen", 1)[1]
+    tables = result.stdout.split("rbee: queen")[1:]
+    header = next(line for line in tables[-1].splitlines() if line.startswith("HIVE"))
+    engine_cells = slice(header.index("RUN"), header.index("UPTIME"))
     for instance, model in (("llm/llama-0", "llama-3-8b"), ("llm/llama-1", "llama-3-8b"),
                             ("embed/bge-0", "bge-small")):
-        (line,) = [line for line in last_table.splitlines() if instance in line]
-        assert line.startswith("demo-hive") and model in line
-    leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
+        shown = [line for table in tables for line in table.splitlines() if instance in line]
+        assert shown and all(line.startswith("demo-hive") and model in line for line in shown)
+        cells = [tuple(line[engine_cells].split()) for line in shown]
+        if instance.startswith("llm/"):  # their simulated vLLM engines, read by the hive once
+            # each has started serving (a second or two after spawn on a busy machine)
+            assert any(all(cell.isdigit() for cell in row) for row in cells), shown
+        else:
+            assert set(cells) == {("-", "-", "-")}, shown
+    leftover = subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS], capture_output=True)
     assert leftover.stdout == b""
 
 
@@ -64,7 +77,7 @@ async def test_rbee_up_stops_cleanly_on_a_signal(stop):
             process.kill()
             process.communicate()
     assert process.returncode == 0, stderr
-    leftover = subprocess.run(["pgrep", "-f", "rbee.demo.worker"], capture_output=True)
+    leftover = subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS], capture_output=True)
     assert leftover.stdout == b""
 
 
@@ -78,6 +91,34 @@ async def test_rbee_top_shows_the_fleet(nursery):
     assert "1 hives (0 stale), 1 workers" in result.stdout
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("gpu-07")]
     assert "llm/a" in line and "qwen-7b" in line
+
+
+async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
+    queen = await start_queen(nursery)
+    async with httpx.AsyncClient() as client:
+        await post_heartbeat(client, queen, heartbeat("gpu-07", [
+            worker("full", engine=EngineState(engine="vllm", requests_running=8,
+                                              requests_waiting=5, kv_cache_pct=93.6)),
+            worker("free", engine=EngineState(engine="vllm", requests_running=1,
+                                              requests_waiting=0, kv_cache_pct=12.0)),
+            worker("plain")]))
+    result = await trio.to_thread.run_sync(lambda: rbee(
+        "workers", "--queen", url_of(queen), "--max-waiting", "0", "--max-kv-cache-pct", "80",
+        timeout=20))
+    assert result.returncode == 0, result.stderr
+    assert "llm/free" in result.stdout and "llm/full" not in result.stdout
+    assert result.stdout.rstrip().endswith("1 workers")
+    result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
+                                                        "--rounds", "1", timeout=20))
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("HIVE"))
+    columns = {name: header.index(name) for name in ("RUN", "QUEUE", "KV%", "UPTIME")}
+    full = next(line for line in lines if "llm/full" in line)
+    plain = next(line for line in lines if "llm/plain" in line)
+    assert full[columns["RUN"]:columns["QUEUE"]].split() == ["8"]
+    assert full[columns["QUEUE"]:columns["KV%"]].split() == ["5"]
+    assert full[columns["KV%"]:columns["UPTIME"]].split() == ["94"]
+    assert plain[columns["RUN"]:columns["UPTIME"]].split() == ["-", "-", "-"]
 
 
 def test_rbee_workers_without_a_queen_is_a_clear_error():
@@ -126,8 +167,29 @@ def test_fleet_view_shows_gpus_mig_and_health():
     assert "2048/20480" in mig_line and "  ?  " in mig_line and mig_line.rstrip().endswith("ok")
 
 
+def test_fleet_view_trends_from_history():
+    """LAST 60s: GPU % for a worker on a GPU, else CPU % (scaled to its own peak past 100 %)."""
+    view = FleetView()
+    view.apply(HiveTelemetryEvent(hive_id="a", timestamp=utc_now(),
+                                  workers=[worker("gpu-w"), worker("cpu-w")]))
+    view.apply_history({"series": [
+        {"hive": "a", "group": "llm", "instance": "gpu-w", "metric": "gpu_util_pct",
+         "values": [0.0, 50.0, 100.0, None]},
+        {"hive": "a", "group": "llm", "instance": "gpu-w", "metric": "cpu_pct",
+         "values": [300.0, 300.0, 300.0, 300.0]},
+        {"hive": "a", "group": "llm", "instance": "cpu-w", "metric": "gpu_util_pct",
+         "values": [None, 0.0, None, 0.0]},
+        {"hive": "a", "group": "llm", "instance": "cpu-w", "metric": "cpu_pct",
+         "values": [0.0, 100.0, 200.0, None]},
+        {"hive": "a", "gpu": "GPU-0", "metric": "util_pct", "values": [1.0]}]})
+    lines = view.render().splitlines()
+    assert "▁▅█ " in next(line for line in lines if "llm/gpu-w" in line)
+    assert "▁▅█ " in next(line for line in lines if "llm/cpu-w" in line)  # 100 of its 200 peak
+
+
 @pytest.mark.parametrize("args, message", [
     (["workers", "--min-free-vram", "lots"], "invalid float value: 'lots'"),
+    (["workers", "--max-waiting", "1.5"], "invalid int value: '1.5'"),
     (["up", "--port", "x"], "invalid int value: 'x'"),
 ])
 def test_rbee_bad_arguments(args, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import msgspec
@@ -11,6 +12,8 @@ import yaml
 from rbee import ConfigError
 from rbee.auth import read_token
 from rbee.config import HiveConfig, QueenConfig, load_config, parse_config
+
+from .daemons import BIN
 
 
 def write(tmp_path, text: str):
@@ -111,3 +114,49 @@ def test_token_file_is_read_stripped(tmp_path):
     path.write_text("  s3cr3t-token-0123456789\n")
     assert read_token(str(path)) == "s3cr3t-token-0123456789"
     assert read_token(None) is None
+
+
+def _hive_check(tmp_path, text: str, *options: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "hive.yaml"
+    path.write_text(text)
+    return subprocess.run([str(BIN / "rbee-hive"), "--config", str(path), *options],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("log_dir: {tmp}/absent\n", "log_dir: {tmp}/absent does not exist"),
+    ("log_dir: {tmp}/hive.yaml\n", "log_dir: {tmp}/hive.yaml is not a directory"),
+    ("workers: [{group: llm, instance: a, argv: [x], cpu_limit: 12Q}]\n",
+     "workers[0]: invalid CPU limit '12Q'"),
+    ("workers: [{group: llm, instance: a, argv: [x], memory_limit: 4X}]\n",
+     "workers[0]: invalid memory limit '4X'"),
+    ("workers: [{group: llm, instance: a, argv: [x]}, {group: llm, instance: a, argv: [y]}]\n",
+     "worker llm/a is listed twice"),
+    ("workers: [{group: llm/x, instance: a, argv: [x]}]\n", "workers[0].group: Expected `str` "
+                                                            "matching regex"),
+    ("id: rack1/gpu-07\n", "id: Expected `str` matching regex"),
+    ("bind: not an address\n", "bind 'not an address' is neither an IP address nor a host name"),
+    ("port: 70000\n", "port: Expected `int` <= 65535"),
+    ("auth_token_file: {tmp}/absent\n", "auth_token_file: cannot read token file"),
+])
+def test_rbee_hive_check_config_runs_every_start_up_check(tmp_path, text, problem):
+    """``--check-config`` refuses what start-up would refuse (Ansible validates with it), with
+    the file, key and problem named."""
+    result = _hive_check(tmp_path, text.replace("{tmp}", str(tmp_path)), "--check-config")
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"rbee-hive: {tmp_path}/hive.yaml: ")
+    assert problem.replace("{tmp}", str(tmp_path)) in result.stderr
+
+
+def test_rbee_hive_start_up_names_a_missing_log_dir(tmp_path):
+    """Start-up runs the same checks: a missing log_dir is named as such (it was once reported as
+    "cannot listen on 127.0.0.1:PORT: No such file or directory")."""
+    result = _hive_check(tmp_path, f"port: 0\nlog_dir: {tmp_path}/absent\n")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"rbee-hive: {tmp_path}/hive.yaml: log_dir: "
+                                     f"{tmp_path}/absent does not exist")
+
+
+def test_bind_accepts_addresses_and_host_names():
+    for bind in ("127.0.0.1", "::1", "0.0.0.0", "gpu-07.example.com", "localhost"):
+        assert parse_config({"bind": bind}, QueenConfig).bind == bind

@@ -24,8 +24,8 @@ ORIGINAL_FIELDS = ["pid", "group", "instance", "cpu_pct", "rss_mb", "io_r_mb_s",
 
 
 def worker(**overrides) -> WorkerTelemetry:
-    fields = dict(pid=10, group="llm", instance="a", cpu_pct=1.5, rss_mb=100.0, io_r_mb_s=0.0,
-                  io_w_mb_s=0.0, uptime_s=5, gpu_util_pct=0.0, vram_mb=0.0, total_vram_mb=0.0,
+    fields = dict(pid=10, group="llm", instance="a", cpu_pct=1.5, rss_mb=100, io_r_mb_s=0.0,
+                  io_w_mb_s=0.0, uptime_s=5, gpu_util_pct=0.0, vram_mb=0, total_vram_mb=0,
                   model=None)
     fields.update(overrides)
     return WorkerTelemetry(**fields)

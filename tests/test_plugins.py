@@ -21,7 +21,7 @@ from rbee.plugin import hookimpl
 
 @hookimpl
 def rbee_collect_worker(worker, telemetry):
-    telemetry.metrics["threads.count"] = float(len(open(f"/proc/{worker.worker.pid}/status")
+    telemetry.metrics["threads.count"] = float(len(open(f"/proc/{worker.pid}/status")
                                                .read().split("Threads:")[1].split()[0]))
 '''
 
@@ -72,6 +72,7 @@ def test_every_hook_is_documented_with_its_signature():
 
 @pytest.mark.parametrize("argv, model", [
     (["vllm", "serve", "--model", "llama-3-8b"], "llama-3-8b"),
+    (["/opt/bin/vllm", "serve", "Qwen/Qwen3-8B", "--port", "8001"], "Qwen/Qwen3-8B"),
     (["worker", "--model=mistral-7b"], "mistral-7b"),
     (["llama-server", "-m", "/models/qwen.gguf", "--port", "1"], "/models/qwen.gguf"),
     (["python3", "-u", "-m", "vllm.entrypoints.api_server", "--model", "phi-3"], "phi-3"),

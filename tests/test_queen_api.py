@@ -20,6 +20,7 @@ import trio
 
 from rbee.telemetry import (
     Degraded,
+    EngineState,
     GpuFault,
     GpuFaultKind,
     OperationalStatus,
@@ -251,11 +252,41 @@ async def test_gpu_health_and_mig_through_the_api(queen, client):
     ({"min_free_vram_mb": "nan"}, "'min_free_vram_mb' must be >= 0, not 'nan'"),
     ({"idle": "maybe"}, "'idle' must be true or false, not 'maybe'"),
     ({"gpu": "1"}, "unknown query parameter(s): gpu"),
+    ({"max_waiting": "1.5"}, "'max_waiting' must be a whole number, not '1.5'"),
+    ({"max_waiting": "-1"}, "'max_waiting' must be >= 0, not '-1'"),
+    ({"max_kv_cache_pct": "full"}, "'max_kv_cache_pct' must be a number, not 'full'"),
 ])
 async def test_workers_query_bad_parameters(client, params, expected):
     response = await client.get("/v1/workers", params=params)
     assert response.status_code == 400
     assert expected in response.json()["message"]
+
+
+async def test_workers_engine_queries_over_http(queen, client):
+    """A vLLM worker at 60 % GPU with its queue full is not idle; one at 95 % GPU with no request
+    is; the engine filters leave out workers whose engine is unknown."""
+    await post_heartbeat(client, queen, heartbeat("hive-a", [
+        worker("queuing", gpu_util_pct=60.0, engine=EngineState(
+            engine="vllm", requests_running=12, requests_waiting=7, kv_cache_pct=94.0)),
+        worker("drained", gpu_util_pct=95.0, engine=EngineState(
+            engine="vllm", requests_running=0, requests_waiting=0, kv_cache_pct=3.0)),
+        worker("serving", engine=EngineState(engine="llamacpp", requests_running=1,
+                                             requests_waiting=0)),
+        worker("no-engine", gpu_util_pct=1.0)]))
+
+    async def ids(params: dict) -> list[str]:
+        response = await client.get("/v1/workers", params=params)
+        assert response.status_code == 200, response.text
+        return [w["worker"]["instance"] for w in response.json()]
+
+    assert await ids({"idle": "true"}) == ["drained", "no-engine"]
+    assert await ids({"max_waiting": "0"}) == ["drained", "serving"]
+    assert await ids({"max_waiting": "7"}) == ["queuing", "drained", "serving"]
+    assert await ids({"max_kv_cache_pct": "50"}) == ["drained"]
+    assert await ids({"max_kv_cache_pct": "100", "max_waiting": "3"}) == ["drained"]
+    listed = (await client.get("/v1/workers", params={"max_waiting": "0"})).json()
+    assert listed[0]["worker"]["engine"] == {"engine": "vllm", "requests_running": 0,
+                                             "requests_waiting": 0, "kv_cache_pct": 3.0}
 
 
 async def test_unknown_path_and_wrong_method_are_json_errors(client):

@@ -16,8 +16,15 @@ import trio
 
 from rbee import NotFoundError
 from rbee.config import RegistrySettings
-from rbee.queen.registry import HiveRegistry
-from rbee.telemetry import Degraded, OperationalStatus, Unhealthy, WorkerGpuUse, WorkerState
+from rbee.queen.registry import HiveRegistry, is_idle
+from rbee.telemetry import (
+    Degraded,
+    EngineState,
+    OperationalStatus,
+    Unhealthy,
+    WorkerGpuUse,
+    WorkerState,
+)
 
 from .builders import GIB, gpu, heartbeat, worker
 
@@ -126,6 +133,26 @@ def test_find_idle_workers_filters(registry):
         worker("busy", gpu_util_pct=73.0),
         worker("exited", gpu_util_pct=0.0, state=WorkerState.EXITED)]))
     assert ids(registry.find_idle_workers()) == ["hive-a/llm/idle", "hive-a/llm/at-threshold"]
+
+
+def test_idle_follows_the_engine_when_it_is_known():
+    queuing = worker("q", gpu_util_pct=0.0, engine=EngineState(
+        engine="sglang", requests_running=0, requests_waiting=3))
+    drained = worker("d", gpu_util_pct=99.0, engine=EngineState(
+        engine="tgi", requests_running=0, requests_waiting=0))
+    assert not is_idle(queuing, 5.0) and is_idle(drained, 5.0)
+    assert not is_idle(worker("r", engine=EngineState(engine="vllm", requests_running=1,
+                                                       requests_waiting=0)), 5.0)
+    assert is_idle(worker("g", gpu_util_pct=5.0), 5.0) and not is_idle(worker("g", gpu_util_pct=5.1), 5.0)
+
+
+def test_summary_counts_engine_idle_workers_as_available(registry):
+    registry.update_hive(heartbeat("a", [
+        worker("drained", gpu_util_pct=80.0, engine=EngineState(
+            engine="vllm", requests_running=0, requests_waiting=0)),
+        worker("queuing", gpu_util_pct=0.0, engine=EngineState(
+            engine="vllm", requests_running=2, requests_waiting=9))]))
+    assert (registry.summary().workers_online, registry.summary().workers_available) == (2, 1)
 
 
 def test_find_workers_with_model_matches(registry):

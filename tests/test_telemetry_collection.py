@@ -66,7 +66,7 @@ class ExplodesForOne:
 
     @hookimpl
     def rbee_collect_worker(self, worker, telemetry):
-        if worker.worker.instance == "cursed":
+        if worker.instance == "cursed":
             raise RuntimeError("plugin bug")
         telemetry.metrics["explodes.ok"] = 1.0
 

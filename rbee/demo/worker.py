@@ -1,7 +1,9 @@
 """A small stand-in for an LLM inference worker: ``python -m rbee.demo.worker --model NAME``.
 
 It does light work that changes over time (CPU bursts, a growing and shrinking buffer, file writes
-and reads) so that every metric of the pipeline moves. It exits cleanly on SIGTERM.
+and reads) so that every metric of the pipeline moves. With ``--metrics-port N`` it also runs a
+simulated vLLM engine (``rbee.demo.engine``) whose load follows the same wave, published in vLLM's
+format on 127.0.0.1:N, so the engine columns move too. It exits cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import signal
 import tempfile
 import time
 
+from .engine import SimulatedEngine
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", "-m", required=True)
     parser.add_argument("--load", type=float, default=0.3, help="peak share of one core, 0..1")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve vLLM-format metrics of a simulated engine on this port")
     args = parser.parse_args(argv)
+    engine = None
+    if args.metrics_port is not None:
+        engine = SimulatedEngine(args.model)
+        engine.serve(args.metrics_port)
     running = True
 
     def stop(_signo, _frame):
@@ -30,11 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     buffer = bytearray()
     fd, path = tempfile.mkstemp(prefix=f"rbee-demo-{args.model}-")
     os.unlink(path)
-    started = time.monotonic()
+    started = last = time.monotonic()
     try:
         while running:
-            phase = (time.monotonic() - started) / 7.0
+            now = time.monotonic()
+            phase = (now - started) / 7.0
             load = args.load * (0.55 + 0.45 * math.sin(phase))
+            if engine is not None:  # busy waves: from idle to queueing and back
+                engine.step(now, now - last, arrivals_per_s=max(0.0, 6.0 * math.sin(phase)))
+            last = now
             busy_until = time.monotonic() + 0.1 * load
             while time.monotonic() < busy_until:
                 sum(i * i for i in range(2000))

@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+import httpx
 import trio
 
 from .. import __version__
@@ -23,6 +24,9 @@ from .._errors import RbeeError, SpawnError
 from ..config import HiveConfig, WorkerSpec
 from ..plugin.manager import build_plugin_manager
 from ..telemetry import (
+    LONG_TEXT_CHARS,
+    MAX_GPUS,
+    SHORT_TEXT_CHARS,
     CollectorIssue,
     Degraded,
     HealthStatus,
@@ -30,14 +34,25 @@ from ..telemetry import (
     HiveHeartbeat,
     HiveInfo,
     OperationalStatus,
+    cut,
     describe_health,
+    fit_gpu,
+    fit_worker,
     utc_now,
 )
 from .cgroups import select_backend
 from .collection import TelemetryCollector
 from .monitor import ProcessMonitor, Worker, open_pidfd
+from .origins import OriginPools
 
 log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a worker whose spec says ``{port}``."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def restart_wanted(spec: WorkerSpec, exit_code: int | None) -> bool:
@@ -163,6 +178,7 @@ class HiveAgent:
                     nursery.start_soon(self._watch_exit, worker.pid)
                 nursery.start_soon(self._refresh_loop)
                 nursery.start_soon(self._sample_loop)
+                nursery.start_soon(self._refresh_workers_loop)
                 self.status = OperationalStatus.READY
                 await self._publish()
                 task_status.started()
@@ -177,7 +193,10 @@ class HiveAgent:
         start is logged and left out; the hive and the other workers carry on."""
         for spec in specs:
             self._desired[(spec.group, spec.instance)] = spec
-            if self.monitor.get_or_none(spec.group, spec.instance) is not None:
+            adopted = self.monitor.get_or_none(spec.group, spec.instance)
+            if adopted is not None:
+                if spec.metrics_url and "{port}" not in spec.metrics_url:
+                    adopted.metrics_url = spec.metrics_url
                 continue
             try:
                 await self._spawn_now(spec)
@@ -192,13 +211,17 @@ class HiveAgent:
         return pid
 
     async def _spawn_now(self, spec: WorkerSpec) -> int:
-        argv = [arg.replace("{python}", sys.executable) for arg in spec.argv]
+        port = str(free_port()) if any("{port}" in a for a in (*spec.argv, spec.metrics_url or "")
+                                       ) else ""
+        argv = [arg.replace("{python}", sys.executable).replace("{port}", port)
+                for arg in spec.argv]
+        metrics_url = spec.metrics_url.replace("{port}", port) if spec.metrics_url else None
         env = dict(spec.env) if spec.env else None
         log_path = (f"{self.config.log_dir}/{spec.group}-{spec.instance}.log"
                     if self.config.log_dir else None)
         return await trio.to_thread.run_sync(
             lambda: self.monitor.spawn(spec.group, spec.instance, argv, spec.cpu_limit,
-                                       spec.memory_limit, env, log_path))
+                                       spec.memory_limit, env, log_path, metrics_url))
 
     async def stop_worker(self, group: str, instance: str) -> None:
         self._desired.pop((group, instance), None)
@@ -210,6 +233,19 @@ class HiveAgent:
             self._refresh_issue = await self._off_loop(
                 self.collector.refresh_devices, self._refresh_limiter, "device refresh")
             await trio.sleep(self.config.collect.interval_s)
+
+    async def _refresh_workers_loop(self) -> None:
+        """The plugins' async per-worker refresh (engine metrics), on its own cadence: it never
+        delays a collection tick, and the tick reads whatever it last stored. One HTTP client (a
+        small pool per origin, ``OriginPools``) serves every plugin for the hive's life and is
+        closed when the hive stops."""
+        settings = self.config.collect
+        async with httpx.AsyncClient(transport=OriginPools(), timeout=settings.engine.timeout_s,
+                                     trust_env=False) as http:
+            while True:
+                next_at = trio.current_time() + settings.interval_s
+                await self.collector.refresh_workers(http, settings.refresh_timeout_s)
+                await trio.sleep_until(next_at)
 
     async def _sample_loop(self) -> None:
         """Per-process GPU utilisation, once per tick on a thread of its own: at 1.4-2.6 ms a GPU
@@ -252,11 +288,18 @@ class HiveAgent:
         changed.set()
 
     def _heartbeat(self, workers) -> HiveHeartbeat:
+        """The snapshot, cut to the contract's bounds: a plugin's or a driver's excess costs
+        its own field, never the delivery of the whole heartbeat."""
+        for worker in workers:
+            fit_worker(worker)
+        devices = self.collector.devices_now()[:MAX_GPUS]
+        for device in devices:
+            fit_gpu(device)
         return HiveHeartbeat(
-            hive=HiveInfo(id=self.config.id, hostname=socket.gethostname(), port=self.port,
-                          operational_status=self.status, health_status=self.health(),
-                          version=__version__),
-            timestamp=utc_now(), workers=workers, capabilities=self.collector.devices_now())
+            hive=HiveInfo(id=self.config.id, hostname=cut(socket.gethostname(), SHORT_TEXT_CHARS),
+                          port=self.port, operational_status=self.status,
+                          health_status=self.health(), version=__version__),
+            timestamp=utc_now(), workers=workers, capabilities=devices)
 
     def farewell(self) -> HiveHeartbeat:
         """The last heartbeat of a hive that stopped its workers: status stopped, no workers."""
@@ -264,14 +307,19 @@ class HiveAgent:
         return self._heartbeat([])
 
     def health(self) -> HealthStatus:
-        """Degraded, with every reason, when a refresh or sample failed or ran late, or a GPU is
-        not healthy (scheduling queries also skip workers on an unhealthy GPU)."""
-        issues = [*self.collector.refresh_errors, *self.collector.sample_errors]
+        """Degraded, with every reason, when a refresh or sample failed or ran late, a plugin
+        overran its per-tick budget, or a GPU is not healthy (scheduling queries also skip
+        workers on an unhealthy GPU)."""
+        issues = [*self.collector.refresh_errors, *self.collector.sample_errors,
+                  *self.collector.worker_refresh_errors]
         issues += [issue for issue in (self._refresh_issue, self._sample_issue) if issue]
+        issues += [CollectorIssue(collector=name, message=f"over its per-tick budget ({ms} ms)")
+                   for name, ms in self.collector.over_budget.items()]
         reasons = [f"{i.collector}: {i.message}" for i in issues]
         reasons += [f"GPU {d.index} ({d.uuid}) {describe_health(d.health)}"
                     for d in self.collector.devices if not isinstance(d.health, Healthy)]
-        return Degraded(reason="; ".join(reasons)) if reasons else Healthy()
+        return (Degraded(reason=cut("; ".join(reasons), LONG_TEXT_CHARS)) if reasons
+                else Healthy())
 
     async def _shutdown(self) -> None:
         if self.config.stop_workers_on_exit:

@@ -6,6 +6,7 @@
     POST   /v1/workers                   spawn: a WorkerSpec (group, instance, argv, limits,
                                          env, restart policy); 201, or 4xx naming the problem
     DELETE /v1/workers/{group}/{instance}
+    GET    /metrics                      its workers and GPUs, for Prometheus (rbee/exposition.py)
 
 With ``auth_token_file`` set, spawning and stopping take ``Authorization: Bearer <token>`` (401
 without it); reads stay open. A worker spawned here is kept running by its restart policy, like
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import msgspec
+from prometheus_client.registry import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,7 +28,8 @@ from .._errors import CgroupError, LimitError, NotFoundError, SpawnError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
 from ..config import WorkerSpec
-from ..telemetry import HealthStatus, OperationalStatus
+from ..exposition import HiveRecord, metrics_route
+from ..telemetry import HealthStatus, HiveHeartbeat, OperationalStatus, decode_json
 
 if TYPE_CHECKING:
     from .service import HiveService
@@ -52,8 +55,13 @@ class HiveHealth(msgspec.Struct, kw_only=True):
 _spec_decoder = msgspec.json.Decoder(WorkerSpec)
 
 
+def _record(heartbeat: HiveHeartbeat) -> HiveRecord:
+    return HiveRecord(info=heartbeat.hive, workers=heartbeat.workers, gpus=heartbeat.capabilities)
+
+
 def build_app(hive: HiveService) -> Starlette:
     agent, sender, config = hive.agent, hive.sender, hive.config
+    metrics = CollectorRegistry(auto_describe=False)  # nothing of its own yet: the fleet alone
 
     async def health(request: Request) -> Response:
         latest = agent.latest
@@ -75,10 +83,7 @@ def build_app(hive: HiveService) -> Starlette:
     async def spawn(request: Request) -> Response:
         require_token(request, hive.token)
         body = await read_body(request, config.http.max_body_bytes)
-        try:
-            spec = _spec_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ApiError(400, f"invalid worker: {exc}") from exc
+        spec = decode_json(_spec_decoder, body, "worker")  # a ContractError answers 400
         try:
             pid = await agent.spawn(spec)
         except LimitError as exc:
@@ -104,4 +109,5 @@ def build_app(hive: HiveService) -> Starlette:
         Route("/v1/workers", list_workers, methods=["GET"]),
         Route("/v1/workers", spawn, methods=["POST"]),
         Route("/v1/workers/{group}/{instance}", stop, methods=["DELETE"]),
+        metrics_route(metrics, lambda: [_record(agent.latest)]),
     ])

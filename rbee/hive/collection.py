@@ -1,52 +1,43 @@
 """TelemetryCollector: one tick of per-worker telemetry, through the collector plugins.
 
 Each tick reads every worker's stat files in one call (``rbee.statfiles``, Cython when built), drops
-workers whose main process has gone, then lets each plugin fill in its fields. Plugins are called
-one by one per worker, each in its own ``try``: one failing plugin or one dying worker costs that
-worker one field and an entry in its ``errors``, never the tick.
+workers whose main process has gone, then lets each plugin fill in its fields. Plugins see each
+worker through its ``rbee.plugin.WorkerView`` (one per worker, kept for its life) and are called
+through pluggy one by one (``PluginHooks``): one failing plugin or one dying worker costs that
+worker one field and an entry in its ``errors``, never the tick; a plugin over its per-tick budget
+(``collect.plugin_budget_ms``) is skipped for the rest of the tick.
 
-Collection itself never blocks on the GPU: ``refresh_devices`` (NVML, nvidia-smi) is run by the hive
-in a worker thread under a deadline, and the per-worker hooks read what it cached.
+Collection itself never blocks on the GPU or the network: ``refresh_devices`` (NVML, nvidia-smi)
+is run by the hive in a worker thread under a deadline, ``refresh_workers`` (engine metrics) in its
+own trio task, and the per-worker hooks read what they cached.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
+import httpx
 import msgspec
 import pluggy
+import trio
 
 from .. import statfiles
 from .._errors import NotFoundError
 from .._sample import StatSample
 from ..config import CollectorSettings
+from ..plugin import WorkerView
+from ..plugin.manager import PluginHooks
 from ..telemetry import CollectorIssue, GpuDevice, WorkerTelemetry
 from .monitor import GONE_STATES, ProcessMonitor, Worker, exited
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class WorkerSample:
-    """What a plugin sees of one worker at one tick."""
-
-    worker: Worker
-    sample: StatSample
-    previous: StatSample | None
-    """The sample of the previous tick, None on the worker's first."""
-    elapsed_s: float
-    """Seconds since the previous sample; 0.0 on the first."""
-
-
-@dataclass(slots=True)
-class _Impl:
-    name: str
-    function: Callable[..., object]
-    wants_worker: bool
-    wants_telemetry: bool
+def issue(collector: str, exc: BaseException) -> CollectorIssue:
+    return CollectorIssue(collector=collector, message=f"{type(exc).__name__}: {exc}")
 
 
 class TelemetryCollector:
@@ -65,18 +56,15 @@ class TelemetryCollector:
         self.refresh_errors: list[CollectorIssue] = []
         """What went wrong in the last device refresh; the hive reports itself degraded then."""
         self.sample_errors: list[CollectorIssue] = []
+        self.worker_refresh_errors: list[CollectorIssue] = []
+        """What went wrong in the last async worker refresh (``rbee_refresh_workers``)."""
+        self.over_budget: dict[str, float] = {}
+        """Plugins skipped in the last tick for overrunning their budget, with the ms they took."""
         plugins.hook.rbee_collector_setup(settings=self.settings, plugin_manager=plugins)
-        self._impls = self._worker_impls()
-
-    def _worker_impls(self) -> list[_Impl]:
-        # Called directly rather than through the hook so that each is isolated; pluggy's own
-        # order (last registered first, tryfirst/trylast honoured) is kept.
-        impls = reversed(self.plugins.hook.rbee_collect_worker.get_hookimpls())
-        return [
-            _Impl(impl.plugin_name, impl.function, "worker" in impl.argnames,
-                  "telemetry" in impl.argnames)
-            for impl in impls
-        ]
+        self.hooks = PluginHooks(plugins)
+        self._budget_s = self.settings.plugin_budget_ms / 1000
+        self._views: dict[Worker, WorkerView] = {}
+        self._views_lock = threading.Lock()
 
     def close(self) -> None:
         self.plugins.hook.rbee_collector_teardown()
@@ -87,7 +75,7 @@ class TelemetryCollector:
         Plugins are asked one by one; one that fails is recorded in ``refresh_errors`` and the
         devices of the others are kept."""
         devices: list[GpuDevice] = []
-        self.refresh_errors = self._call_each(self.plugins.hook.rbee_refresh_devices,
+        self.refresh_errors = self._call_each("rbee_refresh_devices",
                                               lambda found: devices.extend(found or ()))
         self.devices = devices
         self.devices_at = self.clock()
@@ -96,7 +84,7 @@ class TelemetryCollector:
     def sample_devices(self) -> None:
         """Blocking: the plugins' slow sampling (per-process GPU utilisation), on its own thread.
         One that fails is recorded in ``sample_errors``."""
-        self.sample_errors = self._call_each(self.plugins.hook.rbee_sample_devices)
+        self.sample_errors = self._call_each("rbee_sample_devices")
 
     def devices_now(self) -> list[GpuDevice]:
         """The devices of the last refresh, each with its figures' age as of now."""
@@ -104,17 +92,70 @@ class TelemetryCollector:
         return [msgspec.structs.replace(device, sample_age_s=round(device.sample_age_s + age, 3))
                 for device in self.devices]
 
-    @staticmethod
-    def _call_each(hook, take: Callable[[object], object] = lambda result: None
+    def _call_each(self, hook_name: str, take: Callable[[object], object] = lambda result: None
                    ) -> list[CollectorIssue]:
+        """Call each plugin's implementation of a hook on its own, through pluggy; ``take`` gets
+        each one's result. Returns the failures, one per plugin that raised."""
         errors = []
-        for impl in reversed(hook.get_hookimpls()):
+        for name, call in self.hooks.callers(hook_name):
             try:
-                take(impl.function())
+                for result in call():
+                    take(result)
             except Exception as exc:
-                errors.append(CollectorIssue(collector=impl.plugin_name,
-                                             message=f"{type(exc).__name__}: {exc}"))
+                errors.append(issue(name, exc))
         return errors
+
+    async def refresh_workers(self, http: httpx.AsyncClient, deadline_s: float) -> None:
+        """Run every plugin's ``rbee_refresh_workers`` concurrently, each cancelled after
+        ``deadline_s``. A plugin that raises or overruns is recorded in
+        ``worker_refresh_errors``; the others' results stand."""
+        views = self.views()
+        errors: list[CollectorIssue] = []
+
+        async def run(name: str, call: pluggy.HookCaller) -> None:
+            with trio.move_on_after(deadline_s) as scope:
+                try:
+                    for pending in call(workers=views, http=http):
+                        if pending is not None:
+                            await pending
+                except Exception as exc:
+                    errors.append(issue(name, exc))
+            if scope.cancelled_caught:
+                errors.append(CollectorIssue(
+                    collector=name, message=f"worker refresh took longer than {deadline_s:g}s"))
+
+        async with trio.open_nursery() as nursery:
+            for name, call in self.hooks.callers("rbee_refresh_workers"):
+                nursery.start_soon(run, name, call)
+        self.worker_refresh_errors = errors
+
+    # -- the views plugins see ------------------------------------------------------------
+
+    def views(self) -> list[WorkerView]:
+        """The view of every worker the monitor has now (made on first sight, kept for life)."""
+        return [self._view(worker) for worker in self.monitor.workers()]
+
+    def _view(self, worker: Worker) -> WorkerView:
+        view = self._views.get(worker)
+        if view is None:
+            with self._views_lock:
+                view = self._views.get(worker)
+                if view is None:
+                    view = self._views[worker] = WorkerView(
+                        group=worker.group, instance=worker.instance, pid=worker.pid,
+                        argv=worker.argv, cgroup_path=worker.cgroup_path,
+                        start_ticks=worker.stats.start_ticks,
+                        cpu_limit_pct=worker.limits.cpu_pct,
+                        memory_limit_mb=worker.limits.memory_mb,
+                        limits_applied=worker.limits_applied, gpu_indices=worker.gpu_hint,
+                        metrics_url=worker.metrics_url, pids=worker.list_pids)
+        return view
+
+    def _forget_gone(self, workers: Sequence[Worker]) -> None:
+        current = set(self.monitor.workers())
+        with self._views_lock:
+            for worker in [w for w in self._views if w not in current]:
+                del self._views[worker]
 
     # -- the collection API ---------------------------------------------------------------
 
@@ -135,42 +176,55 @@ class TelemetryCollector:
     def _collect(self, workers: list[Worker]) -> list[WorkerTelemetry]:
         gone = exited(workers)
         records = []
+        spent: dict[str, float] = {}
         for worker in workers:
             if worker.pid in gone:
                 self.monitor.reap(worker)
                 continue
-            record = self._collect_one(worker)
+            record = self._collect_one(worker, spent)
             if record is not None:
                 records.append(record)
+        self.over_budget = {name: round(seconds * 1000, 1) for name, seconds in spent.items()
+                            if seconds > self._budget_s}
+        for name, ms in self.over_budget.items():
+            log.warning("plugin %s took %.1f ms this tick, over its %g ms budget: skipped for "
+                        "the rest of the tick", name, ms, self.settings.plugin_budget_ms)
+        if len(self._views) > len(records):
+            self._forget_gone(workers)
         return records
 
-    def _collect_one(self, worker: Worker) -> WorkerTelemetry | None:
+    def _collect_one(self, worker: Worker, spent: dict[str, float]) -> WorkerTelemetry | None:
         now = self.clock()
         sample = self.read_sample(*worker.stats.args)
         if worker.stats.pidfd < 0 and sample.proc_state in GONE_STATES:
             self.monitor.reap(worker)
             return None
         previous = worker.previous
-        view = WorkerSample(worker, sample, previous,
-                            now - worker.previous_at if previous is not None else 0.0)
+        elapsed = now - worker.previous_at if previous is not None else 0.0
+        view = self._view(worker)
+        view._advance(sample, previous, elapsed)
         record = WorkerTelemetry(
             pid=worker.pid, group=worker.group, instance=worker.instance, cpu_pct=0.0,
-            rss_mb=0.0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=0.0, vram_mb=0.0,
-            total_vram_mb=0.0, model=None, rate_window_s=int(view.elapsed_s * 1000) / 1000,
+            rss_mb=0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=0.0, vram_mb=0,
+            total_vram_mb=0, model=None, rate_window_s=int(elapsed * 1000) / 1000,
             cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
             limits_applied=worker.limits_applied,
         )
-        for impl in self._impls:
+        budget = self._budget_s
+        perf_counter = time.perf_counter
+        for name, call in self.hooks.callers("rbee_collect_worker"):
+            used = spent.get(name, 0.0)
+            if used > budget:
+                record.errors.append(CollectorIssue(
+                    collector=name, message=f"skipped: over its {budget * 1000:g} ms budget "
+                                            f"this tick ({used * 1000:.1f} ms)"))
+                continue
+            started = perf_counter()
             try:
-                if impl.wants_worker and impl.wants_telemetry:
-                    impl.function(worker=view, telemetry=record)
-                elif impl.wants_telemetry:
-                    impl.function(telemetry=record)
-                else:
-                    impl.function(worker=view)
+                call(worker=view, telemetry=record)
             except Exception as exc:
-                record.errors.append(CollectorIssue(collector=impl.name,
-                                                    message=f"{type(exc).__name__}: {exc}"))
+                record.errors.append(issue(name, exc))
+            spent[name] = used + perf_counter() - started
         worker.previous = sample
         worker.previous_at = now
         return record

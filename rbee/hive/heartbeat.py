@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
-import msgspec
 import trio
 
 from .._errors import ConfigError
-from .._http import Reply
+from .._http import reply_message
 from ..auth import bearer
 from ..config import HeartbeatSettings
 from ..telemetry import HiveHeartbeat, encode
@@ -129,10 +128,7 @@ class HeartbeatSender:
         except httpx.TransportError as exc:
             return self._failed(f"{type(exc).__name__}: {exc}")
         if response.status_code != 200:
-            try:
-                detail = msgspec.json.decode(response.content, type=Reply).message
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                detail = response.text[:200]
+            detail = reply_message(response.content) or response.text[:200]
             return self._failed(f"HTTP {response.status_code}: {detail}".rstrip(": "))
         self._delivered()
         return True

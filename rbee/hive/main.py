@@ -10,9 +10,12 @@ The queen URL is checked before anything starts.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from .._daemon import run_daemon
+from .._errors import ConfigError
 from ..auth import read_token
 from ..config import HiveConfig
 from .heartbeat import parse_queen_url
@@ -20,10 +23,26 @@ from .service import HiveService
 
 
 def check(config: HiveConfig, source: str) -> str:
+    """What start-up needs beyond the config's own syntax (limits, ids, the bind address): the
+    queen URL, the token file and the workers' log directory. Start-up runs it too, so
+    ``--check-config`` passes exactly the configs a hive starts with."""
     parse_queen_url(config.queen_url, source=source)
     token = read_token(config.auth_token_file, source)
+    check_log_dir(config.log_dir, source)
     return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {config.queen_url}"
             f"{' (with token)' if token else ''}, {len(config.workers)} workers")
+
+
+def check_log_dir(log_dir: str | None, source: str = "") -> None:
+    """A ConfigError on ``log_dir`` unless it is a directory this hive can write to."""
+    if log_dir is None:
+        return
+    path = Path(log_dir)
+    problem = ("does not exist" if not path.exists() else "is not a directory"
+               if not path.is_dir() else "is not writable by this user"
+               if not os.access(path, os.W_OK | os.X_OK) else "")
+    if problem:
+        raise ConfigError(f"{log_dir} {problem}", source=source, key="log_dir")
 
 
 def main(argv: list[str] | None = None) -> int:

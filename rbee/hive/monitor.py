@@ -122,6 +122,9 @@ class Worker:
     previous_at: float = 0.0
     list_pids: Callable[[], list[int]] = list
     """Every PID in the worker's cgroup, children included (only the main PID without one)."""
+    cgroup_path: str | None = None
+    metrics_url: str | None = None
+    """Where the worker's engine publishes Prometheus metrics, when its spec says."""
     exited: bool = False
     exit_code: int | None = None
 
@@ -159,6 +162,7 @@ class ProcessMonitor:
         memory_limit: str | int | None = None,
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
+        metrics_url: str | None = None,
     ) -> int:
         """Start ``argv`` in cgroup ``<root>/<group>/<instance>``; returns its PID.
 
@@ -190,6 +194,7 @@ class ProcessMonitor:
                 stats=StatSource(self.backend.stat_paths(group, instance, process.pid), process.pid),
                 process=process, gpu_hint=gpu_indices_from_env(env),
                 list_pids=partial(self.backend.pids, group, instance),
+                cgroup_path=self.backend.cgroup_path(group, instance), metrics_url=metrics_url,
             )
             if isinstance(self.backend, NoCgroup):
                 self.backend.adopt(group, instance, process.pid)
@@ -214,7 +219,11 @@ class ProcessMonitor:
                 for fd in fds:
                     os.write(fd, b"0")
 
-            output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+            try:
+                output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+            except OSError as exc:
+                raise SpawnError(f"cannot open the worker's log file {log_path}: "
+                                 f"{exc.strerror}") from exc
             try:
                 return subprocess.Popen(
                     [binary, *argv[1:]], executable=binary, preexec_fn=join_cgroup,
@@ -346,6 +355,7 @@ class ProcessMonitor:
                     limits=self.backend.read_limits(group, instance), limits_applied=True,
                     stats=StatSource(self.backend.stat_paths(group, instance, pid), pid),
                     list_pids=partial(self.backend.pids, group, instance),
+                    cgroup_path=self.backend.cgroup_path(group, instance),
                 )
                 self._workers[worker.key] = worker
                 adopted.append(worker)

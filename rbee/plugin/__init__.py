@@ -1,23 +1,36 @@
 """Collector plugins: how rbee and third parties add per-worker and per-hive telemetry.
 
-A plugin is a module or object with functions marked ``@rbee.plugin.hookimpl``, declared in its
-distribution's metadata under the entry-point group ``rbee.collectors``::
+The public plugin API is what this module exports (``__all__``), pinned by a test and versioned by
+``API_VERSION``: the markers, the ``WorkerView`` a hook receives, the raw ``StatSample`` it holds,
+and the hook specifications in ``rbee.plugin.spec``. A plugin is a module or object with functions
+marked ``@rbee.plugin.hookimpl``, declared in its distribution's metadata under the entry-point
+group ``rbee.collectors``::
 
-    # setup.py / pyproject.toml of a third-party plugin
-    entry_points={"rbee.collectors": ["mystats = mystats_plugin"]}
+    # pyproject.toml of a third-party plugin
+    [project.entry-points."rbee.collectors"]
+    mystats = "mystats_plugin"
 
     # mystats_plugin.py
     from rbee.plugin import hookimpl
 
     @hookimpl
     def rbee_collect_worker(worker, telemetry):
-        telemetry.metrics["mystats.threads"] = count_threads(worker.worker.pid)
+        telemetry.metrics["mystats.threads"] = count_threads(worker.pid)
 
-The built-in collectors (``rbee.collectors.cgroup``, ``.process``, ``.gpu``) are registered through
-that same group. The hooks are specified in ``rbee.plugin.spec``.
+The built-in collectors (``rbee.collectors.cgroup``, ``.process``, ``.gpu``, ``.engine``) are
+registered through that same group and use nothing else. ``RBEE_DISABLE_PLUGINS=a,b`` skips
+plugins by name; ``RBEE_TRACE_PLUGINS=1`` logs every hook call with its duration.
 """
 
 import pluggy
+
+from .._sample import StatSample
+from ._view import WorkerView
+
+API_VERSION = "1.0"
+"""Major.minor of the plugin API: the minor grows when a hook or a ``WorkerView`` field is added,
+the major when one changes or goes. 1.0: ``WorkerView`` replaced the hive's internal
+``WorkerSample``; ``rbee_refresh_workers`` added."""
 
 PROJECT = "rbee"
 ENTRY_POINT_GROUP = "rbee.collectors"
@@ -25,4 +38,12 @@ ENTRY_POINT_GROUP = "rbee.collectors"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["ENTRY_POINT_GROUP", "PROJECT", "hookimpl", "hookspec"]
+__all__ = [
+    "API_VERSION",
+    "ENTRY_POINT_GROUP",
+    "PROJECT",
+    "StatSample",
+    "WorkerView",
+    "hookimpl",
+    "hookspec",
+]

@@ -1,28 +1,42 @@
-"""The hooks a collector plugin may implement. Every one is optional.
+"""The hooks a collector plugin may implement (API version ``rbee.plugin.API_VERSION``). Every
+one is optional; none is ``firstresult``: every implementation is called.
 
-Per-worker calls are isolated: rbee calls each plugin's ``rbee_collect_worker`` on its own, so a
-plugin that raises for one worker is recorded in that worker's ``errors`` and neither the other
-plugins nor the other workers are affected.
+Isolation: rbee calls each plugin's implementation through pluggy on its own (a hook caller per
+plugin), so a plugin that raises for one worker costs that worker the plugin's fields and one entry
+in its ``errors``; neither the other plugins nor the other workers are affected.
+
+Wrappers (``wrapper=True`` or ``hookwrapper=True``) are refused at registration with a
+``PluginError``: each plugin runs on its own, so there is nothing for a wrapper to wrap, and a
+wrapper that silently never ran would be worse than none.
+
+Budget: the per-worker hook runs inside the collection tick. A plugin whose calls in one tick add
+up to more than ``collect.plugin_budget_ms`` is skipped for the rest of that tick (the workers it
+missed get an ``errors`` entry saying so), so no plugin makes a tick late. Slow work (network,
+devices) belongs in ``rbee_refresh_devices`` (a thread) or ``rbee_refresh_workers`` (async), whose
+results the per-worker hook reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from . import hookspec
 
 if TYPE_CHECKING:
+    import httpx
     import pluggy
 
     from ..config import CollectorSettings
-    from ..hive.collection import WorkerSample
     from ..telemetry import GpuDevice, WorkerTelemetry
+    from ._view import WorkerView
 
 __all__ = [
     "rbee_collect_worker",
     "rbee_collector_setup",
     "rbee_collector_teardown",
     "rbee_refresh_devices",
+    "rbee_refresh_workers",
     "rbee_sample_devices",
 ]
 
@@ -64,12 +78,32 @@ def rbee_sample_devices() -> None:
 
 
 @hookspec
-def rbee_collect_worker(worker: WorkerSample, telemetry: WorkerTelemetry) -> None:
+def rbee_refresh_workers(workers: Sequence[WorkerView], http: httpx.AsyncClient
+                         ) -> Awaitable[None] | None:
+    """Refresh per-worker state that needs I/O (an engine's metrics endpoint), asynchronously.
+
+    Implement it as ``async def``: the hive calls it once every ``collect.interval_s`` (or as soon
+    as the previous call ends, if that took longer) in its own trio task, apart from the
+    collection tick, awaits every plugin's coroutine concurrently, and cancels one still running
+    after ``collect.refresh_timeout_s``. Keep results in each worker's
+    ``worker.state(<your plugin name>)``; the per-worker hook reads them on the next tick. Raising
+    is recorded in the hive's health (degraded) and the next interval calls it again.
+
+    :param workers: a view of every worker the hive has now.
+    :param http: the hive's shared ``httpx.AsyncClient`` (a small connection pool per origin,
+        kept across calls, closed by the hive); give each request its own timeout.
+    Returns a coroutine (or None for nothing to do); all implementations are called.
+    """
+
+
+@hookspec
+def rbee_collect_worker(worker: WorkerView, telemetry: WorkerTelemetry) -> None:
     """Fill in fields of one worker's record for this tick. Must not block.
 
-    :param worker: the worker (``worker.worker``: pid, argv, limits …) with this tick's raw stat
-        sample, the previous one, and the seconds between them.
+    :param worker: a read-only ``rbee.plugin.WorkerView`` of the worker: identity, PIDs, argv,
+        cgroup path, start time, limits, GPUs given, metrics URL, this tick's raw counters, and
+        a per-plugin ``state(owner)`` slot that lasts the worker's life.
     :param telemetry: the record being built; set its fields, add ``errors``, or add numbers to
         ``telemetry.metrics`` under ``"<plugin>.<metric>"``.
-    Returns nothing; every plugin is called, each in isolation (see module docstring).
+    Returns nothing; every plugin is called, each in isolation, within its per-tick budget.
     """

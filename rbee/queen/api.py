@@ -6,8 +6,11 @@
     GET    /v1/hives                 every hive (HiveState), stale ones flagged
     GET    /v1/hives/{hive_id}
     DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
-    GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N
-                                     only schedulable workers matching all of them
+    GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N,
+                                     ?max_waiting=N, ?max_kv_cache_pct=P only schedulable
+                                     workers matching all of them
+    GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
+    GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
 
 With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
 <token>`` (401 without it); reads stay open.
@@ -18,6 +21,8 @@ fails validation leaves the registry untouched.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -29,10 +34,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._errors import ContractError, NotFoundError
+from .._errors import NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
+from ..exposition import metrics_route
 from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat
+from .history import METRICS, QueryError, Selector
+
+HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since", "step"})
 
 if TYPE_CHECKING:
     from .server import QueenServer
@@ -64,6 +73,9 @@ class EventStreamResponse(EventSourceResponse):
         await super().__call__(scope, receive, send_with_shielded_end)
 
 
+WORKER_FILTERS = ("idle", "model", "min_free_vram_mb", "max_waiting", "max_kv_cache_pct")
+
+
 def _bool_param(request: Request, name: str) -> bool:
     value = request.query_params.get(name, "false").lower()
     if value in ("1", "true", "yes"):
@@ -83,19 +95,35 @@ def _float_param(request: Request, name: str) -> float | None:
         raise ApiError(400, f"query parameter {name!r} must be a number, not {value!r}") from None
     if not number >= 0:  # also refuses nan
         raise ApiError(400, f"query parameter {name!r} must be >= 0, not {value!r}")
+    if number == math.inf:  # a finite number only: infinity overflows what is computed from it
+        raise ApiError(400, f"query parameter {name!r} must be a finite number, not {value!r}")
     return number
 
 
 def build_app(queen: QueenServer) -> Starlette:
     registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
 
+    metrics = queen.metrics
+
     async def post_heartbeat(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await ingest(request)
+        except ApiError as exc:
+            metrics.refusal(exc.status_code)
+            raise
+        metrics.received.inc()
+        metrics.ingest.observe(time.perf_counter() - started)
+        return response
+
+    async def ingest(request: Request) -> Response:
         require_token(request, queen.token)
         body = await read_body(request, config.http.max_body_bytes)
-        try:
-            heartbeat = decode_heartbeat(body)
-        except ContractError as exc:
-            raise ApiError(400, str(exc)) from exc
+        heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
+        if len(heartbeat.workers) > config.registry.max_workers_per_hive:
+            raise ApiError(400, f"invalid heartbeat: {len(heartbeat.workers)} workers, more than "
+                                f"registry.max_workers_per_hive "
+                                f"({config.registry.max_workers_per_hive}) - at `$.workers`")
         if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
             # a hive's goodbye: its workers are no longer watched by anyone
             event = registry.remove_hive(heartbeat.hive.id, "the hive stopped")
@@ -144,17 +172,50 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:
-        unknown = set(request.query_params) - {"idle", "model", "min_free_vram_mb"}
+        unknown = set(request.query_params) - set(WORKER_FILTERS)
         if unknown:
             raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                                f"known: idle, model, min_free_vram_mb")
+                                f"known: {', '.join(WORKER_FILTERS)}")
         idle = _bool_param(request, "idle")
         model = request.query_params.get("model")
         min_free = _float_param(request, "min_free_vram_mb")
-        if not idle and model is None and min_free is None:
+        max_waiting = _float_param(request, "max_waiting")
+        if max_waiting is not None and not max_waiting.is_integer():
+            raise ApiError(400, f"query parameter 'max_waiting' must be a whole number, "
+                                f"not {request.query_params['max_waiting']!r}")
+        max_kv = _float_param(request, "max_kv_cache_pct")
+        if not idle and all(v is None for v in (model, min_free, max_waiting, max_kv)):
             return JsonResponse(registry.get_all_workers())
-        return JsonResponse(registry.find_workers(idle=idle, model=model,
-                                                  min_free_vram_mb=min_free))
+        return JsonResponse(registry.find_workers(
+            idle=idle, model=model, min_free_vram_mb=min_free, max_kv_cache_pct=max_kv,
+            max_waiting=None if max_waiting is None else int(max_waiting)))
+
+    async def history(request: Request) -> Response:
+        params = request.query_params
+        unknown = set(params) - HISTORY_PARAMS
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(HISTORY_PARAMS))}")
+        metrics = None
+        if "metric" in params:
+            metrics = frozenset(m.strip() for m in params["metric"].split(",") if m.strip())
+            bad = metrics - METRICS
+            if bad or not metrics:
+                raise ApiError(400, f"unknown metric(s): {', '.join(sorted(bad)) or '(none)'}; "
+                                    f"known: {', '.join(sorted(METRICS))}")
+        since = _float_param(request, "since")
+        step = _float_param(request, "step")
+        if step is not None and step == 0:
+            raise ApiError(400, "query parameter 'step' must be > 0, not '0'")
+        selector = Selector(hive=params.get("hive"), group=params.get("group"),
+                            instance=params.get("instance"), gpu=params.get("gpu"),
+                            metrics=metrics)
+        try:
+            answer = queen.history.query(selector, 60.0 if since is None else since, step,
+                                         time.time())
+        except QueryError as exc:
+            raise ApiError(400, str(exc)) from exc
+        return JsonResponse(answer)
 
     return json_app([
         Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
@@ -164,4 +225,6 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
         Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
         Route("/v1/workers", list_workers, methods=["GET"]),
+        Route("/v1/history", history, methods=["GET"]),
+        metrics_route(metrics.registry, metrics.records),
     ])

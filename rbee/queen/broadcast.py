@@ -81,6 +81,8 @@ class Broadcaster:
         self._subscribers: set[Subscription] = set()
         self._ids = itertools.count(1)
         self.closed = False
+        self.lagged_total = 0
+        """Times a client lagged and was resynced (the queen's ``/metrics``)."""
 
     @property
     def client_count(self) -> int:
@@ -126,6 +128,7 @@ class Broadcaster:
                 yield frame
 
     def _resync(self, dropped: int) -> Iterator[bytes]:
+        self.lagged_total += 1
         yield self.frame(LaggedEvent(dropped=dropped, timestamp=utc_now()))
         yield self.frame(self._snapshot())
 

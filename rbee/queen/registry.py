@@ -25,6 +25,7 @@ import msgspec
 
 from .._errors import NotFoundError
 from ..config import RegistrySettings
+from ..exposition import HiveRecord
 from ..telemetry import (
     GpuDevice,
     HiveHeartbeat,
@@ -74,6 +75,18 @@ class FleetWorker(msgspec.Struct, kw_only=True):
     @property
     def id(self) -> str:
         return worker_id(self.hive_id, self.worker)
+
+
+def is_idle(worker: WorkerTelemetry, idle_gpu_util_pct: float) -> bool:
+    """Whether a worker can take new work now. The engine knows best: when its state is known,
+    idle means no request running and none waiting, whatever the GPU shows. Otherwise the GPU
+    decides: utilisation at or under ``idle_gpu_util_pct``; an unknown figure (None) is never
+    idle."""
+    engine = worker.engine
+    if engine is not None:
+        return engine.requests_running == 0 and engine.requests_waiting == 0
+    util = worker.gpu_util_pct
+    return util is not None and util <= idle_gpu_util_pct
 
 
 def worker_id(hive_id: str, worker: WorkerTelemetry) -> str:
@@ -164,6 +177,15 @@ class HiveRegistry:
             entry = self._hives.get(hive_id)
             return list(entry.workers) if entry is not None else []
 
+    def records(self) -> list[HiveRecord]:
+        """Every hive as a scrape reads it: the stored structs themselves (never mutated), so
+        the lock is held only to copy the list."""
+        now = self._clock()
+        with self._lock:
+            return [HiveRecord(info=e.info, workers=e.workers, gpus=e.capabilities, stale=e.stale,
+                               silent_s=round(max(0.0, now - e.received_at), 3))
+                    for e in self._hives.values()]
+
     def get_all_workers(self) -> list[FleetWorker]:
         """Every worker of every hive, stale hives included (flagged), flattened."""
         with self._lock:
@@ -188,8 +210,11 @@ class HiveRegistry:
     # -- scheduling queries ----------------------------------------------------------------
 
     def find_workers(self, *, idle: bool = False, model: str | None = None,
-                     min_free_vram_mb: float | None = None) -> list[FleetWorker]:
-        """Schedulable workers matching every given condition."""
+                     min_free_vram_mb: float | None = None, max_waiting: int | None = None,
+                     max_kv_cache_pct: float | None = None) -> list[FleetWorker]:
+        """Schedulable workers matching every given condition. ``max_waiting`` and
+        ``max_kv_cache_pct`` ask the worker's engine, so a worker whose engine state is unknown
+        (or whose engine publishes no KV-cache figure) does not match them."""
         with self._lock:
             found = [w for w in self._fleet_workers() if w.schedulable]
         if idle:
@@ -199,10 +224,18 @@ class HiveRegistry:
         if min_free_vram_mb is not None:
             found = [w for w in found
                      if w.vram is not None and w.vram.free_mb >= min_free_vram_mb]
+        if max_waiting is not None:
+            found = [w for w in found if w.worker.engine is not None
+                     and w.worker.engine.requests_waiting <= max_waiting]
+        if max_kv_cache_pct is not None:
+            found = [w for w in found if w.worker.engine is not None
+                     and w.worker.engine.kv_cache_pct is not None
+                     and w.worker.engine.kv_cache_pct <= max_kv_cache_pct]
         return found
 
     def find_idle_workers(self) -> list[FleetWorker]:
-        """Workers whose GPU utilisation is at or under ``idle_gpu_util_pct``."""
+        """Idle workers (``is_idle``): no request in their engine, else a GPU at or under
+        ``idle_gpu_util_pct``."""
         return self.find_workers(idle=True)
 
     def find_workers_with_model(self, model: str) -> list[FleetWorker]:
@@ -214,9 +247,7 @@ class HiveRegistry:
         return self.find_workers(min_free_vram_mb=vram_mb)
 
     def _is_idle(self, worker: FleetWorker) -> bool:
-        """At or under ``idle_gpu_util_pct``; an unknown figure (None) is never idle."""
-        util = worker.worker.gpu_util_pct
-        return util is not None and util <= self.settings.idle_gpu_util_pct
+        return is_idle(worker.worker, self.settings.idle_gpu_util_pct)
 
     # -- stale cleanup ---------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The queen process: HTTP server, registry, stream and background tasks in one trio nursery.
 
-HTTP is hypercorn's trio worker serving the Starlette app. Two background tasks live beside it:
-the stale cleanup (``registry.cleanup_interval_s``) and the fleet summary on the stream
-(``stream.queen_interval_s``). ``stop()`` first ends every SSE stream (sse-starlette's own shutdown
+HTTP is hypercorn's trio worker serving the Starlette app. Three background tasks live beside it:
+the stale cleanup (``registry.cleanup_interval_s``), the fleet summary on the stream
+(``stream.queen_interval_s``) and the history's recording (``history.fine_step_s``). ``stop()``
+first ends every SSE stream (sse-starlette's own shutdown
 draining works only on asyncio, so under trio the streams would otherwise hold the server open),
 then lets hypercorn finish requests in flight within ``http.shutdown_grace_s``.
 """
@@ -10,6 +11,7 @@ then lets hypercorn finish requests in flight within ``http.shutdown_grace_s``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import trio
@@ -19,6 +21,8 @@ from ..auth import read_token
 from ..config import QueenConfig
 from .api import build_app
 from .broadcast import Broadcaster
+from .history import FleetHistory
+from .metrics import QueenMetrics
 from .registry import HiveRegistry
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,10 @@ class QueenServer:
         self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
                                        max_clients=self.config.stream.max_clients,
                                        snapshot=self.registry.snapshot)
+        self.history = FleetHistory(self.config.history)
+        self.metrics = QueenMetrics(self.registry.records,
+                                    lambda: self.broadcaster.client_count,
+                                    lambda: self.broadcaster.lagged_total)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -45,6 +53,7 @@ class QueenServer:
             async with trio.open_nursery() as background:
                 background.start_soon(self._cleanup_loop)
                 background.start_soon(self._summary_loop)
+                background.start_soon(self._history_loop)
                 async with trio.open_nursery() as http:
                     self.urls = await http.start(self._serve_http)
                     log.info("queen listening on %s", ", ".join(self.urls))
@@ -70,12 +79,23 @@ class QueenServer:
         async for _ in every(self.config.registry.cleanup_interval_s):
             result = self.registry.sweep()
             for event in result.stale:
-                log.warning("hive %s is stale: silent for %.1fs", event.hive_id, event.silent_s)
+                log.warning("hive %r is stale: silent for %.1fs", event.hive_id, event.silent_s)
                 self.broadcaster.publish(event)
             for event in result.removed:
-                log.warning("hive %s removed with %d workers: %s", event.hive_id,
+                log.warning("hive %r removed with %d workers: %s", event.hive_id,
                             len(event.worker_ids), event.reason)
                 self.broadcaster.publish(event)
+
+    async def _history_loop(self) -> None:
+        """One point of every figure each fine step, from the registry (so ingestion pays
+        nothing for history); old series are dropped once a minute."""
+        settings = self.config.history
+        forgotten_at = trio.current_time()
+        async for _ in every(settings.fine_step_s):
+            self.history.record(self.registry.records(), time.time())
+            if trio.current_time() - forgotten_at >= 60:
+                forgotten_at = trio.current_time()
+                self.history.forget_old(time.time())
 
     async def _summary_loop(self) -> None:
         async for _ in every(self.config.stream.queen_interval_s):

@@ -71,6 +71,10 @@ class CgroupBackend(ABC):
     @abstractmethod
     def read_limits(self, group: str, instance: str) -> Limits: ...
 
+    def cgroup_path(self, group: str, instance: str) -> str | None:
+        """The worker's cgroup directory (the first hierarchy's on v1); None without cgroups."""
+        return None
+
     def remove_root(self) -> None:
         """Remove the root when no worker cgroup is left under it (clean shutdown)."""
         return None
@@ -126,6 +130,9 @@ class CgroupTree(CgroupBackend):
     def remove_root(self) -> None:
         for root in self.roots:
             remove_dir(root, only_if_empty=True)
+
+    def cgroup_path(self, group: str, instance: str) -> str | None:
+        return str(self.primary / group / instance)
 
     def worker_dirs(self, group: str, instance: str) -> list[Path]:
         return [root / group / instance for root in self.roots]

@@ -1,0 +1,162 @@
+"""Each worker's own inference-engine state (vLLM, SGLang, TGI, llama.cpp) from its metrics port.
+
+Where: the worker spec's ``metrics_url``, else the port its launcher's argv names
+(``rbee.hive.launchers``). When: ``rbee_refresh_workers``, the hive's async refresh, every
+``collect.interval_s`` apart from the collection tick: every worker is fetched concurrently through
+the hive's pooled HTTP client (at most ``collect.engine.max_concurrency`` at once), each under
+``collect.engine.timeout_s`` for the whole exchange and refused past ``collect.engine.max_bytes``;
+then all the bodies are parsed in one worker thread, off the event loop. The per-worker hook only
+reads what the last refresh stored, so a slow or dead engine never delays a tick.
+
+A worker whose endpoint is unreachable, answers non-200, sends garbage, too much, too slowly, or
+whose counters went backwards gets ``engine: null`` and one ``errors`` entry saying which; nothing
+else in its record changes. A result older than three intervals (the refresh itself stuck) is not
+shown either.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import trio
+
+from rbee.hive.engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
+from rbee.hive.launchers import metrics_url_from_argv
+from rbee.plugin import hookimpl
+
+NAME = "engine"
+STALE_INTERVALS = 3
+VERSION_RETRY_S = 300.0
+VERSION_MAX_BYTES = 2**20
+
+
+async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: int) -> bytes:
+    """The body of ``GET url``: EngineError for a non-200 answer or a body over ``max_bytes``
+    (counted as sent and again once decompressed, so no gzip bomb gets past it),
+    trio.TooSlowError past ``timeout_s`` for the whole exchange."""
+    with trio.fail_after(timeout_s):
+        async with http.stream("GET", url, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                raise EngineError(f"HTTP {response.status_code} from {url}")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise EngineError(f"{url} sent {declared} bytes, over collect.engine.max_bytes "
+                                  f"({max_bytes})")
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():  # decoded: engines gzip when asked
+                size += len(chunk)
+                if size > max_bytes:
+                    raise EngineError(f"{url} sent more than {max_bytes} bytes, over "
+                                      f"collect.engine.max_bytes ({max_bytes})")
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def fetch_version(http: httpx.AsyncClient, metrics_url: str, engine: str,
+                        timeout_s: float) -> str | None:
+    """The engine's version from its info endpoint on the metrics port; None when it has none or
+    says nothing readable (an engine's version is nice to have, never an error)."""
+    names = ENGINE_NAMES[engine]
+    if names.version_path is None:
+        return None
+    url = str(httpx.URL(metrics_url).copy_with(path=names.version_path, query=None))
+    try:
+        info = json.loads(await fetch(http, url, timeout_s, VERSION_MAX_BYTES))
+    except (EngineError, httpx.HTTPError, trio.TooSlowError, ValueError):
+        return None
+    version = info.get(names.version_key) if isinstance(info, dict) else None
+    return version[:64] if isinstance(version, str) and version else None
+
+
+class EngineCollector:
+    """Per-hive state: settings, and the scrape. Per-worker state lives in each worker's
+    ``state("engine")`` slot: its tracker (readings over time), its last result, and its
+    engine's version (asked once the engine is known; again after ``VERSION_RETRY_S`` if the
+    engine did not say)."""
+
+    def __init__(self, settings, interval_s: float) -> None:
+        self.settings = settings
+        self.stale_after_s = STALE_INTERVALS * interval_s
+
+    @hookimpl
+    async def rbee_refresh_workers(self, workers, http) -> None:
+        limiter = trio.CapacityLimiter(self.settings.max_concurrency)
+        fetched: list[tuple[object, bytes | Exception, float]] = []
+
+        async def scrape(worker, url: str) -> None:
+            async with limiter:
+                try:
+                    body: bytes | Exception = await fetch(http, url, self.settings.timeout_s,
+                                                          self.settings.max_bytes)
+                except trio.TooSlowError:
+                    body = EngineError(f"no answer from {url} within "
+                                       f"{self.settings.timeout_s:g}s")
+                except httpx.HTTPError as exc:
+                    body = EngineError(f"cannot read {url}: {type(exc).__name__}: {exc}")
+                except EngineError as exc:
+                    body = exc
+                taken_at = time.monotonic()
+                slot = worker.state(NAME)
+                engine = slot.get("engine")
+                if (engine is not None and slot.get("version") is None
+                        and taken_at - slot.get("version_asked_at", -VERSION_RETRY_S)
+                        >= VERSION_RETRY_S):
+                    slot["version_asked_at"] = taken_at
+                    slot["version"] = await fetch_version(http, url, engine,
+                                                          self.settings.timeout_s)
+            fetched.append((worker, body, taken_at))
+
+        async with trio.open_nursery() as nursery:
+            for worker in workers:
+                url = worker.metrics_url or metrics_url_from_argv(worker.argv)
+                if url is not None:
+                    nursery.start_soon(scrape, worker, url)
+                else:
+                    worker.state(NAME).pop("result", None)
+        if fetched:
+            await trio.to_thread.run_sync(self._parse_all, fetched)
+
+    def _parse_all(self, fetched) -> None:
+        """In a worker thread: each body into its worker's tracker, the outcome into its slot."""
+        for worker, body, taken_at in fetched:
+            slot = worker.state(NAME)
+            tracker = slot.get("tracker")
+            if tracker is None:
+                tracker = slot["tracker"] = EngineTracker(self.settings.ttft_window_s)
+            try:
+                if isinstance(body, Exception):
+                    raise body
+                try:
+                    text = body.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise EngineError(f"metrics are not UTF-8 text: {exc}") from exc
+                reading = parse_exposition(text, taken_at, slot.setdefault("lines", {}))
+                state = tracker.update(reading)
+                if slot.get("engine") != reading.engine:  # a new engine on the port: ask again
+                    slot["engine"], slot["version"] = reading.engine, None
+                    slot.pop("version_asked_at", None)
+                state.version = slot.get("version")
+                slot["result"] = (taken_at, state)
+            except EngineError as exc:
+                slot["result"] = (taken_at, str(exc))
+
+    @hookimpl
+    def rbee_collect_worker(self, worker, telemetry) -> None:
+        found = worker.state(NAME).get("result")
+        if found is None:
+            return
+        taken_at, result = found
+        age = time.monotonic() - taken_at
+        if age > self.stale_after_s:
+            raise EngineError(f"engine metrics are {age:.1f}s old (refresh stalled)")
+        if isinstance(result, str):
+            raise EngineError(result)
+        telemetry.engine = result
+
+
+@hookimpl
+def rbee_collector_setup(settings, plugin_manager) -> None:
+    plugin_manager.register(EngineCollector(settings.engine, settings.interval_s),
+                            name="engine.scraper")

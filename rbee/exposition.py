@@ -1,0 +1,309 @@
+"""The fleet in Prometheus' terms: per worker, per GPU and per hive, read at scrape time.
+
+Both the queen (the whole fleet) and a hive (itself, node_exporter style) serve ``GET /metrics``
+through ``FleetCollector``, a prometheus-client custom collector: it builds its metric families
+from the current records when scraped, so there is no metric object per heartbeat and a worker or
+hive that is gone is gone from the next scrape (cardinality stays that of the fleet).
+
+Names and units follow Prometheus' conventions: base units (bytes, seconds, ratios of one CPU
+core or one GPU), ``_total`` only on counters. Labels: ``hive``, ``group``, ``instance``,
+``model`` on workers; ``hive``, ``gpu`` (index), ``uuid`` (and ``mig_parent`` for a MIG instance)
+on GPUs. A figure the hive does not know (``null`` in the contract) is left out, never sent as 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import trio
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .telemetry import GpuDevice, HiveInfo, WorkerTelemetry, describe_health
+
+MIB = 2**20
+HEALTH_STATES = ("healthy", "degraded", "unhealthy")
+
+
+@dataclass(frozen=True, slots=True)
+class HiveRecord:
+    """One hive as a scrape sees it (the structs are never mutated once stored)."""
+
+    info: HiveInfo
+    workers: list[WorkerTelemetry]
+    gpus: list[GpuDevice]
+    stale: bool = False
+    silent_s: float = 0.0
+
+
+WORKER_LABELS = ("hive", "group", "instance", "model")
+GPU_LABELS = ("hive", "gpu", "uuid", "mig_parent")
+
+# (name, help, value in base units or None when unknown)
+WORKER_GAUGES: tuple[tuple[str, str, Callable[[WorkerTelemetry], float | None]], ...] = (
+    ("rbee_worker_cpu_ratio", "CPU used, in cores (1.0 = one core busy), over the last sample",
+     lambda w: w.cpu_pct / 100),
+    ("rbee_worker_cpu_limit_ratio", "CPU limit, in cores",
+     lambda w: None if w.cpu_limit_pct is None else w.cpu_limit_pct / 100),
+    ("rbee_worker_resident_memory_bytes", "Resident memory of the worker's main process",
+     lambda w: w.rss_mb * MIB),
+    ("rbee_worker_memory_bytes", "Memory the worker's cgroup is charged, page cache included",
+     lambda w: w.memory_mb * MIB),
+    ("rbee_worker_memory_limit_bytes", "Memory limit of the worker's cgroup",
+     lambda w: None if w.memory_limit_mb is None else w.memory_limit_mb * MIB),
+    ("rbee_worker_io_read_bytes_per_second", "Bytes read per second over the last sample",
+     lambda w: w.io_r_mb_s * MIB),
+    ("rbee_worker_io_write_bytes_per_second", "Bytes written per second over the last sample",
+     lambda w: w.io_w_mb_s * MIB),
+    ("rbee_worker_uptime_seconds", "Seconds since the worker started", lambda w: w.uptime_s),
+    ("rbee_worker_gpu_utilization_ratio",
+     "GPU use summed over its GPUs (1.0 = one GPU busy); see gpu_util_source",
+     lambda w: None if w.gpu_util_pct is None else w.gpu_util_pct / 100),
+    ("rbee_worker_gpu_memory_bytes", "VRAM its processes hold, all its GPUs",
+     lambda w: w.vram_mb * MIB),
+    ("rbee_worker_errors", "Collector errors in its last record", lambda w: len(w.errors)),
+    ("rbee_worker_engine_requests_running", "Requests its inference engine is serving",
+     lambda w: None if w.engine is None else w.engine.requests_running),
+    ("rbee_worker_engine_requests_waiting", "Requests queued in its inference engine",
+     lambda w: None if w.engine is None else w.engine.requests_waiting),
+    ("rbee_worker_engine_kv_cache_usage_ratio", "Share of its engine's KV cache in use",
+     lambda w: None if w.engine is None or w.engine.kv_cache_pct is None
+     else w.engine.kv_cache_pct / 100),
+    ("rbee_worker_engine_prompt_tokens_per_second", "Prompt tokens its engine processed per second",
+     lambda w: None if w.engine is None else w.engine.prompt_tokens_s),
+    ("rbee_worker_engine_generation_tokens_per_second", "Tokens its engine generated per second",
+     lambda w: None if w.engine is None else w.engine.generation_tokens_s),
+    ("rbee_worker_engine_time_to_first_token_p95_seconds",
+     "95th percentile of its engine's time to first token over the engine window",
+     lambda w: None if w.engine is None else w.engine.ttft_p95_s),
+)
+
+GPU_GAUGES: tuple[tuple[str, str, Callable[[GpuDevice], float | None]], ...] = (
+    ("rbee_gpu_utilization_ratio", "Share of the driver's sampling period a kernel ran",
+     lambda d: None if d.util_pct is None else d.util_pct / 100),
+    ("rbee_gpu_memory_utilization_ratio", "Share of the driver's period memory was busy",
+     lambda d: None if d.mem_util_pct is None else d.mem_util_pct / 100),
+    ("rbee_gpu_memory_total_bytes", "VRAM of the device", lambda d: d.vram_total_mb * MIB),
+    ("rbee_gpu_memory_used_bytes", "VRAM in use on the device", lambda d: d.vram_used_mb * MIB),
+    ("rbee_gpu_memory_free_bytes", "VRAM free on the device", lambda d: d.vram_free_mb * MIB),
+    ("rbee_gpu_temperature_celsius", "GPU temperature", lambda d: d.temperature_c),
+    ("rbee_gpu_power_watts", "Power draw", lambda d: d.power_w),
+    ("rbee_gpu_sample_age_seconds", "Age of these figures when the heartbeat was built",
+     lambda d: d.sample_age_s),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    info: bool = False
+    """An info metric: its value is 1, its labels are the information."""
+
+
+WORKER_FAMILIES = tuple(Family(name, text, WORKER_LABELS) for name, text, _ in WORKER_GAUGES)
+GPU_FAMILIES = tuple(Family(name, text, GPU_LABELS) for name, text, _ in GPU_GAUGES)
+OTHER_FAMILIES = (
+    Family("rbee_worker_gpu_device_utilization_ratio",
+           "A worker's SM use of one GPU or MIG instance (its own processes' samples, or the "
+           "device's figure where per-process figures are unsupported: see source)",
+           (*WORKER_LABELS, "gpu", "uuid", "source")),
+    Family("rbee_worker_gpu_device_memory_bytes", "VRAM a worker's processes hold on one GPU",
+           (*WORKER_LABELS, "gpu", "uuid")),
+    Family("rbee_gpu_health", "1 for the GPU's health state", (*GPU_LABELS, "state")),
+    Family("rbee_gpu_faults", "Standing faults by kind", (*GPU_LABELS, "kind", "fatal")),
+    Family("rbee_hive_up", "1 when the hive is heard from (not stale)", ("hive",)),
+    Family("rbee_hive_heartbeat_age_seconds",
+           "Seconds since its last heartbeat, by the queen's clock", ("hive",)),
+    Family("rbee_hive_health", "1 for the hive's health state", ("hive", "state")),
+    Family("rbee_hive_workers", "Workers the hive reports", ("hive",)),
+    Family("rbee_hive", "The hive's version, host and status",
+           ("hive", "version", "hostname", "status"), info=True),
+)
+FAMILIES = WORKER_FAMILIES + OTHER_FAMILIES[:2] + GPU_FAMILIES + OTHER_FAMILIES[2:]
+
+Row = tuple[tuple[str, ...], tuple[str, ...], float]
+"""One sample: the entity's labels (one tuple per worker, GPU or hive, shared by all of its
+samples), the family's extra labels, the value."""
+
+
+def fleet_rows(hives: list[HiveRecord]) -> list[list[Row]]:
+    """Every sample of the fleet, per family (in ``FAMILIES`` order), in one pass."""
+    rows: list[list[Row]] = [[] for _ in FAMILIES]
+    gpus_at = len(WORKER_FAMILIES) + 2
+    worker_rows, gpu_rows = rows[:len(WORKER_FAMILIES)], rows[gpus_at:gpus_at + len(GPU_FAMILIES)]
+    (device_util, device_vram, gpu_health, gpu_faults, hive_up, hive_age, hive_health,
+     hive_workers, hive_info) = (rows[FAMILIES.index(f)] for f in OTHER_FAMILIES)
+    none = ()
+    for hive in hives:
+        hive_id = hive.info.id
+        hive_labels = (hive_id,)
+        hive_up.append((hive_labels, none, 0.0 if hive.stale else 1.0))
+        hive_age.append((hive_labels, none, hive.silent_s))
+        hive_workers.append((hive_labels, none, len(hive.workers)))
+        state = _state(hive.info.health_status)
+        for known in HEALTH_STATES:
+            hive_health.append((hive_labels, (known,), 1.0 if known == state else 0.0))
+        hive_info.append((hive_labels, (hive.info.version, hive.info.hostname,
+                                        str(hive.info.operational_status)), 1.0))
+        for worker in hive.workers:
+            labels = (hive_id, worker.group, worker.instance, worker.model or "")
+            for family_rows, (_, _, value_of) in zip(worker_rows, WORKER_GAUGES, strict=True):
+                value = value_of(worker)
+                if value is not None:
+                    family_rows.append((labels, none, value))
+            for use in worker.gpus:
+                if use.util_pct is not None:
+                    device_util.append((labels, (str(use.index), use.uuid,
+                                                 str(use.util_source or "")), use.util_pct / 100))
+                if use.vram_mb is not None:
+                    device_vram.append((labels, (str(use.index), use.uuid), use.vram_mb * MIB))
+        for device in hive.gpus:
+            labels = (hive_id, str(device.index), device.uuid, device.mig_parent_uuid or "")
+            for family_rows, (_, _, value_of) in zip(gpu_rows, GPU_GAUGES, strict=True):
+                value = value_of(device)
+                if value is not None:
+                    family_rows.append((labels, none, value))
+            state = _state(device.health)
+            for known in HEALTH_STATES:
+                gpu_health.append((labels, (known,), 1.0 if known == state else 0.0))
+            for (kind, fatal), count in sorted(_fault_counts(device).items()):
+                gpu_faults.append((labels, (kind, fatal), count))
+    return rows
+
+
+class FleetCollector(Collector):
+    """The fleet as a prometheus-client collector over ``records()``, for any
+    ``CollectorRegistry`` (one's own exporter, say). rbee's own ``/metrics`` writes the same
+    samples with ``fleet_text``: prometheus-client's generic encoder takes 2.8 s for a fleet of
+    1,000 hives of 10 workers (230,000 samples), past a scrape's budget."""
+
+    def __init__(self, records: Callable[[], Iterable[HiveRecord]]) -> None:
+        self.records = records
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked: the families depend on the fleet at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        for family, rows in zip(FAMILIES, fleet_rows(list(self.records())), strict=True):
+            if family.info:
+                metric = InfoMetricFamily(family.name, family.help, labels=family.labels[:1])
+                for labels, extra, _ in rows:
+                    metric.add_metric(labels, dict(zip(family.labels[1:], extra, strict=True)))
+            else:
+                metric = GaugeMetricFamily(family.name, family.help, labels=family.labels)
+                for labels, extra, value in rows:
+                    metric.add_metric(labels + extra, value)
+            yield metric
+
+
+def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
+    """The same samples as ``fleet_rows``, in the text format (0.0.4) or OpenMetrics 1.0, written
+    directly: each worker's, GPU's and hive's label string is built once and every family is one
+    list comprehension over them (~0.7 µs a sample here, against ~12 µs through
+    prometheus-client's encoder). ``test_exposition`` holds the two to the same samples."""
+    workers, gpus, hive_labels = [], [], []
+    for hive in hives:
+        hive_id = _escape(hive.info.id)
+        hive_labels.append((f'hive="{hive_id}"', hive))
+        for w in hive.workers:
+            workers.append((f'hive="{hive_id}",group="{_escape(w.group)}",instance='
+                            f'"{_escape(w.instance)}",model="{_escape(w.model or "")}"', w))
+        for d in hive.gpus:
+            gpus.append((f'hive="{hive_id}",gpu="{d.index}",uuid="{_escape(d.uuid)}",'
+                         f'mig_parent="{_escape(d.mig_parent_uuid or "")}"', d))
+    out: list[str] = []
+
+    def family(family: Family, lines: list[str]) -> None:
+        if lines:
+            kind = "info" if family.info and openmetrics else "gauge"
+            name = family.name if openmetrics or not family.info else f"{family.name}_info"
+            out.append(f"# HELP {name} {family.help}\n# TYPE {name} {kind}\n")
+            out.extend(lines)
+
+    for spec, (name, _, value_of) in zip(WORKER_FAMILIES, WORKER_GAUGES, strict=True):
+        family(spec, [f"{name}{{{labels}}} {value!r}\n" for labels, w in workers
+                      if (value := value_of(w)) is not None])
+    util, vram = OTHER_FAMILIES[0].name, OTHER_FAMILIES[1].name
+    family(OTHER_FAMILIES[0], [
+        f'{util}{{{labels},gpu="{u.index}",uuid="{_escape(u.uuid)}",source="{u.util_source or ""}"}}'
+        f" {u.util_pct / 100!r}\n" for labels, w in workers for u in w.gpus if u.util_pct is not None])
+    family(OTHER_FAMILIES[1], [
+        f'{vram}{{{labels},gpu="{u.index}",uuid="{_escape(u.uuid)}"}} {u.vram_mb * MIB!r}\n'
+        for labels, w in workers for u in w.gpus if u.vram_mb is not None])
+    for spec, (name, _, value_of) in zip(GPU_FAMILIES, GPU_GAUGES, strict=True):
+        family(spec, [f"{name}{{{labels}}} {value!r}\n" for labels, d in gpus
+                      if (value := value_of(d)) is not None])
+    health, faults = OTHER_FAMILIES[2].name, OTHER_FAMILIES[3].name
+    family(OTHER_FAMILIES[2], [
+        f'{health}{{{labels},state="{known}"}} {1.0 if _state(d.health) == known else 0.0}\n'
+        for labels, d in gpus for known in HEALTH_STATES])
+    family(OTHER_FAMILIES[3], [
+        f'{faults}{{{labels},kind="{kind}",fatal="{fatal}"}} {count}\n' for labels, d in gpus
+        for (kind, fatal), count in sorted(_fault_counts(d).items())])
+    up, age, hive_health, count, info = (f.name for f in OTHER_FAMILIES[4:])
+    family(OTHER_FAMILIES[4], [f"{up}{{{labels}}} {0.0 if h.stale else 1.0}\n"
+                               for labels, h in hive_labels])
+    family(OTHER_FAMILIES[5], [f"{age}{{{labels}}} {h.silent_s!r}\n" for labels, h in hive_labels])
+    family(OTHER_FAMILIES[6], [
+        f'{hive_health}{{{labels},state="{known}"}} '
+        f"{1.0 if _state(h.info.health_status) == known else 0.0}\n"
+        for labels, h in hive_labels for known in HEALTH_STATES])
+    family(OTHER_FAMILIES[7], [f"{count}{{{labels}}} {len(h.workers)}\n"
+                               for labels, h in hive_labels])
+    family(OTHER_FAMILIES[8], [
+        f'{info}_info{{{labels},version="{_escape(h.info.version)}",hostname='
+        f'"{_escape(h.info.hostname)}",status="{h.info.operational_status}"}} 1.0\n'
+        for labels, h in hive_labels])
+    return "".join(out)
+
+
+def _state(status) -> str:
+    return describe_health(status).partition(":")[0]
+
+
+def _fault_counts(device: GpuDevice) -> Counter:
+    return Counter((str(f.kind), str(f.fatal).lower()) for f in device.faults)
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def render(registry: CollectorRegistry, accept: str | None,
+           hives: Callable[[], list[HiveRecord]] | None = None) -> tuple[bytes, str]:
+    """The exposition of ``registry`` (and of the fleet in ``hives()``) in the format ``accept``
+    asks for: OpenMetrics when the scraper asks for it (Prometheus does), else the classic text
+    format."""
+    encoder, content_type = choose_encoder(accept or "")
+    body = encoder(registry)
+    if hives is None:
+        return body, content_type
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    fleet = fleet_text(hives(), openmetrics).encode()
+    if openmetrics:
+        return body.removesuffix(b"# EOF\n") + fleet + b"# EOF\n", content_type
+    return body + fleet, content_type
+
+
+def metrics_route(registry: CollectorRegistry,
+                  hives: Callable[[], list[HiveRecord]]) -> Route:
+    """``GET /metrics``: ``registry`` (the server's own figures) and the fleet in ``hives()``.
+    Built in a worker thread: a large fleet's takes tens of milliseconds, which must not hold up
+    heartbeats or the stream."""
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = await trio.to_thread.run_sync(
+            render, registry, request.headers.get("accept"), hives)
+        return Response(body, media_type=content_type)
+
+    return Route("/metrics", metrics, methods=["GET"])

@@ -1,0 +1,58 @@
+"""The queen's ``/metrics``: the queen itself, beside the whole fleet (``rbee.exposition``).
+
+The queen's own figures: heartbeats received and refused (by reason), the time to ingest one
+(read, decode, store, publish), stream clients and lagged clients, and the registry's size. They
+live in a ``CollectorRegistry`` of this queen's own (not prometheus-client's global one), so two
+queens in one process, as in the tests, keep their counts apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ..exposition import HiveRecord
+
+REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large",
+                   415: "unsupported_encoding"}
+"""The reason label of a refused heartbeat, by HTTP status (anything else: ``other``)."""
+
+
+class QueenMetrics:
+    def __init__(self, records: Callable[[], list[HiveRecord]],
+                 stream_clients: Callable[[], int], lagged_total: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.received = Counter("rbee_queen_heartbeats_received", "Heartbeats accepted",
+                                registry=self.registry)
+        self.refused = Counter("rbee_queen_heartbeats_refused", "Heartbeats refused, by reason",
+                               ["reason"], registry=self.registry)
+        for reason in (*REFUSAL_REASONS.values(), "other"):
+            self.refused.labels(reason)  # every reason present from the start, at 0
+        self.ingest = Histogram(
+            "rbee_queen_heartbeat_ingest_seconds", "Time to read, decode, store and publish one",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry)
+        self.registry.register(_QueenState(records, stream_clients, lagged_total))
+        self.records = records
+        """The fleet, written beside the registry by ``rbee.exposition.render``."""
+
+    def refusal(self, status_code: int) -> None:
+        self.refused.labels(REFUSAL_REASONS.get(status_code, "other")).inc()
+
+
+class _QueenState(Collector):
+    def __init__(self, records, stream_clients, lagged_total) -> None:
+        self.records, self.stream_clients, self.lagged_total = records, stream_clients, lagged_total
+
+    def collect(self) -> Iterator[Metric]:
+        hives = self.records()
+        yield GaugeMetricFamily("rbee_queen_hives", "Hives in the registry", value=len(hives))
+        yield GaugeMetricFamily("rbee_queen_workers", "Workers in the registry",
+                                value=sum(len(h.workers) for h in hives))
+        yield GaugeMetricFamily("rbee_queen_stream_clients", "Clients of the live stream",
+                                value=self.stream_clients())
+        yield CounterMetricFamily("rbee_queen_stream_lagged", "Times a stream client lagged "
+                                  "and was resynced with a snapshot", value=self.lagged_total())

@@ -1,0 +1,113 @@
+"""The fleet's exposition (``rbee.exposition``): rbee's fast writer and the prometheus-client
+collector give the same samples; both formats parse with prometheus-client's own parsers (the
+OpenMetrics one is strict); label values are escaped; unknown figures are absent."""
+
+from __future__ import annotations
+
+import msgspec
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from rbee.exposition import FleetCollector, HiveRecord, fleet_text, render
+from rbee.telemetry import (
+    Degraded,
+    EngineState,
+    GpuFault,
+    GpuFaultKind,
+    GpuUtilSource,
+    Unhealthy,
+    WorkerGpuUse,
+)
+
+from .builders import GIB, fleet_heartbeat, gpu, heartbeat, worker
+
+MIB = 2**20
+
+
+def records() -> list[HiveRecord]:
+    odd = worker("w0", model='say "hi"\\ \nbye', gpu_util_pct=None, gpus=[
+        WorkerGpuUse(index=0, uuid="MIG-1", vram_mb=3 * GIB, util_pct=None),
+        WorkerGpuUse(index=1, uuid="GPU-00000001", vram_mb=None, util_pct=55.0,
+                     util_source=GpuUtilSource.DEVICE)])
+    sick = msgspec.structs.replace(
+        gpu(1, total_gib=80, used_gib=8), temperature_c=61.0, faults=[
+            GpuFault(kind=GpuFaultKind.XID, fatal=True, detail="Xid 79"),
+            GpuFault(kind=GpuFaultKind.XID, fatal=True, detail="Xid 79 again"),
+            GpuFault(kind=GpuFaultKind.THERMAL_SLOWDOWN, fatal=False, detail="hot")],
+        health=Unhealthy(reason="xid"))
+    mig = msgspec.structs.replace(gpu(0, total_gib=20, used_gib=3), uuid="MIG-1", util_pct=None,
+                                  mig_parent_uuid="GPU-00000000", mig_instance_id=1)
+    served = worker("w1", engine=EngineState(engine="vllm", requests_running=12,
+                                             requests_waiting=7, kv_cache_pct=94.0,
+                                             ttft_p95_s=0.975))
+    one = heartbeat("a", [odd, served], [mig, sick], health=Degraded(reason="GPU 1"))
+    two = fleet_heartbeat("b", 3)
+    return [HiveRecord(info=one.hive, workers=one.workers, gpus=one.capabilities, silent_s=0.5),
+            HiveRecord(info=two.hive, workers=two.workers, gpus=two.capabilities, stale=True,
+                       silent_s=7.25)]
+
+
+def samples(families) -> list[tuple]:
+    return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                  for f in families for s in f.samples if not s.name.endswith("_created"))
+
+
+def test_fast_writer_and_collector_give_the_same_samples():
+    fleet = records()
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(lambda: fleet))
+    collector = samples(parse_text(generate_latest(registry).decode()))
+    fast = samples(parse_text(fleet_text(fleet, openmetrics=False)))
+    assert fast == collector and len(fast) > 100
+
+
+def test_openmetrics_is_strictly_valid_and_has_the_same_samples():
+    fleet = records()
+    body, content_type = render(CollectorRegistry(), "application/openmetrics-text; version=1.0.0",
+                                lambda: fleet)
+    assert content_type.startswith("application/openmetrics-text")
+    strict = list(parse_openmetrics(body.decode()))  # raises on any violation
+    assert {f.name: f.type for f in strict}["rbee_hive"] == "info"
+    assert samples(strict) == samples(parse_text(fleet_text(fleet, openmetrics=False)))
+
+
+def test_values_labels_escaping_and_absence():
+    by_key = {}
+    for name, labels, value in samples(parse_text(fleet_text(records(), openmetrics=False))):
+        by_key.setdefault(name, []).append((dict(labels), value))
+    [(labels, rss)] = [x for x in by_key["rbee_worker_resident_memory_bytes"]
+                       if x[0]["instance"] == "w0"]
+    assert labels["model"] == 'say "hi"\\ \nbye' and rss == 512 * MIB  # escaped and read back
+    assert [x[0]["instance"] for x in by_key["rbee_worker_gpu_utilization_ratio"]
+            if x[0]["hive"] == "a"] == ["w1"]  # w0's is unknown: absent, not 0
+    [(labels, util)] = [x for x in by_key["rbee_worker_gpu_device_utilization_ratio"]
+                        if x[0]["hive"] == "a"]
+    assert (labels["uuid"], labels["source"], util) == ("GPU-00000001", "device", 0.55)
+    assert [x[0]["uuid"] for x in by_key["rbee_worker_gpu_device_memory_bytes"]
+            if x[0]["hive"] == "a"] == ["MIG-1"]
+    faults = {(x[0]["kind"], x[0]["fatal"]): x[1] for x in by_key["rbee_gpu_faults"]}
+    assert faults == {("xid", "true"): 2.0, ("thermal_slowdown", "false"): 1.0}
+    health = {(x[0]["hive"], x[0]["gpu"], x[0]["state"]): x[1] for x in by_key["rbee_gpu_health"]}
+    assert health[("a", "1", "unhealthy")] == 1.0 and health[("a", "1", "healthy")] == 0.0
+    assert {x[0]["mig_parent"] for x in by_key["rbee_gpu_memory_total_bytes"]
+            if x[0]["hive"] == "a"} == {"GPU-00000000", ""}
+    up = {x[0]["hive"]: x[1] for x in by_key["rbee_hive_up"]}
+    age = {x[0]["hive"]: x[1] for x in by_key["rbee_hive_heartbeat_age_seconds"]}
+    assert up == {"a": 1.0, "b": 0.0} and age == {"a": 0.5, "b": 7.25}
+    engine = {name: [(x[0]["instance"], x[1]) for x in by_key.get(name, []) if x[0]["hive"] == "a"]
+              for name in ("rbee_worker_engine_requests_running",
+                           "rbee_worker_engine_requests_waiting",
+                           "rbee_worker_engine_kv_cache_usage_ratio",
+                           "rbee_worker_engine_generation_tokens_per_second",
+                           "rbee_worker_engine_time_to_first_token_p95_seconds")}
+    assert engine == {  # w0 has no engine state, w1's has no rates yet: absent, not 0
+        "rbee_worker_engine_requests_running": [("w1", 12.0)],
+        "rbee_worker_engine_requests_waiting": [("w1", 7.0)],
+        "rbee_worker_engine_kv_cache_usage_ratio": [("w1", 0.94)],
+        "rbee_worker_engine_generation_tokens_per_second": [],
+        "rbee_worker_engine_time_to_first_token_p95_seconds": [("w1", 0.975)]}
+    mig_util = [x for x in by_key.get("rbee_gpu_utilization_ratio", []) if x[0]["uuid"] == "MIG-1"]
+    assert mig_util == []  # the driver gives none for a MIG instance
