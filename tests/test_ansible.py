@@ -22,7 +22,6 @@ import grp
 import json
 import os
 import pwd
-import re
 import shlex
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ import pytest
 import trio
 import yaml
 
+from .ansiblekit import EXAMPLE_INVENTORY, REPO, SITE, Run, ansible_env, export_checkout, write_vault
 from .conftest import IS_ROOT, RUN_ROOT
 from .daemons import BIN, Daemon, clear_cgroup_root
 from .queenkit import free_port
@@ -44,19 +44,7 @@ from .queenkit import free_port
 pytestmark = pytest.mark.skipif(
     not IS_ROOT, reason="the playbook creates a system user and chowns files: that needs root")
 
-REPO = Path(__file__).parents[1]
-SITE = REPO / "ansible" / "site.yml"
-EXAMPLE_INVENTORY = REPO / "ansible" / "inventory" / "example"
-RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
-                   re.MULTILINE)
 HEARTBEAT_INTERVAL_S = 1.0  # hive.yaml's default, which the deployment keeps
-
-
-@dataclass
-class Run:
-    output: str
-    changed: dict[str, int]
-    """changed=N of each host in the PLAY RECAP."""
 
 
 @dataclass
@@ -86,25 +74,10 @@ class Deployment:
         """A run that must succeed, with its output and each host's changed count."""
         result = self.run_playbook(*args)
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-        run = Run(result.stdout, {host: int(changed)
-                                  for host, _, changed, *_ in RECAP.findall(result.stdout)})
+        run = Run.parse(result.stdout)
         assert set(run.changed) == {"queen-local", "hive-local"}, result.stdout[-3000:]
         self.runs.append(run)
         return run
-
-
-def export_checkout(destination: Path) -> Path:
-    """This checkout's files as git sees them (tracked, and new files not ignored), so building
-    its wheel writes nothing into the working tree."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        source = REPO / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return destination
 
 
 def write_inventory(tree: Path, prefix: Path, *, user: str, queen_port: int, hive_port: int,
@@ -142,23 +115,8 @@ def write_inventory(tree: Path, prefix: Path, *, user: str, queen_port: int, hiv
             "--load", "0.05"]}],
     }
     (inventory / "group_vars" / "all" / "zz-test.yml").write_text(yaml.safe_dump(overrides))
-    vault_password = tree / "vault-password"
-    vault_password.write_text(os.urandom(16).hex())
-    vault = inventory / "group_vars" / "all" / "vault.yml"
-    vault.write_text(f"vault_rbee_auth_token: {token}\n")
-    subprocess.run([str(BIN / "ansible-vault"), "encrypt", "--vault-password-file",
-                    str(vault_password), str(vault)], check=True, capture_output=True,
-                   env=ansible_env(tree), timeout=60)
-    assert vault.read_text().startswith("$ANSIBLE_VAULT;") and token not in vault.read_text()
+    vault_password = write_vault(tree, inventory, token)
     return inventory, vault_password
-
-
-def ansible_env(tree: Path) -> dict[str, str]:
-    return {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
-            "ANSIBLE_HOME": str(tree / "ansible-home"),
-            "ANSIBLE_LOCAL_TEMP": str(tree / "ansible-tmp"),
-            "ANSIBLE_REMOTE_TEMP": str(tree / "ansible-tmp"),
-            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
 
 
 def remove_user(name: str) -> None:
