@@ -44,6 +44,7 @@ setup(
             "pytest>=8.2",
             "pytest-trio>=0.8",
             "pytest-benchmark>=4.0",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "psutil>=5.9",
             # tests pip-install examples/rbee-plugin-example offline, without build isolation:
