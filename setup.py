@@ -46,6 +46,8 @@ setup(
             "pytest-benchmark>=4.0",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # TLS tests make their CA and certificates on the fly
+            "trustme>=1.1",
             # tests pip-install examples/rbee-plugin-example offline, without build isolation:
             # bdist_wheel is part of setuptools from 70.1 on
             "setuptools>=70.1",
