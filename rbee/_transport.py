@@ -37,7 +37,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -114,15 +114,30 @@ class ConnectionTable:
         self.open -= 1
 
 
+class _PlainH11(H11Protocol):
+    """HTTP/1.1 on a plain connection: a prior-knowledge HTTP/2 preface ends the connection, and
+    an ``Upgrade: h2c`` is not taken up (the request is answered in HTTP/1.1)."""
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
+            raise H2ProtocolAssumedError(b"")
+
+
 class _Http1OnlyWrapper(ProtocolWrapper):
-    """Hypercorn's protocol switch, refusing to switch to HTTP/2 on a plain connection."""
+    """Hypercorn's protocol switch, never switching to HTTP/2 on a plain connection."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        if not self.ssl:
+            self.protocol = _PlainH11(self.app, self.config, self.context, self.task_group,
+                                      self.state, self.ssl, self.client, self.server, self.send)
 
     async def handle(self, event: Event) -> None:
         if self.ssl:
             return await super().handle(event)
         try:
             return await self.protocol.handle(event)
-        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
+        except H2ProtocolAssumedError:
             await self.send(Closed())
 
 

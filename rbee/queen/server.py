@@ -35,7 +35,9 @@ class QueenServer:
         self.registry = HiveRegistry(self.config.registry)
         self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
                                        max_clients=self.config.stream.max_clients,
-                                       snapshot=self.registry.snapshot)
+                                       snapshot=self.registry.snapshot,
+                                       client_buffer_bytes=self.config.stream.client_buffer_bytes,
+                                       write_chunk_bytes=self.config.stream.write_chunk_bytes)
         self.history = FleetHistory(self.config.history)
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
