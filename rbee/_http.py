@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -24,11 +23,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from ._errors import ConfigError, ContractError, ListenError
+from ._errors import ContractError, ListenError
 from ._logs import RateLimitedLog
 from ._transport import fit_descriptors, serve_connections
 from .config import HttpSettings
 from .telemetry import decode_json, encode
+from .tls import check_server_files
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -128,14 +128,21 @@ def json_app(routes: Sequence[BaseRoute], http: HttpSettings | None = None) -> S
 
 class BodyBudget:
     """The bytes of request bodies being read at once, across connections: with each request's
-    own limit, what bounds the memory unfinished uploads can take."""
+    own limit, what bounds the memory unfinished uploads can take.
+
+    Large bodies (over 1/64 of the budget) may hold only three quarters of it together: the last
+    quarter is kept for small ones, so a few unfinished multi-megabyte uploads cannot lock out the
+    hives' few-kilobyte heartbeats."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.small = limit // 64
         self.reserved = 0
 
-    def take(self, size: int) -> None:
-        if self.reserved + size > self.limit:
+    def take(self, size: int, body_size: int) -> None:
+        """Reserve ``size`` more bytes for a body of ``body_size`` so far, or refuse (503)."""
+        room = self.limit if body_size <= self.small else self.limit - self.limit // 4
+        if self.reserved + size > room:
             raise ApiError(503, f"too many request bodies being read at once "
                                 f"(http.max_body_bytes_in_flight: {self.limit} bytes); "
                                 f"retry later", headers={"retry-after": "1"})
@@ -161,7 +168,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
     budget: BodyBudget = request.app.state.body_budget
     reserved = int(declared) if declared is not None else 0
-    budget.take(reserved)
+    budget.take(reserved, reserved)
     try:
         with anyio.move_on_after(request.app.state.body_timeout_s) as waited:
             chunks, size = [], 0
@@ -170,7 +177,7 @@ async def read_body(request: Request, limit: int) -> bytes:
                 if size > limit:
                     raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
                 if size > reserved:  # chunked (or longer than declared: h11 refuses that)
-                    budget.take(size - reserved)
+                    budget.take(size - reserved, size)
                     reserved = size
                 chunks.append(chunk)
         if waited.cancelled_caught:
@@ -240,12 +247,8 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
     http.read_timeout = None
     http.h2_max_concurrent_streams = 16
     if settings.tls_cert_file is not None:
+        check_server_files(settings)
         http.certfile, http.keyfile = settings.tls_cert_file, settings.tls_key_file
-        try:
-            http.create_ssl_context()
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate {settings.tls_cert_file} and key "
-                              f"{settings.tls_key_file}: {exc}", key="http.tls_cert_file") from exc
     max_connections = fit_descriptors(settings.max_connections)
     try:
         sockets = http.create_sockets()

@@ -255,7 +255,7 @@ class GuardedConnection(TCPServer):
                 self.table.timed_out_total += 1
                 phase = "body" if self._body_started_at is not None else "headers"
                 self._timeouts.warning("closed a connection whose request %s took longer than "
-                                       "http.%s_timeout_s", phase, phase)
+                                       "http.%s_timeout_s", phase, phase.removesuffix("s"))
                 break
             if (data and self._request_started_at is None
                     and isinstance(self.protocol.protocol, H11Protocol)
@@ -265,6 +265,9 @@ class GuardedConnection(TCPServer):
             if data == b"":
                 break
         await self.protocol.handle(Closed())
+        # Done with this connection: end its keep-alive timer too, so that it leaves the table
+        # now (hypercorn's own loop would leave the task waiting out keep_alive_timeout_s).
+        self._scope.cancel()
 
 
 async def serve_connections(app: AppWrapper, http: HypercornConfig, sockets: Sockets,
