@@ -138,3 +138,42 @@ async def health_latencies(url: str, seconds: float, every_s: float = 0.05,
             assert response.status_code == 200, response.text
         await trio.sleep(every_s)
     return latencies
+
+
+KINDS = {
+    "slow-headers": {"first": slow_headers(), "trickle": b"a", "every_s": 2.0},
+    "slow-body": {"first": slow_body(4 * 2**20), "trickle": b" ", "every_s": 2.0},
+    "idle": {},
+    "big-bodies": {"first": slow_body(4 * 2**20 - 1), "payload": 512 * 2**10},
+    "h2c": {"first": HTTP2_PREFACE + HTTP2_SETTINGS},
+}
+"""The bench's kinds of hostile connection (bench/test_bench_hostile.py)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.hostilekit KIND PORT COUNT SECONDS``: hold ``COUNT`` hostile connections
+    of ``KIND`` for ``SECONDS`` from a process of their own (so the one measuring is not slowed
+    by them), then print what the server did, as JSON."""
+    import json
+    import sys
+
+    kind, port, count, seconds = (argv or sys.argv[1:])
+    raise_descriptor_limit(int(count) + 256)
+
+    async def attack() -> Hostile:
+        async with trio.open_nursery() as nursery:
+            hostile = await open_hostile(nursery, int(port), int(count), **KINDS[kind])
+            print("opened", flush=True)
+            await trio.sleep(float(seconds))
+            nursery.cancel_scope.cancel()
+        return hostile
+
+    hostile = trio.run(attack)
+    print(json.dumps({"opened": hostile.opened, "refused": hostile.refused,
+                      "closed": len(hostile.closed_after),
+                      "closed_after_max_s": max(hostile.closed_after, default=0.0),
+                      "status_503": hostile.status_codes().count(503)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
