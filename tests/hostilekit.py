@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
+REPLY_KEPT = 1000
+"""Bytes of each answer kept (status line, headers, the start of the JSON)."""
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
 
@@ -34,8 +36,8 @@ class Hostile:
     closed_after: list[float] = field(default_factory=list)
     """For each connection the server closed, seconds from its connect to the close."""
     replies: list[bytes] = field(default_factory=list)
-    """The first bytes the server answered on each connection that got an answer, or b"" for
-    one closed without an answer."""
+    """The first ``REPLY_KEPT`` bytes the server answered on each connection that got an answer,
+    or b"" for one closed without an answer."""
 
     def status_codes(self) -> list[int]:
         return [int(reply.split(b" ", 2)[1]) for reply in self.replies
@@ -74,16 +76,18 @@ async def _hold(sock: trio.socket.SocketType, hostile: Hostile, first: bytes, pa
     with sock:
         async with trio.open_nursery() as both:
             async def read_until_closed() -> None:
-                answered = False
+                answer = None  # its index in hostile.replies, from the first byte on
                 try:
                     while data := await sock.recv(4096):
-                        if not answered:
-                            hostile.replies.append(data[:1000])
-                            answered = True
+                        if answer is None:
+                            answer = len(hostile.replies)
+                            hostile.replies.append(b"")
+                        if len(hostile.replies[answer]) < REPLY_KEPT:
+                            hostile.replies[answer] += data[:REPLY_KEPT]
                 except OSError:
                     pass
                 hostile.closed_after.append(trio.current_time() - opened_at)
-                if not answered:
+                if answer is None:
                     hostile.replies.append(b"")
                 both.cancel_scope.cancel()
 
