@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute
 
 from ._errors import ContractError, ListenError
 from ._logs import RateLimitedLog
-from ._transport import fit_descriptors, serve_connections
+from ._transport import ConnectionTable, fit_descriptors, serve_connections
 from .config import HttpSettings
 from .telemetry import decode_json, encode
 from .tls import check_server_files
@@ -227,11 +227,13 @@ def gunzip_limited(body: bytes, limit: int) -> bytes:
 
 async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
                 shutdown_trigger: Callable[[], Awaitable[None]],
+                connections: ConnectionTable | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns; reports the bound URLs
     (``http://host:port``, or ``https://`` with ``tls_cert_file``) when listening (port 0 picks a
     free port). Connections are capped and every request phase has its deadline
-    (``rbee/_transport.py``)."""
+    (``rbee/_transport.py``); ``connections``, if given, is the table that counts them (for a
+    server's metrics), its limit set here to what the descriptors allow."""
     http = HypercornConfig()
     address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     http.bind = [address]
@@ -249,7 +251,8 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
     if settings.tls_cert_file is not None:
         check_server_files(settings)
         http.certfile, http.keyfile = settings.tls_cert_file, settings.tls_key_file
-    max_connections = fit_descriptors(settings.max_connections)
+    connections = connections or ConnectionTable(settings.max_connections)
+    connections.limit = fit_descriptors(settings.max_connections)
     try:
         sockets = http.create_sockets()
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
@@ -263,5 +266,5 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
         raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}",
                           address=address) from exc
     await serve_connections(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets,
-                            settings, max_connections, shutdown_trigger=shutdown_trigger,
+                            settings, connections, shutdown_trigger=shutdown_trigger,
                             task_status=task_status)

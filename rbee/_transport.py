@@ -271,14 +271,13 @@ class GuardedConnection(TCPServer):
 
 
 async def serve_connections(app: AppWrapper, http: HypercornConfig, sockets: Sockets,
-                            settings: HttpSettings, max_connections: int, *,
+                            settings: HttpSettings, table: ConnectionTable, *,
                             shutdown_trigger: Callable[[], Awaitable[None]],
                             task_status: trio.TaskStatus[list[str]]) -> None:
     """Hypercorn's ``worker_serve`` for apps without a lifespan (ours have none): accept on
     ``sockets`` until ``shutdown_trigger`` returns, then give requests in flight
-    ``http.graceful_timeout``. Reports the bound URLs."""
+    ``http.graceful_timeout``; ``table`` holds the connections. Reports the bound URLs."""
     context = WorkerContext(None)
-    table = ConnectionTable(max_connections)
     timeouts = RateLimitedLog(logging.getLogger("rbee.http.clients"))
     ssl_context = http.create_ssl_context()
     listeners: list[trio.abc.Listener[Any]] = []

@@ -7,6 +7,7 @@ on 127.0.0.1. The thousand-connection versions, with figures, are bench/test_ben
 from __future__ import annotations
 
 import json
+import os
 import resource
 import socket
 import ssl
@@ -59,6 +60,14 @@ def queen_daemon(tmp_path, **http: object) -> Daemon:
     return Daemon("rbee-queen", tmp_path / "queen.yaml", yaml.safe_dump(config))
 
 
+async def queen_metric(url: str, name: str) -> float:
+    """One sample of the queen's /metrics (a metric without labels)."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith(f"{name} ")))
+
+
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
@@ -81,7 +90,9 @@ async def test_slow_headers_are_cut_at_the_header_timeout(tmp_path, nursery):
                                          first=slow_headers(), trickle=b"a", every_s=0.3)
             delivered = await watch_deliveries(sender, 4.0)
             attack.cancel_scope.cancel()
+        timed_out = await queen_metric(queen.url, "rbee_queen_connections_timed_out_total")
     assert hostile.opened == HOSTILE
+    assert timed_out >= HOSTILE
     assert len(hostile.closed_after) == HOSTILE, "every slow-headers connection is closed"
     assert max(hostile.closed_after) < 1.0 + 2.5
     assert delivered.longest_gap_s < LONGEST_GAP_S, delivered
@@ -115,6 +126,8 @@ async def test_idle_sockets_beyond_the_cap_make_room_for_real_clients(tmp_path, 
             latencies = await health_latencies(queen.url, 1.0)
             attack.cancel_scope.cancel()
         assert len(idle.closed_after) >= 100, "idle sockets past the cap are closed"
+        assert await queen_metric(queen.url, "rbee_queen_connections_shed_total") >= 100
+        assert await queen_metric(queen.url, "rbee_queen_connections_limit") == 100
         assert delivered.longest_gap_s < LONGEST_GAP_S, delivered
         assert max(latencies) < 1.0
 
@@ -232,7 +245,8 @@ def tls_files(tmp_path):
 async def test_tls_queen_hive_and_cli(tls_files, nursery):
     """A queen serving HTTPS from its certificate files: a hive that trusts the CA delivers
     (``queen_url: https://...``, ``queen_ca_file``), one that does not is refused by its own TLS
-    check; HTTP/2 is offered over TLS; ``rbee workers --ca-file`` reads it."""
+    check; HTTP/2 is offered over TLS; ``rbee workers --ca-file`` and ``rbee top`` (with
+    ``RBEE_CA_FILE``) read it."""
     queen = await start_queen(nursery, http={"tls_cert_file": tls_files["cert"],
                                              "tls_key_file": tls_files["key"]})
     url = queen.urls[0]
@@ -255,6 +269,12 @@ async def test_tls_queen_hive_and_cli(tls_files, nursery):
         capture_output=True, text=True, timeout=30))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+    top = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [str(BIN / "rbee"), "top", "--rounds", "1", "--queen", url],
+        capture_output=True, text=True, timeout=30,
+        env={**os.environ, "RBEE_CA_FILE": tls_files["ca"]}))
+    assert top.returncode == 0, top.stderr
+    assert f"rbee: queen {url}\n1 hives (0 stale), 0 workers" in top.stdout
     untrusted = await trio.to_thread.run_sync(lambda: subprocess.run(
         [str(BIN / "rbee"), "workers", "--queen", url], capture_output=True, text=True,
         timeout=30))
