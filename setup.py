@@ -47,6 +47,8 @@ setup(
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # TLS tests make their CA and certificates on the fly
+            "trustme>=1.1",
             # tests pip-install examples/rbee-plugin-example offline, without build isolation:
             # bdist_wheel is part of setuptools from 70.1 on
             "setuptools>=70.1",

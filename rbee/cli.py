@@ -6,7 +6,8 @@
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
                    [--max-waiting N] [--max-kv-cache-pct P] [--json]
 
-``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one.
+``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one. For an
+``https://`` queen, ``--ca-file`` (or ``RBEE_CA_FILE``) names the CA bundle to verify it against.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from importlib.resources import files
@@ -33,6 +35,7 @@ from .queen.registry import FleetWorker
 from .queen.server import QueenServer
 from .stream_client import follow_stream
 from .telemetry import StreamEvent, decode_json
+from .tls import client_verify
 from .view import printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
@@ -45,7 +48,8 @@ def demo_config(queen_url: str) -> HiveConfig:
     return msgspec.structs.replace(config, queen_url=queen_url)
 
 
-async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None:
+async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5,
+                verify: ssl.SSLContext | bool = True) -> None:
     """Print the fleet whenever it changes (at most every ``refresh_s``); ``rounds`` > 0 stops
     after that many tables."""
     view = FleetView()
@@ -69,8 +73,9 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
         changed.set()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down))
-        nursery.start_soon(follow_history, queen_url, view, on_history)
+        nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down,
+                                                 verify=verify))
+        nursery.start_soon(follow_history, queen_url, view, on_history, verify)
         shown = 0
         while rounds == 0 or shown < rounds:
             await changed.wait()
@@ -84,11 +89,11 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
 
 
 async def follow_history(queen_url: str, view: FleetView, notify: Callable[[], None],
-                         every_s: float = 5.0) -> None:
+                         verify: ssl.SSLContext | bool = True, every_s: float = 5.0) -> None:
     """The workers' last minute for the LAST 60s column, every ``every_s``. Best effort: an old
     queen without history, or one that is down, leaves the column blank."""
     params = {"metric": TREND_METRICS, "since": "60", "step": "5"}
-    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s) as client:
+    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s, verify=verify) as client:
         while True:
             try:
                 response = await client.get("/v1/history", params=params)
@@ -138,7 +143,7 @@ async def _cancel_on_signal(signals, scope: trio.CancelScope) -> None:
 
 
 async def top(args: argparse.Namespace) -> None:
-    await watch(args.queen, args.rounds)
+    await watch(args.queen, args.rounds, verify=client_verify(args.ca_file, "--ca-file"))
 
 
 def workers(args: argparse.Namespace) -> int:
@@ -154,7 +159,8 @@ def workers(args: argparse.Namespace) -> int:
     if args.max_kv_cache_pct is not None:
         params["max_kv_cache_pct"] = str(args.max_kv_cache_pct)
     try:
-        response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout)
+        response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout,
+                             verify=client_verify(args.ca_file, "--ca-file"))
     except httpx.TransportError as exc:
         print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
         return 1
@@ -190,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     queen_option = argparse.ArgumentParser(add_help=False)
     queen_option.add_argument("--queen", default=os.environ.get("RBEE_QUEEN", DEFAULT_QUEEN),
                               help=f"the queen's URL (default: $RBEE_QUEEN or {DEFAULT_QUEEN})")
+    queen_option.add_argument("--ca-file", default=os.environ.get("RBEE_CA_FILE"),
+                              help="CA bundle (PEM) to verify an https:// queen against "
+                                   "(default: $RBEE_CA_FILE, else the system's CAs)")
     run_up = commands.add_parser("up", help="queen, local hive and demo workers, live view")
     run_up.add_argument("--port", type=int, default=7833, help="the queen's port (0: any free)")
     run_up.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
@@ -212,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.command == "workers":
-        return workers(args)
+        try:
+            return workers(args)
+        except RbeeError as exc:
+            print(f"rbee: {exc}", file=sys.stderr)
+            return 1
     status = 0
     try:
         trio.run(up if args.command == "up" else top, args)

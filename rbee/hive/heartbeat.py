@@ -27,6 +27,7 @@ from .._http import reply_message
 from ..auth import bearer
 from ..config import HeartbeatSettings
 from ..telemetry import HiveHeartbeat, encode
+from ..tls import client_verify
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,14 @@ class DeliveryState:
 
 class HeartbeatSender:
     def __init__(self, settings: HeartbeatSettings, queen_url: str, source: HeartbeatSource, *,
-                 token: str | None = None,
+                 token: str | None = None, ca_file: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  random_fraction: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.queen_url = parse_queen_url(queen_url)
         self.source = source
         self._headers = bearer(token)
+        self._verify = client_verify(ca_file, "queen_ca_file")
         self.state = DeliveryState()
         self._transport = transport
         self._random = random_fraction
@@ -92,7 +94,7 @@ class HeartbeatSender:
         timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                                 write=settings.write_timeout_s, pool=settings.pool_timeout_s)
         return httpx.AsyncClient(base_url=self.queen_url, timeout=timeout, headers=self._headers,
-                                 transport=self._transport)
+                                 verify=self._verify, transport=self._transport)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings

@@ -18,6 +18,7 @@ from .._daemon import run_daemon
 from .._errors import ConfigError
 from ..auth import read_token
 from ..config import HiveConfig
+from ..tls import check_server_files, client_verify
 from .heartbeat import parse_queen_url
 from .service import HiveService
 
@@ -27,6 +28,8 @@ def check(config: HiveConfig, source: str) -> str:
     queen URL, the token file and the workers' log directory. Start-up runs it too, so
     ``--check-config`` passes exactly the configs a hive starts with."""
     parse_queen_url(config.queen_url, source=source)
+    client_verify(config.queen_ca_file, "queen_ca_file", source)
+    check_server_files(config.http, source)
     token = read_token(config.auth_token_file, source)
     check_log_dir(config.log_dir, source)
     return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {config.queen_url}"

@@ -26,7 +26,7 @@ class HiveService:
         self.token = read_token(config.auth_token_file)
         self.agent = HiveAgent(config)
         self.sender = HeartbeatSender(config.heartbeat, config.queen_url, self.agent,
-                                      token=self.token)
+                                      token=self.token, ca_file=config.queen_ca_file)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()

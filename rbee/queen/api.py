@@ -230,4 +230,4 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/history", history, methods=["GET"]),
         metrics_route(metrics.registry, metrics.records),
         *dashboard_routes(),
-    ])
+    ], config.http)

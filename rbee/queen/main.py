@@ -14,12 +14,15 @@ import sys
 from .._daemon import run_daemon
 from ..auth import read_token
 from ..config import QueenConfig
+from ..tls import check_server_files
 from .server import QueenServer
 
 
 def describe(config: QueenConfig, source: str) -> str:
     token = read_token(config.auth_token_file, source)
-    return (f"listening on {config.bind}:{config.port}, "
+    check_server_files(config.http, source)
+    scheme = "https" if config.http.tls_cert_file else "http"
+    return (f"listening on {scheme}://{config.bind}:{config.port}, "
             f"{'hives need the token' if token else 'no token asked of hives'}")
 
 

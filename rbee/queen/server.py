@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from .._http import serve
+from .._transport import ConnectionTable
 from ..auth import read_token
 from ..config import QueenConfig
 from .api import build_app
@@ -35,11 +36,14 @@ class QueenServer:
         self.registry = HiveRegistry(self.config.registry)
         self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
                                        max_clients=self.config.stream.max_clients,
-                                       snapshot=self.registry.snapshot)
+                                       snapshot=self.registry.snapshot,
+                                       client_buffer_bytes=self.config.stream.client_buffer_bytes,
+                                       write_chunk_bytes=self.config.stream.write_chunk_bytes)
         self.history = FleetHistory(self.config.history)
+        self.connections = ConnectionTable(self.config.http.max_connections)
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
-                                    lambda: self.broadcaster.lagged_total)
+                                    lambda: self.broadcaster.lagged_total, self.connections)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -65,7 +69,8 @@ class QueenServer:
 
     async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(self.app, self.config.bind, self.config.port, self.config.http,
-                    shutdown_trigger=self._shutdown, task_status=task_status)
+                    shutdown_trigger=self._shutdown, connections=self.connections,
+                    task_status=task_status)
 
     def stop(self) -> None:
         """Begin a clean stop: streams end at once, requests in flight get the grace period."""
