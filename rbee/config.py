@@ -170,6 +170,10 @@ class HiveConfig(Settings):
     auth_token_file: str | None = None
     """A file holding the token shared with the queen (``rbee/auth.py``): sent with every
     heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
+    credential_file: str | None = None
+    """A file holding this hive's own secret (``rbee credential new ID``), sent with every
+    heartbeat instead of the shared token: the queen then lets this hive post, say goodbye and
+    be removed only as ``id`` (``rbee/credentials.py``). Unset: the token, if any, is sent."""
 
     def __post_init__(self) -> None:
         check_bind(self.bind)
@@ -270,7 +274,14 @@ class QueenConfig(Settings):
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
-    heartbeat and of a hive's removal. Unset: none is asked for."""
+    heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is
+    the admin's power: it may act for any hive."""
+    hive_credentials_file: str | None = None
+    """A file of ``hive_id:sha256$salt$hash`` lines (``rbee/credentials.py``): a hive that sends
+    its secret may post, say goodbye and be removed only as itself. Re-read when it changes."""
+    read_token_file: str | None = None
+    """A file holding a token asked of reads: the stream, ``/v1/hives``, ``/v1/workers``,
+    ``/v1/history`` and ``/metrics`` (the shared token is accepted too). Unset: reads are open."""
 
     def __post_init__(self) -> None:
         check_bind(self.bind)

@@ -17,7 +17,11 @@
     GET    /                         the live fleet dashboard; /static/... its files (dashboard.py)
 
 With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
-<token>`` (401 without it); reads stay open.
+<token>`` (401 without it). With ``hive_credentials_file`` set, a hive may instead send its own
+credential (``Authorization: Basic base64(hive_id:secret)``) and then acts only as itself: a
+heartbeat or goodbye for another hive id, or a DELETE of another hive, is refused (403). With
+``read_token_file`` set, the stream, the listings, the history and ``/metrics`` take the read
+token (or the shared one); ``/health`` stays open. See ``rbee/auth.py``.
 
 Every error is JSON ``{"status": "error", "message": ...}`` with a 4xx/5xx code, and a request that
 fails validation leaves the registry untouched.
@@ -41,7 +45,7 @@ from starlette.routing import Route
 from .. import __version__
 from .._errors import AdmissionError, NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
-from ..auth import require_token
+from ..auth import ANY_HIVE, authenticate_hive, require_reader
 from ..config import RegistrySettings
 from ..exposition import metrics_route
 from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat, encode
@@ -165,9 +169,12 @@ def build_app(queen: QueenServer) -> Starlette:
         return response
 
     async def ingest(request: Request) -> Response:
-        require_token(request, queen.token)
+        acting_as = authenticate_hive(request, queen.token, queen.credentials)
         body = await read_body(request, config.http.max_body_bytes)
         heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
+        if acting_as is not ANY_HIVE and heartbeat.hive.id != acting_as:
+            raise ApiError(403, f"the credential of hive {acting_as!r} cannot post as hive "
+                                f"{heartbeat.hive.id!r}")
         if len(heartbeat.workers) > config.registry.max_workers_per_hive:
             raise ApiError(400, f"invalid heartbeat: {len(heartbeat.workers)} workers, more than "
                                 f"registry.max_workers_per_hive "
@@ -193,7 +200,11 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
+    def reader(request: Request) -> None:
+        require_reader(request, queen.read_token, queen.token)
+
     async def stream(request: Request) -> Response:
+        require_reader(request, queen.read_token, queen.token, query_parameter=True)
         if broadcaster.closed:
             raise ApiError(503, "the queen is shutting down")
         if broadcaster.full:
@@ -208,17 +219,22 @@ def build_app(queen: QueenServer) -> Starlette:
                                         stream_clients=broadcaster.client_count))
 
     async def list_hives(request: Request) -> Response:
+        reader(request)
         return JsonResponse(registry.hives())
 
     async def get_hive(request: Request) -> Response:
+        reader(request)
         try:
             return JsonResponse(registry.get_hive(request.path_params["hive_id"]))
         except NotFoundError as exc:
             raise ApiError(404, str(exc)) from exc
 
     async def delete_hive(request: Request) -> Response:
-        require_token(request, queen.token)
+        acting_as = authenticate_hive(request, queen.token, queen.credentials)
         hive_id = request.path_params["hive_id"]
+        if acting_as is not ANY_HIVE and hive_id != acting_as:
+            raise ApiError(403, f"the credential of hive {acting_as!r} cannot remove hive "
+                                f"{hive_id!r} (only itself; the shared token can)")
         event = registry.remove_hive(hive_id, "removed by request")
         if event is None:
             raise ApiError(404, f"unknown hive {hive_id!r}")
@@ -226,6 +242,7 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:
+        reader(request)
         unknown = set(request.query_params) - set(WORKER_PARAMS)
         if unknown:
             raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
@@ -256,6 +273,7 @@ def build_app(queen: QueenServer) -> Starlette:
         return Response(body, media_type="application/json", headers=headers)
 
     async def history(request: Request) -> Response:
+        reader(request)
         params = request.query_params
         unknown = set(params) - HISTORY_PARAMS
         if unknown:
@@ -291,6 +309,6 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
         Route("/v1/workers", list_workers, methods=["GET"]),
         Route("/v1/history", history, methods=["GET"]),
-        metrics_route(metrics.registry, metrics.records),
+        metrics_route(metrics.registry, metrics.records, reader),
         *dashboard_routes(),
     ])

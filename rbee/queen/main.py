@@ -14,13 +14,20 @@ import sys
 from .._daemon import run_daemon
 from ..auth import read_token
 from ..config import QueenConfig
+from ..credentials import HiveCredentials
 from .server import QueenServer
 
 
 def describe(config: QueenConfig, source: str) -> str:
     token = read_token(config.auth_token_file, source)
-    return (f"listening on {config.bind}:{config.port}, "
-            f"{'hives need the token' if token else 'no token asked of hives'}")
+    credentials = (HiveCredentials(config.hive_credentials_file)
+                   if config.hive_credentials_file else None)
+    read = read_token(config.read_token_file, source, "read_token_file")
+    writes = [f"{len(credentials)} hive credentials" if credentials is not None else "",
+              "the token" if token else ""]
+    asked = " or ".join(w for w in writes if w) or "no token"
+    return (f"listening on {config.bind}:{config.port}, hives need {asked}"
+            f"{', reads need the read token' if read else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
