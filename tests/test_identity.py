@@ -20,6 +20,7 @@ import trio
 
 from rbee import ConfigError
 from rbee.auth import bearer, hive_basic
+from rbee.cli import main as rbee_main
 from rbee.credentials import HiveCredentials, new_credential, parse_credentials, read_secret
 from rbee.hive.main import check
 from rbee.telemetry import OperationalStatus, encode
@@ -201,25 +202,24 @@ def test_credentials_files_are_validated_naming_the_line(tmp_path):
         check(config, "hive.yaml")  # what --check-config and start-up run
 
 
-def test_rbee_credential_new_makes_what_the_queen_checks(tmp_path):
+def test_rbee_credential_new_makes_what_the_queen_checks(tmp_path, capsys):
     secret, line = cli_credential("gpu-07")
     (tmp_path / "credentials").write_text(line + "\n")
     credentials = HiveCredentials(str(tmp_path / "credentials"))
     assert credentials.verify("gpu-07", secret)
-    assert not credentials.verify("gpu-07", secret[:-1] + "A")
+    assert not credentials.verify("gpu-07", secret[:-1] + ("B" if secret.endswith("A") else "A"))
     assert not credentials.verify("gpu-08", secret)
-    target = tmp_path / "gpu-01.secret"
-    result = subprocess.run([RBEE, "credential", "new", "gpu-01", "--secret-file", str(target)],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    salt, hashed = result.stdout.strip().split(":", 1)[1].split("$")[1:]
+    target = tmp_path / "gpu-01.secret"  # the same command, in-process (no start-up cost)
+    assert rbee_main(["credential", "new", "gpu-01", "--secret-file", str(target)]) == 0
+    out, err = capsys.readouterr()
+    salt, hashed = out.strip().split(":", 1)[1].split("$")[1:]
     secret = target.read_text().strip()
-    assert secret not in result.stdout + result.stderr
+    assert secret not in out + err
     assert (os.stat(target).st_mode & 0o777) == 0o600
-    assert parse_credentials(result.stdout, "stdout") == {"gpu-01": (salt, hashed)}
-    again = subprocess.run([RBEE, "credential", "new", "gpu-01", "--secret-file", str(target)],
-                           capture_output=True, text=True, timeout=30)
-    assert again.returncode == 1 and "cannot create" in again.stderr  # never overwritten
+    assert parse_credentials(out, "stdout") == {"gpu-01": (salt, hashed)}
+    assert rbee_main(["credential", "new", "gpu-01", "--secret-file", str(target)]) == 1
+    assert "cannot create" in capsys.readouterr().err  # never overwritten
+    assert target.read_text().strip() == secret
 
 
 # -- the read token ------------------------------------------------------------------------
