@@ -220,6 +220,9 @@ class RegistrySettings(Settings):
     the rest come page by page (``X-Next-After``)."""
     workers_max_limit: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     """The largest ``limit`` a ``GET /v1/workers`` may ask for."""
+    hives_limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """``GET /v1/hives`` answers at most this many hives unless ``limit`` asks otherwise (up to
+    ``max_hives``); the rest come page by page (``X-Next-After``)."""
     max_workers_per_hive: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1024
     """A heartbeat with more workers is refused (400), so one hive cannot make the queen hold
     more than this many worker records."""

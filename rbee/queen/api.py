@@ -3,7 +3,8 @@
     POST   /v1/hive-heartbeat        a HiveHeartbeat; replies {"status": "ok", "message": ...}
     GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent
     GET    /health
-    GET    /v1/hives                 every hive (HiveState), stale ones flagged
+    GET    /v1/hives                 every hive (HiveState), stale ones flagged; paged like
+                                     /v1/workers (?limit=, registry.hives_limit; ?after=<hive id>)
     GET    /v1/hives/{hive_id}
     DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
     GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -46,7 +48,6 @@ from .. import __version__
 from .._errors import AdmissionError, NotFoundError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import ANY_HIVE, authenticate_hive, require_reader
-from ..config import RegistrySettings
 from ..exposition import metrics_route
 from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat, encode
 from .dashboard import dashboard_routes
@@ -114,39 +115,57 @@ def _float_param(request: Request, name: str) -> float | None:
     return number
 
 
-def _limit_param(request: Request, settings: RegistrySettings) -> int:
+def _limit_param(request: Request, default: int, most: int, most_key: str) -> int:
     value = request.query_params.get("limit")
     if value is None:
-        return settings.workers_limit
-    if not value.isdigit() or not 1 <= int(value) <= settings.workers_max_limit:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= most:
         raise ApiError(400, f"query parameter 'limit' must be a whole number from 1 to "
-                            f"{settings.workers_max_limit} (registry.workers_max_limit), "
-                            f"not {value!r}")
+                            f"{most} ({most_key}), not {value!r}")
     return int(value)
 
 
+def _paged(request: Request, body: bytes, next_after: str | None) -> Response:
+    """A page's JSON, with the cursor of the next one when there may be one."""
+    headers = {}
+    if next_after is not None:
+        following = request.url.include_query_params(after=next_after)
+        headers = {NEXT_AFTER_HEADER: next_after,
+                   "Link": f'<{following.path}?{following.query}>; rel="next"'}
+    return Response(body, media_type="application/json", headers=headers)
+
+
 LISTING_SLICE = 100
-"""Workers listed and encoded between two checkpoints of ``GET /v1/workers`` (about 1 ms)."""
+"""Workers (or hives) listed and encoded between two checkpoints of a listing (about 1 ms)."""
+
+Fetch = Callable[[str | None, int], tuple[Sequence[object], str | None]]
+"""One slice of a listing: (after, at most n) -> (items, the next slice's cursor or None)."""
 
 
-async def _workers_in_slices(registry: HiveRegistry, query: WorkerQuery, after: str | None,
-                             limit: int) -> tuple[bytes, str | None]:
-    """A page of ``limit`` workers as JSON, and the next page's cursor. It is listed and encoded
-    ``LISTING_SLICE`` workers at a time with a checkpoint between, following the registry's own
+async def _listed_in_slices(fetch: Fetch, after: str | None, limit: int
+                            ) -> tuple[bytes, str | None]:
+    """A page of ``limit`` items as JSON, and the next page's cursor. It is listed and encoded
+    ``LISTING_SLICE`` items at a time with a checkpoint between, following the registry's own
     cursor, so heartbeats are served between slices instead of waiting for the whole page (the
-    page is then not one atomic view; each worker's record is). Raises ValueError for a bad
-    ``after``."""
+    page is then not one atomic view; each record is). Raises ValueError for a bad ``after``."""
     slices: list[bytes] = []
     count = 0
     while True:
-        part = registry.workers_page(query, after=after, limit=min(LISTING_SLICE, limit - count))
-        if part.workers:
-            slices.append(encode(part.workers)[1:-1])  # the items, without the brackets
-        count += len(part.workers)
-        after = part.next_after
+        items, after = fetch(after, min(LISTING_SLICE, limit - count))
+        if items:
+            slices.append(encode(items)[1:-1])  # the items, without the brackets
+        count += len(items)
         if after is None or count >= limit:
             return b"[" + b",".join(slices) + b"]", after
         await anyio.lowlevel.checkpoint()
+
+
+def _workers(registry: HiveRegistry, query: WorkerQuery) -> Fetch:
+    def fetch(after: str | None, limit: int) -> tuple[Sequence[object], str | None]:
+        page = registry.workers_page(query, after=after, limit=limit)
+        return page.workers, page.next_after
+
+    return fetch
 
 
 def build_app(queen: QueenServer) -> Starlette:
@@ -220,7 +239,17 @@ def build_app(queen: QueenServer) -> Starlette:
 
     async def list_hives(request: Request) -> Response:
         reader(request)
-        return JsonResponse(registry.hives())
+        unknown = set(request.query_params) - {"limit", "after"}
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                                f"known: limit, after")
+        limit = _limit_param(request, config.registry.hives_limit, config.registry.max_hives,
+                             "registry.max_hives")
+        async with one_listing_at_a_time:
+            body, next_after = await _listed_in_slices(
+                lambda after, n: registry.hives_page(after=after, limit=n),
+                request.query_params.get("after"), limit)
+        return _paged(request, body, next_after)
 
     async def get_hive(request: Request) -> Response:
         reader(request)
@@ -258,19 +287,15 @@ def build_app(queen: QueenServer) -> Starlette:
         query = WorkerQuery(idle=idle, model=model, min_free_vram_mb=min_free,
                             max_kv_cache_pct=max_kv,
                             max_waiting=None if max_waiting is None else int(max_waiting))
-        limit = _limit_param(request, config.registry)
+        limit = _limit_param(request, config.registry.workers_limit,
+                             config.registry.workers_max_limit, "registry.workers_max_limit")
         try:
             async with one_listing_at_a_time:
-                body, next_after = await _workers_in_slices(
-                    registry, query, request.query_params.get("after"), limit)
+                body, next_after = await _listed_in_slices(
+                    _workers(registry, query), request.query_params.get("after"), limit)
         except ValueError as exc:
             raise ApiError(400, f"query parameter 'after': {exc}") from exc
-        headers = {}
-        if next_after is not None:
-            following = request.url.include_query_params(after=next_after)
-            headers = {NEXT_AFTER_HEADER: next_after,
-                       "Link": f'<{following.path}?{following.query}>; rel="next"'}
-        return Response(body, media_type="application/json", headers=headers)
+        return _paged(request, body, next_after)
 
     async def history(request: Request) -> Response:
         reader(request)
