@@ -38,6 +38,8 @@ import trio
 import trustme
 import yaml
 
+from rbee.credentials import HiveCredentials
+
 from .ansiblekit import EXAMPLE_INVENTORY, REPO, SITE, Run, ansible_env, export_checkout, write_vault
 from .conftest import IS_ROOT, RUN_ROOT
 from .daemons import BIN, Daemon, clear_cgroup_root
@@ -194,8 +196,9 @@ def test_check_mode_on_a_new_host_writes_nothing(deployment):
     assert check.changed["queen-local"] > 0 and check.changed["hive-local"] > 0
     assert "+auth_token_file: " in check.output  # the diff of the configs is shown
     assert real.changed["queen-local"] > 0
-    for run in deployment.runs:
-        assert deployment.token not in run.output  # the token never shows, even in a diff
+    secret = (deployment.inventory / "credentials" / "hive-local").read_text().strip()
+    for run in deployment.runs:  # the token and the hive's secret never show, even in a diff
+        assert deployment.token not in run.output and secret not in run.output
 
 
 def test_configs_pass_the_commands_own_check(deployment):
@@ -208,7 +211,7 @@ def test_configs_pass_the_commands_own_check(deployment):
         assert result.returncode == 0, result.stderr
     # the hive's queen URL comes from the inventory's queen entry; with the CA given, https
     queen_url = f"https://127.0.0.1:{deployment.queen_port}"
-    assert f"queen {queen_url} (with token)" in result.stdout
+    assert f"queen {queen_url} (with its credential)" in result.stdout
     queen = yaml.safe_load(queen_yaml.read_text())
     assert (queen["bind"], queen["port"]) == ("127.0.0.1", deployment.queen_port)
     hive = yaml.safe_load(hive_yaml.read_text())
@@ -218,7 +221,8 @@ def test_configs_pass_the_commands_own_check(deployment):
     queen_group = grp.getgrnam(deployment.user).gr_gid
     assert pwd.getpwnam(deployment.user).pw_shell == "/usr/sbin/nologin"
     for path, gid in ((queen["auth_token_file"], queen_group), (hive["auth_token_file"], 0),
-                      (queen_yaml, queen_group)):
+                      (queen_yaml, queen_group), (queen["hive_credentials_file"], queen_group),
+                      (hive["credential_file"], 0)):
         stat = os.stat(path)
         assert (oct(stat.st_mode & 0o777), stat.st_uid, stat.st_gid) == ("0o640", 0, gid), path
     assert Path(queen["auth_token_file"]).read_text() == deployment.token + "\n"
@@ -229,6 +233,12 @@ def test_configs_pass_the_commands_own_check(deployment):
         assert oct(os.stat(path).st_mode & 0o777) == "0o640", path
     for path in (queen["http"]["tls_cert_file"], hive["queen_ca_file"]):
         assert oct(os.stat(path).st_mode & 0o777) == "0o644", path
+    # the hive's own secret, generated on the controller, and its hash on the queen
+    secret = Path(hive["credential_file"]).read_text().strip()
+    assert secret == (deployment.inventory / "credentials" / "hive-local").read_text().strip()
+    assert len(secret) >= 43 and secret not in Path(queen["hive_credentials_file"]).read_text()
+    credentials = HiveCredentials(queen["hive_credentials_file"])
+    assert len(credentials) == 1 and credentials.verify("hive-local", secret)
     # Prometheus file_sd targets: the queen and the hive, each at its /metrics port
     targets = json.loads(deployment.path("etc/prometheus/rbee-targets.json").read_text())
     assert targets == [
@@ -335,6 +345,8 @@ def test_second_run_changes_nothing_and_a_change_restarts(deployment):
      "argument 'rbee_hive_port' is of type str and we were unable to convert to int"),
     ({"rbee_hive_auth_token": "short"},  # the preflight checks
      "rbee_hive_auth_token must be one word of at least 16 printable ASCII characters"),
+    ({"rbee_hive_credential": "short"},
+     "rbee_hive_credential must be empty (send the token) or one word of at least 32"),
     ({"rbee_hive_config": {"heartbeat": {"interval_s": "often"}}},  # the command's own check
      "heartbeat.interval_s: Expected `float`, got `str`"),
 ])

@@ -24,7 +24,7 @@ import trio
 
 from .._errors import ConfigError
 from .._http import reply_message
-from ..auth import bearer
+from ..auth import bearer, hive_basic
 from ..config import HeartbeatSettings
 from ..telemetry import HiveHeartbeat, encode
 from ..tls import client_verify
@@ -76,13 +76,15 @@ class DeliveryState:
 
 class HeartbeatSender:
     def __init__(self, settings: HeartbeatSettings, queen_url: str, source: HeartbeatSource, *,
-                 token: str | None = None, ca_file: str | None = None,
+                 token: str | None = None, credential: tuple[str, str] | None = None,
+                 ca_file: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  random_fraction: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.queen_url = parse_queen_url(queen_url)
         self.source = source
-        self._headers = bearer(token)
+        self._headers = hive_basic(*credential) if credential is not None else bearer(token)
+        """A hive's own credential (hive id, secret) is sent if it has one, else the token."""
         self._verify = client_verify(ca_file, "queen_ca_file")
         self.state = DeliveryState()
         self._transport = transport

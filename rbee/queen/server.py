@@ -20,6 +20,7 @@ from .._http import serve
 from .._transport import ConnectionTable
 from ..auth import read_token
 from ..config import QueenConfig
+from ..credentials import HiveCredentials
 from .api import build_app
 from .broadcast import Broadcaster
 from .history import FleetHistory
@@ -33,6 +34,9 @@ class QueenServer:
     def __init__(self, config: QueenConfig | None = None) -> None:
         self.config = config or QueenConfig()
         self.token = read_token(self.config.auth_token_file)
+        self.read_token = read_token(self.config.read_token_file, key="read_token_file")
+        self.credentials = (HiveCredentials(self.config.hive_credentials_file)
+                            if self.config.hive_credentials_file else None)
         self.registry = HiveRegistry(self.config.registry)
         self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
                                        max_clients=self.config.stream.max_clients,
