@@ -26,10 +26,11 @@ def check(config: HiveConfig, source: str) -> str:
     """What start-up needs beyond the config's own syntax (limits, ids, the bind address): the
     queen URL, the token file and the workers' log directory. Start-up runs it too, so
     ``--check-config`` passes exactly the configs a hive starts with."""
-    parse_queen_url(config.queen_url, source=source)
+    for url in config.queen_urls:
+        parse_queen_url(url, source=source)
     token = read_token(config.auth_token_file, source)
     check_log_dir(config.log_dir, source)
-    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {config.queen_url}"
+    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {', '.join(config.queen_urls)}"
             f"{' (with token)' if token else ''}, {len(config.workers)} workers")
 
 
