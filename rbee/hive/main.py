@@ -30,7 +30,8 @@ def check(config: HiveConfig, source: str) -> str:
         parse_queen_url(url, source=source)
     token = read_token(config.auth_token_file, source)
     check_log_dir(config.log_dir, source)
-    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {', '.join(config.queen_urls)}"
+    queens = ", ".join(config.queen_urls)
+    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {queens}"
             f"{' (with token)' if token else ''}, {len(config.workers)} workers")
 
 

@@ -1,8 +1,9 @@
 """The queen's HTTP API, with the original system's paths and payloads.
 
     POST   /v1/hive-heartbeat        a HiveHeartbeat; replies {"status": "ok", "message": ...}
-    GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent
-    GET    /health
+    GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent, id: its place
+                                     in the stream (``Last-Event-ID`` resumes after it)
+    GET    /health                   503 with status ``degraded`` while the store is unreachable
     GET    /v1/hives                 every hive (HiveState), stale ones flagged
     GET    /v1/hives/{hive_id}
     DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import msgspec
@@ -35,13 +37,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._errors import NotFoundError
+from .._errors import NotFoundError, StoreError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
 from ..exposition import metrics_route
-from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat
+from ..telemetry import OperationalStatus, decode_heartbeat
 from .dashboard import dashboard_routes
 from .history import METRICS, QueryError, Selector
+
+T = TypeVar("T")
 
 HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since", "step"})
 
@@ -49,11 +53,14 @@ if TYPE_CHECKING:
     from .server import QueenServer
 
 
-class QueenHealth(msgspec.Struct, kw_only=True):
+class QueenHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str
     version: str
     hives: int
     stream_clients: int
+    store: str = "memory"
+    problem: str | None = None
+    """Why the queen is degraded: its store cannot be reached (it still serves what it has)."""
 
 
 class EventStreamResponse(EventSourceResponse):
@@ -102,8 +109,18 @@ def _float_param(request: Request, name: str) -> float | None:
     return number
 
 
+async def stored(write: Awaitable[T]) -> T:
+    """A write to the store; 503 naming the problem when the store cannot take it (the hive
+    retries, possibly at another queen)."""
+    try:
+        return await write
+    except StoreError as exc:
+        raise ApiError(503, f"the registry store is unavailable: {exc}") from exc
+
+
 def build_app(queen: QueenServer) -> Starlette:
-    registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
+    registry, broadcaster, config, store = (queen.registry, queen.broadcaster, queen.config,
+                                            queen.store)
 
     metrics = queen.metrics
 
@@ -128,16 +145,9 @@ def build_app(queen: QueenServer) -> Starlette:
                                 f"({config.registry.max_workers_per_hive}) - at `$.workers`")
         if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
             # a hive's goodbye: its workers are no longer watched by anyone
-            event = registry.remove_hive(heartbeat.hive.id, "the hive stopped")
-            if event is not None:
-                broadcaster.publish(event)
+            await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
             return ok(f"hive {heartbeat.hive.id!r} stopped: removed")
-        registry.update_hive(heartbeat)
-        broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
-                                               timestamp=heartbeat.timestamp,
-                                               workers=heartbeat.workers,
-                                               capabilities=heartbeat.capabilities,
-                                               health_status=heartbeat.hive.health_status))
+        await stored(store.ingest(heartbeat))
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
@@ -148,12 +158,16 @@ def build_app(queen: QueenServer) -> Starlette:
             raise ApiError(503, f"too many stream clients (stream.max_clients: "
                                 f"{broadcaster.max_clients})")
         return EventStreamResponse(
-            broadcaster.stream(), ping=config.stream.keepalive_s,
+            broadcaster.stream(request.headers.get("last-event-id")), ping=config.stream.keepalive_s,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def health(request: Request) -> Response:
-        return JsonResponse(QueenHealth(status="ok", version=__version__, hives=len(registry),
-                                        stream_clients=broadcaster.client_count))
+        problem = store.problem
+        return JsonResponse(QueenHealth(status="degraded" if problem else "ok",
+                                        version=__version__, hives=len(registry),
+                                        stream_clients=broadcaster.client_count,
+                                        store=config.registry.store.kind, problem=problem),
+                            status_code=503 if problem else 200)
 
     async def list_hives(request: Request) -> Response:
         return JsonResponse(registry.hives())
@@ -167,10 +181,9 @@ def build_app(queen: QueenServer) -> Starlette:
     async def delete_hive(request: Request) -> Response:
         require_token(request, queen.token)
         hive_id = request.path_params["hive_id"]
-        event = registry.remove_hive(hive_id, "removed by request")
+        event = await stored(store.remove(hive_id, "removed by request"))
         if event is None:
             raise ApiError(404, f"unknown hive {hive_id!r}")
-        broadcaster.publish(event)
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:

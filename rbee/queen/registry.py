@@ -41,6 +41,7 @@ from ..telemetry import (
     WorkerTelemetry,
     utc_now,
 )
+from .silence import judge
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,30 @@ class HiveRegistry:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def update_hive(self, heartbeat: HiveHeartbeat) -> None:
-        """Store a heartbeat: the hive's info, workers and GPUs replace what was there."""
+    def update_hive(self, heartbeat: HiveHeartbeat, received_at: float | None = None, *,
+                    stale: bool = False) -> None:
+        """Store a heartbeat: the hive's info, workers and GPUs replace what was there.
+        ``received_at`` (on the registry's clock) is now unless given: a queen that mirrors a
+        shared store passes the time the store received it."""
         entry = _HiveEntry(info=heartbeat.hive, workers=list(heartbeat.workers),
                            capabilities=list(heartbeat.capabilities),
-                           last_heartbeat=heartbeat.timestamp, received_at=self._clock())
+                           last_heartbeat=heartbeat.timestamp,
+                           received_at=self._clock() if received_at is None else received_at,
+                           stale=stale)
         with self._lock:
             self._hives[heartbeat.hive.id] = entry
+
+    def mark_stale(self, hive_id: str) -> None:
+        """Flag a hive stale as another queen's sweep judged it (until its next heartbeat)."""
+        with self._lock:
+            entry = self._hives.get(hive_id)
+            if entry is not None:
+                entry.stale = True
+
+    def clear(self) -> None:
+        """Forget every hive (a mirror about to reload the shared store)."""
+        with self._lock:
+            self._hives.clear()
 
     def update_workers(self, hive_id: str, workers: list[WorkerTelemetry]) -> None:
         """Replace a known hive's workers (never appends). Raises NotFoundError for a hive that
@@ -268,24 +286,15 @@ class HiveRegistry:
                     entry.received_at = max(entry.received_at, now - settings.cleanup_interval_s)
             self._last_sweep = now
             silent = {hive_id: now - entry.received_at for hive_id, entry in self._hives.items()}
+            verdict = judge(silent, {h for h, e in self._hives.items() if e.stale}, settings,
+                            holding=self._holding)
+            self._holding, result.held = verdict.holding, verdict.held
+            for hive_id in verdict.newly_stale:
+                result.stale.append(HiveStaleEvent(
+                    hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
             for hive_id, entry in self._hives.items():
-                stale = silent[hive_id] >= settings.stale_after_s
-                if stale and not entry.stale:
-                    result.stale.append(HiveStaleEvent(
-                        hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
-                entry.stale = stale
-            expired = [h for h, s in silent.items() if s >= settings.remove_after_s]
-            stale_count = sum(1 for entry in self._hives.values() if entry.stale)
-            if (expired and len(self._hives) >= settings.mass_silence_min_hives
-                    and stale_count > settings.mass_silence_fraction * len(self._hives)):
-                if not self._holding:
-                    log.warning("%d of %d hives are silent at once: suspecting the queen's side, "
-                                "removing none until they return", stale_count, len(self._hives))
-                self._holding = True
-                result.held, expired = expired, []
-            else:
-                self._holding = False
-            for hive_id in expired:
+                entry.stale = hive_id in verdict.stale
+            for hive_id in verdict.expired:
                 result.removed.append(_removed(
                     hive_id, self._hives.pop(hive_id),
                     f"no heartbeat for {silent[hive_id]:.1f}s "
