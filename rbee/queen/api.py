@@ -59,6 +59,8 @@ class QueenHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     hives: int
     stream_clients: int
     store: str = "memory"
+    sweeping: bool | None = None
+    """With a shared store: whether this queen holds the sweeper's lease."""
     problem: str | None = None
     """Why the queen is degraded: its store cannot be reached (it still serves what it has)."""
 
@@ -166,7 +168,9 @@ def build_app(queen: QueenServer) -> Starlette:
         return JsonResponse(QueenHealth(status="degraded" if problem else "ok",
                                         version=__version__, hives=len(registry),
                                         stream_clients=broadcaster.client_count,
-                                        store=config.registry.store.kind, problem=problem),
+                                        store=config.registry.store.kind, problem=problem,
+                                        sweeping=(store.sweeping if config.registry.store.kind
+                                                  == "redis" else None)),
                             status_code=503 if problem else 200)
 
     async def list_hives(request: Request) -> Response:

@@ -43,6 +43,8 @@ class FleetStore(Protocol):
 
     registry: HiveRegistry
     broadcaster: Broadcaster
+    sweeping: bool
+    """Whether this queen runs the stale sweeps (with a shared store, one queen at a time)."""
 
     @property
     def position(self) -> str:
@@ -119,6 +121,7 @@ class MemoryStore:
     def __init__(self, config: QueenConfig) -> None:
         self.config = config
         fleet_view(self, config)
+        self.sweeping = True
         self.problem: str | None = None
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
