@@ -49,15 +49,18 @@ def pinned(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-@pytest.fixture
-def queen(tmp_path):
-    """A fresh ``rbee-queen`` on a free port, pinned to CPU 0 (each benchmark its own, so one's
-    fleet does not weigh on the next)."""
-    config = tmp_path / "queen.yaml"
-    config.write_text("port: 0\nstream: {client_buffer: 1024, max_clients: 200}\n")
+@contextmanager
+def queen_process(directory: Path, config_yaml: str, source: Path | None = None
+                  ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A fresh ``rbee-queen`` on a free port with ``config_yaml``, pinned to CPU 0, while this
+    process runs on CPU 1; from the package in ``source`` (a checkout) if given."""
+    config = directory / "queen.yaml"
+    config.write_text(f"port: 0\n{config_yaml}")
+    command = [RBEE_QUEEN] if source is None else [sys.executable, "-m", "rbee.queen.main"]
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
     process = subprocess.Popen(
-        [RBEE_QUEEN, "--config", str(config), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True,
+        [*command, "--config", str(config), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True, env=env, cwd=source,
         preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if TWO_CORES else None)
     try:
         url = process.stdout.readline().split()[-1]
@@ -68,6 +71,13 @@ def queen(tmp_path):
         process.terminate()
         process.wait(10)
         process.stdout.close()
+
+
+@pytest.fixture
+def queen(tmp_path):
+    """A fresh queen for each benchmark, so one's fleet does not weigh on the next."""
+    with queen_process(tmp_path, "stream: {client_buffer: 1024, max_clients: 200}\n") as queen:
+        yield queen
 
 
 # -- ingest -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The public surface is re-exported here; modules whose names start with ``_`` are
 """
 
 from ._errors import (
+    AdmissionError,
     CgroupError,
     CollectorError,
     ConfigError,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # errors
+    "AdmissionError",
     "CgroupError",
     "CollectorError",
     "ConfigError",

@@ -9,7 +9,9 @@
     ├── CollectorError     a collector plugin failed (recorded per worker, never fatal)
     ├── ListenError        a server cannot listen on its address (taken, not ours, unresolvable)
     ├── PluginError        a plugin rbee refuses to register (a hook wrapper, a bad hook)
-    └── NotFoundError      no such group, instance or hive
+    ├── NotFoundError      no such group, instance or hive
+    └── AdmissionError     the queen will not take a new hive now (registry full, or too many
+                           new hives at once; ``retry_after_s`` says when to try again)
 
 Context goes in keyword attributes as well as the message, so that programs need not parse text.
 """
@@ -75,6 +77,17 @@ class StoreError(RbeeError):
 
 class NotFoundError(RbeeError):
     """Asked for a group, instance or hive that does not exist."""
+
+
+class AdmissionError(RbeeError):
+    """A hive the queen does not know yet was not admitted. ``retry_after_s`` is when a new hive
+    may be admitted again (rate limit), or None while the registry is full (``max_hives``)."""
+
+    def __init__(self, message: str, *, hive_id: str = "",
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.hive_id = hive_id
+        self.retry_after_s = retry_after_s
 
 
 def leaf_exceptions(error: BaseException) -> list[BaseException]:

@@ -4,7 +4,7 @@
                    (and the queen's browser dashboard, whose URL it prints)
     rbee top       a live view of the fleet, from the queen's stream
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
-                   [--max-waiting N] [--max-kv-cache-pct P] [--json]
+                   [--max-waiting N] [--max-kv-cache-pct P] [--limit N] [--after ID] [--json]
 
 ``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one.
 """
@@ -153,6 +153,10 @@ def workers(args: argparse.Namespace) -> int:
         params["max_waiting"] = str(args.max_waiting)
     if args.max_kv_cache_pct is not None:
         params["max_kv_cache_pct"] = str(args.max_kv_cache_pct)
+    if args.limit is not None:
+        params["limit"] = str(args.limit)
+    if args.after is not None:
+        params["after"] = args.after
     try:
         response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout)
     except httpx.TransportError as exc:
@@ -173,6 +177,8 @@ def workers(args: argparse.Namespace) -> int:
         return 1
     print(table((w.hive_id, w.worker, _workers_note(w)) for w in found))
     print(f"{len(found)} workers")
+    if following := response.headers.get("x-next-after"):
+        print(f"more: rbee workers --after {following} (with the same filters)")
     return 0
 
 
@@ -207,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                              help="at most N requests waiting in its engine")
     run_workers.add_argument("--max-kv-cache-pct", type=float, metavar="P",
                              help="its engine's KV cache at most P %% full")
+    run_workers.add_argument("--limit", type=int, metavar="N",
+                             help="at most N workers (the queen's registry.workers_limit if not "
+                                  "given); a full page prints how to ask for the next")
+    run_workers.add_argument("--after", metavar="ID",
+                             help="the page after this worker id (hive/group/instance)")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
     args = parser.parse_args(argv)

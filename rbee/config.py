@@ -271,13 +271,35 @@ class RegistrySettings(Settings):
     """If more than this share of the hives falls silent at once, the queen suspects its own side
     (network, a stall) and removes none of them; they stay stale until they return."""
     mass_silence_min_hives: Annotated[int, msgspec.Meta(ge=1)] = 3
-    """The guard applies only to fleets of at least this many hives."""
+    """The guard applies only to fleets of at least this many established hives."""
+    established_after_s: Seconds = 30.0
+    """A hive that has been reporting for this long is *established*: only established hives
+    count towards the mass-silence guard and only they are held by it. Hives that appeared and
+    never came back (a burst of fake ids) are removed at ``remove_after_s`` like any other."""
+    max_hives: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    """The most hives the queen keeps; a heartbeat from one more new hive is refused (503)
+    naming this cap. Hives already known are never refused."""
+    new_hives_per_s: Annotated[float, msgspec.Meta(gt=0)] = 100.0
+    """Rate at which hives the queen does not know yet are admitted (a token bucket); one over it
+    is refused with 429 and Retry-After. Hives already known are never refused."""
+    new_hives_burst: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """How many new hives may be admitted at once before ``new_hives_per_s`` applies: a whole
+    fleet coming back to a restarted queen within a few seconds."""
+    workers_limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """``GET /v1/workers`` answers at most this many workers unless ``limit`` asks otherwise;
+    the rest come page by page (``X-Next-After``)."""
+    workers_max_limit: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    """The largest ``limit`` a ``GET /v1/workers`` may ask for."""
     max_workers_per_hive: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1024
     """A heartbeat with more workers is refused (400), so one hive cannot make the queen hold
     more than this many worker records."""
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
 
     def __post_init__(self) -> None:
+        if self.workers_limit > self.workers_max_limit:
+            raise ValueError(
+                f"workers_limit ({self.workers_limit}) must not exceed "
+                f"workers_max_limit ({self.workers_max_limit})")
         if self.remove_after_s <= self.stale_after_s:
             raise ValueError(
                 f"remove_after_s ({self.remove_after_s:g}) must be greater than "

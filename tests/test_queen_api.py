@@ -200,9 +200,9 @@ async def test_workers_scheduling_queries_over_http(queen, client):
         assert response.status_code == 200, response.text
         return [w["worker"]["instance"] for w in response.json()]
 
-    assert await ids({}) == ["idle-llama", "busy-llama", "idle-qwen"]
+    assert await ids({}) == ["busy-llama", "idle-llama", "idle-qwen"]  # worker id order
     assert await ids({"idle": "true"}) == ["idle-llama", "idle-qwen"]
-    assert await ids({"model": "llama"}) == ["idle-llama", "busy-llama"]
+    assert await ids({"model": "llama"}) == ["busy-llama", "idle-llama"]
     assert await ids({"min_free_vram_mb": 20 * 1024}) == ["idle-llama"]
     assert await ids({"idle": "1", "model": "qwen", "min_free_vram_mb": 1024}) == ["idle-qwen"]
     assert await ids({"idle": "true", "model": "qwen", "min_free_vram_mb": 8 * 1024}) == []
@@ -281,7 +281,7 @@ async def test_workers_engine_queries_over_http(queen, client):
 
     assert await ids({"idle": "true"}) == ["drained", "no-engine"]
     assert await ids({"max_waiting": "0"}) == ["drained", "serving"]
-    assert await ids({"max_waiting": "7"}) == ["queuing", "drained", "serving"]
+    assert await ids({"max_waiting": "7"}) == ["drained", "queuing", "serving"]
     assert await ids({"max_kv_cache_pct": "50"}) == ["drained"]
     assert await ids({"max_kv_cache_pct": "100", "max_waiting": "3"}) == ["drained"]
     listed = (await client.get("/v1/workers", params={"max_waiting": "0"})).json()

@@ -278,3 +278,47 @@ async def test_redis_unreachable_at_start(tmp_path):
                                       capture_stdout=True, capture_stderr=True, check=False)
     assert done.returncode == 1
     assert f"cannot reach Redis at {url} (registry.store.url)" in done.stderr.decode()
+
+
+async def test_redis_store_keeps_the_registry_rules(nursery, client, redis_server):
+    """The registry's rules hold with the redis store too: at most ``max_hives`` (fleet-wide,
+    as every queen mirrors the fleet), new hives admitted at a bounded rate (429 with
+    Retry-After), known hives never refused; and when most established hives fall silent at
+    once the sweeper holds their removal (judged on Redis's clock, established from the first
+    time Redis saw them), while a hive seen once and never again is removed all the same."""
+    settings = registry(redis_server.url)
+    settings.update(max_hives=5, new_hives_burst=3, new_hives_per_s=0.5,
+                    established_after_s=0.3, mass_silence_min_hives=3, remove_after_s=1.5)
+    a = await start_queen(nursery, registry=settings)
+    b = await start_queen(nursery, registry=settings)
+    for name in ("e1", "e2", "e3"):
+        await post_heartbeat(client, a, heartbeat(name, [worker("w")]))
+    refused = await client.post(f"{b.urls[0]}/v1/hive-heartbeat",
+                                content=encode(heartbeat("burst", [worker("w")])))
+    # b's own bucket is full: it admits this one; a's is spent
+    assert refused.status_code == 200, refused.text
+    late = await client.post(f"{a.urls[0]}/v1/hive-heartbeat",
+                             content=encode(heartbeat("late", [worker("w")])))
+    assert late.status_code == 429 and "registry.new_hives_per_s" in late.json()["message"], late.text
+    assert int(late.headers["Retry-After"]) >= 1
+    await post_heartbeat(client, b, heartbeat("fifth", [worker("w")]))
+    await wait_for(lambda: _async(len(a.registry) == 5))
+    full = await client.post(f"{a.urls[0]}/v1/hive-heartbeat",
+                             content=encode(heartbeat("sixth", [worker("w")])))
+    assert full.status_code == 503 and "registry.max_hives: 5" in full.json()["message"]
+    assert (await client.post(f"{b.urls[0]}/v1/hive-heartbeat",  # a known hive: never refused
+                              content=encode(heartbeat("burst", [worker("w")])))).status_code == 200
+    async with open_stream(client, b) as on_b:
+        await on_b.next("snapshot")
+        with trio.move_on_after(0.6):  # e1..e3 become established; the others are not
+            while True:
+                for name in ("e1", "e2", "e3"):
+                    await post_heartbeat(client, a, heartbeat(name, [worker("w")]))
+                await trio.sleep(0.1)
+        removed = {(await on_b.next("hive_removed", timeout=5)).hive_id for _ in range(2)}
+        assert removed == {"burst", "fifth"}
+        with trio.move_on_after(1.5):  # the established ones are held, not removed
+            extra = await on_b.next("hive_removed", timeout=2)
+            raise AssertionError(f"an established hive was removed: {extra}")
+    assert a.registry.hive_ids() == b.registry.hive_ids() == ["e1", "e2", "e3"]
+    assert all(h.stale for h in b.registry.hives())

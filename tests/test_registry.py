@@ -14,9 +14,9 @@ import msgspec
 import pytest
 import trio
 
-from rbee import NotFoundError
+from rbee import AdmissionError, NotFoundError
 from rbee.config import RegistrySettings
-from rbee.queen.registry import HiveRegistry, is_idle
+from rbee.queen.registry import HiveRegistry, WorkerQuery, is_idle
 from rbee.telemetry import (
     Degraded,
     EngineState,
@@ -47,8 +47,8 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def registry(clock) -> HiveRegistry:
-    return HiveRegistry(RegistrySettings(stale_after_s=3, remove_after_s=10, idle_gpu_util_pct=5),
-                        clock=clock)
+    return HiveRegistry(RegistrySettings(stale_after_s=3, remove_after_s=10, idle_gpu_util_pct=5,
+                                         established_after_s=5), clock=clock)
 
 
 def ids(found) -> list[str]:
@@ -132,7 +132,8 @@ def test_find_idle_workers_filters(registry):
         worker("idle", gpu_util_pct=0.0), worker("at-threshold", gpu_util_pct=5.0),
         worker("busy", gpu_util_pct=73.0),
         worker("exited", gpu_util_pct=0.0, state=WorkerState.EXITED)]))
-    assert ids(registry.find_idle_workers()) == ["hive-a/llm/idle", "hive-a/llm/at-threshold"]
+    # listings are in worker id order (hive, group, instance), whatever order the hive sent
+    assert ids(registry.find_idle_workers()) == ["hive-a/llm/at-threshold", "hive-a/llm/idle"]
 
 
 def test_idle_follows_the_engine_when_it_is_known():
@@ -175,15 +176,15 @@ def test_find_workers_with_capacity_checks_vram(registry):
         [gpu(0, total_gib=80, used_gib=42), gpu(1, total_gib=24, used_gib=21)]))
 
     found = registry.find_workers_with_capacity(30 * GIB)
-    assert ids(found) == ["big/llm/on-gpu0", "big/llm/also-gpu0"]
-    vram = found[0].vram
+    assert ids(found) == ["big/llm/also-gpu0", "big/llm/on-gpu0"]
+    vram = found[1].vram
     assert vram.total_mb == 80 * GIB  # the device's total, not 24 GB
     assert vram.free_mb == 38 * GIB  # measured by the driver: includes non-rbee use
     assert vram.claimed_mb == 40 * GIB  # both rbee workers on GPU 0
     assert vram.measured is True
 
     assert ids(registry.find_workers_with_capacity(3 * GIB)) == [
-        "big/llm/on-gpu0", "big/llm/also-gpu0", "big/llm/on-gpu1"]
+        "big/llm/also-gpu0", "big/llm/on-gpu0", "big/llm/on-gpu1"]
     assert registry.find_workers_with_capacity(39 * GIB) == []
 
 
@@ -407,8 +408,12 @@ def test_silence_is_judged_by_the_queen_clock_not_the_hive_timestamp(registry, c
 def test_mass_silence_removes_nothing(registry, clock):
     """When most hives fall silent together the queen suspects its own side and keeps them (as
     stale) until they come back; a lone silent hive is still removed afterwards."""
-    for hive in ("a", "b", "c", "d"):
-        registry.update_hive(heartbeat(hive, [worker("w")]))
+    for _ in range(6):  # reporting for established_after_s: established hives
+        for hive in ("a", "b", "c", "d"):
+            registry.update_hive(heartbeat(hive, [worker("w")]))
+        registry.sweep()
+        clock.advance(1)
+    clock.advance(-1)
     for _ in range(30):  # the queen sweeps every second; all four stay silent past 10 s
         clock.advance(1)
         result = registry.sweep()
@@ -437,3 +442,103 @@ def test_queen_stall_restarts_silence_count(registry, clock):
         if result.removed:
             break
     assert [e.hive_id for e in result.removed] == ["a"]
+
+
+def test_a_burst_of_fake_ids_cannot_hold_off_removal(clock):
+    """2,000 ids posted once (as an attacker would) outnumber the real fleet, but they never
+    reported for ``established_after_s``: the mass-silence guard ignores them, they are removed
+    at ``remove_after_s``, and a real hive that then goes silent is removed too."""
+    registry = HiveRegistry(RegistrySettings(stale_after_s=3, remove_after_s=10,
+                                             established_after_s=5, max_hives=5000,
+                                             new_hives_burst=5000), clock=clock)
+    real = ("gpu-01", "gpu-02", "gpu-03", "gpu-04")
+    for _ in range(6):
+        for hive in real:
+            registry.update_hive(heartbeat(hive, [worker("w")]))
+        registry.sweep()
+        clock.advance(1)
+    for n in range(2000):
+        registry.update_hive(heartbeat(f"fake-{n:05}"))
+    removed: list[str] = []
+    for _ in range(30):  # gpu-04 goes silent with the fakes; the others keep reporting
+        clock.advance(1)
+        for hive in real[:3]:
+            registry.update_hive(heartbeat(hive, [worker("w")]))
+        result = registry.sweep()
+        assert result.held == []
+        removed += [e.hive_id for e in result.removed]
+    assert sorted(removed) == sorted([*(f"fake-{n:05}" for n in range(2000)), "gpu-04"])
+    assert registry.hive_ids() == ["gpu-01", "gpu-02", "gpu-03"]
+
+
+def test_the_guard_holds_established_hives_only(registry, clock):
+    """During a mass silence the established hives are held; one that joined a moment before
+    (not established yet) is removed on time, and does not count towards the guard."""
+    for _ in range(6):
+        for hive in ("a", "b", "c"):
+            registry.update_hive(heartbeat(hive))
+        registry.sweep()
+        clock.advance(1)
+    registry.update_hive(heartbeat("newcomer"))
+    held, removed = [], []
+    for _ in range(15):
+        clock.advance(1)
+        result = registry.sweep()
+        held, removed = result.held or held, removed + [e.hive_id for e in result.removed]
+    assert (held, removed) == (["a", "b", "c"], ["newcomer"])
+
+
+def test_the_registry_holds_at_most_max_hives(clock):
+    registry = HiveRegistry(RegistrySettings(max_hives=3), clock=clock)
+    for hive in ("a", "b", "c"):
+        registry.update_hive(heartbeat(hive))
+    with pytest.raises(AdmissionError, match=r"registry is full \(registry.max_hives: 3\)") as exc:
+        registry.update_hive(heartbeat("d"))
+    assert exc.value.retry_after_s is None and exc.value.hive_id == "d"
+    registry.update_hive(heartbeat("c"))  # a known hive is never refused
+    registry.remove_hive("a")
+    registry.update_hive(heartbeat("d"))
+    assert registry.hive_ids() == ["b", "c", "d"]
+
+
+def test_new_hives_are_admitted_at_a_bounded_rate(clock):
+    registry = HiveRegistry(RegistrySettings(new_hives_per_s=2, new_hives_burst=3), clock=clock)
+    for hive in ("a", "b", "c"):
+        registry.update_hive(heartbeat(hive))
+    with pytest.raises(AdmissionError, match=r"at most 2/s \(registry.new_hives_per_s") as exc:
+        registry.update_hive(heartbeat("d"))
+    assert exc.value.retry_after_s == pytest.approx(0.5)
+    for _ in range(5):
+        registry.update_hive(heartbeat("a"))  # known hives pass whatever the rate
+    clock.advance(0.5)
+    registry.update_hive(heartbeat("d"))
+    with pytest.raises(AdmissionError):
+        registry.update_hive(heartbeat("e"))
+    assert registry.hive_ids() == ["a", "b", "c", "d"]
+
+
+def test_worker_pages_follow_the_cursor(registry):
+    """Pages in worker id order, resumed after the cursor, filters applied on the way; the
+    concatenated pages are the whole listing."""
+    for hive in ("h3", "h1", "h2"):
+        registry.update_hive(heartbeat(hive, [worker(f"w{k}", gpu_util_pct=k * 10.0)
+                                              for k in (2, 0, 1)]))
+    every = ids(registry.get_all_workers())
+    assert every == [f"h{h}/llm/w{k}" for h in (1, 2, 3) for k in (0, 1, 2)]
+    pages, after = [], None
+    while True:
+        page = registry.workers_page(after=after, limit=4)
+        pages.append(ids(page.workers))
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert pages == [every[:4], every[4:8], every[8:]]
+    idle = WorkerQuery(idle=True)
+    first = registry.workers_page(idle, limit=2)
+    assert (ids(first.workers), first.next_after) == (["h1/llm/w0", "h2/llm/w0"], "h2/llm/w0")
+    rest = registry.workers_page(idle, after=first.next_after, limit=2)
+    assert (ids(rest.workers), rest.next_after) == (["h3/llm/w0"], None)
+    registry.remove_hive("h2")  # the cursor's hive gone: the next page starts after it
+    assert ids(registry.workers_page(after="h2/llm/w0", limit=9).workers)[0] == "h3/llm/w0"
+    with pytest.raises(ValueError, match="'h2/w0' is not a worker id"):
+        registry.workers_page(after="h2/w0")

@@ -9,7 +9,10 @@
     DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
     GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N,
                                      ?max_waiting=N, ?max_kv_cache_pct=P only schedulable
-                                     workers matching all of them
+                                     workers matching all of them. Paged: at most ?limit=N
+                                     (registry.workers_limit by default) in worker id order; a
+                                     full page carries X-Next-After (and a Link rel="next"), to
+                                     pass back as ?after=<worker id> for the next page
     GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
     GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
     GET    /                         the live fleet dashboard; /static/... its files (dashboard.py)
@@ -29,6 +32,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -37,13 +41,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._errors import NotFoundError, StoreError
+from .._errors import AdmissionError, NotFoundError, StoreError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import require_token
+from ..config import RegistrySettings
 from ..exposition import metrics_route
-from ..telemetry import OperationalStatus, decode_heartbeat
+from ..telemetry import OperationalStatus, decode_heartbeat, encode
 from .dashboard import dashboard_routes
 from .history import METRICS, QueryError, Selector
+from .registry import HiveRegistry, WorkerQuery
 
 T = TypeVar("T")
 
@@ -85,6 +91,8 @@ class EventStreamResponse(EventSourceResponse):
 
 
 WORKER_FILTERS = ("idle", "model", "min_free_vram_mb", "max_waiting", "max_kv_cache_pct")
+WORKER_PARAMS = (*WORKER_FILTERS, "limit", "after")
+NEXT_AFTER_HEADER = "X-Next-After"
 
 
 def _bool_param(request: Request, name: str) -> bool:
@@ -111,6 +119,41 @@ def _float_param(request: Request, name: str) -> float | None:
     return number
 
 
+def _limit_param(request: Request, settings: RegistrySettings) -> int:
+    value = request.query_params.get("limit")
+    if value is None:
+        return settings.workers_limit
+    if not value.isdigit() or not 1 <= int(value) <= settings.workers_max_limit:
+        raise ApiError(400, f"query parameter 'limit' must be a whole number from 1 to "
+                            f"{settings.workers_max_limit} (registry.workers_max_limit), "
+                            f"not {value!r}")
+    return int(value)
+
+
+LISTING_SLICE = 100
+"""Workers listed and encoded between two checkpoints of ``GET /v1/workers`` (about 1 ms)."""
+
+
+async def _workers_in_slices(registry: HiveRegistry, query: WorkerQuery, after: str | None,
+                             limit: int) -> tuple[bytes, str | None]:
+    """A page of ``limit`` workers as JSON, and the next page's cursor. It is listed and encoded
+    ``LISTING_SLICE`` workers at a time with a checkpoint between, following the registry's own
+    cursor, so heartbeats are served between slices instead of waiting for the whole page (the
+    page is then not one atomic view; each worker's record is). Raises ValueError for a bad
+    ``after``."""
+    slices: list[bytes] = []
+    count = 0
+    while True:
+        part = registry.workers_page(query, after=after, limit=min(LISTING_SLICE, limit - count))
+        if part.workers:
+            slices.append(encode(part.workers)[1:-1])  # the items, without the brackets
+        count += len(part.workers)
+        after = part.next_after
+        if after is None or count >= limit:
+            return b"[" + b",".join(slices) + b"]", after
+        await anyio.lowlevel.checkpoint()
+
+
 async def stored(write: Awaitable[T]) -> T:
     """A write to the store; 503 naming the problem when the store cannot take it (the hive
     retries, possibly at another queen)."""
@@ -123,6 +166,9 @@ async def stored(write: Awaitable[T]) -> T:
 def build_app(queen: QueenServer) -> Starlette:
     registry, broadcaster, config, store = (queen.registry, queen.broadcaster, queen.config,
                                             queen.store)
+    one_listing_at_a_time = anyio.Lock()
+    """Listings take turns: readers looping on ``/v1/workers`` get one slice of the event loop
+    between heartbeats, not one each."""
 
     metrics = queen.metrics
 
@@ -149,7 +195,13 @@ def build_app(queen: QueenServer) -> Starlette:
             # a hive's goodbye: its workers are no longer watched by anyone
             await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
             return ok(f"hive {heartbeat.hive.id!r} stopped: removed")
-        await stored(store.ingest(heartbeat))
+        try:
+            await stored(store.ingest(heartbeat))
+        except AdmissionError as exc:
+            if exc.retry_after_s is None:
+                raise ApiError(503, str(exc)) from exc
+            raise ApiError(429, str(exc), headers={
+                "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
@@ -191,10 +243,10 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:
-        unknown = set(request.query_params) - set(WORKER_FILTERS)
+        unknown = set(request.query_params) - set(WORKER_PARAMS)
         if unknown:
             raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(WORKER_FILTERS)}")
+                                f"known: {', '.join(WORKER_PARAMS)}")
         idle = _bool_param(request, "idle")
         model = request.query_params.get("model")
         min_free = _float_param(request, "min_free_vram_mb")
@@ -203,11 +255,22 @@ def build_app(queen: QueenServer) -> Starlette:
             raise ApiError(400, f"query parameter 'max_waiting' must be a whole number, "
                                 f"not {request.query_params['max_waiting']!r}")
         max_kv = _float_param(request, "max_kv_cache_pct")
-        if not idle and all(v is None for v in (model, min_free, max_waiting, max_kv)):
-            return JsonResponse(registry.get_all_workers())
-        return JsonResponse(registry.find_workers(
-            idle=idle, model=model, min_free_vram_mb=min_free, max_kv_cache_pct=max_kv,
-            max_waiting=None if max_waiting is None else int(max_waiting)))
+        query = WorkerQuery(idle=idle, model=model, min_free_vram_mb=min_free,
+                            max_kv_cache_pct=max_kv,
+                            max_waiting=None if max_waiting is None else int(max_waiting))
+        limit = _limit_param(request, config.registry)
+        try:
+            async with one_listing_at_a_time:
+                body, next_after = await _workers_in_slices(
+                    registry, query, request.query_params.get("after"), limit)
+        except ValueError as exc:
+            raise ApiError(400, f"query parameter 'after': {exc}") from exc
+        headers = {}
+        if next_after is not None:
+            following = request.url.include_query_params(after=next_after)
+            headers = {NEXT_AFTER_HEADER: next_after,
+                       "Link": f'<{following.path}?{following.query}>; rel="next"'}
+        return Response(body, media_type="application/json", headers=headers)
 
     async def history(request: Request) -> Response:
         params = request.query_params

@@ -5,7 +5,9 @@ Keys (``KEYS[n]`` below, all under ``<key_prefix>:``): 1 ``hives``, a hash of ea
 heartbeat (JSON); 2 ``seen``, a sorted set of each hive's last heartbeat time in ms on Redis's own
 clock (the ms part of its stream entry id); 3 ``stale``, the set of hives judged stale; 4
 ``stream``, the Redis Stream of events, fields ``k`` (``hb``: a heartbeat; ``ev``: an event's
-JSON) and ``d``; 5 ``sweeper``, the lease of the queen that sweeps.
+JSON) and ``d``; 5 ``sweeper``, the lease of the queen that sweeps; 6 ``first``, a sorted set of
+the time each hive was first seen (ms), which tells established hives (``established_after_s``)
+for the mass-silence guard.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 HEARTBEAT = """
 local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'k', 'hb', 'd', ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], tonumber(string.match(id, '^(%d+)')), ARGV[1])
+local ms = tonumber(string.match(id, '^(%d+)'))
+redis.call('ZADD', KEYS[2], ms, ARGV[1])
+redis.call('ZADD', KEYS[6], 'NX', ms, ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 return id
 """
@@ -23,6 +27,7 @@ and the stream entry, together. ARGV: hive id, heartbeat JSON, MAXLEN. Returns t
 REMOVE = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 return redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'k', 'ev', 'd', ARGV[2])
 """
@@ -32,10 +37,11 @@ JSON, MAXLEN. Returns the entry id, or nil for a hive Redis does not hold."""
 SILENCES = """
 local t = redis.call('TIME')
 return {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
-        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), redis.call('SMEMBERS', KEYS[3])}
+        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), redis.call('SMEMBERS', KEYS[3]),
+        redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')}
 """
 """What the sweeper judges: Redis's time now (ms), every hive's last heartbeat time, the stale
-set."""
+set, every hive's first heartbeat time."""
 
 SWEEP = """
 if redis.call('GET', KEYS[5]) ~= ARGV[1] then return -1 end
@@ -60,6 +66,7 @@ while i <= #ARGV do
   if still_silent(hive, seen) then
     redis.call('HDEL', KEYS[1], hive)
     redis.call('ZREM', KEYS[2], hive)
+    redis.call('ZREM', KEYS[6], hive)
     redis.call('SREM', KEYS[3], hive)
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'k', 'ev', 'd', event)
     done = done + 1

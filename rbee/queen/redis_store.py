@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 EntryKey = tuple[int, int]
 HEARTBEAT_DECODER = msgspec.json.Decoder(HiveHeartbeat)
-KEY_NAMES = ("hives", "seen", "stale", "stream", "sweeper")
+KEY_NAMES = ("hives", "seen", "stale", "stream", "sweeper", "first")
 CATCH_UP_WAIT_S = 1.0
 """How long a resuming client waits for this queen to reach the id it last got elsewhere."""
 
@@ -156,6 +156,9 @@ class RedisStore:
                 await self._close()
 
     async def ingest(self, heartbeat: HiveHeartbeat) -> None:
+        # the registry's admission rules (max_hives, new_hives_per_s) against this queen's
+        # mirror of the fleet: the cap is fleet-wide, the rate per queen
+        self.registry.admit(heartbeat.hive.id)
         entry_id = _text(await self._eval("HEARTBEAT", heartbeat.hive.id, encode(heartbeat),
                                           self.maxlen))
         if len(self._own) > 10_000:  # the follower is not reading them back (Redis lost)
@@ -266,7 +269,7 @@ class RedisStore:
             hive_id = _text(hive)
             received_ms = seen_ms.get(hive_id, 0)
             self.registry.update_hive(HEARTBEAT_DECODER.decode(data), received_ms / 1000,
-                                      stale=hive_id in stale_set)
+                                      stale=hive_id in stale_set, admit=False)
             self._applied[hive_id] = (received_ms, -1)
         self._position = _text(last_id)
         self._advance()
@@ -278,7 +281,7 @@ class RedisStore:
         if self._applied.get(hive_id, (0, -1)) >= key:
             return  # the mirror already has this or a newer one
         self._applied[hive_id] = key
-        self.registry.update_hive(heartbeat, key[0] / 1000)
+        self.registry.update_hive(heartbeat, key[0] / 1000, admit=False)
 
     def _apply_event(self, entry_id: str, event: StreamEvent) -> None:
         key = entry_key(entry_id)
@@ -402,7 +405,7 @@ class RedisStore:
         """Judge every hive's silence on Redis's clock (``silence.judge``, sticky stale flags),
         then apply the verdicts in one script that checks the lease and the silences again."""
         settings = self.config.registry
-        now_ms, seen, flagged = await self._eval("SILENCES")
+        now_ms, seen, flagged, first = await self._eval("SILENCES")
         if self._last_sweep_ms is not None and now_ms - self._last_sweep_ms > \
                 settings.stale_after_s * 1000:
             log.warning("the sweeper did not sweep for %.1fs (stalled or suspended); restarting "
@@ -412,8 +415,11 @@ class RedisStore:
         seen_ms = {_text(hive): int(score) for hive, score in _pairs(seen)}
         silent = {hive: (now_ms - max(ms, self._grace_from_ms)) / 1000
                   for hive, ms in seen_ms.items()}
+        first_ms = {_text(hive): int(score) for hive, score in _pairs(first)}
+        established = {hive for hive, ms in seen_ms.items()
+                       if ms - first_ms.get(hive, ms) >= settings.established_after_s * 1000}
         verdict = judge(silent, {_text(hive) for hive in flagged}, settings,
-                        holding=self._holding, sticky=True)
+                        established=established, holding=self._holding, sticky=True)
         self._holding = verdict.holding
         events: list[HiveStaleEvent | HiveRemovedEvent] = [
             HiveStaleEvent(hive_id=hive, silent_s=round(silent[hive], 3), timestamp=utc_now())

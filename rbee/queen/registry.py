@@ -6,7 +6,15 @@ monotonic clock at receipt, never by the hive's timestamp, which may be wrong. A
 through two steps: *stale* (still listed, no longer scheduled) and then *removed* with all its
 workers. If most of the fleet falls silent at once the fault is more likely on the queen's side
 (its network, a stall), so nothing is removed until that clears, as Kubernetes' node lifecycle
-controller and Nomad's heartbeat grace do.
+controller and Nomad's heartbeat grace do. That guard counts and holds only *established* hives,
+those that reported over at least ``established_after_s``: a burst of ids posted once and never
+again must not outnumber the real fleet and so stop every removal for good.
+
+Hostile load is bounded at the door: at most ``max_hives`` hives, and hives the registry does not
+know yet are admitted at ``new_hives_per_s`` (a token bucket of ``new_hives_burst``); a known hive
+is never refused. Listing workers costs what it returns: hive ids are kept sorted, so a page
+(``limit`` workers after a cursor, the last worker id of the previous page) starts with a bisection
+and stops when it is full, and filters are tested worker by worker without building the fleet.
 
 Every method takes one lock and returns fresh lists, so trio tasks and threads may read and write
 concurrently; the structs inside are never mutated after they are stored.
@@ -17,13 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
 
-from .._errors import NotFoundError
+from .._errors import AdmissionError, NotFoundError
 from ..config import RegistrySettings
 from ..exposition import HiveRecord
 from ..telemetry import (
@@ -94,6 +103,76 @@ def worker_id(hive_id: str, worker: WorkerTelemetry) -> str:
     return f"{hive_id}/{worker.group}/{worker.instance}"
 
 
+class WorkerQuery(msgspec.Struct, kw_only=True, frozen=True):
+    """What ``GET /v1/workers`` asks for. With no condition set, every worker (stale hives'
+    included, flagged); with any, only schedulable workers matching all of them. ``max_waiting``
+    and ``max_kv_cache_pct`` ask the worker's engine, so a worker whose engine state is unknown
+    (or whose engine publishes no KV-cache figure) does not match them."""
+
+    idle: bool = False
+    model: str | None = None
+    min_free_vram_mb: float | None = None
+    max_waiting: int | None = None
+    max_kv_cache_pct: float | None = None
+
+    @property
+    def filtered(self) -> bool:
+        return self.idle or any(value is not None for value in (
+            self.model, self.min_free_vram_mb, self.max_waiting, self.max_kv_cache_pct))
+
+    def matches(self, found: FleetWorker, idle_gpu_util_pct: float) -> bool:
+        if not self.filtered:
+            return True
+        worker, engine = found.worker, found.worker.engine
+        return (found.schedulable
+                and (not self.idle or is_idle(worker, idle_gpu_util_pct))
+                and (self.model is None or worker.model == self.model)
+                and (self.min_free_vram_mb is None or (
+                    found.vram is not None and found.vram.free_mb >= self.min_free_vram_mb))
+                and (self.max_waiting is None or (
+                    engine is not None and engine.requests_waiting <= self.max_waiting))
+                and (self.max_kv_cache_pct is None or (
+                    engine is not None and engine.kv_cache_pct is not None
+                    and engine.kv_cache_pct <= self.max_kv_cache_pct)))
+
+
+EVERY_WORKER = WorkerQuery()
+
+
+class WorkerPage(msgspec.Struct, kw_only=True):
+    """One page of a worker listing, in worker id order (hive, group, instance)."""
+
+    workers: list[FleetWorker]
+    next_after: str | None
+    """The cursor of the next page (the last worker id here) when this page is full; None when
+    the listing ended. A full page may be followed by an empty one."""
+
+
+def parse_worker_id(text: str) -> tuple[str, str, str]:
+    """``hive/group/instance`` as a sort key; ValueError naming the text otherwise."""
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{text!r} is not a worker id (hive/group/instance)")
+    return parts[0], parts[1], parts[2]
+
+
+class _AdmissionBucket:
+    """A token bucket: ``burst`` new hives at once, then ``rate`` per second."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), now
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken; else the seconds until one will be there."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 @dataclass(slots=True)
 class _HiveEntry:
     info: HiveInfo
@@ -101,7 +180,15 @@ class _HiveEntry:
     capabilities: list[GpuDevice]
     last_heartbeat: datetime
     received_at: float
+    first_seen: float
+    """When this hive's current stay began (the queen's clock): it is established once it has
+    reported over ``established_after_s`` since."""
     stale: bool = False
+    listed: tuple[tuple[bool, bool], list[FleetWorker]] | None = None
+    """The workers as listings show them, in id order, made by the first listing after this
+    heartbeat and kept while ``stale`` and ``skip_unhealthy_gpus`` are what they were then
+    (under the key), the entry being otherwise immutable:
+    readers looping on ``/v1/workers`` pay the VRAM arithmetic once per heartbeat, not per read."""
 
     @property
     def schedulable(self) -> bool:
@@ -125,6 +212,10 @@ class HiveRegistry:
         self.settings = settings or RegistrySettings()
         self._clock = clock
         self._hives: dict[str, _HiveEntry] = {}
+        self._order: list[str] = []
+        """The hive ids, sorted: pages start by bisection instead of sorting the fleet."""
+        self._admission = _AdmissionBucket(self.settings.new_hives_per_s,
+                                           self.settings.new_hives_burst, clock())
         self._lock = threading.Lock()
         self._last_sweep: float | None = None
         self._holding = False
@@ -132,17 +223,36 @@ class HiveRegistry:
     # -- writing ---------------------------------------------------------------------------
 
     def update_hive(self, heartbeat: HiveHeartbeat, received_at: float | None = None, *,
-                    stale: bool = False) -> None:
+                    stale: bool = False, admit: bool = True) -> None:
         """Store a heartbeat: the hive's info, workers and GPUs replace what was there.
         ``received_at`` (on the registry's clock) is now unless given: a queen that mirrors a
-        shared store passes the time the store received it."""
+        shared store passes the time the store received it, and ``admit=False`` since the
+        queen that took the heartbeat admitted the hive.
+
+        Raises AdmissionError for a hive not known yet while the registry holds ``max_hives``
+        or new hives arrive faster than ``new_hives_per_s``; a known hive is always stored."""
+        hive_id = heartbeat.hive.id
+        now = self._clock() if received_at is None else received_at
         entry = _HiveEntry(info=heartbeat.hive, workers=list(heartbeat.workers),
                            capabilities=list(heartbeat.capabilities),
-                           last_heartbeat=heartbeat.timestamp,
-                           received_at=self._clock() if received_at is None else received_at,
+                           last_heartbeat=heartbeat.timestamp, received_at=now, first_seen=now,
                            stale=stale)
         with self._lock:
-            self._hives[heartbeat.hive.id] = entry
+            known = self._hives.get(hive_id)
+            if known is None:
+                if admit:
+                    self._admit(hive_id, self._clock())
+                insort(self._order, hive_id)
+            else:
+                entry.first_seen = known.first_seen
+            self._hives[hive_id] = entry
+
+    def admit(self, hive_id: str) -> None:
+        """Admit a hive before its heartbeat is stored elsewhere (a shared store): nothing for
+        a known hive, else AdmissionError as ``update_hive`` raises it."""
+        with self._lock:
+            if hive_id not in self._hives:
+                self._admit(hive_id, self._clock())
 
     def mark_stale(self, hive_id: str) -> None:
         """Flag a hive stale as another queen's sweep judged it (until its next heartbeat)."""
@@ -155,16 +265,18 @@ class HiveRegistry:
         """Forget every hive (a mirror about to reload the shared store)."""
         with self._lock:
             self._hives.clear()
+            self._order.clear()
 
     def update_workers(self, hive_id: str, workers: list[WorkerTelemetry]) -> None:
         """Replace a known hive's workers (never appends). Raises NotFoundError for a hive that
         never sent a heartbeat: a worker list without its hive has nowhere to belong."""
         with self._lock:
-            self._entry(hive_id).workers = list(workers)
+            entry = self._entry(hive_id)
+            entry.workers, entry.listed = list(workers), None
 
     def remove_hive(self, hive_id: str, reason: str = "removed") -> HiveRemovedEvent | None:
         with self._lock:
-            entry = self._hives.pop(hive_id, None)
+            entry = self._pop(hive_id)
         return None if entry is None else _removed(hive_id, entry, reason)
 
     # -- reading ---------------------------------------------------------------------------
@@ -175,7 +287,11 @@ class HiveRegistry:
 
     def hive_ids(self) -> list[str]:
         with self._lock:
-            return sorted(self._hives)
+            return list(self._order)
+
+    def knows(self, hive_id: str) -> bool:
+        with self._lock:
+            return hive_id in self._hives
 
     def get_hive(self, hive_id: str) -> HiveState:
         """One hive as a snapshot shows it. Raises NotFoundError naming an unknown hive."""
@@ -186,8 +302,7 @@ class HiveRegistry:
     def hives(self) -> list[HiveState]:
         now = self._clock()
         with self._lock:
-            return [self._state(hive_id, entry, now)
-                    for hive_id, entry in sorted(self._hives.items())]
+            return [self._state(hive_id, self._hives[hive_id], now) for hive_id in self._order]
 
     def get_workers(self, hive_id: str) -> list[WorkerTelemetry]:
         """A hive's workers as last reported; empty for a hive the registry does not know."""
@@ -206,8 +321,28 @@ class HiveRegistry:
 
     def get_all_workers(self) -> list[FleetWorker]:
         """Every worker of every hive, stale hives included (flagged), flattened."""
+        return self.workers_page().workers
+
+    def workers_page(self, query: WorkerQuery = EVERY_WORKER, *, after: str | None = None,
+                     limit: int | None = None) -> WorkerPage:
+        """Up to ``limit`` workers matching ``query`` whose id sorts after ``after`` (a worker id,
+        the previous page's ``next_after``), in id order. The cost is the hives visited: from
+        the cursor's hive on, until the page is full. Raises ValueError for a malformed
+        ``after``."""
+        start = parse_worker_id(after) if after is not None else None
+        found: list[FleetWorker] = []
         with self._lock:
-            return list(self._fleet_workers())
+            order = self._order
+            first = bisect_left(order, start[0]) if start is not None else 0
+            for index in range(first, len(order)):
+                hive_id = order[index]
+                for worker in self._hive_workers(hive_id, self._hives[hive_id],
+                                                 after=start if index == first else None):
+                    if query.matches(worker, self.settings.idle_gpu_util_pct):
+                        found.append(worker)
+                        if limit is not None and len(found) >= limit:
+                            return WorkerPage(workers=found, next_after=worker.id)
+        return WorkerPage(workers=found, next_after=None)
 
     def snapshot(self) -> SnapshotEvent:
         return SnapshotEvent(hives=self.hives(), timestamp=utc_now())
@@ -216,7 +351,9 @@ class HiveRegistry:
         """Counts for the stream's ``queen`` event: online is not stale, available is
         schedulable (for workers: also idle)."""
         with self._lock:
-            online = [w for w in self._fleet_workers(with_vram=False) if not w.hive_stale]
+            online = [w for hive_id in self._order
+                      for w in self._hive_workers(hive_id, self._hives[hive_id], with_vram=False)
+                      if not w.hive_stale]
             hives_online = sorted(h for h, e in self._hives.items() if not e.stale)
             hives_available = sum(1 for e in self._hives.values() if e.schedulable)
         return QueenEvent(
@@ -230,26 +367,12 @@ class HiveRegistry:
     def find_workers(self, *, idle: bool = False, model: str | None = None,
                      min_free_vram_mb: float | None = None, max_waiting: int | None = None,
                      max_kv_cache_pct: float | None = None) -> list[FleetWorker]:
-        """Schedulable workers matching every given condition. ``max_waiting`` and
-        ``max_kv_cache_pct`` ask the worker's engine, so a worker whose engine state is unknown
-        (or whose engine publishes no KV-cache figure) does not match them."""
-        with self._lock:
-            found = [w for w in self._fleet_workers() if w.schedulable]
-        if idle:
-            found = [w for w in found if self._is_idle(w)]
-        if model is not None:
-            found = [w for w in found if w.worker.model == model]
-        if min_free_vram_mb is not None:
-            found = [w for w in found
-                     if w.vram is not None and w.vram.free_mb >= min_free_vram_mb]
-        if max_waiting is not None:
-            found = [w for w in found if w.worker.engine is not None
-                     and w.worker.engine.requests_waiting <= max_waiting]
-        if max_kv_cache_pct is not None:
-            found = [w for w in found if w.worker.engine is not None
-                     and w.worker.engine.kv_cache_pct is not None
-                     and w.worker.engine.kv_cache_pct <= max_kv_cache_pct]
-        return found
+        """Schedulable workers matching every given condition (``WorkerQuery``), all of them."""
+        query = WorkerQuery(idle=idle, model=model, min_free_vram_mb=min_free_vram_mb,
+                            max_waiting=max_waiting, max_kv_cache_pct=max_kv_cache_pct)
+        if not query.filtered:  # no condition still means schedulable workers only
+            return [w for w in self.get_all_workers() if w.schedulable]
+        return self.workers_page(query).workers
 
     def find_idle_workers(self) -> list[FleetWorker]:
         """Idle workers (``is_idle``): no request in their engine, else a GPU at or under
@@ -287,6 +410,8 @@ class HiveRegistry:
             self._last_sweep = now
             silent = {hive_id: now - entry.received_at for hive_id, entry in self._hives.items()}
             verdict = judge(silent, {h for h, e in self._hives.items() if e.stale}, settings,
+                            established={h for h, e in self._hives.items()
+                                         if self._established(e)},
                             holding=self._holding)
             self._holding, result.held = verdict.holding, verdict.held
             for hive_id in verdict.newly_stale:
@@ -296,12 +421,35 @@ class HiveRegistry:
                 entry.stale = hive_id in verdict.stale
             for hive_id in verdict.expired:
                 result.removed.append(_removed(
-                    hive_id, self._hives.pop(hive_id),
+                    hive_id, self._pop(hive_id),
                     f"no heartbeat for {silent[hive_id]:.1f}s "
                     f"(remove_after_s: {settings.remove_after_s:g})"))
         return result
 
     # -- internals (callers hold the lock) -------------------------------------------------
+
+    def _established(self, entry: _HiveEntry) -> bool:
+        return entry.received_at - entry.first_seen >= self.settings.established_after_s
+
+    def _admit(self, hive_id: str, now: float) -> None:
+        settings = self.settings
+        if len(self._hives) >= settings.max_hives:
+            raise AdmissionError(
+                f"hive {hive_id!r} refused: the registry is full "
+                f"(registry.max_hives: {settings.max_hives})", hive_id=hive_id)
+        wait = self._admission.take(now)
+        if wait:
+            raise AdmissionError(
+                f"hive {hive_id!r} refused for now: new hives are admitted at most "
+                f"{settings.new_hives_per_s:g}/s (registry.new_hives_per_s, burst "
+                f"{settings.new_hives_burst}); retry in {wait:.2f}s",
+                hive_id=hive_id, retry_after_s=wait)
+
+    def _pop(self, hive_id: str) -> _HiveEntry | None:
+        entry = self._hives.pop(hive_id, None)
+        if entry is not None:
+            del self._order[bisect_left(self._order, hive_id)]
+        return entry
 
     def _entry(self, hive_id: str) -> _HiveEntry:
         try:
@@ -315,20 +463,42 @@ class HiveRegistry:
                          last_heartbeat=entry.last_heartbeat, workers=list(entry.workers),
                          capabilities=list(entry.capabilities))
 
-    def _fleet_workers(self, *, with_vram: bool = True) -> Iterator[FleetWorker]:
+    def _hive_workers(self, hive_id: str, entry: _HiveEntry, *, with_vram: bool = True,
+                      after: tuple[str, str, str] | None = None) -> Iterator[FleetWorker]:
+        """One hive's workers in (group, instance) order, those up to ``after`` skipped."""
+        key = (entry.stale, self.settings.skip_unhealthy_gpus)
+        if with_vram and entry.listed is not None and entry.listed[0] == key:
+            listed = entry.listed[1]
+        else:
+            listed = list(self._list_workers(hive_id, entry, with_vram=with_vram))
+            if with_vram:
+                entry.listed = (key, listed)
+        if after is not None and after[0] == hive_id:
+            return iter(listed[bisect_right(listed, after[1:], key=_fleet_key):])
+        return iter(listed if after is None or after[0] < hive_id else ())
+
+    def _list_workers(self, hive_id: str, entry: _HiveEntry, *,
+                      with_vram: bool) -> Iterator[FleetWorker]:
         skip_unhealthy = self.settings.skip_unhealthy_gpus
-        for hive_id, entry in sorted(self._hives.items()):
-            schedulable = entry.schedulable
-            vram = _HiveVram(entry) if with_vram else None
-            unhealthy = {d.uuid for d in entry.capabilities if isinstance(d.health, Unhealthy)}
-            for worker in entry.workers:
-                on_unhealthy = _unhealthy_gpus_of(worker, entry.capabilities, unhealthy)
-                yield FleetWorker(
-                    hive_id=hive_id, hive_stale=entry.stale,
-                    schedulable=(schedulable and worker.state is WorkerState.RUNNING
-                                 and not (skip_unhealthy and on_unhealthy)),
-                    worker=worker, vram=vram.of(worker) if vram is not None else None,
-                    unhealthy_gpus=on_unhealthy)
+        schedulable = entry.schedulable
+        vram = _HiveVram(entry) if with_vram else None
+        unhealthy = {d.uuid for d in entry.capabilities if isinstance(d.health, Unhealthy)}
+        for worker in sorted(entry.workers, key=_worker_key):
+            on_unhealthy = _unhealthy_gpus_of(worker, entry.capabilities, unhealthy)
+            yield FleetWorker(
+                hive_id=hive_id, hive_stale=entry.stale,
+                schedulable=(schedulable and worker.state is WorkerState.RUNNING
+                             and not (skip_unhealthy and on_unhealthy)),
+                worker=worker, vram=vram.of(worker) if vram is not None else None,
+                unhealthy_gpus=on_unhealthy)
+
+
+def _worker_key(worker: WorkerTelemetry) -> tuple[str, str]:
+    return worker.group, worker.instance
+
+
+def _fleet_key(found: FleetWorker) -> tuple[str, str]:
+    return found.worker.group, found.worker.instance
 
 
 def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:

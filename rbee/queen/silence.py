@@ -5,7 +5,10 @@ redis store: Redis's ``TIME``, one clock for the whole fleet) and ask ``judge`` 
 which hives are stale now, which are newly so (to announce once), and which are silent past
 ``remove_after_s``. If most of the fleet falls silent at once the fault is more likely on the
 queens' side (their network, a stall, a sweeper that just moved), so nothing is removed until
-that clears, as Kubernetes' node lifecycle controller and Nomad's heartbeat grace do.
+that clears, as Kubernetes' node lifecycle controller and Nomad's heartbeat grace do. That guard
+counts and holds only *established* hives, those that reported over at least
+``established_after_s``: a burst of ids posted once and never again must not outnumber the real
+fleet and so stop every removal for good.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ class Verdict:
 
 
 def judge(silent: Mapping[str, float], flagged: Set[str], settings: RegistrySettings, *,
-          holding: bool, sticky: bool = False) -> Verdict:
-    """The verdict on hives silent for ``silent[hive]`` seconds, ``flagged`` stale before.
+          established: Set[str], holding: bool, sticky: bool = False) -> Verdict:
+    """The verdict on hives silent for ``silent[hive]`` seconds, ``flagged`` stale before, of
+    which ``established`` are established.
 
     With ``sticky`` a flag stays until the hive's next heartbeat clears it (the redis store,
     where silences restart after a sweeper change); otherwise it follows the silence."""
@@ -45,12 +49,17 @@ def judge(silent: Mapping[str, float], flagged: Set[str], settings: RegistrySett
         verdict.stale |= flagged & silent.keys()
     verdict.newly_stale = sorted(verdict.stale - flagged)
     expired = sorted(hive for hive, s in silent.items() if s >= settings.remove_after_s)
-    if (expired and len(silent) >= settings.mass_silence_min_hives
-            and len(verdict.stale) > settings.mass_silence_fraction * len(silent)):
+    counted = established & silent.keys()
+    stale_count = len(verdict.stale & counted)
+    if (expired and len(counted) >= settings.mass_silence_min_hives
+            and stale_count > settings.mass_silence_fraction * len(counted)):
         if not holding:
-            log.warning("%d of %d hives are silent at once: suspecting the queens' side, "
-                        "removing none until they return", len(verdict.stale), len(silent))
-        verdict.holding, verdict.held = True, expired
+            log.warning("%d of %d established hives are silent at once: suspecting the queens' "
+                        "side, removing none of them until they return",
+                        stale_count, len(counted))
+        verdict.holding = True
+        verdict.held = [hive for hive in expired if hive in counted]
+        verdict.expired = [hive for hive in expired if hive not in counted]
     else:
         verdict.holding, verdict.expired = False, expired
     return verdict
