@@ -27,10 +27,10 @@ import yaml
 
 from rbee.telemetry import encode
 from tests.builders import fleet_heartbeat
-from tests.rediskit import RedisServer
+from tests.rediskit import RedisServer, running_redis
 
 from .conftest import FIGURES
-from .test_bench_queen import RBEE_QUEEN, TWO_CORES, cpu_seconds, pinned, post_all
+from .test_bench_queen import TWO_CORES, cpu_seconds, pinned, post_all, queen_process
 
 HIVES = 16
 PER_ROUND = 480
@@ -41,29 +41,16 @@ RESULTS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-bench")).start()
-    try:
+    with running_redis(tmp_path_factory.mktemp("redis-bench")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @contextmanager
-def queen_process(tmp_path, name: str, store: dict) -> Iterator[tuple[subprocess.Popen, str]]:
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({"port": 0, "registry": {"store": store}}))
-    process = subprocess.Popen(
-        [RBEE_QUEEN, "--config", str(config), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True,
-        preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if TWO_CORES else None)
-    try:
-        url = process.stdout.readline().split()[-1]
-        assert url.startswith("http://127.0.0.1:"), url
-        yield process, url
-    finally:
-        process.terminate()
-        process.wait(10)
-        process.stdout.close()
+def queen_with(tmp_path, name: str, store: dict) -> Iterator[tuple[subprocess.Popen, str]]:
+    directory = tmp_path / name
+    directory.mkdir()
+    with queen_process(directory, yaml.safe_dump({"registry": {"store": store}})) as queen:
+        yield queen
 
 
 def redis_store(server: RedisServer, prefix: str) -> dict:
@@ -103,7 +90,7 @@ def ingest(benchmark, queens: list[tuple[subprocess.Popen, str]], redis_pid: int
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_store_ingest(benchmark, tmp_path, redis_server, kind):
     store = {"kind": "memory"} if kind == "memory" else redis_store(redis_server, "bench-one")
-    with queen_process(tmp_path, kind, store) as queen:
+    with queen_with(tmp_path, kind, store) as queen:
         rate, redis_per_hb = ingest(benchmark, [queen], redis_server.process.pid
                                     if kind == "redis" else None)
     RESULTS[kind] = rate
@@ -122,7 +109,7 @@ def test_store_ingest(benchmark, tmp_path, redis_server, kind):
 
 def test_two_queens_against_one(benchmark, tmp_path, redis_server):
     with ExitStack() as stack:
-        queens = [stack.enter_context(queen_process(tmp_path, name,
+        queens = [stack.enter_context(queen_with(tmp_path, name,
                                                     redis_store(redis_server, "bench-two")))
                   for name in ("a", "b")]
         rate, _ = ingest(benchmark, queens, None)
@@ -137,7 +124,7 @@ def test_two_queens_against_one(benchmark, tmp_path, redis_server):
 def test_redis_memory_per_1000_hives(benchmark, tmp_path, redis_server):
     """1,000 hives of 10 workers, one heartbeat each, through one queen: what Redis holds."""
     bodies = [encode(fleet_heartbeat(f"mem-{i:04}", 10)) for i in range(1000)]
-    with queen_process(tmp_path, "mem", redis_store(redis_server, "bench-mem")) as (_, url):
+    with queen_with(tmp_path, "mem", redis_store(redis_server, "bench-mem")) as (_, url):
         before = int(redis_server.info("memory")["used_memory"])
 
         async def connection(share: list[bytes]) -> None:

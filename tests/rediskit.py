@@ -10,10 +10,13 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
 
+from .daemons import end_process
 from .queenkit import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -54,18 +57,12 @@ class RedisServer:
 
     def kill(self) -> None:
         """SIGKILL: Redis lost, with everything it held (no persistence)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
+        if self.process is not None:
+            end_process(self.process, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            end_process(self.process)
 
     def info(self, section: str) -> dict[str, str]:
         """``INFO section`` as a dict (memory, cpu), over a plain socket."""
@@ -78,6 +75,16 @@ class RedisServer:
                 data += sock.recv(65536)
         lines = data.split(b"\r\n", 1)[1].decode().splitlines()
         return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+@contextmanager
+def running_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server for the duration of the block (a session's, a test's)."""
+    server = RedisServer(directory).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02):

@@ -31,7 +31,7 @@ from rbee.telemetry import (
 from .builders import heartbeat, worker
 from .daemons import BIN, Daemon
 from .queenkit import STREAM_PATH, free_port, open_stream, post_heartbeat, start_queen
-from .rediskit import RedisServer, wait_for
+from .rediskit import RedisServer, running_redis, wait_for
 
 INTERVAL = 0.4
 """The hive's heartbeat interval in the failover scenario."""
@@ -41,11 +41,8 @@ _prefixes = itertools.count()
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
