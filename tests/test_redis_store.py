@@ -271,8 +271,13 @@ async def test_redis_unreachable_at_start(tmp_path):
     config.write_text(yaml.safe_dump({"port": 0, "registry": {"store": {
         "kind": "redis", "url": url, "connect_timeout_s": 0.5}}}))
     with trio.fail_after(20):
+        checked = await trio.run_process(
+            [str(BIN / "rbee-queen"), "--config", str(config), "--check-config"],
+            capture_stdout=True, capture_stderr=True, check=False)
         done = await trio.run_process([str(BIN / "rbee-queen"), "--config", str(config)],
                                       capture_stdout=True, capture_stderr=True, check=False)
+    assert checked.returncode == 0  # the config is right; only starting needs Redis
+    assert f"the fleet in Redis at {url}" in checked.stdout.decode()
     assert done.returncode == 1
     assert f"cannot reach Redis at {url} (registry.store.url)" in done.stderr.decode()
 

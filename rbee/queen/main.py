@@ -19,8 +19,10 @@ from .server import QueenServer
 
 def describe(config: QueenConfig, source: str) -> str:
     token = read_token(config.auth_token_file, source)
+    store = config.registry.store
+    where = f"the fleet in Redis at {store.url}" if store.kind == "redis" else "the fleet in memory"
     return (f"listening on {config.bind}:{config.port}, "
-            f"{'hives need the token' if token else 'no token asked of hives'}")
+            f"{'hives need the token' if token else 'no token asked of hives'}, {where}")
 
 
 def main(argv: list[str] | None = None) -> int:
