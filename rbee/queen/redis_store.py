@@ -161,9 +161,10 @@ class RedisStore:
         self.registry.admit(heartbeat.hive.id)
         entry_id = _text(await self._eval("HEARTBEAT", heartbeat.hive.id, encode(heartbeat),
                                           self.maxlen))
-        if len(self._own) > 10_000:  # the follower is not reading them back (Redis lost)
+        if len(self._own) > 1000:  # the follower is not reading them back (Redis lost)
             self._own.clear()
-        self._own[entry_id] = heartbeat
+        if (entry_key(entry_id) or (0, 0)) > (entry_key(self._position) or (0, 0)):
+            self._own[entry_id] = heartbeat  # else the follower has read it already
         self._apply_heartbeat(entry_id, heartbeat)
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
