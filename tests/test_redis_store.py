@@ -104,6 +104,9 @@ async def test_two_queens_share_the_fleet(nursery, client, redis_server):
         gone = await on_b.next("hive_removed", timeout=5)
         assert gone.hive_id == "hive-y" and "no heartbeat for" in gone.reason
         await wait_for(lambda: _async(a.registry.hive_ids() == b.registry.hive_ids() == []))
+    for gone_id in ("1-0", "not-an-id"):  # not (or no longer) in the stream: a snapshot
+        async with open_stream(client, a, headers={"Last-Event-ID": gone_id}) as resumed:
+            assert isinstance(await resumed.next(), SnapshotEvent)
 
 
 async def _async(value):

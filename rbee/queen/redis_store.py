@@ -184,14 +184,17 @@ class RedisStore:
             return None
         if last == end:
             return []
+        count = int(self.maxlen) * 2 + 200  # MAXLEN ~ keeps up to a node (100) more
         try:
             reply = await self._command(self._client, "XRANGE", self.stream_key,
-                                        last_id, upto, "COUNT", str(int(self.maxlen) * 2))
+                                        last_id, upto, "COUNT", str(count))
         except StoreError:
             return None  # a snapshot from the mirror then
         entries = list(reply.items()) if isinstance(reply, dict) else [tuple(e) for e in reply]
         if not entries or _text(entries[0][0]) != last_id:
             return None  # trimmed away, or not an id of this stream
+        if len(entries) == count and _text(entries[-1][0]) != upto:
+            return None  # more missed than kept: never a gap
         return [(_text(entry_id), self._event_of(_text(entry_id), _fields(fields)))
                 for entry_id, fields in entries[1:]]
 
