@@ -46,8 +46,11 @@ setup(
             "pytest>=8.2",
             "pytest-trio>=0.8",
             "pytest-benchmark>=4.0",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # TLS tests make their CA and certificates on the fly
+            "trustme>=1.1",
             # tests pip-install examples/rbee-plugin-example offline, without build isolation:
             # bdist_wheel is part of setuptools from 70.1 on
             "setuptools>=70.1",

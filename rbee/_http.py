@@ -16,7 +16,6 @@ import anyio
 import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,8 +25,10 @@ from starlette.routing import BaseRoute
 
 from ._errors import ContractError, ListenError
 from ._logs import RateLimitedLog
+from ._transport import ConnectionTable, fit_descriptors, serve_connections
 from .config import HttpSettings
 from .telemetry import decode_json, encode
+from .tls import check_server_files
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -111,18 +112,52 @@ def _has_body(request: Request) -> bool:
     return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
-def json_app(routes: Sequence[BaseRoute]) -> Starlette:
+def json_app(routes: Sequence[BaseRoute], http: HttpSettings | None = None) -> Starlette:
     """A Starlette app whose every answer is JSON; refused requests are logged by
-    ``rbee.http.clients``, at most 10 lines per 10 s per app."""
+    ``rbee.http.clients``, at most 10 lines per 10 s per app. ``http`` gives ``read_body`` its
+    shared budget and deadline (the defaults without it)."""
     error = _error_handler(RateLimitedLog(logging.getLogger("rbee.http.clients")))
-    return Starlette(routes=list(routes),
-                     exception_handlers={ApiError: error, ContractError: error,
-                                         HTTPException: error, Exception: _internal_error})
+    app = Starlette(routes=list(routes),
+                    exception_handlers={ApiError: error, ContractError: error,
+                                        HTTPException: error, Exception: _internal_error})
+    http = http or HttpSettings()
+    app.state.body_budget = BodyBudget(http.body_budget)
+    app.state.body_timeout_s = http.body_timeout_s
+    return app
+
+
+class BodyBudget:
+    """The bytes of request bodies being read at once, across connections: with each request's
+    own limit, what bounds the memory unfinished uploads can take.
+
+    Large bodies (over 1/64 of the budget) may hold only three quarters of it together: the last
+    quarter is kept for small ones, so a few unfinished multi-megabyte uploads cannot lock out the
+    hives' few-kilobyte heartbeats."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.small = limit // 64
+        self.reserved = 0
+
+    def take(self, size: int, body_size: int) -> None:
+        """Reserve ``size`` more bytes for a body of ``body_size`` so far, or refuse (503)."""
+        room = self.limit if body_size <= self.small else self.limit - self.limit // 4
+        if self.reserved + size > room:
+            raise ApiError(503, f"too many request bodies being read at once "
+                                f"(http.max_body_bytes_in_flight: {self.limit} bytes); "
+                                f"retry later", headers={"retry-after": "1"})
+        self.reserved += size
+
+    def give_back(self, size: int) -> None:
+        self.reserved -= size
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes (from
-    Content-Length before reading, or while reading a chunked body)."""
+    Content-Length before reading, or while reading a chunked body), with 503 when it would take
+    the server past its budget of bodies in flight (``BodyBudget``: a declared length is
+    reserved whole before a byte is read), and with 408 if it is not in within
+    ``http.body_timeout_s``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -131,13 +166,26 @@ async def read_body(request: Request, limit: int) -> bytes:
             if int(declared) <= DRAIN_MAX_BYTES:
                 await _discard(request)
             raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    budget: BodyBudget = request.app.state.body_budget
+    reserved = int(declared) if declared is not None else 0
+    budget.take(reserved, reserved)
+    try:
+        with anyio.move_on_after(request.app.state.body_timeout_s) as waited:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
+                if size > reserved:  # chunked (or longer than declared: h11 refuses that)
+                    budget.take(size - reserved, size)
+                    reserved = size
+                chunks.append(chunk)
+        if waited.cancelled_caught:
+            raise ApiError(408, f"body not received within http.body_timeout_s "
+                                f"({request.app.state.body_timeout_s:g}s)")
+        body = b"".join(chunks)
+    finally:
+        budget.give_back(reserved)
     request.scope[_BODY_READ] = True
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "gzip":
@@ -179,20 +227,35 @@ def gunzip_limited(body: bytes, limit: int) -> bytes:
 
 async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
                 shutdown_trigger: Callable[[], Awaitable[None]],
+                connections: ConnectionTable | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` until ``shutdown_trigger`` returns; reports the bound ``http://host:port``
-    URLs when listening (port 0 picks a free port)."""
+    """Serve ``app`` until ``shutdown_trigger`` returns; reports the bound URLs
+    (``http://host:port``, or ``https://`` with ``tls_cert_file``) when listening (port 0 picks a
+    free port). Connections are capped and every request phase has its deadline
+    (``rbee/_transport.py``); ``connections``, if given, is the table that counts them (for a
+    server's metrics), its limit set here to what the descriptors allow."""
     http = HypercornConfig()
-    http.bind = [f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"]
+    address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+    http.bind = [address]
+    http.insecure_bind = []
     http.graceful_timeout = settings.shutdown_grace_s
     http.keep_alive_timeout = settings.keep_alive_timeout_s
+    http.ssl_handshake_timeout = settings.header_timeout_s
     http.backlog = settings.backlog
     http.accesslog = None
     http.errorlog = logging.getLogger("rbee.http")
-    http.read_timeout = None  # it would also close stream connections, whose clients send nothing
+    # Reads are bounded per phase by _transport (a plain read timeout would also close stream
+    # connections, whose clients send nothing).
+    http.read_timeout = None
+    http.h2_max_concurrent_streams = 16
+    if settings.tls_cert_file is not None:
+        check_server_files(settings)
+        http.certfile, http.keyfile = settings.tls_cert_file, settings.tls_key_file
+    connections = connections or ConnectionTable(settings.max_connections)
+    connections.limit = fit_descriptors(settings.max_connections)
     try:
         sockets = http.create_sockets()
-        for sock in sockets.insecure_sockets:
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
             # Accepted connections inherit it. A client that stops reading leaves hypercorn's
             # (shielded) send blocked, and its connection cannot close until that send ends; the
             # kernel gives up on it after this long, which also bounds any wait at shutdown.
@@ -200,8 +263,8 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
                             int(settings.stall_timeout_s * 1000))
             sock.listen(http.backlog)
     except OSError as exc:
-        address = http.bind[0]
         raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}",
                           address=address) from exc
-    await worker_serve(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets=sockets,
-                       shutdown_trigger=shutdown_trigger, task_status=task_status)
+    await serve_connections(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets,
+                            settings, connections, shutdown_trigger=shutdown_trigger,
+                            task_status=task_status)

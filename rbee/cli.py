@@ -6,7 +6,14 @@
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
                    [--max-waiting N] [--max-kv-cache-pct P] [--limit N] [--after ID] [--json]
 
-``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one.
+``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one. For an
+``https://`` queen, ``--ca-file`` (or ``RBEE_CA_FILE``) names the CA bundle to verify it against.
+``--read-token-file FILE`` (or ``RBEE_READ_TOKEN_FILE``) holds the queen's read token, if it asks
+for one.
+
+    rbee credential new HIVE_ID [--secret-file FILE]
+                   a hive's own credential: the secret (printed once, or written to FILE) and
+                   the line for the queen's ``hive_credentials_file``
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from importlib.resources import files
@@ -26,13 +34,16 @@ import yaml
 
 from ._errors import ContractError, RbeeError, leaf_exceptions
 from ._http import reply_message
+from .auth import bearer, read_token
 from .config import HiveConfig, QueenConfig, parse_config
+from .credentials import new_credential
 from .fleetview import TREND_METRICS, FleetView
 from .hive.service import HiveService
 from .queen.registry import FleetWorker
 from .queen.server import QueenServer
 from .stream_client import follow_stream
 from .telemetry import StreamEvent, decode_json
+from .tls import client_verify
 from .view import printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
@@ -45,9 +56,11 @@ def demo_config(queen_url: str) -> HiveConfig:
     return msgspec.structs.replace(config, queen_url=queen_url)
 
 
-async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None:
+async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5,
+                verify: ssl.SSLContext | bool = True,
+                headers: dict[str, str] | None = None) -> None:
     """Print the fleet whenever it changes (at most every ``refresh_s``); ``rounds`` > 0 stops
-    after that many tables."""
+    after that many tables. ``headers`` go with every request (the read token)."""
     view = FleetView()
     changed = trio.Event()
     status = ""
@@ -69,8 +82,9 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
         changed.set()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down))
-        nursery.start_soon(follow_history, queen_url, view, on_history)
+        nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down,
+                                                 verify=verify, headers=headers))
+        nursery.start_soon(follow_history, queen_url, view, on_history, verify, 5.0, headers)
         shown = 0
         while rounds == 0 or shown < rounds:
             await changed.wait()
@@ -84,11 +98,13 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5) -> None
 
 
 async def follow_history(queen_url: str, view: FleetView, notify: Callable[[], None],
-                         every_s: float = 5.0) -> None:
+                         verify: ssl.SSLContext | bool = True, every_s: float = 5.0,
+                         headers: dict[str, str] | None = None) -> None:
     """The workers' last minute for the LAST 60s column, every ``every_s``. Best effort: an old
     queen without history, or one that is down, leaves the column blank."""
     params = {"metric": TREND_METRICS, "since": "60", "step": "5"}
-    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s) as client:
+    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s, verify=verify,
+                                 headers=headers) as client:
         while True:
             try:
                 response = await client.get("/v1/history", params=params)
@@ -138,7 +154,38 @@ async def _cancel_on_signal(signals, scope: trio.CancelScope) -> None:
 
 
 async def top(args: argparse.Namespace) -> None:
-    await watch(args.queen, args.rounds)
+    await watch(args.queen, args.rounds, verify=client_verify(args.ca_file, "--ca-file"),
+                headers=args.read_headers)
+
+
+def reader_headers(path: str | None) -> dict[str, str]:
+    """The header carrying the read token in ``path`` (none without one)."""
+    return bearer(read_token(path or None, key="--read-token-file"))
+
+
+def credential(args: argparse.Namespace) -> int:
+    try:
+        secret, line = new_credential(args.hive_id)
+    except ValueError as exc:
+        print(f"rbee: {exc}", file=sys.stderr)
+        return 1
+    if args.secret_file is not None:
+        try:
+            fd = os.open(args.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            print(f"rbee: cannot create {args.secret_file}: {exc.strerror}", file=sys.stderr)
+            return 1
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+        print(f"# secret of hive {args.hive_id!r} written to {args.secret_file} "
+              f"(the hive's credential_file); line for the queen's hive_credentials_file:",
+              file=sys.stderr)
+    else:
+        print(f"# secret of hive {args.hive_id!r}, shown only this once: put it in the hive's "
+              f"credential_file\n{secret}\n# line for the queen's hive_credentials_file:",
+              file=sys.stderr)
+    print(line)
+    return 0
 
 
 def workers(args: argparse.Namespace) -> int:
@@ -158,7 +205,9 @@ def workers(args: argparse.Namespace) -> int:
     if args.after is not None:
         params["after"] = args.after
     try:
-        response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout)
+        response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout,
+                             verify=client_verify(args.ca_file, "--ca-file"),
+                             headers=args.read_headers)
     except httpx.TransportError as exc:
         print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
         return 1
@@ -196,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     queen_option = argparse.ArgumentParser(add_help=False)
     queen_option.add_argument("--queen", default=os.environ.get("RBEE_QUEEN", DEFAULT_QUEEN),
                               help=f"the queen's URL (default: $RBEE_QUEEN or {DEFAULT_QUEEN})")
+    queen_option.add_argument("--ca-file", default=os.environ.get("RBEE_CA_FILE"),
+                              help="CA bundle (PEM) to verify an https:// queen against "
+                                   "(default: $RBEE_CA_FILE, else the system's CAs)")
+    queen_option.add_argument("--read-token-file", metavar="FILE",
+                              default=os.environ.get("RBEE_READ_TOKEN_FILE"),
+                              help="a file holding the queen's read token, if it asks for one "
+                                   "(default: $RBEE_READ_TOKEN_FILE)")
     run_up = commands.add_parser("up", help="queen, local hive and demo workers, live view")
     run_up.add_argument("--port", type=int, default=7833, help="the queen's port (0: any free)")
     run_up.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
@@ -220,10 +276,30 @@ def main(argv: list[str] | None = None) -> int:
                              help="the page after this worker id (hive/group/instance)")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    run_credential = commands.add_parser("credential", help="per-hive credentials")
+    credential_commands = run_credential.add_subparsers(dest="action", required=True)
+    run_new = credential_commands.add_parser(
+        "new", help="a new secret for a hive and its line for the queen's hive_credentials_file")
+    run_new.add_argument("hive_id", metavar="HIVE_ID")
+    run_new.add_argument("--secret-file", metavar="FILE",
+                         help="write the secret to this new file (mode 0600) instead of "
+                              "printing it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "credential":
+        return credential(args)
+    if args.command in ("workers", "top"):
+        try:
+            args.read_headers = reader_headers(args.read_token_file)
+        except RbeeError as exc:
+            print(f"rbee: {exc}", file=sys.stderr)
+            return 1
     if args.command == "workers":
-        return workers(args)
+        try:
+            return workers(args)
+        except RbeeError as exc:
+            print(f"rbee: {exc}", file=sys.stderr)
+            return 1
     status = 0
     try:
         trio.run(up if args.command == "up" else top, args)

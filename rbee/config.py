@@ -43,6 +43,37 @@ class HttpSettings(Settings):
     """A connection whose peer takes no data for this long is dropped by the kernel
     (TCP_USER_TIMEOUT): a stream client that stopped reading. It also bounds how long such a
     client can delay shutdown."""
+    header_timeout_s: Seconds = 10.0
+    """A request's headers must be in within this long of its first byte (and a TLS handshake
+    within this long of the connection); a slower client is disconnected."""
+    body_timeout_s: Seconds = 30.0
+    """A request's body must be in whole within this long of its headers (a slow-body client is
+    disconnected; under HTTP/2 the request gets 408)."""
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """Connections open at once. Past it a new one closes the longest-idle connection, or gets
+    503 when all are busy. The descriptor limit is raised to fit it at start (up to the hard
+    limit; below that, fewer connections are allowed and a warning says so)."""
+    max_body_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1024)] | None = None
+    """Bytes of request bodies being read at once, all connections together (at least
+    max_body_bytes); unset: 16 times max_body_bytes. A request that would pass it is refused at
+    once with 503, so unfinished uploads cannot take the server's memory."""
+    tls_cert_file: str | None = None
+    """Serve HTTPS with this certificate chain (PEM); needs tls_key_file. HTTP/2 is offered only
+    over TLS (ALPN); a plain-TCP server speaks HTTP/1.1 only."""
+    tls_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_body_bytes_in_flight is not None
+                and self.max_body_bytes_in_flight < self.max_body_bytes):
+            raise ValueError(f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be "
+                             f"at least max_body_bytes ({self.max_body_bytes})")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+
+    @property
+    def body_budget(self) -> int:
+        """``max_body_bytes_in_flight``, or its default."""
+        return self.max_body_bytes_in_flight or 16 * self.max_body_bytes
 
 
 class CgroupSettings(Settings):
@@ -161,6 +192,9 @@ class HiveConfig(Settings):
     queen_url: str | list[str] = "http://127.0.0.1:7833"
     """The queen, or several queens sharing one store: heartbeats go to the first that answers,
     and move to the next within one interval when it stops answering."""
+    queen_ca_file: str | None = None
+    """CA bundle (PEM) the queen's certificate is verified against, for an ``https://``
+    queen_url; unset: the system's trusted CAs."""
     stop_grace_s: Seconds = 5.0
     stop_workers_on_exit: bool = False
     """False keeps workers running over a hive restart (they are re-adopted); ``rbee up`` sets it."""
@@ -172,6 +206,10 @@ class HiveConfig(Settings):
     auth_token_file: str | None = None
     """A file holding the token shared with the queen (``rbee/auth.py``): sent with every
     heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
+    credential_file: str | None = None
+    """A file holding this hive's own secret (``rbee credential new ID``), sent with every
+    heartbeat instead of the shared token: the queen then lets this hive post, say goodbye and
+    be removed only as ``id`` (``rbee/credentials.py``). Unset: the token, if any, is sent."""
 
     @property
     def queen_urls(self) -> list[str]:
@@ -290,6 +328,9 @@ class RegistrySettings(Settings):
     the rest come page by page (``X-Next-After``)."""
     workers_max_limit: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     """The largest ``limit`` a ``GET /v1/workers`` may ask for."""
+    hives_limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """``GET /v1/hives`` answers at most this many hives unless ``limit`` asks otherwise (up to
+    ``max_hives``); the rest come page by page (``X-Next-After``)."""
     max_workers_per_hive: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1024
     """A heartbeat with more workers is refused (400), so one hive cannot make the queen hold
     more than this many worker records."""
@@ -315,6 +356,12 @@ class StreamSettings(Settings):
     """Idle connections get a comment line this often, so proxies keep them open."""
     client_buffer: Annotated[int, msgspec.Meta(ge=1)] = 256
     """Events queued per client; a client further behind is told it lagged and resynced."""
+    client_buffer_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 2**20
+    """Bytes queued per client (frames are shared between clients, so this bounds what one
+    slow client can pin); a client further behind is told it lagged and resynced."""
+    write_chunk_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 2**10
+    """Queued frames are written to a client in pieces of at most this many bytes (a single
+    larger frame goes alone), so catching up never copies a whole backlog at once."""
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
     replay_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """Events kept for clients that reconnect with ``Last-Event-ID`` (with redis, the stream's
@@ -342,13 +389,21 @@ class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
     port: Port = 7833
-    http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(max_body_bytes=4 * 2**20))
+    http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(
+        max_body_bytes=4 * 2**20, max_connections=4000))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
-    heartbeat and of a hive's removal. Unset: none is asked for."""
+    heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is
+    the admin's power: it may act for any hive."""
+    hive_credentials_file: str | None = None
+    """A file of ``hive_id:sha256$salt$hash`` lines (``rbee/credentials.py``): a hive that sends
+    its secret may post, say goodbye and be removed only as itself. Re-read when it changes."""
+    read_token_file: str | None = None
+    """A file holding a token asked of reads: the stream, ``/v1/hives``, ``/v1/workers``,
+    ``/v1/history`` and ``/metrics`` (the shared token is accepted too). Unset: reads are open."""
 
     def __post_init__(self) -> None:
         check_bind(self.bind)

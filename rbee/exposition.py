@@ -296,12 +296,15 @@ def render(registry: CollectorRegistry, accept: str | None,
 
 
 def metrics_route(registry: CollectorRegistry,
-                  hives: Callable[[], list[HiveRecord]]) -> Route:
+                  hives: Callable[[], list[HiveRecord]],
+                  guard: Callable[[Request], None] | None = None) -> Route:
     """``GET /metrics``: ``registry`` (the server's own figures) and the fleet in ``hives()``.
     Built in a worker thread: a large fleet's takes tens of milliseconds, which must not hold up
-    heartbeats or the stream."""
+    heartbeats or the stream. ``guard`` may refuse the request first (raising ApiError)."""
 
     async def metrics(request: Request) -> Response:
+        if guard is not None:
+            guard(request)
         body, content_type = await trio.to_thread.run_sync(
             render, registry, request.headers.get("accept"), hives)
         return Response(body, media_type=content_type)

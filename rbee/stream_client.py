@@ -7,6 +7,7 @@ with a snapshot, so the caller's view is whole again at once. httpx-sse does the
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 
 import httpx
@@ -23,11 +24,16 @@ STREAM_PATH = "/v1/heartbeats/stream"
 
 async def follow_stream(queen_url: str, on_event: Callable[[StreamEvent], None], *,
                         on_down: Callable[[str], None] = lambda problem: None,
-                        connect_timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
+                        connect_timeout_s: float = 2.0, retry_s: float = 1.0,
+                        verify: ssl.SSLContext | bool = True,
+                        headers: dict[str, str] | None = None) -> None:
     """Call ``on_event`` with every stream event, forever; ``on_down`` with the reason whenever
-    the connection is lost, before retrying every ``retry_s``."""
+    the connection is lost, before retrying every ``retry_s``. ``verify``: httpx's, for an
+    ``https://`` queen (``rbee.tls.client_verify``); ``headers`` go with every request (the
+    queen's read token, ``rbee.auth.bearer``)."""
     timeout = httpx.Timeout(connect_timeout_s, read=None)
-    async with httpx.AsyncClient(base_url=queen_url, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=queen_url, timeout=timeout, verify=verify,
+                                 headers=headers) as client:
         while True:
             try:
                 async with aconnect_sse(client, "GET", STREAM_PATH) as source:

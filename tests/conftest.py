@@ -52,6 +52,25 @@ def busy_worker(model: str = "test-model") -> list[str]:
     return [sys.executable, "-c", code, "--model", model]
 
 
+# The fleet test spends minutes in systemd-nspawn boots, SSH and pip on three hosts, mostly
+# waiting: under ``./dev test`` (pytest-xdist, two workers) it runs on one worker while the rest
+# of the suite runs on the other, each lane in file order, as in one process.
+SLOW_LANE = {"test_ansible_fleet.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Two lanes, not xdist's ``loadgroup``: its marker trick rewrites ``item._nodeid``, which
+    pytest 9.2 no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "fleet" if Path(nodeid.split("::")[0]).name in SLOW_LANE else "suite"
+
+    return Lanes(config, log)
+
+
 def _backend(kind: str, tag: str) -> CgroupBackend:
     return select_backend(kind, f"{RUN_ROOT}/{tag}")
 

@@ -60,7 +60,7 @@ class Daemon:
 
     def __enter__(self) -> Daemon:
         line = self.process.stdout.readline()
-        assert " listening on http://" in line, (line, self.stderr())
+        assert " listening on http" in line, (line, self.stderr())
         self.url = line.split()[-1]
         return self
 

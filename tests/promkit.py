@@ -33,15 +33,21 @@ def require_prometheus() -> None:
 
 
 class Prometheus:
-    def __init__(self, tmp_path: Path, targets: dict[str, str]) -> None:
-        """``targets``: job name -> base URL (``http://127.0.0.1:PORT``) serving /metrics."""
+    def __init__(self, tmp_path: Path, targets: dict[str, str],
+                 credentials_files: dict[str, Path] | None = None) -> None:
+        """``targets``: job name -> base URL (``http://127.0.0.1:PORT``) serving /metrics;
+        ``credentials_files``: job name -> a file holding the bearer token that job sends (the
+        queen's read token), as the README's scrape config says."""
+        credentials_files = credentials_files or {}
         require_prometheus()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "900ms",
                        "evaluation_interval": "1s"},
             "scrape_configs": [
                 {"job_name": job, "honor_labels": True,  # as the README says: ours describe workers
-                 "static_configs": [{"targets": [url.split("//", 1)[1]]}]}
+                 "static_configs": [{"targets": [url.split("//", 1)[1]]}],
+                 **({"authorization": {"credentials_file": str(credentials_files[job])}}
+                    if job in credentials_files else {})}
                 for job, url in targets.items()],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))

@@ -24,6 +24,7 @@ import os
 import pwd
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trustme
 import yaml
+
+from rbee.credentials import HiveCredentials
 
 from .ansiblekit import EXAMPLE_INVENTORY, REPO, SITE, Run, ansible_env, export_checkout, write_vault
 from .conftest import IS_ROOT, RUN_ROOT
@@ -60,6 +64,11 @@ class Deployment:
     hive_vars: dict
     cgroup_root: str
     runs: list[Run]
+    tls: dict[str, str]
+    """PEM text: the test's CA, the certificate (for 127.0.0.1) and its key."""
+
+    def verify(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.tls["ca"])
 
     def path(self, relative: str) -> Path:
         return self.prefix / relative
@@ -81,7 +90,7 @@ class Deployment:
 
 
 def write_inventory(tree: Path, prefix: Path, *, user: str, queen_port: int, hive_port: int,
-                    hive_vars: dict, token: str) -> tuple[Path, Path]:
+                    hive_vars: dict, token: str, tls: dict[str, str]) -> tuple[Path, Path]:
     """The inventory: this machine as the queen and as a hive, the example's group_vars/all
     (token from the vault), the test's overrides, and a vault encrypted by ansible-vault."""
     inventory = tree / "inventory"
@@ -109,6 +118,10 @@ def write_inventory(tree: Path, prefix: Path, *, user: str, queen_port: int, hiv
         "rbee_hive_user": "root",
         "rbee_queen_bind": "127.0.0.1",  # the role binds 0.0.0.0 by default; tests stay on loopback
         "rbee_queen_prometheus_file_sd": str(prefix / "etc/prometheus/rbee-targets.json"),
+        # HTTPS between hive and queen, and for the hive's API (a real fleet keeps keys in the vault)
+        "rbee_queen_tls_cert": tls["cert"], "rbee_queen_tls_key": tls["key"],
+        "rbee_hive_queen_ca": tls["ca"],
+        "rbee_hive_tls_cert": tls["cert"], "rbee_hive_tls_key": tls["key"],
         **hive_vars,
         "rbee_hive_workers": [{"group": "demo", "instance": "a", "argv": [
             str(venv / "bin/python"), "-m", "rbee.demo.worker", "--model", "ansible-demo",
@@ -137,12 +150,17 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
                                       "collect": {"gpu": "none"}}}
     token = os.urandom(24).hex()
     queen_port, hive_port = free_port(), free_port()
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    tls = {"ca": ca.cert_pem.bytes().decode(),
+           "cert": "".join(pem.bytes().decode() for pem in issued.cert_chain_pems),
+           "key": issued.private_key_pem.bytes().decode()}
     try:
         inventory, vault_password = write_inventory(
             tree, prefix, user=user, queen_port=queen_port, hive_port=hive_port,
-            hive_vars=hive_vars, token=token)
+            hive_vars=hive_vars, token=token, tls=tls)
         deployment = Deployment(tree, prefix, inventory, vault_password, ansible_env(tree),
-                                token, user, queen_port, hive_vars, cgroup_root, [])
+                                token, user, queen_port, hive_vars, cgroup_root, [], tls)
         deployment.playbook("--check", "--diff")
         deployment.playbook()
         yield deployment
@@ -204,8 +222,9 @@ def test_check_mode_on_a_new_host_writes_nothing(deployment):
     assert check.changed["queen-local"] > 0 and check.changed["hive-local"] > 0
     assert "+auth_token_file: " in check.output  # the diff of the configs is shown
     assert real.changed["queen-local"] > 0
-    for run in deployment.runs:
-        assert deployment.token not in run.output  # the token never shows, even in a diff
+    secret = (deployment.inventory / "credentials" / "hive-local").read_text().strip()
+    for run in deployment.runs:  # the token and the hive's secret never show, even in a diff
+        assert deployment.token not in run.output and secret not in run.output
 
 
 def test_configs_pass_the_commands_own_check(deployment):
@@ -216,9 +235,9 @@ def test_configs_pass_the_commands_own_check(deployment):
         result = subprocess.run([str(venv_bin / command), "--check-config", "--config",
                                  str(config)], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-    # the hive's queen URL comes from the inventory's queen entry
-    queen_url = f"http://127.0.0.1:{deployment.queen_port}"
-    assert f"queen {queen_url} (with token)" in result.stdout
+    # the hive's queen URL comes from the inventory's queen entry; with the CA given, https
+    queen_url = f"https://127.0.0.1:{deployment.queen_port}"
+    assert f"queen {queen_url} (with its credential)" in result.stdout
     queen = yaml.safe_load(queen_yaml.read_text())
     assert (queen["bind"], queen["port"]) == ("127.0.0.1", deployment.queen_port)
     hive = yaml.safe_load(hive_yaml.read_text())
@@ -228,10 +247,24 @@ def test_configs_pass_the_commands_own_check(deployment):
     queen_group = grp.getgrnam(deployment.user).gr_gid
     assert pwd.getpwnam(deployment.user).pw_shell == "/usr/sbin/nologin"
     for path, gid in ((queen["auth_token_file"], queen_group), (hive["auth_token_file"], 0),
-                      (queen_yaml, queen_group)):
+                      (queen_yaml, queen_group), (queen["hive_credentials_file"], queen_group),
+                      (hive["credential_file"], 0)):
         stat = os.stat(path)
         assert (oct(stat.st_mode & 0o777), stat.st_uid, stat.st_gid) == ("0o640", 0, gid), path
     assert Path(queen["auth_token_file"]).read_text() == deployment.token + "\n"
+    # TLS: the files the configs name, the keys readable by the service's group only
+    assert Path(queen["http"]["tls_key_file"]).read_text() == deployment.tls["key"]
+    assert Path(hive["queen_ca_file"]).read_text() == deployment.tls["ca"]
+    for path in (queen["http"]["tls_key_file"], hive["http"]["tls_key_file"]):
+        assert oct(os.stat(path).st_mode & 0o777) == "0o640", path
+    for path in (queen["http"]["tls_cert_file"], hive["queen_ca_file"]):
+        assert oct(os.stat(path).st_mode & 0o777) == "0o644", path
+    # the hive's own secret, generated on the controller, and its hash on the queen
+    secret = Path(hive["credential_file"]).read_text().strip()
+    assert secret == (deployment.inventory / "credentials" / "hive-local").read_text().strip()
+    assert len(secret) >= 43 and secret not in Path(queen["hive_credentials_file"]).read_text()
+    credentials = HiveCredentials(queen["hive_credentials_file"])
+    assert len(credentials) == 1 and credentials.verify("hive-local", secret)
     # Prometheus file_sd targets: the queen and the hive, each at its /metrics port
     targets = json.loads(deployment.path("etc/prometheus/rbee-targets.json").read_text())
     assert targets == [
@@ -249,6 +282,9 @@ def test_units_pass_systemd_analyze_verify(deployment):
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
     hive_unit = units[1].read_text()
     assert "\nDelegate=yes\n" in hive_unit and "\nKillMode=process\n" in hive_unit
+    # descriptors for http.max_connections (the defaults: 4,000 and 1,000) and 1,024 to spare
+    assert "\nLimitNOFILE=5024\n" in units[0].read_text()
+    assert "\nLimitNOFILE=2024\n" in hive_unit
     assert "\nProtectControlGroups" not in hive_unit  # the hive writes its cgroup subtree
     assert "\nProtectSystem=strict\n" in units[0].read_text()
 
@@ -279,9 +315,10 @@ async def test_services_run_as_their_units_say(deployment, tmp_path):
     KillMode=process (SIGTERM to the hive alone): the worker runs on, the queen lists it all
     along, and the new hive re-adopts it."""
     units = deployment.path("etc/systemd/system")
-    queen_url = f"http://127.0.0.1:{deployment.queen_port}"
+    queen_url = f"https://127.0.0.1:{deployment.queen_port}"
     hive_argv = exec_start(units / "rbee-hive.service")
-    async with httpx.AsyncClient(base_url=queen_url, timeout=5) as client:
+    async with httpx.AsyncClient(base_url=queen_url, timeout=5,
+                                 verify=deployment.verify()) as client:
 
         async def listed_pids() -> list[int]:
             return [w["worker"]["pid"] for w in (await client.get("/v1/workers")).json()]
@@ -326,6 +363,7 @@ def test_second_run_changes_nothing_and_a_change_restarts(deployment):
     assert "RUNNING HANDLER [rbee_queen" not in preview.output
     assert hive_yaml.read_text() == before  # check mode wrote nothing
     assert deployment.token not in second.output + preview.output
+    assert deployment.tls["key"].splitlines()[1] not in second.output + preview.output
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -333,6 +371,8 @@ def test_second_run_changes_nothing_and_a_change_restarts(deployment):
      "argument 'rbee_hive_port' is of type str and we were unable to convert to int"),
     ({"rbee_hive_auth_token": "short"},  # the preflight checks
      "rbee_hive_auth_token must be one word of at least 16 printable ASCII characters"),
+    ({"rbee_hive_credential": "short"},
+     "rbee_hive_credential must be empty (send the token) or one word of at least 32"),
     ({"rbee_hive_config": {"heartbeat": {"interval_s": "often"}}},  # the command's own check
      "heartbeat.interval_s: Expected `float`, got `str`"),
 ])

@@ -245,6 +245,30 @@ def test_dashboard_marks_stale_hives_and_drops_removed_ones(tmp_path):
         assert console_errors(driver) == []
 
 
+def test_dashboard_opens_with_the_read_token(tmp_path):
+    """With the queen's read_token_file set, the page opened as /?access_token=... follows the
+    stream (the token as a query parameter) and reads the history (as a header): no 401."""
+    from .builders import heartbeat, worker
+
+    token = "dashboard-read-token-0123456789"
+    (tmp_path / "read-token").write_text(token)
+    with queen(tmp_path, read_token_file=str(tmp_path / "read-token")) as q, \
+            chromium(tmp_path) as driver, httpx.Client(timeout=10) as client:
+        assert client.get(f"{q.url}/v1/heartbeats/stream").status_code == 401
+        driver.get(f"{q.url}/?access_token={token}")
+        wait_for(driver, CONNECTION, lambda text: text == "live")
+        response = client.post(f"{q.url}/v1/hive-heartbeat",
+                               content=encode(heartbeat("guarded", [worker("a")])))
+        assert response.status_code == 200, response.text
+        wait_for(driver, WORKER_KEYS, lambda keys: keys == ["guarded/llm/a"])
+        time.sleep(1.0)  # the page asked for the history as it loaded; a 401 is logged
+        assert console_errors(driver) == []
+        driver.get(f"{q.url}/")  # without the token: refused, and the console says so
+        wait_for(driver, CONNECTION, lambda text: text != "live")
+        time.sleep(1.0)
+        assert any("401" in message for message in console_errors(driver))
+
+
 def refused_while_down(message: str) -> bool:
     """What the browser logs while the queen stops and is away: its reads refused (503 while it
     shuts down, then no one listening)."""

@@ -33,13 +33,13 @@ from .fakes import processes_left, write_fake_nvidia_smi
 from .queenkit import free_port, open_stream, small_window_client
 
 QUEEN = ("port: {port}\n"
-         "registry: {{stale_after_s: 1.0, remove_after_s: 3.0, cleanup_interval_s: 0.1}}\n"
+         "registry: {{stale_after_s: {stale}, remove_after_s: {remove}, cleanup_interval_s: 0.1}}\n"
          "stream: {{queen_interval_s: 0.5, client_buffer: {buffer}}}\n")
 INTERVAL = 0.25
 
 
-def queen_config(port: int = 0, buffer: int = 256) -> str:
-    return QUEEN.format(port=port, buffer=buffer)
+def queen_config(port: int = 0, buffer: int = 256, stale: float = 1.0) -> str:
+    return QUEEN.format(port=port, buffer=buffer, stale=stale, remove=3 * stale)
 
 
 def demo_worker(instance: str, model: str, **fields) -> dict:
@@ -67,8 +67,8 @@ def hive(tmp_path, tag: str, queen_url: str, workers: list[dict] = (), env=None,
                   cgroup_root=f"{RUN_ROOT}/e2e-{tag}")
 
 
-def queen(tmp_path, port: int = 0, buffer: int = 256, **extra) -> Daemon:
-    text = queen_config(port, buffer) + (yaml.safe_dump(extra) if extra else "")
+def queen(tmp_path, port: int = 0, buffer: int = 256, stale: float = 1.0, **extra) -> Daemon:
+    text = queen_config(port, buffer, stale) + (yaml.safe_dump(extra) if extra else "")
     return Daemon("rbee-queen", tmp_path / "queen.yaml", text)
 
 
@@ -267,8 +267,10 @@ async def test_hive_restart_clears_workers(tmp_path, client):
 async def test_hive_restart_readopts_workers(tmp_path, client):
     """With stop_workers_on_exit false (the default), a restarted hive re-adopts its running
     workers from the cgroup tree: same PIDs, reported again, not started twice. The queen lists
-    them all along: the stopping hive does not say goodbye, as its workers run on."""
-    with queen(tmp_path) as q:
+    them all along: the stopping hive does not say goodbye, as its workers run on. The queen
+    waits 5 s before calling a hive stale: a hive restart (a new Python process) can take more
+    than a second on a busy machine, and a restart is what this test is about, not silence."""
+    with queen(tmp_path, stale=5.0) as q:
         workers = [demo_worker("a", "m"), demo_worker("b", "m")]
         async with open_stream(client, q.url) as stream:
             with hive(tmp_path, "readopt", q.url, workers, stop_workers_on_exit=False) as first:

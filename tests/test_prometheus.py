@@ -147,3 +147,21 @@ def test_removed_hive_leaves_the_next_scrape(fleet):
     assert 'hive="short-lived"' in httpx.get(f"{queen.url}/metrics").text
     assert httpx.delete(f"{queen.url}/v1/hives/short-lived").status_code == 200
     assert 'hive="short-lived"' not in httpx.get(f"{queen.url}/metrics").text
+
+
+def test_prometheus_scrapes_with_the_read_token(tmp_path):
+    """A queen asking for a read token: the job with ``authorization.credentials_file`` scrapes
+    it, the job without gets 401 (``up`` 0)."""
+    token = tmp_path / "read-token"
+    token.write_text("prometheus-read-token-0123456789\n")
+    with Daemon("rbee-queen", tmp_path / "queen.yaml",
+                f"port: 0\nread_token_file: {token}\n") as queen:
+        post_crafted(queen)
+        prometheus = Prometheus(tmp_path, {"with-token": queen.url, "without": queen.url},
+                                credentials_files={"with-token": token})
+        try:
+            assert value(prometheus.wait_for('up{job="with-token"} == 1')) == 1
+            assert prometheus.wait_for('rbee_hive_up{job="with-token"}')
+            assert value(prometheus.wait_for('up{job="without"}')) == 0
+        finally:
+            prometheus.close()

@@ -84,6 +84,25 @@ async def test_workers_come_in_pages_with_a_cursor(client_of):
     assert "idle=true" in idle.links["next"]["url"]
 
 
+async def test_hives_come_in_pages_too(client_of):
+    client = await client_of(hives_limit=2, max_hives=3)
+    for hive in ("c", "a", "b"):
+        assert (await post(client, hive)).status_code == 200
+
+    def ids(response: httpx.Response) -> list[str]:
+        assert response.status_code == 200, response.text
+        return [h["hive"]["id"] for h in response.json()]
+
+    first = await client.get("/v1/hives")
+    assert ids(first) == ["a", "b"] and first.headers["x-next-after"] == "b"
+    rest = await client.get(first.links["next"]["url"])
+    assert ids(rest) == ["c"] and "x-next-after" not in rest.headers
+    assert ids(await client.get("/v1/hives", params={"limit": 3})) == ["a", "b", "c"]
+    too_many = await client.get("/v1/hives", params={"limit": 4})
+    assert too_many.status_code == 400
+    assert "from 1 to 3 (registry.max_hives), not '4'" in too_many.json()["message"]
+
+
 @pytest.mark.parametrize(("params", "expected"), [
     ({"limit": "0"}, "'limit' must be a whole number from 1 to 10000 "
                      "(registry.workers_max_limit), not '0'"),

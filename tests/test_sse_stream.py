@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from rbee.queen.broadcast import Subscription
 from rbee.queen.server import QueenServer
 from rbee.telemetry import (
     HiveRemovedEvent,
@@ -92,11 +93,15 @@ async def test_stream_handles_multiple_clients(nursery, client):
     assert received == {n: [f"hive-{i}" for i in range(5)] for n in range(20)}
 
 
-async def test_stream_handles_broadcast_lag(nursery, client):
-    """A client that stops reading falls behind its 4-event buffer: when it reads again it gets
-    a ``lagged`` notice with the count it missed and a snapshot of the current fleet, not the
-    backlog. (Its socket's receive buffer is made tiny so the kernel cannot absorb the lag.)"""
-    queen = await start_queen(nursery, stream={"client_buffer": 4, "queen_interval_s": 3600,
+@pytest.mark.parametrize("bound", [{"client_buffer": 4},
+                                   {"client_buffer": 1024, "client_buffer_bytes": 65536}],
+                         ids=["events", "bytes"])
+async def test_stream_handles_broadcast_lag(nursery, client, bound):
+    """A client that stops reading falls behind its buffer (4 events; or 64 KiB, about three of
+    these ~20 KB events, with room for 1,024 of them): when it reads again it gets a ``lagged``
+    notice with the count it missed and a snapshot of the current fleet, not the backlog. (Its
+    socket's receive buffer is made tiny so the kernel cannot absorb the lag.)"""
+    queen = await start_queen(nursery, stream={**bound, "queen_interval_s": 3600,
                                                "keepalive_s": 3600})
     async with small_window_client() as slow, open_stream(slow, queen) as stream:
         await stream.next("snapshot")
@@ -349,3 +354,28 @@ async def test_stream_shutdown_with_a_stalled_client(nursery, client):
         queen.stop()
         with trio.fail_after(5):
             await queen.stopped.wait()
+
+
+async def test_backlog_is_written_in_bounded_pieces():
+    """A backlog goes out in pieces of at most ``write_chunk_bytes`` (frames joined up to it), a
+    larger frame alone and uncopied; past ``client_buffer_bytes`` the backlog is let go at once
+    and the client resyncs."""
+    subscription = Subscription(100, 8000, 1024)
+    frames = [bytes([65 + i]) * 300 for i in range(10)]
+    big = b"B" * 5000
+    for frame in [*frames, big]:
+        subscription.offer(frame)
+    assert subscription.backlog_bytes == 8000
+    subscription.close()
+    pieces = [piece async for piece in subscription.frames(lambda dropped: iter(()))]
+    assert all(len(piece) <= 1024 for piece in pieces[:-1])
+    assert b"".join(pieces[:-1]) == b"".join(frames) and pieces[-1] is big
+    assert subscription.backlog_bytes == 0
+
+    lagging = Subscription(100, 8000, 1024)
+    for frame in [*frames, big, b"x"]:
+        lagging.offer(frame)
+    assert (lagging.dropped, lagging.backlog_bytes) == (12, 0)
+    lagging.close()
+    resynced = [piece async for piece in lagging.frames(lambda dropped: iter([b"%d" % dropped]))]
+    assert resynced == [b"12"]

@@ -110,4 +110,4 @@ def build_app(hive: HiveService) -> Starlette:
         Route("/v1/workers", spawn, methods=["POST"]),
         Route("/v1/workers/{group}/{instance}", stop, methods=["DELETE"]),
         metrics_route(metrics, lambda: [_record(agent.latest)]),
-    ])
+    ], config.http)

@@ -30,9 +30,10 @@ import trio
 
 from .._errors import ConfigError
 from .._http import reply_message
-from ..auth import bearer
+from ..auth import bearer, hive_basic
 from ..config import HeartbeatSettings
 from ..telemetry import HiveHeartbeat, encode
+from ..tls import client_verify
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class DeliveryState:
 class HeartbeatSender:
     def __init__(self, settings: HeartbeatSettings, queen_url: str | list[str],
                  source: HeartbeatSource, *, token: str | None = None,
+                 credential: tuple[str, str] | None = None, ca_file: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  random_fraction: Callable[[], float] = random.random) -> None:
         self.settings = settings
@@ -89,7 +91,9 @@ class HeartbeatSender:
         self.queen_urls = [parse_queen_url(url) for url in urls]
         self._current = 0
         self.source = source
-        self._headers = bearer(token)
+        self._headers = hive_basic(*credential) if credential is not None else bearer(token)
+        """A hive's own credential (hive id, secret) is sent if it has one, else the token."""
+        self._verify = client_verify(ca_file, "queen_ca_file")
         self.state = DeliveryState()
         self._transport = transport
         self._random = random_fraction
@@ -104,7 +108,8 @@ class HeartbeatSender:
         settings = self.settings
         timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                                 write=settings.write_timeout_s, pool=settings.pool_timeout_s)
-        return httpx.AsyncClient(timeout=timeout, headers=self._headers, transport=self._transport)
+        return httpx.AsyncClient(timeout=timeout, headers=self._headers, verify=self._verify,
+                                 transport=self._transport)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings

@@ -18,21 +18,27 @@ from .._daemon import run_daemon
 from .._errors import ConfigError
 from ..auth import read_token
 from ..config import HiveConfig
+from ..credentials import read_secret
+from ..tls import check_server_files, client_verify
 from .heartbeat import parse_queen_url
 from .service import HiveService
 
 
 def check(config: HiveConfig, source: str) -> str:
     """What start-up needs beyond the config's own syntax (limits, ids, the bind address): the
-    queen URL, the token file and the workers' log directory. Start-up runs it too, so
+    queen URL, the token and credential files and the workers' log directory. Start-up runs it too, so
     ``--check-config`` passes exactly the configs a hive starts with."""
     for url in config.queen_urls:
         parse_queen_url(url, source=source)
+    client_verify(config.queen_ca_file, "queen_ca_file", source)
+    check_server_files(config.http, source)
     token = read_token(config.auth_token_file, source)
+    secret = read_secret(config.credential_file, source)
     check_log_dir(config.log_dir, source)
+    sent = " (with its credential)" if secret else " (with token)" if token else ""
     queens = ", ".join(config.queen_urls)
     return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {queens}"
-            f"{' (with token)' if token else ''}, {len(config.workers)} workers")
+            f"{sent}, {len(config.workers)} workers")
 
 
 def check_log_dir(log_dir: str | None, source: str = "") -> None:

@@ -13,6 +13,7 @@ import trio
 from .._http import serve
 from ..auth import read_token
 from ..config import HiveConfig
+from ..credentials import read_secret
 from .agent import HiveAgent
 from .api import build_app
 from .heartbeat import HeartbeatSender
@@ -24,9 +25,11 @@ class HiveService:
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
         self.token = read_token(config.auth_token_file)
+        secret = read_secret(config.credential_file)
         self.agent = HiveAgent(config)
         self.sender = HeartbeatSender(config.heartbeat, config.queen_url, self.agent,
-                                      token=self.token)
+                                      token=self.token, ca_file=config.queen_ca_file,
+                                      credential=None if secret is None else (config.id, secret))
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()

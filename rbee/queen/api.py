@@ -4,7 +4,8 @@
     GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent, id: its place
                                      in the stream (``Last-Event-ID`` resumes after it)
     GET    /health                   503 with status ``degraded`` while the store is unreachable
-    GET    /v1/hives                 every hive (HiveState), stale ones flagged
+    GET    /v1/hives                 every hive (HiveState), stale ones flagged; paged like
+                                     /v1/workers (?limit=, registry.hives_limit; ?after=<hive id>)
     GET    /v1/hives/{hive_id}
     DELETE /v1/hives/{hive_id}       an operator's removal, announced like a stale one
     GET    /v1/workers               every worker; with ?idle=true, ?model=M, ?min_free_vram_mb=N,
@@ -18,7 +19,11 @@
     GET    /                         the live fleet dashboard; /static/... its files (dashboard.py)
 
 With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
-<token>`` (401 without it); reads stay open.
+<token>`` (401 without it). With ``hive_credentials_file`` set, a hive may instead send its own
+credential (``Authorization: Basic base64(hive_id:secret)``) and then acts only as itself: a
+heartbeat or goodbye for another hive id, or a DELETE of another hive, is refused (403). With
+``read_token_file`` set, the stream, the listings, the history and ``/metrics`` take the read
+token (or the shared one); ``/health`` stays open. See ``rbee/auth.py``.
 
 Every error is JSON ``{"status": "error", "message": ...}`` with a 4xx/5xx code, and a request that
 fails validation leaves the registry untouched.
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -43,8 +48,7 @@ from starlette.routing import Route
 from .. import __version__
 from .._errors import AdmissionError, NotFoundError, StoreError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
-from ..auth import require_token
-from ..config import RegistrySettings
+from ..auth import ANY_HIVE, authenticate_hive, require_reader
 from ..exposition import metrics_route
 from ..telemetry import OperationalStatus, decode_heartbeat, encode
 from .dashboard import dashboard_routes
@@ -119,36 +123,46 @@ def _float_param(request: Request, name: str) -> float | None:
     return number
 
 
-def _limit_param(request: Request, settings: RegistrySettings) -> int:
+def _limit_param(request: Request, default: int, most: int, most_key: str) -> int:
     value = request.query_params.get("limit")
     if value is None:
-        return settings.workers_limit
-    if not value.isdigit() or not 1 <= int(value) <= settings.workers_max_limit:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= most:
         raise ApiError(400, f"query parameter 'limit' must be a whole number from 1 to "
-                            f"{settings.workers_max_limit} (registry.workers_max_limit), "
-                            f"not {value!r}")
+                            f"{most} ({most_key}), not {value!r}")
     return int(value)
 
 
+def _paged(request: Request, body: bytes, next_after: str | None) -> Response:
+    """A page's JSON, with the cursor of the next one when there may be one."""
+    headers = {}
+    if next_after is not None:
+        following = request.url.include_query_params(after=next_after)
+        headers = {NEXT_AFTER_HEADER: next_after,
+                   "Link": f'<{following.path}?{following.query}>; rel="next"'}
+    return Response(body, media_type="application/json", headers=headers)
+
+
 LISTING_SLICE = 100
-"""Workers listed and encoded between two checkpoints of ``GET /v1/workers`` (about 1 ms)."""
+"""Workers (or hives) listed and encoded between two checkpoints of a listing (about 1 ms)."""
+
+Fetch = Callable[[str | None, int], tuple[Sequence[object], str | None]]
+"""One slice of a listing: (after, at most n) -> (items, the next slice's cursor or None)."""
 
 
-async def _workers_in_slices(registry: HiveRegistry, query: WorkerQuery, after: str | None,
-                             limit: int) -> tuple[bytes, str | None]:
-    """A page of ``limit`` workers as JSON, and the next page's cursor. It is listed and encoded
-    ``LISTING_SLICE`` workers at a time with a checkpoint between, following the registry's own
+async def _listed_in_slices(fetch: Fetch, after: str | None, limit: int
+                            ) -> tuple[bytes, str | None]:
+    """A page of ``limit`` items as JSON, and the next page's cursor. It is listed and encoded
+    ``LISTING_SLICE`` items at a time with a checkpoint between, following the registry's own
     cursor, so heartbeats are served between slices instead of waiting for the whole page (the
-    page is then not one atomic view; each worker's record is). Raises ValueError for a bad
-    ``after``."""
+    page is then not one atomic view; each record is). Raises ValueError for a bad ``after``."""
     slices: list[bytes] = []
     count = 0
     while True:
-        part = registry.workers_page(query, after=after, limit=min(LISTING_SLICE, limit - count))
-        if part.workers:
-            slices.append(encode(part.workers)[1:-1])  # the items, without the brackets
-        count += len(part.workers)
-        after = part.next_after
+        items, after = fetch(after, min(LISTING_SLICE, limit - count))
+        if items:
+            slices.append(encode(items)[1:-1])  # the items, without the brackets
+        count += len(items)
         if after is None or count >= limit:
             return b"[" + b",".join(slices) + b"]", after
         await anyio.lowlevel.checkpoint()
@@ -161,6 +175,14 @@ async def stored(write: Awaitable[T]) -> T:
         return await write
     except StoreError as exc:
         raise ApiError(503, f"the registry store is unavailable: {exc}") from exc
+
+
+def _workers(registry: HiveRegistry, query: WorkerQuery) -> Fetch:
+    def fetch(after: str | None, limit: int) -> tuple[Sequence[object], str | None]:
+        page = registry.workers_page(query, after=after, limit=limit)
+        return page.workers, page.next_after
+
+    return fetch
 
 
 def build_app(queen: QueenServer) -> Starlette:
@@ -184,9 +206,12 @@ def build_app(queen: QueenServer) -> Starlette:
         return response
 
     async def ingest(request: Request) -> Response:
-        require_token(request, queen.token)
+        acting_as = authenticate_hive(request, queen.token, queen.credentials)
         body = await read_body(request, config.http.max_body_bytes)
         heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
+        if acting_as is not ANY_HIVE and heartbeat.hive.id != acting_as:
+            raise ApiError(403, f"the credential of hive {acting_as!r} cannot post as hive "
+                                f"{heartbeat.hive.id!r}")
         if len(heartbeat.workers) > config.registry.max_workers_per_hive:
             raise ApiError(400, f"invalid heartbeat: {len(heartbeat.workers)} workers, more than "
                                 f"registry.max_workers_per_hive "
@@ -205,7 +230,11 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
+    def reader(request: Request) -> None:
+        require_reader(request, queen.read_token, queen.token)
+
     async def stream(request: Request) -> Response:
+        require_reader(request, queen.read_token, queen.token, query_parameter=True)
         if broadcaster.closed:
             raise ApiError(503, "the queen is shutting down")
         if broadcaster.full:
@@ -226,23 +255,39 @@ def build_app(queen: QueenServer) -> Starlette:
                             status_code=503 if problem else 200)
 
     async def list_hives(request: Request) -> Response:
-        return JsonResponse(registry.hives())
+        reader(request)
+        unknown = set(request.query_params) - {"limit", "after"}
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
+                                f"known: limit, after")
+        limit = _limit_param(request, config.registry.hives_limit, config.registry.max_hives,
+                             "registry.max_hives")
+        async with one_listing_at_a_time:
+            body, next_after = await _listed_in_slices(
+                lambda after, n: registry.hives_page(after=after, limit=n),
+                request.query_params.get("after"), limit)
+        return _paged(request, body, next_after)
 
     async def get_hive(request: Request) -> Response:
+        reader(request)
         try:
             return JsonResponse(registry.get_hive(request.path_params["hive_id"]))
         except NotFoundError as exc:
             raise ApiError(404, str(exc)) from exc
 
     async def delete_hive(request: Request) -> Response:
-        require_token(request, queen.token)
+        acting_as = authenticate_hive(request, queen.token, queen.credentials)
         hive_id = request.path_params["hive_id"]
+        if acting_as is not ANY_HIVE and hive_id != acting_as:
+            raise ApiError(403, f"the credential of hive {acting_as!r} cannot remove hive "
+                                f"{hive_id!r} (only itself; the shared token can)")
         event = await stored(store.remove(hive_id, "removed by request"))
         if event is None:
             raise ApiError(404, f"unknown hive {hive_id!r}")
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:
+        reader(request)
         unknown = set(request.query_params) - set(WORKER_PARAMS)
         if unknown:
             raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
@@ -258,21 +303,18 @@ def build_app(queen: QueenServer) -> Starlette:
         query = WorkerQuery(idle=idle, model=model, min_free_vram_mb=min_free,
                             max_kv_cache_pct=max_kv,
                             max_waiting=None if max_waiting is None else int(max_waiting))
-        limit = _limit_param(request, config.registry)
+        limit = _limit_param(request, config.registry.workers_limit,
+                             config.registry.workers_max_limit, "registry.workers_max_limit")
         try:
             async with one_listing_at_a_time:
-                body, next_after = await _workers_in_slices(
-                    registry, query, request.query_params.get("after"), limit)
+                body, next_after = await _listed_in_slices(
+                    _workers(registry, query), request.query_params.get("after"), limit)
         except ValueError as exc:
             raise ApiError(400, f"query parameter 'after': {exc}") from exc
-        headers = {}
-        if next_after is not None:
-            following = request.url.include_query_params(after=next_after)
-            headers = {NEXT_AFTER_HEADER: next_after,
-                       "Link": f'<{following.path}?{following.query}>; rel="next"'}
-        return Response(body, media_type="application/json", headers=headers)
+        return _paged(request, body, next_after)
 
     async def history(request: Request) -> Response:
+        reader(request)
         params = request.query_params
         unknown = set(params) - HISTORY_PARAMS
         if unknown:
@@ -308,6 +350,6 @@ def build_app(queen: QueenServer) -> Starlette:
         Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
         Route("/v1/workers", list_workers, methods=["GET"]),
         Route("/v1/history", history, methods=["GET"]),
-        metrics_route(metrics.registry, metrics.records),
+        metrics_route(metrics.registry, metrics.records, reader),
         *dashboard_routes(),
-    ])
+    ], config.http)

@@ -1,10 +1,13 @@
 """Fan-out of stream events to any number of SSE clients, none of which can hold up another.
 
 Each event is encoded once into its SSE frame and offered to every client's own bounded channel
-without waiting. A client whose channel is full is marked lagged: it misses events until its reader
-catches up, then gets a ``lagged`` notice and a fresh ``snapshot`` instead of the backlog, because
-every heartbeat carries a hive's whole state and the current state is all a view needs. So a slow
-client costs the queen at most ``client_buffer`` shared frames, and ingestion never waits on it.
+without waiting. A client whose backlog is full (``client_buffer`` events or
+``client_buffer_bytes`` bytes) is marked lagged and its backlog let go at once: it misses events
+until its reader comes back, then gets a ``lagged`` notice and a fresh ``snapshot`` instead,
+because every heartbeat carries a hive's whole state and the current state is all a view needs.
+So a slow client pins at most ``client_buffer_bytes`` of shared frames, a lagged one costs one
+counter per event, ingestion never waits on it, and its backlog is written in pieces of at most
+``write_chunk_bytes`` (no join of a whole backlog on the event loop).
 
 Every event carries the SSE ``id:`` its store gave it (``rbee/queen/store.py``); a client that
 reconnects with ``Last-Event-ID`` gets the events it missed, if the store still has them all, and
@@ -15,6 +18,7 @@ then the live stream, each event once; otherwise it starts again from a snapshot
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -32,57 +36,82 @@ RECONNECT_MS = 1000
 
 
 class Subscription:
-    """One client's place in the stream: a bounded channel of encoded frames."""
+    """One client's place in the stream: a backlog of encoded frames, bounded in events and in
+    bytes. The frames are shared with every other client, so what a client pins is only what its
+    backlog refers to; past either bound the backlog is let go at once (a new empty deque, no
+    copy) and the client resyncs when its reader comes back."""
 
-    def __init__(self, buffer: int) -> None:
-        self._send, self._receive = trio.open_memory_channel[bytes](buffer)
+    def __init__(self, buffer: int, buffer_bytes: int, write_chunk_bytes: int) -> None:
+        self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
+        self.write_chunk_bytes = write_chunk_bytes
+        self._backlog: deque[bytes] = deque()
+        self.backlog_bytes = 0
+        self._wakeup = trio.Event()
+        self._closed = False
         self.dropped = 0
         """Events not delivered since the client last caught up; non-zero means lagged."""
 
     def offer(self, frame: bytes) -> None:
+        if self._closed:
+            return
         if self.dropped:
             self.dropped += 1
             return
-        try:
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:
-            self.dropped = 1
-        except trio.ClosedResourceError:
-            pass
+        if (len(self._backlog) >= self.buffer
+                or self.backlog_bytes + len(frame) > self.buffer_bytes):
+            self.dropped = len(self._backlog) + 1
+            self._backlog, self.backlog_bytes = deque(), 0
+        else:
+            self._backlog.append(frame)
+            self.backlog_bytes += len(frame)
+        self._wakeup.set()
 
     def close(self) -> None:
-        self._send.close()
+        self._closed = True
+        self._wakeup.set()
+
+    def _piece(self) -> bytes:
+        """The next frames to write, together at most ``write_chunk_bytes`` (a larger frame goes
+        alone, as the object every client shares): catching up never copies a whole backlog."""
+        frame = self._backlog.popleft()
+        size = len(frame)
+        if not self._backlog or size + len(self._backlog[0]) > self.write_chunk_bytes:
+            self.backlog_bytes -= size
+            return frame
+        batch = [frame]
+        while self._backlog and size + len(self._backlog[0]) <= self.write_chunk_bytes:
+            frame = self._backlog.popleft()
+            batch.append(frame)
+            size += len(frame)
+        self.backlog_bytes -= size
+        return b"".join(batch)
 
     async def frames(self, resync: Callable[[int], Iterator[bytes]]) -> AsyncIterator[bytes]:
-        """The bytes to write to this client, until the broadcaster closes. Frames queued while
-        the client was being written to go out together in one write. After a lag, the backlog
-        is discarded and ``resync(dropped)`` supplies the frames that replace it."""
-        async for frame in self._receive:
-            if not self.dropped:
-                batch = [frame]
-                while True:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                yield frame if len(batch) == 1 else b"".join(batch)
-                continue
-            discarded = 1
-            while True:
-                try:
-                    self._receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                discarded += 1
-            dropped, self.dropped = self.dropped + discarded, 0
-            for replacement in resync(dropped):
-                yield replacement
+        """The bytes to write to this client, until the broadcaster closes: the backlog in
+        bounded pieces. After a lag, ``resync(dropped)`` supplies the frames that replace what
+        was let go."""
+        while True:
+            if self._backlog:
+                yield self._piece()
+            elif self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                for replacement in resync(dropped):
+                    yield replacement
+            elif self._closed:
+                return
+            else:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
 
 
 class Broadcaster:
     def __init__(self, *, client_buffer: int, max_clients: int,
-                 snapshot: Callable[[], SnapshotEvent]) -> None:
+                 snapshot: Callable[[], SnapshotEvent], client_buffer_bytes: int,
+                 write_chunk_bytes: int) -> None:
         self.client_buffer = client_buffer
+        self.client_buffer_bytes = client_buffer_bytes
+        self.write_chunk_bytes = write_chunk_bytes
         self.max_clients = max_clients
         self._snapshot = snapshot
         self._subscribers: set[Subscription] = set()
@@ -117,7 +146,8 @@ class Broadcaster:
 
     @contextmanager
     def subscribe(self) -> Iterator[Subscription]:
-        subscription = Subscription(self.client_buffer)
+        subscription = Subscription(self.client_buffer, self.client_buffer_bytes,
+                                    self.write_chunk_bytes)
         if self.closed:
             subscription.close()
         self._subscribers.add(subscription)

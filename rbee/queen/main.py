@@ -14,15 +14,25 @@ import sys
 from .._daemon import run_daemon
 from ..auth import read_token
 from ..config import QueenConfig
+from ..credentials import HiveCredentials
+from ..tls import check_server_files
 from .server import QueenServer
 
 
 def describe(config: QueenConfig, source: str) -> str:
     token = read_token(config.auth_token_file, source)
+    check_server_files(config.http, source)
+    scheme = "https" if config.http.tls_cert_file else "http"
+    credentials = (HiveCredentials(config.hive_credentials_file)
+                   if config.hive_credentials_file else None)
+    read = read_token(config.read_token_file, source, "read_token_file")
+    writes = [f"{len(credentials)} hive credentials" if credentials is not None else "",
+              "the token" if token else ""]
+    asked = " or ".join(w for w in writes if w) or "no token"
     store = config.registry.store
     where = f"the fleet in Redis at {store.url}" if store.kind == "redis" else "the fleet in memory"
-    return (f"listening on {config.bind}:{config.port}, "
-            f"{'hives need the token' if token else 'no token asked of hives'}, {where}")
+    return (f"listening on {scheme}://{config.bind}:{config.port}, hives need {asked}"
+            f"{', reads need the read token' if read else ''}, {where}")
 
 
 def main(argv: list[str] | None = None) -> int:

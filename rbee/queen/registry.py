@@ -304,6 +304,17 @@ class HiveRegistry:
         with self._lock:
             return [self._state(hive_id, self._hives[hive_id], now) for hive_id in self._order]
 
+    def hives_page(self, *, after: str | None = None, limit: int) -> tuple[list[HiveState],
+                                                                          str | None]:
+        """Up to ``limit`` hives whose id sorts after ``after``, in id order, and the next page's
+        cursor (the last id here) when this page is full; found by bisection."""
+        now = self._clock()
+        with self._lock:
+            first = bisect_right(self._order, after) if after is not None else 0
+            ids = self._order[first:first + limit]
+            page = [self._state(hive_id, self._hives[hive_id], now) for hive_id in ids]
+        return page, (ids[-1] if len(ids) == limit else None)
+
     def get_workers(self, hive_id: str) -> list[WorkerTelemetry]:
         """A hive's workers as last reported; empty for a hive the registry does not know."""
         with self._lock:

@@ -18,8 +18,10 @@ import time
 import trio
 
 from .._http import serve
+from .._transport import ConnectionTable
 from ..auth import read_token
 from ..config import QueenConfig
+from ..credentials import HiveCredentials
 from .api import build_app
 from .history import FleetHistory
 from .metrics import QueenMetrics
@@ -32,13 +34,17 @@ class QueenServer:
     def __init__(self, config: QueenConfig | None = None) -> None:
         self.config = config or QueenConfig()
         self.token = read_token(self.config.auth_token_file)
+        self.read_token = read_token(self.config.read_token_file, key="read_token_file")
+        self.credentials = (HiveCredentials(self.config.hive_credentials_file)
+                            if self.config.hive_credentials_file else None)
         self.store: FleetStore = open_store(self.config)
         self.registry = self.store.registry
         self.broadcaster = self.store.broadcaster
         self.history = FleetHistory(self.config.history)
+        self.connections = ConnectionTable(self.config.http.max_connections)
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
-                                    lambda: self.broadcaster.lagged_total)
+                                    lambda: self.broadcaster.lagged_total, self.connections)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -63,7 +69,8 @@ class QueenServer:
 
     async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(self.app, self.config.bind, self.config.port, self.config.http,
-                    shutdown_trigger=self._shutdown, task_status=task_status)
+                    shutdown_trigger=self._shutdown, connections=self.connections,
+                    task_status=task_status)
 
     def stop(self) -> None:
         """Begin a clean stop: streams end at once, requests in flight get the grace period."""

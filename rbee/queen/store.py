@@ -100,9 +100,12 @@ def fleet_view(store: FleetStore, config: QueenConfig,
     """Give ``store`` the registry the queen reads (on ``clock``) and the broadcaster that
     streams it."""
     store.registry = HiveRegistry(config.registry, clock=clock)
-    store.broadcaster = Broadcaster(client_buffer=config.stream.client_buffer,
-                                    max_clients=config.stream.max_clients,
-                                    snapshot=store.registry.snapshot)
+    stream = config.stream
+    store.broadcaster = Broadcaster(client_buffer=stream.client_buffer,
+                                    max_clients=stream.max_clients,
+                                    snapshot=store.registry.snapshot,
+                                    client_buffer_bytes=stream.client_buffer_bytes,
+                                    write_chunk_bytes=stream.write_chunk_bytes)
     store.broadcaster.store = store
 
 

@@ -8,7 +8,11 @@
 "use strict";
 
 (() => {
-  const STREAM = "/v1/heartbeats/stream";
+  // With the queen's read_token_file set, open the page as /?access_token=<read token>: the
+  // stream takes it as a query parameter (EventSource sends no header), the history as a header.
+  const ACCESS_TOKEN = new URLSearchParams(location.search).get("access_token");
+  const STREAM = "/v1/heartbeats/stream" +
+    (ACCESS_TOKEN ? `?access_token=${encodeURIComponent(ACCESS_TOKEN)}` : "");
   const IDLE_GPU_PCT = 5; // the queen's registry.idle_gpu_util_pct default
   const BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 5000;
   const SPARK = "▁▂▃▄▅▆▇█";
@@ -433,7 +437,8 @@
   // -- history: sparklines every 5 s, and the worker panel ---------------------------------
 
   async function history(params) {
-    const response = await fetch(`/v1/history?${new URLSearchParams(params)}`);
+    const response = await fetch(`/v1/history?${new URLSearchParams(params)}`,
+      ACCESS_TOKEN ? { headers: { Authorization: `Bearer ${ACCESS_TOKEN}` } } : {});
     if (!response.ok) throw new Error(`history: HTTP ${response.status}`);
     return response.json();
   }
