@@ -38,6 +38,8 @@ setup(
         "anyio>=4.7",
         "httpx-sse>=0.4",
         "prometheus-client>=0.20",
+        # the redis store (registry.store.kind: redis): its async client runs on trio (anyio)
+        "valkey-glide>=2.6",
     ],
     extras_require={
         "test": [

@@ -71,6 +71,10 @@ class PluginError(RbeeError):
         self.hook = hook
 
 
+class StoreError(RbeeError):
+    """The queen's shared store (Redis) cannot be reached or refused a command."""
+
+
 class NotFoundError(RbeeError):
     """Asked for a group, instance or hive that does not exist."""
 

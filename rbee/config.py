@@ -189,7 +189,9 @@ class HiveConfig(Settings):
     bind: str = "127.0.0.1"
     port: Port = 7835
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
-    queen_url: str = "http://127.0.0.1:7833"
+    queen_url: str | list[str] = "http://127.0.0.1:7833"
+    """The queen, or several queens sharing one store: heartbeats go to the first that answers,
+    and move to the next within one interval when it stops answering."""
     queen_ca_file: str | None = None
     """CA bundle (PEM) the queen's certificate is verified against, for an ``https://``
     queen_url; unset: the system's trusted CAs."""
@@ -209,8 +211,17 @@ class HiveConfig(Settings):
     heartbeat instead of the shared token: the queen then lets this hive post, say goodbye and
     be removed only as ``id`` (``rbee/credentials.py``). Unset: the token, if any, is sent."""
 
+    @property
+    def queen_urls(self) -> list[str]:
+        return [self.queen_url] if isinstance(self.queen_url, str) else list(self.queen_url)
+
     def __post_init__(self) -> None:
         check_bind(self.bind)
+        urls = self.queen_urls
+        if not urls:
+            raise ValueError("queen_url: the list names no queen")
+        if len(set(urls)) != len(urls):
+            raise ValueError("queen_url: a queen is listed twice")
         seen = set()
         for spec in self.workers:
             if (spec.group, spec.instance) in seen:
@@ -218,8 +229,71 @@ class HiveConfig(Settings):
             seen.add((spec.group, spec.instance))
 
 
+REDIS_SCHEMES = ("redis", "rediss")
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class StoreSettings(Settings):
+    """Where the fleet registry and the stream live (``rbee/queen/store.py``). ``memory`` keeps
+    them in this queen (one queen; the default, nothing else to run); ``redis`` keeps them in a
+    Redis or Valkey server that several queens share (``rbee/queen/redis_store.py``)."""
+
+    kind: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    """``redis://host:6379/0`` (``rediss://`` for TLS); required with ``kind: redis``."""
+    key_prefix: str = "rbee"
+    """Every key the queens use starts with ``<key_prefix>:``, so fleets can share one server."""
+    connect_timeout_s: Seconds = 2.0
+    """Deadline of connecting to Redis, at start and on every reconnection."""
+    request_timeout_s: Seconds = 2.0
+    """Deadline of one Redis command."""
+    lease_s: Annotated[float, msgspec.Meta(ge=0.3, le=60)] = 1.5
+    """How long the sweeper's lease lives unless renewed (every third of it): when the sweeping
+    queen dies, another takes over within this long plus a third."""
+
+    def __post_init__(self) -> None:
+        if not _KEY_PREFIX.match(self.key_prefix):
+            raise ValueError(f"key_prefix {self.key_prefix!r} must be 1-64 of A-Z a-z 0-9 _ . : -")
+        if self.kind == "memory":
+            if self.url is not None:
+                raise ValueError("url is for kind: redis; the memory store takes none")
+            return
+        if self.url is None:
+            raise ValueError("kind: redis needs url (redis://host:6379/0)")
+        parse_redis_url(self.url)
+
+
+class RedisAddress(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+    db: int
+    tls: bool
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis[s]://host[:port][/db]``, or ValueError saying what is wrong with it."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ValueError(f"url {url!r}: {exc}") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(f"url {url!r}: the scheme must be redis or rediss")
+    if not parts.hostname:
+        raise ValueError(f"url {url!r}: no host")
+    if parts.username or parts.password or parts.query:
+        raise ValueError(f"url {url!r}: credentials and options are not taken from the url")
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ValueError(f"url {url!r}: the path must be a database number, not {db!r}")
+    return RedisAddress(host=parts.hostname, port=port, db=int(db), tls=parts.scheme == "rediss")
+
+
 class RegistrySettings(Settings):
-    """How the queen judges hives by the silence since their last heartbeat (its own clock)."""
+    """How the queen judges hives by the silence since their last heartbeat (one clock: the
+    queen's own, or Redis's with the redis store)."""
 
     stale_after_s: Seconds = 5.0
     """Silent this long: shown as stale, no longer offered by scheduling queries."""
@@ -260,6 +334,7 @@ class RegistrySettings(Settings):
     max_workers_per_hive: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1024
     """A heartbeat with more workers is refused (400), so one hive cannot make the queen hold
     more than this many worker records."""
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
 
     def __post_init__(self) -> None:
         if self.workers_limit > self.workers_max_limit:
@@ -288,6 +363,9 @@ class StreamSettings(Settings):
     """Queued frames are written to a client in pieces of at most this many bytes (a single
     larger frame goes alone), so catching up never copies a whole backlog at once."""
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    replay_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """Events kept for clients that reconnect with ``Last-Event-ID`` (with redis, the stream's
+    ``MAXLEN ~``): one that missed more gets a snapshot instead."""
 
 
 class HistorySettings(Settings):

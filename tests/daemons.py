@@ -21,6 +21,19 @@ from rbee.hive.cgroups import select_backend
 BIN = Path(sys.executable).parent
 
 
+def end_process(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM,
+                timeout: float = 10.0) -> int:
+    """Send ``sig`` to a child still running, then SIGKILL if it outlives ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class Daemon:
     def __init__(self, command: str, config_path: Path, config_text: str, *,
                  env: dict[str, str] | None = None, cgroup_root: str | None = None) -> None:
@@ -59,14 +72,7 @@ class Daemon:
             clear_cgroup_root(self.cgroup_root)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return end_process(self.process, sig, timeout)
 
     async def wait_exit(self, timeout: float = 10.0) -> int:
         with trio.fail_after(timeout):

@@ -191,6 +191,32 @@ def test_example_inventory_names_a_queen_and_hives(tmp_path):
     assert len(groups["rbee_hives"]["hosts"]) >= 2
 
 
+def test_hives_get_every_queen_of_the_group(tmp_path):
+    """With several hosts in rbee_queens, each hive's config lists them all (an IPv6 address
+    bracketed, each queen's own port); an explicit rbee_hive_queen_url still wins."""
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({
+        "rbee_queens": {"hosts": {"q1": {"ansible_host": "10.0.0.10"},
+                                  "q2": {"ansible_host": "fd00::2", "rbee_queen_port": 7900}}},
+        "rbee_hives": {"hosts": {"h1": {"ansible_connection": "local",
+                                        "ansible_python_interpreter": sys.executable}}}}))
+    role = REPO / "ansible/roles/rbee_hive"
+    (tmp_path / "play.yml").write_text(yaml.safe_dump([{
+        "hosts": "rbee_hives", "gather_facts": False,
+        "vars_files": [str(role / "defaults/main.yml"), str(role / "vars/main.yml")],
+        "tasks": [{"ansible.builtin.debug": {"msg": "{{ _rbee_hive_config.queen_url | to_json }}"}}],
+    }]))
+    said = []
+    for extra in ({}, {"rbee_hive_queen_url": "http://queen.example:7833"}):
+        result = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
+             str(tmp_path / "play.yml"), "-e", json.dumps(extra)],
+            env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        said.append(json.loads(json.loads(result.stdout.split('"msg": ', 1)[1].split("\n", 1)[0])))
+    assert said == [["http://10.0.0.10:7833", "http://[fd00::2]:7900"],
+                    "http://queen.example:7833"]
+
+
 def test_check_mode_on_a_new_host_writes_nothing(deployment):
     check, real = deployment.runs[:2]
     assert check.changed["queen-local"] > 0 and check.changed["hive-local"] > 0

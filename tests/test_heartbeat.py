@@ -242,3 +242,22 @@ async def test_spawn_reaches_the_queen_at_once(nursery):
     with trio.fail_after(2):
         await wait_until(lambda: [w.instance for w in queen.registry.get_workers("hive-test")]
                          == ["new"])
+
+
+async def test_heartbeats_fail_over_to_the_next_queen_at_once(nursery):
+    """With several queens, a failed send (a refused connection, a 503) goes to the next queen
+    without waiting a backoff, and the hive stays with the queen that answers."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    refusing = ScriptedQueen([503] * 1000)
+    refusing_url = await refusing.start(nursery)
+    queen = await start_queen(nursery)
+    slow_backoff = {**FAST, "backoff_initial_s": 5.0, "backoff_max_s": 5.0}
+    _, sender = await start_hive(nursery, hive_config("failover", heartbeat=slow_backoff),
+                                 [dead, refusing_url, url_of(queen)])
+    with trio.fail_after(1.0):  # far less than one backoff: the round had no wait in it
+        await wait_until(lambda: queen.registry.hive_ids() == ["hive-test"])
+    assert str(sender.queen_url).rstrip("/") == url_of(queen)
+    delivered = sender.state.delivered
+    await wait_until(lambda: sender.state.delivered >= delivered + 3)
+    assert str(sender.queen_url).rstrip("/") == url_of(queen)  # it stays
+    assert len(refusing.bodies) == 1

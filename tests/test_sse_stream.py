@@ -241,8 +241,9 @@ async def test_stream_with_no_hives(nursery, client):
 
 
 async def test_stream_reconnection(nursery, client):
-    """A client that reconnects, with Last-Event-ID or without, first gets a snapshot of the whole
-    fleet, including what changed while it was away; ids keep increasing across connections."""
+    """A client that reconnects with Last-Event-ID gets exactly the events it missed, then the
+    live stream; one without it (or with an id the queen no longer keeps) first gets a snapshot
+    of the whole fleet. Ids keep increasing across connections."""
     queen = await start_queen(nursery, **QUIET)
     await post_heartbeat(client, queen, heartbeat("hive-a", [worker("a")]))
     async with open_stream(client, queen) as stream:
@@ -250,14 +251,24 @@ async def test_stream_reconnection(nursery, client):
         await post_heartbeat(client, queen, heartbeat("hive-a", [worker("a")]))
         last = await stream.next_raw()
     await post_heartbeat(client, queen, heartbeat("hive-b", [worker("b")]))  # while away
-    for headers in ({"Last-Event-ID": last.id}, None):
+    await post_heartbeat(client, queen, heartbeat("hive-c", [worker("c")]))
+    async with open_stream(client, queen, headers={"Last-Event-ID": last.id}) as stream:
+        missed = [await stream.next_raw(), await stream.next_raw()]
+        await post_heartbeat(client, queen, heartbeat("hive-d", [worker("d")]))
+        live = await stream.next_raw()
+    events = [decode_stream_event(sse.data) for sse in [*missed, live]]
+    assert [(type(e).__name__, e.hive_id) for e in events] == [
+        ("HiveTelemetryEvent", "hive-b"), ("HiveTelemetryEvent", "hive-c"),
+        ("HiveTelemetryEvent", "hive-d")]
+    ids = [int(last.id)] + [int(sse.id) for sse in [*missed, live]]
+    assert ids == sorted(set(ids))
+    for headers in (None, {"Last-Event-ID": "1"}, {"Last-Event-ID": "not-an-id"}):
         async with open_stream(client, queen, headers=headers) as stream:
             first = await stream.next_raw()
         snapshot = decode_stream_event(first.data)
         assert isinstance(snapshot, SnapshotEvent)
-        assert [(h.hive.id, [w.instance for w in h.workers]) for h in snapshot.hives] == [
-            ("hive-a", ["a"]), ("hive-b", ["b"])]
-        assert int(first.id) > int(last.id)
+        assert [h.hive.id for h in snapshot.hives] == ["hive-a", "hive-b", "hive-c", "hive-d"]
+        assert int(first.id) == ids[-1]
 
 
 async def test_stream_sends_keepalive_comments(nursery, client):

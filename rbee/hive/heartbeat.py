@@ -8,6 +8,12 @@ whatever is latest by then; the default cap equals the interval, so the queen he
 hive within one interval of coming back. The first failure is logged, then a reminder every
 ``reminder_interval_s``, then the recovery. Every request runs under the connect/read/write/pool
 timeouts of the config.
+
+With several queens (``queen_url`` a list, queens sharing one store), a failed send moves to the
+next queen at once, without waiting: the backoff starts only when every queen has failed in a
+row, so a hive whose queen died is heard by another within one interval (a refused connection
+fails at once; a host that vanished costs ``connect_timeout_s``). The hive stays with the queen
+that answers, and never moves back by itself, so a fleet does not flap.
 """
 
 from __future__ import annotations
@@ -75,13 +81,15 @@ class DeliveryState:
 
 
 class HeartbeatSender:
-    def __init__(self, settings: HeartbeatSettings, queen_url: str, source: HeartbeatSource, *,
-                 token: str | None = None, credential: tuple[str, str] | None = None,
-                 ca_file: str | None = None,
+    def __init__(self, settings: HeartbeatSettings, queen_url: str | list[str],
+                 source: HeartbeatSource, *, token: str | None = None,
+                 credential: tuple[str, str] | None = None, ca_file: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  random_fraction: Callable[[], float] = random.random) -> None:
         self.settings = settings
-        self.queen_url = parse_queen_url(queen_url)
+        urls = [queen_url] if isinstance(queen_url, str) else queen_url
+        self.queen_urls = [parse_queen_url(url) for url in urls]
+        self._current = 0
         self.source = source
         self._headers = hive_basic(*credential) if credential is not None else bearer(token)
         """A hive's own credential (hive id, secret) is sent if it has one, else the token."""
@@ -91,12 +99,17 @@ class HeartbeatSender:
         self._random = random_fraction
         self._reminded_at = 0.0
 
+    @property
+    def queen_url(self) -> httpx.URL:
+        """The queen heartbeats go to now."""
+        return self.queen_urls[self._current]
+
     def _client(self) -> httpx.AsyncClient:
         settings = self.settings
         timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
                                 write=settings.write_timeout_s, pool=settings.pool_timeout_s)
-        return httpx.AsyncClient(base_url=self.queen_url, timeout=timeout, headers=self._headers,
-                                 verify=self._verify, transport=self._transport)
+        return httpx.AsyncClient(timeout=timeout, headers=self._headers, verify=self._verify,
+                                 transport=self._transport)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
@@ -105,12 +118,20 @@ class HeartbeatSender:
             generation = 0
             backoff = settings.backoff_initial_s
             pending: HiveHeartbeat | None = None
+            failed_in_row = 0
             while True:
                 if pending is None:
                     generation, pending = await self.source.wait_newer(generation)
                 if await self.send(client, pending):
-                    pending, backoff = None, settings.backoff_initial_s
+                    pending, backoff, failed_in_row = None, settings.backoff_initial_s, 0
                     continue
+                failed_in_row += 1
+                if len(self.queen_urls) > 1:
+                    self._current = (self._current + 1) % len(self.queen_urls)
+                    log.warning("moving heartbeats to queen %s", self.queen_url)
+                    if failed_in_row < len(self.queen_urls):
+                        continue  # the next queen at once: the backoff is for a whole round
+                failed_in_row = 0
                 await trio.sleep(backoff * (0.5 + 0.5 * self._random()))
                 backoff = min(backoff * 2, settings.backoff_max_s)
                 generation, pending = self.source.generation, self.source.latest
@@ -126,7 +147,9 @@ class HeartbeatSender:
         if self.settings.compress:
             body, headers = gzip.compress(body, compresslevel=1, mtime=0), GZIP_JSON_HEADERS
         try:
-            response = await client.post(HEARTBEAT_PATH, content=body, headers=headers)
+            url = self.queen_url
+            response = await client.post(url.copy_with(path=url.path.rstrip("/") + HEARTBEAT_PATH),
+                                         content=body, headers=headers)
         except httpx.TimeoutException as exc:
             return self._failed(f"timed out ({type(exc).__name__})")
         except httpx.TransportError as exc:

@@ -28,14 +28,16 @@ def check(config: HiveConfig, source: str) -> str:
     """What start-up needs beyond the config's own syntax (limits, ids, the bind address): the
     queen URL, the token and credential files and the workers' log directory. Start-up runs it too, so
     ``--check-config`` passes exactly the configs a hive starts with."""
-    parse_queen_url(config.queen_url, source=source)
+    for url in config.queen_urls:
+        parse_queen_url(url, source=source)
     client_verify(config.queen_ca_file, "queen_ca_file", source)
     check_server_files(config.http, source)
     token = read_token(config.auth_token_file, source)
     secret = read_secret(config.credential_file, source)
     check_log_dir(config.log_dir, source)
     sent = " (with its credential)" if secret else " (with token)" if token else ""
-    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {config.queen_url}"
+    queens = ", ".join(config.queen_urls)
+    return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {queens}"
             f"{sent}, {len(config.workers)} workers")
 
 

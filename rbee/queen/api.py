@@ -1,8 +1,9 @@
 """The queen's HTTP API, with the original system's paths and payloads.
 
     POST   /v1/hive-heartbeat        a HiveHeartbeat; replies {"status": "ok", "message": ...}
-    GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent
-    GET    /health
+    GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent, id: its place
+                                     in the stream (``Last-Event-ID`` resumes after it)
+    GET    /health                   503 with status ``degraded`` while the store is unreachable
     GET    /v1/hives                 every hive (HiveState), stale ones flagged; paged like
                                      /v1/workers (?limit=, registry.hives_limit; ?after=<hive id>)
     GET    /v1/hives/{hive_id}
@@ -32,8 +33,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -45,14 +46,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._errors import AdmissionError, NotFoundError
+from .._errors import AdmissionError, NotFoundError, StoreError
 from .._http import ApiError, JsonResponse, json_app, ok, read_body
 from ..auth import ANY_HIVE, authenticate_hive, require_reader
 from ..exposition import metrics_route
-from ..telemetry import HiveTelemetryEvent, OperationalStatus, decode_heartbeat, encode
+from ..telemetry import OperationalStatus, decode_heartbeat, encode
 from .dashboard import dashboard_routes
 from .history import METRICS, QueryError, Selector
 from .registry import HiveRegistry, WorkerQuery
+
+T = TypeVar("T")
 
 HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since", "step"})
 
@@ -60,11 +63,16 @@ if TYPE_CHECKING:
     from .server import QueenServer
 
 
-class QueenHealth(msgspec.Struct, kw_only=True):
+class QueenHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str
     version: str
     hives: int
     stream_clients: int
+    store: str = "memory"
+    sweeping: bool | None = None
+    """With a shared store: whether this queen holds the sweeper's lease."""
+    problem: str | None = None
+    """Why the queen is degraded: its store cannot be reached (it still serves what it has)."""
 
 
 class EventStreamResponse(EventSourceResponse):
@@ -160,6 +168,15 @@ async def _listed_in_slices(fetch: Fetch, after: str | None, limit: int
         await anyio.lowlevel.checkpoint()
 
 
+async def stored(write: Awaitable[T]) -> T:
+    """A write to the store; 503 naming the problem when the store cannot take it (the hive
+    retries, possibly at another queen)."""
+    try:
+        return await write
+    except StoreError as exc:
+        raise ApiError(503, f"the registry store is unavailable: {exc}") from exc
+
+
 def _workers(registry: HiveRegistry, query: WorkerQuery) -> Fetch:
     def fetch(after: str | None, limit: int) -> tuple[Sequence[object], str | None]:
         page = registry.workers_page(query, after=after, limit=limit)
@@ -169,7 +186,8 @@ def _workers(registry: HiveRegistry, query: WorkerQuery) -> Fetch:
 
 
 def build_app(queen: QueenServer) -> Starlette:
-    registry, broadcaster, config = queen.registry, queen.broadcaster, queen.config
+    registry, broadcaster, config, store = (queen.registry, queen.broadcaster, queen.config,
+                                            queen.store)
     one_listing_at_a_time = anyio.Lock()
     """Listings take turns: readers looping on ``/v1/workers`` get one slice of the event loop
     between heartbeats, not one each."""
@@ -200,22 +218,15 @@ def build_app(queen: QueenServer) -> Starlette:
                                 f"({config.registry.max_workers_per_hive}) - at `$.workers`")
         if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
             # a hive's goodbye: its workers are no longer watched by anyone
-            event = registry.remove_hive(heartbeat.hive.id, "the hive stopped")
-            if event is not None:
-                broadcaster.publish(event)
+            await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
             return ok(f"hive {heartbeat.hive.id!r} stopped: removed")
         try:
-            registry.update_hive(heartbeat)
+            await stored(store.ingest(heartbeat))
         except AdmissionError as exc:
             if exc.retry_after_s is None:
                 raise ApiError(503, str(exc)) from exc
             raise ApiError(429, str(exc), headers={
                 "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
-        broadcaster.publish(HiveTelemetryEvent(hive_id=heartbeat.hive.id,
-                                               timestamp=heartbeat.timestamp,
-                                               workers=heartbeat.workers,
-                                               capabilities=heartbeat.capabilities,
-                                               health_status=heartbeat.hive.health_status))
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
@@ -230,12 +241,18 @@ def build_app(queen: QueenServer) -> Starlette:
             raise ApiError(503, f"too many stream clients (stream.max_clients: "
                                 f"{broadcaster.max_clients})")
         return EventStreamResponse(
-            broadcaster.stream(), ping=config.stream.keepalive_s,
+            broadcaster.stream(request.headers.get("last-event-id")), ping=config.stream.keepalive_s,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def health(request: Request) -> Response:
-        return JsonResponse(QueenHealth(status="ok", version=__version__, hives=len(registry),
-                                        stream_clients=broadcaster.client_count))
+        problem = store.problem
+        return JsonResponse(QueenHealth(status="degraded" if problem else "ok",
+                                        version=__version__, hives=len(registry),
+                                        stream_clients=broadcaster.client_count,
+                                        store=config.registry.store.kind, problem=problem,
+                                        sweeping=(store.sweeping if config.registry.store.kind
+                                                  == "redis" else None)),
+                            status_code=503 if problem else 200)
 
     async def list_hives(request: Request) -> Response:
         reader(request)
@@ -264,10 +281,9 @@ def build_app(queen: QueenServer) -> Starlette:
         if acting_as is not ANY_HIVE and hive_id != acting_as:
             raise ApiError(403, f"the credential of hive {acting_as!r} cannot remove hive "
                                 f"{hive_id!r} (only itself; the shared token can)")
-        event = registry.remove_hive(hive_id, "removed by request")
+        event = await stored(store.remove(hive_id, "removed by request"))
         if event is None:
             raise ApiError(404, f"unknown hive {hive_id!r}")
-        broadcaster.publish(event)
         return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
     async def list_workers(request: Request) -> Response:

@@ -9,20 +9,27 @@ So a slow client pins at most ``client_buffer_bytes`` of shared frames, a lagged
 counter per event, ingestion never waits on it, and its backlog is written in pieces of at most
 ``write_chunk_bytes`` (no join of a whole backlog on the event loop).
 
+Every event carries the SSE ``id:`` its store gave it (``rbee/queen/store.py``); a client that
+reconnects with ``Last-Event-ID`` gets the events it missed, if the store still has them all, and
+then the live stream, each event once; otherwise it starts again from a snapshot.
+
 ``publish`` and ``subscribe`` run on the queen's trio thread.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import trio
 from sse_starlette import ServerSentEvent
 
 from ..telemetry import STREAM_EVENT_NAME, LaggedEvent, SnapshotEvent, StreamEvent, encode, utc_now
+
+if TYPE_CHECKING:
+    from .store import FleetStore
 
 RECONNECT_MS = 1000
 """Sent with each connection's first snapshot: how soon an EventSource client should reconnect."""
@@ -108,7 +115,8 @@ class Broadcaster:
         self.max_clients = max_clients
         self._snapshot = snapshot
         self._subscribers: set[Subscription] = set()
-        self._ids = itertools.count(1)
+        self.store: FleetStore | None = None
+        """Where events come from; set by the queen once its store exists."""
         self.closed = False
         self.lagged_total = 0
         """Times a client lagged and was resynced (the queen's ``/metrics``)."""
@@ -121,16 +129,18 @@ class Broadcaster:
     def full(self) -> bool:
         return len(self._subscribers) >= self.max_clients
 
-    def frame(self, event: StreamEvent, *, retry_ms: int | None = None) -> bytes:
-        """The SSE frame of one event: ``event: heartbeat``, an increasing id, the JSON data."""
-        return ServerSentEvent(encode(event).decode(), event=STREAM_EVENT_NAME,
-                               id=str(next(self._ids)), retry=retry_ms).encode()
+    def frame(self, event: StreamEvent | bytes, event_id: str | None, *,
+              retry_ms: int | None = None) -> bytes:
+        """The SSE frame of one event (or its JSON): ``event: heartbeat``, its id, the JSON."""
+        data = event if isinstance(event, bytes) else encode(event)
+        return ServerSentEvent(data.decode(), event=STREAM_EVENT_NAME, id=event_id,
+                               retry=retry_ms).encode()
 
-    def publish(self, event: StreamEvent) -> None:
-        """Offer one event to every client; never waits."""
+    def publish(self, event: StreamEvent | bytes, event_id: str) -> None:
+        """Offer one event to every client; never waits (nor encodes, with no client)."""
         if not self._subscribers:
             return
-        frame = self.frame(event)
+        frame = self.frame(event, event_id)
         for subscription in self._subscribers:
             subscription.offer(frame)
 
@@ -146,21 +156,46 @@ class Broadcaster:
         finally:
             self._subscribers.discard(subscription)
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """One client's whole stream: the fleet snapshot, then every event as it is published.
+    async def stream(self, last_event_id: str | None = None) -> AsyncIterator[bytes]:
+        """One client's whole stream: the fleet snapshot (or, resuming after ``last_event_id``,
+        the events it missed), then every event as it is published.
 
-        Subscribing and taking the snapshot happen with no checkpoint between them, so the client
-        misses nothing and its view is whole from the first event. Ends when the broadcaster
-        closes; the subscription is dropped however the stream ends (client gone, cancelled)."""
+        Subscribing and reading the store's position (and taking the snapshot) happen with no
+        checkpoint between them, so the client misses nothing and gets nothing twice. Ends when
+        the broadcaster closes; the subscription is dropped however the stream ends (client
+        gone, cancelled)."""
+        store = self.store
+        assert store is not None, "the queen sets the broadcaster's store"
+        if last_event_id is not None:
+            await store.caught_up(last_event_id)
+            with self.subscribe() as subscription:
+                missed = await store.missed(last_event_id, store.position)
+                if missed is not None:
+                    for event_id, event in missed:
+                        yield self.frame(event, event_id)
+                    async for frame in subscription.frames(self._resync):
+                        yield frame
+                    return
         with self.subscribe() as subscription:
-            yield self.frame(self._snapshot(), retry_ms=RECONNECT_MS)
+            yield self.frame(self._snapshot(), store.position, retry_ms=RECONNECT_MS)
             async for frame in subscription.frames(self._resync):
                 yield frame
 
+    def resync_all(self) -> None:
+        """Send every client a fresh snapshot (the store reloaded the fleet after losing
+        Redis): what they hold may describe hives that are gone."""
+        if self._subscribers:
+            frame = self.frame(self._snapshot(), self._position())
+            for subscription in self._subscribers:
+                subscription.offer(frame)
+
+    def _position(self) -> str | None:
+        return None if self.store is None else self.store.position
+
     def _resync(self, dropped: int) -> Iterator[bytes]:
         self.lagged_total += 1
-        yield self.frame(LaggedEvent(dropped=dropped, timestamp=utc_now()))
-        yield self.frame(self._snapshot())
+        yield self.frame(LaggedEvent(dropped=dropped, timestamp=utc_now()), None)
+        yield self.frame(self._snapshot(), self._position())
 
     def close(self) -> None:
         """End every client's stream (at shutdown): their responses finish instead of hanging."""

@@ -29,8 +29,10 @@ def describe(config: QueenConfig, source: str) -> str:
     writes = [f"{len(credentials)} hive credentials" if credentials is not None else "",
               "the token" if token else ""]
     asked = " or ".join(w for w in writes if w) or "no token"
+    store = config.registry.store
+    where = f"the fleet in Redis at {store.url}" if store.kind == "redis" else "the fleet in memory"
     return (f"listening on {scheme}://{config.bind}:{config.port}, hives need {asked}"
-            f"{', reads need the read token' if read else ''}")
+            f"{', reads need the read token' if read else ''}, {where}")
 
 
 def main(argv: list[str] | None = None) -> int:

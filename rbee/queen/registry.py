@@ -50,6 +50,7 @@ from ..telemetry import (
     WorkerTelemetry,
     utc_now,
 )
+from .silence import judge
 
 log = logging.getLogger(__name__)
 
@@ -221,24 +222,50 @@ class HiveRegistry:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def update_hive(self, heartbeat: HiveHeartbeat) -> None:
+    def update_hive(self, heartbeat: HiveHeartbeat, received_at: float | None = None, *,
+                    stale: bool = False, admit: bool = True) -> None:
         """Store a heartbeat: the hive's info, workers and GPUs replace what was there.
+        ``received_at`` (on the registry's clock) is now unless given: a queen that mirrors a
+        shared store passes the time the store received it, and ``admit=False`` since the
+        queen that took the heartbeat admitted the hive.
 
         Raises AdmissionError for a hive not known yet while the registry holds ``max_hives``
         or new hives arrive faster than ``new_hives_per_s``; a known hive is always stored."""
         hive_id = heartbeat.hive.id
-        now = self._clock()
+        now = self._clock() if received_at is None else received_at
         entry = _HiveEntry(info=heartbeat.hive, workers=list(heartbeat.workers),
                            capabilities=list(heartbeat.capabilities),
-                           last_heartbeat=heartbeat.timestamp, received_at=now, first_seen=now)
+                           last_heartbeat=heartbeat.timestamp, received_at=now, first_seen=now,
+                           stale=stale)
         with self._lock:
             known = self._hives.get(hive_id)
             if known is None:
-                self._admit(hive_id, now)
+                if admit:
+                    self._admit(hive_id, self._clock())
                 insort(self._order, hive_id)
             else:
                 entry.first_seen = known.first_seen
             self._hives[hive_id] = entry
+
+    def admit(self, hive_id: str) -> None:
+        """Admit a hive before its heartbeat is stored elsewhere (a shared store): nothing for
+        a known hive, else AdmissionError as ``update_hive`` raises it."""
+        with self._lock:
+            if hive_id not in self._hives:
+                self._admit(hive_id, self._clock())
+
+    def mark_stale(self, hive_id: str) -> None:
+        """Flag a hive stale as another queen's sweep judged it (until its next heartbeat)."""
+        with self._lock:
+            entry = self._hives.get(hive_id)
+            if entry is not None:
+                entry.stale = True
+
+    def clear(self) -> None:
+        """Forget every hive (a mirror about to reload the shared store)."""
+        with self._lock:
+            self._hives.clear()
+            self._order.clear()
 
     def update_workers(self, hive_id: str, workers: list[WorkerTelemetry]) -> None:
         """Replace a known hive's workers (never appends). Raises NotFoundError for a hive that
@@ -393,28 +420,17 @@ class HiveRegistry:
                     entry.received_at = max(entry.received_at, now - settings.cleanup_interval_s)
             self._last_sweep = now
             silent = {hive_id: now - entry.received_at for hive_id, entry in self._hives.items()}
+            verdict = judge(silent, {h for h, e in self._hives.items() if e.stale}, settings,
+                            established={h for h, e in self._hives.items()
+                                         if self._established(e)},
+                            holding=self._holding)
+            self._holding, result.held = verdict.holding, verdict.held
+            for hive_id in verdict.newly_stale:
+                result.stale.append(HiveStaleEvent(
+                    hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
             for hive_id, entry in self._hives.items():
-                stale = silent[hive_id] >= settings.stale_after_s
-                if stale and not entry.stale:
-                    result.stale.append(HiveStaleEvent(
-                        hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
-                entry.stale = stale
-            expired = [h for h, s in silent.items() if s >= settings.remove_after_s]
-            established = [e for e in self._hives.values()
-                           if e.received_at - e.first_seen >= settings.established_after_s]
-            stale_count = sum(1 for entry in established if entry.stale)
-            if (expired and len(established) >= settings.mass_silence_min_hives
-                    and stale_count > settings.mass_silence_fraction * len(established)):
-                if not self._holding:
-                    log.warning("%d of %d established hives are silent at once: suspecting the "
-                                "queen's side, removing none of them until they return",
-                                stale_count, len(established))
-                self._holding = True
-                result.held = [h for h in expired if self._established(self._hives[h])]
-                expired = [h for h in expired if not self._established(self._hives[h])]
-            else:
-                self._holding = False
-            for hive_id in expired:
+                entry.stale = hive_id in verdict.stale
+            for hive_id in verdict.expired:
                 result.removed.append(_removed(
                     hive_id, self._pop(hive_id),
                     f"no heartbeat for {silent[hive_id]:.1f}s "

@@ -1,8 +1,10 @@
 """The queen process: HTTP server, registry, stream and background tasks in one trio nursery.
 
-HTTP is hypercorn's trio worker serving the Starlette app. Three background tasks live beside it:
-the stale cleanup (``registry.cleanup_interval_s``), the fleet summary on the stream
-(``stream.queen_interval_s``) and the history's recording (``history.fine_step_s``). ``stop()``
+HTTP is hypercorn's trio worker serving the Starlette app. Beside it run the store's background
+tasks (``rbee/queen/store.py``: the stale cleanup every ``registry.cleanup_interval_s``, the fleet
+summary on the stream every ``stream.queen_interval_s``; with redis also the stream's follower and
+the sweeper's lease) and the history's recording (``history.fine_step_s``). The store is started
+first: a queen whose Redis cannot be reached at start says so and exits. ``stop()``
 first ends every SSE stream (sse-starlette's own shutdown
 draining works only on asyncio, so under trio the streams would otherwise hold the server open),
 then lets hypercorn finish requests in flight within ``http.shutdown_grace_s``.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import trio
 
@@ -22,10 +23,9 @@ from ..auth import read_token
 from ..config import QueenConfig
 from ..credentials import HiveCredentials
 from .api import build_app
-from .broadcast import Broadcaster
 from .history import FleetHistory
 from .metrics import QueenMetrics
-from .registry import HiveRegistry
+from .store import FleetStore, MemoryStore, every
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,9 @@ class QueenServer:
         self.read_token = read_token(self.config.read_token_file, key="read_token_file")
         self.credentials = (HiveCredentials(self.config.hive_credentials_file)
                             if self.config.hive_credentials_file else None)
-        self.registry = HiveRegistry(self.config.registry)
-        self.broadcaster = Broadcaster(client_buffer=self.config.stream.client_buffer,
-                                       max_clients=self.config.stream.max_clients,
-                                       snapshot=self.registry.snapshot,
-                                       client_buffer_bytes=self.config.stream.client_buffer_bytes,
-                                       write_chunk_bytes=self.config.stream.write_chunk_bytes)
+        self.store: FleetStore = open_store(self.config)
+        self.registry = self.store.registry
+        self.broadcaster = self.store.broadcaster
         self.history = FleetHistory(self.config.history)
         self.connections = ConnectionTable(self.config.http.max_connections)
         self.metrics = QueenMetrics(self.registry.records,
@@ -59,8 +56,7 @@ class QueenServer:
         """Serve until ``stop()``; reports the bound URLs (``http://host:port``) when listening."""
         try:
             async with trio.open_nursery() as background:
-                background.start_soon(self._cleanup_loop)
-                background.start_soon(self._summary_loop)
+                await background.start(self.store.run)
                 background.start_soon(self._history_loop)
                 async with trio.open_nursery() as http:
                     self.urls = await http.start(self._serve_http)
@@ -84,17 +80,6 @@ class QueenServer:
         await self._stopping.wait()
         self.broadcaster.close()
 
-    async def _cleanup_loop(self) -> None:
-        async for _ in every(self.config.registry.cleanup_interval_s):
-            result = self.registry.sweep()
-            for event in result.stale:
-                log.warning("hive %r is stale: silent for %.1fs", event.hive_id, event.silent_s)
-                self.broadcaster.publish(event)
-            for event in result.removed:
-                log.warning("hive %r removed with %d workers: %s", event.hive_id,
-                            len(event.worker_ids), event.reason)
-                self.broadcaster.publish(event)
-
     async def _history_loop(self) -> None:
         """One point of every figure each fine step, from the registry (so ingestion pays
         nothing for history); old series are dropped once a minute."""
@@ -106,19 +91,11 @@ class QueenServer:
                 forgotten_at = trio.current_time()
                 self.history.forget_old(time.time())
 
-    async def _summary_loop(self) -> None:
-        async for _ in every(self.config.stream.queen_interval_s):
-            self.broadcaster.publish(self.registry.summary())
 
+def open_store(config: QueenConfig) -> FleetStore:
+    """The store ``registry.store.kind`` names, with its registry and broadcaster."""
+    if config.registry.store.kind == "redis":
+        from .redis_store import RedisStore  # its client library loads only when used
 
-async def every(interval: float) -> AsyncIterator[float]:
-    """Yield at start + interval, start + 2 * interval, ... (no drift from the work between);
-    ticks missed while the loop was busy are skipped, not bunched."""
-    deadline = trio.current_time()
-    while True:
-        deadline += interval
-        await trio.sleep_until(deadline)
-        now = trio.current_time()
-        if now - deadline > interval:
-            deadline = now
-        yield deadline
+        return RedisStore(config)
+    return MemoryStore(config)

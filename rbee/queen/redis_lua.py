@@ -1,0 +1,102 @@
+"""The Lua scripts the redis store runs: each one write (or one consistent read) done atomically
+inside Redis, so queens never see a hive half-written and never race one another.
+
+Keys (``KEYS[n]`` below, all under ``<key_prefix>:``): 1 ``hives``, a hash of each hive's last
+heartbeat (JSON); 2 ``seen``, a sorted set of each hive's last heartbeat time in ms on Redis's own
+clock (the ms part of its stream entry id); 3 ``stale``, the set of hives judged stale; 4
+``stream``, the Redis Stream of events, fields ``k`` (``hb``: a heartbeat; ``ev``: an event's
+JSON) and ``d``; 5 ``sweeper``, the lease of the queen that sweeps; 6 ``first``, a sorted set of
+the time each hive was first seen (ms), which tells established hives (``established_after_s``)
+for the mass-silence guard.
+"""
+
+from __future__ import annotations
+
+HEARTBEAT = """
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'k', 'hb', 'd', ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local ms = tonumber(string.match(id, '^(%d+)'))
+redis.call('ZADD', KEYS[2], ms, ARGV[1])
+redis.call('ZADD', KEYS[6], 'NX', ms, ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return id
+"""
+"""One heartbeat: the hive's record replaced whole, its time of receipt, its stale flag cleared
+and the stream entry, together. ARGV: hive id, heartbeat JSON, MAXLEN. Returns the entry id."""
+
+REMOVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return false end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'k', 'ev', 'd', ARGV[2])
+"""
+"""A hive removed (it said goodbye, or an operator asked). ARGV: hive id, the removal event's
+JSON, MAXLEN. Returns the entry id, or nil for a hive Redis does not hold."""
+
+SILENCES = """
+local t = redis.call('TIME')
+return {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
+        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), redis.call('SMEMBERS', KEYS[3]),
+        redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')}
+"""
+"""What the sweeper judges: Redis's time now (ms), every hive's last heartbeat time, the stale
+set, every hive's first heartbeat time."""
+
+SWEEP = """
+if redis.call('GET', KEYS[5]) ~= ARGV[1] then return -1 end
+local stale_count = tonumber(ARGV[3])
+local done = 0
+local i = 4
+local function still_silent(hive, seen)
+  local score = redis.call('ZSCORE', KEYS[2], hive)
+  return score and tonumber(score) <= tonumber(seen)
+end
+for _ = 1, stale_count do
+  local hive, seen, event = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
+  if still_silent(hive, seen) and redis.call('SADD', KEYS[3], hive) == 1 then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'k', 'ev', 'd', event)
+    done = done + 1
+  end
+end
+while i <= #ARGV do
+  local hive, seen, event = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
+  if still_silent(hive, seen) then
+    redis.call('HDEL', KEYS[1], hive)
+    redis.call('ZREM', KEYS[2], hive)
+    redis.call('ZREM', KEYS[6], hive)
+    redis.call('SREM', KEYS[3], hive)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'k', 'ev', 'd', event)
+    done = done + 1
+  end
+end
+return done
+"""
+"""The sweeper's verdicts, applied only while it holds the lease and only to hives that sent no
+heartbeat since it read their silence. ARGV: lease token, MAXLEN, the number of stale marks,
+then (hive, last seen ms, event JSON) for each stale mark, then for each removal. Returns how
+many were applied, or -1 when the lease is no longer this queen's."""
+
+SNAPSHOT = """
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+local id = '0-0'
+if #last > 0 then id = last[1][1] end
+return {id, redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'),
+        redis.call('SMEMBERS', KEYS[3])}
+"""
+"""The whole fleet as of one stream entry: a queen's mirror starts (or restarts) from it and
+follows the stream after that id."""
+
+RENEW = """
+if redis.call('GET', KEYS[5]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[5], ARGV[2]) end
+return 0
+"""
+"""Renew the sweeper's lease if it is still this queen's (ARGV: token, ms); 1 if renewed."""
+
+RELEASE = """
+if redis.call('GET', KEYS[5]) == ARGV[1] then return redis.call('DEL', KEYS[5]) end
+return 0
+"""
+"""Give the lease up at a clean stop, so another queen sweeps at once."""

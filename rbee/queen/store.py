@@ -1,0 +1,182 @@
+"""Where the queen keeps the fleet and its stream: one interface, two stores.
+
+``memory`` (the default) keeps both in this queen: ``rbee up`` and small fleets need nothing else.
+``redis`` (``rbee/queen/redis_store.py``) keeps them in a Redis server that several queens share,
+so any queen takes any hive's heartbeat and every queen serves the whole fleet.
+
+Either way the queen reads the fleet from its own ``HiveRegistry`` (scheduling queries, snapshots,
+``/metrics``, history): with memory it is the fleet itself, with redis a mirror that follows the
+shared stream. Every event on the stream has an id that only increases, and a store keeps the last
+``stream.replay_events`` of them, so a client that reconnects with ``Last-Event-ID`` gets exactly
+the events it missed (``missed``) instead of a snapshot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from ..telemetry import (
+    HiveHeartbeat,
+    HiveRemovedEvent,
+    HiveStaleEvent,
+    HiveTelemetryEvent,
+    StreamEvent,
+)
+from .broadcast import Broadcaster
+from .registry import HiveRegistry
+
+if TYPE_CHECKING:
+    from ..config import QueenConfig
+
+log = logging.getLogger(__name__)
+
+
+class FleetStore(Protocol):
+    """What the queen's API and its stream need of a store."""
+
+    registry: HiveRegistry
+    broadcaster: Broadcaster
+    sweeping: bool
+    """Whether this queen runs the stale sweeps (with a shared store, one queen at a time)."""
+
+    @property
+    def position(self) -> str:
+        """The id of the last event handed to the broadcaster."""
+
+    @property
+    def problem(self) -> str | None:
+        """Why the store is degraded (``/health``), or None while it works."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """The store's background work (sweeps, the summary, following the stream), until
+        cancelled; ``started`` once the registry holds the fleet."""
+
+    async def ingest(self, heartbeat: HiveHeartbeat) -> None:
+        """Store one heartbeat and announce it; raises StoreError when it cannot be stored."""
+
+    async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
+        """Remove a hive and announce it; None for a hive the store does not know."""
+
+    async def missed(self, last_id: str, upto: str) -> list[tuple[str, StreamEvent]] | None:
+        """The events after ``last_id`` up to ``upto`` (included), or None when some of them are
+        no longer kept (or ``last_id`` is not one of this store's): the client needs a snapshot."""
+
+    async def caught_up(self, event_id: str) -> None:
+        """Wait (briefly) until this queen has published ``event_id``, so a client that read it
+        from a queen ahead of this one is not sent it again."""
+
+
+def log_verdict(event: HiveStaleEvent | HiveRemovedEvent) -> None:
+    if isinstance(event, HiveStaleEvent):
+        log.warning("hive %r is stale: silent for %.1fs", event.hive_id, event.silent_s)
+    else:
+        log.warning("hive %r removed with %d workers: %s", event.hive_id,
+                    len(event.worker_ids), event.reason)
+
+
+async def every(interval: float) -> AsyncIterator[float]:
+    """Yield at start + interval, start + 2 * interval, ... (no drift from the work between);
+    ticks missed while the loop was busy are skipped, not bunched."""
+    deadline = trio.current_time()
+    while True:
+        deadline += interval
+        await trio.sleep_until(deadline)
+        now = trio.current_time()
+        if now - deadline > interval:
+            deadline = now
+        yield deadline
+
+
+def fleet_view(store: FleetStore, config: QueenConfig,
+               clock: Callable[[], float] = time.monotonic) -> None:
+    """Give ``store`` the registry the queen reads (on ``clock``) and the broadcaster that
+    streams it."""
+    store.registry = HiveRegistry(config.registry, clock=clock)
+    stream = config.stream
+    store.broadcaster = Broadcaster(client_buffer=stream.client_buffer,
+                                    max_clients=stream.max_clients,
+                                    snapshot=store.registry.snapshot,
+                                    client_buffer_bytes=stream.client_buffer_bytes,
+                                    write_chunk_bytes=stream.write_chunk_bytes)
+    store.broadcaster.store = store
+
+
+def telemetry_event(heartbeat: HiveHeartbeat) -> HiveTelemetryEvent:
+    """What the stream says of a heartbeat."""
+    return HiveTelemetryEvent(hive_id=heartbeat.hive.id, timestamp=heartbeat.timestamp,
+                              workers=heartbeat.workers, capabilities=heartbeat.capabilities,
+                              health_status=heartbeat.hive.health_status)
+
+
+class MemoryStore:
+    """The fleet in this queen alone: the registry itself, sweeps on its own clock, and the
+    last events kept as structs (never mutated) for resuming clients. Event ids count up from
+    the queen's start time in microseconds, so they also increase across its restarts."""
+
+    def __init__(self, config: QueenConfig) -> None:
+        self.config = config
+        fleet_view(self, config)
+        self.sweeping = True
+        self.problem: str | None = None
+        start = int(time.time() * 1e6)
+        self._ids = itertools.count(start)
+        self._last = start - 1
+        self._kept: deque[tuple[int, StreamEvent]] = deque(maxlen=config.stream.replay_events)
+
+    @property
+    def position(self) -> str:
+        return str(self._last)
+
+    def publish(self, event: StreamEvent) -> None:
+        self._last = next(self._ids)
+        self._kept.append((self._last, event))
+        self.broadcaster.publish(event, str(self._last))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._summary_loop)
+            task_status.started()
+            async for _ in every(self.config.registry.cleanup_interval_s):
+                result = self.registry.sweep()
+                for event in [*result.stale, *result.removed]:
+                    log_verdict(event)
+                    self.publish(event)
+
+    async def _summary_loop(self) -> None:
+        async for _ in every(self.config.stream.queen_interval_s):
+            self.publish(self.registry.summary())
+
+    async def ingest(self, heartbeat: HiveHeartbeat) -> None:
+        self.registry.update_hive(heartbeat)
+        self.publish(telemetry_event(heartbeat))
+
+    async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
+        event = self.registry.remove_hive(hive_id, reason)
+        if event is not None:
+            self.publish(event)
+        return event
+
+    async def missed(self, last_id: str, upto: str) -> list[tuple[str, StreamEvent]] | None:
+        try:
+            last, end = int(last_id), int(upto)
+        except ValueError:
+            return None
+        if last == end:
+            return []
+        kept = self._kept
+        if not kept or not kept[0][0] <= last + 1 <= end or end > kept[-1][0]:
+            return None
+        first = last + 1 - kept[0][0]  # ids are consecutive within one run
+        return [(str(n), event) for n, event in itertools.islice(kept, first, None) if n <= end]
+
+    async def caught_up(self, event_id: str) -> None:
+        return None  # this queen is the only one: it has published everything it has
