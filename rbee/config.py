@@ -366,6 +366,9 @@ class StreamSettings(Settings):
     replay_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """Events kept for clients that reconnect with ``Last-Event-ID`` (with redis, the stream's
     ``MAXLEN ~``): one that missed more gets a snapshot instead."""
+    replay_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 2**20
+    """With the memory store, the JSON bytes those kept events may add up to: one hive's
+    1,000 heartbeats of ``max_body_bytes`` each would otherwise pin gigabytes."""
 
 
 class HistorySettings(Settings):

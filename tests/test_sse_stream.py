@@ -23,6 +23,7 @@ from rbee.telemetry import (
     QueenEvent,
     SnapshotEvent,
     decode_stream_event,
+    encode,
 )
 
 from .builders import fleet_heartbeat, heartbeat, worker
@@ -269,6 +270,33 @@ async def test_stream_reconnection(nursery, client):
         assert isinstance(snapshot, SnapshotEvent)
         assert [h.hive.id for h in snapshot.hives] == ["hive-a", "hive-b", "hive-c", "hive-d"]
         assert int(first.id) == ids[-1]
+
+
+async def test_replay_is_bounded_in_bytes_too(nursery, client):
+    """The events kept for resuming clients are bounded by their JSON bytes as well as their
+    count (``stream.replay_bytes``), so one hive's big heartbeats cannot pin a thousand times
+    ``http.max_body_bytes``: a client that missed more than the bytes kept gets a snapshot,
+    one that missed only what is kept resumes."""
+    big = [worker(f"w{n}") for n in range(100)]
+    size = len(encode(heartbeat("hive-a", big)))  # about the body each post sends
+    queen = await start_queen(nursery, stream={**QUIET["stream"],
+                                               "replay_bytes": int(2.5 * size)})
+    async with open_stream(client, queen) as stream:
+        await stream.next("snapshot")
+        await post_heartbeat(client, queen, heartbeat("hive-a", big))
+        first = await stream.next_raw()
+        await post_heartbeat(client, queen, heartbeat("hive-a", big))
+        second = await stream.next_raw()
+        for _ in range(2):
+            await post_heartbeat(client, queen, heartbeat("hive-a", big))
+            await stream.next_raw()
+    # kept: the last two heartbeats (2.5 x size); the second's successors are both there
+    async with open_stream(client, queen, headers={"Last-Event-ID": second.id}) as stream:
+        resumed = [decode_stream_event((await stream.next_raw()).data) for _ in range(2)]
+    assert [type(e).__name__ for e in resumed] == ["HiveTelemetryEvent"] * 2
+    # the first's successors are not all kept any more: a snapshot, never a gap
+    async with open_stream(client, queen, headers={"Last-Event-ID": first.id}) as stream:
+        assert isinstance(decode_stream_event((await stream.next_raw()).data), SnapshotEvent)
 
 
 async def test_stream_sends_keepalive_comments(nursery, client):

@@ -221,7 +221,7 @@ def build_app(queen: QueenServer) -> Starlette:
             await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
             return ok(f"hive {heartbeat.hive.id!r} stopped: removed")
         try:
-            await stored(store.ingest(heartbeat))
+            await stored(store.ingest(heartbeat, len(body)))
         except AdmissionError as exc:
             if exc.retry_after_s is None:
                 raise ApiError(503, str(exc)) from exc

@@ -158,7 +158,8 @@ class RedisStore:
             with trio.CancelScope(shield=True):
                 await self._close()
 
-    async def ingest(self, heartbeat: HiveHeartbeat) -> None:
+    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
+        # size: unused, Redis trims its Stream by count (MAXLEN ~ stream.replay_events)
         # the registry's admission rules (max_hives, new_hives_per_s) against this queen's
         # mirror of the fleet: the cap is fleet-wide, the rate per queen
         self.registry.admit(heartbeat.hive.id)

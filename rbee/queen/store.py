@@ -28,6 +28,7 @@ from ..telemetry import (
     HiveStaleEvent,
     HiveTelemetryEvent,
     StreamEvent,
+    encode,
 )
 from .broadcast import Broadcaster
 from .registry import HiveRegistry
@@ -59,8 +60,9 @@ class FleetStore(Protocol):
         """The store's background work (sweeps, the summary, following the stream), until
         cancelled; ``started`` once the registry holds the fleet."""
 
-    async def ingest(self, heartbeat: HiveHeartbeat) -> None:
-        """Store one heartbeat and announce it; raises StoreError when it cannot be stored."""
+    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
+        """Store one heartbeat and announce it; raises StoreError when it cannot be stored.
+        ``size``: the bytes of its JSON, when the caller has them."""
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         """Remove a hive and announce it; None for a hive the store does not know."""
@@ -129,15 +131,27 @@ class MemoryStore:
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
         self._last = start - 1
-        self._kept: deque[tuple[int, StreamEvent]] = deque(maxlen=config.stream.replay_events)
+        self._kept: deque[tuple[int, StreamEvent, int]] = deque()
+        self._kept_bytes = 0
+        """The JSON size of the kept events: bounded by ``stream.replay_bytes`` as their count
+        is by ``stream.replay_events``, so one hive's big heartbeats cannot pin a thousand
+        times ``http.max_body_bytes``."""
 
     @property
     def position(self) -> str:
         return str(self._last)
 
-    def publish(self, event: StreamEvent) -> None:
+    def publish(self, event: StreamEvent, size: int | None = None) -> None:
+        """Announce ``event`` and keep it for resuming clients. ``size``, its JSON's bytes, is
+        measured here when not given (sweeps and summaries only: a heartbeat brings its body's)."""
         self._last = next(self._ids)
-        self._kept.append((self._last, event))
+        size = len(encode(event)) if size is None else size
+        kept, stream = self._kept, self.config.stream
+        kept.append((self._last, event, size))
+        self._kept_bytes += size
+        while kept and (len(kept) > stream.replay_events
+                        or self._kept_bytes > stream.replay_bytes):
+            self._kept_bytes -= kept.popleft()[2]
         self.broadcaster.publish(event, str(self._last))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -155,9 +169,9 @@ class MemoryStore:
         async for _ in every(self.config.stream.queen_interval_s):
             self.publish(self.registry.summary())
 
-    async def ingest(self, heartbeat: HiveHeartbeat) -> None:
+    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
         self.registry.update_hive(heartbeat)
-        self.publish(telemetry_event(heartbeat))
+        self.publish(telemetry_event(heartbeat), size)
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         event = self.registry.remove_hive(hive_id, reason)
@@ -176,7 +190,8 @@ class MemoryStore:
         if not kept or not kept[0][0] <= last + 1 <= end or end > kept[-1][0]:
             return None
         first = last + 1 - kept[0][0]  # ids are consecutive within one run
-        return [(str(n), event) for n, event in itertools.islice(kept, first, None) if n <= end]
+        return [(str(n), event)
+                for n, event, _ in itertools.islice(kept, first, None) if n <= end]
 
     async def caught_up(self, event_id: str) -> None:
         return None  # this queen is the only one: it has published everything it has
