@@ -219,6 +219,10 @@ class GuardedConnection(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
+            # A request's headers are in (idle=False) or its exchange is over (idle=True): either
+            # way the deadlines measured so far belong to a request that is gone. Each request on
+            # a kept-alive connection gets its own header and body deadlines.
+            self._request_started_at = self._body_started_at = None
             if event.idle:
                 self.table.idle(self)
             else:
@@ -232,11 +236,9 @@ class GuardedConnection(TCPServer):
             return inf  # HTTP/2 (TLS only): the app bounds each body (``read_body``)
         state = protocol.connection.their_state
         if state is h11.IDLE:
-            self._body_started_at = None
             if self._request_started_at is None:
                 return inf  # between requests: hypercorn's keep-alive timer
             return self._request_started_at + self.settings.header_timeout_s
-        self._request_started_at = None
         if state is h11.SEND_BODY:
             if self._body_started_at is None:
                 self._body_started_at = trio.current_time()

@@ -114,6 +114,46 @@ async def test_slow_bodies_are_cut_at_the_body_timeout(tmp_path, nursery):
     assert delivered.longest_gap_s < LONGEST_GAP_S, delivered
 
 
+async def _exchange_in_two_writes(stream: trio.SocketStream, body: bytes, pause_s: float) -> bytes:
+    """One request on a kept-alive connection as httpx writes it: headers, then (``pause_s``
+    later) the body. Returns the status line, or b"" when the queen closed the connection."""
+    head = (b"POST /v1/hive-heartbeat HTTP/1.1\r\nhost: q\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body))
+    await stream.send_all(head)
+    await trio.sleep(pause_s)
+    await stream.send_all(body)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return b""
+        answer += chunk
+    headers, _, rest = answer.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in headers.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(rest) < length:
+        rest += await stream.receive_some(65536)
+    return headers.split(b"\r\n")[0]
+
+
+@pytest.mark.parametrize("timeout_key", ["body_timeout_s", "header_timeout_s"])
+async def test_keep_alive_requests_each_get_their_own_deadlines(timeout_key, nursery):
+    """A hive's keep-alive connection (httpx writes headers and body separately) lives far longer
+    than body_timeout_s: every request's body is timed from its own headers, never from an
+    earlier request's. Before the fix, the third request's connection was closed unanswered."""
+    queen = await start_queen(nursery, http={timeout_key: 0.5})
+    body = encode(fleet_heartbeat("keepalive", 4))
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(queen.urls[0]))
+        async with stream:
+            started = trio.current_time()
+            for n in range(10):  # ~3 s on one connection: six body timeouts
+                status = await _exchange_in_two_writes(stream, body, pause_s=0.1)
+                assert status == b"HTTP/1.1 200 ", f"request {n + 1} got {status!r}"
+                await trio.sleep(0.2)
+            assert trio.current_time() - started > 5 * 0.5
+
+
 async def test_idle_sockets_beyond_the_cap_make_room_for_real_clients(tmp_path, nursery):
     """With max_connections 100, 2 x 100 idle sockets: the longest-idle ones are closed as new
     ones come, so the hive and a /health probe always get in; when every connection is busy
