@@ -44,7 +44,7 @@ from .queen.server import QueenServer
 from .stream_client import follow_stream
 from .telemetry import StreamEvent, decode_json
 from .tls import client_verify
-from .view import printable, table
+from .view import Row, printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
 _fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
@@ -224,7 +224,7 @@ def workers(args: argparse.Namespace) -> int:
     except ContractError as exc:
         print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
         return 1
-    print(table((w.hive_id, w.worker, _workers_note(w)) for w in found))
+    print(table(Row(w.hive_id, w.worker, w.idle, _workers_note(w)) for w in found))
     print(f"{len(found)} workers")
     if following := response.headers.get("x-next-after"):
         print(f"more: rbee workers --after {following} (with the same filters)")

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .telemetry import GpuDevice, HiveInfo, WorkerTelemetry, describe_health
+from .telemetry import GpuDevice, HiveInfo, WorkerTelemetry, describe_health, on_gpu
 
 MIB = 2**20
 HEALTH_STATES = ("healthy", "degraded", "unhealthy")
@@ -66,7 +66,7 @@ WORKER_GAUGES: tuple[tuple[str, str, Callable[[WorkerTelemetry], float | None]],
      "GPU use summed over its GPUs (1.0 = one GPU busy); see gpu_util_source",
      lambda w: None if w.gpu_util_pct is None else w.gpu_util_pct / 100),
     ("rbee_worker_gpu_memory_bytes", "VRAM its processes hold, all its GPUs",
-     lambda w: w.vram_mb * MIB),
+     lambda w: w.vram_mb * MIB if on_gpu(w) else None),
     ("rbee_worker_errors", "Collector errors in its last record", lambda w: len(w.errors)),
     ("rbee_worker_engine_requests_running", "Requests its inference engine is serving",
      lambda w: None if w.engine is None else w.engine.requests_running),

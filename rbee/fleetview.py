@@ -23,7 +23,7 @@ from .telemetry import (
     WorkerTelemetry,
     describe_health,
 )
-from .view import gpu_table, sparkline, table
+from .view import Row, gpu_table, sparkline, table
 
 
 @dataclass
@@ -32,6 +32,8 @@ class HiveView:
     stale: bool = False
     gpus: list[GpuDevice] = field(default_factory=list)
     health: HealthStatus | None = None
+    idle: frozenset[str] = frozenset()
+    """``group/instance`` of the workers the queen judges idle (none while stale)."""
 
 
 TREND_METRICS = "gpu_util_pct,cpu_pct"
@@ -66,20 +68,23 @@ class FleetView:
         match event:
             case SnapshotEvent(hives=hives):
                 self.hives = {h.hive.id: HiveView(list(h.workers), h.stale, list(h.capabilities),
-                                                  h.hive.health_status) for h in hives}
+                                                  h.hive.health_status, frozenset(h.idle))
+                              for h in hives}
             case HiveTelemetryEvent(hive_id=hive_id, workers=workers):
                 self.hives[hive_id] = HiveView(list(workers), gpus=list(event.capabilities),
-                                               health=event.health_status)
+                                               health=event.health_status,
+                                               idle=frozenset(event.idle))
             case HiveStaleEvent(hive_id=hive_id) if hive_id in self.hives:
                 self.hives[hive_id].stale = True
+                self.hives[hive_id].idle = frozenset()  # the queen's rule: stale is never idle
             case HiveRemovedEvent(hive_id=hive_id):
                 self.hives.pop(hive_id, None)
             case QueenEvent():
                 self.summary = event
 
     def render(self) -> str:
-        rows = [(hive_id, worker, _hive_note(view),
-                 self.trends.get((hive_id, worker.group, worker.instance), ""))
+        rows = [Row(hive_id, worker, f"{worker.group}/{worker.instance}" in view.idle,
+                    _hive_note(view), self.trends.get((hive_id, worker.group, worker.instance), ""))
                 for hive_id, view in sorted(self.hives.items())
                 for worker in sorted(view.workers, key=lambda w: (w.group, w.instance))]
         stale = sum(1 for view in self.hives.values() if view.stale)

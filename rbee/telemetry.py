@@ -206,6 +206,13 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     """The worker's inference engine, from its own metrics; None when unknown or unreadable."""
 
 
+def on_gpu(worker: WorkerTelemetry) -> bool:
+    """Whether the worker runs on (or was given) a GPU. For one that is not, GPU figures are
+    absent, never 0: ``gpu_util_pct`` is None and ``vram_mb``/``total_vram_mb`` (whole numbers
+    in the original record, so always present) mean nothing and are shown as absent."""
+    return bool(worker.gpus or worker.gpu_indices)
+
+
 class GpuFaultKind(enum.StrEnum):
     """The checks DCGM's health watches make, as NVML exposes them."""
 
@@ -327,6 +334,10 @@ class HiveTelemetryEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="hi
     capabilities: list[GpuDevice] = []
     """Its GPUs with their health, as in the heartbeat."""
     health_status: HealthStatus | None = None
+    idle: list[str] = []
+    """``group/instance`` of its idle workers, judged by the queen (schedulable, and no request
+    in the engine or, with no engine state, a GPU at or under ``registry.idle_gpu_util_pct``):
+    the one meaning of idle, which readers show rather than recompute."""
 
 
 class QueenEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="queen", gc=False):
@@ -370,6 +381,9 @@ class HiveState(msgspec.Struct, kw_only=True, gc=False):
     last_heartbeat: UtcTimestamp
     workers: list[WorkerTelemetry]
     capabilities: list[GpuDevice] = []
+    idle: list[str] = []
+    """``group/instance`` of its idle workers, as in ``HiveTelemetryEvent.idle`` (none while
+    stale)."""
 
 
 class SnapshotEvent(msgspec.Struct, kw_only=True, tag_field="type", tag="snapshot", gc=False):

@@ -8,14 +8,25 @@ the operator's terminal: a control character shows as its escape (``\x1b``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
+from .telemetry import (
+    MIB,
+    GpuDevice,
+    GpuUtilSource,
+    Healthy,
+    WorkerTelemetry,
+    describe_health,
+    on_gpu,
+)
 
 COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "LAST 60s", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 14, 0)
+           "VRAM MB", "RUN", "QUEUE", "KV%", "IDLE", "UPTIME", "LAST 60s", "NOTE")
+WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 4, 8, 14, 0)
 """RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
-use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
+use; ``-`` where its engine is unknown (or publishes no KV-cache figure). IDLE is the queen's
+judgement, as the stream and ``/v1/workers`` carry it. GPU% and VRAM MB are ``-`` for a worker
+on no GPU (nothing to measure), ``?`` where the driver gave no figure."""
 BARS = "▁▂▃▄▅▆▇█"
 
 
@@ -39,9 +50,20 @@ def uptime(seconds: int) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
 
 
-def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
-           ) -> tuple[str, ...]:
-    notes = [note] if note else []
+class Row(NamedTuple):
+    """One worker's row: where it runs, what it reported, and what the queen says of it."""
+
+    hive: str
+    worker: WorkerTelemetry
+    idle: bool
+    note: str = ""
+    trend: str = ""
+    """Its last minute as a sparkline (LAST 60s)."""
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    worker = row.worker
+    notes = [row.note] if row.note else []
     if worker.rate_window_s == 0.0:
         notes.append("first sample")
     if not worker.limits_applied:
@@ -49,31 +71,32 @@ def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
     engine = worker.engine
     cells = (
-        hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
+        row.hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
-        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}",
+        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}" if on_gpu(worker) else "-",
         str(engine.requests_running) if engine else "-",
         str(engine.requests_waiting) if engine else "-",
         f"{engine.kv_cache_pct:.0f}" if engine and engine.kv_cache_pct is not None else "-",
-        uptime(worker.uptime_s), trend, ", ".join(notes),
+        "yes" if row.idle else "no", uptime(worker.uptime_s), row.trend, ", ".join(notes),
     )
     return cells
 
 
 def gpu_util(worker: WorkerTelemetry) -> str:
-    """The worker's GPU %: ``?`` when the driver gives no figure, ``~`` after a device-wide figure
-    (per-process figures unsupported: every process on that GPU shares it)."""
+    """The worker's GPU %: ``-`` for a worker on no GPU, ``?`` when the driver gives no figure,
+    ``~`` after a device-wide figure (per-process figures unsupported: every process on that GPU
+    shares it)."""
+    if not on_gpu(worker):
+        return "-"
     if worker.gpu_util_pct is None:
         return "?"
     mark = "~" if worker.gpu_util_source is GpuUtilSource.DEVICE else ""
     return f"{worker.gpu_util_pct:.0f}{mark}"
 
 
-def table(rows: Iterable[tuple[str, WorkerTelemetry, str] | tuple[str, WorkerTelemetry, str, str]]
-          ) -> str:
-    """Rows of (hive, worker, note[, trend]): ``trend`` is a sparkline for LAST 60s."""
-    return _render(COLUMNS, WIDTHS, [_cells(*row) for row in rows])
+def table(rows: Iterable[Row]) -> str:
+    return _render(COLUMNS, WIDTHS, [_cells(row) for row in rows])
 
 
 GPU_COLUMNS = ("HIVE", "GPU", "NAME", "UTIL%", "MEM%", "VRAM USED/TOTAL MB", "TEMP", "POWER W",

@@ -47,7 +47,7 @@ def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     assert f"\ndashboard: {queen_url}/\n" in result.stdout
     tables = result.stdout.split("rbee: queen")[1:]
     header = next(line for line in tables[-1].splitlines() if line.startswith("HIVE"))
-    engine_cells = slice(header.index("RUN"), header.index("UPTIME"))
+    engine_cells = slice(header.index("RUN"), header.index("IDLE"))
     for instance, model in (("llm/llama-0", "llama-3-8b"), ("llm/llama-1", "llama-3-8b"),
                             ("embed/bge-0", "bge-small")):
         shown = [line for table in tables for line in table.splitlines() if instance in line]
@@ -103,7 +103,16 @@ async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
                                               requests_waiting=5, kv_cache_pct=93.6)),
             worker("free", engine=EngineState(engine="vllm", requests_running=1,
                                               requests_waiting=0, kv_cache_pct=12.0)),
-            worker("plain")]))
+            worker("plain"),
+            worker("drained", gpu_util_pct=None, engine=EngineState(
+                engine="vllm", requests_running=0, requests_waiting=0))]))
+    result = await trio.to_thread.run_sync(lambda: rbee("workers", "--queen", url_of(queen),
+                                                        timeout=20))
+    header = next(line for line in result.stdout.splitlines() if line.startswith("HIVE"))
+    idle_of = {line.split()[1]: line[header.index("IDLE"):header.index("UPTIME")].strip()
+               for line in result.stdout.splitlines() if line.startswith("gpu-07")}
+    # the queen's judgement: the engine decides when known, else the GPU figure
+    assert idle_of == {"llm/drained": "yes", "llm/free": "no", "llm/full": "no", "llm/plain": "yes"}
     result = await trio.to_thread.run_sync(lambda: rbee(
         "workers", "--queen", url_of(queen), "--max-waiting", "0", "--max-kv-cache-pct", "80",
         timeout=20))
@@ -114,13 +123,14 @@ async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
                                                         "--rounds", "1", timeout=20))
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("HIVE"))
-    columns = {name: header.index(name) for name in ("RUN", "QUEUE", "KV%", "UPTIME")}
+    columns = {name: header.index(name) for name in ("RUN", "QUEUE", "KV%", "IDLE", "UPTIME")}
     full = next(line for line in lines if "llm/full" in line)
     plain = next(line for line in lines if "llm/plain" in line)
     assert full[columns["RUN"]:columns["QUEUE"]].split() == ["8"]
     assert full[columns["QUEUE"]:columns["KV%"]].split() == ["5"]
-    assert full[columns["KV%"]:columns["UPTIME"]].split() == ["94"]
-    assert plain[columns["RUN"]:columns["UPTIME"]].split() == ["-", "-", "-"]
+    assert full[columns["KV%"]:columns["IDLE"]].split() == ["94"]
+    assert plain[columns["RUN"]:columns["IDLE"]].split() == ["-", "-", "-"]
+    assert [line[columns["IDLE"]:columns["UPTIME"]].strip() for line in (full, plain)] == ["no", "yes"]
 
 
 def test_rbee_workers_without_a_queen_is_a_clear_error():
@@ -156,11 +166,17 @@ def test_fleet_view_shows_gpus_mig_and_health():
     view.apply(HiveTelemetryEvent(
         hive_id="a", timestamp=utc_now(), capabilities=[sick, mig],
         health_status=Degraded(reason="GPU 0 (GPU-00000000) unhealthy: xid: Xid 79"),
-        workers=[worker("w1", gpu_util_pct=None), worker("w2", gpu_util_pct=40.0,
-                                                         gpu_util_source=GpuUtilSource.DEVICE)]))
+        workers=[worker("w1", gpu_util_pct=None, gpu_indices=[0]),
+                 worker("w2", gpu_util_pct=40.0, gpu_indices=[0],
+                        gpu_util_source=GpuUtilSource.DEVICE),
+                 worker("cpu-only", gpu_util_pct=None)]))
     rendered = view.render()
     w1, w2 = (next(line for line in rendered.splitlines() if f"llm/{w}" in line) for w in ("w1", "w2"))
     assert "  ?  " in w1 and "40~" in w2  # unknown, and a device-wide figure
+    cpu_only = next(line for line in rendered.splitlines() if "llm/cpu-only" in line)
+    header = next(line for line in rendered.splitlines() if line.startswith("HIVE"))
+    gpu_cells = cpu_only[header.index("GPU%"):header.index("RUN")].split()
+    assert gpu_cells == ["-", "-"], cpu_only  # on no GPU: absent, neither 0 nor unknown
     assert "hive degraded: GPU 0 (GPU-00000000) unhealthy" in w1
     gpu0 = next(line for line in rendered.splitlines() if line.startswith("a ") and "test gpu" in line
                 and " 0 " in line[14:26])

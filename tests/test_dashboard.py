@@ -20,7 +20,7 @@ import httpx
 import msgspec
 
 from rbee.queen.dashboard import CONTENT_SECURITY_POLICY
-from rbee.telemetry import encode
+from rbee.telemetry import EngineState, encode
 
 from .browserkit import CONNECTION, WORKER_KEYS, chromium, console_errors, wait_for
 from .builders import fleet_heartbeat
@@ -242,6 +242,40 @@ def test_dashboard_marks_stale_hives_and_drops_removed_ones(tmp_path):
                 timestamp: beat.timestamp, workers: beat.workers, capabilities: []});""", event)
         shown = wait_for(driver, "return window.rbeeDashboard.cells('engines/llm/vllm')", bool)
         assert shown[7:9] == ["3 run / 7 wait", "42"]
+        assert console_errors(driver) == []
+
+
+def test_dashboard_shows_the_queens_idle_not_its_own(tmp_path):
+    """The page's idle count and its "idle only" filter are the queen's judgement: a worker with
+    8 requests running and 20 waiting is busy at 0 % GPU, one whose GPU figure is unknown is not
+    idle, and the count is the one /v1/workers?idle=true gives (before, the page looked at GPU %
+    only and said 2 where the queen said 1)."""
+    from .builders import heartbeat, worker
+
+    def beat(running: int, waiting: int) -> bytes:
+        engine = EngineState(engine="vllm", requests_running=running, requests_waiting=waiting)
+        return encode(heartbeat("idlers", [worker("quiet", gpu_util_pct=1.0),
+                                           worker("queued", gpu_util_pct=0.0, engine=engine),
+                                           worker("unknown", gpu_util_pct=None)]))
+
+    idle_count = "return document.getElementById('s-idle').textContent"
+    with queen(tmp_path, stale=60) as q, chromium(tmp_path) as driver, \
+            httpx.Client(timeout=10) as client:
+        driver.get(f"{q.url}/")
+        wait_for(driver, CONNECTION, lambda text: text == "live")
+        for running, waiting, expected in ((8, 20, ["idlers/llm/quiet"]),
+                                           (0, 0, ["idlers/llm/queued", "idlers/llm/quiet"])):
+            response = client.post(f"{q.url}/v1/hive-heartbeat", content=beat(running, waiting),
+                                   headers={"content-type": "application/json"})
+            assert response.status_code == 200, response.text
+            queen_idle = [f"{w['hive_id']}/{w['worker']['group']}/{w['worker']['instance']}"
+                          for w in client.get(f"{q.url}/v1/workers", params={"idle": "true"}).json()]
+            assert queen_idle == expected
+            count = str(len(expected))
+            wait_for(driver, idle_count, lambda text, count=count: text == count)
+        driver.execute_script("const box = document.getElementById('f-idle'); box.checked = true;"
+                              "box.dispatchEvent(new Event('change'))")
+        wait_for(driver, WORKER_KEYS, lambda keys: sorted(keys) == expected)
         assert console_errors(driver) == []
 
 

@@ -211,14 +211,18 @@ async def test_scheduling_queries(tmp_path, client):
 
         assert instances() == ["bge", "llama", "qwen"]
         assert instances("--model", "llama-3-8b") == ["llama"]
-        assert instances("--idle") == ["bge", "llama", "qwen"]  # no process on any GPU yet
+        # no process on any GPU yet; bge runs on no GPU and has no engine, so nothing says it is
+        # idle (before, its GPU figure read 0 and it counted as GPU-idle)
+        assert instances("--idle") == ["llama", "qwen"]
+        [bge] = [w for w in await queen_workers(client, q.url) if w["worker"]["instance"] == "bge"]
+        assert bge["worker"]["gpu_util_pct"] is None and not bge["idle"]
         [llama] = [w for w in await queen_workers(client, q.url) if w["worker"]["instance"] == "llama"]
         write_fake_nvidia_smi(bin_dir, apps=[(llama["worker"]["pid"], 1, 20000)])
         with trio.fail_after(10):
             while not [w for w in await queen_workers(client, q.url)
                        if w["worker"]["vram_mb"] == 20000]:
                 await trio.sleep(0.05)
-        assert instances("--idle") == ["bge", "qwen"]  # llama is on the H100, 37% busy
+        assert instances("--idle") == ["qwen"]  # llama is on the H100, 37% busy
         [llama] = [w for w in await queen_workers(client, q.url) if w["worker"]["instance"] == "llama"]
         assert (llama["worker"]["gpu_util_pct"], llama["worker"]["gpu_util_source"]) == (37.0, "device")
         assert instances("--min-free-vram", "78000") == ["qwen"]  # A100: 80535 MiB free

@@ -88,6 +88,8 @@ def test_values_labels_escaping_and_absence():
     assert (labels["uuid"], labels["source"], util) == ("GPU-00000001", "device", 0.55)
     assert [x[0]["uuid"] for x in by_key["rbee_worker_gpu_device_memory_bytes"]
             if x[0]["hive"] == "a"] == ["MIG-1"]
+    assert [x[0]["instance"] for x in by_key["rbee_worker_gpu_memory_bytes"]
+            if x[0]["hive"] == "a"] == ["w0"]  # w1 is on no GPU: absent, not 0
     faults = {(x[0]["kind"], x[0]["fatal"]): x[1] for x in by_key["rbee_gpu_faults"]}
     assert faults == {("xid", "true"): 2.0, ("thermal_slowdown", "false"): 1.0}
     health = {(x[0]["hive"], x[0]["gpu"], x[0]["state"]): x[1] for x in by_key["rbee_gpu_health"]}

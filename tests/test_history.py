@@ -68,7 +68,7 @@ def test_recording_a_new_fleet_costs_no_ring_sweep():
     is NaN already, so nothing is cleared (point by point, this took 18 s on the test machine
     and stalled the queen's whole event loop)."""
     history = FleetHistory()
-    workers = [worker(f"w{i}") for i in range(1000)]
+    workers = [worker(f"w{i}", gpu_indices=[0]) for i in range(1000)]
     started = time.perf_counter()
     history.record([record_of("hive-a", workers)], T0)
     assert time.perf_counter() - started < 1.0
@@ -152,7 +152,8 @@ def test_gpu_series_by_uuid_or_index_and_selectors():
 def test_series_are_capped_and_forgotten():
     history = FleetHistory(HistorySettings(max_series=8, fine_retention_s=60, coarse_retention_s=600,
                                            max_series_per_query=4))
-    history.record([record_of("a", [worker("w1"), worker("w2")])], T0)  # 2 x 6 series (no engine: no engine series)
+    history.record([record_of("a", [worker("w1", gpu_indices=[0]), worker("w2", gpu_indices=[0])])],
+                   T0)  # 2 x 6 series (no engine: no engine series)
     assert len(history) == 8 and history.refused == 2 * 6 - 8
     with pytest.raises(QueryError, match=r"8 series match, more than history.max_series_per_"
                                          r"query \(4\): narrow the query"):

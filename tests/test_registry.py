@@ -16,7 +16,7 @@ import trio
 
 from rbee import AdmissionError, NotFoundError
 from rbee.config import RegistrySettings
-from rbee.queen.registry import HiveRegistry, WorkerQuery, is_idle
+from rbee.queen.registry import HiveRegistry, WorkerQuery, idle_instances, is_idle
 from rbee.telemetry import (
     Degraded,
     EngineState,
@@ -145,6 +145,32 @@ def test_idle_follows_the_engine_when_it_is_known():
     assert not is_idle(worker("r", engine=EngineState(engine="vllm", requests_running=1,
                                                        requests_waiting=0)), 5.0)
     assert is_idle(worker("g", gpu_util_pct=5.0), 5.0) and not is_idle(worker("g", gpu_util_pct=5.1), 5.0)
+
+
+def test_one_meaning_of_idle_in_listings_summary_and_stream(registry):
+    """The listing's ``idle`` flag, the ``?idle`` filter, the summary's ``workers_available`` and
+    the stream's ``idle`` list are one judgement: a worker with requests running and waiting is
+    busy whatever its GPU shows, an exited or unknown-GPU worker is never idle, and a stale
+    hive has none."""
+    busy_engine = EngineState(engine="vllm", requests_running=8, requests_waiting=20)
+    beat = heartbeat("hive-a", [
+        worker("queued", gpu_util_pct=0.0, engine=busy_engine),
+        worker("drained", gpu_util_pct=90.0, engine=EngineState(
+            engine="vllm", requests_running=0, requests_waiting=0)),
+        worker("quiet-gpu", gpu_util_pct=1.0),
+        worker("no-gpu", gpu_util_pct=None),
+        worker("exited", gpu_util_pct=0.0, state=WorkerState.EXITED)])
+    registry.update_hive(beat)
+    expected = ["hive-a/llm/drained", "hive-a/llm/quiet-gpu"]
+    assert [w.id for w in registry.get_all_workers() if w.idle] == expected
+    assert ids(registry.find_idle_workers()) == expected
+    assert registry.summary().workers_available == 2
+    assert ["hive-a/" + key for key in idle_instances(beat, registry.settings)] == expected
+    assert ["hive-a/" + key for key in registry.get_hive("hive-a").idle] == expected
+    registry.mark_stale("hive-a")
+    assert not any(w.idle for w in registry.get_all_workers())
+    assert registry.summary().workers_available == 0
+    assert registry.get_hive("hive-a").idle == []
 
 
 def test_summary_counts_engine_idle_workers_as_available(registry):

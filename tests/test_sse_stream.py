@@ -206,7 +206,7 @@ async def test_stream_event_format(nursery, client):
                                 "hives_available", "worker_ids", "hive_ids", "timestamp"}
     telemetry = next(p for p in payloads if p["type"] == "hive_telemetry")
     assert set(telemetry) == {"type", "hive_id", "timestamp", "workers",  # the original's
-                              "capabilities", "health_status"}  # added: GPUs and their health
+                              "capabilities", "health_status", "idle"}  # added: GPUs and their health
     assert set(telemetry["workers"][0]) >= {
         "pid", "group", "instance", "cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "uptime_s",
         "gpu_util_pct", "vram_mb", "total_vram_mb", "model"}

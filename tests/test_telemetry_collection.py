@@ -9,6 +9,7 @@ import time
 import pytest
 
 from rbee import NotFoundError, encode
+from rbee.telemetry import on_gpu
 from rbee.config import CollectorSettings
 from rbee.hive.cgroups import NoCgroup
 from rbee.hive.collection import TelemetryCollector
@@ -29,6 +30,9 @@ def test_collect_all_workers_returns_all(monitor):
     records = collector(monitor).collect_all()
     assert {r.pid for r in records} == pids
     assert all(r.errors == [] for r in records)
+    # no GPU here (injected: gpu "none"): GPU figures are absent, never 0 (so idle is unknown)
+    assert all(r.gpu_util_pct is None and not on_gpu(r) for r in records)
+    assert all('"gpu_util_pct":null' in encode(r).decode() for r in records)
 
 
 def test_collect_group_filters_by_group(monitor):

@@ -205,7 +205,7 @@ class TelemetryCollector:
         view._advance(sample, previous, elapsed)
         record = WorkerTelemetry(
             pid=worker.pid, group=worker.group, instance=worker.instance, cpu_pct=0.0,
-            rss_mb=0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=0.0, vram_mb=0,
+            rss_mb=0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=None, vram_mb=0,
             total_vram_mb=0, model=None, rate_window_s=int(elapsed * 1000) / 1000,
             cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
             limits_applied=worker.limits_applied,

@@ -24,7 +24,7 @@ import msgspec
 
 from ..config import HistorySettings
 from ..exposition import HiveRecord
-from ..telemetry import GpuDevice, WorkerTelemetry
+from ..telemetry import GpuDevice, WorkerTelemetry, on_gpu
 
 NAN16 = struct.pack("<e", math.nan)
 MAX16 = 65504.0
@@ -36,7 +36,7 @@ WORKER_METRICS: dict[str, tuple[Callable[[WorkerTelemetry], float | None], float
     "io_r_mb_s": (lambda w: w.io_r_mb_s, 1.0),
     "io_w_mb_s": (lambda w: w.io_w_mb_s, 1.0),
     "gpu_util_pct": (lambda w: w.gpu_util_pct, 1.0),
-    "vram_mb": (lambda w: w.vram_mb, 1 / 1024),
+    "vram_mb": (lambda w: w.vram_mb if on_gpu(w) else None, 1 / 1024),  # none: a gap, not 0
     # the worker's inference engine, where known (None otherwise: a gap, never 0)
     "engine_running": (lambda w: w.engine.requests_running if w.engine else None, 1.0),
     "engine_waiting": (lambda w: w.engine.requests_waiting if w.engine else None, 1.0),

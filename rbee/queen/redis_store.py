@@ -306,7 +306,8 @@ class RedisStore:
         """An entry's event: a heartbeat's as the stream tells it, or the JSON as stored."""
         if fields[b"k"] == b"hb":
             return telemetry_event(self._own.get(entry_id)
-                                   or HEARTBEAT_DECODER.decode(fields[b"d"]))
+                                   or HEARTBEAT_DECODER.decode(fields[b"d"]),
+                                   self.config.registry)
         return fields[b"d"]
 
     def _on_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
@@ -315,7 +316,7 @@ class RedisStore:
         if fields[b"k"] == b"hb":
             heartbeat = self._own.pop(entry_id, None) or HEARTBEAT_DECODER.decode(data)
             self._apply_heartbeat(entry_id, heartbeat)
-            event: StreamEvent | bytes = telemetry_event(heartbeat)
+            event: StreamEvent | bytes = telemetry_event(heartbeat, self.config.registry)
         else:
             event = data
             if b'"hive_removed"' in data or b'"hive_stale"' in data:

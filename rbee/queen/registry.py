@@ -77,6 +77,10 @@ class FleetWorker(msgspec.Struct, kw_only=True):
     hive_stale: bool
     schedulable: bool
     worker: WorkerTelemetry
+    idle: bool = False
+    """Schedulable and ``is_idle``: the one meaning of idle. The stream's ``idle`` lists, the
+    ``queen`` event's ``workers_available``, ``?idle=true``, the CLI and the dashboard all show
+    this figure; none of them computes its own."""
     vram: VramFigures | None = None
     unhealthy_gpus: list[str] = []
     """UUIDs of the worker's GPUs whose health is unhealthy (skipped by scheduling queries when
@@ -120,12 +124,12 @@ class WorkerQuery(msgspec.Struct, kw_only=True, frozen=True):
         return self.idle or any(value is not None for value in (
             self.model, self.min_free_vram_mb, self.max_waiting, self.max_kv_cache_pct))
 
-    def matches(self, found: FleetWorker, idle_gpu_util_pct: float) -> bool:
+    def matches(self, found: FleetWorker) -> bool:
         if not self.filtered:
             return True
         worker, engine = found.worker, found.worker.engine
         return (found.schedulable
-                and (not self.idle or is_idle(worker, idle_gpu_util_pct))
+                and (not self.idle or found.idle)
                 and (self.model is None or worker.model == self.model)
                 and (self.min_free_vram_mb is None or (
                     found.vram is not None and found.vram.free_mb >= self.min_free_vram_mb))
@@ -192,8 +196,7 @@ class _HiveEntry:
 
     @property
     def schedulable(self) -> bool:
-        return (not self.stale and self.info.operational_status in SCHEDULABLE_STATUSES
-                and not isinstance(self.info.health_status, Unhealthy))
+        return hive_schedulable(self.info, self.stale)
 
 
 @dataclass(slots=True)
@@ -349,7 +352,7 @@ class HiveRegistry:
                 hive_id = order[index]
                 for worker in self._hive_workers(hive_id, self._hives[hive_id],
                                                  after=start if index == first else None):
-                    if query.matches(worker, self.settings.idle_gpu_util_pct):
+                    if query.matches(worker):
                         found.append(worker)
                         if limit is not None and len(found) >= limit:
                             return WorkerPage(workers=found, next_after=worker.id)
@@ -369,7 +372,7 @@ class HiveRegistry:
             hives_available = sum(1 for e in self._hives.values() if e.schedulable)
         return QueenEvent(
             workers_online=len(online),
-            workers_available=sum(1 for w in online if w.schedulable and self._is_idle(w)),
+            workers_available=sum(1 for w in online if w.idle),
             hives_online=len(hives_online), hives_available=hives_available,
             worker_ids=[w.id for w in online], hive_ids=hives_online, timestamp=utc_now())
 
@@ -397,9 +400,6 @@ class HiveRegistry:
         """Workers whose GPU(s) have at least ``vram_mb`` MiB free, as the driver measures it on
         the real device (never an assumed card size)."""
         return self.find_workers(min_free_vram_mb=vram_mb)
-
-    def _is_idle(self, worker: FleetWorker) -> bool:
-        return is_idle(worker.worker, self.settings.idle_gpu_util_pct)
 
     # -- stale cleanup ---------------------------------------------------------------------
 
@@ -472,7 +472,9 @@ class HiveRegistry:
         return HiveState(hive=entry.info, stale=entry.stale,
                          silent_s=round(max(0.0, now - entry.received_at), 3),
                          last_heartbeat=entry.last_heartbeat, workers=list(entry.workers),
-                         capabilities=list(entry.capabilities))
+                         capabilities=list(entry.capabilities),
+                         idle=[_instance_key(w.worker) for w in self._hive_workers(
+                             hive_id, entry, with_vram=False) if w.idle])
 
     def _hive_workers(self, hive_id: str, entry: _HiveEntry, *, with_vram: bool = True,
                       after: tuple[str, str, str] | None = None) -> Iterator[FleetWorker]:
@@ -490,18 +492,45 @@ class HiveRegistry:
 
     def _list_workers(self, hive_id: str, entry: _HiveEntry, *,
                       with_vram: bool) -> Iterator[FleetWorker]:
-        skip_unhealthy = self.settings.skip_unhealthy_gpus
-        schedulable = entry.schedulable
         vram = _HiveVram(entry) if with_vram else None
-        unhealthy = {d.uuid for d in entry.capabilities if isinstance(d.health, Unhealthy)}
-        for worker in sorted(entry.workers, key=_worker_key):
-            on_unhealthy = _unhealthy_gpus_of(worker, entry.capabilities, unhealthy)
+        for worker, on_unhealthy, schedulable, idle in _judged(
+                entry.workers, entry.capabilities, entry.schedulable, self.settings):
             yield FleetWorker(
-                hive_id=hive_id, hive_stale=entry.stale,
-                schedulable=(schedulable and worker.state is WorkerState.RUNNING
-                             and not (skip_unhealthy and on_unhealthy)),
+                hive_id=hive_id, hive_stale=entry.stale, schedulable=schedulable, idle=idle,
                 worker=worker, vram=vram.of(worker) if vram is not None else None,
                 unhealthy_gpus=on_unhealthy)
+
+
+def hive_schedulable(info: HiveInfo, stale: bool) -> bool:
+    """A hive whose workers may be scheduled: heard from lately, ready or busy, not unhealthy."""
+    return (not stale and info.operational_status in SCHEDULABLE_STATUSES
+            and not isinstance(info.health_status, Unhealthy))
+
+
+def _judged(workers: list[WorkerTelemetry], devices: list[GpuDevice], hive_schedulable: bool,
+            settings: RegistrySettings
+            ) -> Iterator[tuple[WorkerTelemetry, list[str], bool, bool]]:
+    """Each of a hive's workers in (group, instance) order, with the GPUs it runs on that are
+    unhealthy, whether it is schedulable, and whether it is idle (schedulable and ``is_idle``)."""
+    unhealthy = {d.uuid for d in devices if isinstance(d.health, Unhealthy)}
+    for worker in sorted(workers, key=_worker_key):
+        on_unhealthy = _unhealthy_gpus_of(worker, devices, unhealthy)
+        schedulable = (hive_schedulable and worker.state is WorkerState.RUNNING
+                       and not (settings.skip_unhealthy_gpus and on_unhealthy))
+        yield (worker, on_unhealthy, schedulable,
+               schedulable and is_idle(worker, settings.idle_gpu_util_pct))
+
+
+def idle_instances(heartbeat: HiveHeartbeat, settings: RegistrySettings) -> list[str]:
+    """``group/instance`` of the idle workers of a hive just heard from (so not stale), by the
+    same rule as the listings: what the stream's ``hive_telemetry`` event carries."""
+    return [_instance_key(worker) for worker, _, _, idle in _judged(
+        heartbeat.workers, heartbeat.capabilities, hive_schedulable(heartbeat.hive, False),
+        settings) if idle]
+
+
+def _instance_key(worker: WorkerTelemetry) -> str:
+    return f"{worker.group}/{worker.instance}"
 
 
 def _worker_key(worker: WorkerTelemetry) -> tuple[str, str]:

@@ -31,10 +31,10 @@ from ..telemetry import (
     encode,
 )
 from .broadcast import Broadcaster
-from .registry import HiveRegistry
+from .registry import HiveRegistry, idle_instances
 
 if TYPE_CHECKING:
-    from ..config import QueenConfig
+    from ..config import QueenConfig, RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,13 @@ def fleet_view(store: FleetStore, config: QueenConfig,
     store.broadcaster.store = store
 
 
-def telemetry_event(heartbeat: HiveHeartbeat) -> HiveTelemetryEvent:
-    """What the stream says of a heartbeat."""
+def telemetry_event(heartbeat: HiveHeartbeat, settings: RegistrySettings) -> HiveTelemetryEvent:
+    """What the stream says of a heartbeat: the hive's report, and which of its workers the
+    queen judges idle."""
     return HiveTelemetryEvent(hive_id=heartbeat.hive.id, timestamp=heartbeat.timestamp,
                               workers=heartbeat.workers, capabilities=heartbeat.capabilities,
-                              health_status=heartbeat.hive.health_status)
+                              health_status=heartbeat.hive.health_status,
+                              idle=idle_instances(heartbeat, settings))
 
 
 class MemoryStore:
@@ -171,7 +173,7 @@ class MemoryStore:
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
         self.registry.update_hive(heartbeat)
-        self.publish(telemetry_event(heartbeat), size)
+        self.publish(telemetry_event(heartbeat, self.config.registry), size)
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         event = self.registry.remove_hive(hive_id, reason)

@@ -13,7 +13,6 @@
   const ACCESS_TOKEN = new URLSearchParams(location.search).get("access_token");
   const STREAM = "/v1/heartbeats/stream" +
     (ACCESS_TOKEN ? `?access_token=${encodeURIComponent(ACCESS_TOKEN)}` : "");
-  const IDLE_GPU_PCT = 5; // the queen's registry.idle_gpu_util_pct default
   const BACKOFF_MIN_MS = 250, BACKOFF_MAX_MS = 5000;
   const SPARK = "▁▂▃▄▅▆▇█";
   const $ = (id) => document.getElementById(id);
@@ -61,19 +60,20 @@
         fleet.clear();
         for (const state of event.hives || []) {
           setHive(state.hive.id, state.workers, state.capabilities, state.hive.health_status,
-                  state.stale, state.hive.operational_status);
+                  state.stale, state.hive.operational_status, state.idle);
         }
         setConnection("live");
         break;
       case "hive_telemetry": {
         const known = fleet.get(event.hive_id);
         setHive(event.hive_id, event.workers, event.capabilities,
-                event.health_status || (known && known.health), false, known && known.status);
+                event.health_status || (known && known.health), false, known && known.status,
+                event.idle);
         break;
       }
       case "hive_stale": {
         const hive = fleet.get(event.hive_id);
-        if (hive) hive.stale = true;
+        if (hive) { hive.stale = true; hive.idle = new Set(); } // the queen: stale is never idle
         break;
       }
       case "hive_removed":
@@ -85,9 +85,9 @@
     requestRender();
   }
 
-  function setHive(id, workers, gpus, health, stale, status) {
+  function setHive(id, workers, gpus, health, stale, status, idle) {
     fleet.set(id, { id, workers: workers || [], gpus: gpus || [], health: health || null,
-                    stale: Boolean(stale), status: status || null });
+                    stale: Boolean(stale), status: status || null, idle: new Set(idle || []) });
   }
 
   function setConnection(state) {
@@ -135,10 +135,10 @@
     return list;
   }
 
+  // Idle is the queen's judgement (its `idle` lists), never recomputed here: the same figure
+  // as the stream's workers_available, /v1/workers?idle=true, `rbee workers` and `rbee top`.
   function isIdle(entry) {
-    const w = entry.worker;
-    return !entry.hive.stale && (w.state || "running") === "running" &&
-      w.gpu_util_pct !== null && w.gpu_util_pct !== undefined && w.gpu_util_pct <= IDLE_GPU_PCT;
+    return !entry.hive.stale && entry.hive.idle.has(`${entry.worker.group}/${entry.worker.instance}`);
   }
 
   function setText(element, text) {
@@ -269,6 +269,11 @@
 
   const COLUMNS = ["name", "model", "cpu", "rss", "io", "gpu", "vram", "queue", "kv", "uptime", "spark", "errors"];
 
+  // A worker on no GPU has no GPU figures: shown as absent, never 0 (as the CLI and /metrics).
+  function onGpu(w) {
+    return Boolean((w.gpus && w.gpus.length) || (w.gpu_indices && w.gpu_indices.length));
+  }
+
   function cellsOf(entry) {
     const w = entry.worker, engine = w.engine || null;
     const waiting = engine ? (engine.requests_waiting ?? null) : null;
@@ -280,7 +285,7 @@
       rss: num(w.rss_mb, 0),
       io: `${num(w.io_r_mb_s, 2)}/${num(w.io_w_mb_s, 2)}`,
       gpu: w.gpu_util_pct == null ? "–" : num(w.gpu_util_pct, 0),
-      vram: num(w.vram_mb, 0),
+      vram: onGpu(w) ? num(w.vram_mb, 0) : "–",
       queue: engine && (running !== null || waiting !== null) ? `${running ?? "–"} run / ${waiting ?? "–"} wait` : "–",
       kv: engine && engine.kv_cache_pct != null ? num(engine.kv_cache_pct, 0) : "–",
       uptime: duration(w.uptime_s),
@@ -298,7 +303,7 @@
       case "rss": return w.rss_mb;
       case "io": return (w.io_r_mb_s || 0) + (w.io_w_mb_s || 0);
       case "gpu": return w.gpu_util_pct ?? -1;
-      case "vram": return w.vram_mb;
+      case "vram": return onGpu(w) ? w.vram_mb : -1;
       case "queue": return e.requests_waiting ?? -1;
       case "kv": return e.kv_cache_pct ?? -1;
       case "uptime": return w.uptime_s;
