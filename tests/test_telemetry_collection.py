@@ -9,12 +9,12 @@ import time
 import pytest
 
 from rbee import NotFoundError, encode
-from rbee.telemetry import on_gpu
 from rbee.config import CollectorSettings
 from rbee.hive.cgroups import NoCgroup
 from rbee.hive.collection import TelemetryCollector
 from rbee.plugin import hookimpl
 from rbee.plugin.manager import build_plugin_manager
+from rbee.telemetry import on_gpu
 
 from .conftest import busy_worker, sleeper
 
