@@ -32,7 +32,7 @@ import msgspec
 import trio
 import yaml
 
-from ._errors import ContractError, RbeeError, leaf_exceptions
+from ._errors import ContractError, ListenError, RbeeError, leaf_exceptions
 from ._http import reply_message
 from .auth import bearer, read_token
 from .config import HiveConfig, QueenConfig, parse_config
@@ -50,10 +50,21 @@ DEFAULT_QUEEN = "http://127.0.0.1:7833"
 _fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
 
 
-def demo_config(queen_url: str) -> HiveConfig:
+DEMO_HIVE_PORT = 7835
+
+
+def demo_config(queen_url: str, hive_port: int = DEMO_HIVE_PORT) -> HiveConfig:
     source = files("rbee.demo") / "demo.yaml"
     config = parse_config(yaml.safe_load(source.read_text()), HiveConfig, str(source))
-    return msgspec.structs.replace(config, queen_url=queen_url)
+    return msgspec.structs.replace(config, queen_url=queen_url, port=hive_port)
+
+
+def demo_hive_port(args: argparse.Namespace) -> int:
+    """``--hive-port``, else any free port when the queen's is ``--port 0``, else 7835: so
+    ``rbee up --port 0`` never meets a busy port."""
+    if args.hive_port is not None:
+        return args.hive_port
+    return 0 if args.port == 0 else DEMO_HIVE_PORT
 
 
 async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5,
@@ -123,7 +134,7 @@ async def up(args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             queen_url = (await nursery.start(queen.run))[0]
-            hive = HiveService(demo_config(queen_url))
+            hive = HiveService(demo_config(queen_url, demo_hive_port(args)))
             hive_done = trio.Event()
 
             async def run_hive(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -253,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                               help="a file holding the queen's read token, if it asks for one "
                                    "(default: $RBEE_READ_TOKEN_FILE)")
     run_up = commands.add_parser("up", help="queen, local hive and demo workers, live view")
-    run_up.add_argument("--port", type=int, default=7833, help="the queen's port (0: any free)")
+    run_up.add_argument("--port", type=int, default=7833,
+                        help="the queen's port (0: any free, for the hive's API too)")
+    run_up.add_argument("--hive-port", type=int, metavar="PORT",
+                        help=f"the demo hive's API port (default {DEMO_HIVE_PORT}, or any free "
+                             "one with --port 0)")
     run_up.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
     run_top = commands.add_parser("top", parents=[queen_option], help="live view of the fleet")
     run_top.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
@@ -308,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     except* (RbeeError, OSError) as group:
         for exc in leaf_exceptions(group):
             print(f"rbee: {exc}", file=sys.stderr)
+            if args.command == "up" and isinstance(exc, ListenError):
+                print("rbee: the demo needs two ports, the queen's (--port) and its hive's "
+                      "(--hive-port); `rbee up --port 0` picks free ones for both",
+                      file=sys.stderr)
         status = 1
     return status
 

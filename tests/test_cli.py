@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import httpx
 import msgspec
@@ -32,6 +34,31 @@ OUR_DEMO_WORKERS = f"^{sys.executable} -m rbee.demo.worker"
 """This checkout's demo workers only: the machine may run other installations' at the same time."""
 
 
+@contextmanager
+def hold_port(port: int):
+    """Keep ``port`` on 127.0.0.1 busy (listening) meanwhile; if something else holds it
+    already, it is busy all the same."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            pass
+        yield
+
+
+def test_rbee_up_on_a_busy_port_names_both_ports():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        result = rbee("up", "--port", "0", "--hive-port", str(busy), "--rounds", "1")
+    assert result.returncode == 1
+    assert f"rbee: cannot listen on 127.0.0.1:{busy}: Address already in use" in result.stderr
+    assert "`rbee up --port 0` picks free ones for both" in result.stderr
+    assert subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS]).returncode == 1  # none left
+
+
 def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "rbee"), *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -40,8 +67,11 @@ def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     """The demo end to end: the table comes from the queen's stream, so the whole pipeline ran;
     afterwards no demo worker and no cgroup of the demo is left."""
-    result = rbee("up", "--port", "0", "--rounds", "10")
+    with hold_port(7835):  # the demo hive's default port, busy: --port 0 moves the hive too
+        result = rbee("up", "--port", "0", "--rounds", "10")
     assert result.returncode == 0, result.stderr
+    hive_api = result.stdout.split("(API ", 1)[1].split(",", 1)[0]
+    assert hive_api.startswith("http://127.0.0.1:") and not hive_api.endswith(":7835")
     assert "rbee up: queen http://127.0.0.1:" in result.stdout
     queen_url = result.stdout.split("rbee up: queen ", 1)[1].split(",", 1)[0]
     assert f"\ndashboard: {queen_url}/\n" in result.stdout
