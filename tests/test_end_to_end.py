@@ -307,6 +307,7 @@ async def test_queen_unreachable(tmp_path, client):
         health = (await client.get(f"{h.url}/health")).json()
         assert health["queen"]["reachable"] is False
         assert health["queen"]["last_problem"].startswith("ConnectError")
+        assert health["queen"]["failed"] >= 1 and health["queen"]["delivered"] == 0
         assert health["operational_status"] == "ready"
         assert h.stderr().count("heartbeat not delivered") == 1
 

@@ -39,6 +39,8 @@ class QueenLink(msgspec.Struct, kw_only=True):
     url: str
     reachable: bool
     delivered: int
+    failed: int
+    """Sends that failed since the hive started (each one retried)."""
     last_problem: str
 
 
@@ -72,7 +74,7 @@ def build_app(hive: HiveService) -> Starlette:
             workers=len(latest.workers),
             queen=QueenLink(url=str(sender.queen_url), reachable=state.down_since is None
                             and state.delivered > 0, delivered=state.delivered,
-                            last_problem=state.last_problem)))
+                            failed=state.failures_total, last_problem=state.last_problem)))
 
     async def capabilities(request: Request) -> Response:
         return JsonResponse(agent.latest.capabilities)

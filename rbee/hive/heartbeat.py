@@ -75,6 +75,9 @@ class DeliveryState:
 
     delivered: int = 0
     failed_attempts: int = 0
+    """Failed sends of the current outage (0 while the queen answers)."""
+    failures_total: int = 0
+    """Failed sends since the hive started: a lost heartbeat shows here even after recovery."""
     down_since: float | None = None
     """trio time of the first failure of the current outage; None while the queen answers."""
     last_problem: str = ""
@@ -163,6 +166,7 @@ class HeartbeatSender:
     def _failed(self, problem: str) -> bool:
         state, now = self.state, trio.current_time()
         state.failed_attempts += 1
+        state.failures_total += 1
         state.last_problem = problem
         if state.down_since is None:
             state.down_since = self._reminded_at = now
