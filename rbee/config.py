@@ -117,6 +117,10 @@ class CollectorSettings(Settings):
     plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin
     is skipped for the rest of that tick and reported."""
+    rate_window_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    """The shortest window a worker's rates (CPU %, I/O) are measured over, however often the hive
+    collects: CFS enforces CPU quotas per 100 ms period, so shorter windows read far above a
+    worker's limit (``rbee.hive.rates``). 0 measures between consecutive collections."""
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
 
 

@@ -86,9 +86,9 @@ def test_collect_reads_cgroup_stats(monitor):
     collector = collector_for(monitor, gpu="none")
     first = collector.collect_instance("llm", "busy")
     assert first.rate_window_s == 0.0 and first.cpu_pct == 0.0
-    time.sleep(0.6)
+    time.sleep(1.1)  # rates are measured over at least collect.rate_window_s (1 s)
     second = collector.collect_instance("llm", "busy")
-    assert second.rate_window_s > 0.5
+    assert second.rate_window_s > 1.0
     assert 5.0 < second.cpu_pct < 150.0
     assert second.rss_mb > 1.0
     # all the cgroup charges is at least the RSS (memory_mb is to the hundredth, rss_mb whole)
@@ -96,6 +96,34 @@ def test_collect_reads_cgroup_stats(monitor):
             or isinstance(monitor.backend, NoCgroup))
     if isinstance(monitor.backend, CgroupV1 | NoCgroup):
         assert second.io_w_mb_s > 0.0  # /proc/<pid>/io counts the fsync'ed writes
+
+
+CPU_BURNER = [sys.executable, "-c", "import os\nos.fork()\nwhile True: pass"]
+"""Two processes spinning: 200 % of CPU wanted, so only the quota holds them back."""
+
+
+@needs_v1
+def test_cpu_pct_never_above_the_limit_however_often_collected_and_across_restarts(v1_monitor):
+    """Issue 22 item 6: the hive collects at once on every spawn and exit, so a worker's rate
+    window could be a few milliseconds, over which a CFS quota (enforced per 100 ms period) and
+    per-tick CPU charging read 2-8x the limit (233 % under 25 % in the demo's history). Collected
+    at gaps from 0 to 300 ms, through a restart, a 50 % worker never reads above its limit by more
+    than one CFS period's quota over the 1 s floor (10 %) plus a point of clock noise."""
+    collector = collector_for(v1_monitor, gpu="none")
+    gaps = (0.0, 0.002, 0.01, 0.05, 0.3)
+    readings: list[tuple[float, float]] = []
+    for _incarnation in range(2):
+        v1_monitor.spawn("llm", "burn", CPU_BURNER, cpu_limit="50%")
+        for tick in range(40):
+            record = collector.collect_instance("llm", "burn")
+            if record.rate_window_s > 0:
+                readings.append((record.cpu_pct, record.rate_window_s))
+            time.sleep(gaps[tick % len(gaps)])
+        v1_monitor.stop("llm", "burn", grace=1.0)
+    assert len(readings) > 10
+    assert all(window >= 1.0 for _, window in readings)
+    assert max(pct for pct, _ in readings) <= 50 * 1.1 + 1, readings
+    assert min(pct for pct, _ in readings) > 35, readings  # it really burned, at its limit
 
 
 def test_collect_queries_nvidia_smi(monitor, tmp_path, monkeypatch):

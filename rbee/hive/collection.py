@@ -32,6 +32,7 @@ from ..plugin import WorkerView
 from ..plugin.manager import PluginHooks
 from ..telemetry import CollectorIssue, GpuDevice, WorkerTelemetry
 from .monitor import GONE_STATES, ProcessMonitor, Worker, exited
+from .rates import RateWindow
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,10 @@ class TelemetryCollector:
         if worker.stats.pidfd < 0 and sample.proc_state in GONE_STATES:
             self.monitor.reap(worker)
             return None
-        previous = worker.previous
-        elapsed = now - worker.previous_at if previous is not None else 0.0
+        rates = worker.rates
+        if rates is None:
+            rates = worker.rates = RateWindow(self.settings.rate_window_s)
+        previous, elapsed = rates.advance(now, sample)
         view = self._view(worker)
         view._advance(sample, previous, elapsed)
         record = WorkerTelemetry(
@@ -225,6 +228,4 @@ class TelemetryCollector:
             except Exception as exc:
                 record.errors.append(issue(name, exc))
             spent[name] = used + perf_counter() - started
-        worker.previous = sample
-        worker.previous_at = now
         return record

@@ -25,9 +25,9 @@ from functools import partial
 
 from .. import statfiles
 from .._errors import CgroupError, NotFoundError, SpawnError
-from .._sample import StatSample
 from .cgroups import CgroupBackend, NoCgroup, StatPaths
 from .limits import Limits, parse_limits
+from .rates import RateWindow
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ class Worker:
     """None for a worker re-adopted after a hive restart: it is not our child."""
     gpu_hint: tuple[int, ...] = ()
     """GPU indices from the worker's CUDA_VISIBLE_DEVICES, used until NVML sees its processes."""
-    previous: StatSample | None = None
-    previous_at: float = 0.0
+    rates: RateWindow | None = None
+    """Recent readings of the worker's counters, kept by the collector (``rbee.hive.rates``)."""
     list_pids: Callable[[], list[int]] = list
     """Every PID in the worker's cgroup, children included (only the main PID without one)."""
     cgroup_path: str | None = None
