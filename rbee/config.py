@@ -80,7 +80,8 @@ class CgroupSettings(Settings):
     backend: Literal["auto", "v2", "v1", "none"] = "auto"
     root: str = "auto"
     """Path of the workers' parent cgroup inside the hierarchy; "auto" means the delegated
-    subtree under systemd (v2) and ``rbee.slice`` otherwise."""
+    subtree under systemd (v2) and ``rbee.slice/<id>`` otherwise. One live hive per root: a hive
+    refuses to start on a root another hive holds."""
     io_counters: Literal["auto", "cgroup", "proc"] = "auto"
     """Where I/O bytes are counted: "auto" is io.stat on v2 and the main process's /proc/<pid>/io
     on v1, whose blkio counters stay at 0 on many current kernels; "cgroup" forces blkio."""

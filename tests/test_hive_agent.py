@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import trio
 
-from rbee import Degraded, Healthy, OperationalStatus
-from rbee.config import WorkerSpec
+from rbee import CgroupError, Degraded, Healthy, OperationalStatus
+from rbee.config import HiveConfig, WorkerSpec, parse_config
 from rbee.hive.agent import HiveAgent
 
-from .conftest import sleeper
+from .conftest import IS_ROOT, RUN_ROOT, sleeper
 from .fakes import write_fake_nvidia_smi
 from .hivekit import hive_config, sleeper_specs
 
@@ -77,6 +78,40 @@ async def test_restart_policy_restarts_failed_workers_with_backoff():
         await trio.sleep(0.5)  # well past the backoff of the others
         assert sorted(w.instance for w in agent.monitor.workers()) == ["phoenix"]
         nursery.cancel_scope.cancel()
+
+
+def default_root_hive(hive_id: str, instance: str) -> HiveConfig:
+    """A hive on the default cgroup root (``rbee.slice/<id>``), with one worker."""
+    return parse_config({"id": hive_id, "stop_workers_on_exit": True, "collect": {"gpu": "none"},
+                         "workers": [{"group": "llm", "instance": instance, "argv": sleeper()}]},
+                        HiveConfig, "<test>")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to create cgroups under rbee.slice")
+async def test_two_hives_on_one_host_keep_their_own_workers_and_a_held_root_refuses_a_third():
+    """Issue 22 item 3: each hive's default root is its own (``rbee.slice/<id>``), so a second
+    hive on the host adopts none of the first's workers; a hive whose root another live hive
+    holds (here: the same id) refuses to start, naming the root, the holder and the keys."""
+    first = HiveAgent(default_root_hive(f"{RUN_ROOT}-a", "alpha"))
+    second = HiveAgent(default_root_hive(f"{RUN_ROOT}-b", "beta"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await nursery.start(second.run)
+        assert [w.instance for w in first.latest.workers] == ["alpha"]
+        assert [w.instance for w in second.latest.workers] == ["beta"]
+        root = first.monitor.backend.primary
+        assert root.parent.name == "rbee.slice" and root.name == f"{RUN_ROOT}-a"
+        twin = HiveAgent(default_root_hive(f"{RUN_ROOT}-a", "gamma"))
+        with pytest.raises(CgroupError) as refused:
+            await nursery.start(twin.run)
+        message = str(refused.value)
+        assert f"cgroup root {root} is held by another live hive (pid {os.getpid()}:" in message
+        assert "`id`" in message and "`cgroup.root`" in message
+        assert twin.monitor.workers() == []
+        assert [w.instance for w in first.latest.workers] == ["alpha"]  # untouched
+        assert first.monitor.get("llm", "alpha").pid in first.monitor.backend.pids("llm", "alpha")
+        nursery.cancel_scope.cancel()
+    assert not root.exists() and not second.monitor.backend.primary.exists()
 
 
 def test_restart_wanted_by_policy_and_exit_code():

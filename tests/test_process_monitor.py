@@ -272,7 +272,7 @@ def test_spawn_fallback_on_non_linux_explicit_none(none_monitor):
     pid = none_monitor.spawn("llm", "plain", busy_worker(), cpu_limit="50%")
     worker = none_monitor.get("llm", "plain")
     assert worker.limits_applied is False
-    collector = collector_for(none_monitor, gpu="none")
+    collector = collector_for(none_monitor, gpu="none", rate_window_s=0.5)
     collector.collect_all()
     time.sleep(0.5)
     record = collector.collect_instance("llm", "plain")
@@ -328,7 +328,7 @@ def test_v2_worker_on_real_unified_mount():
     try:
         pid = monitor.spawn("llm", "v2", busy_worker(), cpu_limit="50%")
         assert f"0::/{RUN_ROOT}/v2real/llm/v2" in cgroup_of(pid)
-        collector = collector_for(monitor, gpu="none")
+        collector = collector_for(monitor, gpu="none", rate_window_s=0.5)
         collector.collect_all()
         time.sleep(0.5)
         record = collector.collect_instance("llm", "v2")

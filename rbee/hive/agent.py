@@ -67,7 +67,7 @@ class HiveAgent:
     def __init__(self, config: HiveConfig, extra_plugins: Sequence[object] = ()) -> None:
         self.config = config
         backend = select_backend(config.cgroup.backend, config.cgroup.root,
-                                 config.cgroup.io_counters)
+                                 config.cgroup.io_counters, hive_id=config.id)
         self.monitor = ProcessMonitor(backend)
         self.collector = TelemetryCollector(
             self.monitor,
@@ -166,6 +166,7 @@ class HiveAgent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._wake_event = trio.Event()
+        self.monitor.backend.claim()  # before adopting: another live hive's workers are not ours
         try:
             adopted = await trio.to_thread.run_sync(self.monitor.adopt_existing)
             for worker in adopted:
@@ -327,5 +328,6 @@ class HiveAgent:
             self.monitor.backend.remove_root()
         else:
             self.monitor.release()
+        self.monitor.backend.unclaim()
         self.collector.close()
         self.status = OperationalStatus.STOPPED

@@ -27,6 +27,7 @@ from .. import statfiles
 from .._errors import CgroupError, NotFoundError, SpawnError
 from .cgroups import CgroupBackend, NoCgroup, StatPaths
 from .limits import Limits, parse_limits
+from .procfs import read_cmdline
 from .rates import RateWindow
 
 log = logging.getLogger(__name__)
@@ -394,15 +395,6 @@ def gpu_indices_from_env(env: Mapping[str, str] | None) -> tuple[int, ...]:
     visible = (env or {}).get("CUDA_VISIBLE_DEVICES", "")
     parts = [part.strip() for part in visible.split(",") if part.strip()]
     return tuple(int(part) for part in parts) if all(p.isdigit() for p in parts) else ()
-
-
-def read_cmdline(pid: int) -> tuple[str, ...]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            raw = file.read()
-    except OSError:
-        return ()
-    return tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part)
 
 
 def pid_running(pid: int) -> bool:

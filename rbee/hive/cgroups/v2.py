@@ -27,6 +27,13 @@ class CgroupV2(CgroupTree):
         controllers); workers then run with their limits reported as not applied.
         """
         super().prepare()
+        ancestor = self.mount
+        for part in self.primary.relative_to(self.mount).parts[:-1]:  # rbee.slice of rbee.slice/<id>
+            ancestor = ancestor / part
+            try:
+                self._enable_controllers(ancestor)
+            except CgroupError:
+                pass  # not ours to change (a delegated unit's parents): the root gets what it gets
         self.enabled = self._enable_controllers(self.primary)
 
     def _enable_controllers(self, path: Path) -> set[str]:
