@@ -141,6 +141,9 @@ class WorkerSpec(Settings):
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     restart_backoff_s: Seconds = 1.0
     restart_backoff_max_s: Seconds = 30.0
+    crashloop_after: Annotated[int, msgspec.Meta(ge=1)] = 5
+    """Quick failures in a row (each within ``restart_backoff_max_s`` of its start) after which
+    the worker is in ``crashloop``: it waits ``restart_backoff_max_s`` between attempts."""
 
     def __post_init__(self) -> None:
         # The limits are understood here, so that --check-config and the spawn API refuse

@@ -9,7 +9,7 @@ import signal
 import pytest
 import trio
 
-from rbee import CgroupError, Degraded, Healthy, OperationalStatus
+from rbee import CgroupError, Degraded, Healthy, OperationalStatus, WorkerState
 from rbee.config import HiveConfig, WorkerSpec, parse_config
 from rbee.hive.agent import HiveAgent
 
@@ -29,9 +29,11 @@ async def test_agent_publishes_heartbeats_and_reacts_to_exit_at_once():
         victim = next(w.pid for w in heartbeat.workers if w.instance == "w0")
         os.kill(victim, signal.SIGKILL)
         with trio.fail_after(0.5):  # well inside the 1 s interval: pushed, not polled
-            while any(w.pid == victim for w in (await agent.wait_changed()).workers):
+            while not any(w.last_exit for w in (await agent.wait_changed()).workers):
                 pass
-        assert [w.instance for w in agent.latest.workers] == ["w1"]
+        w0, w1 = sorted(agent.latest.workers, key=lambda w: w.instance)
+        assert (w0.state, w0.pid, w0.last_exit.signal) == (WorkerState.BACKOFF, victim, "SIGKILL")
+        assert w1.state in (WorkerState.STARTING, WorkerState.RUNNING) and w1.last_exit is None
         nursery.cancel_scope.cancel()
     assert agent.status == OperationalStatus.STOPPED
     assert agent.monitor.workers() == []

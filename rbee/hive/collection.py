@@ -36,6 +36,9 @@ from .rates import RateWindow
 
 log = logging.getLogger(__name__)
 
+TRIM_EVERY = 16
+"""Ticks between two checks of the workers' unnamed stderr files' sizes (``stderr_tail``)."""
+
 
 def issue(collector: str, exc: BaseException) -> CollectorIssue:
     return CollectorIssue(collector=collector, message=f"{type(exc).__name__}: {exc}")
@@ -64,6 +67,7 @@ class TelemetryCollector:
         plugins.hook.rbee_collector_setup(settings=self.settings, plugin_manager=plugins)
         self.hooks = PluginHooks(plugins)
         self._budget_s = self.settings.plugin_budget_ms / 1000
+        self._ticks = 0
         self._views: dict[Worker, WorkerView] = {}
         self._views_lock = threading.Lock()
 
@@ -176,6 +180,11 @@ class TelemetryCollector:
 
     def _collect(self, workers: list[Worker]) -> list[WorkerTelemetry]:
         gone = exited(workers)
+        self._ticks += 1
+        if self._ticks % TRIM_EVERY == 0:
+            for worker in workers:
+                if worker.output is not None:
+                    worker.output.trim()
         records = []
         spent: dict[str, float] = {}
         for worker in workers:
@@ -213,6 +222,9 @@ class TelemetryCollector:
             cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
             limits_applied=worker.limits_applied,
         )
+        oom = worker.oom
+        if oom is not None:  # read where its own limit can OOM-kill it; the last count otherwise
+            record.oom_kills = oom.read() if worker.limits.memory_bytes is not None else oom.last
         budget = self._budget_s
         perf_counter = time.perf_counter
         for name, call in self.hooks.callers("rbee_collect_worker"):

@@ -31,6 +31,8 @@ class StatPaths:
     memory_stat_format: int = 0
     io: str | None = None
     io_format: int = IO_NONE
+    oom_events: str | None = None
+    """The file whose ``oom_kill`` line counts the cgroup's OOM kills (``rbee.hive.oom``)."""
 
 
 @dataclass(frozen=True, slots=True)

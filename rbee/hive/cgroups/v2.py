@@ -84,6 +84,7 @@ class CgroupV2(CgroupTree):
             memory_stat_format=MEMSTAT_V2,
             io=str(io_stat) if io_stat.exists() else f"/proc/{pid}/io",
             io_format=IO_V2_STAT if io_stat.exists() else IO_PROC,
+            oom_events=str(worker / "memory.events") if has_memory else None,
         )
 
     def read_limits(self, group: str, instance: str) -> Limits:
