@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 import trio
+from trio.testing import MockClock
 
-from rbee import CgroupError, Degraded, Healthy, OperationalStatus, WorkerState
+from rbee import CgroupError, Degraded, Healthy, NotFoundError, OperationalStatus, WorkerState
 from rbee.config import HiveConfig, WorkerSpec, parse_config
 from rbee.hive.agent import HiveAgent
 
-from .conftest import IS_ROOT, RUN_ROOT, sleeper
+from .conftest import IS_ROOT, RUN_ROOT, needs_v1, sleeper
 from .fakes import write_fake_nvidia_smi
 from .hivekit import hive_config, sleeper_specs
 
@@ -125,3 +127,73 @@ def test_restart_wanted_by_policy_and_exit_code():
     assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), 3) is True
     assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), None) is True  # re-adopted
     assert restart_wanted(WorkerSpec(**spec, restart="never"), 3) is False
+
+
+CRASHER = ["/bin/sh", "-c", "echo to stdout; echo 'fatal: no model at /models/x' >&2; exit 3"]
+
+
+@pytest.fixture
+def mock_clock():
+    return MockClock(autojump_threshold=0.02)
+
+
+async def test_a_failing_worker_stays_listed_backs_off_then_crashloops_and_deletes(mock_clock):
+    """Issue 22 item 4, under trio's MockClock (the backoff schedule is the point): a worker that
+    exits 3 at once is listed in every heartbeat, in ``backoff`` with the next attempt 1 s then
+    2 s after its exit, then from its third quick failure in ``crashloop`` at the longest backoff,
+    with its restart count, exit code and last stderr line; DELETE while it waits succeeds."""
+    agent = HiveAgent(hive_config("crash", workers=[
+        {"group": "llm", "instance": "bad", "argv": CRASHER, "restart": "on-failure",
+         "restart_backoff_s": 1.0, "restart_backoff_max_s": 8.0, "crashloop_after": 3}]))
+    seen: list[tuple[WorkerState, int, int]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        with trio.fail_after(300):  # virtual seconds
+            while len(seen) < 5:
+                listed = [w for w in (await agent.wait_changed()).workers if w.instance == "bad"]
+                assert len(listed) == 1  # never missing, never twice
+                worker = listed[0]
+                if worker.state in (WorkerState.BACKOFF, WorkerState.CRASHLOOP):
+                    wait = (worker.next_attempt_at - worker.last_exit.at).total_seconds()
+                    entry = (worker.state, worker.restarts, round(wait))
+                    if entry not in seen:
+                        seen.append(entry)
+        assert seen == [(WorkerState.BACKOFF, 0, 1), (WorkerState.BACKOFF, 1, 2),
+                        (WorkerState.CRASHLOOP, 2, 8), (WorkerState.CRASHLOOP, 3, 8),
+                        (WorkerState.CRASHLOOP, 4, 8)]
+        ending = worker.last_exit
+        assert (ending.exit_code, ending.signal, ending.oom_killed) == (3, None, False)
+        assert ending.stderr_tail == ["fatal: no model at /models/x"]  # stderr only, bounded
+        assert agent.monitor.get_or_none("llm", "bad") is None  # waiting: no process
+        await agent.stop_worker("llm", "bad")  # DELETE during the wait: a success
+        assert "bad" not in [w.instance for w in (await agent.wait_changed()).workers]
+        with pytest.raises(NotFoundError):
+            await agent.stop_worker("llm", "bad")
+        nursery.cancel_scope.cancel()
+
+
+OOM_HOG = [sys.executable, "-c", "x = bytearray(200 * 2**20); import time; time.sleep(60)"]
+
+
+@needs_v1
+async def test_oom_kills_are_counted_across_restarts_and_an_unrestarted_one_is_oom_killed():
+    """Issue 22 item 5, real OOM kills under a real v1 memory limit: each counts (the cgroup's
+    memory.oom_control), summed over restarts; the exit says oom_killed; a worker that is not
+    restarted is in state oom_killed."""
+    agent = HiveAgent(hive_config("oom", workers=[
+        {"group": "llm", "instance": "again", "argv": OOM_HOG, "memory_limit": "48M",
+         "restart": "always", "restart_backoff_s": 0.1, "crashloop_after": 100},
+        {"group": "llm", "instance": "once", "argv": OOM_HOG, "memory_limit": "48M",
+         "restart": "never"}]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        with trio.fail_after(60):
+            while True:
+                workers = {w.instance: w for w in (await agent.wait_changed()).workers}
+                again, once = workers["again"], workers["once"]
+                if again.oom_kills >= 2 and once.state is WorkerState.OOM_KILLED:
+                    break
+        assert again.restarts >= 1 and again.last_exit.oom_killed
+        assert again.last_exit.signal == "SIGKILL" and again.last_exit.exit_code is None
+        assert (once.oom_kills, once.restarts, once.last_exit.oom_killed) == (1, 0, True)
+        nursery.cancel_scope.cancel()
