@@ -8,13 +8,26 @@ the operator's terminal: a control character shows as its escape (``\x1b``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
-from .telemetry import MIB, GpuDevice, GpuUtilSource, Healthy, WorkerTelemetry, describe_health
+from .telemetry import (
+    MIB,
+    GpuDevice,
+    GpuUtilSource,
+    Healthy,
+    WorkerExit,
+    WorkerState,
+    WorkerTelemetry,
+    describe_health,
+    utc_now,
+)
 
-COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "LAST 60s", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 14, 0)
-"""RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
+COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "STATE", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s",
+           "GPU%", "VRAM MB", "RUN", "QUEUE", "KV%", "UPTIME", "LAST 60s", "NOTE")
+WIDTHS = (14, 22, 8, 10, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 14, 0)
+"""STATE is the worker's ``WorkerState`` (``running``, ``starting``, ``backoff``, ``crashloop``,
+``exited``, ``oom_killed``); NOTE then says its restarts, OOM kills, how it last ended and its
+last line of stderr. RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
 use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -42,14 +55,16 @@ def uptime(seconds: int) -> str:
 def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
            ) -> tuple[str, ...]:
     notes = [note] if note else []
-    if worker.rate_window_s == 0.0:
+    notes += lifecycle_notes(worker)
+    if worker.rate_window_s == 0.0 and worker.state in (WorkerState.RUNNING, WorkerState.STARTING):
         notes.append("first sample")
     if not worker.limits_applied:
         notes.append("limits not enforced")
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
     engine = worker.engine
     cells = (
-        hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
+        hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.state,
+        worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
         f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}",
@@ -59,6 +74,33 @@ def _cells(hive: str, worker: WorkerTelemetry, note: str = "", trend: str = ""
         uptime(worker.uptime_s), trend, ", ".join(notes),
     )
     return cells
+
+
+def lifecycle_notes(worker: WorkerTelemetry, now: datetime | None = None) -> list[str]:
+    """Restarts, OOM kills, the next attempt, how it last ended and its last stderr line."""
+    notes = []
+    if worker.next_attempt_at is not None:
+        wait = (worker.next_attempt_at - (now or utc_now())).total_seconds()
+        notes.append(f"next start in {max(0.0, wait):.0f}s")
+    if worker.restarts:
+        notes.append(f"{worker.restarts} restarts")
+    if worker.oom_kills:
+        notes.append(f"{worker.oom_kills} OOM kills")
+    ending = worker.last_exit
+    if ending is not None:
+        notes.append(f"last exit: {describe_exit(ending)} after {ending.ran_s:.0f}s")
+        if ending.stderr_tail:
+            notes.append(f"stderr: {ending.stderr_tail[-1]}")
+    return notes
+
+
+def describe_exit(ending: WorkerExit) -> str:
+    """``OOM-killed``, ``SIGSEGV``, ``status 3`` or ``unknown status``."""
+    if ending.oom_killed:
+        return "OOM-killed"
+    if ending.signal:
+        return ending.signal
+    return "unknown status" if ending.exit_code is None else f"status {ending.exit_code}"
 
 
 def gpu_util(worker: WorkerTelemetry) -> str:
