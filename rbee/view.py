@@ -27,8 +27,8 @@ COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "STATE", "MODEL", "CPU%", "RSS MB", 
 WIDTHS = (14, 22, 8, 10, 14, 7, 8, 14, 6, 13, 5, 6, 5, 8, 14, 0)
 """STATE is the worker's ``WorkerState`` (``running``, ``starting``, ``backoff``, ``crashloop``,
 ``exited``, ``oom_killed``); NOTE then says its restarts, OOM kills, how it last ended and its
-last line of stderr. RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
-use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
+last line of stderr. RUN, QUEUE and KV% are the worker's engine's requests running, requests
+waiting and KV-cache use; ``-`` where its engine is unknown (or publishes no KV-cache figure)."""
 BARS = "▁▂▃▄▅▆▇█"
 
 
