@@ -406,3 +406,22 @@ def test_stderr_goes_to_the_log_file_with_log_dir(monitor, tmp_path):
     monitor.reap(worker)
     assert log.read_text() == "out\nerr\n"
     assert worker.last_exit.stderr_tail == ["out", "err"]
+
+
+def test_a_re_adopted_workers_stderr_is_found_again_and_trimmed(cgroup_monitor, monkeypatch):
+    """After a hive restart the next hive reads (and keeps bounded) the unnamed stderr file the
+    earlier hive gave the worker, through /proc/<pid>/fd/2."""
+    from rbee.hive import stderr_tail
+
+    script = "import sys, time\nprint('ready', file=sys.stderr, flush=True)\ntime.sleep(600)"
+    pid = cgroup_monitor.spawn("llm", "kept", [sys.executable, "-c", script])
+    cgroup_monitor.release()  # the hive stops, leaving the worker running
+    (worker,) = cgroup_monitor.adopt_existing()
+    assert worker.pid == pid and worker.output is not None and worker.output.owned
+    deadline = time.monotonic() + 10
+    while worker.output.lines() != ["ready"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.output.lines() == ["ready"]
+    monkeypatch.setattr(stderr_tail, "MAX_BYTES", 2)
+    worker.output.trim()
+    assert worker.output.lines() == []

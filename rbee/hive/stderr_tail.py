@@ -55,15 +55,18 @@ class OutputTail:
 
     @classmethod
     def of_process(cls, pid: int) -> OutputTail | None:
-        """The regular file a running process's stderr goes to (a re-adopted worker's), if any."""
+        """The regular file a running process's stderr goes to (a re-adopted worker's), if any:
+        an unnamed one (an earlier hive's) is opened for writing too, so that it is trimmed."""
+        path = f"/proc/{pid}/fd/2"
         try:
-            fd = os.open(f"/proc/{pid}/fd/2", os.O_RDONLY | os.O_CLOEXEC)
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            unnamed = info.st_nlink == 0
+            return cls(os.open(path, (os.O_RDWR if unnamed else os.O_RDONLY) | os.O_CLOEXEC),
+                       owned=unnamed)
         except OSError:
             return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return cls(fd, owned=False)
 
     def lines(self) -> list[str]:
         """The last lines (at most ``MAX_TAIL_LINES``, each cut to ``TAIL_LINE_CHARS``, all
