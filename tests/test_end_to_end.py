@@ -219,9 +219,9 @@ async def test_scheduling_queries(tmp_path, client):
                 demo_worker("llama", "llama-3-8b", env={"CUDA_VISIBLE_DEVICES": "1"}),
                 demo_worker("qwen", "qwen-7b", env={"CUDA_VISIBLE_DEVICES": "0"})],
                 env=gpu_env, collect={"gpu": "nvidia-smi"}):
-        with trio.fail_after(10):
-            while len(await queen_workers(client, q.url, min_free_vram_mb=0)) < 2 or len(
-                    await queen_workers(client, q.url)) < 3:
+        with trio.fail_after(10):  # all three up (running: schedulable), the GPU ones measured
+            while len(await queen_workers(client, q.url, min_free_vram_mb=0)) < 2 or [
+                    w["schedulable"] for w in await queen_workers(client, q.url)] != [True] * 3:
                 await trio.sleep(0.05)
 
         def instances(*args: str) -> list[str]:
