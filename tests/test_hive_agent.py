@@ -11,7 +11,15 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from rbee import CgroupError, Degraded, Healthy, NotFoundError, OperationalStatus, WorkerState
+from rbee import (
+    CgroupError,
+    Degraded,
+    Healthy,
+    NotFoundError,
+    OperationalStatus,
+    SpawnError,
+    WorkerState,
+)
 from rbee.config import HiveConfig, WorkerSpec, parse_config
 from rbee.hive.agent import HiveAgent
 
@@ -207,4 +215,29 @@ async def test_oom_kills_are_counted_across_restarts_and_an_unrestarted_one_is_o
         assert again.restarts >= 1 and again.last_exit.oom_killed
         assert again.last_exit.signal == "SIGKILL" and again.last_exit.exit_code is None
         assert (once.oom_kills, once.restarts, once.last_exit.oom_killed) == (1, 0, True)
+        nursery.cancel_scope.cancel()
+
+
+async def test_spawning_over_a_live_worker_changes_nothing_and_over_an_ended_one_replaces_it():
+    """A spawn of a name that runs is refused and leaves it kept by its policy; a spawn of a
+    name that ended (listed as exited) starts it anew, with a fresh restart count."""
+    agent = HiveAgent(hive_config("respawn", workers=[
+        {"group": "llm", "instance": "kept", "argv": sleeper(), "restart_backoff_s": 0.1},
+        {"group": "llm", "instance": "done", "argv": ["/bin/sh", "-c", "exit 0"],
+         "restart": "on-failure"}]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        kept = agent.monitor.get("llm", "kept").pid
+        with pytest.raises(SpawnError, match="already exists"):
+            await agent.spawn(WorkerSpec(group="llm", instance="kept", argv=sleeper()))
+        with trio.fail_after(10):
+            while WorkerState.EXITED not in [w.state for w in (await agent.wait_changed()).workers
+                                             if w.instance == "done"]:
+                pass
+        pid = await agent.spawn(WorkerSpec(group="llm", instance="done", argv=sleeper()))
+        assert agent.monitor.get("llm", "done").pid == pid
+        os.kill(kept, signal.SIGKILL)  # still kept by its policy: it comes back
+        with trio.fail_after(10):
+            while (w := agent.monitor.get_or_none("llm", "kept")) is None or w.pid == kept:
+                await agent.wait_changed()
         nursery.cancel_scope.cancel()

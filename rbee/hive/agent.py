@@ -230,20 +230,19 @@ class HiveAgent:
         """Start a worker and keep it running by its restart policy until ``stop_worker``. A
         worker of that name that is down (waiting to restart, or ended) is replaced."""
         key = (spec.group, spec.instance)
-        with self._supervision:
-            previous = self.supervisor.lives.get(key)
-            if previous is not None and self.monitor.get_or_none(*key) is None:
-                self.supervisor.forget(key)
-            else:
-                previous = None
-            self.supervisor.keep(spec)
+        with self._supervision:  # kept before it starts: an exit at once finds its policy
+            live = self.monitor.get_or_none(*key) is not None
+            previous = None if live else self.supervisor.lives.pop(key, None)
+            if not live:
+                self.supervisor.keep(spec)
         try:
-            return await self._spawn_now(spec)
+            return await self._spawn_now(spec)  # a live one: "already exists", nothing changed
         except BaseException:
-            with self._supervision:
-                self.supervisor.forget(key)
-                if previous is not None:
-                    self.supervisor.lives[key] = previous
+            if not live:
+                with self._supervision:
+                    self.supervisor.forget(key)
+                    if previous is not None:
+                        self.supervisor.lives[key] = previous
             raise
 
     async def _spawn_now(self, spec: WorkerSpec) -> int:
