@@ -133,7 +133,7 @@ class Worker:
     exited: bool = False
     exit_code: int | None = None
     oom: OomCounter | None = None
-    """Its cgroup's OOM-kill counter (``rbee.hive.oom``); None without a memory cgroup."""
+    """Its cgroup's OOM-kill counter (``rbee.hive.oom``); it stays at 0 without a memory cgroup."""
     output: OutputTail | None = None
     """Where its stderr goes, for the last lines when it ends (``rbee.hive.stderr_tail``)."""
     started_at: float = field(default_factory=time.monotonic)
