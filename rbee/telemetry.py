@@ -173,9 +173,9 @@ class WorkerGpuUse(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 MAX_TAIL_LINES = 8
 TAIL_LINE_CHARS = 160
-TAIL_CHARS = 640
+TAIL_BYTES = 640
 """The last lines of a worker's stderr a heartbeat carries: at most 8 lines of 160 characters and
-640 characters in all, so 100 crash-looping workers still fit a heartbeat."""
+640 bytes (UTF-8) in all, so 100 crash-looping workers still fit a heartbeat."""
 TailLine = Annotated[str, msgspec.Meta(max_length=TAIL_LINE_CHARS)]
 
 

@@ -379,8 +379,8 @@ def test_an_oom_killed_worker_ends_oom_killed_with_its_signal(v1_monitor):
 
 def test_stderr_tail_is_the_last_lines_bounded_in_lines_and_characters(monitor):
     """Issue 22 item 4: a worker's stderr (not its stdout) is kept where the hive reads its last
-    lines when it ends: at most 8 lines, each cut to 160 characters, 640 in all."""
-    from rbee.telemetry import MAX_TAIL_LINES, TAIL_CHARS, TAIL_LINE_CHARS
+    lines when it ends: at most 8 lines, each cut to 160 characters, 640 bytes in all."""
+    from rbee.telemetry import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS
 
     script = ("import sys\nprint('out')\nfor i in range(50): print(f'line {i}', file=sys.stderr)\n"
               "print('x' * 500, file=sys.stderr)\nsys.exit(2)")
@@ -392,7 +392,7 @@ def test_stderr_tail_is_the_last_lines_bounded_in_lines_and_characters(monitor):
     assert worker.last_exit.exit_code == 2 and not worker.last_exit.oom_killed
     assert tail[-1] == "x" * (TAIL_LINE_CHARS - 1) + "\u2026"
     assert tail[:-1] == [f"line {i}" for i in range(50 - len(tail) + 1, 50)]
-    assert len(tail) <= MAX_TAIL_LINES and sum(map(len, tail)) <= TAIL_CHARS
+    assert len(tail) <= MAX_TAIL_LINES and sum(len(line.encode()) for line in tail) <= TAIL_BYTES
     assert "out" not in tail
 
 

@@ -16,7 +16,7 @@ import os
 import stat
 import tempfile
 
-from ..telemetry import MAX_TAIL_LINES, TAIL_CHARS, TAIL_LINE_CHARS, cut
+from ..telemetry import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS, cut
 
 MAX_BYTES = 4 * 2**20
 """An unnamed stderr file past this is emptied (checked at each collection tick)."""
@@ -70,7 +70,7 @@ class OutputTail:
 
     def lines(self) -> list[str]:
         """The last lines (at most ``MAX_TAIL_LINES``, each cut to ``TAIL_LINE_CHARS``, all
-        together at most ``TAIL_CHARS``), oldest first; blank lines left out."""
+        together at most ``TAIL_BYTES`` in UTF-8), oldest first; blank lines left out."""
         try:
             size = os.fstat(self.fd).st_size
             data = os.pread(self.fd, READ_BYTES, max(0, size - READ_BYTES))
@@ -85,10 +85,11 @@ class OutputTail:
             line = cut(line.rstrip(), TAIL_LINE_CHARS)
             if not line:
                 continue
-            if len(tail) == MAX_TAIL_LINES or total + len(line) > TAIL_CHARS:
+            size = len(line.encode())
+            if len(tail) == MAX_TAIL_LINES or total + size > TAIL_BYTES:
                 break
             tail.append(line)
-            total += len(line)
+            total += size
         return tail[::-1]
 
     def trim(self) -> None:
