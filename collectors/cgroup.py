@@ -1,8 +1,9 @@
 """CPU %, memory and I/O rates from the worker's cgroup counters (or /proc without cgroups).
 
-Rates are deltas over the wall time between two samples; on the first sample they stay 0.0 and the
-record's ``rate_window_s`` is 0.0. A counter that goes backwards (reset, re-adopted worker) yields
-0.0 for that tick rather than a negative rate.
+Rates are deltas over the wall time between this sample and the hive's reference sample, at least
+``collect.rate_window_s`` older (``rbee.hive.rates``: shorter windows read far above a CPU quota);
+until the worker has one they stay 0.0 and the record's ``rate_window_s`` is 0.0. A counter that
+goes backwards (reset, re-adopted worker) yields 0.0 for that tick rather than a negative rate.
 """
 
 from __future__ import annotations

@@ -54,9 +54,13 @@ DEMO_HIVE_PORT = 7835
 
 
 def demo_config(queen_url: str, hive_port: int = DEMO_HIVE_PORT) -> HiveConfig:
+    """The demo hive. It stops its workers when it ends, so it has nothing to re-adopt: its
+    cgroup root is its own run's (``rbee.slice/demo-hive-<pid>``), and a demo beside another
+    demo, or beside a real hive, shares no root with it (one live hive per root)."""
     source = files("rbee.demo") / "demo.yaml"
     config = parse_config(yaml.safe_load(source.read_text()), HiveConfig, str(source))
-    return msgspec.structs.replace(config, queen_url=queen_url, port=hive_port)
+    cgroup = msgspec.structs.replace(config.cgroup, root=f"rbee.slice/{config.id}-{os.getpid()}")
+    return msgspec.structs.replace(config, queen_url=queen_url, port=hive_port, cgroup=cgroup)
 
 
 def demo_hive_port(args: argparse.Namespace) -> int:

@@ -80,7 +80,8 @@ class CgroupSettings(Settings):
     backend: Literal["auto", "v2", "v1", "none"] = "auto"
     root: str = "auto"
     """Path of the workers' parent cgroup inside the hierarchy; "auto" means the delegated
-    subtree under systemd (v2) and ``rbee.slice`` otherwise."""
+    subtree under systemd (v2) and ``rbee.slice/<id>`` otherwise. One live hive per root: a hive
+    refuses to start on a root another hive holds."""
     io_counters: Literal["auto", "cgroup", "proc"] = "auto"
     """Where I/O bytes are counted: "auto" is io.stat on v2 and the main process's /proc/<pid>/io
     on v1, whose blkio counters stay at 0 on many current kernels; "cgroup" forces blkio."""
@@ -117,6 +118,10 @@ class CollectorSettings(Settings):
     plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin
     is skipped for the rest of that tick and reported."""
+    rate_window_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    """The shortest window a worker's rates (CPU %, I/O) are measured over, however often the hive
+    collects: CFS enforces CPU quotas per 100 ms period, so shorter windows read far above a
+    worker's limit (``rbee.hive.rates``). 0 measures between consecutive collections."""
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
 
 
@@ -136,6 +141,9 @@ class WorkerSpec(Settings):
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     restart_backoff_s: Seconds = 1.0
     restart_backoff_max_s: Seconds = 30.0
+    crashloop_after: Annotated[int, msgspec.Meta(ge=1)] = 5
+    """Quick failures in a row (each within ``restart_backoff_max_s`` of its start) after which
+    the worker is in ``crashloop``: it waits ``restart_backoff_max_s`` between attempts."""
 
     def __post_init__(self) -> None:
         # The limits are understood here, so that --check-config and the spawn API refuse

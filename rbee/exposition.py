@@ -18,7 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import trio
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 from starlette.requests import Request
@@ -106,6 +111,8 @@ class Family:
     labels: tuple[str, ...]
     info: bool = False
     """An info metric: its value is 1, its labels are the information."""
+    counter: bool = False
+    """A counter: its samples are named ``<name>_total``."""
 
 
 WORKER_FAMILIES = tuple(Family(name, text, WORKER_LABELS) for name, text, _ in WORKER_GAUGES)
@@ -127,7 +134,17 @@ OTHER_FAMILIES = (
     Family("rbee_hive", "The hive's version, host and status",
            ("hive", "version", "hostname", "status"), info=True),
 )
-FAMILIES = WORKER_FAMILIES + OTHER_FAMILIES[:2] + GPU_FAMILIES + OTHER_FAMILIES[2:]
+LIFECYCLE_FAMILIES = (
+    Family("rbee_worker_restarts", "Times the hive started the worker again after its process "
+           "ended", WORKER_LABELS, counter=True),
+    Family("rbee_worker_oom_kills", "Processes of the worker the OOM killer ended, over all its "
+           "restarts (its cgroup's oom_kill)", WORKER_LABELS, counter=True),
+    Family("rbee_worker_state", "1, labelled with the worker's state (running, starting, backoff, "
+           "crashloop, exited, oom_killed); only running takes work", (*WORKER_LABELS, "state")),
+)
+"""Per worker, after the rest (``rbee.hive.supervisor`` says what the states mean)."""
+FAMILIES = (WORKER_FAMILIES + OTHER_FAMILIES[:2] + GPU_FAMILIES + OTHER_FAMILIES[2:]
+            + LIFECYCLE_FAMILIES)
 
 Row = tuple[tuple[str, ...], tuple[str, ...], float]
 """One sample: the entity's labels (one tuple per worker, GPU or hive, shared by all of its
@@ -141,6 +158,7 @@ def fleet_rows(hives: list[HiveRecord]) -> list[list[Row]]:
     worker_rows, gpu_rows = rows[:len(WORKER_FAMILIES)], rows[gpus_at:gpus_at + len(GPU_FAMILIES)]
     (device_util, device_vram, gpu_health, gpu_faults, hive_up, hive_age, hive_health,
      hive_workers, hive_info) = (rows[FAMILIES.index(f)] for f in OTHER_FAMILIES)
+    restarts, oom_kills, worker_state = rows[-len(LIFECYCLE_FAMILIES):]
     none = ()
     for hive in hives:
         hive_id = hive.info.id
@@ -159,6 +177,9 @@ def fleet_rows(hives: list[HiveRecord]) -> list[list[Row]]:
                 value = value_of(worker)
                 if value is not None:
                     family_rows.append((labels, none, value))
+            restarts.append((labels, none, worker.restarts))
+            oom_kills.append((labels, none, worker.oom_kills))
+            worker_state.append((labels, (str(worker.state),), 1.0))
             for use in worker.gpus:
                 if use.util_pct is not None:
                     device_util.append((labels, (str(use.index), use.uuid,
@@ -197,6 +218,10 @@ class FleetCollector(Collector):
                 metric = InfoMetricFamily(family.name, family.help, labels=family.labels[:1])
                 for labels, extra, _ in rows:
                     metric.add_metric(labels, dict(zip(family.labels[1:], extra, strict=True)))
+            elif family.counter:
+                metric = CounterMetricFamily(family.name, family.help, labels=family.labels)
+                for labels, extra, value in rows:
+                    metric.add_metric(labels + extra, value)
             else:
                 metric = GaugeMetricFamily(family.name, family.help, labels=family.labels)
                 for labels, extra, value in rows:
@@ -223,8 +248,10 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
 
     def family(family: Family, lines: list[str]) -> None:
         if lines:
-            kind = "info" if family.info and openmetrics else "gauge"
-            name = family.name if openmetrics or not family.info else f"{family.name}_info"
+            kind = ("counter" if family.counter else "info" if family.info and openmetrics
+                    else "gauge")
+            name = (f"{family.name}_total" if family.counter and not openmetrics
+                    else family.name if openmetrics or not family.info else f"{family.name}_info")
             out.append(f"# HELP {name} {family.help}\n# TYPE {name} {kind}\n")
             out.extend(lines)
 
@@ -262,6 +289,13 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
         f'{info}_info{{{labels},version="{_escape(h.info.version)}",hostname='
         f'"{_escape(h.info.hostname)}",status="{h.info.operational_status}"}} 1.0\n'
         for labels, h in hive_labels])
+    restarts, oom_kills, state = (f.name for f in LIFECYCLE_FAMILIES)
+    family(LIFECYCLE_FAMILIES[0], [f"{restarts}_total{{{labels}}} {w.restarts}\n"
+                                   for labels, w in workers])
+    family(LIFECYCLE_FAMILIES[1], [f"{oom_kills}_total{{{labels}}} {w.oom_kills}\n"
+                                   for labels, w in workers])
+    family(LIFECYCLE_FAMILIES[2], [f'{state}{{{labels},state="{w.state}"}} 1.0\n'
+                                   for labels, w in workers])
     return "".join(out)
 
 

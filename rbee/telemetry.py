@@ -81,8 +81,23 @@ Metrics = Annotated[dict[MetricKey, SignedFloat], msgspec.Meta(max_length=MAX_ME
 
 
 class WorkerState(enum.StrEnum):
+    """Where a worker the hive keeps is in its life. Only ``running`` takes work.
+
+    ``starting``: its process runs but the hive has not measured it over a whole rate window yet
+    (``collect.rate_window_s``). ``running``: measured and up. ``backoff``: its process exited and
+    the hive starts it again at ``next_attempt_at`` (its restart policy). ``crashloop``: like
+    backoff, after ``crashloop_after`` failures in a row, each within ``restart_backoff_max_s``
+    of its start: the hive now waits the longest backoff (``restart_backoff_max_s``) between
+    attempts. ``exited``: its process exited and is not restarted (policy, or a stop).
+    ``oom_killed``: the same, its last process killed by the OOM killer. ``last_exit`` says how
+    it last ended, in every state."""
+
     RUNNING = "running"
     EXITED = "exited"
+    STARTING = "starting"
+    BACKOFF = "backoff"
+    CRASHLOOP = "crashloop"
+    OOM_KILLED = "oom_killed"
 
 
 class OperationalStatus(enum.StrEnum):
@@ -156,6 +171,31 @@ class WorkerGpuUse(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Age of the utilisation figure when this record was built."""
 
 
+MAX_TAIL_LINES = 8
+TAIL_LINE_CHARS = 160
+TAIL_BYTES = 640
+"""The last lines of a worker's stderr a heartbeat carries: at most 8 lines of 160 characters and
+640 bytes (UTF-8) in all, so 100 crash-looping workers still fit a heartbeat."""
+TailLine = Annotated[str, msgspec.Meta(max_length=TAIL_LINE_CHARS)]
+
+
+class WorkerExit(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
+    """How a worker's process last ended."""
+
+    at: UtcTimestamp
+    pid: Pid
+    exit_code: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    """Its exit status, when it exited on its own; None when a signal ended it, or when it was
+    not the hive's child (re-adopted after a hive restart: the status is the kernel's to give)."""
+    signal: ShortText | None = None
+    """The signal that ended it (``SIGKILL``, ``SIGSEGV``), if one did."""
+    oom_killed: bool = False
+    """The OOM killer ended it: its cgroup's ``oom_kill`` count rose and it died of SIGKILL."""
+    ran_s: NonNegFloat = 0.0
+    stderr_tail: Annotated[list[TailLine], msgspec.Meta(max_length=MAX_TAIL_LINES)] = []
+    """The last lines it wrote to stderr (to its log file with ``log_dir``: stdout included)."""
+
+
 class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One worker as seen at one sample.
 
@@ -204,6 +244,14 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     """``rss_mb`` to the byte (0: not measured)."""
     engine: EngineState | None = None
     """The worker's inference engine, from its own metrics; None when unknown or unreadable."""
+    restarts: NonNegInt = 0
+    """How often the hive has started this worker again after its process ended."""
+    oom_kills: NonNegInt = 0
+    """Processes of this worker the OOM killer ended, over all its restarts (a counter): from its
+    cgroup's ``memory.events`` (v2) or ``memory.oom_control`` (v1) ``oom_kill``."""
+    last_exit: WorkerExit | None = None
+    next_attempt_at: UtcTimestamp | None = None
+    """When the hive starts it again (states ``backoff`` and ``crashloop``)."""
 
 
 def on_gpu(worker: WorkerTelemetry) -> bool:

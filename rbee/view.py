@@ -8,6 +8,7 @@ the operator's terminal: a control character shows as its escape (``\x1b``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import NamedTuple
 
 from .telemetry import (
@@ -15,18 +16,23 @@ from .telemetry import (
     GpuDevice,
     GpuUtilSource,
     Healthy,
+    WorkerExit,
+    WorkerState,
     WorkerTelemetry,
     describe_health,
     on_gpu,
+    utc_now,
 )
 
-COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s", "GPU%",
-           "VRAM MB", "RUN", "QUEUE", "KV%", "IDLE", "UPTIME", "LAST 60s", "NOTE")
-WIDTHS = (14, 22, 8, 14, 7, 8, 14, 6, 13, 5, 6, 5, 4, 8, 14, 0)
-"""RUN, QUEUE and KV% are the worker's engine's requests running, requests waiting and KV-cache
-use; ``-`` where its engine is unknown (or publishes no KV-cache figure). IDLE is the queen's
-judgement, as the stream and ``/v1/workers`` carry it. GPU% and VRAM MB are ``-`` for a worker
-on no GPU (nothing to measure), ``?`` where the driver gave no figure."""
+COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "STATE", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s",
+           "GPU%", "VRAM MB", "RUN", "QUEUE", "KV%", "IDLE", "UPTIME", "LAST 60s", "NOTE")
+WIDTHS = (14, 22, 8, 10, 14, 7, 8, 14, 6, 13, 5, 6, 5, 4, 8, 14, 0)
+"""STATE is the worker's ``WorkerState`` (``running``, ``starting``, ``backoff``, ``crashloop``,
+``exited``, ``oom_killed``); NOTE then says its restarts, OOM kills, how it last ended and its
+last line of stderr. RUN, QUEUE and KV% are the worker's engine's requests running, requests
+waiting and KV-cache use; ``-`` where its engine is unknown (or publishes no KV-cache figure).
+IDLE is the queen's judgement, as the stream and ``/v1/workers`` carry it. GPU% and VRAM MB are
+``-`` for a worker on no GPU (nothing to measure), ``?`` where the driver gave no figure."""
 BARS = "▁▂▃▄▅▆▇█"
 
 
@@ -64,14 +70,16 @@ class Row(NamedTuple):
 def _cells(row: Row) -> tuple[str, ...]:
     worker = row.worker
     notes = [row.note] if row.note else []
-    if worker.rate_window_s == 0.0:
+    notes += lifecycle_notes(worker)
+    if worker.rate_window_s == 0.0 and worker.state in (WorkerState.RUNNING, WorkerState.STARTING):
         notes.append("first sample")
     if not worker.limits_applied:
         notes.append("limits not enforced")
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
     engine = worker.engine
     cells = (
-        row.hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.model or "-",
+        row.hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.state,
+        worker.model or "-",
         f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
         f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
         f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}" if on_gpu(worker) else "-",
@@ -81,6 +89,33 @@ def _cells(row: Row) -> tuple[str, ...]:
         "yes" if row.idle else "no", uptime(worker.uptime_s), row.trend, ", ".join(notes),
     )
     return cells
+
+
+def lifecycle_notes(worker: WorkerTelemetry, now: datetime | None = None) -> list[str]:
+    """Restarts, OOM kills, the next attempt, how it last ended and its last stderr line."""
+    notes = []
+    if worker.next_attempt_at is not None:
+        wait = (worker.next_attempt_at - (now or utc_now())).total_seconds()
+        notes.append(f"next start in {max(0.0, wait):.0f}s")
+    if worker.restarts:
+        notes.append(f"{worker.restarts} restarts")
+    if worker.oom_kills:
+        notes.append(f"{worker.oom_kills} OOM kills")
+    ending = worker.last_exit
+    if ending is not None:
+        notes.append(f"last exit: {describe_exit(ending)} after {ending.ran_s:.0f}s")
+        if ending.stderr_tail:
+            notes.append(f"stderr: {ending.stderr_tail[-1]}")
+    return notes
+
+
+def describe_exit(ending: WorkerExit) -> str:
+    """``OOM-killed``, ``SIGSEGV``, ``status 3`` or ``unknown status``."""
+    if ending.oom_killed:
+        return "OOM-killed"
+    if ending.signal:
+        return ending.signal
+    return "unknown status" if ending.exit_code is None else f"status {ending.exit_code}"
 
 
 def gpu_util(worker: WorkerTelemetry) -> str:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 
 import httpx
 import msgspec
@@ -23,6 +24,8 @@ from rbee.telemetry import (
     HiveStaleEvent,
     HiveTelemetryEvent,
     Unhealthy,
+    WorkerExit,
+    WorkerState,
     utc_now,
 )
 
@@ -161,6 +164,40 @@ async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
     assert full[columns["KV%"]:columns["IDLE"]].split() == ["94"]
     assert plain[columns["RUN"]:columns["IDLE"]].split() == ["-", "-", "-"]
     assert [line[columns["IDLE"]:columns["UPTIME"]].strip() for line in (full, plain)] == ["no", "yes"]
+
+
+async def test_rbee_workers_shows_states_restarts_and_how_a_worker_last_ended(nursery):
+    """Issue 22 item 4: a worker that is not running is listed with its state, restarts, OOM
+    kills, last exit and last stderr line; only running workers pass a scheduling filter."""
+    queen = await start_queen(nursery)
+    crashed = WorkerExit(at=utc_now(), pid=4242, exit_code=3, ran_s=0.2,
+                         stderr_tail=["loading", "fatal: no model at /models/x"])
+    oomed = WorkerExit(at=utc_now(), pid=4343, signal="SIGKILL", oom_killed=True, ran_s=95)
+    async with httpx.AsyncClient() as client:
+        await post_heartbeat(client, queen, heartbeat("gpu-07", [
+            worker("up", model="m"),
+            worker("loop", model="m", pid=4242, state=WorkerState.CRASHLOOP, restarts=4,
+                   last_exit=crashed, next_attempt_at=utc_now() + timedelta(seconds=30)),
+            worker("oom", model="m", pid=4343, state=WorkerState.OOM_KILLED, oom_kills=2,
+                   last_exit=oomed)]))
+    result = await trio.to_thread.run_sync(lambda: rbee("workers", "--queen", url_of(queen),
+                                                        timeout=20))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[0]
+    state_at, model_at = header.index("STATE"), header.index("MODEL")
+    states = {line.split()[1]: line[state_at:model_at].strip() for line in lines[1:4]}
+    assert states == {"llm/up": "running", "llm/loop": "crashloop", "llm/oom": "oom_killed"}
+    loop = next(line for line in lines if "llm/loop" in line)
+    assert "4 restarts" in loop and "last exit: status 3 after 0s" in loop
+    assert "stderr: fatal: no model at /models/x" in loop
+    assert "next start in 29s" in loop or "next start in 30s" in loop
+    oom = next(line for line in lines if "llm/oom" in line)
+    assert "2 OOM kills" in oom and "last exit: OOM-killed after 95s" in oom
+    result = await trio.to_thread.run_sync(lambda: rbee("workers", "--queen", url_of(queen),
+                                                        "--model", "m", timeout=20))
+    assert "llm/up" in result.stdout and "llm/loop" not in result.stdout
+    assert "llm/oom" not in result.stdout
 
 
 def test_rbee_workers_without_a_queen_is_a_clear_error():

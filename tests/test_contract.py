@@ -103,3 +103,29 @@ def test_stream_event_round_trip_names_a_bad_field():
     assert decode_stream_event(encode(event)) == event
     with pytest.raises(ContractError, match=r"\$\.workers_online"):
         decode_stream_event(encode(event).replace(b'"workers_online":1', b'"workers_online":-1'))
+
+
+def test_worker_lifecycle_fields_round_trip_and_are_bounded():
+    """Issue 22 items 4 and 5: state, restarts, OOM kills, the last exit (with its stderr tail)
+    and the next attempt travel with defaults left out; a tail past its bounds is refused."""
+    from datetime import timedelta
+
+    from rbee import WorkerExit, WorkerState
+
+    ending = WorkerExit(at=utc_now(), pid=77, signal="SIGKILL", oom_killed=True, ran_s=90.5,
+                        stderr_tail=["allocating", "Killed"])
+    down = worker(state=WorkerState.CRASHLOOP, restarts=5, oom_kills=3, last_exit=ending,
+                  next_attempt_at=utc_now() + timedelta(seconds=30))
+    data = json.loads(encode(heartbeat([down])))["workers"][0]
+    assert data["state"] == "crashloop" and (data["restarts"], data["oom_kills"]) == (5, 3)
+    assert data["last_exit"] == {"at": data["last_exit"]["at"], "pid": 77, "signal": "SIGKILL",
+                                 "oom_killed": True, "ran_s": 90.5,
+                                 "stderr_tail": ["allocating", "Killed"]}
+    assert decode_heartbeat(encode(heartbeat([down]))).workers == [down]
+    raw = json.loads(encode(heartbeat([down])))
+    raw["workers"][0]["last_exit"]["stderr_tail"] = ["x"] * 9
+    with pytest.raises(ContractError, match=r"\$\.workers\[0\]\.last_exit\.stderr_tail"):
+        decode_heartbeat(json.dumps(raw).encode())
+    raw["workers"][0]["last_exit"]["stderr_tail"] = ["x" * 161]
+    with pytest.raises(ContractError, match="stderr_tail"):
+        decode_heartbeat(json.dumps(raw).encode())

@@ -137,8 +137,8 @@ def screenshot(driver, tmp_path, name: str) -> None:
 
 def test_dashboard_shows_the_live_fleet(tmp_path):
     """Every worker shown; one spawned through the hive's API appears within 1 s, one killed
-    disappears; GPU cards, sorting, filtering, the keyboard-opened worker panel with its charts,
-    light and dark; no console error."""
+    stays listed as exited until deleted; GPU cards, sorting, filtering, the keyboard-opened
+    worker panel with its charts, light and dark; no console error."""
     with queen(tmp_path) as q, \
             hive(tmp_path, "dash", q.url, FLEET, env=gpu_env(tmp_path), collect=FAST_COLLECT) as h, \
             chromium(tmp_path) as driver, httpx.Client(timeout=10) as client:
@@ -191,13 +191,20 @@ def test_dashboard_shows_the_live_fleet(tmp_path):
         driver.switch_to.active_element.send_keys(Keys.ESCAPE)
         wait_for(driver, "return document.getElementById('panel').hidden", bool)
 
+        # a worker that dies stays listed, in its state (issue 22 item 4), until it is deleted
         bge = next(w for w in client.get(f"{h.url}/v1/workers").json() if w["instance"] == "bge")
         os.kill(bge["pid"], signal.SIGKILL)
         killed = time.monotonic()
+        bge_cells = "return window.rbeeDashboard.cells('e2e-dash/llm/bge')"
+        wait_for(driver, bge_cells, lambda cells: cells and cells[-1] == "exited", timeout=5)
+        ended_s = time.monotonic() - killed
+        print(f"killed worker shown as exited after {ended_s:.3f} s")
+        assert ended_s <= 1.0
+        assert driver.execute_script(
+            "return document.querySelector('.row[data-key=\"e2e-dash/llm/bge\"] .state').className"
+        ) == "state s-exited"
+        assert client.delete(f"{h.url}/v1/workers/llm/bge").status_code == 200
         wait_for(driver, WORKER_KEYS, lambda keys: "e2e-dash/llm/bge" not in keys, timeout=5)
-        gone_s = time.monotonic() - killed
-        print(f"killed worker gone after {gone_s:.3f} s")
-        assert gone_s <= 1.0
         assert sorted(driver.execute_script(WORKER_KEYS)) == keys_of("dash", "llama", "mistral", "qwen")
 
         screenshot(driver, tmp_path, "dashboard-light.png")

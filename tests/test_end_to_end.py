@@ -25,7 +25,7 @@ import trio
 import yaml
 
 from rbee.auth import bearer
-from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent, utc_now
+from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent, WorkerState, utc_now
 
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, sleeper
 from .daemons import BIN, Daemon
@@ -119,13 +119,33 @@ async def test_end_to_end_telemetry_flow(tmp_path, client):
 
 
 async def test_worker_dies_removed_from_registry(tmp_path, client):
+    """A worker that dies leaves the schedulable fleet at once (its hive pushes the exit), stays
+    listed as ``exited`` with how it ended (issue 22 item 4: failures never vanish), and is
+    removed from the registry once deleted (answered 200, not 404)."""
     with queen(tmp_path) as q, hive(tmp_path, "dies", q.url, [
             demo_worker("victim", "m", restart="never"), demo_worker("other", "m")]) as h:
-        listed = await until_queen_lists(client, q.url, 2)
+        with trio.fail_after(10):  # both up (``running``: measured over a rate window)
+            while not all(w["schedulable"] for w in await until_queen_lists(client, q.url, 2)):
+                await trio.sleep(0.05)
+        listed = await queen_workers(client, q.url)
         victim = next(w["worker"]["pid"] for w in listed if w["worker"]["instance"] == "victim")
+
+        def victim_ended(event) -> bool:
+            return any(w.instance == "victim" and w.state is WorkerState.EXITED
+                       for w in getattr(event, "workers", ()))
+
         async with open_stream(client, q.url) as stream:
             await stream.next("snapshot")
             os.kill(victim, signal.SIGKILL)
+            event = await stream.until(victim_ended, timeout=5)
+            ended = next(w for w in event.workers if w.instance == "victim")
+            assert (ended.pid, ended.last_exit.signal) == (victim, "SIGKILL")
+            found = {w["worker"]["instance"]: (w["worker"].get("state", "running"), w["schedulable"])
+                     for w in await queen_workers(client, q.url)}
+            assert found["victim"] == ("exited", False) and found["other"][1] is True
+            assert [w["worker"]["instance"] for w in await queen_workers(client, q.url, model="m")
+                    ] == ["other"]
+            assert (await client.delete(f"{h.url}/v1/workers/llm/victim")).status_code == 200
             event = await stream.until(lambda e: bool(pids_in(e, "e2e-dies"))
                                        and victim not in pids_in(e, "e2e-dies"), timeout=5)
         assert [w.instance for w in event.workers] == ["other"]
@@ -199,9 +219,9 @@ async def test_scheduling_queries(tmp_path, client):
                 demo_worker("llama", "llama-3-8b", env={"CUDA_VISIBLE_DEVICES": "1"}),
                 demo_worker("qwen", "qwen-7b", env={"CUDA_VISIBLE_DEVICES": "0"})],
                 env=gpu_env, collect={"gpu": "nvidia-smi"}):
-        with trio.fail_after(10):
-            while len(await queen_workers(client, q.url, min_free_vram_mb=0)) < 2 or len(
-                    await queen_workers(client, q.url)) < 3:
+        with trio.fail_after(10):  # all three up (running: schedulable), the GPU ones measured
+            while len(await queen_workers(client, q.url, min_free_vram_mb=0)) < 2 or [
+                    w["schedulable"] for w in await queen_workers(client, q.url)] != [True] * 3:
                 await trio.sleep(0.05)
 
         def instances(*args: str) -> list[str]:

@@ -20,6 +20,7 @@ from rbee.telemetry import (
     GpuUtilSource,
     Unhealthy,
     WorkerGpuUse,
+    WorkerState,
 )
 
 from .builders import GIB, fleet_heartbeat, gpu, heartbeat, worker
@@ -113,3 +114,27 @@ def test_values_labels_escaping_and_absence():
         "rbee_worker_engine_time_to_first_token_p95_seconds": [("w1", 0.975)]}
     mig_util = [x for x in by_key.get("rbee_gpu_utilization_ratio", []) if x[0]["uuid"] == "MIG-1"]
     assert mig_util == []  # the driver gives none for a MIG instance
+
+
+def test_worker_restarts_oom_kills_and_state():
+    """Issue 22 items 4 and 5: restarts and OOM kills as counters, the state as a labelled 1,
+    for a worker that is down too (both writers, both formats)."""
+    down = worker("w9", state=WorkerState.CRASHLOOP, restarts=4, oom_kills=2)
+    beat = heartbeat("c", [worker("w8"), down])
+    fleet = [HiveRecord(info=beat.hive, workers=beat.workers, gpus=[])]
+    body, _ = render(CollectorRegistry(), "application/openmetrics-text; version=1.0.0",
+                     lambda: fleet)
+    strict = list(parse_openmetrics(body.decode()))
+    types = {f.name: f.type for f in strict}
+    assert types["rbee_worker_restarts"] == types["rbee_worker_oom_kills"] == "counter"
+    found = {(name, dict(labels).get("instance"), dict(labels).get("state")): value
+             for name, labels, value in samples(strict)}
+    assert found[("rbee_worker_restarts_total", "w9", None)] == 4
+    assert found[("rbee_worker_oom_kills_total", "w9", None)] == 2
+    assert found[("rbee_worker_restarts_total", "w8", None)] == 0
+    assert found[("rbee_worker_state", "w9", "crashloop")] == 1
+    assert found[("rbee_worker_state", "w8", "running")] == 1
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(lambda: fleet))
+    assert samples(parse_text(generate_latest(registry).decode())) == samples(
+        parse_text(fleet_text(fleet, openmetrics=False)))

@@ -93,7 +93,7 @@ def test_the_view_shows_the_worker(cgroup_monitor):
                                metrics_url="http://127.0.0.1:9/metrics")
     recorder = Recorder()
     collector = TelemetryCollector(cgroup_monitor, build_plugin_manager(extra_plugins=[recorder]),
-                                   CollectorSettings(gpu="none"))
+                                   CollectorSettings(gpu="none", rate_window_s=0))
     collector.collect_all()
     collector.collect_all()
     first, second = recorder.seen

@@ -19,6 +19,7 @@ from rbee import LimitError, NotFoundError, SpawnError
 from rbee.hive.cgroups import CgroupV1, CgroupV2, NoCgroup
 from rbee.hive.collection import TelemetryCollector
 from rbee.plugin.manager import build_plugin_manager
+from rbee.telemetry import on_gpu
 
 from .conftest import busy_worker, needs_v1, needs_v2, sleeper
 from .fakes import StubNvml, write_fake_nvidia_smi
@@ -86,9 +87,9 @@ def test_collect_reads_cgroup_stats(monitor):
     collector = collector_for(monitor, gpu="none")
     first = collector.collect_instance("llm", "busy")
     assert first.rate_window_s == 0.0 and first.cpu_pct == 0.0
-    time.sleep(0.6)
+    time.sleep(1.1)  # rates are measured over at least collect.rate_window_s (1 s)
     second = collector.collect_instance("llm", "busy")
-    assert second.rate_window_s > 0.5
+    assert second.rate_window_s > 1.0
     assert 5.0 < second.cpu_pct < 150.0
     assert second.rss_mb > 1.0
     # all the cgroup charges is at least the RSS (memory_mb is to the hundredth, rss_mb whole)
@@ -96,6 +97,34 @@ def test_collect_reads_cgroup_stats(monitor):
             or isinstance(monitor.backend, NoCgroup))
     if isinstance(monitor.backend, CgroupV1 | NoCgroup):
         assert second.io_w_mb_s > 0.0  # /proc/<pid>/io counts the fsync'ed writes
+
+
+CPU_BURNER = [sys.executable, "-c", "import os\nos.fork()\nwhile True: pass"]
+"""Two processes spinning: 200 % of CPU wanted, so only the quota holds them back."""
+
+
+@needs_v1
+def test_cpu_pct_never_above_the_limit_however_often_collected_and_across_restarts(v1_monitor):
+    """Issue 22 item 6: the hive collects at once on every spawn and exit, so a worker's rate
+    window could be a few milliseconds, over which a CFS quota (enforced per 100 ms period) and
+    per-tick CPU charging read 2-8x the limit (233 % under 25 % in the demo's history). Collected
+    at gaps from 0 to 300 ms, through a restart, a 50 % worker never reads above its limit by more
+    than one CFS period's quota over the 1 s floor (10 %) plus a point of clock noise."""
+    collector = collector_for(v1_monitor, gpu="none")
+    gaps = (0.0, 0.002, 0.01, 0.05, 0.3)
+    readings: list[tuple[float, float]] = []
+    for _incarnation in range(2):
+        v1_monitor.spawn("llm", "burn", CPU_BURNER, cpu_limit="50%")
+        for tick in range(40):
+            record = collector.collect_instance("llm", "burn")
+            if record.rate_window_s > 0:
+                readings.append((record.cpu_pct, record.rate_window_s))
+            time.sleep(gaps[tick % len(gaps)])
+        v1_monitor.stop("llm", "burn", grace=1.0)
+    assert len(readings) > 10
+    assert all(window >= 1.0 for _, window in readings)
+    assert max(pct for pct, _ in readings) <= 50 * 1.1 + 1, readings
+    assert max(pct for pct, _ in readings) > 20, readings  # it really burned (even under load)
 
 
 def test_collect_queries_nvidia_smi(monitor, tmp_path, monkeypatch):
@@ -145,7 +174,10 @@ def test_collect_handles_missing_gpu(monitor, monkeypatch):
     assert collector.refresh_devices() == []
     assert collector.refresh_errors == []
     record = collector.collect_instance("llm", "nogpu")
-    assert (record.gpu_util_pct, record.vram_mb, record.total_vram_mb) == (0.0, 0.0, 0.0)
+    # no GPU: no GPU figures (gpu_util_pct null; the original record's whole-MiB VRAM fields
+    # stay 0 on the wire, and every reader shows them absent: on_gpu is False)
+    assert (record.gpu_util_pct, record.vram_mb, record.total_vram_mb) == (None, 0, 0)
+    assert not on_gpu(record)
     assert record.errors == []
 
 
@@ -244,7 +276,7 @@ def test_spawn_fallback_on_non_linux_explicit_none(none_monitor):
     pid = none_monitor.spawn("llm", "plain", busy_worker(), cpu_limit="50%")
     worker = none_monitor.get("llm", "plain")
     assert worker.limits_applied is False
-    collector = collector_for(none_monitor, gpu="none")
+    collector = collector_for(none_monitor, gpu="none", rate_window_s=0.5)
     collector.collect_all()
     time.sleep(0.5)
     record = collector.collect_instance("llm", "plain")
@@ -300,7 +332,7 @@ def test_v2_worker_on_real_unified_mount():
     try:
         pid = monitor.spawn("llm", "v2", busy_worker(), cpu_limit="50%")
         assert f"0::/{RUN_ROOT}/v2real/llm/v2" in cgroup_of(pid)
-        collector = collector_for(monitor, gpu="none")
+        collector = collector_for(monitor, gpu="none", rate_window_s=0.5)
         collector.collect_all()
         time.sleep(0.5)
         record = collector.collect_instance("llm", "v2")
@@ -309,3 +341,91 @@ def test_v2_worker_on_real_unified_mount():
     finally:
         monitor.stop_all(grace=0.5)
         backend.remove_root()
+
+
+V2_MEMORY_EVENTS = b"low 0\nhigh 0\nmax 41\noom 3\noom_kill 2\noom_group_kill 0\n"
+V1_OOM_CONTROL = b"oom_kill_disable 0\nunder_oom 0\noom_kill 7\n"
+
+
+def test_oom_kill_counters_of_both_cgroup_versions(tmp_path):
+    """Issue 22 item 5: the OOM-kill count is the ``oom_kill`` line of v2's memory.events and of
+    v1's memory.oom_control (not ``oom_kill_disable`` nor ``oom_group_kill``); the counter keeps
+    its highest reading, re-read in place. (This host's v2 mount has no memory controller: v2's
+    file is exercised in its kernel format here, and for real on a pure-v2 host.)"""
+    from rbee.hive.oom import OomCounter, parse_oom_kills
+
+    assert parse_oom_kills(V2_MEMORY_EVENTS) == 2
+    assert parse_oom_kills(V1_OOM_CONTROL) == 7
+    assert parse_oom_kills(b"oom_kill_disable 1\nunder_oom 0\n") == -1
+    events = tmp_path / "memory.events"
+    events.write_bytes(V2_MEMORY_EVENTS)
+    counter = OomCounter(str(events))
+    assert counter.read() == 2
+    events.write_bytes(V2_MEMORY_EVENTS.replace(b"oom_kill 2", b"oom_kill 5"))
+    assert counter.read() == 5 and counter.last == 5
+    counter.close()
+    assert counter.read() == 5  # closed (its cgroup gone): the last count stands
+    assert OomCounter(None).read() == 0 and OomCounter(str(tmp_path / "absent")).read() == 0
+
+
+@needs_v1
+def test_an_oom_killed_worker_ends_oom_killed_with_its_signal(v1_monitor):
+    """A real OOM kill under a v1 memory limit: SIGKILL, and memory.oom_control counted it."""
+    hog = [sys.executable, "-c", "x = bytearray(200 * 2**20); import time; time.sleep(60)"]
+    v1_monitor.spawn("llm", "hog", hog, memory_limit="48M")
+    worker = v1_monitor.get("llm", "hog")
+    worker.process.wait(timeout=20)
+    v1_monitor.reap(worker)
+    ending = worker.last_exit
+    assert (ending.signal, ending.exit_code, ending.oom_killed) == ("SIGKILL", None, True)
+    assert worker.oom.last == 1
+
+
+def test_stderr_tail_is_the_last_lines_bounded_in_lines_and_characters(monitor):
+    """Issue 22 item 4: a worker's stderr (not its stdout) is kept where the hive reads its last
+    lines when it ends: at most 8 lines, each cut to 160 characters, 640 bytes in all."""
+    from rbee.telemetry import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS
+
+    script = ("import sys\nprint('out')\nfor i in range(50): print(f'line {i}', file=sys.stderr)\n"
+              "print('x' * 500, file=sys.stderr)\nsys.exit(2)")
+    monitor.spawn("llm", "loud", [sys.executable, "-c", script])
+    worker = monitor.get("llm", "loud")
+    worker.process.wait(timeout=20)
+    monitor.reap(worker)
+    tail = worker.last_exit.stderr_tail
+    assert worker.last_exit.exit_code == 2 and not worker.last_exit.oom_killed
+    assert tail[-1] == "x" * (TAIL_LINE_CHARS - 1) + "\u2026"
+    assert tail[:-1] == [f"line {i}" for i in range(50 - len(tail) + 1, 50)]
+    assert len(tail) <= MAX_TAIL_LINES and sum(len(line.encode()) for line in tail) <= TAIL_BYTES
+    assert "out" not in tail
+
+
+def test_stderr_goes_to_the_log_file_with_log_dir(monitor, tmp_path):
+    """With a log file, the worker's output is logged there as before, and the tail read from it."""
+    log = tmp_path / "w.log"
+    monitor.spawn("llm", "logged", ["/bin/sh", "-c", "echo out; echo err >&2; exit 1"],
+                  log_path=str(log))
+    worker = monitor.get("llm", "logged")
+    worker.process.wait(timeout=20)
+    monitor.reap(worker)
+    assert log.read_text() == "out\nerr\n"
+    assert worker.last_exit.stderr_tail == ["out", "err"]
+
+
+def test_a_re_adopted_workers_stderr_is_found_again_and_trimmed(cgroup_monitor, monkeypatch):
+    """After a hive restart the next hive reads (and keeps bounded) the unnamed stderr file the
+    earlier hive gave the worker, through /proc/<pid>/fd/2."""
+    from rbee.hive import stderr_tail
+
+    script = "import sys, time\nprint('ready', file=sys.stderr, flush=True)\ntime.sleep(600)"
+    pid = cgroup_monitor.spawn("llm", "kept", [sys.executable, "-c", script])
+    cgroup_monitor.release()  # the hive stops, leaving the worker running
+    (worker,) = cgroup_monitor.adopt_existing()
+    assert worker.pid == pid and worker.output is not None and worker.output.owned
+    deadline = time.monotonic() + 10
+    while worker.output.lines() != ["ready"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.output.lines() == ["ready"]
+    monkeypatch.setattr(stderr_tail, "MAX_BYTES", 2)
+    worker.output.trim()
+    assert worker.output.lines() == []

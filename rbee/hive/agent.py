@@ -10,23 +10,24 @@ needs the heartbeat (the printer of ``rbee up``, the heartbeat sender, the HTTP 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 
 import httpx
 import trio
 
 from .. import __version__
-from .._errors import RbeeError, SpawnError
+from .._errors import NotFoundError, RbeeError, SpawnError
 from ..config import HiveConfig, WorkerSpec
 from ..plugin.manager import build_plugin_manager
 from ..telemetry import (
     LONG_TEXT_CHARS,
     MAX_GPUS,
     SHORT_TEXT_CHARS,
+    TAIL_LINE_CHARS,
     CollectorIssue,
     Degraded,
     HealthStatus,
@@ -34,6 +35,7 @@ from ..telemetry import (
     HiveHeartbeat,
     HiveInfo,
     OperationalStatus,
+    WorkerExit,
     cut,
     describe_health,
     fit_gpu,
@@ -44,6 +46,9 @@ from .cgroups import select_backend
 from .collection import TelemetryCollector
 from .monitor import ProcessMonitor, Worker, open_pidfd
 from .origins import OriginPools
+from .supervisor import Lifecycle, Supervisor, restart_wanted
+
+__all__ = ["HiveAgent", "free_port", "restart_wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +60,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def restart_wanted(spec: WorkerSpec, exit_code: int | None) -> bool:
-    """Whether a worker that exited on its own is restarted. An unknown exit code (a re-adopted
-    worker is not our child) counts as a failure."""
-    if spec.restart == "always":
-        return True
-    return spec.restart == "on-failure" and exit_code != 0
-
-
 class HiveAgent:
     def __init__(self, config: HiveConfig, extra_plugins: Sequence[object] = ()) -> None:
         self.config = config
         backend = select_backend(config.cgroup.backend, config.cgroup.root,
-                                 config.cgroup.io_counters)
+                                 config.cgroup.io_counters, hive_id=config.id)
         self.monitor = ProcessMonitor(backend)
         self.collector = TelemetryCollector(
             self.monitor,
@@ -87,54 +84,78 @@ class HiveAgent:
         self._sample_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
-        self._desired: dict[tuple[str, str], WorkerSpec] = {}
+        self.supervisor = Supervisor()
         """Workers to keep running (the config's and those spawned through the API)."""
-        self._started_at: dict[tuple[str, str], float] = {}
-        self._failures: dict[tuple[str, str], int] = {}
+        self._supervision = threading.Lock()
+        """The supervisor is told of spawns and exits in the thread that saw them (so a
+        heartbeat built after a reap already lists the worker as down) and read in trio."""
         self.monitor.subscribe(self._on_worker_change)
 
     # -- change notification --------------------------------------------------------------
 
     def _on_worker_change(self, event: str, worker: Worker) -> None:
-        """Called from whichever thread spawned, stopped or reaped: wake the agent's loop, watch
-        a new worker for its exit, and restart one that exited if its policy says so."""
+        """Called from whichever thread spawned, stopped or reaped: tell the supervisor, wake
+        the agent's loop, watch a new worker for its exit, and schedule the restart of one that
+        exited if its policy says so."""
         log.info("worker %s/%s %s (pid %d)", worker.group, worker.instance, event, worker.pid)
+        delay = None
+        if event == "spawned":
+            with self._supervision:
+                self.supervisor.started(worker.key)
+        elif event == "exited" and worker.last_exit is not None and not worker.stopping:
+            delay = self._ended(worker.key, worker.last_exit,
+                                worker.oom.last if worker.oom is not None else 0)
         if self._token is not None:
             try:
-                self._token.run_sync_soon(self._wake, event, worker)
+                self._token.run_sync_soon(self._wake, event, worker, delay)
             except trio.RunFinishedError:
                 pass
 
-    def _wake(self, event: str, worker: Worker) -> None:
+    def _ended(self, key: tuple[str, str], ending: WorkerExit, oom_kills: int) -> float | None:
+        with self._supervision:
+            delay = self.supervisor.ended(key, ending, oom_kills)
+            life = self.supervisor.lives[key]
+        how = ("OOM-killed" if ending.oom_killed else f"killed by {ending.signal}"
+               if ending.signal else f"exited with status {ending.exit_code}"
+               if ending.exit_code is not None else "exited")
+        last = f"; last stderr: {ending.stderr_tail[-1]!r}" if ending.stderr_tail else ""
+        if delay is None:
+            log.warning("worker %s/%s %s after %.1fs; not restarted (%s)%s", *key, how,
+                        ending.ran_s, life.state, last)
+        else:
+            log.warning("worker %s/%s %s after %.1fs; restart %d in %.1fs (%s, policy %s)%s",
+                        *key, how, ending.ran_s, life.restarts + 1, delay, life.state,
+                        life.spec.restart if life.spec else "-", last)
+        return delay
+
+    def _wake(self, event: str, worker: Worker, delay: float | None) -> None:
         self._wake_event.set()
-        if event == "spawned":
-            self._started_at[worker.key] = trio.current_time()
         if self._nursery is None:
             return
         if event == "spawned":
             self._nursery.start_soon(self._watch_exit, worker.pid)
-        elif event == "exited":
-            spec = self._desired.get(worker.key)
-            if spec is not None and restart_wanted(spec, worker.exit_code):
-                self._nursery.start_soon(self._restart_later, spec)
+        elif delay is not None:
+            life = self.supervisor.lives.get(worker.key)
+            if life is not None:
+                self._nursery.start_soon(self._restart_later, life, life.attempts, delay)
 
-    async def _restart_later(self, spec: WorkerSpec) -> None:
-        """Restart an exited worker after a backoff that doubles with each quick failure, up to
-        ``restart_backoff_max_s``; a worker that ran that long starts the count again."""
-        key = (spec.group, spec.instance)
-        ran_for = trio.current_time() - self._started_at.get(key, -math.inf)
-        failures = 0 if ran_for >= spec.restart_backoff_max_s else self._failures.get(key, 0) + 1
-        self._failures[key] = failures
-        delay = min(spec.restart_backoff_s * 2 ** max(failures - 1, 0), spec.restart_backoff_max_s)
-        log.warning("worker %s/%s exited; restarting in %.1fs (policy %s)", spec.group,
-                    spec.instance, delay, spec.restart)
+    async def _restart_later(self, life: Lifecycle, attempt: int, delay: float) -> None:
+        """Start a worker again after its backoff (``rbee.hive.supervisor``), unless it was
+        deleted or spawned anew meanwhile. A restart that cannot spawn counts as a failure."""
         await trio.sleep(delay)
-        if self._desired.get(key) is spec and self.monitor.get_or_none(*key) is None:
-            try:
-                await self._spawn_now(spec)
-            except RbeeError as exc:
-                log.error("worker %s/%s could not be restarted: %s", spec.group, spec.instance,
-                          exc)
+        key = (life.group, life.instance)
+        if (self.supervisor.lives.get(key) is not life or life.attempts != attempt
+                or life.spec is None or self.monitor.get_or_none(*key) is not None):
+            return
+        try:
+            await self._spawn_now(life.spec)
+        except RbeeError as exc:
+            ending = WorkerExit(at=utc_now(), pid=0,
+                                stderr_tail=[cut(f"cannot start: {exc}", TAIL_LINE_CHARS)])
+            delay = self._ended(key, ending, 0)
+            self._wake_event.set()
+            if delay is not None:
+                self._nursery.start_soon(self._restart_later, life, life.attempts, delay)
 
     async def _watch_exit(self, pid: int) -> None:
         """Wake the loop the moment a worker's main process exits (its own pidfd, polled by trio),
@@ -166,6 +187,7 @@ class HiveAgent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._wake_event = trio.Event()
+        self.monitor.backend.claim()  # before adopting: another live hive's workers are not ours
         try:
             adopted = await trio.to_thread.run_sync(self.monitor.adopt_existing)
             for worker in adopted:
@@ -192,7 +214,7 @@ class HiveAgent:
         """Start the config's workers that are not already running (re-adopted). One that cannot
         start is logged and left out; the hive and the other workers carry on."""
         for spec in specs:
-            self._desired[(spec.group, spec.instance)] = spec
+            self.supervisor.keep(spec)
             adopted = self.monitor.get_or_none(spec.group, spec.instance)
             if adopted is not None:
                 if spec.metrics_url and "{port}" not in spec.metrics_url:
@@ -205,10 +227,23 @@ class HiveAgent:
                           spec.instance, exc)
 
     async def spawn(self, spec: WorkerSpec) -> int:
-        """Start a worker and keep it running by its restart policy until ``stop_worker``."""
-        pid = await self._spawn_now(spec)
-        self._desired[(spec.group, spec.instance)] = spec
-        return pid
+        """Start a worker and keep it running by its restart policy until ``stop_worker``. A
+        worker of that name that is down (waiting to restart, or ended) is replaced."""
+        key = (spec.group, spec.instance)
+        with self._supervision:  # kept before it starts: an exit at once finds its policy
+            live = self.monitor.get_or_none(*key) is not None
+            previous = None if live else self.supervisor.lives.pop(key, None)
+            if not live:
+                self.supervisor.keep(spec)
+        try:
+            return await self._spawn_now(spec)  # a live one: "already exists", nothing changed
+        except BaseException:
+            if not live:
+                with self._supervision:
+                    self.supervisor.forget(key)
+                    if previous is not None:
+                        self.supervisor.lives[key] = previous
+            raise
 
     async def _spawn_now(self, spec: WorkerSpec) -> int:
         port = str(free_port()) if any("{port}" in a for a in (*spec.argv, spec.metrics_url or "")
@@ -224,9 +259,17 @@ class HiveAgent:
                                        spec.memory_limit, env, log_path, metrics_url))
 
     async def stop_worker(self, group: str, instance: str) -> None:
-        self._desired.pop((group, instance), None)
-        await trio.to_thread.run_sync(self.monitor.stop, group, instance,
-                                      self.config.stop_grace_s)
+        """Stop a worker and stop keeping it. One that has no process now (waiting to restart,
+        or ended) is only forgotten: that is a success too. NotFoundError for an unknown one."""
+        with self._supervision:
+            kept = self.supervisor.forget((group, instance))
+        try:
+            await trio.to_thread.run_sync(self.monitor.stop, group, instance,
+                                          self.config.stop_grace_s)
+        except NotFoundError:
+            if not kept:
+                raise
+            self._wake_event.set()  # it had no process: the next heartbeat drops it
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -282,6 +325,8 @@ class HiveAgent:
     async def _publish(self) -> None:
         records = await trio.to_thread.run_sync(self.collector.collect_all,
                                                 limiter=self._collect_limiter)
+        with self._supervision:
+            records = self.supervisor.records(records)
         self.latest = self._heartbeat(records)
         self.generation += 1
         changed, self._changed = self._changed, trio.Event()
@@ -327,5 +372,6 @@ class HiveAgent:
             self.monitor.backend.remove_root()
         else:
             self.monitor.release()
+        self.monitor.backend.unclaim()
         self.collector.close()
         self.status = OperationalStatus.STOPPED

@@ -32,8 +32,12 @@ from ..plugin import WorkerView
 from ..plugin.manager import PluginHooks
 from ..telemetry import CollectorIssue, GpuDevice, WorkerTelemetry
 from .monitor import GONE_STATES, ProcessMonitor, Worker, exited
+from .rates import RateWindow
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY = 16
+"""Ticks between two checks of the workers' unnamed stderr files' sizes (``stderr_tail``)."""
 
 
 def issue(collector: str, exc: BaseException) -> CollectorIssue:
@@ -63,6 +67,7 @@ class TelemetryCollector:
         plugins.hook.rbee_collector_setup(settings=self.settings, plugin_manager=plugins)
         self.hooks = PluginHooks(plugins)
         self._budget_s = self.settings.plugin_budget_ms / 1000
+        self._ticks = 0
         self._views: dict[Worker, WorkerView] = {}
         self._views_lock = threading.Lock()
 
@@ -175,6 +180,11 @@ class TelemetryCollector:
 
     def _collect(self, workers: list[Worker]) -> list[WorkerTelemetry]:
         gone = exited(workers)
+        self._ticks += 1
+        if self._ticks % TRIM_EVERY == 0:
+            for worker in workers:
+                if worker.output is not None:
+                    worker.output.trim()
         records = []
         spent: dict[str, float] = {}
         for worker in workers:
@@ -199,8 +209,10 @@ class TelemetryCollector:
         if worker.stats.pidfd < 0 and sample.proc_state in GONE_STATES:
             self.monitor.reap(worker)
             return None
-        previous = worker.previous
-        elapsed = now - worker.previous_at if previous is not None else 0.0
+        rates = worker.rates
+        if rates is None:
+            rates = worker.rates = RateWindow(self.settings.rate_window_s)
+        previous, elapsed = rates.advance(now, sample)
         view = self._view(worker)
         view._advance(sample, previous, elapsed)
         record = WorkerTelemetry(
@@ -210,6 +222,9 @@ class TelemetryCollector:
             cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
             limits_applied=worker.limits_applied,
         )
+        oom = worker.oom
+        if oom is not None:  # read where its own limit can OOM-kill it; the last count otherwise
+            record.oom_kills = oom.read() if worker.limits.memory_bytes is not None else oom.last
         budget = self._budget_s
         perf_counter = time.perf_counter
         for name, call in self.hooks.callers("rbee_collect_worker"):
@@ -225,6 +240,4 @@ class TelemetryCollector:
             except Exception as exc:
                 record.errors.append(issue(name, exc))
             spent[name] = used + perf_counter() - started
-        worker.previous = sample
-        worker.previous_at = now
         return record

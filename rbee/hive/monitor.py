@@ -20,14 +20,19 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from .. import statfiles
 from .._errors import CgroupError, NotFoundError, SpawnError
-from .._sample import StatSample
+from ..telemetry import WorkerExit
 from .cgroups import CgroupBackend, NoCgroup, StatPaths
+from .exits import ending
 from .limits import Limits, parse_limits
+from .oom import OomCounter
+from .procfs import read_cmdline
+from .rates import RateWindow
+from .stderr_tail import OutputTail
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +123,8 @@ class Worker:
     """None for a worker re-adopted after a hive restart: it is not our child."""
     gpu_hint: tuple[int, ...] = ()
     """GPU indices from the worker's CUDA_VISIBLE_DEVICES, used until NVML sees its processes."""
-    previous: StatSample | None = None
-    previous_at: float = 0.0
+    rates: RateWindow | None = None
+    """Recent readings of the worker's counters, kept by the collector (``rbee.hive.rates``)."""
     list_pids: Callable[[], list[int]] = list
     """Every PID in the worker's cgroup, children included (only the main PID without one)."""
     cgroup_path: str | None = None
@@ -127,6 +132,15 @@ class Worker:
     """Where the worker's engine publishes Prometheus metrics, when its spec says."""
     exited: bool = False
     exit_code: int | None = None
+    oom: OomCounter | None = None
+    """Its cgroup's OOM-kill counter (``rbee.hive.oom``); it stays at 0 without a memory cgroup."""
+    output: OutputTail | None = None
+    """Where its stderr goes, for the last lines when it ends (``rbee.hive.stderr_tail``)."""
+    started_at: float = field(default_factory=time.monotonic)
+    stopping: bool = False
+    """Set when the hive itself stops it: its SIGKILL after the grace period is no OOM kill."""
+    last_exit: WorkerExit | None = None
+    """How it ended; set once it has (before the ``exited`` or ``stopped`` announcement)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -183,18 +197,25 @@ class ProcessMonitor:
                 raise SpawnError(f"worker {group}/{instance} already exists",
                                  group=group, instance=instance)
             placement = self.backend.create(group, instance, limits)
+            output = None if log_path else OutputTail.unnamed()
             try:
-                process = self._start(binary, argv, placement.procs_files, env, log_path)
+                process = self._start(binary, argv, placement.procs_files, env, log_path,
+                                      output)
             except BaseException:
                 self.backend.remove(group, instance)
+                if output is not None:
+                    output.close()
                 raise
+            paths = self.backend.stat_paths(group, instance, process.pid)
             worker = Worker(
                 group=group, instance=instance, pid=process.pid, argv=tuple(argv), limits=limits,
                 limits_applied=placement.limits_applied,
-                stats=StatSource(self.backend.stat_paths(group, instance, process.pid), process.pid),
+                stats=StatSource(paths, process.pid),
                 process=process, gpu_hint=gpu_indices_from_env(env),
                 list_pids=partial(self.backend.pids, group, instance),
                 cgroup_path=self.backend.cgroup_path(group, instance), metrics_url=metrics_url,
+                oom=OomCounter(paths.oom_events),
+                output=output if output is not None else OutputTail.of_file(log_path or ""),
             )
             if isinstance(self.backend, NoCgroup):
                 self.backend.adopt(group, instance, process.pid)
@@ -206,7 +227,10 @@ class ProcessMonitor:
         return process.pid
 
     def _start(self, binary: str, argv: Sequence[str], procs_files: Sequence[str],
-               env: Mapping[str, str] | None, log_path: str | None) -> subprocess.Popen[bytes]:
+               env: Mapping[str, str] | None, log_path: str | None,
+               stderr: OutputTail | None) -> subprocess.Popen[bytes]:
+        """Start the worker: stdout and stderr to its log file, or stdout nowhere and stderr to
+        ``stderr`` (an unnamed file the hive reads the last lines of)."""
         fds = []
         try:
             for path in procs_files:
@@ -228,7 +252,8 @@ class ProcessMonitor:
                 return subprocess.Popen(
                     [binary, *argv[1:]], executable=binary, preexec_fn=join_cgroup,
                     start_new_session=True, env=None if env is None else dict(env),
-                    stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                    stdin=subprocess.DEVNULL, stdout=output,
+                    stderr=output if stderr is None else stderr.fd,
                 )
             except (OSError, subprocess.SubprocessError) as exc:
                 raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
@@ -245,6 +270,7 @@ class ProcessMonitor:
         """SIGTERM every process of the worker, SIGKILL what is left after ``grace`` seconds, reap,
         and remove the cgroup. Raises NotFoundError for an unknown worker."""
         worker = self.get(group, instance)
+        worker.stopping = True
         self._signal(worker, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self._alive(worker):
@@ -255,6 +281,7 @@ class ProcessMonitor:
     def stop_all(self, grace: float = 5.0) -> None:
         workers = self.workers()
         for worker in workers:
+            worker.stopping = True
             self._signal(worker, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(self._alive(w) for w in workers):
@@ -307,6 +334,8 @@ class ProcessMonitor:
             if worker.process is not None:
                 worker.exit_code = worker.process.poll()
             worker.exited = True
+            worker.last_exit = ending(worker.pid, worker.exit_code, worker.oom, worker.output,
+                                      time.monotonic() - worker.started_at, worker.stopping)
             worker.stats.close()
             del self._workers[worker.key]
             try:
@@ -353,9 +382,10 @@ class ProcessMonitor:
                 worker = Worker(
                     group=group, instance=instance, pid=pid, argv=read_cmdline(pid),
                     limits=self.backend.read_limits(group, instance), limits_applied=True,
-                    stats=StatSource(self.backend.stat_paths(group, instance, pid), pid),
+                    stats=StatSource(paths := self.backend.stat_paths(group, instance, pid), pid),
                     list_pids=partial(self.backend.pids, group, instance),
                     cgroup_path=self.backend.cgroup_path(group, instance),
+                    oom=OomCounter(paths.oom_events), output=OutputTail.of_process(pid),
                 )
                 self._workers[worker.key] = worker
                 adopted.append(worker)
@@ -368,6 +398,9 @@ class ProcessMonitor:
         with self._lock:
             for worker in self._workers.values():
                 worker.stats.close()
+                for handle in (worker.oom, worker.output):
+                    if handle is not None:
+                        handle.close()
             self._workers.clear()
 
 
@@ -394,15 +427,6 @@ def gpu_indices_from_env(env: Mapping[str, str] | None) -> tuple[int, ...]:
     visible = (env or {}).get("CUDA_VISIBLE_DEVICES", "")
     parts = [part.strip() for part in visible.split(",") if part.strip()]
     return tuple(int(part) for part in parts) if all(p.isdigit() for p in parts) else ()
-
-
-def read_cmdline(pid: int) -> tuple[str, ...]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            raw = file.read()
-    except OSError:
-        return ()
-    return tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part)
 
 
 def pid_running(pid: int) -> bool:

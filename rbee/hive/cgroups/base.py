@@ -17,6 +17,7 @@ from pathlib import Path
 from ..._errors import CgroupError
 from ..._sample import CPU_NONE, IO_NONE
 from ..limits import Limits
+from .lock import RootLock
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,8 @@ class StatPaths:
     memory_stat_format: int = 0
     io: str | None = None
     io_format: int = IO_NONE
+    oom_events: str | None = None
+    """The file whose ``oom_kill`` line counts the cgroup's OOM kills (``rbee.hive.oom``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,14 @@ class CgroupBackend(ABC):
         """Remove the root when no worker cgroup is left under it (clean shutdown)."""
         return None
 
+    def claim(self) -> None:
+        """Take this root for this hive alone, or raise CgroupError naming the hive that holds it
+        (``lock.RootLock``). Without a root (the none backend) there is nothing to share."""
+        return None
+
+    def unclaim(self) -> None:
+        return None
+
     def kill(self, group: str, instance: str, sig: signal.Signals) -> None:
         for pid in self.pids(group, instance):
             try:
@@ -118,6 +129,14 @@ class CgroupTree(CgroupBackend):
             if root not in unique:
                 unique.append(root)
         self.roots = unique
+        self._claim = RootLock(unique[0])
+        self._made: list[Path] = []
+
+    def claim(self) -> None:
+        self._claim.acquire()
+
+    def unclaim(self) -> None:
+        self._claim.release()
 
     @property
     def primary(self) -> Path:
@@ -125,11 +144,17 @@ class CgroupTree(CgroupBackend):
 
     def prepare(self) -> None:
         for root in self.roots:
+            missing = [path for path in (root, *root.parents) if not path.exists()]
             make_dir(root, parents=True)
+            self._made += missing  # deepest first: rbee.slice/<id>, then rbee.slice
 
     def remove_root(self) -> None:
+        """Remove the root, and the parents ``prepare`` made, each only if empty (another hive's
+        root under ``rbee.slice`` keeps it)."""
         for root in self.roots:
             remove_dir(root, only_if_empty=True)
+        for path in self._made:
+            remove_dir(path, only_if_empty=True)
 
     def cgroup_path(self, group: str, instance: str) -> str | None:
         return str(self.primary / group / instance)

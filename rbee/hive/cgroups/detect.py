@@ -21,6 +21,8 @@ from .v2 import CgroupV2
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "rbee.slice"
+"""The parent of every hive's default root, ``rbee.slice/<hive id>``: one root per hive, so two
+hives on one host never adopt each other's workers (and a root is held by one live hive: ``claim``)."""
 BACKENDS = ("auto", "v2", "v1", "none")
 
 
@@ -66,11 +68,16 @@ def delegated_root(mount: Path) -> str | None:
     return str((base / "workers").relative_to(mount))
 
 
+def default_root(hive_id: str | None) -> str:
+    return f"{DEFAULT_ROOT}/{hive_id}" if hive_id else DEFAULT_ROOT
+
+
 def select_backend(
     backend: str = "auto", root: str = "auto", io_counters: str = "auto",
-    mountinfo: str = "/proc/self/mountinfo",
+    mountinfo: str = "/proc/self/mountinfo", hive_id: str | None = None,
 ) -> CgroupBackend:
-    """Build and prepare the backend; raises CgroupError when an explicit choice cannot work."""
+    """Build and prepare the backend; raises CgroupError when an explicit choice cannot work.
+    ``root: auto`` is the delegated subtree under systemd (v2), else ``rbee.slice/<hive_id>``."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown cgroup backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "none":
@@ -85,10 +92,11 @@ def select_backend(
     if use_v1:
         if not v1_mounts:
             raise CgroupError("cgroup v1 was asked for but no v1 controller is mounted")
-        relative = DEFAULT_ROOT if root == "auto" else root.strip("/")
+        relative = default_root(hive_id) if root == "auto" else root.strip("/")
         chosen = CgroupV1(v1_mounts, relative, io_counters)
     elif v2_mount is not None:
-        relative = root.strip("/") if root != "auto" else (delegated_root(v2_mount) or DEFAULT_ROOT)
+        relative = (root.strip("/") if root != "auto"
+                    else delegated_root(v2_mount) or default_root(hive_id))
         chosen = CgroupV2(v2_mount, v2_mount / relative)
     elif backend == "auto":
         log.warning("no cgroup hierarchy is mounted: workers run without cgroups or limits")

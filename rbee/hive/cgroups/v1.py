@@ -62,6 +62,7 @@ class CgroupV1(CgroupTree):
             memory_stat_format=MEMSTAT_V1,
             io=str(blkio / "blkio.throttle.io_service_bytes") if blkio else f"/proc/{pid}/io",
             io_format=IO_V1_BLKIO if blkio else IO_PROC,
+            oom_events=str(memory / "memory.oom_control") if memory else None,
         )
 
     def read_limits(self, group: str, instance: str) -> Limits:

@@ -27,6 +27,13 @@ class CgroupV2(CgroupTree):
         controllers); workers then run with their limits reported as not applied.
         """
         super().prepare()
+        ancestor = self.mount
+        for part in self.primary.relative_to(self.mount).parts[:-1]:  # rbee.slice of rbee.slice/<id>
+            ancestor = ancestor / part
+            try:
+                self._enable_controllers(ancestor)
+            except CgroupError:
+                pass  # not ours to change (a delegated unit's parents): the root gets what it gets
         self.enabled = self._enable_controllers(self.primary)
 
     def _enable_controllers(self, path: Path) -> set[str]:
@@ -77,6 +84,7 @@ class CgroupV2(CgroupTree):
             memory_stat_format=MEMSTAT_V2,
             io=str(io_stat) if io_stat.exists() else f"/proc/{pid}/io",
             io_format=IO_V2_STAT if io_stat.exists() else IO_PROC,
+            oom_events=str(worker / "memory.events") if has_memory else None,
         )
 
     def read_limits(self, group: str, instance: str) -> Limits:

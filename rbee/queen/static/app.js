@@ -267,7 +267,15 @@
     if (healthCell.title !== state) healthCell.title = state;
   }
 
-  const COLUMNS = ["name", "model", "cpu", "rss", "io", "gpu", "vram", "queue", "kv", "uptime", "spark", "errors"];
+  const COLUMNS = ["name", "model", "cpu", "rss", "io", "gpu", "vram", "queue", "kv", "uptime", "spark", "errors", "state"];
+  const STATE_AT = COLUMNS.indexOf("state");
+
+  // The worker's state as the hive reports it (rbee.telemetry.WorkerState): only "running" takes
+  // work; a failed worker stays listed, in backoff or crashloop with its restarts, or ended.
+  function stateOf(w) {
+    const state = w.state || "running";
+    return w.restarts ? `${state} · ${w.restarts}↻` : state;
+  }
 
   // A worker on no GPU has no GPU figures: shown as absent, never 0 (as the CLI and /metrics).
   function onGpu(w) {
@@ -291,6 +299,7 @@
       uptime: duration(w.uptime_s),
       spark: spark(trends.get(entry.key)),
       errors: (w.errors || []).length ? String(w.errors.length) : "",
+      state: stateOf(w),
     };
   }
 
@@ -308,6 +317,7 @@
       case "kv": return e.kv_cache_pct ?? -1;
       case "uptime": return w.uptime_s;
       case "errors": return (w.errors || []).length;
+      case "state": return stateOf(w);
       default: return entry.key;
     }
   }
@@ -352,6 +362,9 @@
       }
       const stale = entry.hive.stale;
       if (row.stale !== stale) { row.stale = stale; row.tr.classList.toggle("is-stale", stale); }
+      const state = `state s-${entry.worker.state || "running"}`;
+      const stateCell = row.cells[STATE_AT].parentNode;
+      if (stateCell.className !== state) stateCell.className = state;
     }
     for (const key of rows.keys()) if (!keep.has(key)) rows.delete(key);
     const signature = `${first}|${visible.length}|${shown.map((e) => e.key).join("\n")}`;
@@ -496,8 +509,16 @@
     const w = entry.worker;
     const limits = [w.cpu_limit_pct != null ? `CPU limit ${w.cpu_limit_pct} %` : null,
                     w.memory_limit_mb != null ? `memory limit ${mib(w.memory_limit_mb)}` : null].filter(Boolean);
-    setText($("panel-facts"), [`pid ${w.pid}`, `model ${w.model || "–"}`, `up ${duration(w.uptime_s)}`,
-      ...limits, ...(w.errors || []).map((e) => `${e.collector}: ${e.message}`)].join(" · "));
+    const exit = w.last_exit;
+    const ended = exit ? [`last exit ${exit.oom_killed ? "OOM-killed" : exit.signal || (exit.exit_code != null
+      ? `status ${exit.exit_code}` : "unknown status")} after ${duration(Math.round(exit.ran_s || 0))}`] : [];
+    setText($("panel-facts"), [`pid ${w.pid}`, `state ${w.state || "running"}`, `model ${w.model || "–"}`,
+      `up ${duration(w.uptime_s)}`, ...limits,
+      ...(w.restarts ? [`${w.restarts} restarts`] : []), ...(w.oom_kills ? [`${w.oom_kills} OOM kills`] : []),
+      ...(w.next_attempt_at ? [`next start ${new Date(w.next_attempt_at).toLocaleTimeString()}`] : []),
+      ...ended, ...(w.errors || []).map((e) => `${e.collector}: ${e.message}`)].join(" · "));
+    setText($("panel-stderr"), exit && exit.stderr_tail && exit.stderr_tail.length
+      ? exit.stderr_tail.join("\n") : "");
   }
 
   async function refreshPanel() {
