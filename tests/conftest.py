@@ -53,9 +53,10 @@ def busy_worker(model: str = "test-model") -> list[str]:
 
 
 # The fleet test spends minutes in systemd-nspawn boots, SSH and pip on three hosts, mostly
-# waiting: under ``./dev test`` (pytest-xdist, two workers) it runs on one worker while the rest
-# of the suite runs on the other, each lane in file order, as in one process.
-SLOW_LANE = {"test_ansible_fleet.py"}
+# waiting, and the long-run test two minutes watching a fleet: under ``./dev test``
+# (pytest-xdist, two workers) they run on one worker while the rest of the suite runs on the
+# other, each lane in file order, as in one process.
+SLOW_LANE = {"test_ansible_fleet.py", "test_long_run.py"}
 
 
 @pytest.hookimpl(optionalhook=True)
