@@ -64,6 +64,8 @@ setup(
             "ansible-lint>=25.1",
         ],
         "lint": ["ruff>=0.5"],
+        # ./dev lock: uv compiles the hashed locks in locks/ (README, "The lock")
+        "lock": ["uv>=0.9"],
     },
     entry_points={
         "console_scripts": [
