@@ -8,7 +8,8 @@ next minor release (``<0.19``): a new release is let in by raising the bound onc
 the suite pass against it (the latest lane, ``./dev test --latest``, tries it).
 
 pynvml's private ``_nvmlGetFunctionPointer`` (``rbee/hive/gpu/process_util.py``) needs no bound:
-it is guarded, and falls back to the public wrapper (tests/test_gpu.py).
+it is guarded, and falls back to the public wrapper (tests/test_gpu.py). A release without it
+would only cost the one-call query, silently: the last test here says so first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import importlib
 import inspect
 import re
 from importlib import metadata
+
+import pynvml
 
 HYPERCORN = "hypercorn"
 
@@ -149,3 +152,18 @@ def test_setup_bounds_hypercorn_below_its_next_minor():
                        if re.match(r"hypercorn\b", r, re.IGNORECASE))
     major, minor = (int(part) for part in metadata.version(HYPERCORN).split(".")[:2])
     assert f"<{major}.{minor + 1}" in requirement.replace(" ", ""), requirement
+
+
+def test_pynvml_private_lookup_is_where_it_was():
+    """The one-call per-process GPU query's pynvml internals (importing pynvml loads no driver:
+    this runs on a machine without a GPU)."""
+    version = metadata.version("nvidia-ml-py")
+    moved = [f"nvidia-ml-py {version}: pynvml.{name} is gone (rbee/hive/gpu/process_util.py "
+             "falls back to the slower public wrapper)"
+             for name in ("_nvmlGetFunctionPointer", "c_nvmlProcessUtilizationSample_t")
+             if not hasattr(pynvml, name)]
+    if not moved:
+        fields = {name for name, *_ in pynvml.c_nvmlProcessUtilizationSample_t._fields_}
+        moved += [f"nvidia-ml-py {version}: c_nvmlProcessUtilizationSample_t has no {name}"
+                  for name in ("pid", "timeStamp", "smUtil", "memUtil") if name not in fields]
+    assert not moved, "\n" + "\n".join(moved)
