@@ -32,7 +32,10 @@ setup(
         "msgspec>=0.18.6",
         "PyYAML>=6.0.1",
         "nvidia-ml-py>=12.535",
-        "hypercorn>=0.17",
+        # rbee/_transport.py subclasses hypercorn's trio TCPServer and protocol classes (not its
+        # public API): below the next minor release, whose internals are untried
+        # (tests/test_internals_canary.py names each one; ./dev test --latest tries new ones)
+        "hypercorn>=0.17,<0.19",
         "starlette>=0.49.1",
         "sse-starlette>=3.0",
         "anyio>=4.7",
@@ -61,6 +64,8 @@ setup(
             "ansible-lint>=25.1",
         ],
         "lint": ["ruff>=0.5"],
+        # ./dev lock: uv compiles the hashed locks in locks/ (README, "The lock")
+        "lock": ["uv>=0.9"],
     },
     entry_points={
         "console_scripts": [

@@ -474,19 +474,32 @@ T = TypeVar("T")
 
 def decode_json(decoder: msgspec.json.Decoder[T], payload: bytes | str, what: str) -> T:
     """Decode ``payload`` with ``decoder``; every way the input can be wrong is a ContractError
-    naming the problem (and the field, where there is one), never another exception: msgspec also
-    raises UnicodeDecodeError for invalid UTF-8 inside a string and RecursionError for deep
-    nesting, even in a field it would skip."""
+    naming the problem (and the field, where there is one) in rbee's words, never another
+    exception. The boundary maps the decoder's errors as httpx's ``map_exceptions`` does, so
+    the words do not change with the decoder's release: invalid UTF-8 is a ``UnicodeDecodeError``
+    up to msgspec 0.22 and a ``DecodeError("Invalid UTF-8 encoded string")`` from 0.23 on, and
+    deep nesting is a RecursionError."""
     try:
         return decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except msgspec.ValidationError as exc:
         raise ContractError(f"invalid {what}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        bad = exc.object[exc.start:exc.start + 1]
-        raise ContractError(f"invalid {what}: a string is not valid UTF-8 (byte {bad!r})"
-                            ) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ContractError(f"invalid {what}: {_not_utf8(payload) or exc}") from exc
     except RecursionError as exc:
         raise ContractError(f"invalid {what}: JSON nested too deeply") from exc
+
+
+def _not_utf8(payload: bytes | str) -> str:
+    """What is wrong if ``payload`` is not UTF-8 (JSON text must be), else "". Asked only once
+    the decoder has failed, so a valid payload is never scanned twice."""
+    if isinstance(payload, str):
+        return ""
+    try:
+        bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        return f"not valid UTF-8 (byte {bad!r} at offset {exc.start})"
+    return ""
 
 
 def decode_stream_event(payload: bytes | str) -> StreamEvent:

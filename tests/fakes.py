@@ -59,8 +59,9 @@ NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
 _ERROR_TEXT = {3: "Not Supported", 6: "Not Found", 9: "Driver Not Loaded", 10: "Timeout",
-               12: "NVML Shared Library Not Found"}
+               12: "NVML Shared Library Not Found", 13: "Function Not Found"}
 
 
 class NVMLError(Exception):

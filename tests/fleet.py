@@ -14,9 +14,11 @@ Layout, all made by :class:`Fleet` and removed on exit::
       ├─ veth ─ netns <prefix>-<host>  eth0 10.213.0.10+i/24   systemd-nspawn --network-namespace-path
       └─ …
 
-The root filesystem is built once by ``debootstrap`` (with a wheelhouse of rbee-telemetry's
-dependencies, since the hosts have no route out) and cached under :data:`CACHE`, keyed by a hash
-of what goes into it; each host boots an overlay of it, so the cache stays pristine.
+The root filesystem is built once by ``debootstrap`` and cached under :data:`CACHE`, keyed by a
+hash of what goes into it; each host boots an overlay of it, so the cache stays pristine. It
+holds no Python package beyond Debian's: the hosts have no route out, and their pip config
+points at a dead index (:data:`DEAD_INDEX`), so rbee and its dependencies reach them only as the
+role's wheelhouse, built from the lock on the controller.
 """
 
 from __future__ import annotations
@@ -29,12 +31,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,10 +44,12 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "pytho
             "iproute2",
             "openssh-server", "sudo", "procps")
 CACHE = Path(os.environ.get("RBEE_FLEET_CACHE", "/var/cache/rbee-test"))
-WHEELHOUSE = "/var/cache/rbee-wheels"
-"""Inside each host: the wheels of rbee-telemetry's dependencies (pip --find-links)."""
-TOOLS = ("debootstrap", "systemd-nspawn", "nsenter", "ip", "ssh", "ssh-keygen", "mount")
 SUBNET = "10.213.0"
+DEAD_INDEX = f"http://{SUBNET}.1:9/simple"
+"""The hosts' pip index (/etc/pip.conf): the controller's side of the bridge, where nothing
+listens, so a pip that looks for an index fails at once instead of waiting on a route."""
+PIP_CONF = f"[global]\nindex-url = {DEAD_INDEX}\nretries = 0\ntimeout = 3\n"
+TOOLS = ("debootstrap", "systemd-nspawn", "nsenter", "ip", "ssh", "ssh-keygen", "mount")
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 """Where nspawn's own cgroup lives on this machine (name=systemd v1, and cgroup2)."""
 CLONE_NEWNET = 0x40000000
@@ -76,19 +78,12 @@ def run(argv: list[str], *, timeout: float = 60, check: bool = True, **kwargs
     return result
 
 
-def dependencies() -> list[str]:
-    """rbee-telemetry's run-time requirements, as this environment's install declares them."""
-    return sorted(r for r in metadata.requires("rbee-telemetry") or [] if "extra ==" not in r)
-
-
 def rootfs() -> Path:
     """The cached root filesystem, built on first use (a few minutes; it downloads Debian
-    packages and the dependency wheels, the only network this module uses). Built in a
-    temporary directory and renamed into place, under a lock, so a killed build or two
-    concurrent runs never leave a half-made cache."""
-    requirements = dependencies()
-    key = hashlib.sha256(repr((SUITE, MIRROR, PACKAGES, requirements, sys.version_info[:2])
-                              ).encode()).hexdigest()[:16]
+    packages, the only network this module uses). Built in a temporary directory and renamed
+    into place, under a lock, so a killed build or two concurrent runs never leave a half-made
+    cache."""
+    key = hashlib.sha256(repr((SUITE, MIRROR, PACKAGES, PIP_CONF)).encode()).hexdigest()[:16]
     target = CACHE / f"rootfs-{SUITE}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with (CACHE / ".lock").open("w") as lock:
@@ -100,8 +95,7 @@ def rootfs() -> Path:
         try:
             run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
                  str(building), MIRROR], timeout=1200)
-            run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-                 "--dest", str(building / WHEELHOUSE.lstrip("/")), *requirements], timeout=600)
+            (building / "etc/pip.conf").write_text(PIP_CONF)
             # The image's own ssh host keys would be shared by every host: each gets its own.
             for key_file in (building / "etc/ssh").glob("ssh_host_*"):
                 key_file.unlink()

@@ -28,9 +28,9 @@ import httpx
 import pytest
 import yaml
 
-from .ansiblekit import EXAMPLE_INVENTORY, SITE, Run, ansible_env, export_checkout, write_vault
+from .ansiblekit import EXAMPLE_INVENTORY, REPO, SITE, Run, ansible_env, export_checkout, write_vault
 from .daemons import BIN
-from .fleet import WHEELHOUSE, Fleet, Host, in_netns, join_netns, missing_machine_features, ssh_identity
+from .fleet import DEAD_INDEX, Fleet, Host, in_netns, join_netns, missing_machine_features, ssh_identity
 
 MISSING = missing_machine_features()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason="this machine lacks: " + "; ".join(MISSING))
@@ -116,8 +116,8 @@ def write_inventory(tree: Path, fleet: Fleet, key: Path, token: str) -> tuple[Pa
         "rbee_install_source": "checkout",
         "rbee_install_checkout": str(export_checkout(tree / "checkout")),
         "rbee_install_build_dir": str(tree / "wheels"),
-        # The hosts have no route out: dependencies come from the image's wheelhouse.
-        "rbee_install_pip_extra_args": f"--no-index --find-links {WHEELHOUSE}",
+        # The hosts have no route out and no index (tests/fleet.py): rbee_install brings the
+        # checkout's lock as a wheelhouse built here, with no help from this inventory.
     }))
     return inventory, write_vault(tree, inventory, token)
 
@@ -163,6 +163,32 @@ def test_hosts_run_systemd_as_pid_1(deployment):
         assert host.run("cat", "/proc/1/comm").stdout.strip() == "systemd"
         state = host.run("systemctl", "is-system-running", check=False).stdout.strip()
         assert state in ("running", "degraded"), host.run("systemctl", "--failed").stdout
+
+
+def locked_versions(lock: Path) -> dict[str, str]:
+    """name -> version of each pin in a lock (names normalized, as pip compares them)."""
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock.read_text(), re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins}
+
+
+def test_hosts_run_exactly_the_lock_with_no_index_reachable(deployment):
+    """Each host got rbee's dependencies as the role's wheelhouse: no index answers there (pip
+    fails to reach the one its config names, or PyPI), yet its virtualenv holds exactly the
+    versions of the checkout's lock for its Python."""
+    for host in deployment.fleet.hosts.values():
+        pip = ["/opt/rbee/venv/bin/python", "-m", "pip"]
+        for index in ([], ["--index-url", "https://pypi.org/simple"]):
+            probe = host.run(*pip, "download", "--no-deps", "--retries", "0", "--timeout", "3",
+                             "--dest", "/tmp/rbee-index-probe", *index, "msgspec", check=False,
+                             timeout=60)
+            assert probe.returncode != 0, (host.name, index, probe.stdout[-1000:])
+        assert DEAD_INDEX in host.run("cat", "/etc/pip.conf").stdout
+        version = host.run("/usr/bin/python3", "-c",
+                           "import sys; print('%d.%d' % sys.version_info[:2])").stdout.strip()
+        frozen = host.run(*pip, "freeze", "--exclude", "rbee-telemetry").stdout
+        installed = {re.sub(r"[-_.]+", "-", name).lower(): found for name, found in
+                     re.findall(r"^([^=\s]+)==(\S+)$", frozen, re.MULTILINE)}
+        assert installed == locked_versions(REPO / "locks" / f"run-py{version}.txt"), host.name
 
 
 def test_both_units_active_running_and_enabled(deployment):

@@ -7,6 +7,7 @@ and the suite passes the same on a host that has a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
 
@@ -21,7 +22,15 @@ from rbee.plugin.manager import build_plugin_manager
 from rbee.telemetry import Degraded, GpuFaultKind, GpuUtilSource, Healthy, Unhealthy
 
 from .conftest import sleeper
-from .fakes import StubMig, StubNvml, now_us, processes_left, write_fake_nvidia_smi
+from .fakes import (
+    NVML_ERROR_FUNCTION_NOT_FOUND,
+    NVMLError,
+    StubMig,
+    StubNvml,
+    now_us,
+    processes_left,
+    write_fake_nvidia_smi,
+)
 
 
 def collector_with(monitor, nvml: StubNvml, **settings) -> TelemetryCollector:
@@ -97,6 +106,48 @@ def test_per_process_query_counts_every_sample(query):
     assert len(util.per_pid) == 300 and util.of(1042) == (42.0, 0.0)
     source.sample()  # nothing ran since: every process at 0 %
     assert source.utilisation(nvml.gpus[0].uuid, snapshot).of(1042) == (0.0, 0.0)
+
+
+def _lookup_raises(nvml):
+    def lookup(name):
+        raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)  # a library without the symbol
+    nvml._nvmlGetFunctionPointer = lookup
+
+
+def _lookup_gone(nvml):
+    nvml._nvmlGetFunctionPointer = None  # a pynvml release without the private lookup
+
+
+def _call_misfits(nvml):
+    def lookup(name):
+        def call(handle, buffer, count_ref, since):
+            raise ctypes.ArgumentError("argument 2: wrong type")  # the struct changed shape
+        return call
+    nvml._nvmlGetFunctionPointer = lookup
+
+
+@pytest.mark.parametrize("breakage", [_lookup_raises, _lookup_gone, _call_misfits])
+def test_pynvml_private_lookup_failing_falls_back_to_the_public_wrapper(breakage):
+    """``_nvmlGetFunctionPointer`` is pynvml's private lookup (no GPU here: the NVML stub plays
+    pynvml): missing, raising NVMLError, or its function failing with a ctypes error, the
+    per-process figures come from pynvml's public wrapper, and the hive keeps sampling."""
+    nvml = StubNvml()
+    breakage(nvml)
+    wrapper_calls = []
+    wrapper = nvml.nvmlDeviceGetProcessUtilization
+    nvml.nvmlDeviceGetProcessUtilization = lambda *args: wrapper_calls.append(args) or wrapper(*args)
+    source = NvmlSource(nvml)
+    nvml.place(gpu=0, pid=4242, mib=1024)
+    nvml.run(0, 4242, sm_util=55, mem_util=11)
+    snapshot = source.snapshot()
+    source.sample()
+    util = source.utilisation(nvml.gpus[0].uuid, snapshot)
+    assert util.of(4242) == (55.0, 11.0) and util.source is GpuUtilSource.PROCESS
+    assert util.problem is None
+    nvml.run(0, 4242, sm_util=65)
+    source.sample()
+    assert source.utilisation(nvml.gpus[0].uuid, snapshot).of(4242) == (65.0, 0.0)
+    assert len(wrapper_calls) == 2
 
 
 def test_gpus_without_a_process_are_not_queried_per_process():

@@ -76,8 +76,6 @@ def heartbeat_json(**hive_fields) -> dict:
 
 DEEP = b"[" * 5000 + b"]" * 5000
 UNDECODABLE = [
-    (lambda body: body.replace(b'"hive.test"', b'"gpu\xffhost"', 1),  # hostname
-     "a string is not valid UTF-8 (byte b'\\xff')"),
     (lambda body: body[:-1] + b',"future":' + DEEP + b"}", "JSON nested too deeply"),
     (lambda body: body.replace(b'"cpu_pct":12.5', b'"cpu_pct":1e999', 1),
      "Number out of range - at `$.workers[0].cpu_pct`"),
@@ -95,8 +93,21 @@ async def test_undecodable_heartbeat_is_a_400_naming_the_problem(queen, client, 
     assert queen.registry.hive_ids() == ["hive-a"]
 
 
+async def test_invalid_utf8_in_a_heartbeat_is_a_400_in_rbees_words(queen, client):
+    """rbee's words, the same whichever way msgspec reports it (0.22: UnicodeDecodeError; 0.23:
+    its own DecodeError "Invalid UTF-8 encoded string", with no position): the byte and where."""
+    await post_heartbeat(client, queen, heartbeat("hive-a", [worker("kept")]))
+    body = encode(heartbeat("hive", [worker("a")])).replace(b'"hive.test"', b'"gpu\xffhost"', 1)
+    response = await client.post("/v1/hive-heartbeat", content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["message"] == (
+        f"invalid heartbeat: not valid UTF-8 (byte b'\\xff' at offset {body.index(0xFF)})")
+    assert queen.registry.hive_ids() == ["hive-a"]
+
+
 @pytest.mark.parametrize("body, problem", [
-    (b'{"group": "llm", "instance": "a\xff", "argv": ["x"]}', "not valid UTF-8"),
+    (b'{"group": "llm", "instance": "a\xff", "argv": ["x"]}',
+     "invalid worker: not valid UTF-8 (byte b'\\xff' at offset 31)"),
     (b'{"group": "llm", "instance": "a", "argv": ["x"], "restart_backoff_s": 1e999}',
      "Number out of range - at `$.restart_backoff_s`"),
     (b'{"group": "llm/x", "instance": "a", "argv": ["x"]}', "at `$.group`"),

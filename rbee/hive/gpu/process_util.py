@@ -12,11 +12,14 @@ the one answer that means "unknown here", and the caller falls back to the devic
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Callable
 
 from ...telemetry import GpuUtilSource
 from .source import Utilisation
+
+log = logging.getLogger("rbee.hive.gpu")
 
 
 def wall_clock_us() -> int:
@@ -29,7 +32,11 @@ class SingleCallQuery:
     pynvml's wrapper asks twice when there are samples (the size, then the data); on an H100
     (driver 580) one call here cost 2.2 ms of CPU against the wrapper's 2.7 ms, and 2.16 against
     2.56 ms with nothing to return. Used where the module exposes pynvml's function lookup and
-    sample struct (the real ``pynvml``); elsewhere the public wrapper is called."""
+    sample struct (the real ``pynvml``); elsewhere the public wrapper is called.
+
+    ``_nvmlGetFunctionPointer`` is pynvml's private lookup, so it is never trusted to be there
+    or to work: ``process_query`` falls back to the public wrapper when it is missing or raises,
+    and ``ProcessUtilisation`` when the call through it fails other than with an NVML answer."""
 
     SUCCESS, INSUFFICIENT_SIZE = 0, 7
 
@@ -43,6 +50,19 @@ class SingleCallQuery:
     def available(cls, nvml) -> bool:
         return (callable(getattr(nvml, "_nvmlGetFunctionPointer", None))
                 and hasattr(nvml, "c_nvmlProcessUtilizationSample_t"))
+
+    @classmethod
+    def process_query(cls, nvml, handle) -> Callable[[object, int], list]:
+        """This query where pynvml's private lookup gives it, else pynvml's public wrapper: a
+        pynvml without the lookup, or a library without the symbol (the lookup raises
+        ``NVMLError``, FUNCTION_NOT_FOUND), costs the faster path only, never the hive."""
+        if cls.available(nvml):
+            try:
+                return cls(nvml, handle)
+            except (nvml.NVMLError, AttributeError, TypeError, ValueError) as exc:
+                log.info("per-process GPU utilisation through pynvml's wrapper: its function "
+                         "lookup failed (%s: %s)", type(exc).__name__, exc)
+        return nvml.nvmlDeviceGetProcessUtilization
 
     def __call__(self, handle, last_seen_us: int) -> list:
         count = ctypes.c_uint(len(self.buffer))
@@ -70,8 +90,7 @@ class ProcessUtilisation:
         """Samples at or before this were counted already (or predate the hive: an old sample of
         a process that since went idle must not count)."""
         self._queried_us = self.last_seen_us
-        self._query = (SingleCallQuery(nvml, handle) if SingleCallQuery.available(nvml)
-                       else nvml.nvmlDeviceGetProcessUtilization)
+        self._query = SingleCallQuery.process_query(nvml, handle)
 
     def nobody(self) -> Utilisation:
         """No process on the GPU: every (absent) process is at 0 %, without asking the driver.
@@ -84,7 +103,7 @@ class ProcessUtilisation:
         window_s = max(0.0, (now_us - self._queried_us) / 1e6)
         self._queried_us = now_us
         try:
-            samples = self._query(self.handle, self.last_seen_us)
+            samples = self._samples()
         except nvml.NVMLError as exc:
             code = getattr(exc, "value", None)
             if code == nvml.NVML_ERROR_NOT_FOUND:  # no process ran since last_seen
@@ -107,6 +126,21 @@ class ProcessUtilisation:
         self.last_seen_us = last_seen
         per_pid = {pid: (round(sm / n, 1), round(mem / n, 1)) for pid, (sm, mem, n) in totals.items()}
         return Utilisation(GpuUtilSource.PROCESS, self._monotonic(), window_s, per_pid=per_pid)
+
+
+    def _samples(self) -> list:
+        """The samples since ``last_seen_us``. A single-call query that fails other than with an
+        NVML answer (pynvml's internals changed shape: a ctypes or type error) is dropped for
+        pynvml's public wrapper, for good, and the wrapper asked at once."""
+        try:
+            return self._query(self.handle, self.last_seen_us)
+        except (ctypes.ArgumentError, TypeError, AttributeError, ValueError) as exc:
+            if not isinstance(self._query, SingleCallQuery):
+                raise
+            log.warning("per-process GPU utilisation through pynvml's wrapper from now on: the "
+                        "single call failed (%s: %s)", type(exc).__name__, exc)
+            self._query = self.nvml.nvmlDeviceGetProcessUtilization
+            return self._query(self.handle, self.last_seen_us)
 
 
 def _percent(value: int) -> float:
