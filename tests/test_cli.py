@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import signal
 import socket
 import subprocess
@@ -51,6 +52,8 @@ def hold_port(port: int):
 
 
 def test_rbee_up_on_a_busy_port_names_both_ports():
+    """The hive cannot listen: a clear error, and nothing left (no worker, no cgroup root)."""
+    roots = demo_roots()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -60,6 +63,7 @@ def test_rbee_up_on_a_busy_port_names_both_ports():
     assert f"rbee: cannot listen on 127.0.0.1:{busy}: Address already in use" in result.stderr
     assert "`rbee up --port 0` picks free ones for both" in result.stderr
     assert subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS]).returncode == 1  # none left
+    assert demo_roots() == roots
 
 
 def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -67,9 +71,16 @@ def rbee(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def demo_roots() -> set[str]:
+    """The demo hives' cgroup roots (``rbee.slice/demo-hive-<pid>``) on this host, any version."""
+    return set(glob.glob("/sys/fs/cgroup/*/rbee.slice/demo-hive-*")
+               + glob.glob("/sys/fs/cgroup/rbee.slice/demo-hive-*"))
+
+
 def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
     """The demo end to end: the table comes from the queen's stream, so the whole pipeline ran;
     afterwards no demo worker and no cgroup of the demo is left."""
+    roots = demo_roots()
     with hold_port(7835):  # the demo hive's default port, busy: --port 0 moves the hive too
         result = rbee("up", "--port", "0", "--rounds", "10")
     assert result.returncode == 0, result.stderr
@@ -93,6 +104,7 @@ def test_rbee_up_runs_queen_hive_and_demo_workers_and_leaves_nothing():
             assert set(cells) == {("-", "-", "-")}, shown
     leftover = subprocess.run(["pgrep", "-f", OUR_DEMO_WORKERS], capture_output=True)
     assert leftover.stdout == b""
+    assert demo_roots() == roots
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])

@@ -66,6 +66,8 @@ class HiveAgent:
         backend = select_backend(config.cgroup.backend, config.cgroup.root,
                                  config.cgroup.io_counters, hive_id=config.id)
         self.monitor = ProcessMonitor(backend)
+        self.started = False
+        """Whether ``run`` began: until then the cgroup root prepared here is its own to remove."""
         self.collector = TelemetryCollector(
             self.monitor,
             build_plugin_manager(config.collect.disabled_plugins, extra_plugins),
@@ -187,6 +189,7 @@ class HiveAgent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._wake_event = trio.Event()
+        self.started = True
         self.monitor.backend.claim()  # before adopting: another live hive's workers are not ours
         try:
             adopted = await trio.to_thread.run_sync(self.monitor.adopt_existing)

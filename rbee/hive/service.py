@@ -37,6 +37,13 @@ class HiveService:
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Run until ``stop()``; reports the API's bound URLs once workers and API are up."""
+        try:
+            await self._run(task_status)
+        finally:
+            if not self.agent.started:  # the API could not listen: no worker ever ran
+                self.agent.monitor.backend.remove_root()
+
+    async def _run(self, task_status: trio.TaskStatus[list[str]]) -> None:
         async with trio.open_nursery() as nursery:
             http_done = trio.Event()
 
