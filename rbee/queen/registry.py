@@ -508,12 +508,13 @@ def hive_schedulable(info: HiveInfo, stale: bool) -> bool:
 
 
 def _judged(workers: list[WorkerTelemetry], devices: list[GpuDevice], hive_schedulable: bool,
-            settings: RegistrySettings
+            settings: RegistrySettings, *, ordered: bool = True
             ) -> Iterator[tuple[WorkerTelemetry, list[str], bool, bool]]:
-    """Each of a hive's workers in (group, instance) order, with the GPUs it runs on that are
-    unhealthy, whether it is schedulable, and whether it is idle (schedulable and ``is_idle``)."""
+    """Each of a hive's workers (in (group, instance) order if ``ordered``), with the GPUs it runs
+    on that are unhealthy, whether it is schedulable, and whether it is idle (schedulable and
+    ``is_idle``)."""
     unhealthy = {d.uuid for d in devices if isinstance(d.health, Unhealthy)}
-    for worker in sorted(workers, key=_worker_key):
+    for worker in sorted(workers, key=_worker_key) if ordered else workers:
         on_unhealthy = _unhealthy_gpus_of(worker, devices, unhealthy)
         schedulable = (hive_schedulable and worker.state is WorkerState.RUNNING
                        and not (settings.skip_unhealthy_gpus and on_unhealthy))
@@ -526,7 +527,7 @@ def idle_instances(heartbeat: HiveHeartbeat, settings: RegistrySettings) -> list
     same rule as the listings: what the stream's ``hive_telemetry`` event carries."""
     return [_instance_key(worker) for worker, _, _, idle in _judged(
         heartbeat.workers, heartbeat.capabilities, hive_schedulable(heartbeat.hive, False),
-        settings) if idle]
+        settings, ordered=False) if idle]  # per heartbeat, on the ingest path: no sort
 
 
 def _instance_key(worker: WorkerTelemetry) -> str:
