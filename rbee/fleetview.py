@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .telemetry import (
+from .contract import (
     GpuDevice,
     HealthStatus,
     Healthy,

@@ -19,8 +19,8 @@ from importlib.resources import files
 import httpx
 import msgspec
 
+from rbee.contract import EngineState, encode
 from rbee.queen.dashboard import CONTENT_SECURITY_POLICY
-from rbee.telemetry import EngineState, encode
 
 from .browserkit import CONNECTION, WORKER_KEYS, chromium, console_errors, wait_for
 from .builders import fleet_heartbeat

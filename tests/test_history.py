@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rbee.config import HistorySettings
-from rbee.exposition import HiveRecord
+from rbee.contract import HiveRecord
 from rbee.queen.history import FleetHistory, QueryError, Ring, Selector
 
 from .builders import GIB, gpu, heartbeat, worker
@@ -93,7 +93,7 @@ def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
 
 
 def test_engine_figures_where_known():
-    from rbee.telemetry import EngineState
+    from rbee.contract import EngineState
 
     history = FleetHistory()
     for second in range(3):

@@ -19,11 +19,11 @@ import pytest
 import trio
 
 from rbee import ConfigError
-from rbee.auth import bearer, hive_basic
 from rbee.cli import main as rbee_main
+from rbee.contract import OperationalStatus, encode
 from rbee.credentials import HiveCredentials, new_credential, parse_credentials, read_secret
 from rbee.hive.main import check
-from rbee.telemetry import OperationalStatus, encode
+from rbee.http.auth import bearer, hive_basic
 
 from .builders import GIB, gpu, heartbeat, worker
 from .hivekit import hive_config, start_hive

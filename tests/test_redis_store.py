@@ -18,8 +18,7 @@ import trio
 import yaml
 from httpx_sse import aconnect_sse
 
-from rbee.queen.redis_store import entry_key
-from rbee.telemetry import (
+from rbee.contract import (
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveTelemetryEvent,
@@ -27,6 +26,7 @@ from rbee.telemetry import (
     decode_stream_event,
     encode,
 )
+from rbee.queen.redis_store import entry_key
 
 from .builders import heartbeat, worker
 from .daemons import BIN, Daemon

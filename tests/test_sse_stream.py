@@ -13,9 +13,7 @@ import httpx
 import pytest
 import trio
 
-from rbee.queen.broadcast import Subscription
-from rbee.queen.server import QueenServer
-from rbee.telemetry import (
+from rbee.contract import (
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveTelemetryEvent,
@@ -25,6 +23,8 @@ from rbee.telemetry import (
     decode_stream_event,
     encode,
 )
+from rbee.queen.broadcast import Subscription
+from rbee.queen.server import QueenServer
 
 from .builders import fleet_heartbeat, heartbeat, worker
 from .queenkit import (

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.lowlevel
-import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,10 +46,12 @@ from starlette.routing import Route
 
 from .. import __version__
 from .._errors import AdmissionError, NotFoundError, StoreError
-from .._http import ApiError, JsonResponse, json_app, ok, read_body
-from ..auth import ANY_HIVE, authenticate_hive, require_reader
+from ..contract import OperationalStatus, QueenHealth, decode_heartbeat, encode, paths
 from ..exposition import metrics_route
-from ..telemetry import OperationalStatus, decode_heartbeat, encode
+from ..http.app import JsonResponse, json_app, ok
+from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
+from ..http.bodies import read_body
+from ..http.errors import ApiError
 from .dashboard import dashboard_routes
 from .history import METRICS, QueryError, Selector
 from .registry import HiveRegistry, WorkerQuery
@@ -61,18 +62,6 @@ HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since
 
 if TYPE_CHECKING:
     from .server import QueenServer
-
-
-class QueenHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
-    status: str
-    version: str
-    hives: int
-    stream_clients: int
-    store: str = "memory"
-    sweeping: bool | None = None
-    """With a shared store: whether this queen holds the sweeper's lease."""
-    problem: str | None = None
-    """Why the queen is degraded: its store cannot be reached (it still serves what it has)."""
 
 
 class EventStreamResponse(EventSourceResponse):
@@ -342,14 +331,14 @@ def build_app(queen: QueenServer) -> Starlette:
         return JsonResponse(answer)
 
     return json_app([
-        Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
-        Route("/v1/heartbeats/stream", stream, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/hives", list_hives, methods=["GET"]),
-        Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
-        Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
-        Route("/v1/workers", list_workers, methods=["GET"]),
-        Route("/v1/history", history, methods=["GET"]),
+        Route(paths.HEARTBEAT, post_heartbeat, methods=["POST"]),
+        Route(paths.STREAM, stream, methods=["GET"]),
+        Route(paths.HEALTH, health, methods=["GET"]),
+        Route(paths.HIVES, list_hives, methods=["GET"]),
+        Route(paths.HIVE, get_hive, methods=["GET"]),
+        Route(paths.HIVE, delete_hive, methods=["DELETE"]),
+        Route(paths.WORKERS, list_workers, methods=["GET"]),
+        Route(paths.HISTORY, history, methods=["GET"]),
         metrics_route(metrics.registry, metrics.records, reader),
         *dashboard_routes(),
     ], config.http)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import trio
 from sse_starlette import ServerSentEvent
 
-from ..telemetry import STREAM_EVENT_NAME, LaggedEvent, SnapshotEvent, StreamEvent, encode, utc_now
+from ..contract import STREAM_EVENT_NAME, LaggedEvent, SnapshotEvent, StreamEvent, encode, utc_now
 
 if TYPE_CHECKING:
     from .store import FleetStore

@@ -15,8 +15,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .._transport import ConnectionTable
-from ..exposition import HiveRecord
+from ..contract import HiveRecord
+from ..http.transport import ConnectionTable
 
 REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large",
                    415: "unsupported_encoding"}

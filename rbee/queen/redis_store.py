@@ -45,7 +45,7 @@ from glide import (
 
 from .._errors import StoreError
 from ..config import QueenConfig, parse_redis_url
-from ..telemetry import (
+from ..contract import (
     HiveHeartbeat,
     HiveRemovedEvent,
     HiveStaleEvent,
@@ -53,9 +53,9 @@ from ..telemetry import (
     decode_stream_event,
     encode,
     utc_now,
+    worker_id,
 )
 from . import redis_lua
-from .registry import worker_id
 from .silence import judge
 from .store import every, fleet_view, log_verdict, telemetry_event
 

@@ -34,11 +34,12 @@ import msgspec
 
 from .._errors import AdmissionError, NotFoundError
 from ..config import RegistrySettings
-from ..exposition import HiveRecord
-from ..telemetry import (
+from ..contract import (
+    FleetWorker,
     GpuDevice,
     HiveHeartbeat,
     HiveInfo,
+    HiveRecord,
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveState,
@@ -46,49 +47,18 @@ from ..telemetry import (
     QueenEvent,
     SnapshotEvent,
     Unhealthy,
+    VramFigures,
+    WorkerPage,
     WorkerState,
     WorkerTelemetry,
     utc_now,
+    worker_id,
 )
 from .silence import judge
 
 log = logging.getLogger(__name__)
 
 SCHEDULABLE_STATUSES = frozenset({OperationalStatus.READY, OperationalStatus.BUSY})
-
-
-class VramFigures(msgspec.Struct, kw_only=True):
-    """VRAM of the GPU(s) a worker runs on. A scheduler needs both figures: ``free_mb`` is what
-    the driver measures as free now; ``claimed_mb`` is what rbee workers on those GPUs hold."""
-
-    gpu_indices: list[int]
-    total_mb: float
-    free_mb: float
-    claimed_mb: float
-    measured: bool
-    """False when the hive sent no device list: ``free_mb`` is then the worker's own GPU total
-    less the VRAM it uses, the best estimate there is."""
-
-
-class FleetWorker(msgspec.Struct, kw_only=True):
-    """One worker as the queen sees it: where it runs, whether it may be scheduled, its VRAM."""
-
-    hive_id: str
-    hive_stale: bool
-    schedulable: bool
-    worker: WorkerTelemetry
-    idle: bool = False
-    """Schedulable and ``is_idle``: the one meaning of idle. The stream's ``idle`` lists, the
-    ``queen`` event's ``workers_available``, ``?idle=true``, the CLI and the dashboard all show
-    this figure; none of them computes its own."""
-    vram: VramFigures | None = None
-    unhealthy_gpus: list[str] = []
-    """UUIDs of the worker's GPUs whose health is unhealthy (skipped by scheduling queries when
-    ``registry.skip_unhealthy_gpus``)."""
-
-    @property
-    def id(self) -> str:
-        return worker_id(self.hive_id, self.worker)
 
 
 def is_idle(worker: WorkerTelemetry, idle_gpu_util_pct: float) -> bool:
@@ -101,10 +71,6 @@ def is_idle(worker: WorkerTelemetry, idle_gpu_util_pct: float) -> bool:
         return engine.requests_running == 0 and engine.requests_waiting == 0
     util = worker.gpu_util_pct
     return util is not None and util <= idle_gpu_util_pct
-
-
-def worker_id(hive_id: str, worker: WorkerTelemetry) -> str:
-    return f"{hive_id}/{worker.group}/{worker.instance}"
 
 
 class WorkerQuery(msgspec.Struct, kw_only=True, frozen=True):
@@ -141,15 +107,6 @@ class WorkerQuery(msgspec.Struct, kw_only=True, frozen=True):
 
 
 EVERY_WORKER = WorkerQuery()
-
-
-class WorkerPage(msgspec.Struct, kw_only=True):
-    """One page of a worker listing, in worker id order (hive, group, instance)."""
-
-    workers: list[FleetWorker]
-    next_after: str | None
-    """The cursor of the next page (the last worker id here) when this page is full; None when
-    the listing ended. A full page may be followed by an empty one."""
 
 
 def parse_worker_id(text: str) -> tuple[str, str, str]:

@@ -17,11 +17,11 @@ import time
 
 import trio
 
-from .._http import serve
-from .._transport import ConnectionTable
-from ..auth import read_token
 from ..config import QueenConfig
 from ..credentials import HiveCredentials
+from ..http.auth import read_token
+from ..http.serving import serve
+from ..http.transport import ConnectionTable
 from .api import build_app
 from .history import FleetHistory
 from .metrics import QueenMetrics

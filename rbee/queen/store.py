@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..telemetry import (
+from ..contract import (
     HiveHeartbeat,
     HiveRemovedEvent,
     HiveStaleEvent,
