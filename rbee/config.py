@@ -17,8 +17,8 @@ import msgspec
 import yaml
 
 from ._errors import ConfigError, LimitError
-from .contract import MAX_WORKERS, Identifier
 from .hive.limits import parse_limits
+from .telemetry import MAX_WORKERS, Identifier
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
