@@ -33,8 +33,8 @@ from .credentials import new_credential
 from .demo import DEMO_HIVE_PORT
 from .http.auth import bearer, read_token
 from .http.tls import client_verify
+from .terminal import Row, printable, table
 from .top import watch
-from .view import Row, printable, table
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
 _fleet_decoder = msgspec.json.Decoder(list[FleetWorker])

@@ -23,7 +23,7 @@ from .contract import (
     WorkerTelemetry,
     describe_health,
 )
-from .view import Row, gpu_table, sparkline, table
+from .terminal import Row, gpu_table, sparkline, table
 
 
 @dataclass

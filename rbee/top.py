@@ -12,7 +12,7 @@ import trio
 from .contract import StreamEvent, paths
 from .fleetview import TREND_METRICS, FleetView
 from .stream_client import follow_stream
-from .view import printable
+from .terminal import printable
 
 
 async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5,

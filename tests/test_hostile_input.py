@@ -35,7 +35,7 @@ from rbee.fleetview import FleetView
 from rbee.hive.fitting import fit_gpu, fit_worker
 from rbee.hive.service import HiveService
 from rbee.queen.registry import HiveRegistry
-from rbee.view import printable
+from rbee.terminal import printable
 
 from .builders import fleet_heartbeat, gpu, heartbeat, worker
 from .conftest import sleeper

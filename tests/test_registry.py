@@ -24,7 +24,8 @@ from rbee.contract import (
     WorkerGpuUse,
     WorkerState,
 )
-from rbee.queen.registry import HiveRegistry, WorkerQuery, idle_instances, is_idle
+from rbee.queen.registry import HiveRegistry
+from rbee.queen.scheduling import WorkerQuery, idle_instances, is_idle
 
 from .builders import GIB, gpu, heartbeat, worker
 
