@@ -23,7 +23,7 @@ With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authoriz
 credential (``Authorization: Basic base64(hive_id:secret)``) and then acts only as itself: a
 heartbeat or goodbye for another hive id, or a DELETE of another hive, is refused (403). With
 ``read_token_file`` set, the stream, the listings, the history and ``/metrics`` take the read
-token (or the shared one); ``/health`` stays open. See ``rbee/auth.py``.
+token (or the shared one); ``/health`` stays open. See ``rbee/http/auth.py``.
 
 Every error is JSON ``{"status": "error", "message": ...}`` with a 4xx/5xx code, and a request that
 fails validation leaves the registry untouched. The paths are named in ``rbee/contract/paths.py``;

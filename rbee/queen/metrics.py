@@ -2,7 +2,7 @@
 
 The queen's own figures: heartbeats received and refused (by reason), the time to ingest one
 (read, decode, store, publish), stream clients and lagged clients, the registry's size, and the
-HTTP connections (open, the limit, shed at the limit, timed out by ``rbee/_transport.py``). They
+HTTP connections (open, the limit, shed at the limit, timed out by ``rbee/http/transport.py``). They
 live in a ``CollectorRegistry`` of this queen's own (not prometheus-client's global one), so two
 queens in one process, as in the tests, keep their counts apart.
 """
