@@ -34,10 +34,6 @@ class RedisStore:
     def position(self) -> str:
         return self.mirror.position
 
-    @property
-    def sweeping(self) -> bool:
-        return self.sweeper.sweeping
-
     def health(self) -> StoreHealth:
         return StoreHealth(kind="redis", problem=self.redis.problem,
                            sweeping=self.sweeper.sweeping)
