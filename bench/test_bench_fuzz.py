@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from rbee.telemetry import encode
+from rbee.contract import encode
 from tests.builders import fleet_heartbeat
 from tests.fuzzkit import rss_mib
 from tests.test_fuzz import fuzz, fuzz_daemons

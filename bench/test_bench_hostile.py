@@ -38,7 +38,7 @@ import pytest
 import trio
 import yaml
 
-from rbee.telemetry import encode
+from rbee.contract import encode
 from tests.builders import fleet_heartbeat
 from tests.hostilekit import raise_descriptor_limit
 

@@ -21,11 +21,11 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from rbee.contract import encode
 from rbee.exposition import WORKER_GAUGES, FleetCollector, render
 from rbee.queen.history import FleetHistory
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.registry import HiveRegistry
-from rbee.telemetry import encode
 from tests.builders import fleet_heartbeat
 
 from .conftest import FIGURES, MEDIANS, record
@@ -152,7 +152,7 @@ def test_scrape_beside_ingestion(benchmark, queen):  # noqa: F811
 
 def test_history_memory_and_recording(benchmark):
     hives = [fleet_heartbeat(f"hive-{index:03}", WORKERS) for index in range(100)]  # 1,000 workers
-    from rbee.exposition import HiveRecord
+    from rbee.contract import HiveRecord
 
     records = [HiveRecord(info=b.hive, workers=b.workers, gpus=b.capabilities) for b in hives]
     tracemalloc.start()

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import trio
 
-from rbee.telemetry import encode
+from rbee.contract import encode
 from tests.builders import fleet_heartbeat
 
 from .conftest import FIGURES

@@ -15,8 +15,9 @@ from ._errors import (
     PluginError,
     RbeeError,
     SpawnError,
+    WorkerExistsError,
 )
-from .telemetry import (
+from .contract import (
     CollectorIssue,
     Degraded,
     EngineState,
@@ -61,6 +62,7 @@ __all__ = [
     "PluginError",
     "RbeeError",
     "SpawnError",
+    "WorkerExistsError",
     # telemetry contract
     "CollectorIssue",
     "Degraded",

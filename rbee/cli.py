@@ -21,151 +21,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import ssl
 import sys
-from collections.abc import Callable
-from importlib.resources import files
 
 import httpx
 import msgspec
 import trio
-import yaml
 
 from ._errors import ContractError, ListenError, RbeeError, leaf_exceptions
-from ._http import reply_message
-from .auth import bearer, read_token
-from .config import HiveConfig, QueenConfig, parse_config
+from .contract import FleetWorker, decode_json, paths, reply_message
 from .credentials import new_credential
-from .fleetview import TREND_METRICS, FleetView
-from .hive.service import HiveService
-from .queen.registry import FleetWorker
-from .queen.server import QueenServer
-from .stream_client import follow_stream
-from .telemetry import StreamEvent, decode_json
-from .tls import client_verify
-from .view import Row, printable, table
+from .demo import DEMO_HIVE_PORT
+from .http.auth import bearer, read_token
+from .http.tls import client_verify
+from .terminal import Row, printable, table
+from .top import watch
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
 _fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
-
-
-DEMO_HIVE_PORT = 7835
-
-
-def demo_config(queen_url: str, hive_port: int = DEMO_HIVE_PORT) -> HiveConfig:
-    """The demo hive. It stops its workers when it ends, so it has nothing to re-adopt: its
-    cgroup root is its own run's (``rbee.slice/demo-hive-<pid>``), and a demo beside another
-    demo, or beside a real hive, shares no root with it (one live hive per root)."""
-    source = files("rbee.demo") / "demo.yaml"
-    config = parse_config(yaml.safe_load(source.read_text()), HiveConfig, str(source))
-    cgroup = msgspec.structs.replace(config.cgroup, root=f"rbee.slice/{config.id}-{os.getpid()}")
-    return msgspec.structs.replace(config, queen_url=queen_url, port=hive_port, cgroup=cgroup)
-
-
-def demo_hive_port(args: argparse.Namespace) -> int:
-    """``--hive-port``, else any free port when the queen's is ``--port 0``, else 7835: so
-    ``rbee up --port 0`` never meets a busy port."""
-    if args.hive_port is not None:
-        return args.hive_port
-    return 0 if args.port == 0 else DEMO_HIVE_PORT
-
-
-async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5,
-                verify: ssl.SSLContext | bool = True,
-                headers: dict[str, str] | None = None) -> None:
-    """Print the fleet whenever it changes (at most every ``refresh_s``); ``rounds`` > 0 stops
-    after that many tables. ``headers`` go with every request (the read token)."""
-    view = FleetView()
-    changed = trio.Event()
-    status = ""
-    streamed = False
-
-    def on_event(event: StreamEvent) -> None:
-        nonlocal status, streamed
-        view.apply(event)
-        status, streamed = "", True
-        changed.set()
-
-    def on_history() -> None:
-        if streamed:  # a trend alone is no fleet: the first table waits for the snapshot
-            changed.set()
-
-    def on_down(problem: str) -> None:
-        nonlocal status
-        status = f"  [{problem}; retrying]"
-        changed.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: follow_stream(queen_url, on_event, on_down=on_down,
-                                                 verify=verify, headers=headers))
-        nursery.start_soon(follow_history, queen_url, view, on_history, verify, 5.0, headers)
-        shown = 0
-        while rounds == 0 or shown < rounds:
-            await changed.wait()
-            changed = trio.Event()
-            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
-            print(f"{clear}rbee: queen {queen_url}{printable(status)}\n{view.render()}\n",
-                  flush=True)
-            shown += 1
-            await trio.sleep(refresh_s)
-        nursery.cancel_scope.cancel()
-
-
-async def follow_history(queen_url: str, view: FleetView, notify: Callable[[], None],
-                         verify: ssl.SSLContext | bool = True, every_s: float = 5.0,
-                         headers: dict[str, str] | None = None) -> None:
-    """The workers' last minute for the LAST 60s column, every ``every_s``. Best effort: an old
-    queen without history, or one that is down, leaves the column blank."""
-    params = {"metric": TREND_METRICS, "since": "60", "step": "5"}
-    async with httpx.AsyncClient(base_url=queen_url, timeout=every_s, verify=verify,
-                                 headers=headers) as client:
-        while True:
-            try:
-                response = await client.get("/v1/history", params=params)
-                if response.status_code == 200:
-                    view.apply_history(response.json())
-                    notify()
-            except (httpx.HTTPError, ValueError):
-                pass
-            await trio.sleep(every_s)
-
-
-async def up(args: argparse.Namespace) -> None:
-    """Signals are taken from the first moment: one that comes while the queen and hive start is
-    acted on as soon as they are up, so the demo workers are always stopped."""
-    queen = QueenServer(parse_config({"port": args.port}, QueenConfig))
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            queen_url = (await nursery.start(queen.run))[0]
-            hive = HiveService(demo_config(queen_url, demo_hive_port(args)))
-            hive_done = trio.Event()
-
-            async def run_hive(task_status: trio.TaskStatus[list[str]]) -> None:
-                try:
-                    await hive.run(task_status=task_status)
-                finally:
-                    hive_done.set()
-
-            hive_urls = await nursery.start(run_hive)
-            print(f"rbee up: queen {queen_url}, hive {hive.config.id!r} (API {hive_urls[0]}, "
-                  f"cgroup backend {hive.agent.monitor.backend.name}), "
-                  f"{len(hive.config.workers)} demo workers. Ctrl-C stops everything.\n"
-                  f"dashboard: {queen_url}/", flush=True)
-            async with trio.open_nursery() as view:
-                view.start_soon(_cancel_on_signal, signals, view.cancel_scope)
-                await watch(queen_url, args.rounds)
-                view.cancel_scope.cancel()
-            hive.stop()  # its workers stop and their cgroups go before the queen does
-            await hive_done.wait()
-            queen.stop()
-
-
-async def _cancel_on_signal(signals, scope: trio.CancelScope) -> None:
-    async for signum in signals:
-        print(f"rbee: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
-        scope.cancel()
-        return
 
 
 async def top(args: argparse.Namespace) -> None:
@@ -220,7 +92,7 @@ def workers(args: argparse.Namespace) -> int:
     if args.after is not None:
         params["after"] = args.after
     try:
-        response = httpx.get(f"{args.queen}/v1/workers", params=params, timeout=args.timeout,
+        response = httpx.get(f"{args.queen}{paths.WORKERS}", params=params, timeout=args.timeout,
                              verify=client_verify(args.ca_file, "--ca-file"),
                              headers=args.read_headers)
     except httpx.TransportError as exc:
@@ -320,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rbee: {exc}", file=sys.stderr)
             return 1
     status = 0
+    if args.command == "up":
+        from .demo.up import up  # the demo alone starts a queen and a hive in this process
     try:
         trio.run(up if args.command == "up" else top, args)
     except* KeyboardInterrupt:  # trio may deliver it inside an exception group

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._errors import ConfigError
-from .telemetry import ID_MAX_CHARS, ID_PATTERN
+from .contract import ID_MAX_CHARS, ID_PATTERN
 
 log = logging.getLogger(__name__)
 

@@ -30,21 +30,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .telemetry import GpuDevice, HiveInfo, WorkerTelemetry, describe_health, on_gpu
+from .contract import GpuDevice, HiveRecord, WorkerTelemetry, describe_health, on_gpu, paths
 
 MIB = 2**20
 HEALTH_STATES = ("healthy", "degraded", "unhealthy")
-
-
-@dataclass(frozen=True, slots=True)
-class HiveRecord:
-    """One hive as a scrape sees it (the structs are never mutated once stored)."""
-
-    info: HiveInfo
-    workers: list[WorkerTelemetry]
-    gpus: list[GpuDevice]
-    stale: bool = False
-    silent_s: float = 0.0
 
 
 WORKER_LABELS = ("hive", "group", "instance", "model")
@@ -343,4 +332,4 @@ def metrics_route(registry: CollectorRegistry,
             render, registry, request.headers.get("accept"), hives)
         return Response(body, media_type=content_type)
 
-    return Route("/metrics", metrics, methods=["GET"])
+    return Route(paths.METRICS, metrics, methods=["GET"])

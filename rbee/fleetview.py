@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .telemetry import (
+from .contract import (
     GpuDevice,
     HealthStatus,
     Healthy,
@@ -23,7 +23,7 @@ from .telemetry import (
     WorkerTelemetry,
     describe_health,
 )
-from .view import Row, gpu_table, sparkline, table
+from .terminal import Row, gpu_table, sparkline, table
 
 
 @dataclass

@@ -15,11 +15,10 @@ import trio
 from httpx_sse import aconnect_sse
 
 from ._errors import ContractError
-from .telemetry import STREAM_EVENT_NAME, StreamEvent, decode_stream_event
+from .contract import STREAM_EVENT_NAME, StreamEvent, decode_stream_event, paths
 
 log = logging.getLogger(__name__)
 
-STREAM_PATH = "/v1/heartbeats/stream"
 
 
 async def follow_stream(queen_url: str, on_event: Callable[[StreamEvent], None], *,
@@ -36,17 +35,17 @@ async def follow_stream(queen_url: str, on_event: Callable[[StreamEvent], None],
                                  headers=headers) as client:
         while True:
             try:
-                async with aconnect_sse(client, "GET", STREAM_PATH) as source:
+                async with aconnect_sse(client, "GET", paths.STREAM) as source:
                     source.response.raise_for_status()
                     async for sse in source.aiter_sse():
                         if sse.event == STREAM_EVENT_NAME:
                             on_event(decode_stream_event(sse.data))
                 problem = "the queen closed the stream"
             except httpx.HTTPStatusError as exc:
-                problem = f"HTTP {exc.response.status_code} from {queen_url}{STREAM_PATH}"
+                problem = f"HTTP {exc.response.status_code} from {queen_url}{paths.STREAM}"
             except httpx.TransportError as exc:
                 problem = f"cannot reach the queen at {queen_url}: {type(exc).__name__}"
             except ContractError as exc:  # not our queen's stream, or a newer one's
-                problem = f"unreadable event from {queen_url}{STREAM_PATH}: {exc}"
+                problem = f"unreadable event from {queen_url}{paths.STREAM}: {exc}"
             on_down(problem)
             await trio.sleep(retry_s)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 from hypothesis import strategies as st
 
-from rbee.telemetry import encode
+from rbee.contract import encode
 
 from .builders import fleet_heartbeat
 

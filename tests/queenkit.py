@@ -15,8 +15,8 @@ import trio
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from rbee.config import QueenConfig, parse_config
+from rbee.contract import STREAM_EVENT_NAME, HiveHeartbeat, StreamEvent, decode_stream_event, encode
 from rbee.queen.server import QueenServer
-from rbee.telemetry import STREAM_EVENT_NAME, HiveHeartbeat, StreamEvent, decode_stream_event, encode
 
 STREAM_PATH = "/v1/heartbeats/stream"
 

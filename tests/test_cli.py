@@ -16,8 +16,7 @@ import msgspec
 import pytest
 import trio
 
-from rbee.fleetview import FleetView
-from rbee.telemetry import (
+from rbee.contract import (
     Degraded,
     EngineState,
     GpuUtilSource,
@@ -29,6 +28,7 @@ from rbee.telemetry import (
     WorkerState,
     utc_now,
 )
+from rbee.fleetview import FleetView
 
 from .builders import gpu, heartbeat, worker
 from .daemons import BIN

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from rbee import ConfigError
-from rbee.auth import read_token
 from rbee.config import HiveConfig, QueenConfig, load_config, parse_config
+from rbee.http.auth import read_token
 
 from .daemons import BIN
 

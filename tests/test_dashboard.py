@@ -19,8 +19,8 @@ from importlib.resources import files
 import httpx
 import msgspec
 
+from rbee.contract import EngineState, encode
 from rbee.queen.dashboard import CONTENT_SECURITY_POLICY
-from rbee.telemetry import EngineState, encode
 
 from .browserkit import CONNECTION, WORKER_KEYS, chromium, console_errors, wait_for
 from .builders import fleet_heartbeat
@@ -302,12 +302,23 @@ def test_dashboard_opens_with_the_read_token(tmp_path):
                                content=encode(heartbeat("guarded", [worker("a")])))
         assert response.status_code == 200, response.text
         wait_for(driver, WORKER_KEYS, lambda keys: keys == ["guarded/llm/a"])
-        time.sleep(1.0)  # the page asked for the history as it loaded; a 401 is logged
+        # the page asked for the history as it loaded: answered (a refusal would log a 401)
+        wait_for(driver, HISTORY_STATUSES, lambda statuses: 200 in statuses)
         assert console_errors(driver) == []
         driver.get(f"{q.url}/")  # without the token: refused, and the console says so
         wait_for(driver, CONNECTION, lambda text: text != "live")
-        time.sleep(1.0)
-        assert any("401" in message for message in console_errors(driver))
+        wait_for(driver, HISTORY_STATUSES, lambda statuses: 401 in statuses)
+        with_401: list[str] = []
+        deadline = time.monotonic() + 10  # the console's entries may come after the response
+        while not any("401" in message for message in with_401):
+            assert time.monotonic() < deadline, with_401
+            with_401 += console_errors(driver)
+            time.sleep(0.05)
+
+
+HISTORY_STATUSES = """return performance.getEntriesByType("resource")
+    .filter((entry) => entry.name.includes("/v1/history")).map((entry) => entry.responseStatus)"""
+"""The statuses of the page's history requests so far (the browser's resource timing)."""
 
 
 def refused_while_down(message: str) -> bool:

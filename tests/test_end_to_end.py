@@ -24,8 +24,8 @@ import pytest
 import trio
 import yaml
 
-from rbee.auth import bearer
-from rbee.telemetry import HiveRemovedEvent, HiveTelemetryEvent, WorkerState, utc_now
+from rbee.contract import HiveRemovedEvent, HiveTelemetryEvent, WorkerState, utc_now
+from rbee.http.auth import bearer
 
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, sleeper
 from .daemons import BIN, Daemon
@@ -357,7 +357,7 @@ async def test_nvidia_smi_timeout(tmp_path, client):
 
 UNPRIVILEGED_HIVE = """
 import os, sys
-import rbee.hive.main, rbee.hive.service, rbee._http  # nobody cannot read root's Python install,
+import rbee.hive.main, rbee.hive.service, rbee.http.serving  # nobody cannot read root's Python install,
 import hypercorn.trio.run, hypercorn.protocol.h11, hypercorn.protocol.http_stream  # so import
 import hypercorn.trio.tcp_server, hypercorn.trio.lifespan, hypercorn.trio.task_group  # first
 import httpx, httpcore, h11, anyio._backends._trio, starlette.routing, yaml, encodings.idna

@@ -11,17 +11,18 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from rbee.exposition import FleetCollector, HiveRecord, fleet_text, render
-from rbee.telemetry import (
+from rbee.contract import (
     Degraded,
     EngineState,
     GpuFault,
     GpuFaultKind,
     GpuUtilSource,
+    HiveRecord,
     Unhealthy,
     WorkerGpuUse,
     WorkerState,
 )
+from rbee.exposition import FleetCollector, fleet_text, render
 
 from .builders import GIB, fleet_heartbeat, gpu, heartbeat, worker
 

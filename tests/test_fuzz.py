@@ -16,8 +16,7 @@ import msgspec
 import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 
-from rbee.queen.registry import FleetWorker
-from rbee.telemetry import HiveState, encode
+from rbee.contract import FleetWorker, HiveState, encode
 
 from .builders import fleet_heartbeat
 from .daemons import Daemon

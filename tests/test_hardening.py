@@ -23,7 +23,7 @@ import yaml
 
 from rbee._errors import ConfigError
 from rbee.config import HiveConfig, QueenConfig, parse_config
-from rbee.telemetry import encode
+from rbee.contract import encode
 
 from .builders import fleet_heartbeat
 from .daemons import BIN, Daemon

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rbee.config import HistorySettings
-from rbee.exposition import HiveRecord
+from rbee.contract import HiveRecord
 from rbee.queen.history import FleetHistory, QueryError, Ring, Selector
 
 from .builders import GIB, gpu, heartbeat, worker
@@ -93,7 +93,7 @@ def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
 
 
 def test_engine_figures_where_known():
-    from rbee.telemetry import EngineState
+    from rbee.contract import EngineState
 
     history = FleetHistory()
     for second in range(3):
@@ -177,11 +177,18 @@ async def queen(nursery):
     return await start_queen(nursery, history={"fine_step_s": 0.2})
 
 
+async def _recorded(client: httpx.AsyncClient) -> list[float | None]:
+    answer = (await client.get("/v1/history", params={"metric": "cpu_pct", "since": 2})).json()
+    return [v for series in answer["series"] for v in series["values"]]
+
+
 async def test_history_over_http(queen):
     async with httpx.AsyncClient(base_url=url_of(queen), timeout=5) as client:
         for cpu in (10.0, 20.0, 30.0):
             await post_heartbeat(client, queen, heartbeat("a", [worker("w", cpu_pct=cpu)]))
-            await trio.sleep(0.5)  # the queen records on its own every 0.2 s
+            with trio.fail_after(5):  # until the queen has recorded it (on its own, every 0.2 s)
+                while cpu not in await _recorded(client):
+                    await trio.sleep(0.05)
         response = await client.get("/v1/history", params={"metric": "cpu_pct", "since": 2,
                                                               "instance": "w"})
         assert response.status_code == 200, response.text

@@ -17,10 +17,7 @@ import trio
 
 from rbee._errors import ContractError, SpawnError
 from rbee._logs import RateLimitedLog
-from rbee.fleetview import FleetView
-from rbee.hive.service import HiveService
-from rbee.queen.registry import FleetWorker, HiveRegistry
-from rbee.telemetry import (
+from rbee.contract import (
     LONG_TEXT_CHARS,
     MAX_FIGURE,
     MAX_METRICS,
@@ -28,14 +25,17 @@ from rbee.telemetry import (
     SHORT_TEXT_CHARS,
     CollectorIssue,
     Degraded,
+    FleetWorker,
     HiveTelemetryEvent,
     decode_heartbeat,
     encode,
-    fit_gpu,
-    fit_worker,
     utc_now,
 )
-from rbee.view import printable
+from rbee.fleetview import FleetView
+from rbee.hive.fitting import fit_gpu, fit_worker
+from rbee.hive.service import HiveService
+from rbee.queen.registry import HiveRegistry
+from rbee.terminal import printable
 
 from .builders import fleet_heartbeat, gpu, heartbeat, worker
 from .conftest import sleeper

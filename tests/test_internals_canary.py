@@ -1,7 +1,7 @@
 """The library internals rbee builds on, named one by one, so that a release that moves one fails
 here with a line naming it, not in a fleet's first connection.
 
-``rbee/_transport.py`` subclasses hypercorn's trio ``TCPServer`` and its ``ProtocolWrapper`` and
+``rbee/http/transport.py`` subclasses hypercorn's trio ``TCPServer`` and its ``ProtocolWrapper`` and
 ``H11Protocol``, overrides private methods of theirs, calls others and reads attributes their
 constructors set. None of that is hypercorn's public API, so setup.py bounds hypercorn below its
 next minor release (``<0.19``): a new release is let in by raising the bound once this test and
@@ -28,7 +28,7 @@ HYPERCORN = "hypercorn"
 REPO = Path(__file__).parents[1]
 
 MEMBERS: dict[str, tuple[str, ...]] = {
-    # module: names, and Class.member, that _transport.py imports, overrides or calls
+    # module: names, and Class.member, that rbee/http/transport.py imports, overrides or calls
     "hypercorn.config": ("Config", "Config.create_ssl_context", "Config.graceful_timeout",
                          "Sockets"),
     "hypercorn.events": ("Closed", "Event", "RawData", "Updated"),
@@ -46,7 +46,7 @@ MEMBERS: dict[str, tuple[str, ...]] = {
 }
 
 SIGNATURES: dict[str, tuple[str, ...]] = {
-    # what _transport.py passes positionally (or overrides), in this order
+    # what rbee/http/transport.py passes positionally (or overrides), in this order
     "hypercorn.trio.tcp_server.TCPServer.__init__": ("self", "app", "config", "context", "state",
                                                      "stream"),
     "hypercorn.protocol.ProtocolWrapper.__init__": (
@@ -61,7 +61,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    # instance attributes the class sets (``self.x =``) that _transport.py reads or replaces
+    # instance attributes the class sets (``self.x =``) that rbee/http/transport.py reads or replaces
     "hypercorn.trio.tcp_server.TCPServer": ("app", "config", "context", "state", "stream",
                                             "idle_task", "protocol", "_task_group"),
     "hypercorn.protocol.ProtocolWrapper": ("app", "config", "context", "task_group", "state",
@@ -104,7 +104,7 @@ def moved_members(members: dict[str, tuple[str, ...]], signatures: dict[str, tup
                 _resolve(f"{module}.{name}")
             except (ImportError, AttributeError):
                 moved.append(f"hypercorn {version}: {module}.{name} is gone "
-                             "(rbee/_transport.py uses it)")
+                             "(rbee/http/transport.py uses it)")
     for function, expected in signatures.items():
         try:
             found = tuple(inspect.signature(_resolve(function)).parameters)
@@ -112,16 +112,16 @@ def moved_members(members: dict[str, tuple[str, ...]], signatures: dict[str, tup
             found = None
         if found != expected:
             moved.append(f"hypercorn {version}: {function} takes {found}, not {expected} "
-                         "(rbee/_transport.py calls or overrides it so)")
+                         "(rbee/http/transport.py calls or overrides it so)")
     for class_name, names in attributes.items():
         try:
             cls = _resolve(class_name)
         except (ImportError, AttributeError):
-            moved.append(f"hypercorn {version}: {class_name} is gone (rbee/_transport.py "
+            moved.append(f"hypercorn {version}: {class_name} is gone (rbee/http/transport.py "
                          "reads its attributes)")
             continue
         moved.extend(f"hypercorn {version}: {class_name} no longer sets .{name} "
-                     "(rbee/_transport.py reads it)"
+                     "(rbee/http/transport.py reads it)"
                      for name in names if not _sets_attribute(cls, name))
     return moved
 
@@ -141,11 +141,11 @@ def test_a_moved_member_is_one_line_naming_it():
         {**ATTRIBUTES, "hypercorn.protocol.h11.H11Protocol": ("connection", "conn")})
     assert moved == [
         f"hypercorn {version}: hypercorn.trio.tcp_server.TCPServer._read_more is gone "
-        "(rbee/_transport.py uses it)",
+        "(rbee/http/transport.py uses it)",
         f"hypercorn {version}: hypercorn.protocol.h11.H11Protocol._check_protocol takes "
-        "('self', 'event'), not ('self', 'request') (rbee/_transport.py calls or overrides it so)",
+        "('self', 'event'), not ('self', 'request') (rbee/http/transport.py calls or overrides it so)",
         f"hypercorn {version}: hypercorn.protocol.h11.H11Protocol no longer sets .conn "
-        "(rbee/_transport.py reads it)",
+        "(rbee/http/transport.py reads it)",
     ]
 
 

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import yaml
 
-from rbee.telemetry import EngineState, WorkerGpuUse, encode
+from rbee.contract import EngineState, WorkerGpuUse, encode
 
 from .builders import GIB, gpu, heartbeat, worker
 from .conftest import RUN_ROOT, sleeper

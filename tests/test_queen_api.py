@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import trio
 
-from rbee.telemetry import (
+from rbee.contract import (
     Degraded,
     EngineState,
     GpuFault,

@@ -16,8 +16,7 @@ import trio
 
 from rbee import AdmissionError, NotFoundError
 from rbee.config import RegistrySettings
-from rbee.queen.registry import HiveRegistry, WorkerQuery, idle_instances, is_idle
-from rbee.telemetry import (
+from rbee.contract import (
     Degraded,
     EngineState,
     OperationalStatus,
@@ -25,6 +24,8 @@ from rbee.telemetry import (
     WorkerGpuUse,
     WorkerState,
 )
+from rbee.queen.registry import HiveRegistry
+from rbee.queen.scheduling import WorkerQuery, idle_instances, is_idle
 
 from .builders import GIB, gpu, heartbeat, worker
 

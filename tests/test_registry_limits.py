@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from rbee.telemetry import encode
+from rbee.contract import encode
 
 from .builders import heartbeat, worker
 from .queenkit import start_queen, url_of

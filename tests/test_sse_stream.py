@@ -13,9 +13,8 @@ import httpx
 import pytest
 import trio
 
-from rbee.queen.broadcast import Subscription
-from rbee.queen.server import QueenServer
-from rbee.telemetry import (
+from rbee.config import QueenConfig, parse_config
+from rbee.contract import (
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveTelemetryEvent,
@@ -25,6 +24,9 @@ from rbee.telemetry import (
     decode_stream_event,
     encode,
 )
+from rbee.queen.broadcast import Subscription
+from rbee.queen.fleet import open_fleet
+from rbee.queen.server import QueenServer
 
 from .builders import fleet_heartbeat, heartbeat, worker
 from .queenkit import (
@@ -221,7 +223,7 @@ async def test_stream_frequency(autojump_clock):
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
         nursery.start_soon(lambda: queen.run())
-        async for frame in queen.broadcaster.stream():
+        async for frame in queen.fleet.stream():
             data = frame.decode().split("data: ", 1)[1].split("\r\n", 1)[0]
             if isinstance(decode_stream_event(data), QueenEvent):
                 stamps.append(trio.current_time() - start)
@@ -229,6 +231,31 @@ async def test_stream_frequency(autojump_clock):
                     break
         nursery.cancel_scope.cancel()
     assert stamps == pytest.approx([2.5, 5.0, 7.5, 10.0])
+
+
+async def test_sweep_schedule(autojump_clock):
+    """Silence is judged each ``cleanup_interval_s`` on the queen's clock: a hive heard once is
+    announced stale at ``stale_after_s`` and removed at ``remove_after_s``, to the tick. The fleet
+    runs in-process under trio's MockClock (its registry on trio's clock), so virtual time decides
+    the schedule."""
+    config = parse_config({"registry": {"stale_after_s": 3, "remove_after_s": 10,
+                                        "cleanup_interval_s": 1},
+                           "stream": {"queen_interval_s": 3600}}, QueenConfig)
+    fleet = open_fleet(config, clock=trio.current_time)
+    verdicts: list[tuple[str, float]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fleet.store.run)
+        start = trio.current_time()
+        await fleet.store.ingest(heartbeat("hive-a", [worker("a")]))
+        async for frame in fleet.stream():
+            event = decode_stream_event(frame.decode().split("data: ", 1)[1].split("\r\n", 1)[0])
+            if isinstance(event, HiveStaleEvent | HiveRemovedEvent):
+                verdicts.append((event.__struct_config__.tag, trio.current_time() - start))
+                if isinstance(event, HiveRemovedEvent):
+                    break
+        nursery.cancel_scope.cancel()
+    assert verdicts == [("hive_stale", 3.0), ("hive_removed", 10.0)]
+    assert fleet.registry.hive_ids() == []
 
 
 async def test_stream_with_no_hives(nursery, client):

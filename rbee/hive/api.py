@@ -8,6 +8,8 @@
     DELETE /v1/workers/{group}/{instance}
     GET    /metrics                      its workers and GPUs, for Prometheus (rbee/exposition.py)
 
+The paths are named in ``rbee/contract/paths.py``; errors answer by type (``STATUSES``).
+
 With ``auth_token_file`` set, spawning and stopping take ``Authorization: Bearer <token>`` (401
 without it); reads stay open. A worker spawned here is kept running by its restart policy, like
 one from the config, until it is deleted.
@@ -15,7 +17,7 @@ one from the config, until it is deleted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 from prometheus_client.registry import CollectorRegistry
@@ -24,34 +26,40 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._errors import CgroupError, LimitError, NotFoundError, SpawnError
-from .._http import ApiError, JsonResponse, json_app, ok, read_body
-from ..auth import require_token
-from ..config import WorkerSpec
-from ..exposition import HiveRecord, metrics_route
-from ..telemetry import HealthStatus, HiveHeartbeat, OperationalStatus, decode_json
+from .._errors import CgroupError, LimitError, NotFoundError, SpawnError, WorkerExistsError
+from ..config import HiveConfig, WorkerSpec
+from ..contract import HiveHealth, HiveHeartbeat, HiveRecord, decode_json, paths
+from ..exposition import metrics_route
+from ..http.app import JsonResponse, Statuses, json_app, ok
+from ..http.auth import require_token
+from ..http.bodies import read_body
 
-if TYPE_CHECKING:
-    from .service import HiveService
-
-
-class QueenLink(msgspec.Struct, kw_only=True):
-    url: str
-    reachable: bool
-    delivered: int
-    failed: int
-    """Sends that failed since the hive started (each one retried)."""
-    last_problem: str
+STATUSES: Statuses = {
+    NotFoundError: 404,
+    WorkerExistsError: 409,
+    LimitError: 400,
+    SpawnError: 400,
+    CgroupError: 503,
+}
+"""What the hive answers for each of its errors a handler lets through."""
 
 
-class HiveHealth(msgspec.Struct, kw_only=True):
-    status: str
-    hive_id: str
-    operational_status: OperationalStatus
-    health_status: HealthStatus
-    cgroup_backend: str
-    workers: int
-    queen: QueenLink
+class HiveContext(Protocol):
+    """What the hive's API needs of the hive (``rbee/hive/service.py``)."""
+
+    config: HiveConfig
+    token: str | None
+
+    @property
+    def latest(self) -> HiveHeartbeat:
+        """The heartbeat last built: the workers and GPUs as last collected."""
+
+    def health(self) -> HiveHealth: ...
+
+    async def spawn(self, spec: WorkerSpec) -> int:
+        """Start a worker and keep it; its pid."""
+
+    async def stop_worker(self, group: str, instance: str) -> None: ...
 
 
 _spec_decoder = msgspec.json.Decoder(WorkerSpec)
@@ -61,55 +69,44 @@ def _record(heartbeat: HiveHeartbeat) -> HiveRecord:
     return HiveRecord(info=heartbeat.hive, workers=heartbeat.workers, gpus=heartbeat.capabilities)
 
 
-def build_app(hive: HiveService) -> Starlette:
-    agent, sender, config = hive.agent, hive.sender, hive.config
-    metrics = CollectorRegistry(auto_describe=False)  # nothing of its own yet: the fleet alone
+class HiveHandlers:
+    """The hive's endpoints over its context."""
 
-    async def health(request: Request) -> Response:
-        latest = agent.latest
-        state = sender.state
-        return JsonResponse(HiveHealth(
-            status="ok", hive_id=config.id, operational_status=agent.status,
-            health_status=latest.hive.health_status, cgroup_backend=agent.monitor.backend.name,
-            workers=len(latest.workers),
-            queen=QueenLink(url=str(sender.queen_url), reachable=state.down_since is None
-                            and state.delivered > 0, delivered=state.delivered,
-                            failed=state.failures_total, last_problem=state.last_problem)))
+    def __init__(self, hive: HiveContext) -> None:
+        self.hive = hive
 
-    async def capabilities(request: Request) -> Response:
-        return JsonResponse(agent.latest.capabilities)
+    async def health(self, request: Request) -> Response:
+        return JsonResponse(self.hive.health())
 
-    async def list_workers(request: Request) -> Response:
-        return JsonResponse(agent.latest.workers)
+    async def capabilities(self, request: Request) -> Response:
+        return JsonResponse(self.hive.latest.capabilities)
 
-    async def spawn(request: Request) -> Response:
+    async def list_workers(self, request: Request) -> Response:
+        return JsonResponse(self.hive.latest.workers)
+
+    async def spawn(self, request: Request) -> Response:
+        hive = self.hive
         require_token(request, hive.token)
-        body = await read_body(request, config.http.max_body_bytes)
+        body = await read_body(request, hive.config.http.max_body_bytes)
         spec = decode_json(_spec_decoder, body, "worker")  # a ContractError answers 400
-        try:
-            pid = await agent.spawn(spec)
-        except LimitError as exc:
-            raise ApiError(400, str(exc)) from exc
-        except SpawnError as exc:
-            raise ApiError(409 if "already exists" in str(exc) else 400, str(exc)) from exc
-        except CgroupError as exc:
-            raise ApiError(503, str(exc)) from exc
+        pid = await hive.spawn(spec)  # its errors answer by type (STATUSES)
         return ok(f"spawned {spec.group}/{spec.instance} (pid {pid})", status_code=201)
 
-    async def stop(request: Request) -> Response:
-        require_token(request, hive.token)
+    async def stop(self, request: Request) -> Response:
+        require_token(request, self.hive.token)
         group, instance = request.path_params["group"], request.path_params["instance"]
-        try:
-            await agent.stop_worker(group, instance)
-        except NotFoundError as exc:
-            raise ApiError(404, str(exc)) from exc
+        await self.hive.stop_worker(group, instance)
         return ok(f"stopped {group}/{instance}")
 
+
+def build_app(hive: HiveContext) -> Starlette:
+    handlers = HiveHandlers(hive)
+    metrics = CollectorRegistry(auto_describe=False)  # nothing of its own yet: the fleet alone
     return json_app([
-        Route("/health", health, methods=["GET"]),
-        Route("/capabilities", capabilities, methods=["GET"]),
-        Route("/v1/workers", list_workers, methods=["GET"]),
-        Route("/v1/workers", spawn, methods=["POST"]),
-        Route("/v1/workers/{group}/{instance}", stop, methods=["DELETE"]),
-        metrics_route(metrics, lambda: [_record(agent.latest)]),
-    ], config.http)
+        Route(paths.HEALTH, handlers.health, methods=["GET"]),
+        Route(paths.CAPABILITIES, handlers.capabilities, methods=["GET"]),
+        Route(paths.WORKERS, handlers.list_workers, methods=["GET"]),
+        Route(paths.WORKERS, handlers.spawn, methods=["POST"]),
+        Route(paths.HIVE_WORKER, handlers.stop, methods=["DELETE"]),
+        metrics_route(metrics, lambda: [_record(hive.latest)]),
+    ], hive.config.http, STATUSES)

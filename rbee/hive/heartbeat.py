@@ -29,15 +29,13 @@ import httpx
 import trio
 
 from .._errors import ConfigError
-from .._http import reply_message
-from ..auth import bearer, hive_basic
 from ..config import HeartbeatSettings
-from ..telemetry import HiveHeartbeat, encode
-from ..tls import client_verify
+from ..contract import HiveHeartbeat, encode, paths, reply_message
+from ..http.auth import bearer, hive_basic
+from ..http.tls import client_verify
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_PATH = "/v1/hive-heartbeat"
 JSON_HEADERS = {"content-type": "application/json"}
 GZIP_JSON_HEADERS = {**JSON_HEADERS, "content-encoding": "gzip"}
 
@@ -151,7 +149,7 @@ class HeartbeatSender:
             body, headers = gzip.compress(body, compresslevel=1, mtime=0), GZIP_JSON_HEADERS
         try:
             url = self.queen_url
-            response = await client.post(url.copy_with(path=url.path.rstrip("/") + HEARTBEAT_PATH),
+            response = await client.post(url.copy_with(path=url.path.rstrip("/") + paths.HEARTBEAT),
                                          content=body, headers=headers)
         except httpx.TimeoutException as exc:
             return self._failed(f"timed out ({type(exc).__name__})")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from .._daemon import run_daemon
 from .._errors import ConfigError
-from ..auth import read_token
 from ..config import HiveConfig
 from ..credentials import read_secret
-from ..tls import check_server_files, client_verify
+from ..http.auth import read_token
+from ..http.tls import check_server_files, client_verify
 from .heartbeat import parse_queen_url
 from .service import HiveService
 

@@ -10,10 +10,11 @@ import logging
 
 import trio
 
-from .._http import serve
-from ..auth import read_token
-from ..config import HiveConfig
+from ..config import HiveConfig, WorkerSpec
+from ..contract import HiveHealth, HiveHeartbeat, QueenLink
 from ..credentials import read_secret
+from ..http.auth import read_token
+from ..http.serving import serve
 from .agent import HiveAgent
 from .api import build_app
 from .heartbeat import HeartbeatSender
@@ -74,3 +75,25 @@ class HiveService:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    # -- what the API asks of the hive (rbee/hive/api.py: HiveContext) --
+
+    @property
+    def latest(self) -> HiveHeartbeat:
+        return self.agent.latest
+
+    def health(self) -> HiveHealth:
+        latest, state, sender = self.agent.latest, self.sender.state, self.sender
+        return HiveHealth(
+            status="ok", hive_id=self.config.id, operational_status=self.agent.status,
+            health_status=latest.hive.health_status,
+            cgroup_backend=self.agent.monitor.backend.name, workers=len(latest.workers),
+            queen=QueenLink(url=str(sender.queen_url), reachable=state.down_since is None
+                            and state.delivered > 0, delivered=state.delivered,
+                            failed=state.failures_total, last_problem=state.last_problem))
+
+    async def spawn(self, spec: WorkerSpec) -> int:
+        return await self.agent.spawn(spec)
+
+    async def stop_worker(self, group: str, instance: str) -> None:
+        await self.agent.stop_worker(group, instance)

@@ -23,22 +23,24 @@ With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authoriz
 credential (``Authorization: Basic base64(hive_id:secret)``) and then acts only as itself: a
 heartbeat or goodbye for another hive id, or a DELETE of another hive, is refused (403). With
 ``read_token_file`` set, the stream, the listings, the history and ``/metrics`` take the read
-token (or the shared one); ``/health`` stays open. See ``rbee/auth.py``.
+token (or the shared one); ``/health`` stays open. See ``rbee/http/auth.py``.
 
 Every error is JSON ``{"status": "error", "message": ...}`` with a 4xx/5xx code, and a request that
-fails validation leaves the registry untouched.
+fails validation leaves the registry untouched. The paths are named in ``rbee/contract/paths.py``;
+errors answer by type (``STATUSES``); query parameters are decoded into structs
+(``rbee/queen/queries.py``). The handlers need only small views of the queen (``Access``,
+``Gate``), not the queen itself.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
-import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,32 +49,56 @@ from starlette.routing import Route
 
 from .. import __version__
 from .._errors import AdmissionError, NotFoundError, StoreError
-from .._http import ApiError, JsonResponse, json_app, ok, read_body
-from ..auth import ANY_HIVE, authenticate_hive, require_reader
+from ..config import QueenConfig
+from ..contract import OperationalStatus, QueenHealth, decode_heartbeat, encode, paths
+from ..credentials import HiveCredentials
 from ..exposition import metrics_route
-from ..telemetry import OperationalStatus, decode_heartbeat, encode
+from ..http.app import JsonResponse, Statuses, json_app, ok
+from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
+from ..http.bodies import read_body
+from ..http.errors import ApiError
 from .dashboard import dashboard_routes
-from .history import METRICS, QueryError, Selector
-from .registry import HiveRegistry, WorkerQuery
+from .fleet import Fleet
+from .history import METRICS, FleetHistory, QueryError, Selector
+from .metrics import QueenMetrics
+from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
+from .registry import HiveRegistry
+from .scheduling import WorkerQuery
 
-T = TypeVar("T")
+NEXT_AFTER_HEADER = "X-Next-After"
 
-HISTORY_PARAMS = frozenset({"hive", "group", "instance", "gpu", "metric", "since", "step"})
+STATUSES: Statuses = {
+    NotFoundError: 404,
+    QueryError: 400,
+    StoreError: 503,
+}
+"""What the queen answers for each of its errors a handler lets through (a heartbeat refused by
+admission answers 429 or 503 by its ``retry_after_s``: ``IngestHandlers``)."""
 
-if TYPE_CHECKING:
-    from .server import QueenServer
+
+class Access(Protocol):
+    """Who may write and read: the queen's tokens and hive credentials (``rbee/http/auth.py``)."""
+
+    token: str | None
+    read_token: str | None
+    credentials: HiveCredentials | None
 
 
-class QueenHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
-    status: str
-    version: str
-    hives: int
-    stream_clients: int
-    store: str = "memory"
-    sweeping: bool | None = None
-    """With a shared store: whether this queen holds the sweeper's lease."""
-    problem: str | None = None
-    """Why the queen is degraded: its store cannot be reached (it still serves what it has)."""
+class Gate:
+    """The checks every endpoint makes of its caller."""
+
+    def __init__(self, access: Access) -> None:
+        self.access = access
+
+    def hive(self, request: Request) -> str | None:
+        """The hive a write may act as, or ``ANY_HIVE``."""
+        return authenticate_hive(request, self.access.token, self.access.credentials)
+
+    def reader(self, request: Request) -> None:
+        require_reader(request, self.access.read_token, self.access.token)
+
+    def stream_reader(self, request: Request) -> None:
+        require_reader(request, self.access.read_token, self.access.token, query_parameter=True)
 
 
 class EventStreamResponse(EventSourceResponse):
@@ -92,45 +118,6 @@ class EventStreamResponse(EventSourceResponse):
                 await send(message)
 
         await super().__call__(scope, receive, send_with_shielded_end)
-
-
-WORKER_FILTERS = ("idle", "model", "min_free_vram_mb", "max_waiting", "max_kv_cache_pct")
-WORKER_PARAMS = (*WORKER_FILTERS, "limit", "after")
-NEXT_AFTER_HEADER = "X-Next-After"
-
-
-def _bool_param(request: Request, name: str) -> bool:
-    value = request.query_params.get(name, "false").lower()
-    if value in ("1", "true", "yes"):
-        return True
-    if value in ("0", "false", "no", ""):
-        return False
-    raise ApiError(400, f"query parameter {name!r} must be true or false, not {value!r}")
-
-
-def _float_param(request: Request, name: str) -> float | None:
-    value = request.query_params.get(name)
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise ApiError(400, f"query parameter {name!r} must be a number, not {value!r}") from None
-    if not number >= 0:  # also refuses nan
-        raise ApiError(400, f"query parameter {name!r} must be >= 0, not {value!r}")
-    if number == math.inf:  # a finite number only: infinity overflows what is computed from it
-        raise ApiError(400, f"query parameter {name!r} must be a finite number, not {value!r}")
-    return number
-
-
-def _limit_param(request: Request, default: int, most: int, most_key: str) -> int:
-    value = request.query_params.get("limit")
-    if value is None:
-        return default
-    if not value.isdigit() or not 1 <= int(value) <= most:
-        raise ApiError(400, f"query parameter 'limit' must be a whole number from 1 to "
-                            f"{most} ({most_key}), not {value!r}")
-    return int(value)
 
 
 def _paged(request: Request, body: bytes, next_after: str | None) -> Response:
@@ -168,7 +155,7 @@ async def _listed_in_slices(fetch: Fetch, after: str | None, limit: int
         await anyio.lowlevel.checkpoint()
 
 
-async def stored(write: Awaitable[T]) -> T:
+async def stored(write):
     """A write to the store; 503 naming the problem when the store cannot take it (the hive
     retries, possibly at another queen)."""
     try:
@@ -177,36 +164,27 @@ async def stored(write: Awaitable[T]) -> T:
         raise ApiError(503, f"the registry store is unavailable: {exc}") from exc
 
 
-def _workers(registry: HiveRegistry, query: WorkerQuery) -> Fetch:
-    def fetch(after: str | None, limit: int) -> tuple[Sequence[object], str | None]:
-        page = registry.workers_page(query, after=after, limit=limit)
-        return page.workers, page.next_after
+class IngestHandlers:
+    """The writes: heartbeats (and a hive's goodbye), and an operator's removal."""
 
-    return fetch
+    def __init__(self, config: QueenConfig, fleet: Fleet, gate: Gate,
+                 metrics: QueenMetrics) -> None:
+        self.config, self.store, self.gate, self.metrics = config, fleet.store, gate, metrics
 
-
-def build_app(queen: QueenServer) -> Starlette:
-    registry, broadcaster, config, store = (queen.registry, queen.broadcaster, queen.config,
-                                            queen.store)
-    one_listing_at_a_time = anyio.Lock()
-    """Listings take turns: readers looping on ``/v1/workers`` get one slice of the event loop
-    between heartbeats, not one each."""
-
-    metrics = queen.metrics
-
-    async def post_heartbeat(request: Request) -> Response:
+    async def post_heartbeat(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
-            response = await ingest(request)
+            response = await self._ingest(request)
         except ApiError as exc:
-            metrics.refusal(exc.status_code)
+            self.metrics.refusal(exc.status_code)
             raise
-        metrics.received.inc()
-        metrics.ingest.observe(time.perf_counter() - started)
+        self.metrics.received.inc()
+        self.metrics.ingest.observe(time.perf_counter() - started)
         return response
 
-    async def ingest(request: Request) -> Response:
-        acting_as = authenticate_hive(request, queen.token, queen.credentials)
+    async def _ingest(self, request: Request) -> Response:
+        config, store = self.config, self.store
+        acting_as = self.gate.hive(request)
         body = await read_body(request, config.http.max_body_bytes)
         heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
         if acting_as is not ANY_HIVE and heartbeat.hive.id != acting_as:
@@ -230,126 +208,148 @@ def build_app(queen: QueenServer) -> Starlette:
         return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
                   f"{len(heartbeat.workers)} workers received")
 
-    def reader(request: Request) -> None:
-        require_reader(request, queen.read_token, queen.token)
+    async def delete_hive(self, request: Request) -> Response:
+        acting_as = self.gate.hive(request)
+        hive_id = request.path_params["hive_id"]
+        if acting_as is not ANY_HIVE and hive_id != acting_as:
+            raise ApiError(403, f"the credential of hive {acting_as!r} cannot remove hive "
+                                f"{hive_id!r} (only itself; the shared token can)")
+        event = await stored(self.store.remove(hive_id, "removed by request"))
+        if event is None:
+            raise ApiError(404, f"unknown hive {hive_id!r}")
+        return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
 
-    async def stream(request: Request) -> Response:
-        require_reader(request, queen.read_token, queen.token, query_parameter=True)
+
+class StreamHandlers:
+    """The live stream and the queen's health."""
+
+    def __init__(self, config: QueenConfig, fleet: Fleet, gate: Gate) -> None:
+        self.config, self.fleet, self.gate = config, fleet, gate
+
+    async def stream(self, request: Request) -> Response:
+        self.gate.stream_reader(request)
+        broadcaster = self.fleet.broadcaster
         if broadcaster.closed:
             raise ApiError(503, "the queen is shutting down")
         if broadcaster.full:
             raise ApiError(503, f"too many stream clients (stream.max_clients: "
                                 f"{broadcaster.max_clients})")
         return EventStreamResponse(
-            broadcaster.stream(request.headers.get("last-event-id")), ping=config.stream.keepalive_s,
+            self.fleet.stream(request.headers.get("last-event-id")),
+            ping=self.config.stream.keepalive_s,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    async def health(request: Request) -> Response:
-        problem = store.problem
-        return JsonResponse(QueenHealth(status="degraded" if problem else "ok",
-                                        version=__version__, hives=len(registry),
-                                        stream_clients=broadcaster.client_count,
-                                        store=config.registry.store.kind, problem=problem,
-                                        sweeping=(store.sweeping if config.registry.store.kind
-                                                  == "redis" else None)),
-                            status_code=503 if problem else 200)
+    async def health(self, request: Request) -> Response:
+        store = self.fleet.store.health()
+        return JsonResponse(QueenHealth(status="degraded" if store.problem else "ok",
+                                        version=__version__, hives=len(self.fleet.registry),
+                                        stream_clients=self.fleet.broadcaster.client_count,
+                                        store=store.kind, problem=store.problem,
+                                        sweeping=store.sweeping),
+                            status_code=503 if store.problem else 200)
 
-    async def list_hives(request: Request) -> Response:
-        reader(request)
-        unknown = set(request.query_params) - {"limit", "after"}
-        if unknown:
-            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                                f"known: limit, after")
-        limit = _limit_param(request, config.registry.hives_limit, config.registry.max_hives,
-                             "registry.max_hives")
-        async with one_listing_at_a_time:
+
+class ReadHandlers:
+    """The listings, one hive, and the history."""
+
+    def __init__(self, config: QueenConfig, registry: HiveRegistry, history: FleetHistory,
+                 gate: Gate) -> None:
+        self.settings, self.registry, self.history, self.gate = (config.registry, registry,
+                                                                 history, gate)
+        self.one_listing_at_a_time = anyio.Lock()
+        """Listings take turns: readers looping on ``/v1/workers`` get one slice of the event
+        loop between heartbeats, not one each."""
+
+    def _limit(self, value: str | None, default: int, most: int, most_key: str) -> int:
+        if value is None:
+            return default
+        if not value.isdigit() or not 1 <= int(value) <= most:
+            raise ApiError(400, f"query parameter 'limit' must be a whole number from 1 to "
+                                f"{most} ({most_key}), not {value!r}")
+        return int(value)
+
+    async def list_hives(self, request: Request) -> Response:
+        self.gate.reader(request)
+        query = decode_query(request.query_params, HivesQuery)
+        settings = self.settings
+        limit = self._limit(query.limit, settings.hives_limit, settings.max_hives,
+                            "registry.max_hives")
+        async with self.one_listing_at_a_time:
             body, next_after = await _listed_in_slices(
-                lambda after, n: registry.hives_page(after=after, limit=n),
-                request.query_params.get("after"), limit)
+                lambda after, n: self.registry.hives_page(after=after, limit=n), query.after,
+                limit)
         return _paged(request, body, next_after)
 
-    async def get_hive(request: Request) -> Response:
-        reader(request)
-        try:
-            return JsonResponse(registry.get_hive(request.path_params["hive_id"]))
-        except NotFoundError as exc:
-            raise ApiError(404, str(exc)) from exc
+    async def get_hive(self, request: Request) -> Response:
+        self.gate.reader(request)
+        return JsonResponse(self.registry.get_hive(request.path_params["hive_id"]))
 
-    async def delete_hive(request: Request) -> Response:
-        acting_as = authenticate_hive(request, queen.token, queen.credentials)
-        hive_id = request.path_params["hive_id"]
-        if acting_as is not ANY_HIVE and hive_id != acting_as:
-            raise ApiError(403, f"the credential of hive {acting_as!r} cannot remove hive "
-                                f"{hive_id!r} (only itself; the shared token can)")
-        event = await stored(store.remove(hive_id, "removed by request"))
-        if event is None:
-            raise ApiError(404, f"unknown hive {hive_id!r}")
-        return ok(f"hive {hive_id!r} and {len(event.worker_ids)} workers removed")
+    async def list_workers(self, request: Request) -> Response:
+        self.gate.reader(request)
+        params = decode_query(request.query_params, WorkersQuery)
+        query = WorkerQuery(idle=params.idle, model=params.model,
+                            min_free_vram_mb=params.min_free_vram_mb,
+                            max_kv_cache_pct=params.max_kv_cache_pct,
+                            max_waiting=whole("max_waiting", params.max_waiting,
+                                              request.query_params.get("max_waiting")))
+        settings = self.settings
+        limit = self._limit(params.limit, settings.workers_limit, settings.workers_max_limit,
+                            "registry.workers_max_limit")
+        registry = self.registry
 
-    async def list_workers(request: Request) -> Response:
-        reader(request)
-        unknown = set(request.query_params) - set(WORKER_PARAMS)
-        if unknown:
-            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(WORKER_PARAMS)}")
-        idle = _bool_param(request, "idle")
-        model = request.query_params.get("model")
-        min_free = _float_param(request, "min_free_vram_mb")
-        max_waiting = _float_param(request, "max_waiting")
-        if max_waiting is not None and not max_waiting.is_integer():
-            raise ApiError(400, f"query parameter 'max_waiting' must be a whole number, "
-                                f"not {request.query_params['max_waiting']!r}")
-        max_kv = _float_param(request, "max_kv_cache_pct")
-        query = WorkerQuery(idle=idle, model=model, min_free_vram_mb=min_free,
-                            max_kv_cache_pct=max_kv,
-                            max_waiting=None if max_waiting is None else int(max_waiting))
-        limit = _limit_param(request, config.registry.workers_limit,
-                             config.registry.workers_max_limit, "registry.workers_max_limit")
+        def fetch(after: str | None, n: int) -> tuple[Sequence[object], str | None]:
+            page = registry.workers_page(query, after=after, limit=n)
+            return page.workers, page.next_after
+
         try:
-            async with one_listing_at_a_time:
-                body, next_after = await _listed_in_slices(
-                    _workers(registry, query), request.query_params.get("after"), limit)
+            async with self.one_listing_at_a_time:
+                body, next_after = await _listed_in_slices(fetch, params.after, limit)
         except ValueError as exc:
             raise ApiError(400, f"query parameter 'after': {exc}") from exc
         return _paged(request, body, next_after)
 
-    async def history(request: Request) -> Response:
-        reader(request)
-        params = request.query_params
-        unknown = set(params) - HISTORY_PARAMS
-        if unknown:
-            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(sorted(HISTORY_PARAMS))}")
+    async def history_of(self, request: Request) -> Response:
+        self.gate.reader(request)
+        params = decode_query(request.query_params, HistoryQuery)
         metrics = None
-        if "metric" in params:
-            metrics = frozenset(m.strip() for m in params["metric"].split(",") if m.strip())
+        if params.metric is not None:
+            metrics = frozenset(m.strip() for m in params.metric.split(",") if m.strip())
             bad = metrics - METRICS
             if bad or not metrics:
                 raise ApiError(400, f"unknown metric(s): {', '.join(sorted(bad)) or '(none)'}; "
                                     f"known: {', '.join(sorted(METRICS))}")
-        since = _float_param(request, "since")
-        step = _float_param(request, "step")
-        if step is not None and step == 0:
+        if params.step is not None and params.step == 0:
             raise ApiError(400, "query parameter 'step' must be > 0, not '0'")
-        selector = Selector(hive=params.get("hive"), group=params.get("group"),
-                            instance=params.get("instance"), gpu=params.get("gpu"),
-                            metrics=metrics)
-        try:
-            answer = queen.history.query(selector, 60.0 if since is None else since, step,
-                                         time.time())
-        except QueryError as exc:
-            raise ApiError(400, str(exc)) from exc
-        return JsonResponse(answer)
+        selector = Selector(hive=params.hive, group=params.group, instance=params.instance,
+                            gpu=params.gpu, metrics=metrics)
+        since = 60.0 if params.since is None else params.since
+        return JsonResponse(self.history.query(selector, since, params.step, time.time()))
 
+
+class QueenParts(Access, Protocol):
+    """What the queen's app is built from (``rbee/queen/server.py``)."""
+
+    config: QueenConfig
+    fleet: Fleet
+    history: FleetHistory
+    metrics: QueenMetrics
+
+
+def build_app(queen: QueenParts) -> Starlette:
+    config, fleet, metrics = queen.config, queen.fleet, queen.metrics
+    gate = Gate(queen)
+    writes = IngestHandlers(config, fleet, gate, metrics)
+    live = StreamHandlers(config, fleet, gate)
+    reads = ReadHandlers(config, fleet.registry, queen.history, gate)
     return json_app([
-        Route("/v1/hive-heartbeat", post_heartbeat, methods=["POST"]),
-        Route("/v1/heartbeats/stream", stream, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/hives", list_hives, methods=["GET"]),
-        Route("/v1/hives/{hive_id}", get_hive, methods=["GET"]),
-        Route("/v1/hives/{hive_id}", delete_hive, methods=["DELETE"]),
-        Route("/v1/workers", list_workers, methods=["GET"]),
-        Route("/v1/history", history, methods=["GET"]),
-        metrics_route(metrics.registry, metrics.records, reader),
+        Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
+        Route(paths.STREAM, live.stream, methods=["GET"]),
+        Route(paths.HEALTH, live.health, methods=["GET"]),
+        Route(paths.HIVES, reads.list_hives, methods=["GET"]),
+        Route(paths.HIVE, reads.get_hive, methods=["GET"]),
+        Route(paths.HIVE, writes.delete_hive, methods=["DELETE"]),
+        Route(paths.WORKERS, reads.list_workers, methods=["GET"]),
+        Route(paths.HISTORY, reads.history_of, methods=["GET"]),
+        metrics_route(metrics.registry, metrics.records, gate.reader),
         *dashboard_routes(),
-    ], config.http)
+    ], config.http, STATUSES)

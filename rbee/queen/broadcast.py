@@ -10,8 +10,9 @@ counter per event, ingestion never waits on it, and its backlog is written in pi
 ``write_chunk_bytes`` (no join of a whole backlog on the event loop).
 
 Every event carries the SSE ``id:`` its store gave it (``rbee/queen/store.py``); a client that
-reconnects with ``Last-Event-ID`` gets the events it missed, if the store still has them all, and
-then the live stream, each event once; otherwise it starts again from a snapshot.
+reconnects with ``Last-Event-ID`` gets the events it missed, if the store still has them all
+(its ``Replay``), and then the live stream, each event once; otherwise it starts again from a
+snapshot. The broadcaster holds no store: the replay is given to each ``stream``.
 
 ``publish`` and ``subscribe`` run on the queen's trio thread.
 """
@@ -21,15 +22,30 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import Protocol
 
 import trio
 from sse_starlette import ServerSentEvent
 
-from ..telemetry import STREAM_EVENT_NAME, LaggedEvent, SnapshotEvent, StreamEvent, encode, utc_now
+from ..contract import STREAM_EVENT_NAME, LaggedEvent, SnapshotEvent, StreamEvent, encode, utc_now
 
-if TYPE_CHECKING:
-    from .store import FleetStore
+
+class Replay(Protocol):
+    """Where a resuming client's missed events come from: the store that gave the ids."""
+
+    @property
+    def position(self) -> str:
+        """The id of the last event handed to the broadcaster."""
+
+    async def missed(self, last_id: str, upto: str
+                     ) -> list[tuple[str, StreamEvent | bytes]] | None:
+        """The events after ``last_id`` up to ``upto`` (included), or None when some of them are
+        no longer kept (or ``last_id`` is not one of this store's): the client needs a snapshot."""
+
+    async def caught_up(self, event_id: str) -> None:
+        """Wait (briefly) until this queen has published ``event_id``, so a client that read it
+        from a queen ahead of this one is not sent it again."""
 
 RECONNECT_MS = 1000
 """Sent with each connection's first snapshot: how soon an EventSource client should reconnect."""
@@ -115,8 +131,6 @@ class Broadcaster:
         self.max_clients = max_clients
         self._snapshot = snapshot
         self._subscribers: set[Subscription] = set()
-        self.store: FleetStore | None = None
-        """Where events come from; set by the queen once its store exists."""
         self.closed = False
         self.lagged_total = 0
         """Times a client lagged and was resynced (the queen's ``/metrics``)."""
@@ -156,16 +170,16 @@ class Broadcaster:
         finally:
             self._subscribers.discard(subscription)
 
-    async def stream(self, last_event_id: str | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, store: Replay, last_event_id: str | None = None
+                     ) -> AsyncIterator[bytes]:
         """One client's whole stream: the fleet snapshot (or, resuming after ``last_event_id``,
-        the events it missed), then every event as it is published.
+        the events it missed in ``store``), then every event as it is published.
 
         Subscribing and reading the store's position (and taking the snapshot) happen with no
         checkpoint between them, so the client misses nothing and gets nothing twice. Ends when
         the broadcaster closes; the subscription is dropped however the stream ends (client
         gone, cancelled)."""
-        store = self.store
-        assert store is not None, "the queen sets the broadcaster's store"
+        resync = partial(self._resync, store)
         if last_event_id is not None:
             await store.caught_up(last_event_id)
             with self.subscribe() as subscription:
@@ -173,29 +187,26 @@ class Broadcaster:
                 if missed is not None:
                     for event_id, event in missed:
                         yield self.frame(event, event_id)
-                    async for frame in subscription.frames(self._resync):
+                    async for frame in subscription.frames(resync):
                         yield frame
                     return
         with self.subscribe() as subscription:
             yield self.frame(self._snapshot(), store.position, retry_ms=RECONNECT_MS)
-            async for frame in subscription.frames(self._resync):
+            async for frame in subscription.frames(resync):
                 yield frame
 
-    def resync_all(self) -> None:
-        """Send every client a fresh snapshot (the store reloaded the fleet after losing
-        Redis): what they hold may describe hives that are gone."""
+    def resync_all(self, position: str) -> None:
+        """Send every client a fresh snapshot as of ``position`` (the store reloaded the fleet
+        after losing Redis): what they hold may describe hives that are gone."""
         if self._subscribers:
-            frame = self.frame(self._snapshot(), self._position())
+            frame = self.frame(self._snapshot(), position)
             for subscription in self._subscribers:
                 subscription.offer(frame)
 
-    def _position(self) -> str | None:
-        return None if self.store is None else self.store.position
-
-    def _resync(self, dropped: int) -> Iterator[bytes]:
+    def _resync(self, store: Replay, dropped: int) -> Iterator[bytes]:
         self.lagged_total += 1
         yield self.frame(LaggedEvent(dropped=dropped, timestamp=utc_now()), None)
-        yield self.frame(self._snapshot(), self._position())
+        yield self.frame(self._snapshot(), store.position)
 
     def close(self) -> None:
         """End every client's stream (at shutdown): their responses finish instead of hanging."""

@@ -20,11 +20,8 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import msgspec
-
 from ..config import HistorySettings
-from ..exposition import HiveRecord
-from ..telemetry import GpuDevice, WorkerTelemetry, on_gpu
+from ..contract import GpuDevice, HistoryAnswer, HiveRecord, SeriesData, WorkerTelemetry, on_gpu
 
 NAN16 = struct.pack("<e", math.nan)
 MAX16 = 65504.0
@@ -120,29 +117,6 @@ class Series:
             self.bucket_sum += value
             self.bucket_count += 1
             self.coarse.put(bucket, self.bucket_sum / self.bucket_count)  # the running average
-
-
-class SeriesData(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One series in a ``/v1/history`` answer: its labels, its metric, one value per column."""
-
-    hive: str
-    metric: str
-    values: list[float | None]
-    group: str | None = None
-    instance: str | None = None
-    gpu: str | None = None
-    """The GPU's (or MIG instance's) UUID."""
-    gpu_index: int | None = None
-
-
-class HistoryAnswer(msgspec.Struct, kw_only=True):
-    start: float
-    """Unix time of the first column."""
-    step: float
-    timestamps: list[float]
-    series: list[SeriesData]
-    adjusted: list[str] = []
-    """What was changed from the request to fit what is stored (step, window), and why."""
 
 
 @dataclass(frozen=True, slots=True)

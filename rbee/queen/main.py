@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 
 from .._daemon import run_daemon
-from ..auth import read_token
 from ..config import QueenConfig
 from ..credentials import HiveCredentials
-from ..tls import check_server_files
+from ..http.auth import read_token
+from ..http.tls import check_server_files
 from .server import QueenServer
 
 

@@ -2,7 +2,7 @@
 
 The queen's own figures: heartbeats received and refused (by reason), the time to ingest one
 (read, decode, store, publish), stream clients and lagged clients, the registry's size, and the
-HTTP connections (open, the limit, shed at the limit, timed out by ``rbee/_transport.py``). They
+HTTP connections (open, the limit, shed at the limit, timed out by ``rbee/http/transport.py``). They
 live in a ``CollectorRegistry`` of this queen's own (not prometheus-client's global one), so two
 queens in one process, as in the tests, keep their counts apart.
 """
@@ -15,8 +15,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .._transport import ConnectionTable
-from ..exposition import HiveRecord
+from ..contract import HiveRecord
+from ..http.transport import ConnectionTable
 
 REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large",
                    415: "unsupported_encoding"}

@@ -1,4 +1,4 @@
-"""The queen's fleet view: every hive, its workers and GPUs, and the scheduling queries over them.
+"""The queen's fleet registry: every hive, its workers and GPUs, and the scheduling queries over them.
 
 A hive's record is replaced whole by each heartbeat (never merged), so a worker that is gone from
 the hive is gone from the registry at the next heartbeat. Silence is judged by the queen's own
@@ -30,135 +30,37 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import msgspec
-
 from .._errors import AdmissionError, NotFoundError
 from ..config import RegistrySettings
-from ..exposition import HiveRecord
-from ..telemetry import (
+from ..contract import (
+    FleetWorker,
     GpuDevice,
     HiveHeartbeat,
     HiveInfo,
+    HiveRecord,
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveState,
-    OperationalStatus,
     QueenEvent,
     SnapshotEvent,
-    Unhealthy,
-    WorkerState,
+    WorkerPage,
     WorkerTelemetry,
     utc_now,
+    worker_id,
 )
-from .silence import judge
+from .scheduling import (
+    EVERY_WORKER,
+    HiveVram,
+    WorkerQuery,
+    fleet_key,
+    hive_schedulable,
+    instance_key,
+    judged,
+    parse_worker_id,
+)
+from .silence import StallRule, judge
 
 log = logging.getLogger(__name__)
-
-SCHEDULABLE_STATUSES = frozenset({OperationalStatus.READY, OperationalStatus.BUSY})
-
-
-class VramFigures(msgspec.Struct, kw_only=True):
-    """VRAM of the GPU(s) a worker runs on. A scheduler needs both figures: ``free_mb`` is what
-    the driver measures as free now; ``claimed_mb`` is what rbee workers on those GPUs hold."""
-
-    gpu_indices: list[int]
-    total_mb: float
-    free_mb: float
-    claimed_mb: float
-    measured: bool
-    """False when the hive sent no device list: ``free_mb`` is then the worker's own GPU total
-    less the VRAM it uses, the best estimate there is."""
-
-
-class FleetWorker(msgspec.Struct, kw_only=True):
-    """One worker as the queen sees it: where it runs, whether it may be scheduled, its VRAM."""
-
-    hive_id: str
-    hive_stale: bool
-    schedulable: bool
-    worker: WorkerTelemetry
-    idle: bool = False
-    """Schedulable and ``is_idle``: the one meaning of idle. The stream's ``idle`` lists, the
-    ``queen`` event's ``workers_available``, ``?idle=true``, the CLI and the dashboard all show
-    this figure; none of them computes its own."""
-    vram: VramFigures | None = None
-    unhealthy_gpus: list[str] = []
-    """UUIDs of the worker's GPUs whose health is unhealthy (skipped by scheduling queries when
-    ``registry.skip_unhealthy_gpus``)."""
-
-    @property
-    def id(self) -> str:
-        return worker_id(self.hive_id, self.worker)
-
-
-def is_idle(worker: WorkerTelemetry, idle_gpu_util_pct: float) -> bool:
-    """Whether a worker can take new work now. The engine knows best: when its state is known,
-    idle means no request running and none waiting, whatever the GPU shows. Otherwise the GPU
-    decides: utilisation at or under ``idle_gpu_util_pct``; an unknown figure (None) is never
-    idle."""
-    engine = worker.engine
-    if engine is not None:
-        return engine.requests_running == 0 and engine.requests_waiting == 0
-    util = worker.gpu_util_pct
-    return util is not None and util <= idle_gpu_util_pct
-
-
-def worker_id(hive_id: str, worker: WorkerTelemetry) -> str:
-    return f"{hive_id}/{worker.group}/{worker.instance}"
-
-
-class WorkerQuery(msgspec.Struct, kw_only=True, frozen=True):
-    """What ``GET /v1/workers`` asks for. With no condition set, every worker (stale hives'
-    included, flagged); with any, only schedulable workers matching all of them. ``max_waiting``
-    and ``max_kv_cache_pct`` ask the worker's engine, so a worker whose engine state is unknown
-    (or whose engine publishes no KV-cache figure) does not match them."""
-
-    idle: bool = False
-    model: str | None = None
-    min_free_vram_mb: float | None = None
-    max_waiting: int | None = None
-    max_kv_cache_pct: float | None = None
-
-    @property
-    def filtered(self) -> bool:
-        return self.idle or any(value is not None for value in (
-            self.model, self.min_free_vram_mb, self.max_waiting, self.max_kv_cache_pct))
-
-    def matches(self, found: FleetWorker) -> bool:
-        if not self.filtered:
-            return True
-        worker, engine = found.worker, found.worker.engine
-        return (found.schedulable
-                and (not self.idle or found.idle)
-                and (self.model is None or worker.model == self.model)
-                and (self.min_free_vram_mb is None or (
-                    found.vram is not None and found.vram.free_mb >= self.min_free_vram_mb))
-                and (self.max_waiting is None or (
-                    engine is not None and engine.requests_waiting <= self.max_waiting))
-                and (self.max_kv_cache_pct is None or (
-                    engine is not None and engine.kv_cache_pct is not None
-                    and engine.kv_cache_pct <= self.max_kv_cache_pct)))
-
-
-EVERY_WORKER = WorkerQuery()
-
-
-class WorkerPage(msgspec.Struct, kw_only=True):
-    """One page of a worker listing, in worker id order (hive, group, instance)."""
-
-    workers: list[FleetWorker]
-    next_after: str | None
-    """The cursor of the next page (the last worker id here) when this page is full; None when
-    the listing ended. A full page may be followed by an empty one."""
-
-
-def parse_worker_id(text: str) -> tuple[str, str, str]:
-    """``hive/group/instance`` as a sort key; ValueError naming the text otherwise."""
-    parts = text.split("/")
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f"{text!r} is not a worker id (hive/group/instance)")
-    return parts[0], parts[1], parts[2]
-
 
 class _AdmissionBucket:
     """A token bucket: ``burst`` new hives at once, then ``rate`` per second."""
@@ -220,7 +122,7 @@ class HiveRegistry:
         self._admission = _AdmissionBucket(self.settings.new_hives_per_s,
                                            self.settings.new_hives_burst, clock())
         self._lock = threading.Lock()
-        self._last_sweep: float | None = None
+        self._stall = StallRule(self.settings)
         self._holding = False
 
     # -- writing ---------------------------------------------------------------------------
@@ -406,19 +308,16 @@ class HiveRegistry:
     def sweep(self) -> SweepResult:
         """Mark silent hives stale and remove those silent past ``remove_after_s``.
 
-        Called by the queen's cleanup task every ``cleanup_interval_s``. If this call comes much
-        later than that (the queen was stopped or its loop stalled), the queen was not listening,
-        so every hive's silence is counted from now instead."""
+        Called by the queen's cleanup task every ``cleanup_interval_s``; after a stall, silences
+        restart (``silence.StallRule``)."""
         settings = self.settings
         result = SweepResult()
         now = self._clock()
         with self._lock:
-            if self._last_sweep is not None and now - self._last_sweep > settings.stale_after_s:
-                log.warning("the queen did not sweep for %.1fs (stalled or suspended); "
-                            "restarting every hive's silence count", now - self._last_sweep)
+            counted_from = self._stall.restart_from(now)
+            if counted_from is not None:
                 for entry in self._hives.values():
-                    entry.received_at = max(entry.received_at, now - settings.cleanup_interval_s)
-            self._last_sweep = now
+                    entry.received_at = max(entry.received_at, counted_from)
             silent = {hive_id: now - entry.received_at for hive_id, entry in self._hives.items()}
             verdict = judge(silent, {h for h, e in self._hives.items() if e.stale}, settings,
                             established={h for h, e in self._hives.items()
@@ -473,7 +372,7 @@ class HiveRegistry:
                          silent_s=round(max(0.0, now - entry.received_at), 3),
                          last_heartbeat=entry.last_heartbeat, workers=list(entry.workers),
                          capabilities=list(entry.capabilities),
-                         idle=[_instance_key(w.worker) for w in self._hive_workers(
+                         idle=[instance_key(w.worker) for w in self._hive_workers(
                              hive_id, entry, with_vram=False) if w.idle])
 
     def _hive_workers(self, hive_id: str, entry: _HiveEntry, *, with_vram: bool = True,
@@ -487,13 +386,13 @@ class HiveRegistry:
             if with_vram:
                 entry.listed = (key, listed)
         if after is not None and after[0] == hive_id:
-            return iter(listed[bisect_right(listed, after[1:], key=_fleet_key):])
+            return iter(listed[bisect_right(listed, after[1:], key=fleet_key):])
         return iter(listed if after is None or after[0] < hive_id else ())
 
     def _list_workers(self, hive_id: str, entry: _HiveEntry, *,
                       with_vram: bool) -> Iterator[FleetWorker]:
-        vram = _HiveVram(entry) if with_vram else None
-        for worker, on_unhealthy, schedulable, idle in _judged(
+        vram = HiveVram(entry.capabilities, entry.workers) if with_vram else None
+        for worker, on_unhealthy, schedulable, idle in judged(
                 entry.workers, entry.capabilities, entry.schedulable, self.settings):
             yield FleetWorker(
                 hive_id=hive_id, hive_stale=entry.stale, schedulable=schedulable, idle=idle,
@@ -501,96 +400,6 @@ class HiveRegistry:
                 unhealthy_gpus=on_unhealthy)
 
 
-def hive_schedulable(info: HiveInfo, stale: bool) -> bool:
-    """A hive whose workers may be scheduled: heard from lately, ready or busy, not unhealthy."""
-    return (not stale and info.operational_status in SCHEDULABLE_STATUSES
-            and not isinstance(info.health_status, Unhealthy))
-
-
-def _judged(workers: list[WorkerTelemetry], devices: list[GpuDevice], hive_schedulable: bool,
-            settings: RegistrySettings, *, ordered: bool = True
-            ) -> Iterator[tuple[WorkerTelemetry, list[str], bool, bool]]:
-    """Each of a hive's workers (in (group, instance) order if ``ordered``), with the GPUs it runs
-    on that are unhealthy, whether it is schedulable, and whether it is idle (schedulable and
-    ``is_idle``)."""
-    unhealthy = {d.uuid for d in devices if isinstance(d.health, Unhealthy)}
-    for worker in sorted(workers, key=_worker_key) if ordered else workers:
-        on_unhealthy = _unhealthy_gpus_of(worker, devices, unhealthy)
-        schedulable = (hive_schedulable and worker.state is WorkerState.RUNNING
-                       and not (settings.skip_unhealthy_gpus and on_unhealthy))
-        yield (worker, on_unhealthy, schedulable,
-               schedulable and is_idle(worker, settings.idle_gpu_util_pct))
-
-
-def idle_instances(heartbeat: HiveHeartbeat, settings: RegistrySettings) -> list[str]:
-    """``group/instance`` of the idle workers of a hive just heard from (so not stale), by the
-    same rule as the listings: what the stream's ``hive_telemetry`` event carries."""
-    return [_instance_key(worker) for worker, _, _, idle in _judged(
-        heartbeat.workers, heartbeat.capabilities, hive_schedulable(heartbeat.hive, False),
-        settings, ordered=False) if idle]  # per heartbeat, on the ingest path: no sort
-
-
-def _instance_key(worker: WorkerTelemetry) -> str:
-    return f"{worker.group}/{worker.instance}"
-
-
-def _worker_key(worker: WorkerTelemetry) -> tuple[str, str]:
-    return worker.group, worker.instance
-
-
-def _fleet_key(found: FleetWorker) -> tuple[str, str]:
-    return found.worker.group, found.worker.instance
-
-
 def _removed(hive_id: str, entry: _HiveEntry, reason: str) -> HiveRemovedEvent:
     return HiveRemovedEvent(hive_id=hive_id, reason=reason, timestamp=utc_now(),
                             worker_ids=[worker_id(hive_id, w) for w in entry.workers])
-
-
-def _unhealthy_gpus_of(worker: WorkerTelemetry, devices: list[GpuDevice],
-                       unhealthy: set[str]) -> list[str]:
-    if not unhealthy:
-        return []
-    if worker.gpus:
-        return sorted({use.uuid for use in worker.gpus} & unhealthy)
-    return sorted(d.uuid for d in devices  # an older hive: by index
-                  if d.uuid in unhealthy and d.index in worker.gpu_indices)
-
-
-class _HiveVram:
-    """One hive's GPUs and what its workers hold on each, computed once per query (linear in the
-    number of workers). Devices are keyed by UUID, so MIG instances of one GPU stay apart. A worker
-    reports what it holds on each GPU (``gpus``); only a worker from an older hive that sends its
-    total alone is counted as holding an equal share on each of its GPUs."""
-
-    def __init__(self, entry: _HiveEntry) -> None:
-        self.devices = {device.uuid: device for device in entry.capabilities}
-        self.by_index: dict[int, list[str]] = {}
-        for device in entry.capabilities:
-            self.by_index.setdefault(device.index, []).append(device.uuid)
-        self.claimed: dict[str, float] = {}
-        for worker in entry.workers:
-            for uuid, held in self._held(worker):
-                self.claimed[uuid] = self.claimed.get(uuid, 0.0) + held
-
-    def _held(self, worker: WorkerTelemetry) -> list[tuple[str, float]]:
-        if worker.gpus:
-            return [(use.uuid, use.vram_mb or 0.0) for use in worker.gpus]
-        uuids = [u for i in worker.gpu_indices for u in self.by_index.get(i, ())[:1]]
-        return [(u, worker.vram_mb / len(uuids)) for u in uuids]
-
-    def of(self, worker: WorkerTelemetry) -> VramFigures | None:
-        devices = self.devices
-        uuids = [uuid for uuid, _ in self._held(worker)]
-        if uuids and all(u in devices for u in uuids) and (
-                worker.gpus or len(uuids) == len(worker.gpu_indices)):
-            return VramFigures(
-                gpu_indices=list(worker.gpu_indices),
-                total_mb=sum(devices[u].vram_total_mb for u in uuids),
-                free_mb=sum(devices[u].vram_free_mb for u in uuids),
-                claimed_mb=round(sum(self.claimed[u] for u in uuids), 1), measured=True)
-        if worker.total_vram_mb > 0:
-            return VramFigures(gpu_indices=list(worker.gpu_indices), total_mb=worker.total_vram_mb,
-                               free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
-                               claimed_mb=worker.vram_mb, measured=False)
-        return None

@@ -1,13 +1,13 @@
-"""The queen process: HTTP server, registry, stream and background tasks in one trio nursery.
+"""The queen process: HTTP server, fleet, stream and background tasks in one trio nursery.
 
-HTTP is hypercorn's trio worker serving the Starlette app. Beside it run the store's background
-tasks (``rbee/queen/store.py``: the stale cleanup every ``registry.cleanup_interval_s``, the fleet
-summary on the stream every ``stream.queen_interval_s``; with redis also the stream's follower and
-the sweeper's lease) and the history's recording (``history.fine_step_s``). The store is started
-first: a queen whose Redis cannot be reached at start says so and exits. ``stop()``
-first ends every SSE stream (sse-starlette's own shutdown
-draining works only on asyncio, so under trio the streams would otherwise hold the server open),
-then lets hypercorn finish requests in flight within ``http.shutdown_grace_s``.
+HTTP is hypercorn's trio worker serving the Starlette app. Beside it run the background tasks of
+the fleet's store (``rbee/queen/fleet.py``: the stale cleanup every ``registry.cleanup_interval_s``,
+the fleet summary on the stream every ``stream.queen_interval_s``; with redis also the stream's
+follower and the sweeper's lease) and the history's recording (``history.fine_step_s``). The store
+is started first: a queen whose Redis cannot be reached at start says so and exits. ``stop()``
+first ends every SSE stream (sse-starlette's own shutdown draining works only on asyncio, so under
+trio the streams would otherwise hold the server open), then lets hypercorn finish requests in
+flight within ``http.shutdown_grace_s``.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import time
 
 import trio
 
-from .._http import serve
-from .._transport import ConnectionTable
-from ..auth import read_token
 from ..config import QueenConfig
 from ..credentials import HiveCredentials
+from ..http.auth import read_token
+from ..http.serving import serve
+from ..http.transport import ConnectionTable
 from .api import build_app
+from .fleet import open_fleet
 from .history import FleetHistory
 from .metrics import QueenMetrics
-from .store import FleetStore, MemoryStore, every
+from .ticks import every
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ class QueenServer:
         self.read_token = read_token(self.config.read_token_file, key="read_token_file")
         self.credentials = (HiveCredentials(self.config.hive_credentials_file)
                             if self.config.hive_credentials_file else None)
-        self.store: FleetStore = open_store(self.config)
-        self.registry = self.store.registry
-        self.broadcaster = self.store.broadcaster
+        self.fleet = open_fleet(self.config)
+        self.registry = self.fleet.registry
+        self.broadcaster = self.fleet.broadcaster
         self.history = FleetHistory(self.config.history)
         self.connections = ConnectionTable(self.config.http.max_connections)
         self.metrics = QueenMetrics(self.registry.records,
@@ -56,7 +57,7 @@ class QueenServer:
         """Serve until ``stop()``; reports the bound URLs (``http://host:port``) when listening."""
         try:
             async with trio.open_nursery() as background:
-                await background.start(self.store.run)
+                await background.start(self.fleet.store.run)
                 background.start_soon(self._history_loop)
                 async with trio.open_nursery() as http:
                     self.urls = await http.start(self._serve_http)
@@ -90,12 +91,3 @@ class QueenServer:
             if trio.current_time() - forgotten_at >= 60:
                 forgotten_at = trio.current_time()
                 self.history.forget_old(time.time())
-
-
-def open_store(config: QueenConfig) -> FleetStore:
-    """The store ``registry.store.kind`` names, with its registry and broadcaster."""
-    if config.registry.store.kind == "redis":
-        from .redis_store import RedisStore  # its client library loads only when used
-
-        return RedisStore(config)
-    return MemoryStore(config)

@@ -63,3 +63,25 @@ def judge(silent: Mapping[str, float], flagged: Set[str], settings: RegistrySett
     else:
         verdict.holding, verdict.expired = False, expired
     return verdict
+
+
+class StallRule:
+    """The one stall rule of every store's sweeper: a sweep that comes much later than the one
+    before (longer than ``stale_after_s``: the queen was stopped, its loop stalled, or it just
+    became the sweeper) was not listening, so every hive's silence is counted from one cleanup
+    interval ago instead of from its last heartbeat."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.settings = settings
+        self.last: float | None = None
+        """When the last sweep ran, on the sweeper's clock (seconds); None before the first."""
+
+    def restart_from(self, now: float) -> float | None:
+        """None after an ordinary interval; after a stall, the moment (on the same clock) from
+        which every hive's silence is counted."""
+        last, self.last = self.last, now
+        if last is None or now - last <= self.settings.stale_after_s:
+            return None
+        log.warning("the queen did not sweep for %.1fs (stalled or suspended); restarting every "
+                    "hive's silence count", now - last)
+        return now - self.settings.cleanup_interval_s

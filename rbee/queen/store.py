@@ -1,7 +1,7 @@
 """Where the queen keeps the fleet and its stream: one interface, two stores.
 
 ``memory`` (the default) keeps both in this queen: ``rbee up`` and small fleets need nothing else.
-``redis`` (``rbee/queen/redis_store.py``) keeps them in a Redis server that several queens share,
+``redis`` (``rbee/queen/redis/``) keeps them in a Redis server that several queens share,
 so any queen takes any hive's heartbeat and every queen serves the whole fleet.
 
 Either way the queen reads the fleet from its own ``HiveRegistry`` (scheduling queries, snapshots,
@@ -17,12 +17,12 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import trio
 
-from ..telemetry import (
+from ..contract import (
     HiveHeartbeat,
     HiveRemovedEvent,
     HiveStaleEvent,
@@ -30,8 +30,10 @@ from ..telemetry import (
     StreamEvent,
     encode,
 )
-from .broadcast import Broadcaster
-from .registry import HiveRegistry, idle_instances
+from .broadcast import Broadcaster, Replay
+from .registry import HiveRegistry
+from .scheduling import idle_instances
+from .ticks import every
 
 if TYPE_CHECKING:
     from ..config import QueenConfig, RegistrySettings
@@ -39,21 +41,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class FleetStore(Protocol):
-    """What the queen's API and its stream need of a store."""
+class StoreHealth(msgspec.Struct, kw_only=True, frozen=True):
+    """A store's own report for the queen's ``/health``."""
 
-    registry: HiveRegistry
-    broadcaster: Broadcaster
-    sweeping: bool
-    """Whether this queen runs the stale sweeps (with a shared store, one queen at a time)."""
+    kind: str
+    problem: str | None = None
+    """Why the store is degraded, or None while it works."""
+    sweeping: bool | None = None
+    """With a shared store: whether this queen holds the sweeper's lease (None: always)."""
 
-    @property
-    def position(self) -> str:
-        """The id of the last event handed to the broadcaster."""
 
-    @property
-    def problem(self) -> str | None:
-        """Why the store is degraded (``/health``), or None while it works."""
+class FleetStore(Replay, Protocol):
+    """What the queen's API and its stream need of a store (and, as a ``Replay``, what a
+    resuming stream client needs)."""
+
+    def health(self) -> StoreHealth: ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -67,14 +69,6 @@ class FleetStore(Protocol):
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         """Remove a hive and announce it; None for a hive the store does not know."""
 
-    async def missed(self, last_id: str, upto: str) -> list[tuple[str, StreamEvent]] | None:
-        """The events after ``last_id`` up to ``upto`` (included), or None when some of them are
-        no longer kept (or ``last_id`` is not one of this store's): the client needs a snapshot."""
-
-    async def caught_up(self, event_id: str) -> None:
-        """Wait (briefly) until this queen has published ``event_id``, so a client that read it
-        from a queen ahead of this one is not sent it again."""
-
 
 def log_verdict(event: HiveStaleEvent | HiveRemovedEvent) -> None:
     if isinstance(event, HiveStaleEvent):
@@ -82,33 +76,6 @@ def log_verdict(event: HiveStaleEvent | HiveRemovedEvent) -> None:
     else:
         log.warning("hive %r removed with %d workers: %s", event.hive_id,
                     len(event.worker_ids), event.reason)
-
-
-async def every(interval: float) -> AsyncIterator[float]:
-    """Yield at start + interval, start + 2 * interval, ... (no drift from the work between);
-    ticks missed while the loop was busy are skipped, not bunched."""
-    deadline = trio.current_time()
-    while True:
-        deadline += interval
-        await trio.sleep_until(deadline)
-        now = trio.current_time()
-        if now - deadline > interval:
-            deadline = now
-        yield deadline
-
-
-def fleet_view(store: FleetStore, config: QueenConfig,
-               clock: Callable[[], float] = time.monotonic) -> None:
-    """Give ``store`` the registry the queen reads (on ``clock``) and the broadcaster that
-    streams it."""
-    store.registry = HiveRegistry(config.registry, clock=clock)
-    stream = config.stream
-    store.broadcaster = Broadcaster(client_buffer=stream.client_buffer,
-                                    max_clients=stream.max_clients,
-                                    snapshot=store.registry.snapshot,
-                                    client_buffer_bytes=stream.client_buffer_bytes,
-                                    write_chunk_bytes=stream.write_chunk_bytes)
-    store.broadcaster.store = store
 
 
 def telemetry_event(heartbeat: HiveHeartbeat, settings: RegistrySettings) -> HiveTelemetryEvent:
@@ -125,11 +92,11 @@ class MemoryStore:
     last events kept as structs (never mutated) for resuming clients. Event ids count up from
     the queen's start time in microseconds, so they also increase across its restarts."""
 
-    def __init__(self, config: QueenConfig) -> None:
+    def __init__(self, config: QueenConfig, registry: HiveRegistry,
+                 broadcaster: Broadcaster) -> None:
         self.config = config
-        fleet_view(self, config)
-        self.sweeping = True
-        self.problem: str | None = None
+        self.registry = registry
+        self.broadcaster = broadcaster
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
         self._last = start - 1
@@ -142,6 +109,9 @@ class MemoryStore:
     @property
     def position(self) -> str:
         return str(self._last)
+
+    def health(self) -> StoreHealth:
+        return StoreHealth(kind="memory")
 
     def publish(self, event: StreamEvent, size: int | None = None) -> None:
         """Announce ``event`` and keep it for resuming clients. ``size``, its JSON's bytes, is

@@ -1,13 +1,13 @@
 """The Lua scripts the redis store runs: each one write (or one consistent read) done atomically
 inside Redis, so queens never see a hive half-written and never race one another.
 
-Keys (``KEYS[n]`` below, all under ``<key_prefix>:``): 1 ``hives``, a hash of each hive's last
-heartbeat (JSON); 2 ``seen``, a sorted set of each hive's last heartbeat time in ms on Redis's own
-clock (the ms part of its stream entry id); 3 ``stale``, the set of hives judged stale; 4
-``stream``, the Redis Stream of events, fields ``k`` (``hb``: a heartbeat; ``ev``: an event's
-JSON) and ``d``; 5 ``sweeper``, the lease of the queen that sweeps; 6 ``first``, a sorted set of
-the time each hive was first seen (ms), which tells established hives (``established_after_s``)
-for the mass-silence guard.
+Keys (``KEYS[n]`` below, all under ``<key_prefix>:``, in the order of ``keys.RedisKeys``): 1
+``hives``, a hash of each hive's last heartbeat (JSON); 2 ``seen``, a sorted set of each hive's
+last heartbeat time in ms on Redis's own clock (the ms part of its stream entry id); 3 ``stale``,
+the set of hives judged stale; 4 ``stream``, the Redis Stream of events, fields ``k`` (``hb``: a
+heartbeat; ``ev``: an event's JSON) and ``d``; 5 ``sweeper``, the lease of the queen that sweeps; 6
+``first``, a sorted set of the time each hive was first seen (ms), which tells established hives
+(``established_after_s``) for the mass-silence guard.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import NamedTuple
 
-from .telemetry import (
+from .contract import (
     MIB,
     GpuDevice,
     GpuUtilSource,
