@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.config import CollectorSettings, EngineSettings
 from rbee.hive.collection import TelemetryCollector
-from rbee.hive.engines import identify, parse_exposition
+from rbee.collectors.engine.engines import identify, parse_exposition
 from rbee.hive.origins import OriginPools
 from rbee.plugin.manager import build_plugin_manager
 from tests.engineservers import bump, fixture, observe

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.hive.gpu import NvmlSource
+from rbee.collectors.gpu.nvml import NvmlSource
 from tests.fakes import StubNvml
 
 from .conftest import FIGURES, MEDIANS, record

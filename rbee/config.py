@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from ._errors import ConfigError, LimitError
-from .hive.limits import parse_limits
+from .limits import parse_limits
 from .telemetry import MAX_WORKERS, Identifier
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]

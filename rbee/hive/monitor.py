@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from .. import statfiles
-from .._errors import CgroupError, NotFoundError, SpawnError
+from .._errors import CgroupError, NotFoundError, SpawnError, WorkerExistsError
 from ..telemetry import WorkerExit
 from .cgroups import CgroupBackend, NoCgroup, StatPaths
 from .exits import ending
-from .limits import Limits, parse_limits
+from ..limits import Limits, parse_limits
 from .oom import OomCounter
 from .procfs import read_cmdline
 from .rates import RateWindow
@@ -194,7 +194,7 @@ class ProcessMonitor:
         binary = resolve_binary(argv[0], env)
         with self._lock:
             if (group, instance) in self._workers or (group, instance) in self.backend.enumerate():
-                raise SpawnError(f"worker {group}/{instance} already exists",
+                raise WorkerExistsError(f"worker {group}/{instance} already exists",
                                  group=group, instance=instance)
             placement = self.backend.create(group, instance, limits)
             output = None if log_path else OutputTail.unnamed()

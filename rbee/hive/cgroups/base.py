@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..._errors import CgroupError
 from ..._sample import CPU_NONE, IO_NONE
-from ..limits import Limits
+from ...limits import Limits
 from .lock import RootLock
 
 

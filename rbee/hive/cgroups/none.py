@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from ..._sample import IO_PROC
-from ..limits import Limits
+from ...limits import Limits
 from .base import CgroupBackend, Placement, StatPaths
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from types import ModuleType
 
-from ...telemetry import CollectorIssue, GpuDevice, GpuFault, GpuUtilSource, gpu_health
+from rbee.telemetry import CollectorIssue, GpuDevice, GpuFault, GpuUtilSource, gpu_health
 from .health import XidWatch, read_faults
 from .process_util import ProcessUtilisation
 from .source import GpuSnapshot, ProcessPlacement, Utilisation

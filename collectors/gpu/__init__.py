@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 
-from rbee.hive.gpu import GpuSnapshot, GpuSource, open_gpu_source
+from .pick import open_gpu_source
+from .source import GpuSnapshot, GpuSource
 from rbee.plugin import hookimpl
 from rbee.telemetry import CollectorIssue, GpuUtilSource, WorkerGpuUse
 
