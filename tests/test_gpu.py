@@ -13,13 +13,13 @@ import time
 
 import pytest
 from rbee.collectors.gpu import GpuPlugin
+from rbee.collectors.gpu.nvml import NvmlSource
+from rbee.collectors.gpu.pick import open_gpu_source
+from rbee.collectors.gpu.smi import NvidiaSmiSource, run_with_timeout
 
 from rbee import CollectorError
 from rbee.config import CollectorSettings
 from rbee.hive.collection import TelemetryCollector
-from rbee.collectors.gpu.nvml import NvmlSource
-from rbee.collectors.gpu.pick import open_gpu_source
-from rbee.collectors.gpu.smi import NvidiaSmiSource, run_with_timeout
 from rbee.plugin.manager import build_plugin_manager
 from rbee.telemetry import Degraded, GpuFaultKind, GpuUtilSource, Healthy, Unhealthy
 

@@ -85,9 +85,13 @@ async def test_restart_policy_restarts_failed_workers_with_backoff():
         await agent.stop_worker("llm", "retired")
         with trio.fail_after(5):
             while (phoenix := agent.monitor.get_or_none("llm", "phoenix")) is None \
-                    or phoenix.pid == pids["phoenix"]:
+                    or phoenix.pid == pids["phoenix"] or not agent.supervisor.down(("llm", "mortal")):
                 await agent.wait_changed()
-        await trio.sleep(0.5)  # well past the backoff of the others
+        # The others' fate is decided when they end, not by waiting: "never" ended with no
+        # restart scheduled, and the stopped one is no longer kept at all.
+        mortal = agent.supervisor.lives[("llm", "mortal")]
+        assert (mortal.state, mortal.next_attempt_at) == (WorkerState.EXITED, None)
+        assert ("llm", "retired") not in agent.supervisor.lives
         assert sorted(w.instance for w in agent.monitor.workers()) == ["phoenix"]
         nursery.cancel_scope.cancel()
 
@@ -142,7 +146,7 @@ CRASHER = ["/bin/sh", "-c", "echo to stdout; echo 'fatal: no model at /models/x'
 
 @pytest.fixture
 def mock_clock():
-    return MockClock(autojump_threshold=0.02)
+    return MockClock(autojump_threshold=0)
 
 
 async def test_a_failing_worker_stays_listed_backs_off_then_crashloops_and_deletes(mock_clock):

@@ -18,11 +18,13 @@ import pytest
 from rbee import LimitError, NotFoundError, SpawnError
 from rbee.hive.cgroups import CgroupV1, CgroupV2, NoCgroup
 from rbee.hive.collection import TelemetryCollector
+from rbee.hive.processes import WorkerEvent
 from rbee.plugin.manager import build_plugin_manager
 from rbee.telemetry import on_gpu
 
 from .conftest import busy_worker, needs_v1, needs_v2, sleeper
 from .fakes import StubNvml, write_fake_nvidia_smi
+from .hivekit import wait_exited, wait_for_text
 
 
 def cgroup_of(pid: int) -> str:
@@ -188,10 +190,10 @@ def test_collect_handles_dead_process(monitor):
     monitor.subscribe(lambda event, worker: events.append((event, worker.instance)))
     collector = collector_for(monitor, gpu="none")
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.1)
+    wait_exited(pid)
     records = collector.collect_all()
     assert [r.instance for r in records] == ["lives"]
-    assert ("exited", "dies") in events
+    assert (WorkerEvent.EXITED, "dies") in events
     assert not Path(f"/proc/{pid}").exists()  # reaped, no zombie
     assert ("llm", "dies") not in monitor.backend.enumerate()
 
@@ -202,7 +204,7 @@ def test_enumerate_walks_cgroup_tree(cgroup_monitor):
     second = monitor.spawn("embed", "b", sleeper())
     assert sorted(monitor.enumerate()) == [("embed", "b", second), ("llm", "a", first)]
     # A restarted hive finds the same workers in the tree and adopts them.
-    from rbee.hive.monitor import ProcessMonitor
+    from rbee.hive.processes import ProcessMonitor
 
     monitor.release()
     restarted = ProcessMonitor(monitor.backend)
@@ -255,12 +257,13 @@ def test_spawn_duplicate_and_bad_names(monitor):
     assert [w.instance for w in monitor.workers()] == ["dup"]
 
 
-def test_stop_escalates_to_sigkill_and_removes_cgroup(monitor):
+def test_stop_escalates_to_sigkill_and_removes_cgroup(monitor, tmp_path):
     stubborn = [sys.executable, "-c",
                 "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                 "print('ready', flush=True)\ntime.sleep(60)"]
-    pid = monitor.spawn("llm", "stubborn", stubborn)
-    time.sleep(0.3)  # let it install its handler
+    log = str(tmp_path / "stubborn.log")
+    pid = monitor.spawn("llm", "stubborn", stubborn, log_path=log)
+    wait_for_text(log, "ready")  # its SIGTERM handler is installed
     started = time.monotonic()
     monitor.stop("llm", "stubborn", grace=0.3)
     assert time.monotonic() - started < 3
@@ -287,7 +290,7 @@ def test_spawn_fallback_on_non_linux_explicit_none(none_monitor):
 UNPRIVILEGED = """
 import os, sys
 from rbee.hive.cgroups import select_backend
-from rbee.hive.monitor import ProcessMonitor
+from rbee.hive.processes import ProcessMonitor
 os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read root's Python install
 backend = select_backend("auto", sys.argv[1])
 monitor = ProcessMonitor(backend)
@@ -322,7 +325,7 @@ def test_spawn_fallback_on_non_linux_unprivileged(tmp_path):
 def test_v2_worker_on_real_unified_mount():
     """The real v2 mount here has no controllers: cpu.stat still counts, limits cannot apply."""
     from rbee.hive.cgroups import select_backend
-    from rbee.hive.monitor import ProcessMonitor
+    from rbee.hive.processes import ProcessMonitor
 
     from .conftest import RUN_ROOT
 

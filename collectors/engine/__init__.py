@@ -22,9 +22,10 @@ import time
 import httpx
 import trio
 
+from rbee.plugin import hookimpl
+
 from .engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
 from .launchers import metrics_url_from_argv
-from rbee.plugin import hookimpl
 
 NAME = "engine"
 STALE_INTERVALS = 3

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import time
 
-from .pick import open_gpu_source
-from .source import GpuSnapshot, GpuSource
 from rbee.plugin import hookimpl
 from rbee.telemetry import CollectorIssue, GpuUtilSource, WorkerGpuUse
+
+from .pick import open_gpu_source
+from .source import GpuSnapshot, GpuSource
 
 
 class GpuCollector:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from rbee.telemetry import CollectorIssue, GpuDevice, GpuFault, GpuUtilSource, gpu_health
+
 from .health import XidWatch, read_faults
 from .process_util import ProcessUtilisation
 from .source import GpuSnapshot, ProcessPlacement, Utilisation

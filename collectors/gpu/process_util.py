@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from rbee.telemetry import GpuUtilSource
+
 from .source import Utilisation
 
 log = logging.getLogger("rbee.collectors.gpu")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from rbee._errors import CollectorError
 from rbee.telemetry import CollectorIssue, GpuDevice, GpuFault, GpuFaultKind, GpuUtilSource, gpu_health
+
 from .source import GpuSnapshot, ProcessPlacement, Utilisation
 
 GPU_QUERY = ("index,uuid,name,utilization.gpu,memory.total,memory.used,memory.free,"
