@@ -127,9 +127,11 @@ async def test_start_heartbeat_task_sends_every_1s(nursery, mock_clock):
 
 @pytest.fixture
 def mock_clock():
-    """Virtual time jumps as soon as every task waits (pytest-trio runs the test under this
-    clock): the schedule is trio's timers alone, whatever the collection threads take."""
-    return MockClock(autojump_threshold=0)
+    """Jump virtual time only after 20 ms of real idleness, so the agent's collection threads
+    finish before the clock moves (pytest-trio runs the test under this clock). Not 0: the 1 s
+    schedule is the agent's collection loop, whose ticks run in worker threads, and at 0 virtual
+    time races ahead while one runs (the first heartbeat went out 762 virtual seconds late)."""
+    return MockClock(autojump_threshold=0.02)
 
 
 async def test_heartbeat_retries_on_queen_error(nursery, caplog):

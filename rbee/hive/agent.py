@@ -171,12 +171,13 @@ class HiveAgent:
             await self._publish()
 
     async def _publish(self) -> None:
+        down_before = self.keeper.down_keys()  # before the tick's list: see Supervisor.records
         records = await trio.to_thread.run_sync(self.collector.collect_all,
                                                 limiter=self._collect_limiter)
         gone, self._gone[:] = list(self._gone), []
         for worker in gone:  # after the tick, before the snapshot: it lists them as down
             await trio.to_thread.run_sync(self.monitor.reap, worker)
-        self.latest = self._heartbeat(self.keeper.records(records))
+        self.latest = self._heartbeat(self.keeper.records(records, down_before))
         self.generation += 1
         changed, self._changed = self._changed, trio.Event()
         changed.set()

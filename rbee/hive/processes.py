@@ -22,7 +22,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -100,8 +101,9 @@ class ProcessMonitor:
     def __init__(self, backend: CgroupBackend) -> None:
         self.backend = backend
         self._workers: dict[tuple[str, str], Worker] = {}
-        self._finishing: dict[int, threading.Event] = {}
-        """Workers (by id) a reap or stop is finishing now, each set once it is done."""
+        self._finishing: dict[tuple[str, str], threading.Event] = {}
+        """Workers a reap or stop is finishing now, each event set once it is done: a spawn of
+        the same name waits for it."""
         self._lock = threading.RLock()
         self._listeners: list[WorkerListener] = []
 
@@ -140,7 +142,7 @@ class ProcessMonitor:
             raise SpawnError("empty command line", group=group, instance=instance)
         limits = parse_limits(cpu_limit, memory_limit)
         binary = resolve_binary(argv[0], env)
-        with self._lock:
+        with self._free((group, instance)):
             if (group, instance) in self._workers or (group, instance) in self.backend.enumerate():
                 raise WorkerExistsError(f"worker {group}/{instance} already exists",
                                         group=group, instance=instance)
@@ -171,6 +173,18 @@ class ProcessMonitor:
                         group, instance, limits, self.backend.name)
         self._announce(WorkerEvent.SPAWNED, worker)
         return process.pid
+
+    @contextmanager
+    def _free(self, key: tuple[str, str]) -> Iterator[None]:
+        """The monitor's lock, once no reap or stop is finishing a worker of that name (a
+        restart waits for its predecessor's cgroup to be gone, as it did under one lock)."""
+        while True:
+            with self._lock:
+                finishing = self._finishing.get(key)
+                if finishing is None:
+                    yield
+                    return
+            finishing.wait()
 
     def _start(self, binary: str, argv: Sequence[str], procs_files: Sequence[str],
                env: Mapping[str, str] | None, log_path: str | None,
@@ -250,12 +264,13 @@ class ProcessMonitor:
         does it; another one waits until it is done and announced, then returns False, so
         whoever returns from here finds the worker's ending recorded. The kill loop (up to
         ``FINISH_S``) runs without the monitor's lock: listing workers never waits for it."""
+        key = worker.key
         with self._lock:
-            running = self._finishing.get(id(worker))
+            running = self._finishing.get(key)
             if running is None:
-                if self._workers.get(worker.key) is not worker:
+                if self._workers.get(key) is not worker:
                     return False
-                running = self._finishing[id(worker)] = threading.Event()
+                running = self._finishing[key] = threading.Event()
                 mine = True
             else:
                 mine = False
@@ -265,18 +280,17 @@ class ProcessMonitor:
         try:
             try:
                 self._end(worker)
-            finally:
-                with self._lock:
-                    del self._workers[worker.key]
-            try:
                 self.backend.remove(worker.group, worker.instance)
             except CgroupError as exc:
                 log.warning("%s/%s: %s", worker.group, worker.instance, exc)
+            finally:
+                with self._lock:
+                    del self._workers[key]
             self._announce(WorkerEvent.STOPPED if worker.stopping else WorkerEvent.EXITED,
                            worker)
         finally:
             with self._lock:
-                del self._finishing[id(worker)]
+                del self._finishing[key]
             running.set()
         return True
 

@@ -67,9 +67,14 @@ class Keeper:
                         life.spec.restart if life.spec else "-", last)
         return delay
 
-    def records(self, live: list[WorkerTelemetry]) -> list[WorkerTelemetry]:
+    def down_keys(self) -> frozenset[Key]:
         with self._lock:
-            return self.supervisor.records(live)
+            return self.supervisor.down_keys()
+
+    def records(self, live: list[WorkerTelemetry], down_before: frozenset[Key]
+                ) -> list[WorkerTelemetry]:
+        with self._lock:
+            return self.supervisor.records(live, down_before)
 
     # -- in trio ----------------------------------------------------------------------------
 
