@@ -6,7 +6,7 @@ of their own, so a worker that left children behind never holds a tick), then le
 fill in its fields. What it keeps per worker between ticks (open stat files, recent readings, the
 plugins' view) is ``rbee.hive.sampling``'s ``Sampled``. Plugins see each
 worker through its ``rbee.plugin.WorkerView`` (one per worker, kept for its life) and are called
-through pluggy one by one (``PluginHooks``): one failing plugin or one dying worker costs that
+one by one (``PluginHooks``, through pluggy): one failing plugin or one dying worker costs that
 worker one field and an entry in its ``errors``, never the tick; a plugin over its per-tick budget
 (``collect.plugin_budget_ms``) is skipped for the rest of the tick.
 
