@@ -193,23 +193,25 @@ class TelemetryCollector:
             for worker in workers:
                 if worker.output is not None:
                     worker.output.trim()
-        records = []
-        spent: dict[str, float] = {}
+        live: list[tuple[WorkerView, WorkerTelemetry]] = []
         for entry in sampled:
             if entry.worker.pid in gone:
                 self.on_gone(entry.worker)
                 continue
-            record = self._collect_one(entry, spent)
+            record = self._record(entry)
             if record is not None:
-                records.append(record)
+                live.append((entry.view, record))
+        spent = self._fill(live)
         self.over_budget = {name: round(seconds * 1000, 1) for name, seconds in spent.items()
                             if seconds > self._budget_s}
         for name, ms in self.over_budget.items():
             log.warning("plugin %s took %.1f ms this tick, over its %g ms budget: skipped for "
                         "the rest of the tick", name, ms, self.settings.plugin_budget_ms)
-        return records
+        return [record for _, record in live]
 
-    def _collect_one(self, sampled: Sampled, spent: dict[str, float]) -> WorkerTelemetry | None:
+    def _record(self, sampled: Sampled) -> WorkerTelemetry | None:
+        """This tick's sample of one worker, its view advanced, and its record before the
+        plugins; None when its main process has gone (handed to ``on_gone``)."""
         worker = sampled.worker
         now = self.clock()
         stats = sampled.stats
@@ -218,8 +220,7 @@ class TelemetryCollector:
             self.on_gone(worker)
             return None
         previous, elapsed = sampled.rates.advance(now, sample)
-        view = sampled.view
-        view._advance(sample, previous, elapsed)
+        sampled.view._advance(sample, previous, elapsed)
         limits = worker.limits
         record = WorkerTelemetry(
             pid=worker.pid, group=worker.group, instance=worker.instance, cpu_pct=0.0,
@@ -231,19 +232,29 @@ class TelemetryCollector:
         oom = worker.oom
         if oom is not None:  # read where its own limit can OOM-kill it; the last count otherwise
             record.oom_kills = oom.read() if limits.memory_bytes is not None else oom.last
+        return record
+
+    def _fill(self, live: list[tuple[WorkerView, WorkerTelemetry]]) -> dict[str, float]:
+        """Each plugin over every worker in turn (so each worker still sees the plugins in
+        pluggy's order), timed as a whole: one clock reading a call, and a plugin whose calls
+        pass its budget is skipped for the workers left. Returns the seconds each plugin took."""
         budget = self._budget_s
         perf_counter = time.perf_counter
+        spent: dict[str, float] = {}
         for name, call in self.hooks.per_worker():
-            used = spent.get(name, 0.0)
-            if used > budget:
-                record.errors.append(CollectorIssue(
-                    collector=name, message=f"skipped: over its {budget * 1000:g} ms budget "
-                                            f"this tick ({used * 1000:.1f} ms)"))
-                continue
+            used = 0.0
             started = perf_counter()
-            try:
-                call(view, record)
-            except Exception as exc:
-                record.errors.append(issue(name, exc))
-            spent[name] = used + perf_counter() - started
-        return record
+            for index, (view, record) in enumerate(live):
+                try:
+                    call(view, record)
+                except Exception as exc:
+                    record.errors.append(issue(name, exc))
+                used = perf_counter() - started
+                if used > budget:
+                    message = (f"skipped: over its {budget * 1000:g} ms budget this tick "
+                               f"({used * 1000:.1f} ms)")
+                    for _, later in live[index + 1:]:
+                        later.errors.append(CollectorIssue(collector=name, message=message))
+                    break
+            spent[name] = used
+        return spent
