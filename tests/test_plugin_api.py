@@ -159,6 +159,40 @@ def test_every_call_goes_through_pluggy_one_plugin_at_a_time(none_monitor):
                                                              "process"]
 
 
+class OwnOrder:
+    """Takes the per-worker hook's arguments in its own order, and one of them alone."""
+
+    @hookimpl
+    def rbee_collect_worker(self, telemetry, worker) -> None:
+        telemetry.metrics["own.order"] = float(worker.pid == telemetry.pid)
+
+
+class TelemetryOnly:
+    @hookimpl(trylast=True)
+    def rbee_collect_worker(self, telemetry) -> None:
+        telemetry.metrics["only.telemetry"] = telemetry.metrics.get("own.order", -1.0)
+
+
+def test_direct_calls_and_monitored_calls_give_the_same_records(none_monitor):
+    """Unmonitored, the per-worker hook calls each implementation as pluggy's loop would (its
+    arguments by name, in its order; pluggy's order of plugins); monitored, through pluggy's
+    caller. Both give the same records."""
+    none_monitor.spawn("llm", "a", sleeper())
+    plugins = [OwnOrder(), TelemetryOnly()]
+    direct = build_plugin_manager(extra_plugins=plugins)
+    assert direct.monitors == 0
+    monitored = build_plugin_manager(extra_plugins=plugins)
+    undo = monitored.add_hookcall_monitoring(lambda *args: None, lambda *args: None)
+    assert monitored.monitors == 1
+    records = [TelemetryCollector(none_monitor, manager, CollectorSettings(gpu="none"))
+               .collect_instance("llm", "a") for manager in (direct, monitored)]
+    for record in records:
+        assert record.metrics == {"own.order": 1.0, "only.telemetry": 1.0}
+        assert record.rss_mb > 0 and record.errors == []  # the built-ins ran too
+    undo()
+    assert monitored.monitors == 0
+
+
 def test_trace_logs_each_hook_call_with_its_duration(none_monitor, monkeypatch, caplog):
     none_monitor.spawn("llm", "traced", sleeper())
     monkeypatch.setenv("RBEE_TRACE_PLUGINS", "1")
