@@ -39,6 +39,22 @@ def wait_exited(pid: int, timeout_s: float = 10.0) -> None:
     assert readable, f"process {pid} did not exit within {timeout_s:g}s"
 
 
+def resident_pages(pid: int) -> int:
+    """The RSS field of /proc/<pid>/stat, the one the none backend's collector reads."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2 :].split()[21])
+
+
+def wait_mapped(pid: int, timeout_s: float = 10.0) -> None:
+    """Block until a freshly spawned process shows pages resident in /proc/<pid>/stat: right
+    after exec its RSS reads 0 there (the kernel folds its per-thread RSS counts in later), which
+    a test of RSS figures must not mistake for a bug."""
+    deadline = time.monotonic() + timeout_s
+    while resident_pages(pid) == 0:
+        assert time.monotonic() < deadline, f"process {pid} never had a page resident"
+        time.sleep(0.005)
+
+
 def wait_for_text(path: str, text: str, timeout_s: float = 10.0) -> None:
     """Block until the file at ``path`` contains ``text`` (a worker saying it is ready)."""
     deadline = time.monotonic() + timeout_s

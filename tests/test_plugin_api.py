@@ -22,6 +22,7 @@ from rbee.plugin import API_VERSION, WorkerView, hookimpl, spec
 from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import sleeper
+from .hivekit import wait_mapped
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -218,7 +219,7 @@ class Slow:
 
 def test_a_plugin_over_its_budget_is_skipped_for_the_rest_of_the_tick(none_monitor):
     for index in range(8):
-        none_monitor.spawn("llm", f"w{index}", sleeper())
+        wait_mapped(none_monitor.spawn("llm", f"w{index}", sleeper()))  # RSS > 0 from here
     collector = TelemetryCollector(none_monitor, build_plugin_manager(extra_plugins=[Slow()]),
                                    CollectorSettings(gpu="none", plugin_budget_ms=50))
     for _ in range(2):  # every tick starts with a fresh budget
@@ -233,7 +234,7 @@ def test_a_plugin_over_its_budget_is_skipped_for_the_rest_of_the_tick(none_monit
             (issue,) = record.errors
             assert issue.collector == "Slow"
             assert issue.message.startswith("skipped: over its 50 ms budget this tick (")
-            assert record.model is None and record.rss_mb > 0  # the other plugins still ran
+            assert record.model is None and record.rss_bytes > 0  # the other plugins still ran
         assert list(collector.over_budget) == ["Slow"] and collector.over_budget["Slow"] >= 50
 
 
