@@ -280,9 +280,10 @@ class ProcessMonitor:
         try:
             try:
                 self._end(worker)
-                self.backend.remove(worker.group, worker.instance)
-            except CgroupError as exc:
-                log.warning("%s/%s: %s", worker.group, worker.instance, exc)
+                try:
+                    self.backend.remove(worker.group, worker.instance)
+                except CgroupError as exc:
+                    log.warning("%s/%s: %s", worker.group, worker.instance, exc)
             finally:
                 with self._lock:
                     del self._workers[key]
