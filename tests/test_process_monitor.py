@@ -198,6 +198,28 @@ def test_collect_handles_dead_process(monitor):
     assert ("llm", "dies") not in monitor.backend.enumerate()
 
 
+def test_the_tick_hands_an_exited_worker_on_instead_of_reaping_it(monitor):
+    """The hive's collector reaps nothing itself: an exited worker is left out of the tick and
+    handed to ``on_gone`` (the hive reaps it in a thread of its own, so killing what it left
+    behind never holds a tick); the reap then announces it once."""
+    pid = monitor.spawn("llm", "gone", sleeper())
+    monitor.spawn("llm", "stays", sleeper())
+    gone: list = []
+    events: list = []
+    monitor.subscribe(lambda event, worker: events.append((event, worker.instance)))
+    collector = collector_for(monitor, gpu="none")
+    collector.on_gone = gone.append
+    os.kill(pid, signal.SIGKILL)
+    wait_exited(pid)
+    assert [r.instance for r in collector.collect_all()] == ["stays"]
+    assert [w.instance for w in gone] == ["gone"] and events == []
+    assert monitor.get_or_none("llm", "gone") is gone[0]  # not reaped by the tick
+    assert monitor.reap(gone[0]) is True and monitor.reap(gone[0]) is False
+    assert events == [(WorkerEvent.EXITED, "gone")]
+    assert gone[0].last_exit.signal == "SIGKILL"
+    assert not Path(f"/proc/{pid}").exists()
+
+
 def test_enumerate_walks_cgroup_tree(cgroup_monitor):
     monitor = cgroup_monitor
     first = monitor.spawn("llm", "a", sleeper())
