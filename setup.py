@@ -18,9 +18,9 @@ setup(
     version="0.1.0",
     description="Telemetry pipeline for GPU inference fleets: hive agents, a queen, a live stream.",
     python_requires=">=3.11",
-    packages=["rbee", "rbee.contract", "rbee.http", "rbee.hive", "rbee.hive.cgroups", "rbee.hive.gpu",
+    packages=["rbee", "rbee.contract", "rbee.http", "rbee.hive", "rbee.hive.cgroups",
               "rbee.plugin", "rbee.queen", "rbee.queen.redis",
-              "rbee.collectors", "rbee.demo"],
+              "rbee.collectors", "rbee.collectors.gpu", "rbee.collectors.engine", "rbee.demo"],
     package_dir={"rbee.collectors": "collectors"},
     package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"],
                   "rbee.queen": ["static/*.html", "static/*.js", "static/*.css", "static/*.svg",
@@ -33,7 +33,7 @@ setup(
         "msgspec>=0.18.6",
         "PyYAML>=6.0.1",
         "nvidia-ml-py>=12.535",
-        # rbee/_transport.py subclasses hypercorn's trio TCPServer and protocol classes (not its
+        # rbee/http/transport.py subclasses hypercorn's trio TCPServer and protocol classes (not its
         # public API): below the next minor release, whose internals are untried
         # (tests/test_internals_canary.py names each one; ./dev test --latest tries new ones)
         "hypercorn>=0.17,<0.19",

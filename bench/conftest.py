@@ -8,7 +8,7 @@ import os
 import pytest
 
 from rbee.hive.cgroups import select_backend
-from rbee.hive.monitor import ProcessMonitor
+from rbee.hive.processes import ProcessMonitor
 
 MEDIANS: dict[str, float] = {}
 FIGURES: dict[str, str] = {}

@@ -142,7 +142,7 @@ def refresh_costs(rounds: int = 200) -> tuple[int, dict[str, float]]:
     """GPUs, and the median ms per GPU of the refresh (snapshot) and of the per-process sample,
     in wall time and in this thread's CPU time (the share of a core is CPU; NVML may wait on the
     driver without spinning)."""
-    from rbee.hive.gpu import NvmlSource
+    from rbee.collectors.gpu.nvml import NvmlSource
 
     source = NvmlSource(event_wait_s=0.0)
     gpus = len(source.handles)

@@ -16,6 +16,7 @@ import pytest
 from rbee import _cstat, _pystat
 from rbee.config import CollectorSettings
 from rbee.hive.collection import TelemetryCollector
+from rbee.hive.sampling import StatSource
 from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import record
@@ -36,12 +37,17 @@ def test_collect_all(benchmark, fleet, implementation):
 @pytest.mark.parametrize("implementation", ["cython", "python"])
 def test_sample_only(benchmark, fleet, implementation):
     read_sample = TWINS[implementation]
-    sources = [worker.stats.args for worker in fleet.workers()]
+    opened = [StatSource(worker.stat_paths, worker.pid) for worker in fleet.workers()]
+    sources = [source.args for source in opened]
 
     def sample_all():
         return [read_sample(*args) for args in sources]
 
-    samples = benchmark(sample_all)
+    try:
+        samples = benchmark(sample_all)
+    finally:
+        for source in opened:
+            source.close()
     assert all(sample.cpu_usage_usec >= 0 for sample in samples)
     record(benchmark, f"sample_only[{len(samples)}] {implementation}")
 
@@ -66,8 +72,10 @@ def test_parse_only(benchmark, fleet, implementation):
 
     parser = _cstat if implementation == "cython" else _pystat
     worker = fleet.workers()[0]
-    cpu, _, current, memory_stat, _, io, _, _ = worker.stats.args
+    source = StatSource(worker.stat_paths, worker.pid)
+    cpu, _, current, memory_stat, _, io, _, _ = source.args
     texts = [os.pread(fd, 32768, 0) for fd in (cpu, current, memory_stat, io)]
+    source.close()
     proc_stat = Path(f"/proc/{worker.pid}/stat").read_bytes()
     count = len(fleet.workers())
 

@@ -22,10 +22,10 @@ import httpx
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from rbee.collectors.engine.engines import identify, parse_exposition
 
 from rbee.config import CollectorSettings, EngineSettings
 from rbee.hive.collection import TelemetryCollector
-from rbee.hive.engines import identify, parse_exposition
 from rbee.hive.origins import OriginPools
 from rbee.plugin.manager import build_plugin_manager
 from tests.engineservers import bump, fixture, observe
@@ -128,7 +128,7 @@ def hundred(endpoints):
     import os
 
     from rbee.hive.cgroups import select_backend
-    from rbee.hive.monitor import ProcessMonitor
+    from rbee.hive.processes import ProcessMonitor
     backend = select_backend("auto", f"rbee-bench-engine-{os.getpid()}")
     monitor = ProcessMonitor(backend)
     try:

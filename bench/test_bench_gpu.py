@@ -12,8 +12,8 @@ too.
 from __future__ import annotations
 
 import pytest
+from rbee.collectors.gpu.nvml import NvmlSource
 
-from rbee.hive.gpu import NvmlSource
 from tests.fakes import StubNvml
 
 from .conftest import FIGURES, MEDIANS, record

@@ -20,8 +20,8 @@ import trio
 import yaml
 
 from rbee.config import HiveConfig, parse_config
+from rbee.contract import encode
 from rbee.hive.agent import HiveAgent
-from rbee.telemetry import encode
 from tests.builders import fleet_heartbeat
 from tests.daemons import Daemon
 

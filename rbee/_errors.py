@@ -4,8 +4,8 @@
     ├── ConfigError        bad YAML, a bad key or value (names file, key and problem)
     ├── ContractError      a payload that does not match the telemetry contract
     ├── SpawnError         a worker could not be started (nothing is left behind)
-    │   └── LimitError     a CPU or memory limit that cannot be understood
-    │   │   └── WorkerExistsError
+    │   ├── LimitError     a CPU or memory limit that cannot be understood
+    │   └── WorkerExistsError  a worker of that group and instance is already kept
     ├── CgroupError        the cgroup tree cannot be used (permission, missing controller)
     ├── CollectorError     a collector plugin failed (recorded per worker, never fatal)
     ├── ListenError        a server cannot listen on its address (taken, not ours, unresolvable)

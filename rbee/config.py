@@ -7,7 +7,6 @@ and every error names the file, the key and the problem.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -17,8 +16,9 @@ import msgspec
 import yaml
 
 from ._errors import ConfigError, LimitError
-from .hive.limits import parse_limits
-from .telemetry import MAX_WORKERS, Identifier
+from .addresses import check_bind, parse_redis_url
+from .contract import MAX_WORKERS, Identifier
+from .limits import parse_limits
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -176,22 +176,6 @@ def _hostname() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip("_.-")[:128] or "hive"
 
 
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
-
-
-def check_bind(bind: str) -> None:
-    """Raise ValueError unless ``bind`` is an IP address or a host name (the listen address's
-    syntax; whether it is this machine's is only known when listening)."""
-    try:
-        ipaddress.ip_address(bind)
-        return
-    except ValueError:
-        pass
-    labels = bind.removesuffix(".").split(".")
-    if len(bind) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
-        raise ValueError(f"bind {bind!r} is neither an IP address nor a host name")
-
-
 class HiveConfig(Settings):
     id: Identifier = msgspec.field(default_factory=_hostname)
     bind: str = "127.0.0.1"
@@ -212,7 +196,7 @@ class HiveConfig(Settings):
     workers: list[WorkerSpec] = []
     log_dir: str | None = None
     auth_token_file: str | None = None
-    """A file holding the token shared with the queen (``rbee/auth.py``): sent with every
+    """A file holding the token shared with the queen (``rbee/http/auth.py``): sent with every
     heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
     credential_file: str | None = None
     """A file holding this hive's own secret (``rbee credential new ID``), sent with every
@@ -237,14 +221,13 @@ class HiveConfig(Settings):
             seen.add((spec.group, spec.instance))
 
 
-REDIS_SCHEMES = ("redis", "rediss")
 _KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class StoreSettings(Settings):
     """Where the fleet registry and the stream live (``rbee/queen/store.py``). ``memory`` keeps
     them in this queen (one queen; the default, nothing else to run); ``redis`` keeps them in a
-    Redis or Valkey server that several queens share (``rbee/queen/redis_store.py``)."""
+    Redis or Valkey server that several queens share (``rbee/queen/redis/``)."""
 
     kind: Literal["memory", "redis"] = "memory"
     url: str | None = None
@@ -269,34 +252,6 @@ class StoreSettings(Settings):
         if self.url is None:
             raise ValueError("kind: redis needs url (redis://host:6379/0)")
         parse_redis_url(self.url)
-
-
-class RedisAddress(msgspec.Struct, frozen=True):
-    host: str
-    port: int
-    db: int
-    tls: bool
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """``redis[s]://host[:port][/db]``, or ValueError saying what is wrong with it."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 6379
-    except ValueError as exc:
-        raise ValueError(f"url {url!r}: {exc}") from None
-    if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"url {url!r}: the scheme must be redis or rediss")
-    if not parts.hostname:
-        raise ValueError(f"url {url!r}: no host")
-    if parts.username or parts.password or parts.query:
-        raise ValueError(f"url {url!r}: credentials and options are not taken from the url")
-    db = parts.path.strip("/") or "0"
-    if not db.isdigit():
-        raise ValueError(f"url {url!r}: the path must be a database number, not {db!r}")
-    return RedisAddress(host=parts.hostname, port=port, db=int(db), tls=parts.scheme == "rediss")
 
 
 class RegistrySettings(Settings):
@@ -406,7 +361,7 @@ class QueenConfig(Settings):
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     auth_token_file: str | None = None
-    """A file holding the token shared with the hives (``rbee/auth.py``): asked of every
+    """A file holding the token shared with the hives (``rbee/http/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is
     the admin's power: it may act for any hive."""
     hive_credentials_file: str | None = None

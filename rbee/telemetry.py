@@ -1,10 +1,7 @@
-"""The contract's old home, kept as a re-export: the contract is the package ``rbee/contract/``
-and a hive's bounds-fitting is ``rbee/hive/fitting.py``. New code imports from those."""
+"""The contract's old home, kept as a re-export for code written against it (plugins, scripts):
+the contract is the package ``rbee.contract``, and rbee itself imports from there. A hive's
+bounds-fitting (``fit_worker``, ``fit_gpu``) lives with the hive: ``rbee.hive.fitting``."""
 
 from __future__ import annotations
 
 from .contract import *  # noqa: F403
-from .contract import __all__ as _contract_names
-from .hive.fitting import fit_gpu, fit_worker
-
-__all__ = [*_contract_names, "fit_gpu", "fit_worker"]

@@ -1,6 +1,6 @@
 """Builders of contract messages for queen tests: a worker, a GPU, a heartbeat.
 
-They build real ``rbee.telemetry`` structs (the same ones a hive sends), filled with plausible
+They build real ``rbee.contract`` structs (the same ones a hive sends), filled with plausible
 values that a test overrides where it matters.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rbee.telemetry import (
+from rbee.contract import (
     GpuDevice,
     HealthStatus,
     Healthy,

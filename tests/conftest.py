@@ -15,7 +15,7 @@ import pytest
 
 from rbee.hive.cgroups import CgroupBackend, NoCgroup, select_backend
 from rbee.hive.cgroups.detect import read_mounts
-from rbee.hive.monitor import ProcessMonitor
+from rbee.hive.processes import ProcessMonitor
 
 RUN_ROOT = f"rbee-test-{os.getpid()}"
 V2_MOUNT, V1_MOUNTS = read_mounts()

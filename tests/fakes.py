@@ -2,7 +2,7 @@
 
 Used only for the GPU; everything else in the suite is real. The fake nvidia-smi prints what the
 real one prints for the same query flags (CSV, noheader, nounits); the NVML stub implements the
-subset of the ``pynvml`` interface that ``rbee.hive.gpu.NvmlSource`` calls, with the same names,
+subset of the ``pynvml`` interface that ``rbee.collectors.gpu.nvml.NvmlSource`` calls, with the same names,
 return shapes and error class.
 """
 

@@ -3,6 +3,11 @@ under this run's root) and, where a queen is given, its HeartbeatSender."""
 
 from __future__ import annotations
 
+import os
+import select
+import time
+from pathlib import Path
+
 import trio
 
 from rbee.config import HiveConfig, parse_config
@@ -21,6 +26,41 @@ def hive_config(tag: str, **settings: object) -> HiveConfig:
     }
     base.update(settings)
     return parse_config(base, HiveConfig, "<test>")
+
+
+def wait_exited(pid: int, timeout_s: float = 10.0) -> None:
+    """Block until the process ``pid`` has exited (its pidfd polls readable), without reaping
+    it: the hive's own reap is what a test checks."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout_s)
+    finally:
+        os.close(pidfd)
+    assert readable, f"process {pid} did not exit within {timeout_s:g}s"
+
+
+def resident_pages(pid: int) -> int:
+    """The RSS field of /proc/<pid>/stat, the one the none backend's collector reads."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2 :].split()[21])
+
+
+def wait_mapped(pid: int, timeout_s: float = 10.0) -> None:
+    """Block until a freshly spawned process shows pages resident in /proc/<pid>/stat: right
+    after exec its RSS reads 0 there (the kernel folds its per-thread RSS counts in later), which
+    a test of RSS figures must not mistake for a bug."""
+    deadline = time.monotonic() + timeout_s
+    while resident_pages(pid) == 0:
+        assert time.monotonic() < deadline, f"process {pid} never had a page resident"
+        time.sleep(0.005)
+
+
+def wait_for_text(path: str, text: str, timeout_s: float = 10.0) -> None:
+    """Block until the file at ``path`` contains ``text`` (a worker saying it is ready)."""
+    deadline = time.monotonic() + timeout_s
+    while not (os.path.exists(path) and text in Path(path).read_text()):
+        assert time.monotonic() < deadline, f"{path} never said {text!r}"
+        time.sleep(0.01)
 
 
 def sleeper_specs(count: int) -> list[dict[str, object]]:

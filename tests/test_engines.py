@@ -5,10 +5,10 @@ counter deltas, time-to-first-token percentiles from bucket deltas; bad text ref
 from __future__ import annotations
 
 import pytest
+from rbee.collectors.engine.engines import EngineError, EngineTracker, parse_exposition
+from rbee.collectors.engine.launchers import metrics_url_from_argv
 
-from rbee.hive.engines import EngineError, EngineTracker, parse_exposition
-from rbee.hive.launchers import metrics_url_from_argv
-from rbee.telemetry import EngineState, WorkerTelemetry, encode
+from rbee.contract import EngineState, WorkerTelemetry, encode
 
 from .engineservers import FIXTURES, bump, fixture, observe
 

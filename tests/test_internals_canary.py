@@ -7,7 +7,7 @@ constructors set. None of that is hypercorn's public API, so setup.py bounds hyp
 next minor release (``<0.19``): a new release is let in by raising the bound once this test and
 the suite pass against it (the latest lane, ``./dev test --latest``, tries it).
 
-pynvml's private ``_nvmlGetFunctionPointer`` (``rbee/hive/gpu/process_util.py``) needs no bound:
+pynvml's private ``_nvmlGetFunctionPointer`` (``collectors/gpu/process_util.py``) needs no bound:
 it is guarded, and falls back to the public wrapper (tests/test_gpu.py). A release without it
 would only cost the one-call query, silently: the last test here says so first.
 """
@@ -163,7 +163,7 @@ def test_pynvml_private_lookup_is_where_it_was():
     """The one-call per-process GPU query's pynvml internals (importing pynvml loads no driver:
     this runs on a machine without a GPU)."""
     version = metadata.version("nvidia-ml-py")
-    moved = [f"nvidia-ml-py {version}: pynvml.{name} is gone (rbee/hive/gpu/process_util.py "
+    moved = [f"nvidia-ml-py {version}: pynvml.{name} is gone (collectors/gpu/process_util.py "
              "falls back to the slower public wrapper)"
              for name in ("_nvmlGetFunctionPointer", "c_nvmlProcessUtilizationSample_t")
              if not hasattr(pynvml, name)]

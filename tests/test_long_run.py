@@ -25,7 +25,7 @@ import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from rbee.telemetry import (
+from rbee.contract import (
     STREAM_EVENT_NAME,
     HiveState,
     HiveTelemetryEvent,

@@ -22,6 +22,7 @@ from rbee.plugin import API_VERSION, WorkerView, hookimpl, spec
 from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import sleeper
+from .hivekit import wait_mapped
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -159,6 +160,40 @@ def test_every_call_goes_through_pluggy_one_plugin_at_a_time(none_monitor):
                                                              "process"]
 
 
+class OwnOrder:
+    """Takes the per-worker hook's arguments in its own order, and one of them alone."""
+
+    @hookimpl
+    def rbee_collect_worker(self, telemetry, worker) -> None:
+        telemetry.metrics["own.order"] = float(worker.pid == telemetry.pid)
+
+
+class TelemetryOnly:
+    @hookimpl(trylast=True)
+    def rbee_collect_worker(self, telemetry) -> None:
+        telemetry.metrics["only.telemetry"] = telemetry.metrics.get("own.order", -1.0)
+
+
+def test_direct_calls_and_monitored_calls_give_the_same_records(none_monitor):
+    """Unmonitored, the per-worker hook calls each implementation as pluggy's loop would (its
+    arguments by name, in its order; pluggy's order of plugins); monitored, through pluggy's
+    caller. Both give the same records."""
+    none_monitor.spawn("llm", "a", sleeper())
+    plugins = [OwnOrder(), TelemetryOnly()]
+    direct = build_plugin_manager(extra_plugins=plugins)
+    assert direct.monitors == 0
+    monitored = build_plugin_manager(extra_plugins=plugins)
+    undo = monitored.add_hookcall_monitoring(lambda *args: None, lambda *args: None)
+    assert monitored.monitors == 1
+    records = [TelemetryCollector(none_monitor, manager, CollectorSettings(gpu="none"))
+               .collect_instance("llm", "a") for manager in (direct, monitored)]
+    for record in records:
+        assert record.metrics == {"own.order": 1.0, "only.telemetry": 1.0}
+        assert record.rss_mb > 0 and record.errors == []  # the built-ins ran too
+    undo()
+    assert monitored.monitors == 0
+
+
 def test_trace_logs_each_hook_call_with_its_duration(none_monitor, monkeypatch, caplog):
     none_monitor.spawn("llm", "traced", sleeper())
     monkeypatch.setenv("RBEE_TRACE_PLUGINS", "1")
@@ -184,7 +219,7 @@ class Slow:
 
 def test_a_plugin_over_its_budget_is_skipped_for_the_rest_of_the_tick(none_monitor):
     for index in range(8):
-        none_monitor.spawn("llm", f"w{index}", sleeper())
+        wait_mapped(none_monitor.spawn("llm", f"w{index}", sleeper()))  # RSS > 0 from here
     collector = TelemetryCollector(none_monitor, build_plugin_manager(extra_plugins=[Slow()]),
                                    CollectorSettings(gpu="none", plugin_budget_ms=50))
     for _ in range(2):  # every tick starts with a fresh budget
@@ -199,7 +234,7 @@ def test_a_plugin_over_its_budget_is_skipped_for_the_rest_of_the_tick(none_monit
             (issue,) = record.errors
             assert issue.collector == "Slow"
             assert issue.message.startswith("skipped: over its 50 ms budget this tick (")
-            assert record.model is None and record.rss_mb > 0  # the other plugins still ran
+            assert record.model is None and record.rss_bytes > 0  # the other plugins still ran
         assert list(collector.over_budget) == ["Slow"] and collector.over_budget["Slow"] >= 50
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 
 from rbee import LimitError, NotFoundError, SpawnError
-from rbee.hive.cgroups import CgroupV1, CgroupV2, NoCgroup
+from rbee.contract import on_gpu
+from rbee.hive.cgroups import CgroupV2
 from rbee.hive.collection import TelemetryCollector
+from rbee.hive.processes import WorkerEvent
 from rbee.plugin.manager import build_plugin_manager
-from rbee.telemetry import on_gpu
 
 from .conftest import busy_worker, needs_v1, needs_v2, sleeper
 from .fakes import StubNvml, write_fake_nvidia_smi
+from .hivekit import wait_exited, wait_for_text
 
 
 def cgroup_of(pid: int) -> str:
@@ -38,7 +40,7 @@ def collector_for(monitor, **settings) -> TelemetryCollector:
 def test_spawn_creates_cgroup(monitor):
     pid = monitor.spawn("llm", "w1", sleeper())
     backend = monitor.backend
-    if isinstance(backend, NoCgroup):
+    if backend.name == "none":
         assert backend.pids("llm", "w1") == [pid]
         return
     for root in backend.roots:
@@ -94,8 +96,8 @@ def test_collect_reads_cgroup_stats(monitor):
     assert second.rss_mb > 1.0
     # all the cgroup charges is at least the RSS (memory_mb is to the hundredth, rss_mb whole)
     assert (second.memory_mb >= second.rss_bytes / 2**20 - 0.01
-            or isinstance(monitor.backend, NoCgroup))
-    if isinstance(monitor.backend, CgroupV1 | NoCgroup):
+            or monitor.backend.name == "none")
+    if monitor.backend.name in ("v1", "none"):
         assert second.io_w_mb_s > 0.0  # /proc/<pid>/io counts the fsync'ed writes
 
 
@@ -188,12 +190,34 @@ def test_collect_handles_dead_process(monitor):
     monitor.subscribe(lambda event, worker: events.append((event, worker.instance)))
     collector = collector_for(monitor, gpu="none")
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.1)
+    wait_exited(pid)
     records = collector.collect_all()
     assert [r.instance for r in records] == ["lives"]
-    assert ("exited", "dies") in events
+    assert (WorkerEvent.EXITED, "dies") in events
     assert not Path(f"/proc/{pid}").exists()  # reaped, no zombie
     assert ("llm", "dies") not in monitor.backend.enumerate()
+
+
+def test_the_tick_hands_an_exited_worker_on_instead_of_reaping_it(monitor):
+    """The hive's collector reaps nothing itself: an exited worker is left out of the tick and
+    handed to ``on_gone`` (the hive reaps it in a thread of its own, so killing what it left
+    behind never holds a tick); the reap then announces it once."""
+    pid = monitor.spawn("llm", "gone", sleeper())
+    monitor.spawn("llm", "stays", sleeper())
+    gone: list = []
+    events: list = []
+    monitor.subscribe(lambda event, worker: events.append((event, worker.instance)))
+    collector = collector_for(monitor, gpu="none")
+    collector.on_gone = gone.append
+    os.kill(pid, signal.SIGKILL)
+    wait_exited(pid)
+    assert [r.instance for r in collector.collect_all()] == ["stays"]
+    assert [w.instance for w in gone] == ["gone"] and events == []
+    assert monitor.get_or_none("llm", "gone") is gone[0]  # not reaped by the tick
+    assert monitor.reap(gone[0]) is True and monitor.reap(gone[0]) is False
+    assert events == [(WorkerEvent.EXITED, "gone")]
+    assert gone[0].last_exit.signal == "SIGKILL"
+    assert not Path(f"/proc/{pid}").exists()
 
 
 def test_enumerate_walks_cgroup_tree(cgroup_monitor):
@@ -202,7 +226,7 @@ def test_enumerate_walks_cgroup_tree(cgroup_monitor):
     second = monitor.spawn("embed", "b", sleeper())
     assert sorted(monitor.enumerate()) == [("embed", "b", second), ("llm", "a", first)]
     # A restarted hive finds the same workers in the tree and adopts them.
-    from rbee.hive.monitor import ProcessMonitor
+    from rbee.hive.processes import ProcessMonitor
 
     monitor.release()
     restarted = ProcessMonitor(monitor.backend)
@@ -255,12 +279,13 @@ def test_spawn_duplicate_and_bad_names(monitor):
     assert [w.instance for w in monitor.workers()] == ["dup"]
 
 
-def test_stop_escalates_to_sigkill_and_removes_cgroup(monitor):
+def test_stop_escalates_to_sigkill_and_removes_cgroup(monitor, tmp_path):
     stubborn = [sys.executable, "-c",
                 "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                 "print('ready', flush=True)\ntime.sleep(60)"]
-    pid = monitor.spawn("llm", "stubborn", stubborn)
-    time.sleep(0.3)  # let it install its handler
+    log = str(tmp_path / "stubborn.log")
+    pid = monitor.spawn("llm", "stubborn", stubborn, log_path=log)
+    wait_for_text(log, "ready")  # its SIGTERM handler is installed
     started = time.monotonic()
     monitor.stop("llm", "stubborn", grace=0.3)
     assert time.monotonic() - started < 3
@@ -287,7 +312,7 @@ def test_spawn_fallback_on_non_linux_explicit_none(none_monitor):
 UNPRIVILEGED = """
 import os, sys
 from rbee.hive.cgroups import select_backend
-from rbee.hive.monitor import ProcessMonitor
+from rbee.hive.processes import ProcessMonitor
 os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read root's Python install
 backend = select_backend("auto", sys.argv[1])
 monitor = ProcessMonitor(backend)
@@ -322,7 +347,7 @@ def test_spawn_fallback_on_non_linux_unprivileged(tmp_path):
 def test_v2_worker_on_real_unified_mount():
     """The real v2 mount here has no controllers: cpu.stat still counts, limits cannot apply."""
     from rbee.hive.cgroups import select_backend
-    from rbee.hive.monitor import ProcessMonitor
+    from rbee.hive.processes import ProcessMonitor
 
     from .conftest import RUN_ROOT
 
@@ -384,7 +409,7 @@ def test_an_oom_killed_worker_ends_oom_killed_with_its_signal(v1_monitor):
 def test_stderr_tail_is_the_last_lines_bounded_in_lines_and_characters(monitor):
     """Issue 22 item 4: a worker's stderr (not its stdout) is kept where the hive reads its last
     lines when it ends: at most 8 lines, each cut to 160 characters, 640 bytes in all."""
-    from rbee.telemetry import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS
+    from rbee.contract import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS
 
     script = ("import sys\nprint('out')\nfor i in range(50): print(f'line {i}', file=sys.stderr)\n"
               "print('x' * 500, file=sys.stderr)\nsys.exit(2)")

@@ -10,13 +10,14 @@ import pytest
 
 from rbee import NotFoundError, encode
 from rbee.config import CollectorSettings
+from rbee.contract import on_gpu
 from rbee.hive.cgroups import NoCgroup
 from rbee.hive.collection import TelemetryCollector
 from rbee.plugin import hookimpl
 from rbee.plugin.manager import build_plugin_manager
-from rbee.telemetry import on_gpu
 
 from .conftest import busy_worker, sleeper
+from .hivekit import wait_exited
 
 
 def collector(monitor, *plugins) -> TelemetryCollector:
@@ -82,7 +83,7 @@ def test_collect_all_workers_partial_failure(monitor):
     monitor.spawn("llm", "fine", sleeper())
     telemetry = collector(monitor, ExplodesForOne())
     os.kill(dying, signal.SIGKILL)
-    time.sleep(0.05)
+    wait_exited(dying)
     records = {r.instance: r for r in telemetry.collect_all()}
     assert sorted(records) == ["cursed", "fine"]
     cursed = records["cursed"]

@@ -1,9 +1,12 @@
 """TelemetryCollector: one tick of per-worker telemetry, through the collector plugins.
 
 Each tick reads every worker's stat files in one call (``rbee.statfiles``, Cython when built), drops
-workers whose main process has gone, then lets each plugin fill in its fields. Plugins see each
+workers whose main process has gone (handing them to ``on_gone``: the hive reaps them in a thread
+of their own, so a worker that left children behind never holds a tick), then lets each plugin
+fill in its fields. What it keeps per worker between ticks (open stat files, recent readings, the
+plugins' view) is ``rbee.hive.sampling``'s ``Sampled``. Plugins see each
 worker through its ``rbee.plugin.WorkerView`` (one per worker, kept for its life) and are called
-through pluggy one by one (``PluginHooks``): one failing plugin or one dying worker costs that
+one by one (``PluginHooks``, through pluggy): one failing plugin or one dying worker costs that
 worker one field and an entry in its ``errors``, never the tick; a plugin over its per-tick budget
 (``collect.plugin_budget_ms``) is skipped for the rest of the tick.
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import httpx
 import msgspec
@@ -28,11 +31,12 @@ from .. import statfiles
 from .._errors import NotFoundError
 from .._sample import StatSample
 from ..config import CollectorSettings
+from ..contract import CollectorIssue, GpuDevice, WorkerTelemetry
 from ..plugin import WorkerView
 from ..plugin.manager import PluginHooks
-from ..telemetry import CollectorIssue, GpuDevice, WorkerTelemetry
-from .monitor import GONE_STATES, ProcessMonitor, Worker, exited
-from .rates import RateWindow
+from .processes import ProcessMonitor, Worker
+from .procfs import GONE_STATES
+from .sampling import Sampled, exited
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,14 @@ class TelemetryCollector:
     def __init__(self, monitor: ProcessMonitor, plugins: pluggy.PluginManager,
                  settings: CollectorSettings | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 read_sample: Callable[..., StatSample] | None = None) -> None:
-        """``read_sample`` overrides the stat parser (benchmarks compare the two twins)."""
+                 read_sample: Callable[..., StatSample] | None = None,
+                 on_gone: Callable[[Worker], object] | None = None) -> None:
+        """``read_sample`` overrides the stat parser (benchmarks compare the two twins).
+        ``on_gone`` gets each worker found exited in a tick; the default reaps it there and
+        then (``ProcessMonitor.reap``), the hive hands it to a thread of its own."""
         self.read_sample = read_sample or statfiles.read_sample
         self.monitor = monitor
+        self.on_gone = on_gone or monitor.reap
         self.plugins = plugins
         self.settings = settings or CollectorSettings()
         self.clock = clock
@@ -68,11 +76,15 @@ class TelemetryCollector:
         self.hooks = PluginHooks(plugins)
         self._budget_s = self.settings.plugin_budget_ms / 1000
         self._ticks = 0
-        self._views: dict[Worker, WorkerView] = {}
-        self._views_lock = threading.Lock()
+        self._sampled: dict[Worker, Sampled] = {}
+        self._sampled_lock = threading.Lock()
 
     def close(self) -> None:
         self.plugins.hook.rbee_collector_teardown()
+        with self._sampled_lock:
+            for sampled in self._sampled.values():
+                sampled.close()
+            self._sampled.clear()
 
     def refresh_devices(self) -> list[GpuDevice]:
         """Blocking: ask every plugin for hive-wide devices. Run it off the event loop.
@@ -134,33 +146,27 @@ class TelemetryCollector:
                 nursery.start_soon(run, name, call)
         self.worker_refresh_errors = errors
 
-    # -- the views plugins see ------------------------------------------------------------
+    # -- what is kept per worker ---------------------------------------------------------
 
     def views(self) -> list[WorkerView]:
         """The view of every worker the monitor has now (made on first sight, kept for life)."""
-        return [self._view(worker) for worker in self.monitor.workers()]
+        return [self._sampled_of(worker).view for worker in self.monitor.workers()]
 
-    def _view(self, worker: Worker) -> WorkerView:
-        view = self._views.get(worker)
-        if view is None:
-            with self._views_lock:
-                view = self._views.get(worker)
-                if view is None:
-                    view = self._views[worker] = WorkerView(
-                        group=worker.group, instance=worker.instance, pid=worker.pid,
-                        argv=worker.argv, cgroup_path=worker.cgroup_path,
-                        start_ticks=worker.stats.start_ticks,
-                        cpu_limit_pct=worker.limits.cpu_pct,
-                        memory_limit_mb=worker.limits.memory_mb,
-                        limits_applied=worker.limits_applied, gpu_indices=worker.gpu_hint,
-                        metrics_url=worker.metrics_url, pids=worker.list_pids)
-        return view
+    def _sampled_of(self, worker: Worker) -> Sampled:
+        sampled = self._sampled.get(worker)
+        if sampled is None:
+            with self._sampled_lock:
+                sampled = self._sampled.get(worker)
+                if sampled is None:
+                    sampled = self._sampled[worker] = Sampled(worker, self.settings.rate_window_s)
+        return sampled
 
-    def _forget_gone(self, workers: Sequence[Worker]) -> None:
-        current = set(self.monitor.workers())
-        with self._views_lock:
-            for worker in [w for w in self._views if w not in current]:
-                del self._views[worker]
+    def _drop_ended(self) -> None:
+        """Close what is kept of workers that have ended (in the tick's thread: only the tick
+        reads their files)."""
+        with self._sampled_lock:
+            for worker in [w for w in self._sampled if w.exited]:
+                self._sampled.pop(worker).close()
 
     # -- the collection API ---------------------------------------------------------------
 
@@ -179,65 +185,76 @@ class TelemetryCollector:
         return records[0]
 
     def _collect(self, workers: list[Worker]) -> list[WorkerTelemetry]:
-        gone = exited(workers)
+        self._drop_ended()
+        sampled = [self._sampled_of(worker) for worker in workers]
+        gone = exited(sampled)
         self._ticks += 1
         if self._ticks % TRIM_EVERY == 0:
             for worker in workers:
                 if worker.output is not None:
                     worker.output.trim()
-        records = []
-        spent: dict[str, float] = {}
-        for worker in workers:
-            if worker.pid in gone:
-                self.monitor.reap(worker)
+        live: list[tuple[WorkerView, WorkerTelemetry]] = []
+        for entry in sampled:
+            if entry.worker.pid in gone:
+                self.on_gone(entry.worker)
                 continue
-            record = self._collect_one(worker, spent)
+            record = self._record(entry)
             if record is not None:
-                records.append(record)
+                live.append((entry.view, record))
+        spent = self._fill(live)
         self.over_budget = {name: round(seconds * 1000, 1) for name, seconds in spent.items()
                             if seconds > self._budget_s}
         for name, ms in self.over_budget.items():
             log.warning("plugin %s took %.1f ms this tick, over its %g ms budget: skipped for "
                         "the rest of the tick", name, ms, self.settings.plugin_budget_ms)
-        if len(self._views) > len(records):
-            self._forget_gone(workers)
-        return records
+        return [record for _, record in live]
 
-    def _collect_one(self, worker: Worker, spent: dict[str, float]) -> WorkerTelemetry | None:
+    def _record(self, sampled: Sampled) -> WorkerTelemetry | None:
+        """This tick's sample of one worker, its view advanced, and its record before the
+        plugins; None when its main process has gone (handed to ``on_gone``)."""
+        worker = sampled.worker
         now = self.clock()
-        sample = self.read_sample(*worker.stats.args)
-        if worker.stats.pidfd < 0 and sample.proc_state in GONE_STATES:
-            self.monitor.reap(worker)
+        stats = sampled.stats
+        sample = self.read_sample(*stats.args)
+        if stats.pidfd < 0 and sample.proc_state in GONE_STATES:
+            self.on_gone(worker)
             return None
-        rates = worker.rates
-        if rates is None:
-            rates = worker.rates = RateWindow(self.settings.rate_window_s)
-        previous, elapsed = rates.advance(now, sample)
-        view = self._view(worker)
-        view._advance(sample, previous, elapsed)
+        previous, elapsed = sampled.rates.advance(now, sample)
+        sampled.view._advance(sample, previous, elapsed)
+        limits = worker.limits
         record = WorkerTelemetry(
             pid=worker.pid, group=worker.group, instance=worker.instance, cpu_pct=0.0,
             rss_mb=0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=None, vram_mb=0,
             total_vram_mb=0, model=None, rate_window_s=int(elapsed * 1000) / 1000,
-            cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
+            cpu_limit_pct=limits.cpu_pct, memory_limit_mb=limits.memory_mb,
             limits_applied=worker.limits_applied,
         )
         oom = worker.oom
         if oom is not None:  # read where its own limit can OOM-kill it; the last count otherwise
-            record.oom_kills = oom.read() if worker.limits.memory_bytes is not None else oom.last
+            record.oom_kills = oom.read() if limits.memory_bytes is not None else oom.last
+        return record
+
+    def _fill(self, live: list[tuple[WorkerView, WorkerTelemetry]]) -> dict[str, float]:
+        """Each plugin over every worker in turn (so each worker still sees the plugins in
+        pluggy's order), timed as a whole: one clock reading a call, and a plugin whose calls
+        pass its budget is skipped for the workers left. Returns the seconds each plugin took."""
         budget = self._budget_s
         perf_counter = time.perf_counter
-        for name, call in self.hooks.callers("rbee_collect_worker"):
-            used = spent.get(name, 0.0)
-            if used > budget:
-                record.errors.append(CollectorIssue(
-                    collector=name, message=f"skipped: over its {budget * 1000:g} ms budget "
-                                            f"this tick ({used * 1000:.1f} ms)"))
-                continue
+        spent: dict[str, float] = {}
+        for name, call in self.hooks.per_worker():
+            used = 0.0
             started = perf_counter()
-            try:
-                call(worker=view, telemetry=record)
-            except Exception as exc:
-                record.errors.append(issue(name, exc))
-            spent[name] = used + perf_counter() - started
-        return record
+            for index, (view, record) in enumerate(live):
+                try:
+                    call(view, record)
+                except Exception as exc:
+                    record.errors.append(issue(name, exc))
+                used = perf_counter() - started
+                if used > budget:
+                    message = (f"skipped: over its {budget * 1000:g} ms budget this tick "
+                               f"({used * 1000:.1f} ms)")
+                    for _, later in live[index + 1:]:
+                        later.errors.append(CollectorIssue(collector=name, message=message))
+                    break
+            spent[name] = used
+        return spent

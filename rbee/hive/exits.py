@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from ..telemetry import WorkerExit, utc_now
+from ..contract import WorkerExit, utc_now
 from .oom import OomCounter
 from .stderr_tail import OutputTail
 

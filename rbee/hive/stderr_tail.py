@@ -16,7 +16,7 @@ import os
 import stat
 import tempfile
 
-from ..telemetry import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS, cut
+from ..contract import MAX_TAIL_LINES, TAIL_BYTES, TAIL_LINE_CHARS, cut
 
 MAX_BYTES = 4 * 2**20
 """An unnamed stderr file past this is emptied (checked at each collection tick)."""

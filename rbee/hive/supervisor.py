@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from ..config import WorkerSpec
-from ..telemetry import WorkerExit, WorkerState, WorkerTelemetry, utc_now
+from ..contract import WorkerExit, WorkerState, WorkerTelemetry, utc_now
 
 Key = tuple[str, str]
 
@@ -118,10 +118,18 @@ class Supervisor:
         life.attempts += 1
         return delay
 
-    def records(self, live: list[WorkerTelemetry]) -> list[WorkerTelemetry]:
+    def down_keys(self) -> frozenset[Key]:
+        """The kept workers that have no process now (read before a tick takes its list)."""
+        return frozenset(key for key, life in self.lives.items()
+                         if life.state is not WorkerState.RUNNING)
+
+    def records(self, live: list[WorkerTelemetry], down_before: frozenset[Key] = frozenset()
+                ) -> list[WorkerTelemetry]:
         """The heartbeat's workers: the live records, each with its lifecycle's figures and
         ``starting`` until its rates are measured, then one record for each kept worker that has
-        no process now, so none vanishes while it waits or after it ended."""
+        no process now, so none vanishes while it waits or after it ended. A worker that was
+        down when the tick took its list (``down_before``) and was restarted since is listed as
+        ``starting``: the tick could not see its new process."""
         seen = set()
         for record in live:
             key = (record.group, record.instance)
@@ -135,17 +143,19 @@ class Supervisor:
             record.restarts = life.restarts
             record.oom_kills += life.oom_kills_before
             record.last_exit = life.last_exit
-        return live + [self._down_record(life) for key, life in self.lives.items()
-                       if key not in seen and life.state is not WorkerState.RUNNING]
+        return live + [self._down_record(life, restarted=life.state is WorkerState.RUNNING)
+                       for key, life in self.lives.items() if key not in seen
+                       and (life.state is not WorkerState.RUNNING or key in down_before)]
 
     @staticmethod
-    def _down_record(life: Lifecycle) -> WorkerTelemetry:
+    def _down_record(life: Lifecycle, restarted: bool = False) -> WorkerTelemetry:
         last = life.last_record
         return WorkerTelemetry(
-            pid=life.last_exit.pid if life.last_exit else 0, group=life.group,
+            pid=life.last_exit.pid if life.last_exit and not restarted else 0, group=life.group,
             instance=life.instance, cpu_pct=0.0, rss_mb=0, io_r_mb_s=0.0, io_w_mb_s=0.0,
             uptime_s=0, gpu_util_pct=None, vram_mb=0, total_vram_mb=0,
-            model=last.model if last else None, state=life.state,
+            model=last.model if last else None,
+            state=WorkerState.STARTING if restarted else life.state,
             cpu_limit_pct=last.cpu_limit_pct if last else None,
             memory_limit_mb=last.memory_limit_mb if last else None,
             limits_applied=last.limits_applied if last else True,

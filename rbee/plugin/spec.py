@@ -1,9 +1,11 @@
 """The hooks a collector plugin may implement (API version ``rbee.plugin.API_VERSION``). Every
 one is optional; none is ``firstresult``: every implementation is called.
 
-Isolation: rbee calls each plugin's implementation through pluggy on its own (a hook caller per
-plugin), so a plugin that raises for one worker costs that worker the plugin's fields and one entry
-in its ``errors``; neither the other plugins nor the other workers are affected.
+Isolation: rbee calls each plugin's implementation on its own (a pluggy hook caller per plugin;
+the per-worker hook, run for every worker every tick, calls the implementation as pluggy's loop
+would unless hook calls are monitored, ``rbee.plugin.manager``), so a plugin that raises for one
+worker costs that worker the plugin's fields and one entry in its ``errors``; neither the other
+plugins nor the other workers are affected.
 
 Wrappers (``wrapper=True`` or ``hookwrapper=True``) are refused at registration with a
 ``PluginError``: each plugin runs on its own, so there is nothing for a wrapper to wrap, and a
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     import pluggy
 
     from ..config import CollectorSettings
-    from ..telemetry import GpuDevice, WorkerTelemetry
+    from ..contract import GpuDevice, WorkerTelemetry
     from ._view import WorkerView
 
 __all__ = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..._errors import CgroupError
 from ..._sample import CPU_NONE, IO_NONE
-from ..limits import Limits
+from ...limits import Limits
 from .lock import RootLock
 
 
@@ -90,12 +90,22 @@ class CgroupBackend(ABC):
     def unclaim(self) -> None:
         return None
 
+    def adopt(self, group: str, instance: str, pid: int) -> None:
+        """Record that ``pid`` is the worker's main process. A cgroup records its members itself
+        (the child joined it before exec); only the none backend has to remember."""
+        return None
+
     def kill(self, group: str, instance: str, sig: signal.Signals) -> None:
+        """Send ``sig`` to every process of the worker."""
         for pid in self.pids(group, instance):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    def members(self, group: str, instance: str) -> list[int]:
+        """The worker's processes that still run: while any does, it is not gone."""
+        return self.pids(group, instance)
 
 
 PERMISSION_HINT = ("run the hive as root, give it a delegated cgroup subtree (systemd Delegate=yes), "

@@ -7,9 +7,11 @@ A worker's children are not counted, and a restarted hive cannot re-adopt worker
 from __future__ import annotations
 
 import os
+import signal
 
 from ..._sample import IO_PROC
-from ..limits import Limits
+from ...limits import Limits
+from ..procfs import pid_running
 from .base import CgroupBackend, Placement, StatPaths
 
 
@@ -29,6 +31,22 @@ class NoCgroup(CgroupBackend):
     def adopt(self, group: str, instance: str, pid: int) -> None:
         """Remember a spawned worker's PID: without a cgroup nothing else records membership."""
         self._pids[(group, instance)] = pid
+
+    def kill(self, group: str, instance: str, sig: signal.Signals) -> None:
+        """Signal the worker's process group: its session is its own (``start_new_session``),
+        so its children get the signal without a cgroup to find them."""
+        pid = self._pids.get((group, instance))
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def members(self, group: str, instance: str) -> list[int]:
+        """The main process while it runs (a zombie does not: it has ended, only unreaped)."""
+        pid = self._pids.get((group, instance))
+        return [pid] if pid is not None and pid_running(pid) else []
 
     def remove(self, group: str, instance: str) -> None:
         self._pids.pop((group, instance), None)

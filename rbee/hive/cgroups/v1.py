@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..._sample import CPU_V1_USAGE_NS, IO_PROC, IO_V1_BLKIO, MEMSTAT_V1
-from ..limits import CPU_PERIOD_US, Limits
+from ...limits import CPU_PERIOD_US, Limits
 from .base import CgroupTree, StatPaths, read_text, write_file
 
 CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio", "pids")

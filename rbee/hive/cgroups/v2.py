@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..._errors import CgroupError
 from ..._sample import CPU_V2_STAT, IO_PROC, IO_V2_STAT, MEMSTAT_V2
-from ..limits import CPU_PERIOD_US, Limits
+from ...limits import CPU_PERIOD_US, Limits
 from .base import CgroupTree, StatPaths, read_text, write_file
 
 WANTED_CONTROLLERS = ("cpu", "memory", "io", "pids")

@@ -18,7 +18,8 @@ from glide import (
 )
 
 from ..._errors import StoreError
-from ...config import StoreSettings, parse_redis_url
+from ...addresses import parse_redis_url
+from ...config import StoreSettings
 from . import lua
 from .keys import RedisKeys
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .._errors import LimitError
+from ._errors import LimitError
 
 CPU_PERIOD_US = 100_000
 """The CFS period rbee writes; quota = percent of one core x period / 100."""

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import time
 
-from rbee.hive.gpu import GpuSnapshot, GpuSource, open_gpu_source
+from rbee.contract import CollectorIssue, GpuUtilSource, WorkerGpuUse
 from rbee.plugin import hookimpl
-from rbee.telemetry import CollectorIssue, GpuUtilSource, WorkerGpuUse
+
+from .pick import open_gpu_source
+from .source import GpuSnapshot, GpuSource
 
 
 class GpuCollector:

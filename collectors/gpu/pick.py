@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from ..._errors import CollectorError
+from rbee._errors import CollectorError
+
 from .nvml import NvmlSource
-from .smi import NvidiaSmiSource, run_with_timeout
-from .source import GpuSnapshot, GpuSource, ProcessPlacement, Utilisation
+from .smi import NvidiaSmiSource
+from .source import GpuSource
 
 log = logging.getLogger(__name__)
-
-__all__ = ["GpuSnapshot", "GpuSource", "NvidiaSmiSource", "NvmlSource", "ProcessPlacement",
-           "Utilisation", "open_gpu_source", "run_with_timeout"]
 
 
 def open_gpu_source(kind: str, nvidia_smi_path: str = "nvidia-smi", timeout_s: float = 2.0,

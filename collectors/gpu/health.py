@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...telemetry import GpuFault, GpuFaultKind
+from rbee.contract import GpuFault, GpuFaultKind
 
 log = logging.getLogger(__name__)
 

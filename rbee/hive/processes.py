@@ -5,112 +5,59 @@ cgroup's ``cgroup.procs`` (file descriptors opened by the parent) before it ``ex
 binary, so no CPU time or memory is ever charged outside the cgroup. Workers get a session of their
 own, so a Ctrl-C meant for the hive does not reach them, and a restarted hive finds them again.
 
-The methods block (stop waits out a grace period); the trio hive calls them in a worker thread.
+What the backend answers differently (how to signal a worker, which of its processes still run)
+is the backend's to say (``CgroupBackend.kill``, ``members``, ``adopt``). Whoever watches the set
+of workers subscribes to ``WorkerEvent``s. The methods block (stop waits out a grace period, a
+reap kills what a worker left behind); the trio hive calls them in worker threads, never on the
+collection tick's.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import re
-import select
-import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
-from .. import statfiles
-from .._errors import CgroupError, NotFoundError, SpawnError
-from ..telemetry import WorkerExit
-from .cgroups import CgroupBackend, NoCgroup, StatPaths
+from .._errors import CgroupError, NotFoundError, SpawnError, WorkerExistsError
+from ..contract import WorkerExit
+from ..limits import Limits, parse_limits
+from .cgroups import CgroupBackend, StatPaths
 from .exits import ending
-from .limits import Limits, parse_limits
+from .launch import gpu_indices_from_env, resolve_binary
 from .oom import OomCounter
-from .procfs import read_cmdline
-from .rates import RateWindow
+from .procfs import main_pid, read_cmdline
 from .stderr_tail import OutputTail
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-GONE_STATES = (-1, ord("Z"), ord("X"))
-"""/proc states of a main process that has exited (unreadable, zombie, dead)."""
+FINISH_S = 5.0
+"""How long a reap or stop keeps killing what a worker left in its cgroup before giving up."""
 
 
-class StatSource:
-    """A worker's stat files, opened once and re-read with pread every tick (see design notes).
+class WorkerEvent(enum.Enum):
+    """How the set of workers changed."""
 
-    Liveness comes from a pidfd (one ``poll`` for all workers per tick), and the start time never
-    changes, so ``/proc/<pid>/stat`` is read once here and per tick only where no cgroup counts
-    the worker's CPU or memory (the none backend, or v2 without the memory controller).
-    """
-
-    __slots__ = ("args", "fds", "pidfd", "start_ticks")
-
-    def __init__(self, paths: StatPaths, pid: int) -> None:
-        self.fds: list[int] = []
-        cpu = self._open(paths.cpu)
-        memory_current = self._open(paths.memory_current)
-        memory_stat = self._open(paths.memory_stat)
-        io = self._open(paths.io)
-        proc_stat = self._open(f"/proc/{pid}/stat")
-        first = statfiles.read_sample(-1, 0, -1, -1, 0, -1, 0, proc_stat)
-        self.start_ticks = first.proc_start_ticks
-        self.pidfd = open_pidfd(pid)
-        if self.pidfd >= 0 and paths.cpu is not None and paths.memory_stat is not None:
-            self.fds.remove(proc_stat)
-            os.close(proc_stat)
-            proc_stat = -1
-        self.args = (cpu, paths.cpu_format, memory_current, memory_stat, paths.memory_stat_format,
-                     io, paths.io_format, proc_stat)
-
-    def _open(self, path: str | None) -> int:
-        if path is None:
-            return -1
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return -1
-        self.fds.append(fd)
-        return fd
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-
-def open_pidfd(pid: int) -> int:
-    """A pidfd that polls readable once the process exits; -1 where the kernel has none (< 5.3)."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return -1
-
-
-def exited(workers: Sequence[Worker]) -> set[int]:
-    """PIDs of the workers whose main process has exited, from one poll over their pidfds.
-
-    Workers without a pidfd are judged by their /proc state, read in their per-tick sample."""
-    poller = select.poll()
-    by_fd = {}
-    for worker in workers:
-        if worker.stats.pidfd >= 0:
-            poller.register(worker.stats.pidfd, select.POLLIN)
-            by_fd[worker.stats.pidfd] = worker.pid
-    return {by_fd[fd] for fd, _ in poller.poll(0)} if by_fd else set()
+    SPAWNED = "spawned"
+    """Started by this hive, or re-adopted from a previous one."""
+    EXITED = "exited"
+    """Its main process ended on its own; it is reaped and its cgroup removed."""
+    STOPPED = "stopped"
+    """The hive stopped it on purpose; reaped and removed."""
 
 
 @dataclass(eq=False)
 class Worker:
-    """One worker process the hive looks after, with what the collectors need between ticks."""
+    """One worker process the hive looks after: what it is, where it runs, how it ended."""
 
     group: str
     instance: str
@@ -118,13 +65,12 @@ class Worker:
     argv: tuple[str, ...]
     limits: Limits
     limits_applied: bool
-    stats: StatSource
+    stat_paths: StatPaths
+    """Where its counters are read (the collector opens them: ``rbee.hive.sampling``)."""
     process: subprocess.Popen[bytes] | None = None
     """None for a worker re-adopted after a hive restart: it is not our child."""
     gpu_hint: tuple[int, ...] = ()
     """GPU indices from the worker's CUDA_VISIBLE_DEVICES, used until NVML sees its processes."""
-    rates: RateWindow | None = None
-    """Recent readings of the worker's counters, kept by the collector (``rbee.hive.rates``)."""
     list_pids: Callable[[], list[int]] = list
     """Every PID in the worker's cgroup, children included (only the main PID without one)."""
     cgroup_path: str | None = None
@@ -140,28 +86,31 @@ class Worker:
     stopping: bool = False
     """Set when the hive itself stops it: its SIGKILL after the grace period is no OOM kill."""
     last_exit: WorkerExit | None = None
-    """How it ended; set once it has (before the ``exited`` or ``stopped`` announcement)."""
+    """How it ended; set once it has (before the ``EXITED`` or ``STOPPED`` announcement)."""
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.group, self.instance)
 
 
-WorkerListener = Callable[[str, Worker], None]
-"""Called with ("spawned" | "exited" | "stopped", worker) whenever the set of workers changes."""
+WorkerListener = Callable[[WorkerEvent, Worker], None]
+"""Called whenever the set of workers changes, in the thread that changed it."""
 
 
 class ProcessMonitor:
     def __init__(self, backend: CgroupBackend) -> None:
         self.backend = backend
         self._workers: dict[tuple[str, str], Worker] = {}
+        self._finishing: dict[tuple[str, str], threading.Event] = {}
+        """Workers a reap or stop is finishing now, each event set once it is done: a spawn of
+        the same name waits for it."""
         self._lock = threading.RLock()
         self._listeners: list[WorkerListener] = []
 
     def subscribe(self, listener: WorkerListener) -> None:
         self._listeners.append(listener)
 
-    def _announce(self, event: str, worker: Worker) -> None:
+    def _announce(self, event: WorkerEvent, worker: Worker) -> None:
         for listener in self._listeners:
             listener(event, worker)
 
@@ -180,7 +129,8 @@ class ProcessMonitor:
     ) -> int:
         """Start ``argv`` in cgroup ``<root>/<group>/<instance>``; returns its PID.
 
-        Raises SpawnError (LimitError for limits) or CgroupError; nothing is left behind then.
+        Raises SpawnError (LimitError for limits, WorkerExistsError for a name in use) or
+        CgroupError; nothing is left behind then.
         """
         for label, value in (("group", group), ("instance", instance)):
             if not isinstance(value, str) or not NAME.match(value):
@@ -192,10 +142,10 @@ class ProcessMonitor:
             raise SpawnError("empty command line", group=group, instance=instance)
         limits = parse_limits(cpu_limit, memory_limit)
         binary = resolve_binary(argv[0], env)
-        with self._lock:
+        with self._free((group, instance)):
             if (group, instance) in self._workers or (group, instance) in self.backend.enumerate():
-                raise SpawnError(f"worker {group}/{instance} already exists",
-                                 group=group, instance=instance)
+                raise WorkerExistsError(f"worker {group}/{instance} already exists",
+                                        group=group, instance=instance)
             placement = self.backend.create(group, instance, limits)
             output = None if log_path else OutputTail.unnamed()
             try:
@@ -209,22 +159,32 @@ class ProcessMonitor:
             paths = self.backend.stat_paths(group, instance, process.pid)
             worker = Worker(
                 group=group, instance=instance, pid=process.pid, argv=tuple(argv), limits=limits,
-                limits_applied=placement.limits_applied,
-                stats=StatSource(paths, process.pid),
+                limits_applied=placement.limits_applied, stat_paths=paths,
                 process=process, gpu_hint=gpu_indices_from_env(env),
                 list_pids=partial(self.backend.pids, group, instance),
                 cgroup_path=self.backend.cgroup_path(group, instance), metrics_url=metrics_url,
                 oom=OomCounter(paths.oom_events),
                 output=output if output is not None else OutputTail.of_file(log_path or ""),
             )
-            if isinstance(self.backend, NoCgroup):
-                self.backend.adopt(group, instance, process.pid)
+            self.backend.adopt(group, instance, process.pid)
             self._workers[worker.key] = worker
         if not placement.limits_applied:
             log.warning("%s/%s: limits %s are not enforced by the %s cgroup backend",
                         group, instance, limits, self.backend.name)
-        self._announce("spawned", worker)
+        self._announce(WorkerEvent.SPAWNED, worker)
         return process.pid
+
+    @contextmanager
+    def _free(self, key: tuple[str, str]) -> Iterator[None]:
+        """The monitor's lock, once no reap or stop is finishing a worker of that name (a
+        restart waits for its predecessor's cgroup to be gone, as it did under one lock)."""
+        while True:
+            with self._lock:
+                finishing = self._finishing.get(key)
+                if finishing is None:
+                    yield
+                    return
+            finishing.wait()
 
     def _start(self, binary: str, argv: Sequence[str], procs_files: Sequence[str],
                env: Mapping[str, str] | None, log_path: str | None,
@@ -264,84 +224,95 @@ class ProcessMonitor:
             for fd in fds:
                 os.close(fd)
 
-    # -- stopping ---------------------------------------------------------------------------
+    # -- stopping and reaping ---------------------------------------------------------------
 
     def stop(self, group: str, instance: str, grace: float = 5.0) -> None:
         """SIGTERM every process of the worker, SIGKILL what is left after ``grace`` seconds, reap,
         and remove the cgroup. Raises NotFoundError for an unknown worker."""
         worker = self.get(group, instance)
         worker.stopping = True
-        self._signal(worker, signal.SIGTERM)
+        self.backend.kill(group, instance, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self._alive(worker):
             time.sleep(0.01)
         self._finish(worker)
-        self._announce("stopped", worker)
 
     def stop_all(self, grace: float = 5.0) -> None:
         workers = self.workers()
         for worker in workers:
             worker.stopping = True
-            self._signal(worker, signal.SIGTERM)
+            self.backend.kill(worker.group, worker.instance, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(self._alive(w) for w in workers):
             time.sleep(0.01)
         for worker in workers:
             self._finish(worker)
-            self._announce("stopped", worker)
 
-    def reap(self, worker: Worker) -> None:
-        """Clean up after a worker whose main process has exited on its own."""
-        if worker.key not in self._workers:
-            return
-        self._finish(worker)
-        self._announce("exited", worker)
-
-    def _signal(self, worker: Worker, sig: signal.Signals) -> None:
-        if isinstance(self.backend, NoCgroup):
-            try:
-                os.killpg(worker.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        else:
-            self.backend.kill(worker.group, worker.instance, sig)
+    def reap(self, worker: Worker) -> bool:
+        """Clean up after a worker whose main process has exited on its own; False when it was
+        already reaped (or stopped, or is being finished by another thread)."""
+        return self._finish(worker)
 
     def _alive(self, worker: Worker) -> bool:
-        if worker.process is not None:
-            return worker.process.poll() is None or bool(self._members(worker))
-        return bool(self._members(worker))
+        if worker.process is not None and worker.process.poll() is None:
+            return True
+        return bool(self.backend.members(worker.group, worker.instance))
 
-    def _members(self, worker: Worker) -> list[int]:
-        if isinstance(self.backend, NoCgroup):
-            return [worker.pid] if pid_running(worker.pid) else []
-        return self.backend.pids(worker.group, worker.instance)
-
-    def _finish(self, worker: Worker) -> None:
-        """Kill what is left, reap, drop the cgroup and the open files. Idempotent."""
+    def _finish(self, worker: Worker) -> bool:
+        """Kill what is left, reap, drop the cgroup and the open files, then announce it
+        (``STOPPED`` if the hive was stopping it, else ``EXITED``). The first caller for a worker
+        does it; another one waits until it is done and announced, then returns False, so
+        whoever returns from here finds the worker's ending recorded. The kill loop (up to
+        ``FINISH_S``) runs without the monitor's lock: listing workers never waits for it."""
+        key = worker.key
         with self._lock:
-            if self._workers.get(worker.key) is not worker:
-                return
-            deadline = time.monotonic() + 5.0
-            while self._alive(worker) and time.monotonic() < deadline:
-                self._signal(worker, signal.SIGKILL)
-                if worker.process is not None:
-                    try:
-                        worker.process.wait(timeout=0.05)
-                    except subprocess.TimeoutExpired:
-                        pass
-                else:
-                    time.sleep(0.01)
-            if worker.process is not None:
-                worker.exit_code = worker.process.poll()
-            worker.exited = True
-            worker.last_exit = ending(worker.pid, worker.exit_code, worker.oom, worker.output,
-                                      time.monotonic() - worker.started_at, worker.stopping)
-            worker.stats.close()
-            del self._workers[worker.key]
+            running = self._finishing.get(key)
+            if running is None:
+                if self._workers.get(key) is not worker:
+                    return False
+                running = self._finishing[key] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            running.wait()
+            return False
+        try:
             try:
-                self.backend.remove(worker.group, worker.instance)
-            except CgroupError as exc:
-                log.warning("%s/%s: %s", worker.group, worker.instance, exc)
+                self._end(worker)
+                try:
+                    self.backend.remove(worker.group, worker.instance)
+                except CgroupError as exc:
+                    log.warning("%s/%s: %s", worker.group, worker.instance, exc)
+            finally:
+                with self._lock:
+                    del self._workers[key]
+            self._announce(WorkerEvent.STOPPED if worker.stopping else WorkerEvent.EXITED,
+                           worker)
+        finally:
+            with self._lock:
+                del self._finishing[key]
+            running.set()
+        return True
+
+    def _end(self, worker: Worker) -> None:
+        """SIGKILL what is left of the worker (for up to ``FINISH_S``), then record how it
+        ended."""
+        deadline = time.monotonic() + FINISH_S
+        while self._alive(worker) and time.monotonic() < deadline:
+            self.backend.kill(worker.group, worker.instance, signal.SIGKILL)
+            if worker.process is not None:
+                try:
+                    worker.process.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.01)
+        if worker.process is not None:
+            worker.exit_code = worker.process.poll()
+        worker.exited = True
+        worker.last_exit = ending(worker.pid, worker.exit_code, worker.oom, worker.output,
+                                  time.monotonic() - worker.started_at, worker.stopping)
 
     # -- looking up -------------------------------------------------------------------------
 
@@ -379,77 +350,26 @@ class ProcessMonitor:
                     self.backend.remove(group, instance)
                     continue
                 pid = main_pid(pids)
+                paths = self.backend.stat_paths(group, instance, pid)
                 worker = Worker(
                     group=group, instance=instance, pid=pid, argv=read_cmdline(pid),
                     limits=self.backend.read_limits(group, instance), limits_applied=True,
-                    stats=StatSource(paths := self.backend.stat_paths(group, instance, pid), pid),
-                    list_pids=partial(self.backend.pids, group, instance),
+                    stat_paths=paths, list_pids=partial(self.backend.pids, group, instance),
                     cgroup_path=self.backend.cgroup_path(group, instance),
                     oom=OomCounter(paths.oom_events), output=OutputTail.of_process(pid),
                 )
+                self.backend.adopt(group, instance, pid)
                 self._workers[worker.key] = worker
                 adopted.append(worker)
         for worker in adopted:
-            self._announce("spawned", worker)
+            self._announce(WorkerEvent.SPAWNED, worker)
         return adopted
 
     def release(self) -> None:
         """Forget every worker without stopping it (hive restart: the next hive re-adopts them)."""
         with self._lock:
             for worker in self._workers.values():
-                worker.stats.close()
                 for handle in (worker.oom, worker.output):
                     if handle is not None:
                         handle.close()
             self._workers.clear()
-
-
-def resolve_binary(program: str, env: Mapping[str, str] | None = None) -> str:
-    """The absolute path of the worker binary, or a SpawnError saying what is wrong with it."""
-    if "/" in program:
-        path = program
-        if not os.path.exists(path):
-            raise SpawnError(f"worker binary not found: {program}")
-    else:
-        search = (env or {}).get("PATH") or os.environ.get("PATH", os.defpath)
-        found = shutil.which(program, path=search)
-        if found is None:
-            if shutil.which(program, mode=os.F_OK, path=search):
-                raise SpawnError(f"worker binary is not executable: {program}")
-            raise SpawnError(f"worker binary not found on PATH: {program}")
-        path = found
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
-        raise SpawnError(f"worker binary is not executable: {program}")
-    return os.path.abspath(path)
-
-
-def gpu_indices_from_env(env: Mapping[str, str] | None) -> tuple[int, ...]:
-    visible = (env or {}).get("CUDA_VISIBLE_DEVICES", "")
-    parts = [part.strip() for part in visible.split(",") if part.strip()]
-    return tuple(int(part) for part in parts) if all(p.isdigit() for p in parts) else ()
-
-
-def pid_running(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return False
-    close = stat.rfind(b")")
-    return stat[close + 2 : close + 3] not in (b"Z", b"X")
-
-
-def main_pid(pids: list[int]) -> int:
-    """The worker's main process: the one whose parent is outside the cgroup."""
-    members = set(pids)
-    for pid in sorted(pids):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as file:
-                stat = file.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) not in members:
-            return pid
-    return min(pids)

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .._errors import CollectorError
-from ..telemetry import EngineState
+from rbee._errors import CollectorError
+from rbee.contract import EngineState
 
 
 class EngineError(CollectorError):

@@ -1,7 +1,7 @@
 """Each worker's own inference-engine state (vLLM, SGLang, TGI, llama.cpp) from its metrics port.
 
 Where: the worker spec's ``metrics_url``, else the port its launcher's argv names
-(``rbee.hive.launchers``). When: ``rbee_refresh_workers``, the hive's async refresh, every
+(``rbee.collectors.engine.launchers``). When: ``rbee_refresh_workers``, the hive's async refresh, every
 ``collect.interval_s`` apart from the collection tick: every worker is fetched concurrently through
 the hive's pooled HTTP client (at most ``collect.engine.max_concurrency`` at once), each under
 ``collect.engine.timeout_s`` for the whole exchange and refused past ``collect.engine.max_bytes``;
@@ -22,9 +22,10 @@ import time
 import httpx
 import trio
 
-from rbee.hive.engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
-from rbee.hive.launchers import metrics_url_from_argv
 from rbee.plugin import hookimpl
+
+from .engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
+from .launchers import metrics_url_from_argv
 
 NAME = "engine"
 STALE_INTERVALS = 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ...telemetry import GpuDevice, GpuUtilSource
+from rbee.contract import GpuDevice, GpuUtilSource
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from types import ModuleType
 
-from ...telemetry import CollectorIssue, GpuDevice, GpuFault, GpuUtilSource, gpu_health
+from rbee.contract import CollectorIssue, GpuDevice, GpuFault, GpuUtilSource, gpu_health
+
 from .health import XidWatch, read_faults
 from .process_util import ProcessUtilisation
 from .source import GpuSnapshot, ProcessPlacement, Utilisation

@@ -16,10 +16,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from ...telemetry import GpuUtilSource
+from rbee.contract import GpuUtilSource
+
 from .source import Utilisation
 
-log = logging.getLogger("rbee.hive.gpu")
+log = logging.getLogger("rbee.collectors.gpu")
 
 
 def wall_clock_us() -> int:

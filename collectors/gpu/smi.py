@@ -15,8 +15,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from ..._errors import CollectorError
-from ...telemetry import CollectorIssue, GpuDevice, GpuFault, GpuFaultKind, GpuUtilSource, gpu_health
+from rbee._errors import CollectorError
+from rbee.contract import CollectorIssue, GpuDevice, GpuFault, GpuFaultKind, GpuUtilSource, gpu_health
+
 from .source import GpuSnapshot, ProcessPlacement, Utilisation
 
 GPU_QUERY = ("index,uuid,name,utilization.gpu,memory.total,memory.used,memory.free,"
