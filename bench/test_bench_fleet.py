@@ -211,8 +211,7 @@ def test_fleet(benchmark, tmp_path, side):
         per_hb = {s["hives"]: s["queen_cpu_us_per_hb"] for s in steps}
         per_hb_after = {s["hives"]: s["queen_cpu_us_per_hb"] for s in after}
         FIGURES["fleet after/before"] = (
-            f"most hives sustained {most_sustained(after) / max(best, 1):.2f}x; "
-            f"queen CPU per heartbeat at {at} hives {per_hb_after.get(at, 0):.0f} vs "
-            f"{per_hb.get(at, 0):.0f} µs ({per_hb.get(at, 0) / max(per_hb_after.get(at, 1), 1):.2f}x"
-            " cheaper after)")
+            f"most hives sustained {most_sustained(after):,} / {best:,}; queen CPU per heartbeat "
+            f"at {at} hives {per_hb_after.get(at, 0):.0f} / {per_hb.get(at, 0):.0f} µs = "
+            f"{per_hb_after.get(at, 0) / max(per_hb.get(at, 0), 1):.2f}x")
     assert steps and steps[0]["ok"] > 0, steps

@@ -95,19 +95,23 @@ class Window:
     timeouts: int = 0
     latencies: list[float] = field(default_factory=list)
 
-    def begin(self) -> None:
-        """Open again, from nothing (the hives hold this same object)."""
-        self.__init__(open=True)
-
     def summary(self, hives: int, seconds: float, cpu_s: float) -> dict:
         latencies = sorted(self.latencies) or [float("nan")]
         return {"hives": hives, "window_s": seconds, "expected": round(hives * seconds / PERIOD_S),
-                "sent": self.sent, "answered": len(self.latencies), "unanswered": self.in_flight, "ok": self.statuses.get(200, 0),
+                "sent": self.sent, "answered": len(self.latencies), "unanswered": self.in_flight,
+                "ok": self.statuses.get(200, 0),
                 "statuses": {str(code): n for code, n in sorted(self.statuses.items())},
                 "resets": self.resets, "timeouts": self.timeouts,
                 "p50_ms": latencies[len(latencies) // 2] * 1e3,
                 "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
                 "max_ms": latencies[-1] * 1e3, "load_cpu_pct": cpu_s / seconds * 100}
+
+
+@dataclass
+class Meter:
+    """The window now open (or last closed): each beat is counted in the one open when it was sent."""
+
+    window: Window = field(default_factory=Window)
 
 
 class ConnectionLost(Exception):
@@ -135,22 +139,25 @@ async def answer_status(sock: trio.socket.SocketType) -> int:
     return int(data[9:12])
 
 
-async def hive(port: int, request: bytes, window: Window, rng: random.Random) -> None:
+async def hive(port: int, request: bytes, meter: Meter, rng: random.Random) -> None:
     """One hive: connect, then a beat every ``PERIOD_S`` (jittered) on the same connection, one
     at a time as a real hive's sender does; a broken connection is counted and opened again."""
     due = trio.current_time() + rng.uniform(0, PERIOD_S)
     while True:
         sock = trio.socket.socket()
-        counted = False
+        window, counted = meter.window, False
         try:
             await sock.connect(("127.0.0.1", port))
             while True:
                 await trio.sleep_until(due)
+                window = meter.window
                 counted = window.open
                 window.sent += counted
                 window.in_flight += counted
                 started = time.perf_counter()
-                await sock.send(request)  # a heartbeat fits the socket's send buffer
+                sent = 0
+                while sent < len(request):
+                    sent += await sock.send(request[sent:])
                 with trio.fail_after(ANSWER_TIMEOUT_S):
                     status = await answer_status(sock)
                 if counted:
@@ -164,7 +171,7 @@ async def hive(port: int, request: bytes, window: Window, rng: random.Random) ->
                     due = now
         except trio.TooSlowError:
             window.timeouts += counted or window.open
-        except (OSError, ConnectionLost, ValueError):
+        except (OSError, ConnectionLost, ValueError):  # reset, closed, or not an HTTP answer
             window.resets += counted or window.open
         finally:
             window.in_flight -= counted
@@ -175,7 +182,7 @@ async def hive(port: int, request: bytes, window: Window, rng: random.Random) ->
 
 async def run(port: int, *, compressed: bool, warmup_s: float, window_s: float) -> None:
     rng = random.Random(24)
-    window = Window()
+    meter = Meter()
     started = 0
     async with trio.open_nursery() as nursery:
         while line := await trio.to_thread.run_sync(sys.stdin.readline):
@@ -185,12 +192,12 @@ async def run(port: int, *, compressed: bool, warmup_s: float, window_s: float) 
                 body = eight_gpu_heartbeat(f"fleet-hive-{started:05d}", started)
                 if compressed:
                     body = gzip.compress(body, compresslevel=1, mtime=0)
-                nursery.start_soon(hive, port, post(port, body, compressed=compressed), window,
+                nursery.start_soon(hive, port, post(port, body, compressed=compressed), meter,
                                    random.Random(rng.random()))
                 started += 1
                 await trio.sleep(1 / RAMP_PER_S)
             await trio.sleep(warmup_s)
-            window.begin()
+            meter.window = window = Window(open=True)
             print("start", flush=True)
             before = os.times()
             await trio.sleep(window_s)
