@@ -6,14 +6,18 @@ hives connect gradually, a warm-up, a measured window) until the queen no longer
 
 Per N: heartbeat latency p50/p99 (send to whole answer, from the hives' side), answers 200 of
 those sent, other statuses and broken connections, the queen's CPU (utime + stime over the window)
-in all and per heartbeat answered, its RSS in all and per hive. The figure of merit: the most
-hives sustained with heartbeat p99 <= 50 ms and every heartbeat answered 200 (``sustained``).
+in all and per heartbeat answered, its RSS in all and per hive (above the queen before any hive
+came). The figure of merit: the most hives sustained with heartbeat p99 <= 50 ms and every
+heartbeat answered 200 (``sustained``). The ramp goes on past a slow step and stops where the
+queen is saturated or heartbeats fail (``broken``), or after ``BUDGET_S``.
 
 Run against this tree's queen ("after") and, with ``RBEE_BENCH_BEFORE=/path/to/a/checkout``
 (``git archive f2ffd45 | tar -x -C /tmp/rbee-f2ffd45``), that checkout's queen ("before") in
 the same run; the summary gives both and the ratios. Each queen gets the config keys its tree
 knows (older trees refuse unknown ones): admission sized so it never refuses a bench hive, and
-room for every connection.
+room for every connection. ``RBEE_BENCH_FLEET_STEPS=100,200,...`` sets the steps;
+``RBEE_BENCH_PYSPY=DIR`` records the queen's profile over each window (collapsed stacks; needs
+``pip install py-spy`` in the venv: it is not in the lock).
 """
 
 from __future__ import annotations
@@ -167,8 +171,9 @@ def line_of(step: dict) -> str:
             + (f", resets {step['resets']}" if step["resets"] else "")
             + (f", timeouts {step['timeouts']}" if step["timeouts"] else "")
             + f"; queen CPU {step['queen_cpu_pct']:.0f} %, {step['queen_cpu_us_per_hb']:.0f} µs"
-              f"/heartbeat, RSS {step['queen_rss_mb']:.0f} MB ({step['kb_per_hive']:.1f} KB/hive)"
-              f"; load CPU {step['load_cpu_pct']:.0f} %" + ("" if step["sustained"] else " [NOT sustained]"))
+              f"/heartbeat, RSS {step['queen_rss_mb']:.0f} MB (+{step['kb_per_hive']:.0f} KB/hive)"
+              f"; load CPU {step['load_cpu_pct']:.0f} %"
+            + ("" if step["sustained"] else " [NOT sustained]"))
 
 
 def most_sustained(steps: list[dict]) -> int:
