@@ -40,6 +40,7 @@ from tests.fleetload import eight_gpu_heartbeat
 from tests.hostilekit import raise_descriptor_limit
 
 from .conftest import FIGURES
+from .test_bench_hostile import stop
 from .test_bench_queen import cpu_seconds, queen_process
 
 REPO = Path(__file__).parents[1]
@@ -154,12 +155,7 @@ def ramp(queen: subprocess.Popen, port: int, side: str) -> list[dict]:
                 break
     finally:
         load.stdin.close()
-        try:
-            load.wait(30)
-        except subprocess.TimeoutExpired:
-            load.kill()
-            load.wait()
-        load.stdout.close()
+        stop(load)
     return steps
 
 
