@@ -1,0 +1,227 @@
+"""A fleet's heartbeats, cheaply: N simulated eight-GPU hives, each on its own keep-alive
+connection, posting a pre-encoded, gzip-compressed heartbeat every second (with jitter) over raw
+trio sockets and hand-written HTTP/1.1, reading back only the status line and the body's length.
+The load generator of bench/test_bench_fleet.py, run as a process of its own so that what it
+costs never lands on the queen's core:
+
+    python -m tests.fleetload PORT [--plain]
+
+It reads a number of hives per line on stdin: it grows the fleet to that many (new hives
+connect gradually, ``RAMP_PER_S`` a second), lets it settle for ``--warmup-s``, prints
+``start``, measures ``--window-s``, prints ``end``, then, once the window's beats are answered,
+one line of JSON: what the window saw from the hives' side. The caller samples the queen between
+``start`` and ``end``. End of stdin ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from rbee.contract import EngineState, GpuUtilSource, WorkerGpuUse, encode
+from rbee.contract.paths import HEARTBEAT
+from tests.builders import fleet_heartbeat
+from tests.hostilekit import raise_descriptor_limit
+
+GPUS = 8
+PERIOD_S = 1.0
+JITTER_S = 0.05
+"""Each beat is due ``PERIOD_S`` after the last one was due, give or take this (uniform)."""
+RAMP_PER_S = 500
+"""New hives connecting per second while the fleet grows."""
+ANSWER_TIMEOUT_S = 10.0
+RECONNECT_S = 1.0
+RECV_SIZE = 65536
+
+
+def eight_gpu_heartbeat(hive_id: str, seed: int) -> bytes:
+    """An eight-GPU hive of eight vLLM workers as a real hive reports it: each worker's use of
+    its GPU and its engine's state, each GPU's temperature and power. JSON, not yet compressed."""
+    rng = random.Random(seed)
+    heartbeat = fleet_heartbeat(hive_id, GPUS)
+    for device in heartbeat.capabilities:
+        device.util_pct = round(rng.uniform(30, 99), 1)
+        device.mem_util_pct = round(rng.uniform(10, 60), 1)
+        device.temperature_c = float(rng.randint(40, 80))
+        device.power_w = round(rng.uniform(150, 690), 1)
+    for index, worker in enumerate(heartbeat.workers):
+        util = round(rng.uniform(30, 99), 1)
+        worker.gpu_util_pct = util
+        worker.cpu_pct = round(rng.uniform(80, 120), 2)
+        worker.gpu_util_source = GpuUtilSource.PROCESS
+        worker.gpus = [WorkerGpuUse(
+            index=index, uuid=f"GPU-{index:08d}", vram_mb=float(worker.vram_mb), util_pct=util,
+            mem_util_pct=round(rng.uniform(10, 60), 1), util_source=GpuUtilSource.PROCESS,
+            util_window_s=1.0)]
+        worker.engine = EngineState(
+            engine="vllm", version="0.6.3", requests_running=rng.randint(0, 64),
+            requests_waiting=rng.randint(0, 16), kv_cache_pct=round(rng.uniform(0, 100), 1),
+            prompt_tokens_s=round(rng.uniform(0, 20000), 1),
+            generation_tokens_s=round(rng.uniform(0, 4000), 1),
+            ttft_p50_s=round(rng.uniform(0.02, 0.3), 4), ttft_p95_s=round(rng.uniform(0.3, 2), 4),
+            preemptions_s=0.0, rate_window_s=1.0)
+    return encode(heartbeat)
+
+
+def post(port: int, body: bytes, *, compressed: bool) -> bytes:
+    """The whole request, as httpx sends a hive's heartbeat (headers and all)."""
+    encoding = b"content-encoding: gzip\r\n" if compressed else b""
+    return (b"POST %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\naccept: */*\r\n"
+            b"accept-encoding: gzip, deflate\r\nconnection: keep-alive\r\n"
+            b"user-agent: rbee-hive/fleetload\r\ncontent-type: application/json\r\n%s"
+            b"content-length: %d\r\n\r\n" % (HEARTBEAT.encode(), port, encoding, len(body))
+            + body)
+
+
+@dataclass
+class Window:
+    """What the hives saw while it was open: beats sent, answers by status, broken connections,
+    and each answer's latency (from just before the send to the last byte of the answer)."""
+
+    open: bool = False
+    sent: int = 0
+    in_flight: int = 0
+    """Beats sent while it was open and not answered yet."""
+    statuses: dict[int, int] = field(default_factory=dict)
+    resets: int = 0
+    timeouts: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def summary(self, hives: int, seconds: float, cpu_s: float) -> dict:
+        latencies = sorted(self.latencies) or [float("nan")]
+        return {"hives": hives, "window_s": seconds, "expected": round(hives * seconds / PERIOD_S),
+                "sent": self.sent, "answered": len(self.latencies), "unanswered": self.in_flight,
+                "ok": self.statuses.get(200, 0),
+                "statuses": {str(code): n for code, n in sorted(self.statuses.items())},
+                "resets": self.resets, "timeouts": self.timeouts,
+                "p50_ms": latencies[len(latencies) // 2] * 1e3,
+                "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+                "max_ms": latencies[-1] * 1e3, "load_cpu_pct": cpu_s / seconds * 100}
+
+
+@dataclass
+class Meter:
+    """The window now open (or last closed): each beat is counted in the one open when it was sent."""
+
+    window: Window = field(default_factory=Window)
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+async def answer_status(sock: trio.socket.SocketType) -> int:
+    """Read one whole answer; its status code. Only the status line and the length are parsed."""
+    data = b""
+    while (end := data.find(b"\r\n\r\n")) < 0:
+        chunk = await sock.recv(RECV_SIZE)
+        if not chunk:
+            raise ConnectionLost
+        data += chunk
+    length = 0
+    for header in data[:end].lower().split(b"\r\n")[1:]:
+        if header.startswith(b"content-length:"):
+            length = int(header[15:])
+    left = end + 4 + length - len(data)
+    while left > 0:
+        chunk = await sock.recv(max(left, RECV_SIZE))
+        if not chunk:
+            raise ConnectionLost
+        left -= len(chunk)
+    return int(data[9:12])
+
+
+async def hive(port: int, request: bytes, meter: Meter, rng: random.Random) -> None:
+    """One hive: connect, then a beat every ``PERIOD_S`` (jittered) on the same connection, one
+    at a time as a real hive's sender does; a broken connection is counted and opened again."""
+    due = trio.current_time() + rng.uniform(0, PERIOD_S)
+    while True:
+        sock = trio.socket.socket()
+        window, counted = meter.window, False
+        try:
+            await sock.connect(("127.0.0.1", port))
+            while True:
+                await trio.sleep_until(due)
+                window = meter.window
+                counted = window.open
+                window.sent += counted
+                window.in_flight += counted
+                started = time.perf_counter()
+                sent = 0
+                while sent < len(request):
+                    sent += await sock.send(request[sent:])
+                with trio.fail_after(ANSWER_TIMEOUT_S):
+                    status = await answer_status(sock)
+                if counted:
+                    window.latencies.append(time.perf_counter() - started)
+                    window.statuses[status] = window.statuses.get(status, 0) + 1
+                    window.in_flight -= 1
+                    counted = False
+                now = trio.current_time()
+                due += PERIOD_S + rng.uniform(-JITTER_S, JITTER_S)
+                if due < now - PERIOD_S:  # fell a whole beat behind: send the next one now
+                    due = now
+        except trio.TooSlowError:
+            window.timeouts += counted or window.open
+        except (OSError, ConnectionLost, ValueError):  # reset, closed, or not an HTTP answer
+            window.resets += counted or window.open
+        finally:
+            window.in_flight -= counted
+            sock.close()
+        await trio.sleep(RECONNECT_S)
+        due = trio.current_time()
+
+
+async def run(port: int, *, compressed: bool, warmup_s: float, window_s: float) -> None:
+    rng = random.Random(24)
+    meter = Meter()
+    started = 0
+    async with trio.open_nursery() as nursery:
+        while line := await trio.to_thread.run_sync(sys.stdin.readline):
+            target = int(line)
+            raise_descriptor_limit(target + 256)
+            while started < target:
+                body = eight_gpu_heartbeat(f"fleet-hive-{started:05d}", started)
+                if compressed:
+                    body = gzip.compress(body, compresslevel=1, mtime=0)
+                nursery.start_soon(hive, port, post(port, body, compressed=compressed), meter,
+                                   random.Random(rng.random()))
+                started += 1
+                await trio.sleep(1 / RAMP_PER_S)
+            await trio.sleep(warmup_s)
+            meter.window = window = Window(open=True)
+            print("start", flush=True)
+            before = os.times()
+            await trio.sleep(window_s)
+            window.open = False
+            spent = os.times()
+            print("end", flush=True)
+            cpu_s = (spent.user + spent.system) - (before.user + before.system)
+            with trio.move_on_after(ANSWER_TIMEOUT_S + 1):  # the window's beats still in flight
+                while window.in_flight:
+                    await trio.sleep(0.05)
+            print(json.dumps(window.summary(target, window_s, cpu_s)), flush=True)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.fleetload", description=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument("--plain", action="store_true", help="send JSON uncompressed")
+    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--window-s", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    trio.run(lambda: run(args.port, compressed=not args.plain, warmup_s=args.warmup_s,
+                         window_s=args.window_s))
+
+
+if __name__ == "__main__":
+    main()
