@@ -44,6 +44,12 @@ setup(
         "prometheus-client>=0.20",
         # the redis store (registry.store.kind: redis): its async client runs on trio (anyio)
         "valkey-glide>=2.6",
+        # the queen's history: columns of float16 points, recorded for the whole fleet at once
+        "numpy>=1.26",
+        # the hive's channel to its queen: WebSockets for httpx, on anyio (so on trio)
+        "httpx-ws>=0.7",
+        # rbee top: the terminal view operators drive with keys
+        "textual>=1.0",
     ],
     extras_require={
         "test": [

@@ -34,7 +34,6 @@ errors answer by type (``STATUSES``); query parameters are decoded into structs
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -48,9 +47,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._errors import AdmissionError, NotFoundError, StoreError
+from .._errors import NotFoundError, StoreError
 from ..config import QueenConfig
-from ..contract import OperationalStatus, QueenHealth, decode_heartbeat, encode, paths
+from ..contract import QueenHealth, decode_heartbeat, encode, paths
 from ..credentials import HiveCredentials
 from ..exposition import metrics_route
 from ..http.app import JsonResponse, Statuses, json_app, ok
@@ -60,6 +59,7 @@ from ..http.errors import ApiError
 from .dashboard import dashboard_routes
 from .fleet import Fleet
 from .history import METRICS, FleetHistory, QueryError, Selector
+from .ingest import Ingest, stored
 from .metrics import QueenMetrics
 from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
 from .registry import HiveRegistry
@@ -155,21 +155,13 @@ async def _listed_in_slices(fetch: Fetch, after: str | None, limit: int
         await anyio.lowlevel.checkpoint()
 
 
-async def stored(write):
-    """A write to the store; 503 naming the problem when the store cannot take it (the hive
-    retries, possibly at another queen)."""
-    try:
-        return await write
-    except StoreError as exc:
-        raise ApiError(503, f"the registry store is unavailable: {exc}") from exc
-
-
 class IngestHandlers:
     """The writes: heartbeats (and a hive's goodbye), and an operator's removal."""
 
     def __init__(self, config: QueenConfig, fleet: Fleet, gate: Gate,
                  metrics: QueenMetrics) -> None:
         self.config, self.store, self.gate, self.metrics = config, fleet.store, gate, metrics
+        self.ingest = Ingest(config, fleet.store)
 
     async def post_heartbeat(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -183,30 +175,10 @@ class IngestHandlers:
         return response
 
     async def _ingest(self, request: Request) -> Response:
-        config, store = self.config, self.store
         acting_as = self.gate.hive(request)
-        body = await read_body(request, config.http.max_body_bytes)
+        body = await read_body(request, self.config.http.max_body_bytes)
         heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
-        if acting_as is not ANY_HIVE and heartbeat.hive.id != acting_as:
-            raise ApiError(403, f"the credential of hive {acting_as!r} cannot post as hive "
-                                f"{heartbeat.hive.id!r}")
-        if len(heartbeat.workers) > config.registry.max_workers_per_hive:
-            raise ApiError(400, f"invalid heartbeat: {len(heartbeat.workers)} workers, more than "
-                                f"registry.max_workers_per_hive "
-                                f"({config.registry.max_workers_per_hive}) - at `$.workers`")
-        if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
-            # a hive's goodbye: its workers are no longer watched by anyone
-            await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
-            return ok(f"hive {heartbeat.hive.id!r} stopped: removed")
-        try:
-            await stored(store.ingest(heartbeat, len(body)))
-        except AdmissionError as exc:
-            if exc.retry_after_s is None:
-                raise ApiError(503, str(exc)) from exc
-            raise ApiError(429, str(exc), headers={
-                "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
-        return ok(f"heartbeat from hive {heartbeat.hive.id!r} with "
-                  f"{len(heartbeat.workers)} workers received")
+        return ok(await self.ingest.accept(heartbeat, len(body), acting_as))
 
     async def delete_hive(self, request: Request) -> Response:
         acting_as = self.gate.hive(request)
