@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import yaml
@@ -202,6 +202,10 @@ class HiveConfig(Settings):
     """A file holding this hive's own secret (``rbee credential new ID``), sent with every
     heartbeat instead of the shared token: the queen then lets this hive post, say goodbye and
     be removed only as ``id`` (``rbee/credentials.py``). Unset: the token, if any, is sent."""
+    plugins: dict[str, dict[str, Any] | None] = {}
+    """One section per collector plugin, by its entry-point name, validated by the struct the
+    plugin provides (``rbee.plugin.PluginSettings``) when the plugins are loaded: at start-up and
+    by ``--check-config`` (docs/plugins.md)."""
 
     @property
     def queen_urls(self) -> list[str]:
