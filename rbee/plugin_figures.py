@@ -50,7 +50,7 @@ def plugin_family(plugin: str, spec: MetricSpec) -> PluginFamily:
         name = f"{name}_{suffix}"
     text = " ".join(spec.help.split()) or f"{plugin}.{spec.name}, declared without help"
     return PluginFamily(name=name, help=f"{text} (plugin {plugin})", unit=unit,
-                        counter=spec.kind is MetricKind.COUNTER and not spec.as_rate)
+                        counter=spec.kind == MetricKind.COUNTER and not spec.as_rate)
 
 
 def declared_families(info: HiveInfo) -> dict[str, PluginFamily]:

@@ -75,7 +75,7 @@ def declared_metrics(plugin: str, declared: object) -> list[MetricSpec]:
                    else f"makes the key {key!r}, outside {METRIC_KEY_PATTERN}"
                    if not _metric_key.match(key)
                    else "is a gauge: only a counter can be as_rate"
-                   if spec.as_rate and spec.kind is not MetricKind.COUNTER else "")
+                   if spec.as_rate and spec.kind != MetricKind.COUNTER else "")
         if problem:
             raise PluginError(f"plugin {plugin!r}: metric {spec.name!r} {problem}",
                               plugin=plugin, hook="rbee_declare_metrics")
