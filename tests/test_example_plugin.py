@@ -22,6 +22,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from rbee.plugin.manager import build_plugin_manager
 
+from .browserkit import WORKER_KEYS, chromium, console_errors, wait_for
 from .daemons import BIN
 from .queenkit import open_stream
 from .test_end_to_end import hive, queen, queen_workers
@@ -154,6 +155,33 @@ async def test_declared_figures_in_the_hive_and_queen_metrics(example_installed,
         assert samples[("rbee_plugin_example_context_switches_per_second", labels)] >= 0, where
         assert "# TYPE rbee_plugin_example_context_switches_per_second gauge" in text, where
         assert "rbee_plugin_metric" not in text, where  # every figure declared
+
+
+PANEL_FIGURES = ("return [...document.querySelectorAll('#panel-plugins dt')]"
+                 ".map(dt => [dt.textContent, dt.title, dt.nextElementSibling.textContent])")
+
+
+def test_the_dashboard_panel_shows_its_figures_with_units(example_installed, tmp_path):
+    """The worker panel lists the plugin's figures, formatted by their declared unit (bytes in
+    MiB, a rate per second) with the help text as tooltip, for a hive that joined after the
+    page loaded (its declarations fetched from /v1/hives/{id})."""
+    from selenium.webdriver.common.keys import Keys
+
+    with queen(tmp_path) as q, chromium(tmp_path) as driver:
+        driver.get(f"{q.url}/")
+        with hive(tmp_path, "example-dash", q.url, workers()[:1]):
+            wait_for(driver, WORKER_KEYS, lambda keys: keys == ["e2e-example-dash/llm/fine"])
+            driver.execute_script("document.querySelector('.row[data-key=\"e2e-example-dash/llm/"
+                                  "fine\"]').focus()")
+            driver.switch_to.active_element.send_keys(Keys.ENTER)
+            shown = wait_for(driver, PANEL_FIGURES, lambda rows: len(rows) == 4
+                             and all(title for _, title, _ in rows), timeout=15)
+            assert console_errors(driver) == []
+    figures = {key: (title, text) for key, title, text in shown}
+    assert figures["example.threads"][0] == "Threads of the worker's processes"
+    assert int(figures["example.threads"][1]) >= 1
+    assert figures["example.peak_rss"][1].endswith(" MiB")
+    assert figures["example.context_switches"][1].endswith("/s")
 
 
 async def test_disabled_by_environment(example_installed, tmp_path, client):
