@@ -281,3 +281,37 @@ def test_cgroup_v1_gives_a_path_for_every_controller():
     backend = CgroupV1(mounts, "rbee.slice/h1")
     assert backend.cgroup_paths("llm", "a") == {
         c: f"/sys/fs/cgroup/{c}/rbee.slice/h1/llm/a" for c in mounts}
+
+
+class Paths:
+    """Keeps each worker's ``cgroup_paths``, as a plugin reading a controller's files would."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, str]] = {}
+
+    @hookimpl
+    def rbee_collect_worker(self, worker, telemetry):
+        self.seen[worker.instance] = dict(worker.cgroup_paths)
+
+
+def test_the_view_has_the_workers_directory_for_each_controller(monitor):
+    """On the real kernel, each backend: every path listed is a directory holding the worker
+    (v1: one per hierarchy, cpu and memory among them; v2: the worker's one directory under
+    each controller enabled there; none: nothing)."""
+    monitor.spawn("llm", "paths", sleeper())
+    worker = monitor.get("llm", "paths")
+    plugin = Paths()
+    TelemetryCollector(monitor, build_plugin_manager(extra_plugins=[plugin]),
+                       CollectorSettings(gpu="none")).collect_all()
+    paths = plugin.seen["paths"]
+    kind = monitor.backend.name
+    if kind == "none":
+        assert paths == {}
+        return
+    if kind == "v1":
+        assert {"cpu", "cpuacct", "memory"} <= set(paths)
+        assert len(set(paths.values())) == len(paths)  # a hierarchy each
+    else:  # the controllers the hive enabled in its root (none on a controller-less mount)
+        assert paths == dict.fromkeys(sorted(monitor.backend.enabled), worker.cgroup_path)
+    for path in paths.values():
+        assert str(worker.pid) in Path(path, "cgroup.procs").read_text().split(), path
