@@ -308,8 +308,8 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
                                    for labels, w in workers])
     family(LIFECYCLE_FAMILIES[2], [f'{state}{{{labels},state="{w.state}"}} 1.0\n'
                                    for labels, w in workers])
-    declared, undeclared = plugin_samples(
-        hives, lambda hive, w: _worker_labels(_escape(hive.info.id), w))
+    labels_of = {id(w): labels for labels, w in workers}  # each worker's, built once above
+    declared, undeclared = plugin_samples(hives, lambda hive, w: labels_of[id(w)])
     for plugin, samples in declared:
         sample = f"{plugin.name}_total" if plugin.counter else plugin.name
         family(Family(plugin.name, _escape_help(plugin.help, openmetrics), WORKER_LABELS,
