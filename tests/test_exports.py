@@ -37,7 +37,7 @@ CONTRACT = {
     "MAX_METRICS", "MAX_PLUGINS", "MAX_TAIL_LINES", "MAX_WORKERS", "METRIC_KEY_CHARS", "METRIC_KEY_PATTERN",
     "MIB", "MetricKey", "MetricKind", "MetricSpec", "Metrics", "NonNegFloat", "NonNegInt", "OperationalStatus", "PLUGIN_NAME_PATTERN", "Pid", "PluginInfo",
     "QueenEvent", "QueenHealth", "QueenLink", "Reply", "SHORT_TEXT_CHARS", "STREAM_EVENT_NAME",
-    "SeriesData", "ShortText", "SignedFloat", "SnapshotEvent", "StreamEvent", "TAIL_BYTES",
+    "SeriesData", "ShortText", "EndpointUrl", "SignedFloat", "SnapshotEvent", "StreamEvent", "TAIL_BYTES",
     "TAIL_LINE_CHARS", "TailLine", "Unhealthy", "UtcTimestamp", "VramFigures", "WholeMib",
     "WorkerExit", "WorkerGpuUse", "WorkerName", "WorkerPage", "WorkerState", "WorkerTelemetry",
     "cut", "decode_heartbeat", "decode_json", "decode_stream_event", "describe_health", "encode",

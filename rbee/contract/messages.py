@@ -28,6 +28,7 @@ from .bounds import (
     MAX_WORKERS,
     METRIC_KEY_CHARS,
     MIB,
+    EndpointUrl,
     GpuIndex,
     Identifier,
     LongText,
@@ -99,6 +100,9 @@ class EngineState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     preemptions_s: NonNegFloat | None = None
     rate_window_s: NonNegFloat = 0.0
     """Seconds between the two readings behind the rates; 0.0 until there are two."""
+    sampled_at: UtcTimestamp | None = None
+    """When the hive read the scheduling figures (running, waiting, KV cache) from the engine:
+    their age is a reader's clock minus this. Absent from hives that do not say."""
 
 
 class GpuUtilSource(enum.StrEnum):
@@ -215,6 +219,9 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     last_exit: WorkerExit | None = None
     next_attempt_at: UtcTimestamp | None = None
     """When the hive starts it again (states ``backoff`` and ``crashloop``)."""
+    endpoint: EndpointUrl | None = None
+    """Where to send this worker's inference requests (``http://host:port``, a path allowed):
+    its spawn spec's ``endpoint``, ``{port}`` made concrete. None when the hive does not know."""
 
 
 def on_gpu(worker: WorkerTelemetry) -> bool:
