@@ -17,11 +17,13 @@ import yaml
 
 from ._errors import ConfigError, LimitError
 from .addresses import check_bind, parse_redis_url
-from .contract import MAX_WORKERS, Identifier
+from .contract import MAX_WORKERS, EndpointUrl, Identifier
 from .limits import parse_limits
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Millis = Annotated[float, msgspec.Meta(gt=0)]
+Weight = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +140,9 @@ class WorkerSpec(Settings):
     """The engine's Prometheus endpoint (``http://127.0.0.1:8000/metrics``). Without it, the port
     is read from argv for known launchers (vllm, sglang, text-generation-launcher, llama-server).
     ``{port}`` here and in argv is replaced by one free port picked at spawn."""
+    endpoint: EndpointUrl | None = None
+    """Where to send the worker's inference requests (``http://10.0.0.7:{port}``), ``{port}`` as
+    in argv: shown as the worker's ``endpoint`` and handed out by the queen's ``/v1/pick``."""
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     restart_backoff_s: Seconds = 1.0
     restart_backoff_max_s: Seconds = 30.0
@@ -355,6 +360,38 @@ class HistorySettings(Settings):
             raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
 
 
+class PickWeights(Settings):
+    """What each figure adds to a worker's pick score (lower is better; docs/pick.md)."""
+
+    waiting: Weight = 1.0
+    """Per request queued in the engine (``requests_waiting``): a new request waits behind it."""
+    running: Weight = 0.5
+    """Per request the engine is running (``requests_running``): they share its batch."""
+    in_flight: Weight = 1.0
+    """Per pick not yet seen in the engine's own counters (it is on its way to the queue)."""
+    kv_cache: Weight = 4.0
+    """Times the share of the KV cache in use (0..1): a full cache preempts requests."""
+    degraded_gpu: Weight = 2.0
+    """Once if a GPU of the worker is degraded (or unhealthy, with skip_unhealthy_gpus off)."""
+
+
+class PickSettings(Settings):
+    """``GET /v1/pick``: the best workers of a model for the next request (docs/pick.md)."""
+
+    weights: PickWeights = msgspec.field(default_factory=PickWeights)
+    stale_after_ms: Millis = 500.0
+    """Figures older than this are stale (age from ``engine.sampled_at``, else the receipt)."""
+    stale: Literal["saturate", "skip"] = "saturate"
+    """A stale worker is ranked after every fresh one (``saturate``), or left out (``skip``)."""
+    all_stale: Literal["fail_open", "unavailable"] = "fail_open"
+    """When every candidate is stale: answer the best of them anyway (``fail_open``, flagged), or
+    503 naming why (``unavailable``)."""
+    in_flight_ttl_ms: Millis = 2000.0
+    """A pick counts on its worker until the engine's counters rise for it, at most this long."""
+    max_n: Annotated[int, msgspec.Meta(ge=1)] = 100
+    """The largest ``n`` a pick may ask for."""
+
+
 class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
@@ -364,6 +401,7 @@ class QueenConfig(Settings):
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
+    pick: PickSettings = msgspec.field(default_factory=PickSettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/http/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is

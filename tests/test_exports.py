@@ -36,6 +36,7 @@ CONTRACT = {
     "LONG_TEXT_CHARS", "LaggedEvent", "LongText", "MAX_ERRORS", "MAX_FIGURE", "MAX_GPUS",
     "MAX_METRICS", "MAX_PLUGINS", "MAX_TAIL_LINES", "MAX_WORKERS", "METRIC_KEY_CHARS", "METRIC_KEY_PATTERN",
     "MIB", "MetricKey", "MetricKind", "MetricSpec", "Metrics", "NonNegFloat", "NonNegInt", "OperationalStatus", "PLUGIN_NAME_PATTERN", "Pid", "PluginInfo",
+    "PickAnswer", "PickedWorker",
     "QueenEvent", "QueenHealth", "QueenLink", "Reply", "SHORT_TEXT_CHARS", "STREAM_EVENT_NAME",
     "SeriesData", "ShortText", "EndpointUrl", "SignedFloat", "SnapshotEvent", "StreamEvent", "TAIL_BYTES",
     "TAIL_LINE_CHARS", "TailLine", "Unhealthy", "UtcTimestamp", "VramFigures", "WholeMib",

@@ -14,6 +14,8 @@ HIVE = "/v1/hives/{hive_id}"
 WORKERS = "/v1/workers"
 """The queen's fleet listing, and the hive's own workers (``POST`` spawns one there)."""
 HISTORY = "/v1/history"
+PICK = "/v1/pick"
+"""The best workers of a model for the next request (``rbee/queen/pick``)."""
 
 # the hive
 CAPABILITIES = "/capabilities"

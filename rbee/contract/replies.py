@@ -141,3 +141,42 @@ class HistoryAnswer(msgspec.Struct, kw_only=True):
     series: list[SeriesData]
     adjusted: list[str] = []
     """What was changed from the request to fit what is stored (step, window), and why."""
+
+
+class PickedWorker(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One worker a pick offers (``GET /v1/pick``), with the figures it was ranked by and
+    their ages, so a router can judge them itself."""
+
+    hive_id: str
+    group: str
+    instance: str
+    endpoint: str
+    """Where to send the request (the worker's ``endpoint``)."""
+    score: float
+    """Its expected load, from ``pick.weights`` (lower is better; docs/pick.md)."""
+    requests_running: int | None
+    requests_waiting: int | None
+    kv_cache_pct: float | None
+    in_flight: int
+    """Picks of it not yet seen in its engine's counters (this one included if it is first)."""
+    engine_age_ms: float | None
+    """Age of the engine figures (from ``sampled_at``); None without an engine state."""
+    heartbeat_age_ms: float
+    """Time since the queen received the heartbeat that carried them."""
+    stale: bool = False
+    """Its figures are older than ``pick.stale_after_ms`` (or unknown): ranked as saturated."""
+
+
+class PickAnswer(msgspec.Struct, kw_only=True):
+    """The queen's ``GET /v1/pick``: the best workers of a model, best first. The first is the
+    pick (counted in flight on its worker); the others are fallbacks."""
+
+    model: str
+    picked: list[PickedWorker]
+    candidates: int
+    """Workers that matched: schedulable, running, with an endpoint, serving the model, passing
+    the filters."""
+    skipped_stale: int = 0
+    """Candidates left out as stale (``pick.stale: skip``)."""
+    all_stale: bool = False
+    """Every candidate was stale and the answer is given anyway (``pick.all_stale: fail_open``)."""

@@ -15,6 +15,7 @@
                                      full page carries X-Next-After (and a Link rel="next"), to
                                      pass back as ?after=<worker id> for the next page
     GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
+    GET    /v1/pick                  ?model=M&n=K: the K best workers of M (rbee/queen/pick)
     GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
     GET    /                         the live fleet dashboard; /static/... its files (dashboard.py)
 
@@ -61,6 +62,7 @@ from .fleet import Fleet
 from .history import METRICS, FleetHistory, QueryError, Selector
 from .ingest import Ingest, stored
 from .metrics import QueenMetrics
+from .pick import pick_routes
 from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
 from .registry import HiveRegistry
 from .scheduling import WorkerQuery
@@ -322,6 +324,7 @@ def build_app(queen: QueenParts) -> Starlette:
         Route(paths.HIVE, writes.delete_hive, methods=["DELETE"]),
         Route(paths.WORKERS, reads.list_workers, methods=["GET"]),
         Route(paths.HISTORY, reads.history_of, methods=["GET"]),
+        *pick_routes(config, fleet.registry, gate.reader),
         metrics_route(metrics.registry, metrics.records, gate.reader),
         *dashboard_routes(),
     ], config.http, STATUSES)

@@ -124,6 +124,25 @@ class HiveRegistry:
         self._lock = threading.Lock()
         self._stall = StallRule(self.settings)
         self._holding = False
+        self._observers: list[Callable[[str, _HiveEntry | None], None]] = []
+
+    def observe(self, observer: Callable[[str, _HiveEntry | None], None]) -> None:
+        """Have ``observer(hive_id, entry)`` called, under the lock, for every hive known now and
+        after each change of one (``None``: removed), so an index kept beside the registry (the
+        pick's, ``rbee/queen/pick``) follows the fleet without scanning it. It must not block."""
+        with self._lock:
+            self._observers.append(observer)
+            for hive_id, entry in self._hives.items():
+                observer(hive_id, entry)
+
+    def _changed(self, hive_id: str, entry: _HiveEntry | None) -> None:
+        for observer in self._observers:
+            observer(hive_id, entry)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock ``received_at`` (and silence) is measured on."""
+        return self._clock
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -151,6 +170,7 @@ class HiveRegistry:
             else:
                 entry.first_seen = known.first_seen
             self._hives[hive_id] = entry
+            self._changed(hive_id, entry)
 
     def admit(self, hive_id: str) -> None:
         """Admit a hive before its heartbeat is stored elsewhere (a shared store): nothing for
@@ -165,10 +185,13 @@ class HiveRegistry:
             entry = self._hives.get(hive_id)
             if entry is not None:
                 entry.stale = True
+                self._changed(hive_id, entry)
 
     def clear(self) -> None:
         """Forget every hive (a mirror about to reload the shared store)."""
         with self._lock:
+            for hive_id in self._order:
+                self._changed(hive_id, None)
             self._hives.clear()
             self._order.clear()
 
@@ -178,6 +201,7 @@ class HiveRegistry:
         with self._lock:
             entry = self._entry(hive_id)
             entry.workers, entry.listed = list(workers), None
+            self._changed(hive_id, entry)
 
     def remove_hive(self, hive_id: str, reason: str = "removed") -> HiveRemovedEvent | None:
         with self._lock:
@@ -328,7 +352,9 @@ class HiveRegistry:
                 result.stale.append(HiveStaleEvent(
                     hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
             for hive_id, entry in self._hives.items():
-                entry.stale = hive_id in verdict.stale
+                if entry.stale != (hive_id in verdict.stale):
+                    entry.stale = not entry.stale
+                    self._changed(hive_id, entry)
             for hive_id in verdict.expired:
                 result.removed.append(_removed(
                     hive_id, self._pop(hive_id),
@@ -359,6 +385,7 @@ class HiveRegistry:
         entry = self._hives.pop(hive_id, None)
         if entry is not None:
             del self._order[bisect_left(self._order, hive_id)]
+            self._changed(hive_id, None)
         return entry
 
     def _entry(self, hive_id: str) -> _HiveEntry:

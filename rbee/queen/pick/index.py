@@ -1,0 +1,274 @@
+"""The pick: a model's best workers for the next request, from an index the registry keeps current.
+
+The index follows the registry (``HiveRegistry.observe``): each change of a hive rewrites that
+hive's rows in its models' tables (``tables.py``), so a pick never scans the fleet, and with the
+redis store (whose mirror updates the registry) every queen picks from the whole fleet.
+
+A pick ranks a model's candidates by score, lower first (``PickWeights``)::
+
+    score = waiting * requests_waiting + running * requests_running + in_flight * picks in flight
+            + kv_cache * kv_cache_pct / 100 + degraded_gpu * (a GPU of it degraded)
+
+The first worker of the answer is *the* pick: it counts in flight on that worker until the
+engine's own counters show it (a newer engine state whose running + waiting rose), or for
+``in_flight_ttl_ms``, so two picks in a row spread instead of both landing on the worker that
+looked emptiest (Dynamo's router predicts load the same way). Figures older than
+``stale_after_ms``, or none (no engine state), are stale: ranked after every fresh worker, or
+skipped (``pick.stale``); when every candidate is stale, ``pick.all_stale`` answers the best of
+them anyway or refuses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+
+from ...config import PickSettings, RegistrySettings
+from ...contract import (
+    GpuDevice,
+    Healthy,
+    HiveInfo,
+    PickAnswer,
+    PickedWorker,
+    WorkerTelemetry,
+)
+from ..scheduling import HiveVram, WorkerQuery, judged, unhealthy_gpus_of
+from .tables import (
+    FIGURES_AT,
+    FREE_VRAM,
+    IDLE,
+    KV_CACHE,
+    RECEIVED_AT,
+    RUNNING,
+    WAITING,
+    ModelTable,
+    Row,
+    WorkerRef,
+)
+
+SATURATED = 1e12
+"""Added to a stale worker's score when ranking (``pick.stale: saturate``): after every fresh one."""
+
+
+class PickUnavailable(Exception):
+    """No worker can be offered; the message says why (the API answers 503 with it)."""
+
+
+class HiveView(Protocol):
+    """What the index reads of a registry entry."""
+
+    info: HiveInfo
+    workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice]
+    received_at: float
+
+    @property
+    def schedulable(self) -> bool: ...
+
+
+Placed = dict[tuple[str, str], tuple[ModelTable, int]]
+
+
+class PickIndex:
+    """Every pickable worker (schedulable, running, with an endpoint and a model) by model.
+
+    ``clock`` is the registry's (heartbeat ages); ``wall`` is Unix time (engine ``sampled_at``,
+    picks in flight). Safe to call from any thread: one lock."""
+
+    def __init__(self, settings: PickSettings, registry: RegistrySettings,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.settings, self.registry = settings, registry
+        self.clock, self.wall = clock, wall
+        self._tables: dict[str, ModelTable] = {}
+        self._placed: dict[str, Placed] = {}
+        self._expiry: deque[tuple[float, ModelTable, int, int]] = deque()
+        """Picks in flight by when they expire (one TTL for all, so in pick order)."""
+        self._sequence = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- following the registry ---------------------------------------------------------
+
+    def hive_changed(self, hive_id: str, entry: HiveView | None) -> None:
+        """A hive's new state (``None``: removed): its rows are written, its leavers freed."""
+        with self._lock:
+            before = self._placed.pop(hive_id, {})
+            placed: Placed = {}
+            if entry is not None and entry.schedulable:
+                for model, ref, row in self._rows(hive_id, entry):
+                    table = self._tables.get(model)
+                    if table is None:
+                        table = self._tables[model] = ModelTable()
+                    key = (ref.group, ref.instance)
+                    found = before.pop(key, None)
+                    if found is not None and found[0] is table:
+                        slot = found[1]
+                    else:
+                        if found is not None:
+                            found[0].release(found[1])
+                        slot = table.take(ref)
+                    table.write(slot, ref, row)
+                    placed[key] = (table, slot)
+            for table, slot in before.values():
+                table.release(slot)
+            if placed:
+                self._placed[hive_id] = placed
+
+    def _rows(self, hive_id: str, entry: HiveView) -> Iterator[tuple[str, WorkerRef, Row]]:
+        pickable = [(worker, idle) for worker, _, schedulable, idle in judged(
+            entry.workers, entry.capabilities, True, self.registry, ordered=False)
+            if schedulable and worker.endpoint is not None and worker.model is not None]
+        if not pickable:
+            return
+        weights = self.settings.weights
+        devices = entry.capabilities
+        degraded = {d.uuid for d in devices if not isinstance(d.health, Healthy)}
+        vram = HiveVram(devices, entry.workers)
+        received_at = entry.received_at
+        received_wall = self.wall() - max(0.0, self.clock() - received_at)
+        for worker, idle in pickable:
+            engine = worker.engine
+            gpu_penalty = weights.degraded_gpu if degraded and unhealthy_gpus_of(
+                worker, devices, degraded) else 0.0
+            free = vram.of(worker)
+            free_mb = free.free_mb if free is not None else math.nan
+            if engine is None:
+                row = Row(gpu_penalty, math.nan, math.nan, math.nan, free_mb, float(idle),
+                          -math.inf, received_at)
+            else:
+                kv = engine.kv_cache_pct
+                row = Row(weights.waiting * engine.requests_waiting
+                          + weights.running * engine.requests_running
+                          + (weights.kv_cache * kv / 100 if kv is not None else 0.0) + gpu_penalty,
+                          engine.requests_running, engine.requests_waiting,
+                          math.nan if kv is None else kv, free_mb, float(idle),
+                          _unix(engine.sampled_at) if engine.sampled_at else received_wall,
+                          received_at)
+            yield worker.model, WorkerRef(hive_id, worker.group, worker.instance,
+                                          worker.endpoint), row  # type: ignore[arg-type]
+
+    # -- picking ------------------------------------------------------------------------
+
+    def pick(self, query: WorkerQuery, n: int = 1) -> PickAnswer:
+        """The ``n`` best candidates of ``query.model`` matching ``query``'s filters, best
+        first; the first counts in flight. Raises PickUnavailable naming why none is offered."""
+        model = query.model
+        if model is None:
+            raise ValueError("a pick needs a model")
+        settings = self.settings
+        with self._lock:
+            now = self.wall()
+            self._expire(now)
+            table = self._tables.get(model)
+            if table is None or not table.count:
+                raise PickUnavailable(
+                    f"no worker of model {model!r} can be picked: none is running with an "
+                    f"endpoint on a schedulable hive")
+            chosen = np.isfinite(table.column(0))
+            chosen &= _filters(table, query)
+            candidates = int(np.count_nonzero(chosen))
+            if not candidates:
+                raise PickUnavailable(
+                    f"none of the {table.count} pickable workers of model {model!r} matches "
+                    f"the filters ({_described(query)})")
+            stale = table.column(FIGURES_AT) < now - settings.stale_after_ms / 1000
+            stale_candidates = int(np.count_nonzero(stale & chosen))
+            score = table.column(0) + settings.weights.in_flight * table.in_flight[:table.high]
+            rank = score
+            every_one_stale = stale_candidates == candidates
+            skipped = 0
+            if every_one_stale:
+                if settings.all_stale == "unavailable":
+                    raise PickUnavailable(
+                        f"every one of the {candidates} candidates of model {model!r} has "
+                        f"figures older than pick.stale_after_ms ({settings.stale_after_ms:g} "
+                        f"ms) or none (pick.all_stale: unavailable)")
+            elif settings.stale == "skip":
+                chosen &= ~stale
+                skipped = stale_candidates
+            else:
+                rank = score + stale * SATURATED
+            rank = np.where(chosen, rank, np.inf)
+            k = min(n, candidates - skipped)
+            slots = (np.argpartition(rank, k - 1)[:k] if k < len(rank) else np.arange(len(rank)))
+            slots = slots[np.lexsort((slots, rank[slots]))][:k]  # ties: the older slot
+            first = int(slots[0])
+            sequence = next(self._sequence)
+            table.add_pick(first, sequence, now)
+            self._expiry.append((now + settings.in_flight_ttl_ms / 1000, table, first, sequence))
+            score[first] += settings.weights.in_flight
+            picked = [self._answer(table, int(slot), float(score[slot]), bool(stale[slot]), now)
+                      for slot in slots]
+        return PickAnswer(model=model, picked=picked, candidates=candidates,
+                          skipped_stale=skipped, all_stale=every_one_stale)
+
+    def in_flight(self, model: str) -> dict[str, int]:
+        """Picks in flight per worker id (``hive/group/instance``) of a model: for tests and
+        diagnostics."""
+        with self._lock:
+            self._expire(self.wall())
+            table = self._tables.get(model)
+            if table is None:
+                return {}
+            return {"/".join(table.refs[slot][:3]): int(table.in_flight[slot])  # type: ignore[index]
+                    for slot in table.pending}
+
+    def _answer(self, table: ModelTable, slot: int, score: float, stale: bool,
+                now: float) -> PickedWorker:
+        ref = table.refs[slot]
+        assert ref is not None
+        row = table.rows[slot]
+        figures_at = row[FIGURES_AT]
+        return PickedWorker(
+            hive_id=ref.hive_id, group=ref.group, instance=ref.instance, endpoint=ref.endpoint,
+            score=round(score, 3), requests_running=_whole(row[RUNNING]),
+            requests_waiting=_whole(row[WAITING]),
+            kv_cache_pct=None if math.isnan(row[KV_CACHE]) else float(row[KV_CACHE]),
+            in_flight=int(table.in_flight[slot]),
+            engine_age_ms=(round(max(0.0, now - figures_at) * 1000, 1)
+                           if math.isfinite(figures_at) else None),
+            heartbeat_age_ms=round(max(0.0, self.clock() - row[RECEIVED_AT]) * 1000, 1),
+            stale=stale)
+
+    def _expire(self, now: float) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, table, slot, sequence = expiry.popleft()
+            table.end_picks(slot, 0, up_to=sequence)
+
+
+def _filters(table: ModelTable, query: WorkerQuery) -> np.ndarray | bool:
+    """The rows matching ``query``'s conditions beside the model (NaN, unknown, never does)."""
+    matched: np.ndarray | bool = True
+    if query.idle:
+        matched = table.column(IDLE) > 0
+    for value, column, at_least in ((query.min_free_vram_mb, FREE_VRAM, True),
+                                    (query.max_waiting, WAITING, False),
+                                    (query.max_kv_cache_pct, KV_CACHE, False)):
+        if value is not None:
+            figures = table.column(column)
+            matched = matched & ((figures >= value) if at_least else (figures <= value))
+    return matched
+
+
+def _described(query: WorkerQuery) -> str:
+    conditions = {"idle": query.idle or None, "min_free_vram_mb": query.min_free_vram_mb,
+                  "max_waiting": query.max_waiting, "max_kv_cache_pct": query.max_kv_cache_pct}
+    return ", ".join(f"{name}={value:g}" if not isinstance(value, bool) else f"{name}=true"
+                     for name, value in conditions.items() if value is not None)
+
+
+def _whole(value: float) -> int | None:
+    return None if math.isnan(value) else int(value)
+
+
+def _unix(at: datetime) -> float:
+    return at.timestamp()

@@ -1,0 +1,72 @@
+"""``GET /v1/pick``: the query, decoded and checked, handed to the index; refusals named.
+
+    GET /v1/pick?model=M&n=K   the K best workers of model M (``PickAnswer``), best first, with
+                               the filters of /v1/workers (idle, min_free_vram_mb, max_waiting,
+                               max_kv_cache_pct). 400 for a bad query, 503 naming why no worker
+                               can be offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ...config import QueenConfig
+from ...contract import paths
+from ...http.app import JsonResponse
+from ...http.errors import ApiError
+from ..queries import decode_query, whole
+from ..registry import HiveRegistry
+from ..scheduling import WorkerQuery
+from .index import PickIndex, PickUnavailable
+
+
+class PickQuery(msgspec.Struct, kw_only=True, frozen=True):
+    """``GET /v1/pick``: the model and how many, then the filters of ``/v1/workers``."""
+
+    model: str | None = None
+    n: float | None = None
+    """A whole number from 1 to ``pick.max_n`` (default 1)."""
+    idle: bool = False
+    min_free_vram_mb: float | None = None
+    max_waiting: float | None = None
+    max_kv_cache_pct: float | None = None
+
+
+class PickHandler:
+    def __init__(self, config: QueenConfig, index: PickIndex,
+                 reader: Callable[[Request], None]) -> None:
+        self.max_n, self.index, self.reader = config.pick.max_n, index, reader
+
+    async def __call__(self, request: Request) -> Response:
+        self.reader(request)
+        params = decode_query(request.query_params, PickQuery)
+        if not params.model:
+            raise ApiError(400, "query parameter 'model' is required: the model to pick a "
+                                "worker for")
+        n = whole("n", params.n, request.query_params.get("n"))
+        if n is not None and not 1 <= n <= self.max_n:
+            raise ApiError(400, f"query parameter 'n' must be from 1 to {self.max_n} "
+                                f"(pick.max_n), not {n}")
+        query = WorkerQuery(idle=params.idle, model=params.model,
+                            min_free_vram_mb=params.min_free_vram_mb,
+                            max_kv_cache_pct=params.max_kv_cache_pct,
+                            max_waiting=whole("max_waiting", params.max_waiting,
+                                              request.query_params.get("max_waiting")))
+        try:
+            answer = self.index.pick(query, n or 1)
+        except PickUnavailable as exc:
+            raise ApiError(503, str(exc)) from exc
+        return JsonResponse(answer)
+
+
+def pick_routes(config: QueenConfig, registry: HiveRegistry,
+                reader: Callable[[Request], None]) -> list[Route]:
+    """The pick's route, over an index that follows ``registry`` from now on."""
+    index = PickIndex(config.pick, config.registry, clock=registry.clock)
+    registry.observe(index.hive_changed)
+    return [Route(paths.PICK, PickHandler(config, index, reader), methods=["GET"])]

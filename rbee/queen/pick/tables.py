@@ -1,0 +1,145 @@
+"""One model's pickable workers as numpy columns, one slot per worker.
+
+A pick over a model's workers must cost microseconds at 10,000 of them, so their figures live in
+columns that a pick reads with a few vector operations (``rbee/queen/pick/index.py``), never a
+Python loop over the fleet. A heartbeat writes its workers' rows in place; a worker that leaves
+frees its slot for the next one, and a freed slot holds an infinite score, so it is never chosen.
+
+The in-flight picks of a slot are kept oldest first as ``(sequence, picked_at)`` with the load
+(running + waiting) they are counted against: both ways a pick ends (the engine's counters rose
+above that load in a reading taken after it, or its time to live ran out) take the oldest first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import NamedTuple
+
+import numpy as np
+
+
+class WorkerRef(NamedTuple):
+    """Who a slot holds, as an answer names it."""
+
+    hive_id: str
+    group: str
+    instance: str
+    endpoint: str
+
+
+class Row(NamedTuple):
+    """One worker's figures as a heartbeat gives them (NaN: not known)."""
+
+    base: float
+    """Its score before in-flight picks (``PickWeights``)."""
+    running: float
+    waiting: float
+    kv_cache_pct: float
+    free_vram_mb: float
+    idle: float
+    """1.0 when idle by the registry's rule (``scheduling.is_idle``), else 0.0."""
+    figures_at: float
+    """When its engine figures were read (Unix seconds): -inf without an engine state."""
+    received_at: float
+    """When the queen received them, on the registry's clock."""
+
+
+BASE, RUNNING, WAITING, KV_CACHE, FREE_VRAM, IDLE, FIGURES_AT, RECEIVED_AT = range(8)
+_FREE_ROW = Row(math.inf, math.nan, math.nan, math.nan, math.nan, 0.0, -math.inf, 0.0)
+
+
+class InFlight:
+    """A slot's picks in flight, oldest first, and the engine load they are counted against."""
+
+    __slots__ = ("baseline", "picks")
+
+    def __init__(self, baseline: float) -> None:
+        self.baseline = baseline
+        self.picks: deque[tuple[int, float]] = deque()
+
+
+class ModelTable:
+    """The pickable workers of one model."""
+
+    __slots__ = ("count", "free", "high", "in_flight", "pending", "refs", "rows")
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.rows = np.tile(np.array(_FREE_ROW, dtype=np.float64), (capacity, 1))
+        self.in_flight = np.zeros(capacity, dtype=np.float64)
+        self.refs: list[WorkerRef | None] = [None] * capacity
+        self.pending: dict[int, InFlight] = {}
+        """Per slot with picks in flight."""
+        self.free: list[int] = []
+        self.high = 0
+        """Slots ever used: a pick reads ``[:high]``."""
+        self.count = 0
+
+    def column(self, which: int) -> np.ndarray:
+        return self.rows[:self.high, which]
+
+    def take(self, ref: WorkerRef) -> int:
+        """A slot for a worker new to this table."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot = self.high
+            if slot == len(self.refs):
+                self._grow()
+            self.high += 1
+        self.refs[slot] = ref
+        self.count += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """A worker left (gone, not pickable, another model): its slot is never chosen again
+        until reused, and its picks in flight are forgotten."""
+        self.rows[slot] = _FREE_ROW
+        self.in_flight[slot] = 0.0
+        self.pending.pop(slot, None)
+        self.refs[slot] = None
+        self.free.append(slot)
+        self.count -= 1
+
+    def write(self, slot: int, ref: WorkerRef, row: Row) -> None:
+        """A worker's new figures. Its picks made before its engine figures were read are in
+        them as far as its load (running + waiting) rose over the one they were counted
+        against: that many of them, oldest first, are done."""
+        self.refs[slot] = ref
+        self.rows[slot] = row
+        waiting = self.pending.get(slot)
+        if waiting is None:
+            return
+        rise = row.running + row.waiting - waiting.baseline
+        if rise >= 1:  # NaN (no engine state) is not
+            seen = sum(1 for _, picked_at in waiting.picks if picked_at < row.figures_at)
+            if seen:
+                waiting.baseline = row.running + row.waiting
+                self.end_picks(slot, min(seen, int(rise)))
+
+    def add_pick(self, slot: int, sequence: int, picked_at: float) -> None:
+        waiting = self.pending.get(slot)
+        if waiting is None:
+            load = self.rows[slot, RUNNING] + self.rows[slot, WAITING]
+            waiting = self.pending[slot] = InFlight(0.0 if math.isnan(load) else load)
+        waiting.picks.append((sequence, picked_at))
+        self.in_flight[slot] += 1.0
+
+    def end_picks(self, slot: int, count: int, *, up_to: int | None = None) -> None:
+        """End the ``count`` oldest picks of a slot, or (``up_to``) those of sequence up to it."""
+        waiting = self.pending.get(slot)
+        if waiting is None:
+            return
+        picks = waiting.picks
+        while picks and (count > 0 if up_to is None else picks[0][0] <= up_to):
+            picks.popleft()
+            self.in_flight[slot] -= 1.0
+            count -= 1
+        if not picks:
+            del self.pending[slot]
+
+    def _grow(self) -> None:
+        size = len(self.refs)
+        self.rows = np.concatenate([self.rows, np.tile(np.array(_FREE_ROW), (size, 1))])
+        self.in_flight = np.concatenate([self.in_flight, np.zeros(size)])
+        self.refs.extend([None] * size)
