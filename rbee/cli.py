@@ -5,6 +5,8 @@
     rbee top       a live view of the fleet, from the queen's stream
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
                    [--max-waiting N] [--max-kv-cache-pct P] [--limit N] [--after ID] [--json]
+    rbee pick      the best workers of a model for the next request: --model M [-n K], the
+                   filters of ``rbee workers``, [--json] (docs/pick.md)
 
 ``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one. For an
 ``https://`` queen, ``--ca-file`` (or ``RBEE_CA_FILE``) names the CA bundle to verify it against.
@@ -23,17 +25,17 @@ import logging
 import os
 import sys
 
-import httpx
 import msgspec
 import trio
 
 from ._errors import ContractError, ListenError, RbeeError, leaf_exceptions
-from .contract import FleetWorker, decode_json, paths, reply_message
+from .contract import FleetWorker, decode_json, paths
 from .credentials import new_credential
 from .demo import DEMO_HIVE_PORT
 from .http.auth import bearer, read_token
 from .http.tls import client_verify
-from .terminal import Row, printable, table
+from .pickview import add_filters, ask_queen, filter_params, pick
+from .terminal import Row, table
 from .top import watch
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
@@ -76,32 +78,13 @@ def credential(args: argparse.Namespace) -> int:
 
 
 def workers(args: argparse.Namespace) -> int:
-    params: dict[str, str] = {}
-    if args.idle:
-        params["idle"] = "true"
-    if args.model is not None:
-        params["model"] = args.model
-    if args.min_free_vram is not None:
-        params["min_free_vram_mb"] = str(args.min_free_vram)
-    if args.max_waiting is not None:
-        params["max_waiting"] = str(args.max_waiting)
-    if args.max_kv_cache_pct is not None:
-        params["max_kv_cache_pct"] = str(args.max_kv_cache_pct)
+    params = filter_params(args)
     if args.limit is not None:
         params["limit"] = str(args.limit)
     if args.after is not None:
         params["after"] = args.after
-    try:
-        response = httpx.get(f"{args.queen}{paths.WORKERS}", params=params, timeout=args.timeout,
-                             verify=client_verify(args.ca_file, "--ca-file"),
-                             headers=args.read_headers)
-    except httpx.TransportError as exc:
-        print(f"rbee: cannot reach the queen at {args.queen}: {exc}", file=sys.stderr)
-        return 1
-    if response.status_code != 200:
-        problem = (reply_message(response.content)
-                   or f"HTTP {response.status_code}: {response.text[:200]}")
-        print(f"rbee: {printable(problem)}", file=sys.stderr)
+    response = ask_queen(args, paths.WORKERS, params)
+    if response is None:
         return 1
     if args.json:
         print(response.text)
@@ -150,16 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     run_top.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
     run_workers = commands.add_parser("workers", parents=[queen_option],
                                       help="scheduling queries: workers matching all filters")
-    run_workers.add_argument("--idle", action="store_true",
-                             help="no request in its engine (engine known), else GPU at or "
-                                  "under the threshold")
     run_workers.add_argument("--model", help="serving this model")
-    run_workers.add_argument("--min-free-vram", type=float, metavar="MB",
-                             help="at least this much free VRAM (MiB) on the worker's GPUs")
-    run_workers.add_argument("--max-waiting", type=int, metavar="N",
-                             help="at most N requests waiting in its engine")
-    run_workers.add_argument("--max-kv-cache-pct", type=float, metavar="P",
-                             help="its engine's KV cache at most P %% full")
+    add_filters(run_workers)
     run_workers.add_argument("--limit", type=int, metavar="N",
                              help="at most N workers (the queen's registry.workers_limit if not "
                                   "given); a full page prints how to ask for the next")
@@ -167,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                              help="the page after this worker id (hive/group/instance)")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    run_pick = commands.add_parser("pick", parents=[queen_option],
+                                   help="the best workers of a model for the next request")
+    run_pick.add_argument("--model", required=True, help="the model the request is for")
+    run_pick.add_argument("-n", type=int, default=1, metavar="K",
+                          help="how many workers, best first (the first is the pick)")
+    add_filters(run_pick)
+    run_pick.add_argument("--json", action="store_true", help="the queen's JSON as it is")
+    run_pick.add_argument("--timeout", type=float, default=5.0, help="seconds")
     run_credential = commands.add_parser("credential", help="per-hive credentials")
     credential_commands = run_credential.add_subparsers(dest="action", required=True)
     run_new = credential_commands.add_parser(
@@ -179,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.command == "credential":
         return credential(args)
-    if args.command in ("workers", "top"):
+    if args.command in ("workers", "top", "pick"):
         try:
             args.read_headers = reader_headers(args.read_token_file)
         except RbeeError as exc:
             print(f"rbee: {exc}", file=sys.stderr)
             return 1
-    if args.command == "workers":
+    if args.command in ("workers", "pick"):
         try:
-            return workers(args)
+            return workers(args) if args.command == "workers" else pick(args)
         except RbeeError as exc:
             print(f"rbee: {exc}", file=sys.stderr)
             return 1

@@ -60,6 +60,7 @@ PATHS = {
     "HIVE": "/v1/hives/{hive_id}",
     "WORKERS": "/v1/workers",
     "HISTORY": "/v1/history",
+    "PICK": "/v1/pick",
     "CAPABILITIES": "/capabilities",
     "HIVE_WORKER": "/v1/workers/{group}/{instance}",
 }

@@ -225,7 +225,7 @@ class PickIndex:
                 now: float) -> PickedWorker:
         ref = table.refs[slot]
         assert ref is not None
-        row = table.rows[slot]
+        row = table.rows[slot].tolist()
         figures_at = row[FIGURES_AT]
         return PickedWorker(
             hive_id=ref.hive_id, group=ref.group, instance=ref.instance, endpoint=ref.endpoint,

@@ -42,7 +42,7 @@ class PickHandler:
                  reader: Callable[[Request], None]) -> None:
         self.max_n, self.index, self.reader = config.pick.max_n, index, reader
 
-    async def __call__(self, request: Request) -> Response:
+    async def pick(self, request: Request) -> Response:
         self.reader(request)
         params = decode_query(request.query_params, PickQuery)
         if not params.model:
@@ -69,4 +69,4 @@ def pick_routes(config: QueenConfig, registry: HiveRegistry,
     """The pick's route, over an index that follows ``registry`` from now on."""
     index = PickIndex(config.pick, config.registry, clock=registry.clock)
     registry.observe(index.hive_changed)
-    return [Route(paths.PICK, PickHandler(config, index, reader), methods=["GET"])]
+    return [Route(paths.PICK, PickHandler(config, index, reader).pick, methods=["GET"])]
