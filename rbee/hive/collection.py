@@ -278,7 +278,7 @@ class TelemetryCollector:
             rss_mb=0, io_r_mb_s=0.0, io_w_mb_s=0.0, uptime_s=0, gpu_util_pct=None, vram_mb=0,
             total_vram_mb=0, model=None, rate_window_s=int(elapsed * 1000) / 1000,
             cpu_limit_pct=limits.cpu_pct, memory_limit_mb=limits.memory_mb,
-            limits_applied=worker.limits_applied,
+            limits_applied=worker.limits_applied, endpoint=worker.endpoint,
         )
         oom = worker.oom
         if oom is not None:  # read where its own limit can OOM-kill it; the last count otherwise

@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .._errors import SpawnError
@@ -22,6 +23,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str] | None
     metrics_url: str | None
+    endpoint: str | None
     log_path: str | None
 
 
@@ -33,16 +35,47 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def launch_of(spec: WorkerSpec, log_dir: str | None) -> Launch:
-    """``{python}`` becomes this Python, ``{port}`` one free port (the same in argv and the
-    metrics URL); the log file is ``<log_dir>/<group>-<instance>.log`` when a log dir is set."""
-    wants_port = any("{port}" in arg for arg in (*spec.argv, spec.metrics_url or ""))
+    """``{python}`` becomes this Python, ``{port}`` one free port (the same in argv, the
+    metrics URL and the endpoint); the log file is ``<log_dir>/<group>-<instance>.log`` when a
+    log dir is set."""
+    wants_port = any("{port}" in arg for arg in (*spec.argv, spec.metrics_url or "",
+                                                 spec.endpoint or ""))
     port = str(free_port()) if wants_port else ""
     return Launch(
         argv=[arg.replace("{python}", sys.executable).replace("{port}", port)
               for arg in spec.argv],
         env=dict(spec.env) if spec.env else None,
-        metrics_url=spec.metrics_url.replace("{port}", port) if spec.metrics_url else None,
+        metrics_url=_with_port(spec.metrics_url, port), endpoint=_with_port(spec.endpoint, port),
         log_path=f"{log_dir}/{spec.group}-{spec.instance}.log" if log_dir else None)
+
+
+def adopted_urls(spec: WorkerSpec, argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """The metrics URL and endpoint of a running worker of ``spec`` that a restarted hive
+    re-adopted: a ``{port}`` in them is the port its command line (``argv``, as /proc reads it)
+    has where the spec's argv says ``{port}``. None for one that cannot be told."""
+    port = _port_in(spec.argv, argv)
+    return _with_port(spec.metrics_url, port), _with_port(spec.endpoint, port)
+
+
+def _with_port(template: str | None, port: str | None) -> str | None:
+    if template is None or "{port}" not in template:
+        return template
+    return None if not port else template.replace("{port}", port)
+
+
+def _port_in(templates: Sequence[str], argv: Sequence[str]) -> str | None:
+    """The one port a command line has in every place its template says ``{port}``."""
+    if len(templates) != len(argv):
+        return None
+    found = set()
+    for template, arg in zip(templates, argv, strict=True):
+        if "{port}" in template:
+            pattern = re.escape(template.replace("{python}", sys.executable))
+            match = re.fullmatch(pattern.replace(re.escape("{port}"), r"(\d{1,5})"), arg)
+            if match is None:
+                return None
+            found.update(match.groups())
+    return found.pop() if len(found) == 1 else None
 
 
 def resolve_binary(program: str, env: Mapping[str, str] | None = None) -> str:

@@ -78,6 +78,8 @@ class Worker:
     """Its cgroup directory per controller (``CgroupBackend.cgroup_paths``)."""
     metrics_url: str | None = None
     """Where the worker's engine publishes Prometheus metrics, when its spec says."""
+    endpoint: str | None = None
+    """Where its inference requests go (its spec's ``endpoint``), for its records."""
     exited: bool = False
     exit_code: int | None = None
     oom: OomCounter | None = None
@@ -128,6 +130,7 @@ class ProcessMonitor:
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
         metrics_url: str | None = None,
+        endpoint: str | None = None,
     ) -> int:
         """Start ``argv`` in cgroup ``<root>/<group>/<instance>``; returns its PID.
 
@@ -165,7 +168,7 @@ class ProcessMonitor:
                 process=process, gpu_hint=gpu_indices_from_env(env),
                 list_pids=partial(self.backend.pids, group, instance),
                 cgroup_path=self.backend.cgroup_path(group, instance), metrics_url=metrics_url,
-                cgroup_paths=self.backend.cgroup_paths(group, instance),
+                endpoint=endpoint, cgroup_paths=self.backend.cgroup_paths(group, instance),
                 oom=OomCounter(paths.oom_events),
                 output=output if output is not None else OutputTail.of_file(log_path or ""),
             )

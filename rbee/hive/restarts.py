@@ -14,7 +14,7 @@ import trio
 from .._errors import NotFoundError, RbeeError, SpawnError
 from ..config import WorkerSpec
 from ..contract import TAIL_LINE_CHARS, WorkerExit, WorkerTelemetry, cut, utc_now
-from .launch import launch_of
+from .launch import adopted_urls, launch_of
 from .processes import ProcessMonitor, Worker, WorkerEvent
 from .supervisor import Lifecycle, Supervisor
 
@@ -110,8 +110,8 @@ class Keeper:
             self.supervisor.keep(spec)
             adopted = self.monitor.get_or_none(spec.group, spec.instance)
             if adopted is not None:
-                if spec.metrics_url and "{port}" not in spec.metrics_url:
-                    adopted.metrics_url = spec.metrics_url
+                metrics_url, adopted.endpoint = adopted_urls(spec, adopted.argv)
+                adopted.metrics_url = metrics_url or adopted.metrics_url
                 continue
             try:
                 await self.spawn_now(spec)
@@ -143,7 +143,7 @@ class Keeper:
         return await trio.to_thread.run_sync(
             lambda: self.monitor.spawn(spec.group, spec.instance, launch.argv, spec.cpu_limit,
                                        spec.memory_limit, launch.env, launch.log_path,
-                                       launch.metrics_url))
+                                       launch.metrics_url, launch.endpoint))
 
     async def stop(self, group: str, instance: str) -> None:
         """Stop a worker and stop keeping it. One that has no process now (waiting to restart,

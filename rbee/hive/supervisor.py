@@ -159,5 +159,6 @@ class Supervisor:
             cpu_limit_pct=last.cpu_limit_pct if last else None,
             memory_limit_mb=last.memory_limit_mb if last else None,
             limits_applied=last.limits_applied if last else True,
+            endpoint=last.endpoint if last else None,
             restarts=life.restarts, oom_kills=life.oom_kills_before, last_exit=life.last_exit,
             next_attempt_at=life.next_attempt_at)
