@@ -93,6 +93,9 @@ class PickIndex:
         self._expiry: deque[tuple[float, ModelTable, int, int]] = deque()
         """Picks in flight by when they expire (one TTL for all, so in pick order)."""
         self._sequence = itertools.count(1)
+        self._vram_due: dict[str, HiveView] = {}
+        """Hives whose rows have no free-VRAM figure yet: computed by the first pick that asks
+        (``min_free_vram_mb``), so heartbeats do not pay for a filter routers rarely use."""
         self._lock = threading.Lock()
 
     # -- following the registry ---------------------------------------------------------
@@ -119,8 +122,10 @@ class PickIndex:
                     placed[key] = (table, slot)
             for table, slot in before.values():
                 table.release(slot)
-            if placed:
+            self._vram_due.pop(hive_id, None)
+            if entry is not None and placed:
                 self._placed[hive_id] = placed
+                self._vram_due[hive_id] = entry
 
     def _rows(self, hive_id: str, entry: HiveView) -> Iterator[tuple[str, WorkerRef, Row]]:
         pickable = [(worker, idle) for worker, _, schedulable, idle in judged(
@@ -131,17 +136,14 @@ class PickIndex:
         weights = self.settings.weights
         devices = entry.capabilities
         degraded = {d.uuid for d in devices if not isinstance(d.health, Healthy)}
-        vram = HiveVram(devices, entry.workers)
         received_at = entry.received_at
         received_wall = self.wall() - max(0.0, self.clock() - received_at)
         for worker, idle in pickable:
             engine = worker.engine
             gpu_penalty = weights.degraded_gpu if degraded and unhealthy_gpus_of(
                 worker, devices, degraded) else 0.0
-            free = vram.of(worker)
-            free_mb = free.free_mb if free is not None else math.nan
             if engine is None:
-                row = Row(gpu_penalty, math.nan, math.nan, math.nan, free_mb, float(idle),
+                row = Row(gpu_penalty, math.nan, math.nan, math.nan, math.nan, float(idle),
                           -math.inf, received_at)
             else:
                 kv = engine.kv_cache_pct
@@ -149,11 +151,25 @@ class PickIndex:
                           + weights.running * engine.requests_running
                           + (weights.kv_cache * kv / 100 if kv is not None else 0.0) + gpu_penalty,
                           engine.requests_running, engine.requests_waiting,
-                          math.nan if kv is None else kv, free_mb, float(idle),
+                          math.nan if kv is None else kv, math.nan, float(idle),
                           _unix(engine.sampled_at) if engine.sampled_at else received_wall,
                           received_at)
             yield worker.model, WorkerRef(hive_id, worker.group, worker.instance,
                                           worker.endpoint), row  # type: ignore[arg-type]
+
+    def _fill_vram(self) -> None:
+        """The free VRAM of the workers of every hive heard from since the last call, as
+        ``/v1/workers`` computes it (``HiveVram``)."""
+        for hive_id, entry in self._vram_due.items():
+            vram = HiveVram(entry.capabilities, entry.workers)
+            placed = self._placed.get(hive_id, {})
+            for worker in entry.workers:
+                found = placed.get((worker.group, worker.instance))
+                if found is not None:
+                    figures = vram.of(worker)
+                    found[0].rows[found[1], FREE_VRAM] = (
+                        math.nan if figures is None else figures.free_mb)
+        self._vram_due.clear()
 
     # -- picking ------------------------------------------------------------------------
 
@@ -167,6 +183,8 @@ class PickIndex:
         with self._lock:
             now = self.wall()
             self._expire(now)
+            if query.min_free_vram_mb is not None and self._vram_due:
+                self._fill_vram()
             table = self._tables.get(model)
             if table is None or not table.count:
                 raise PickUnavailable(
