@@ -58,6 +58,22 @@ SATURATED = 1e12
 """Added to a stale worker's score when ranking (``pick.stale: saturate``): after every fresh one."""
 
 
+class Ranking:
+    """One pick's order over a table's slots, and what it counted."""
+
+    __slots__ = ("all_stale", "candidates", "rank", "skipped", "stale")
+
+    def __init__(self, rank: np.ndarray, stale: np.ndarray, candidates: int) -> None:
+        self.rank, self.stale, self.candidates = rank, stale, candidates
+        self.skipped = 0
+        """Candidates left out as stale (``pick.stale: skip``)."""
+        self.all_stale = False
+
+    @property
+    def offered(self) -> int:
+        return self.candidates - self.skipped
+
+
 class PickUnavailable(Exception):
     """No worker can be offered; the message says why (the API answers 503 with it)."""
 
@@ -109,7 +125,7 @@ class PickIndex:
                 for model, ref, row in self._rows(hive_id, entry):
                     table = self._tables.get(model)
                     if table is None:
-                        table = self._tables[model] = ModelTable()
+                        table = self._tables[model] = ModelTable(self.settings.weights.in_flight)
                     key = (ref.group, ref.instance)
                     found = before.pop(key, None)
                     if found is not None and found[0] is table:
@@ -167,7 +183,7 @@ class PickIndex:
                 found = placed.get((worker.group, worker.instance))
                 if found is not None:
                     figures = vram.of(worker)
-                    found[0].rows[found[1], FREE_VRAM] = (
+                    found[0].columns[FREE_VRAM, found[1]] = (
                         math.nan if figures is None else figures.free_mb)
         self._vram_due.clear()
 
@@ -190,43 +206,53 @@ class PickIndex:
                 raise PickUnavailable(
                     f"no worker of model {model!r} can be picked: none is running with an "
                     f"endpoint on a schedulable hive")
-            chosen = np.isfinite(table.column(0))
-            chosen &= _filters(table, query)
-            candidates = int(np.count_nonzero(chosen))
+            ranking = self._rank(table, query, now)
+            rank, k = ranking.rank, min(n, ranking.offered)
+            if k == 1:
+                slots = [int(np.argmin(rank))]  # ties: the lowest slot, as below
+            else:
+                some = np.argpartition(rank, k - 1)[:k] if k < len(rank) else np.arange(len(rank))
+                slots = some[np.lexsort((some, rank[some]))][:k].tolist()
+            first, sequence = slots[0], next(self._sequence)
+            table.add_pick(first, sequence, now)
+            self._expiry.append((now + settings.in_flight_ttl_ms / 1000, table, first, sequence))
+            picked = [self._answer(table, slot, bool(ranking.stale[slot]), now) for slot in slots]
+        return PickAnswer(model=model, picked=picked, candidates=ranking.candidates,
+                          skipped_stale=ranking.skipped, all_stale=ranking.all_stale)
+
+    def _rank(self, table: ModelTable, query: WorkerQuery, now: float) -> Ranking:
+        """What a pick orders a table's slots by: the score, a stale worker's saturated (or
+        infinite when skipped), a slot that is free or fails a filter infinite."""
+        settings, model = self.settings, query.model
+        matched = _filters(table, query)
+        stale = table.column(FIGURES_AT) < now - settings.stale_after_ms / 1000
+        score = table.score[:table.high]
+        if matched is None:  # free slots have no figures (stale) and an infinite score
+            candidates = table.count
+            stale_count = int(np.count_nonzero(stale)) - (table.high - table.count)
+        else:
+            matched &= np.isfinite(score)
+            candidates = int(np.count_nonzero(matched))
             if not candidates:
                 raise PickUnavailable(
                     f"none of the {table.count} pickable workers of model {model!r} matches "
                     f"the filters ({_described(query)})")
-            stale = table.column(FIGURES_AT) < now - settings.stale_after_ms / 1000
-            stale_candidates = int(np.count_nonzero(stale & chosen))
-            score = table.column(0) + settings.weights.in_flight * table.in_flight[:table.high]
-            rank = score
-            every_one_stale = stale_candidates == candidates
-            skipped = 0
-            if every_one_stale:
-                if settings.all_stale == "unavailable":
-                    raise PickUnavailable(
-                        f"every one of the {candidates} candidates of model {model!r} has "
-                        f"figures older than pick.stale_after_ms ({settings.stale_after_ms:g} "
-                        f"ms) or none (pick.all_stale: unavailable)")
-            elif settings.stale == "skip":
-                chosen &= ~stale
-                skipped = stale_candidates
-            else:
-                rank = score + stale * SATURATED
-            rank = np.where(chosen, rank, np.inf)
-            k = min(n, candidates - skipped)
-            slots = (np.argpartition(rank, k - 1)[:k] if k < len(rank) else np.arange(len(rank)))
-            slots = slots[np.lexsort((slots, rank[slots]))][:k]  # ties: the older slot
-            first = int(slots[0])
-            sequence = next(self._sequence)
-            table.add_pick(first, sequence, now)
-            self._expiry.append((now + settings.in_flight_ttl_ms / 1000, table, first, sequence))
-            score[first] += settings.weights.in_flight
-            picked = [self._answer(table, int(slot), float(score[slot]), bool(stale[slot]), now)
-                      for slot in slots]
-        return PickAnswer(model=model, picked=picked, candidates=candidates,
-                          skipped_stale=skipped, all_stale=every_one_stale)
+            stale_count = int(np.count_nonzero(stale & matched))
+        ranking = Ranking(score, stale, candidates)
+        if stale_count == candidates:
+            ranking.all_stale = True
+            if settings.all_stale == "unavailable":
+                raise PickUnavailable(
+                    f"every one of the {candidates} candidates of model {model!r} has figures "
+                    f"older than pick.stale_after_ms ({settings.stale_after_ms:g} ms) or none "
+                    f"(pick.all_stale: unavailable)")
+        elif stale_count and settings.stale == "skip":
+            ranking.rank, ranking.skipped = np.where(stale, np.inf, score), stale_count
+        elif stale_count:
+            ranking.rank = score + stale * SATURATED
+        if matched is not None:
+            ranking.rank = np.where(matched, ranking.rank, np.inf)
+        return ranking
 
     def in_flight(self, model: str) -> dict[str, int]:
         """Picks in flight per worker id (``hive/group/instance``) of a model: for tests and
@@ -239,15 +265,14 @@ class PickIndex:
             return {"/".join(table.refs[slot][:3]): int(table.in_flight[slot])  # type: ignore[index]
                     for slot in table.pending}
 
-    def _answer(self, table: ModelTable, slot: int, score: float, stale: bool,
-                now: float) -> PickedWorker:
+    def _answer(self, table: ModelTable, slot: int, stale: bool, now: float) -> PickedWorker:
         ref = table.refs[slot]
         assert ref is not None
-        row = table.rows[slot].tolist()
+        row = table.columns[:, slot].tolist()
         figures_at = row[FIGURES_AT]
         return PickedWorker(
             hive_id=ref.hive_id, group=ref.group, instance=ref.instance, endpoint=ref.endpoint,
-            score=round(score, 3), requests_running=_whole(row[RUNNING]),
+            score=round(float(table.score[slot]), 3), requests_running=_whole(row[RUNNING]),
             requests_waiting=_whole(row[WAITING]),
             kv_cache_pct=None if math.isnan(row[KV_CACHE]) else float(row[KV_CACHE]),
             in_flight=int(table.in_flight[slot]),
@@ -263,17 +288,17 @@ class PickIndex:
             table.end_picks(slot, 0, up_to=sequence)
 
 
-def _filters(table: ModelTable, query: WorkerQuery) -> np.ndarray | bool:
-    """The rows matching ``query``'s conditions beside the model (NaN, unknown, never does)."""
-    matched: np.ndarray | bool = True
-    if query.idle:
-        matched = table.column(IDLE) > 0
+def _filters(table: ModelTable, query: WorkerQuery) -> np.ndarray | None:
+    """The slots matching ``query``'s conditions beside the model (a figure that is NaN,
+    unknown, never does); None without any."""
+    matched = table.column(IDLE) > 0 if query.idle else None
     for value, column, at_least in ((query.min_free_vram_mb, FREE_VRAM, True),
                                     (query.max_waiting, WAITING, False),
                                     (query.max_kv_cache_pct, KV_CACHE, False)):
         if value is not None:
             figures = table.column(column)
-            matched = matched & ((figures >= value) if at_least else (figures <= value))
+            passed = (figures >= value) if at_least else (figures <= value)
+            matched = passed if matched is None else matched & passed
     return matched
 
 

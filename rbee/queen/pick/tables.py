@@ -62,11 +62,17 @@ class InFlight:
 class ModelTable:
     """The pickable workers of one model."""
 
-    __slots__ = ("count", "free", "high", "in_flight", "pending", "refs", "rows")
+    __slots__ = ("columns", "count", "free", "high", "in_flight", "pending", "refs", "score",
+                 "weight")
 
-    def __init__(self, capacity: int = 16) -> None:
-        self.rows = np.tile(np.array(_FREE_ROW, dtype=np.float64), (capacity, 1))
+    def __init__(self, in_flight_weight: float, capacity: int = 16) -> None:
+        self.weight = in_flight_weight
+        self.columns = np.tile(np.array(_FREE_ROW, dtype=np.float64)[:, None], (1, capacity))
+        """One row per figure of ``Row``, one column per slot: a figure of every worker is
+        contiguous, as a pick reads it."""
         self.in_flight = np.zeros(capacity, dtype=np.float64)
+        self.score = np.full(capacity, math.inf)
+        """``base`` plus the in-flight picks' weight, kept current: what a pick ranks by."""
         self.refs: list[WorkerRef | None] = [None] * capacity
         self.pending: dict[int, InFlight] = {}
         """Per slot with picks in flight."""
@@ -76,7 +82,7 @@ class ModelTable:
         self.count = 0
 
     def column(self, which: int) -> np.ndarray:
-        return self.rows[:self.high, which]
+        return self.columns[which, :self.high]
 
     def take(self, ref: WorkerRef) -> int:
         """A slot for a worker new to this table."""
@@ -94,8 +100,9 @@ class ModelTable:
     def release(self, slot: int) -> None:
         """A worker left (gone, not pickable, another model): its slot is never chosen again
         until reused, and its picks in flight are forgotten."""
-        self.rows[slot] = _FREE_ROW
+        self.columns[:, slot] = _FREE_ROW
         self.in_flight[slot] = 0.0
+        self.score[slot] = math.inf
         self.pending.pop(slot, None)
         self.refs[slot] = None
         self.free.append(slot)
@@ -106,7 +113,8 @@ class ModelTable:
         them as far as its load (running + waiting) rose over the one they were counted
         against: that many of them, oldest first, are done."""
         self.refs[slot] = ref
-        self.rows[slot] = row
+        self.columns[:, slot] = row
+        self.score[slot] = row.base + self.weight * self.in_flight[slot]
         waiting = self.pending.get(slot)
         if waiting is None:
             return
@@ -120,10 +128,10 @@ class ModelTable:
     def add_pick(self, slot: int, sequence: int, picked_at: float) -> None:
         waiting = self.pending.get(slot)
         if waiting is None:
-            load = self.rows[slot, RUNNING] + self.rows[slot, WAITING]
+            load = self.columns[RUNNING, slot] + self.columns[WAITING, slot]
             waiting = self.pending[slot] = InFlight(0.0 if math.isnan(load) else load)
         waiting.picks.append((sequence, picked_at))
-        self.in_flight[slot] += 1.0
+        self._count(slot, 1.0)
 
     def end_picks(self, slot: int, count: int, *, up_to: int | None = None) -> None:
         """End the ``count`` oldest picks of a slot, or (``up_to``) those of sequence up to it."""
@@ -133,13 +141,19 @@ class ModelTable:
         picks = waiting.picks
         while picks and (count > 0 if up_to is None else picks[0][0] <= up_to):
             picks.popleft()
-            self.in_flight[slot] -= 1.0
+            self._count(slot, -1.0)
             count -= 1
         if not picks:
             del self.pending[slot]
 
+    def _count(self, slot: int, change: float) -> None:
+        self.in_flight[slot] += change
+        self.score[slot] += self.weight * change
+
     def _grow(self) -> None:
         size = len(self.refs)
-        self.rows = np.concatenate([self.rows, np.tile(np.array(_FREE_ROW), (size, 1))])
+        self.columns = np.concatenate(
+            [self.columns, np.tile(np.array(_FREE_ROW)[:, None], (1, size))], axis=1)
         self.in_flight = np.concatenate([self.in_flight, np.zeros(size)])
+        self.score = np.concatenate([self.score, np.full(size, math.inf)])
         self.refs.extend([None] * size)
