@@ -112,17 +112,20 @@ class ModelTable:
         """A worker's new figures. Its picks made before its engine figures were read are in
         them as far as its load (running + waiting) rose over the one they were counted
         against: that many of them, oldest first, are done."""
-        self.refs[slot] = ref
+        if self.refs[slot] != ref:
+            self.refs[slot] = ref
         self.columns[:, slot] = row
-        self.score[slot] = row.base + self.weight * self.in_flight[slot]
         waiting = self.pending.get(slot)
         if waiting is None:
+            self.score[slot] = row[BASE]
             return
-        rise = row.running + row.waiting - waiting.baseline
+        self.score[slot] = row[BASE] + self.weight * len(waiting.picks)
+        load = row[RUNNING] + row[WAITING]
+        rise = load - waiting.baseline
         if rise >= 1:  # NaN (no engine state) is not
-            seen = sum(1 for _, picked_at in waiting.picks if picked_at < row.figures_at)
+            seen = sum(1 for _, picked_at in waiting.picks if picked_at < row[FIGURES_AT])
             if seen:
-                waiting.baseline = row.running + row.waiting
+                waiting.baseline = load
                 self.end_picks(slot, min(seen, int(rise)))
 
     def add_pick(self, slot: int, sequence: int, picked_at: float) -> None:
