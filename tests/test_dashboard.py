@@ -109,7 +109,8 @@ def test_vendored_uplot_carries_its_licence_and_version():
 
 # -- in the browser ---------------------------------------------------------------------------
 
-FLEET = [demo_worker("llama", "llama-3-8b", env={"CUDA_VISIBLE_DEVICES": "0"}),
+FLEET = [demo_worker("llama", "llama-3-8b", env={"CUDA_VISIBLE_DEVICES": "0"},
+                     endpoint="http://127.0.0.1:18000/v1"),
          demo_worker("qwen", "qwen-7b", env={"CUDA_VISIBLE_DEVICES": "1"}),
          demo_worker("bge", "bge-small", restart="never")]
 FAST_COLLECT = {"gpu": "nvidia-smi", "interval_s": 0.25}
@@ -187,6 +188,8 @@ def test_dashboard_shows_the_live_fleet(tmp_path):
                  lambda count: count >= 2)
         assert driver.execute_script("return document.getElementById('panel-title').textContent"
                                      ) == "e2e-dash/llm/llama"
+        assert "endpoint http://127.0.0.1:18000/v1" in driver.execute_script(
+            "return document.getElementById('panel-facts').textContent")
         screenshot(driver, tmp_path, "dashboard-panel.png")
         driver.switch_to.active_element.send_keys(Keys.ESCAPE)
         wait_for(driver, "return document.getElementById('panel').hidden", bool)

@@ -524,6 +524,7 @@
     const ended = exit ? [`last exit ${exit.oom_killed ? "OOM-killed" : exit.signal || (exit.exit_code != null
       ? `status ${exit.exit_code}` : "unknown status")} after ${duration(Math.round(exit.ran_s || 0))}`] : [];
     setText($("panel-facts"), [`pid ${w.pid}`, `state ${w.state || "running"}`, `model ${w.model || "–"}`,
+      ...(w.endpoint ? [`endpoint ${w.endpoint}`] : []),
       `up ${duration(w.uptime_s)}`, ...limits,
       ...(w.restarts ? [`${w.restarts} restarts`] : []), ...(w.oom_kills ? [`${w.oom_kills} OOM kills`] : []),
       ...(w.next_attempt_at ? [`next start ${new Date(w.next_attempt_at).toLocaleTimeString()}`] : []),
