@@ -15,6 +15,7 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 import yaml
 
+from ._config_errors import explain
 from ._errors import ConfigError, LimitError
 from .addresses import check_bind, parse_redis_url
 from .contract import MAX_WORKERS, Identifier
@@ -388,8 +389,9 @@ def parse_config(data: object, config_type: type[ConfigT], source: str = "<confi
         message, at, path = str(exc).rpartition(" - at `")
         if not at:  # the top level's own check (__post_init__): its message names the key
             message, path = str(exc), ""
-        key = path.rstrip("`").removeprefix("$").lstrip(".")
-        raise ConfigError(message or str(exc), source=source, key=key) from exc
+        # what to write instead: the key meant ("did you mean"), the form of a limit
+        message, key = explain(message or str(exc), path.rstrip("`"), data, config_type)
+        raise ConfigError(message, source=source, key=key) from exc
 
 
 def load_config(path: str | Path, config_type: type[ConfigT]) -> ConfigT:
