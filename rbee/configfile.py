@@ -1,4 +1,5 @@
-"""msgspec's validation errors of a config, said in the words of the person who wrote the YAML.
+"""Reading a config file: YAML into the structs of ``rbee/config.py``, and msgspec's validation
+errors said in the words of the person who wrote the YAML.
 
 msgspec reports what the decoder saw (``Object contains unknown field `registy` ``, ``Expected
 `str | null`, got `int` ``). Whoever wrote the YAML needs what to write instead: the key they
@@ -12,8 +13,15 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
+from typing import TypeVar
 
 import msgspec
+import yaml
+
+from ._errors import ConfigError
+
+ConfigT = TypeVar("ConfigT", bound=msgspec.Struct)
 
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 _WRONG_TYPE = re.compile(r"^Expected `[^`]*`, got `(?P<got>[^`]*)`$")
@@ -25,7 +33,38 @@ _LIMIT_FORMS = {
 }
 
 
-def explain(message: str, path: str, data: object, config_type: type) -> tuple[str, str]:
+def parse_config(data: object, config_type: type[ConfigT], source: str = "<config>") -> ConfigT:
+    """Validate already-parsed YAML data; errors name the source and the key path."""
+    if data is None:
+        data = {}
+    try:
+        return msgspec.convert(data, config_type, strict=False)
+    except msgspec.ValidationError as exc:
+        message, at, path = str(exc).rpartition(" - at `")
+        if not at:  # the top level's own check (__post_init__): its message names the key
+            message, path = str(exc), ""
+        # what to write instead: the key meant ("did you mean"), the form of a limit
+        message, key = _explain(message or str(exc), path.rstrip("`"), data, config_type)
+        raise ConfigError(message, source=source, key=key) from exc
+
+
+def load_config(path: str | Path, config_type: type[ConfigT]) -> ConfigT:
+    """Read and validate a YAML file. Raises ConfigError naming the file, key and problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", source=source) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of keys to values", source=source)
+    return parse_config(data, config_type, source)
+
+
+def _explain(message: str, path: str, data: object, config_type: type) -> tuple[str, str]:
     """``(message, key)`` for msgspec's ``message`` at ``path`` (``$.workers[0].cpu_limit``, or
     ``""`` for the top level's own checks) in ``data``, the YAML as parsed."""
     parts = _parts(path)
