@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
-import msgspec
 import pytest
-import yaml
 
 from rbee import ConfigError
 from rbee.config import HiveConfig, QueenConfig, load_config, parse_config
@@ -135,23 +132,6 @@ def test_queen_defaults(tmp_path):
     assert (config.bind, config.port) == ("127.0.0.1", 7833)
     assert config.stream.queen_interval_s == 2.5
     assert config.registry.stale_after_s < config.registry.remove_after_s
-
-
-def test_readme_lists_every_queen_key_with_its_default():
-    """The README's queen.yaml block is the documentation of the config: it must parse and be
-    exactly the defaults, so it cannot drift from rbee/config.py."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("# queen.yaml: every key, with its default\n", 1)[1].split("```", 1)[0]
-    documented = yaml.safe_load(block)
-    assert parse_config(documented, QueenConfig) == QueenConfig()
-    assert documented == msgspec.to_builtins(QueenConfig())
-
-
-def test_readme_hive_example_is_a_valid_config():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("# hive.yaml (rbee/config.py lists every key with its default)\n", 1)[1]
-    config = parse_config(yaml.safe_load(block.split("```", 1)[0]), HiveConfig, "README.md")
-    assert config.id == "gpu-07" and config.workers[0].env == {"CUDA_VISIBLE_DEVICES": "0"}
 
 
 @pytest.mark.parametrize("content, problem", [
