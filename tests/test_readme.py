@@ -157,6 +157,8 @@ def test_readme_spawn_example_spawns_and_stops_a_worker(tmp_path):
         assert stopped.json() == {"status": "ok", "message": f"stopped {name}"}
         listed = [f"{w['group']}/{w['instance']}" for w in http.get(f"{hive.url}/v1/workers").json()]
         assert name not in listed
+        gone = http.delete(f"{hive.url}/v1/workers/{name}")
+        assert gone.status_code == 404 and gone.json()["status"] == "error", gone.text
 
 
 def sample_block(after: str) -> list[str]:
@@ -209,3 +211,16 @@ def test_readme_sample_output_matches_the_program(tmp_path):
     assert "hive=demo-hive" in example
     assert {s["hive"] for s in history["series"]} == {"demo-hive"}, history
     assert {s["metric"] for s in history["series"]} == {"cpu_pct", "rss_mb"}
+
+
+@pytest.mark.parametrize("text", ["colect: {}\n",
+                                  "workers: [{group: llm, instance: a, argv: [x], cpu_limit: 2}]\n"])
+def test_readme_config_errors_are_the_programs(tmp_path, text):
+    """The README's two config mistakes, as ``rbee-hive --check-config`` says them."""
+    (tmp_path / "hive.yaml").write_text(text)
+    checked = subprocess.run([str(BIN / "rbee-hive"), "--config", "hive.yaml", "--check-config"],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert checked.returncode == 2
+    shown = sample_block("with what to write instead:")
+    assert shown[0] == "$ rbee-hive --config hive.yaml --check-config"
+    assert checked.stderr.strip() in shown[1:]
