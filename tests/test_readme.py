@@ -224,3 +224,26 @@ def test_readme_config_errors_are_the_programs(tmp_path, text):
     shown = sample_block("with what to write instead:")
     assert shown[0] == "$ rbee-hive --config hive.yaml --check-config"
     assert checked.stderr.strip() in shown[1:]
+
+
+ROUTE = re.compile(r'Route\(paths\.(\w+), \w+\.\w+, methods=\["(\w+)"\]\)')
+
+
+@pytest.mark.parametrize("server", ["queen", "hive"])
+def test_the_http_reference_has_every_route_once(server):
+    """Each route the server's app registers (``rbee/<server>/api.py``), and ``GET /metrics``,
+    has its one row in the server's table of docs/http-api.md."""
+    from rbee.contract import paths
+
+    source = (ROOT / "rbee" / server / "api.py").read_text()
+    routes = [f"{method} {getattr(paths, name)}" for name, method in ROUTE.findall(source)]
+    assert "metrics_route(" in source
+    routes.append(f"GET {paths.METRICS}")
+    api = (ROOT / "docs" / "http-api.md").read_text()
+    table = api.split(f"## The {server}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()
+            if line.startswith("| `")]
+    rows = [row for row in rows if not row.startswith(("idle", "model", "min_", "max_", "limit",
+                                                       "after"))]
+    for route in routes:
+        assert rows.count(route) == 1, (route, rows)
