@@ -236,7 +236,7 @@ class HiveConfig(Settings):
     workers: list[WorkerSpec] = []
     """Workers the hive starts and keeps running (more can be spawned through its API)."""
     log_dir: str | None = None
-    """A directory for each worker's stderr (``<group>.<instance>.log``); unset, the hive
+    """A directory for each worker's stderr (``<group>-<instance>.log``); unset, the hive
     keeps only the last lines of a worker that ended. Checked at start: exists, writable."""
     auth_token_file: str | None = None
     """A file holding the token shared with the queen (``rbee/http/auth.py``): sent with every

@@ -157,7 +157,7 @@ def _default(cls: type, field: msgspec.inspect.Field, default: object) -> str:
     factory = field.default_factory
     if (factory is not msgspec.NODEFAULT and inspect.isfunction(factory)
             and factory.__name__ != "<lambda>"):
-        return _paragraph(factory.__doc__ or factory.__name__)  # computed where it runs
+        return "computed: " + _paragraph(factory.__doc__ or factory.__name__)  # where it runs
     value = getattr(default, field.name) if default is not None else (
         factory() if factory is not msgspec.NODEFAULT else field.default)
     if isinstance(value, msgspec.Struct):
