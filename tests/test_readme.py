@@ -247,3 +247,22 @@ def test_the_http_reference_has_every_route_once(server):
                                                        "after"))]
     for route in routes:
         assert rows.count(route) == 1, (route, rows)
+
+
+def test_the_readmes_command_line_options_exist():
+    """Every option the README's synopsis gives a command is one its ``--help`` lists."""
+    block = text_of(README).split("## The command line\n", 1)[1].split("```sh\n", 1)[1]
+    block = block.split("```", 1)[0]
+    commands: dict[tuple[str, ...], set[str]] = {}
+    current: tuple[str, ...] = ()
+    for line in block.splitlines():
+        words = line.split("#")[0].split()
+        if words and not words[0].startswith("["):
+            current = tuple(w for w in words[:3] if re.fullmatch(r"[a-z][a-z-]*", w))
+        commands.setdefault(current, set()).update(re.findall(r"--[a-z-]+", line.split("#")[0]))
+    assert ("rbee", "workers") in commands and ("rbee-hive",) in commands
+    for command, options in commands.items():
+        shown = subprocess.run([str(BIN / command[0]), *command[1:], "--help"],
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+        missing = [option for option in options if option not in shown]
+        assert not missing, (command, missing)
