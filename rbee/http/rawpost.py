@@ -24,7 +24,6 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, Protocol
 from wsgiref.handlers import format_date_time
 
@@ -115,7 +114,7 @@ def _date_header() -> bytes:
 
 def response(status: int, body: bytes, headers: Mapping[str, str] | None, close: bool) -> bytes:
     """The bytes of a JSON answer, with the headers hypercorn would add (date, server)."""
-    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode()),
+    lines = [b"HTTP/1.1 %d " % status,  # no reason phrase, as hypercorn's h11 sends it
              b"content-type: application/json", b"content-length: %d" % len(body),
              b"date: " + _date_header(), b"server: hypercorn-h11"]
     for name, value in (headers or {}).items():
