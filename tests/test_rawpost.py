@@ -88,7 +88,7 @@ async def test_a_refusal_reads_the_same_on_either_path(nursery):
     for request in (post(truncated), chunked(truncated)):
         with await connect(queen) as sock:
             await sock.send(request)
-            status, headers, answer = await Answers(sock).next()
+            status, _, answer = await Answers(sock).next()
             answered.append((status, answer))
     assert answered[0] == answered[1], answered
     assert answered[0][0] == 400 and b"invalid heartbeat" in answered[0][1], answered
@@ -98,7 +98,7 @@ async def test_a_body_over_the_limit_is_the_apps_to_refuse(nursery):
     queen = await start_queen(nursery, http={"max_body_bytes": 4096})
     with await connect(queen) as sock:
         await sock.send(post(b"x" * 5000))
-        status, headers, answer = await Answers(sock).next()
+        status, _, answer = await Answers(sock).next()
     assert status == 413 and json.loads(answer)["message"] == (
         "body of 5000 bytes exceeds max_body_bytes (4096)"), answer
 
