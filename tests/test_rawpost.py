@@ -9,6 +9,7 @@ import gzip
 import json
 import re
 
+import pytest
 import trio
 
 from rbee.contract import encode
@@ -137,3 +138,42 @@ async def test_idle_raw_connections_do_not_hold_up_a_stop():
         for sock in socks:
             assert await sock.recv(10) == b""
             sock.close()
+
+
+@pytest.mark.parametrize(("what", "request_bytes", "status"), [
+    ("HTTP/1.0", b"POST %s HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}", 400),
+    ("two lengths", b"POST %s HTTP/1.1\r\nhost: q\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+     400),
+    ("a folded header", b"POST %s HTTP/1.1\r\nhost: q\r\nx-a: 1\r\n  2\r\ncontent-length: 2\r\n\r\n{}",
+     400),
+    ("a GET", b"GET %s HTTP/1.1\r\nhost: q\r\n\r\n", 405),
+    ("no host", b"POST %s HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}", 400),
+])
+async def test_heads_the_connection_does_not_take_are_answered_by_the_app(
+        nursery, what, request_bytes, status):
+    """After a raw heartbeat on the same connection: the next request, one the connection does
+    not take, gets what hypercorn and the app answer it (h11's 400s, Starlette's 405)."""
+    queen = await start_queen(nursery)
+    with await connect(queen) as sock:
+        answers = Answers(sock)
+        await sock.send(post(encode(fleet_heartbeat("hive-raw", 1))))
+        assert (await answers.next())[0] == 200
+        await sock.send(request_bytes % HEARTBEAT.encode())
+        got, _, answer = await answers.next()
+    assert got == status, (what, answer)
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+async def test_a_slow_request_on_a_raw_connection_is_cut_at_its_deadline(nursery, phase):
+    queen = await start_queen(nursery, http={"header_timeout_s": 0.5, "body_timeout_s": 0.5})
+    body = encode(fleet_heartbeat("hive-raw", 1))
+    with await connect(queen) as sock:
+        answers = Answers(sock)
+        await sock.send(post(body))
+        assert (await answers.next())[0] == 200
+        request = post(body)
+        cut = request.index(b"\r\n\r\n") - 10 if phase == "headers" else len(request) - 10
+        await sock.send(request[:cut])
+        with trio.fail_after(10):
+            assert await sock.recv(100) == b""  # closed, unanswered
+    assert queen.connections.timed_out_total == 1
