@@ -90,6 +90,11 @@ class _HiveEntry:
     """When this hive's current stay began (the queen's clock): it is established once it has
     reported over ``established_after_s`` since."""
     stale: bool = False
+    listed: tuple[tuple[bool, bool], list[FleetWorker]] | None = None
+    """The workers as listings show them, in id order, made by the first listing after this
+    heartbeat and kept while ``stale`` and ``skip_unhealthy_gpus`` are what they were then
+    (under the key), the entry being otherwise immutable:
+    readers looping on ``/v1/workers`` pay the VRAM arithmetic once per heartbeat, not per read."""
 
     @property
     def schedulable(self) -> bool:
@@ -172,7 +177,7 @@ class HiveRegistry:
         never sent a heartbeat: a worker list without its hive has nowhere to belong."""
         with self._lock:
             entry = self._entry(hive_id)
-            entry.workers = list(workers)
+            entry.workers, entry.listed = list(workers), None
 
     def remove_hive(self, hive_id: str, reason: str = "removed") -> HiveRemovedEvent | None:
         with self._lock:
@@ -372,10 +377,14 @@ class HiveRegistry:
 
     def _hive_workers(self, hive_id: str, entry: _HiveEntry, *, with_vram: bool = True,
                       after: tuple[str, str, str] | None = None) -> Iterator[FleetWorker]:
-        """One hive's workers in (group, instance) order, those up to ``after`` skipped. Made at
-        each read and not kept: a cache of them (about 3 KB per eight-worker hive) would be a
-        sixth of the registry's memory, while a listing's cost stays what it returns."""
-        listed = list(self._list_workers(hive_id, entry, with_vram=with_vram))
+        """One hive's workers in (group, instance) order, those up to ``after`` skipped."""
+        key = (entry.stale, self.settings.skip_unhealthy_gpus)
+        if with_vram and entry.listed is not None and entry.listed[0] == key:
+            listed = entry.listed[1]
+        else:
+            listed = list(self._list_workers(hive_id, entry, with_vram=with_vram))
+            if with_vram:
+                entry.listed = (key, listed)
         if after is not None and after[0] == hive_id:
             return iter(listed[bisect_right(listed, after[1:], key=fleet_key):])
         return iter(listed if after is None or after[0] < hive_id else ())
