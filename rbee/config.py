@@ -329,12 +329,13 @@ class RegistrySettings(Settings):
     max_hives: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     """The most hives the queen keeps; a heartbeat from one more new hive is refused (503)
     naming this cap. Hives already known are never refused."""
-    new_hives_per_s: Annotated[float, msgspec.Meta(gt=0)] = 100.0
+    new_hives_per_s: Annotated[float, msgspec.Meta(gt=0)] = 500.0
     """Rate at which hives the queen does not know yet are admitted (a token bucket); one over it
-    is refused with 429 and Retry-After. Hives already known are never refused."""
-    new_hives_burst: Annotated[int, msgspec.Meta(ge=1)] = 1000
-    """How many new hives may be admitted at once before ``new_hives_per_s`` applies: a whole
-    fleet coming back to a restarted queen within a few seconds."""
+    is refused with 429 and Retry-After. Hives already known are never refused. With the burst,
+    a restarted queen takes back ``max_hives`` (10,000) within 16 s."""
+    new_hives_burst: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    """How many new hives may be admitted at once before ``new_hives_per_s`` applies: the
+    first part of a whole fleet coming back to a restarted queen."""
     workers_limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """``GET /v1/workers`` answers at most this many workers unless ``limit`` asks otherwise;
     the rest come page by page (``X-Next-After``)."""
