@@ -2,6 +2,6 @@
 columns the registry keeps current (docs/pick.md)."""
 
 from .index import PickIndex, PickUnavailable
-from .route import pick_routes
+from .route import pick_handler
 
-__all__ = ["PickIndex", "PickUnavailable", "pick_routes"]
+__all__ = ["PickIndex", "PickUnavailable", "pick_handler"]

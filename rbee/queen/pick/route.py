@@ -13,10 +13,8 @@ from collections.abc import Callable
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from ...config import QueenConfig
-from ...contract import paths
 from ...http.app import JsonResponse
 from ...http.errors import ApiError
 from ..queries import decode_query, whole
@@ -64,9 +62,9 @@ class PickHandler:
         return JsonResponse(answer)
 
 
-def pick_routes(config: QueenConfig, registry: HiveRegistry,
-                reader: Callable[[Request], None]) -> list[Route]:
-    """The pick's route, over an index that follows ``registry`` from now on."""
+def pick_handler(config: QueenConfig, registry: HiveRegistry,
+                 reader: Callable[[Request], None]) -> PickHandler:
+    """The pick's handler (``.pick``), over an index that follows ``registry`` from now on."""
     index = PickIndex(config.pick, config.registry, clock=registry.clock)
     registry.observe(index.hive_changed)
-    return [Route(paths.PICK, PickHandler(config, index, reader).pick, methods=["GET"])]
+    return PickHandler(config, index, reader)

@@ -1,0 +1,44 @@
+"""queen.yaml's ``pick:`` section (``GET /v1/pick``, docs/pick.md), in a module of its own so
+that rbee/config.py, which holds every other section, stays small. Like every section it refuses
+unknown keys."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Millis = Annotated[float, msgspec.Meta(gt=0)]
+Weight = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class PickWeights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What each figure adds to a worker's pick score (lower is better; docs/pick.md)."""
+
+    waiting: Weight = 1.0
+    """Per request queued in the engine (``requests_waiting``): a new request waits behind it."""
+    running: Weight = 0.5
+    """Per request the engine is running (``requests_running``): they share its batch."""
+    in_flight: Weight = 1.0
+    """Per pick not yet seen in the engine's own counters (it is on its way to the queue)."""
+    kv_cache: Weight = 4.0
+    """Times the share of the KV cache in use (0..1): a full cache preempts requests."""
+    degraded_gpu: Weight = 2.0
+    """Once if a GPU of the worker is degraded (or unhealthy, with skip_unhealthy_gpus off)."""
+
+
+class PickSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``GET /v1/pick``: the best workers of a model for the next request (docs/pick.md)."""
+
+    weights: PickWeights = msgspec.field(default_factory=PickWeights)
+    stale_after_ms: Millis = 500.0
+    """Figures older than this are stale (age from ``engine.sampled_at``, else the receipt)."""
+    stale: Literal["saturate", "skip"] = "saturate"
+    """A stale worker is ranked after every fresh one (``saturate``), or left out (``skip``)."""
+    all_stale: Literal["fail_open", "unavailable"] = "fail_open"
+    """When every candidate is stale: answer the best of them anyway (``fail_open``, flagged), or
+    503 naming why (``unavailable``)."""
+    in_flight_ttl_ms: Millis = 2000.0
+    """A pick counts on its worker until the engine's counters rise for it, at most this long."""
+    max_n: Annotated[int, msgspec.Meta(ge=1)] = 100
+    """The largest ``n`` a pick may ask for."""
