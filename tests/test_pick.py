@@ -189,3 +189,37 @@ async def test_rbee_pick_command(nursery):
     refused = await trio.to_thread.run_sync(run, "--model", "mistral")
     assert refused.returncode == 1
     assert "no worker of model 'mistral' can be picked" in refused.stderr
+
+
+def first_header(response: httpx.Response) -> bytes:
+    """The raw path (``rbee/http/rawpost.py``) writes content-type first; Starlette's answer
+    starts with content-length: which of the two served a request."""
+    return response.headers.raw[0][0].lower()
+
+
+async def test_the_connection_and_the_app_answer_alike(nursery, tmp_path):
+    """A plain GET is answered by the connection itself; one the raw path leaves to the app (a
+    repeated header, a caller without the read token) gets the same answers from Starlette."""
+    token = tmp_path / "read-token"
+    token.write_text("a-read-token-of-32-characters-xx\n")
+    queen = await start_queen(nursery, read_token_file=str(token),
+                              pick={"stale_after_ms": FRESH_FOR_MS})
+    reader = {"Authorization": "Bearer a-read-token-of-32-characters-xx"}
+    async with httpx.AsyncClient(base_url=url_of(queen), timeout=5.0) as client:
+        await post_heartbeat(client, queen, heartbeat("hive-a", [serving("w1"),
+                                                                 serving("w2", running=1)]))
+        raw = await client.get("/v1/pick", params={"model": "llama", "n": 2}, headers=reader)
+        bad_raw = await client.get("/v1/pick", params={"n": "2"}, headers=reader)
+        # the app takes this connection over for good from its first request
+        app = await client.get("/v1/pick", params={"model": "llama", "n": 2},
+                               headers=[*reader.items(), ("X-Twice", "1"), ("X-Twice", "2")])
+        bad_app = await client.get("/v1/pick", params={"n": "2"},
+                                   headers=[*reader.items(), ("X-Twice", "1"), ("X-Twice", "2")])
+        unread = await client.get("/v1/pick", params={"model": "llama"})
+    assert (first_header(raw), first_header(app)) == (b"content-type", b"content-length")
+    first, second = (msgspec.json.decode(r.content, type=PickAnswer) for r in (raw, app))
+    assert [w.instance for w in first.picked] == ["w1", "w2"]
+    assert [w.instance for w in second.picked] == ["w2", "w1"]  # w1: the first pick in flight
+    assert (bad_raw.status_code, bad_raw.content) == (bad_app.status_code, bad_app.content)
+    assert bad_raw.status_code == 400 and first_header(bad_raw) == b"content-type"
+    assert unread.status_code == 401 and "needs the read token" in unread.json()["message"]

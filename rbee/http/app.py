@@ -119,4 +119,5 @@ def json_app(routes: Sequence[BaseRoute], http: HttpSettings | None = None,
     app.state.body_timeout_s = http.body_timeout_s
     app.state.refusals = refusals
     app.state.raw_posts = {}  # paths whose POST a connection answers itself (rawpost.py)
+    app.state.raw_gets = {}  # and whose GET
     return app

@@ -8,7 +8,9 @@ Transfer-Encoding or Expect, a Content-Encoding of gzip or none, a well-formed h
 body budget, and a caller the route's ``admit`` accepts. Anything else (another path or method, a
 refused caller, a body too big, a head h11 would refuse) hands the connection, with every byte
 read so far, to hypercorn and the Starlette app for good, and they answer as they always did:
-same statuses, same error bodies, same logs. A refusal once the body is read (bad JSON or gzip,
+same statuses, same error bodies, same logs. A server may also have raw GETs
+(``app.state.raw_gets``, the queen's ``/v1/pick``): ``GET <path>[?query] HTTP/1.1`` with a Host
+and no body, the query handed to the route as it came. A refusal once the body is read (bad JSON or gzip,
 another hive's id, admission, the store) answers through the app's ``Refusals``: the same JSON.
 
 The deadlines are the transport's (``rbee/http/transport.py``): the head within
@@ -23,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from wsgiref.handlers import format_date_time
 
@@ -47,10 +49,13 @@ class RawHead:
     the checks made of every caller (``rbee/http/auth.py`` reads ``headers``, ``method`` and
     ``url.path``)."""
 
-    __slots__ = ("client", "headers", "method", "path")
+    __slots__ = ("client", "headers", "method", "path", "query")
 
-    def __init__(self, path: str, headers: dict[str, str], client: str) -> None:
-        self.method, self.path, self.headers, self.client = "POST", path, headers, client
+    def __init__(self, path: str, headers: dict[str, str], client: str, method: str = "POST",
+                 query: str = "") -> None:
+        self.method, self.path, self.headers, self.client = method, path, headers, client
+        self.query = query
+        """A GET's query string, as sent (still percent-encoded)."""
 
     @property
     def url(self) -> RawHead:
@@ -90,15 +95,18 @@ class RawRoutes:
     refusals: Refusals
     budget: BodyBudget
     settings: HttpSettings
+    gets: Mapping[bytes, RawPost] = field(default_factory=dict)
+    """GETs answered here: ``answer`` gets an empty body, the query in ``head.query``."""
 
     @classmethod
     def of(cls, state: Any, settings: HttpSettings) -> RawRoutes | None:
         """The raw routes of an app built by ``json_app`` (None without any)."""
-        routes = getattr(state, "raw_posts", None)
-        if not routes:
+        routes, gets = getattr(state, "raw_posts", None), getattr(state, "raw_gets", None)
+        if not routes and not gets:
             return None
-        return cls({path.encode(): route for path, route in routes.items()}, state.refusals,
-                   state.body_budget, settings)
+        return cls({path.encode(): route for path, route in (routes or {}).items()},
+                   state.refusals, state.body_budget, settings,
+                   {path.encode(): route for path, route in (gets or {}).items()})
 
 
 _date = (0, b"")
@@ -129,10 +137,12 @@ def _parse(head: bytes, routes: RawRoutes, client: str
     """The route, head, body length, gzip and close of a request taken here, else None."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"POST", b"GET"):
         return None
-    route = routes.routes.get(parts[1])
-    if route is None:
+    target, _, query = parts[1].partition(b"?")
+    get = parts[0] == b"GET"
+    route = routes.gets.get(target) if get else routes.routes.get(parts[1])
+    if route is None or not query.isascii():
         return None
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -143,7 +153,9 @@ def _parse(head: bytes, routes: RawRoutes, client: str
         if name in headers:
             return None  # repeated fields are the app's to combine (or refuse)
         headers[name] = (field[2] or b"").decode("latin-1")
-    length = headers.get("content-length", "")
+    length = headers.get("content-length", "0" if get else "")
+    if get and length != "0":
+        return None
     if ("transfer-encoding" in headers or "expect" in headers or "host" not in headers
             or not (length.isascii() and length.isdigit())
             or int(length) > routes.settings.max_body_bytes):
@@ -152,7 +164,9 @@ def _parse(head: bytes, routes: RawRoutes, client: str
     if encoding not in ("gzip", "identity"):
         return None
     close = "close" in (token.strip() for token in headers.get("connection", "").lower().split(","))
-    return route, RawHead(parts[1].decode(), headers, client), int(length), encoding == "gzip", close
+    head = (RawHead(target.decode(), headers, client, "GET", query.decode()) if get
+            else RawHead(parts[1].decode(), headers, client))
+    return route, head, int(length), encoding == "gzip", close
 
 
 async def serve_raw(connection: RawConnection, routes: RawRoutes, client: str,
@@ -215,5 +229,5 @@ async def _answer(route: RawPost, head: RawHead, admitted: Any, body: bytes, gzi
         if isinstance(exc, ApiError) or any(isinstance(exc, kind)
                                             for kind in routes.refusals.statuses):
             return routes.refusals.answer(exc, head.client, head.method, head.path)
-        log.exception("POST %s from %s failed", head.path, head.client)
+        log.exception("%s %s from %s failed", head.method, head.path, head.client)
         return 500, internal_error_body(exc), None

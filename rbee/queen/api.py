@@ -343,4 +343,5 @@ def build_app(queen: QueenParts) -> Starlette:
         *dashboard_routes(),
     ], config.http, STATUSES)
     app.state.raw_posts[paths.HEARTBEAT] = writes  # served by the connections themselves
+    app.state.raw_gets[paths.PICK] = picks
     return app
