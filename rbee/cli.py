@@ -28,8 +28,8 @@ import sys
 import msgspec
 import trio
 
-from ._errors import ContractError, ListenError, RbeeError, leaf_exceptions
-from .contract import FleetWorker, decode_json, paths
+from ._errors import ListenError, RbeeError, leaf_exceptions
+from .contract import FleetWorker, paths
 from .credentials import new_credential
 from .demo import DEMO_HIVE_PORT
 from .http.auth import bearer, read_token
@@ -83,17 +83,10 @@ def workers(args: argparse.Namespace) -> int:
         params["limit"] = str(args.limit)
     if args.after is not None:
         params["after"] = args.after
-    response = ask_queen(args, paths.WORKERS, params)
-    if response is None:
-        return 1
-    if args.json:
-        print(response.text)
-        return 0
-    try:
-        found = decode_json(_fleet_decoder, response.content, "list of workers")
-    except ContractError as exc:
-        print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
-        return 1
+    asked = ask_queen(args, paths.WORKERS, params, _fleet_decoder, "list of workers")
+    if isinstance(asked, int):
+        return asked
+    response, found = asked
     print(table(Row(w.hive_id, w.worker, w.idle, _workers_note(w)) for w in found))
     print(f"{len(found)} workers")
     if following := response.headers.get("x-next-after"):

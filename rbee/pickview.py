@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TypeVar
 
 import httpx
 import msgspec
@@ -14,6 +15,7 @@ from .contract import PickAnswer, PickedWorker, decode_json, paths, reply_messag
 from .http.tls import client_verify
 from .terminal import printable
 
+T = TypeVar("T")
 _answer_decoder = msgspec.json.Decoder(PickAnswer)
 HEADER = ("WORKER", "ENDPOINT", "SCORE", "RUN", "WAIT", "KV%", "IN-FLIGHT", "ENGINE-AGE",
           "HB-AGE", "")
@@ -40,9 +42,10 @@ def filter_params(args: argparse.Namespace) -> dict[str, str]:
     return {name: str(value) for name, value in given.items() if value is not None}
 
 
-def ask_queen(args: argparse.Namespace, path: str, params: dict[str, str]
-              ) -> httpx.Response | None:
-    """The queen's 200 answer to a GET, or None once the problem is printed."""
+def ask_queen(args: argparse.Namespace, path: str, params: dict[str, str],
+              decoder: msgspec.json.Decoder[T], what: str) -> int | tuple[httpx.Response, T]:
+    """The queen's 200 answer to a GET and its decoded value; or the exit status once done: 1
+    with the problem printed, 0 with ``--json`` (the answer printed as it is)."""
     try:
         response = httpx.get(f"{args.queen}{path}", params=params, timeout=args.timeout,
                              verify=client_verify(args.ca_file, "--ca-file"),
@@ -54,23 +57,23 @@ def ask_queen(args: argparse.Namespace, path: str, params: dict[str, str]
         problem = (reply_message(response.content)
                    or f"HTTP {response.status_code}: {response.text[:200]}")
         print(f"rbee: {printable(problem)}", file=sys.stderr)
-        return None
-    return response
-
-
-def pick(args: argparse.Namespace) -> int:
-    response = ask_queen(args, paths.PICK, {**filter_params(args), "n": str(args.n)})
-    if response is None:
         return 1
     if args.json:
         print(response.text)
         return 0
     try:
-        answer = decode_json(_answer_decoder, response.content, "pick answer")
+        return response, decode_json(decoder, response.content, what)
     except ContractError as exc:
         print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
         return 1
-    print(render(answer))
+
+
+def pick(args: argparse.Namespace) -> int:
+    asked = ask_queen(args, paths.PICK, {**filter_params(args), "n": str(args.n)},
+                      _answer_decoder, "pick answer")
+    if isinstance(asked, int):
+        return asked
+    print(render(asked[1]))
     return 0
 
 

@@ -83,15 +83,22 @@ async def test_picks_in_a_row_spread_until_the_engine_shows_them(nursery):
     assert sorted(w.in_flight for w in answer.picked) == [1, 1]  # the third pick, and this one
 
 
-async def test_stale_figures_rank_last_or_are_skipped(nursery):
+async def answer_of(pick: dict[str, object], workers: list, **params) -> httpx.Response:
+    """One GET /v1/pick of a queen of its own (``pick`` settings), fed one heartbeat."""
+    async with trio.open_nursery() as inner:
+        queen, client = await open_queen(inner, **pick)
+        async with client:
+            await post_heartbeat(client, queen, heartbeat("hive-a", workers))
+            response = await client.get("/v1/pick", params=params)
+        inner.cancel_scope.cancel()
+    return response
+
+
+async def test_stale_figures_rank_last_or_are_skipped():
     for policy in ("saturate", "skip"):
-        async with trio.open_nursery() as inner:
-            queen, client = await open_queen(inner, stale_after_ms=60_000, stale=policy)
-            async with client:
-                await post_heartbeat(client, queen, heartbeat("hive-a", [
-                    serving("w1", age_s=3600), serving("w2", waiting=5)]))
-                answer = await picked(client, model="llama", n=2)
-            inner.cancel_scope.cancel()
+        response = await answer_of({"stale_after_ms": 60_000, "stale": policy}, [
+            serving("w1", age_s=3600), serving("w2", waiting=5)], model="llama", n=2)
+        answer = msgspec.json.decode(response.content, type=PickAnswer)
         if policy == "saturate":
             assert [(w.instance, w.stale) for w in answer.picked] == [("w2", False), ("w1", True)]
             assert answer.picked[1].engine_age_ms >= 3_600_000
@@ -99,15 +106,11 @@ async def test_stale_figures_rank_last_or_are_skipped(nursery):
             assert [w.instance for w in answer.picked] == ["w2"] and answer.skipped_stale == 1
 
 
-async def test_all_stale_fails_open_or_answers_503(nursery):
+async def test_all_stale_fails_open_or_answers_503():
     for policy in ("fail_open", "unavailable"):
-        async with trio.open_nursery() as inner:
-            queen, client = await open_queen(inner, stale_after_ms=60_000, all_stale=policy)
-            async with client:
-                await post_heartbeat(client, queen, heartbeat("hive-a", [
-                    serving("w1", age_s=3600, waiting=1), serving("w2", age_s=3600)]))
-                response = await client.get("/v1/pick", params={"model": "llama", "n": 2})
-            inner.cancel_scope.cancel()
+        response = await answer_of({"stale_after_ms": 60_000, "all_stale": policy}, [
+            serving("w1", age_s=3600, waiting=1), serving("w2", age_s=3600)],
+            model="llama", n=2)
         if policy == "fail_open":
             answer = msgspec.json.decode(response.content, type=PickAnswer)
             assert answer.all_stale and [w.instance for w in answer.picked] == ["w2", "w1"]
