@@ -89,7 +89,7 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else value / 100.0
 
 
-def _above(value: float | None, warn: float, bad: float) -> int:
+def level_of(value: float | None, warn: float, bad: float) -> int:
     """WARN at or past ``warn``, BAD at or past ``bad``: a saturated GPU, KV cache or queue."""
     if value is None:
         return OK
@@ -148,18 +148,18 @@ def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
                lambda r: r.worker.io_r_mb_s + r.worker.io_w_mb_s, numeric=True),
         Column("GPU%", 6, 1, lambda r: gpu_util(r.worker), lambda r: _number(r.worker.gpu_util_pct),
                gauge=lambda r: _pct(r.worker.gpu_util_pct) if on_gpu(r.worker) else None,
-               level=lambda r: _above(r.worker.gpu_util_pct, 80, 95), numeric=True),
+               level=lambda r: level_of(r.worker.gpu_util_pct, 80, 95), numeric=True),
         Column("VRAM MB", 13, 2,
                lambda r: f"{r.worker.vram_mb:.0f}/{r.worker.total_vram_mb:.0f}"
                if on_gpu(r.worker) else "-",
                lambda r: _number(r.worker.vram_mb if on_gpu(r.worker) else None),
-               gauge=_vram_share, level=lambda r: _above(_vram_share(r), 0.9, 0.97), numeric=True),
+               gauge=_vram_share, level=lambda r: level_of(_vram_share(r), 0.9, 0.97), numeric=True),
         Column("RUN", 5, 5, _engine_count("requests_running"), _engine_key("requests_running"),
                numeric=True),
         Column("QUEUE", 6, 3, _engine_count("requests_waiting"), _engine_key("requests_waiting"),
-               level=lambda r: _above(_waiting(r), 1, 10), numeric=True),
+               level=lambda r: level_of(_waiting(r), 1, 10), numeric=True),
         Column("KV%", 5, 3, lambda r: _figure(_kv(r)), lambda r: _number(_kv(r)),
-               gauge=lambda r: _pct(_kv(r)), level=lambda r: _above(_kv(r), 80, 95), numeric=True),
+               gauge=lambda r: _pct(_kv(r)), level=lambda r: level_of(_kv(r), 80, 95), numeric=True),
         Column("IDLE", 4, 2, lambda r: "yes" if r.idle else "no", lambda r: not r.idle),
         Column("UPTIME", 8, 7, lambda r: _uptime(r.worker.uptime_s), lambda r: r.worker.uptime_s,
                numeric=True),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .columns import Column, Row, clip
 from .contract import (
     GpuDevice,
     HealthStatus,
@@ -24,7 +25,6 @@ from .contract import (
     WorkerTelemetry,
     describe_health,
 )
-from .columns import Column, Row, clip
 from .terminal import WORKER_COLUMNS, count, gpu_table, sparkline, table
 
 

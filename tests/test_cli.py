@@ -135,7 +135,7 @@ async def test_rbee_top_shows_the_fleet(nursery):
     result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
                                                         "--rounds", "1", timeout=20))
     assert result.returncode == 0, result.stderr
-    assert "1 hives (0 stale), 1 workers" in result.stdout
+    assert "1 hive (0 stale), 1 worker\n" in result.stdout
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("gpu-07")]
     assert "llm/a" in line and "qwen-7b" in line
 
@@ -163,7 +163,7 @@ async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
         timeout=20))
     assert result.returncode == 0, result.stderr
     assert "llm/free" in result.stdout and "llm/full" not in result.stdout
-    assert result.stdout.rstrip().endswith("1 workers")
+    assert result.stdout.rstrip().endswith("\n1 worker")
     result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
                                                         "--rounds", "1", timeout=20))
     lines = result.stdout.splitlines()
@@ -225,12 +225,12 @@ def test_fleet_view_applies_events_in_order():
     view.apply(HiveTelemetryEvent(hive_id="b", timestamp=now, workers=[worker("w2")]))
     view.apply(HiveStaleEvent(hive_id="a", silent_s=6.0, timestamp=now))
     rendered = view.render()
-    assert rendered.startswith("2 hives (1 stale), 2 workers")
+    assert rendered.startswith("2 hives (1 stale), 2 workers\n")
     (stale_line,) = [line for line in rendered.splitlines() if line.startswith("a ")]
     assert "STALE" in stale_line
     view.apply(HiveTelemetryEvent(hive_id="a", timestamp=now, workers=[]))  # back, no workers
     view.apply(HiveRemovedEvent(hive_id="b", reason="gone", worker_ids=[], timestamp=now))
-    assert view.render().startswith("1 hives (0 stale), 0 workers")
+    assert view.render().startswith("1 hive (0 stale), 0 workers\n")
 
 
 def test_fleet_view_shows_gpus_mig_and_health():
