@@ -133,12 +133,12 @@ def _engine_key(field: str) -> Callable[[Row], float]:
 def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
     """Every built-in column, in display order; ``notes`` writes a row's NOTE."""
     return (
-        Column("HIVE", 14, 0, lambda r: r.hive, lambda r: r.hive,
+        Column("HIVE", 12, 0, lambda r: r.hive, lambda r: r.hive,
                level=lambda r: WARN if r.stale else OK),
-        Column("GROUP/INSTANCE", 22, 0, lambda r: f"{r.worker.group}/{r.worker.instance}",
+        Column("GROUP/INSTANCE", 20, 0, lambda r: f"{r.worker.group}/{r.worker.instance}",
                lambda r: f"{r.worker.group}/{r.worker.instance}"),
         Column("PID", 8, 9, lambda r: str(r.worker.pid), lambda r: r.worker.pid, numeric=True),
-        Column("STATE", 10, 2, lambda r: str(r.worker.state), lambda r: str(r.worker.state),
+        Column("STATE", 9, 3, lambda r: str(r.worker.state), lambda r: str(r.worker.state),
                level=_state_level),
         Column("MODEL", 14, 1, lambda r: r.worker.model or "-", lambda r: r.worker.model or ""),
         Column("CPU%", 7, 4, lambda r: f"{r.worker.cpu_pct:.1f}", lambda r: r.worker.cpu_pct,
@@ -149,7 +149,7 @@ def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
         Column("GPU%", 6, 1, lambda r: gpu_util(r.worker), lambda r: _number(r.worker.gpu_util_pct),
                gauge=lambda r: _pct(r.worker.gpu_util_pct) if on_gpu(r.worker) else None,
                level=lambda r: level_of(r.worker.gpu_util_pct, 80, 95), numeric=True),
-        Column("VRAM MB", 13, 2,
+        Column("VRAM MB", 13, 3,
                lambda r: f"{r.worker.vram_mb:.0f}/{r.worker.total_vram_mb:.0f}"
                if on_gpu(r.worker) else "-",
                lambda r: _number(r.worker.vram_mb if on_gpu(r.worker) else None),
@@ -158,7 +158,7 @@ def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
                numeric=True),
         Column("QUEUE", 6, 3, _engine_count("requests_waiting"), _engine_key("requests_waiting"),
                level=lambda r: level_of(_waiting(r), 1, 10), numeric=True),
-        Column("KV%", 5, 3, lambda r: _figure(_kv(r)), lambda r: _number(_kv(r)),
+        Column("KV%", 5, 2, lambda r: _figure(_kv(r)), lambda r: _number(_kv(r)),
                gauge=lambda r: _pct(_kv(r)), level=lambda r: level_of(_kv(r), 80, 95), numeric=True),
         Column("IDLE", 4, 2, lambda r: "yes" if r.idle else "no", lambda r: not r.idle),
         Column("UPTIME", 8, 7, lambda r: _uptime(r.worker.uptime_s), lambda r: r.worker.uptime_s,
