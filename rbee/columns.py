@@ -138,9 +138,9 @@ def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
         Column("GROUP/INSTANCE", 20, 0, lambda r: f"{r.worker.group}/{r.worker.instance}",
                lambda r: f"{r.worker.group}/{r.worker.instance}"),
         Column("PID", 8, 9, lambda r: str(r.worker.pid), lambda r: r.worker.pid, numeric=True),
-        Column("STATE", 9, 3, lambda r: str(r.worker.state), lambda r: str(r.worker.state),
+        Column("STATE", 10, 3, lambda r: str(r.worker.state), lambda r: str(r.worker.state),
                level=_state_level),
-        Column("MODEL", 14, 1, lambda r: r.worker.model or "-", lambda r: r.worker.model or ""),
+        Column("MODEL", 13, 1, lambda r: r.worker.model or "-", lambda r: r.worker.model or ""),
         Column("CPU%", 7, 4, lambda r: f"{r.worker.cpu_pct:.1f}", lambda r: r.worker.cpu_pct,
                numeric=True),
         Column("RSS MB", 8, 6, lambda r: f"{_rss(r):.1f}", _rss, numeric=True),
@@ -191,16 +191,17 @@ def parse_keys(text: str | None) -> list[str]:
 def fit(columns: Sequence[Column], width: int | None, gap: int = GAP) -> list[tuple[Column, int]]:
     """The columns a line of ``width`` characters shows, in display order, each with its width;
     ``width`` None: all of them, the last unbounded (0). Columns go by priority, highest first;
-    the first column stays whatever the width."""
+    those of priority 0 stay whatever the width (the caller cuts the line)."""
     if width is None:
         return [(column, column.width) for column in columns]
     kept: set[int] = set()
     used = 0
     for i in sorted(range(len(columns)), key=lambda i: (columns[i].priority, i)):
         need = (columns[i].width or NOTE_MIN) + (gap if kept else 0)
-        if not kept or used + need <= width:
-            kept.add(i)
-            used += need
+        if used + need > width and columns[i].priority > 0:
+            break  # and every column after it: a wider terminal never shows fewer
+        kept.add(i)
+        used += need
     shown = [(columns[i], columns[i].width) for i in sorted(kept)]
     if shown and shown[-1][1] == 0:  # the last column takes the rest
         shown[-1] = (shown[-1][0], max(1, width - used + NOTE_MIN))

@@ -93,8 +93,14 @@ def table(rows: Iterable[Row], width: int | None = None,
     """The workers as a table ``width`` characters wide at most (None: each column its own
     width, nothing dropped): on a narrow terminal ``fit`` drops columns, never wraps a row."""
     shown = fit(columns, width)
-    return _render(tuple(c.title for c, _ in shown), tuple(w for _, w in shown),
+    text = _render(tuple(c.title for c, _ in shown), tuple(w for _, w in shown),
                    [tuple(c.cell(row) for c, _ in shown) for row in rows])
+    return text if width is None else _cut_lines(text, width)
+
+
+def _cut_lines(text: str, width: int) -> str:
+    """Every line of ``text`` in ``width`` characters: the terminal never wraps one."""
+    return "\n".join(clip(line, width) for line in text.splitlines())
 
 
 def count(n: int, noun: str) -> str:
@@ -111,7 +117,7 @@ def gpu_table(rows: Iterable[tuple[str, GpuDevice]], width: int | None = None) -
     """The hives' GPUs: a MIG instance shows as ``<gpu>/mig<id>``; health with its reasons.
     Each line cut at ``width`` (None: not cut)."""
     text = _render(GPU_COLUMNS, GPU_WIDTHS, [_gpu_cells(hive, device) for hive, device in rows])
-    return text if width is None else "\n".join(clip(line, width) for line in text.splitlines())
+    return text if width is None else _cut_lines(text, width)
 
 
 def _gpu_cells(hive: str, device: GpuDevice) -> tuple[str, ...]:

@@ -6,10 +6,8 @@ queen cannot be reached, and ``q`` ends the process with status 0."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import httpx
-import pytest
 import trio
 
 from rbee.contract import EngineState
@@ -18,9 +16,6 @@ from .builders import gpu, heartbeat, worker
 from .daemons import BIN
 from .queenkit import post_heartbeat, start_queen, url_of
 from .tmuxkit import terminal
-
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
-                                reason="needs Debian's tmux (./dev installs it)")
 
 GIB = 1024
 
