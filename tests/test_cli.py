@@ -292,3 +292,31 @@ def test_fleet_view_trends_from_history():
 def test_rbee_bad_arguments(args, message):
     result = rbee(*args)
     assert result.returncode == 2 and message in result.stderr
+
+
+async def test_rbee_workers_last_minute_from_history_and_plugin_columns(nursery):
+    """LAST 60s is filled from the queen's history (one request), and ``--columns`` shows
+    plugin figures: the value, or ``-`` for a worker whose hive reports none."""
+    queen = await start_queen(nursery)
+    async with httpx.AsyncClient() as client:
+        await post_heartbeat(client, queen, heartbeat("gpu-07", [
+            worker("a", metrics={"ctxsw.procs": 7.0}), worker("b")]))
+
+        def recorded() -> bool:
+            answer = httpx.get(f"{url_of(queen)}/v1/history",
+                               params={"metric": "cpu_pct", "since": "60"}).json()
+            return any(v is not None for s in answer["series"] for v in s["values"])
+
+        with trio.fail_after(10):
+            while not await trio.to_thread.run_sync(recorded):
+                await trio.sleep(0.2)
+    result = await trio.to_thread.run_sync(lambda: rbee(
+        "workers", "--queen", url_of(queen), "--columns", "ctxsw.procs", timeout=20))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[0]
+    trend, plugin = header.index("LAST 60s"), header.index("ctxsw.procs")
+    a, b = (next(line for line in lines if f"llm/{w} " in line) for w in ("a", "b"))
+    assert a[trend:plugin].strip() and set(a[trend:plugin].strip()) <= set("▁▂▃▄▅▆▇█ ")
+    assert a[plugin:plugin + 12].split() == ["7"] and b[plugin:plugin + 12].split() == ["-"]
+    assert lines[-1] == "2 workers"

@@ -25,12 +25,9 @@ TMUX = shutil.which("tmux")
 
 def require_tmux() -> None:
     """Skip naming the package where tmux is missing; under ``CI=true``, fail instead."""
-    if TMUX:
-        return
-    message = "needs Debian's tmux package: apt-get install tmux (./dev test installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    if not TMUX:
+        missing = pytest.fail if os.environ.get("CI") == "true" else pytest.skip
+        missing("needs Debian's tmux package: apt-get install tmux (./dev test installs it)")
 
 
 class Terminal:
