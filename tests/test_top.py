@@ -95,26 +95,31 @@ async def test_top_fits_sorts_filters_opens_a_worker_and_quits(nursery):
         term.keys("/")
         await term.until(lambda s: any("filter: hive, worker or model" in line for line in s),
                          what="the filter box")
-        term.keys("gpu-b", literal=True)
+        term.keys("qwen", literal=True)  # a q typed in the filter is text, not quit
         term.keys("Enter")
-        lines = await term.until(lambda s: "filter: gpu-b" in "\n".join(s)
-                                 and not any("llm/chat" in line for line in s))
-        assert [line for line in lines if "llm/" in line] == [row_of(lines, "batch")]
+        lines = await term.until(lambda s: "filter: qwen" in "\n".join(s)
+                                 and not any("llm/batch" in line for line in s))
+        assert [line for line in lines if "llm/" in line] == [row_of(lines, "chat")]
         assert "1 of 4 workers" in "\n".join(lines)
 
         term.keys("Enter")  # the detail of the worker under the cursor
-        lines = await term.until(lambda s: any("gpu-b/llm/batch" in line for line in s)
+        lines = await term.until(lambda s: any("gpu-a/llm/chat" in line for line in s)
                                  and any(line.startswith("GPU %") for line in s),
                                  what="the detail view")
         assert any("last 5 minutes" in line for line in lines)
         assert any(line.startswith("KV cache %") for line in lines)
-        await term.until(lambda s: any(line.startswith("GPU %") and "▅" in line for line in s),
-                         what="a GPU % sparkline (55 % of 100)")
-
+        assert any("ctxsw.procs=7" in line for line in lines)  # its plugin figures
+        assert any("12 waiting" in line or "QUEUE: 12" in line for line in lines)
+        await term.until(lambda s: any(line.startswith("GPU %") and "█" in line for line in s),
+                         what="a GPU % sparkline (97 % of 100)")
+        term.keys("s")  # the table's keys do nothing here
         term.keys("Escape")
-        await term.until(lambda s: "filter: gpu-b" in "\n".join(s)
-                         and any("llm/batch" in line and "llama-70b" in line for line in s),
-                         what="the table again")
+        lines = await term.until(lambda s: "filter: qwen" in "\n".join(s)
+                                 and any("llm/chat" in line and "qwen-7b" in line for line in s),
+                                 what="the table again")
+        assert sort_label(lines) == "GPU% v"
+        term.keys("Escape")  # clears the filter
+        await term.until(shows_fleet, what="every worker again")
         term.keys("q")
         assert await term.exit_status() == 0
 

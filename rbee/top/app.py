@@ -35,6 +35,9 @@ EDGE = 4
 """Columns kept free at the right: the table's vertical scroll bar."""
 
 
+TABLE_ACTIONS = frozenset({"sort", "reverse", "filter", "detail", "clear_filter"})
+
+
 def matches(row: Row, text: str) -> bool:
     """The filter: ``text`` (any case) in the row's hive, ``group/instance`` or model."""
     if not text:
@@ -118,6 +121,12 @@ class TopApp(App[None]):
                 pass
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The table's keys act only while the table is shown (not under a worker's detail)."""
+        if action in TABLE_ACTIONS and len(self.screen_stack) > 1:
+            return False
+        return True
 
     def on_resize(self) -> None:
         self.redraw()
