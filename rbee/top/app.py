@@ -7,15 +7,15 @@ or model; Enter keeps the filter, Esc clears it), Enter opens the worker under t
 goes back.
 
 textual runs on asyncio and the feed on trio, so the feed runs ``trio.run`` in a thread of its
-own; it tells the app of a change with ``call_soon_threadsafe`` (never blocking on the app) and
-is cancelled through its trio token and joined when the app ends.
+own; it marks the view changed (never waiting for the app), the app redraws changed views on a
+timer, and the feed is cancelled through its trio token and joined when the app ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 
 import trio
@@ -29,8 +29,12 @@ from ..terminal import WORKER_COLUMNS, printable
 from .feed import FleetFeed
 from .looks import LEVEL_STYLE, bar, gpu_lines, worker_key
 
+REDRAW_S = 0.25
+"""The most often the table is redrawn for the feed's changes (a key redraws at once)."""
 BAR_WIDTH = 6
 """Characters of a gauge's bar, after its figure (GPU%, VRAM, KV%)."""
+GPU_LINES = 8
+"""The most GPUs listed under the table (then a line saying how many more)."""
 EDGE = 4
 """Columns kept free at the right: the table's vertical scroll bar."""
 
@@ -80,7 +84,10 @@ class TopApp(App[None]):
         self.filter_text = ""
         self.rows: list[Row] = []
         self._shown: list[tuple[Column, int]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirty = False
+        self._cells: dict[str, tuple[Row, tuple[Text, ...]]] = {}
+        self._redraw_s = REDRAW_S
+        self._last_redraw = 0.0
         self._token: trio.lowlevel.TrioToken | None = None
         self._scope: trio.CancelScope | None = None
         self._thread: threading.Thread | None = None
@@ -93,10 +100,10 @@ class TopApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=trio.run, args=(self._follow,), daemon=True,
                                         name="rbee-top-feed")
         self._thread.start()
+        self.set_interval(REDRAW_S, self._redraw_if_changed)
 
     async def _follow(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -105,13 +112,19 @@ class TopApp(App[None]):
             await self.feed.run(self._changed)
 
     def _changed(self) -> None:
-        """From the feed's thread: schedule a redraw, never wait for it."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self.redraw)
-            except RuntimeError:  # the loop closed meanwhile: the app is ending
-                pass
+        """From the feed's thread: mark the view changed (a large fleet changes hundreds of
+        times a second; the table is redrawn at most every ``REDRAW_S``)."""
+        self._dirty = True
+
+    def _redraw_if_changed(self) -> None:
+        """A large fleet takes longer to draw: then the table is redrawn less often, so drawing
+        takes at most a quarter of the time (for 800 workers, about once a second)."""
+        now = time.monotonic()
+        if self._dirty and now - self._last_redraw >= self._redraw_s:
+            self._dirty = False
+            self._last_redraw = now
+            self.redraw()
+            self._redraw_s = max(REDRAW_S, 4 * (time.monotonic() - now))
 
     def on_unmount(self) -> None:
         if self._token is not None and self._scope is not None:
@@ -124,9 +137,7 @@ class TopApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """The table's keys act only while the table is shown (not under a worker's detail)."""
-        if action in TABLE_ACTIONS and len(self.screen_stack) > 1:
-            return False
-        return True
+        return not (action in TABLE_ACTIONS and len(self.screen_stack) > 1)
 
     def on_resize(self) -> None:
         self.redraw()
@@ -138,10 +149,12 @@ class TopApp(App[None]):
             gpus = self.feed.view.gpus()
             rows = [row for row in rows if matches(row, self.filter_text)]
             header = self.feed.view.header(len(rows))
+        if self.filter_text:  # the GPUs of the hives shown
+            gpus = [gpu for gpu in gpus if gpu[0] in {row.hive for row in rows}]
         self.rows = self._sorted(rows)
         self._status(header)
         self._table()
-        self.query_one("#gpus", Static).update(gpu_lines(gpus, self.size.width))
+        self.query_one("#gpus", Static).update(gpu_lines(gpus, self.size.width, GPU_LINES))
         if (screen := self.screen) is not self.screen_stack[0] and hasattr(screen, "redraw"):
             screen.redraw()
 
@@ -173,11 +186,19 @@ class TopApp(App[None]):
             for column, width in shown:
                 table.add_column(Text(column.title, style="bold"), width=width, key=column.title)
             self._shown = shown
+            self._cells = {}
         else:
             table.clear()
+        cells = {}
         for row in self.rows:
-            table.add_row(*(self._cell(row, c, w) for c, w in shown), key=worker_key(row))
-        keys = [worker_key(row) for row in self.rows]
+            key = worker_key(row)
+            cached = self._cells.get(key)
+            if cached is None or cached[0].worker is not row.worker or cached[0][2:] != row[2:]:
+                cached = (row, tuple(self._cell(row, c, w) for c, w in shown))
+            cells[key] = cached
+            table.add_row(*cached[1], key=key)
+        self._cells = cells  # a row whose worker, note and trend are unchanged is not redrawn
+        keys = list(cells)
         if selected in keys:
             table.move_cursor(row=keys.index(selected), scroll=False)
 

@@ -30,10 +30,11 @@ def bar(fraction: float | None, width: int, level: int = OK) -> Text:
     return text
 
 
-def gpu_lines(gpus: list[tuple[str, GpuDevice]], width: int) -> Text:
-    """One line per GPU: hive, index (``<gpu>/mig<id>``), utilisation and VRAM bars, health."""
+def gpu_lines(gpus: list[tuple[str, GpuDevice]], width: int, most: int) -> Text:
+    """One line per GPU: hive, index (``<gpu>/mig<id>``), utilisation and VRAM bars, health;
+    the ``most`` first, then how many more there are."""
     text = Text(no_wrap=True, overflow="ellipsis")
-    for hive, device in gpus:
+    for hive, device in gpus[:most]:
         where = (f"{device.index}/mig{device.mig_instance_id}" if device.mig_parent_uuid
                  else str(device.index))
         util = device.util_pct
@@ -53,5 +54,7 @@ def gpu_lines(gpus: list[tuple[str, GpuDevice]], width: int) -> Text:
         if text:
             text.append("\n")
         text.append_text(line)
+    if len(gpus) > most:
+        text.append(f"\n… and {len(gpus) - most} more GPUs (filter by hive to see them)", style="dim")
     return text
 
