@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("workers", "top"):
         try:
             args.read_headers = reader_headers(args.read_token_file)
-        except RbeeError as exc:
+            parse_keys(args.columns)
+        except (RbeeError, ValueError) as exc:
             print(f"rbee: {exc}", file=sys.stderr)
             return 1
     if args.command == "workers":

@@ -10,10 +10,20 @@ is left.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from .contract import MIB, GpuUtilSource, WorkerState, WorkerTelemetry, cut, on_gpu
+from .contract import (
+    METRIC_KEY_CHARS,
+    METRIC_KEY_PATTERN,
+    MIB,
+    GpuUtilSource,
+    WorkerState,
+    WorkerTelemetry,
+    cut,
+    on_gpu,
+)
 
 GAP = 2
 """Spaces between two columns of the plain table."""
@@ -32,6 +42,8 @@ class Row(NamedTuple):
     """Its last minute as a sparkline (LAST 60s)."""
     stale: bool = False
     """Its hive went silent: every figure in the row is its last known one."""
+    hive_level: int = 0
+    """Its hive's health: ``WARN`` degraded, ``BAD`` unhealthy."""
 
 
 OK, WARN, BAD = 0, 1, 2
@@ -134,7 +146,7 @@ def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
     """Every built-in column, in display order; ``notes`` writes a row's NOTE."""
     return (
         Column("HIVE", 12, 0, lambda r: r.hive, lambda r: r.hive,
-               level=lambda r: WARN if r.stale else OK),
+               level=lambda r: max(r.hive_level, WARN if r.stale else OK)),
         Column("GROUP/INSTANCE", 20, 0, lambda r: f"{r.worker.group}/{r.worker.instance}",
                lambda r: f"{r.worker.group}/{r.worker.instance}"),
         Column("PID", 8, 9, lambda r: str(r.worker.pid), lambda r: r.worker.pid, numeric=True),
@@ -184,8 +196,14 @@ def with_metrics(columns: Sequence[Column], keys: Sequence[str]) -> tuple[Column
 
 
 def parse_keys(text: str | None) -> list[str]:
-    """``--columns a.b,c.d`` as keys, in order, without blanks or repeats."""
-    return list(dict.fromkeys(k.strip() for k in (text or "").split(",") if k.strip()))
+    """``--columns a.b,c.d`` as keys, in order, without blanks or repeats; a ``ValueError``
+    naming a key that no plugin can report (not a metric key of the contract)."""
+    keys = list(dict.fromkeys(k.strip() for k in (text or "").split(",") if k.strip()))
+    for key in keys:
+        if len(key) > METRIC_KEY_CHARS or not re.match(METRIC_KEY_PATTERN, key):
+            raise ValueError(f"--columns: {key!r} is no plugin metric key (at most "
+                             f"{METRIC_KEY_CHARS} letters, digits and _ . : -, e.g. ctxsw.procs)")
+    return keys
 
 
 def fit(columns: Sequence[Column], width: int | None, gap: int = GAP) -> list[tuple[Column, int]]:

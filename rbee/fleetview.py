@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .columns import Column, Row, clip
+from .columns import BAD, OK, WARN, Column, Row, clip
 from .contract import (
+    Degraded,
     GpuDevice,
     HealthStatus,
     Healthy,
@@ -22,6 +23,7 @@ from .contract import (
     QueenEvent,
     SnapshotEvent,
     StreamEvent,
+    Unhealthy,
     WorkerTelemetry,
     describe_health,
 )
@@ -75,7 +77,7 @@ class FleetView:
         """Every worker's row, by hive then ``group/instance``."""
         return [Row(hive_id, worker, f"{worker.group}/{worker.instance}" in view.idle,
                     _hive_note(view), self.trends.get((hive_id, worker.group, worker.instance), ""),
-                    view.stale)
+                    view.stale, _health_level(view.health))
                 for hive_id, view in sorted(self.hives.items())
                 for worker in sorted(view.workers, key=lambda w: (w.group, w.instance))]
 
@@ -121,6 +123,10 @@ def trends_of(answer: dict) -> dict[tuple[str, str, str], str]:
             cpu = metrics.get("cpu_pct") or []
             trends[key] = sparkline(cpu, max([100.0, *(v for v in cpu if v is not None)]))
     return trends
+
+
+def _health_level(health: HealthStatus | None) -> int:
+    return BAD if isinstance(health, Unhealthy) else WARN if isinstance(health, Degraded) else OK
 
 
 def _hive_note(view: HiveView) -> str:

@@ -7,7 +7,16 @@ from __future__ import annotations
 import pytest
 
 from rbee.columns import BAD, OK, WARN, Row, fit, metric_column, parse_keys, with_metrics
-from rbee.contract import EngineState, HiveStaleEvent, HiveTelemetryEvent, WorkerState, utc_now
+from rbee.contract import (
+    Degraded,
+    EngineState,
+    Healthy,
+    HiveStaleEvent,
+    HiveTelemetryEvent,
+    Unhealthy,
+    WorkerState,
+    utc_now,
+)
 from rbee.fleetview import FleetView
 from rbee.terminal import WORKER_COLUMNS, count, table
 
@@ -64,6 +73,8 @@ def test_cut_cells_say_so():
 
 def test_plugin_columns_show_the_figure_or_a_dash():
     assert parse_keys(" ctxsw.procs,,oom.kills,ctxsw.procs ") == ["ctxsw.procs", "oom.kills"]
+    with pytest.raises(ValueError, match="'ctx procs' is no plugin metric key"):
+        parse_keys("ctxsw.procs,ctx procs")
     column = metric_column("ctxsw.procs")
     assert column.cell(Row("h", worker("w", metrics={"ctxsw.procs": 12345.678}), False)) == "1.235e+04"
     assert column.cell(Row("h", worker("w", metrics={"ctxsw.procs": 3.0}), False)) == "3"
@@ -90,6 +101,17 @@ def test_levels_mark_saturation_and_sick_workers():
     assert level("STATE", state=WorkerState.CRASHLOOP) == BAD
     assert level("STATE", state=WorkerState.BACKOFF) == WARN
     assert level("HIVE", stale=True) == WARN and level("HIVE") == OK
+
+
+def test_a_sick_hive_marks_its_rows():
+    view = FleetView()
+    for hive, health in (("ok", Healthy()), ("meh", Degraded(reason="GPU 1 degraded")),
+                         ("sick", Unhealthy(reason="GPU 0 fell off the bus"))):
+        view.apply(HiveTelemetryEvent(hive_id=hive, timestamp=utc_now(), health_status=health,
+                                      workers=[worker("w")]))
+    hive_column = WORKER_COLUMNS[0]
+    assert {row.hive: hive_column.level(row) for row in view.rows()} == \
+        {"ok": OK, "meh": WARN, "sick": BAD}
 
 
 def test_counts_are_singular_or_plural():
