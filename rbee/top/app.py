@@ -64,6 +64,7 @@ class TopApp(App[None]):
     """
     BINDINGS = [
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),  # as in top(1)
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse"),
         Binding("slash", "filter", "Filter"),
