@@ -79,7 +79,6 @@ class TopApp(App[None]):
         self.columns: tuple[Column, ...] = tuple(
             c._replace(width=c.width + 1 + BAR_WIDTH) if c.gauge else c
             for c in with_metrics(WORKER_COLUMNS, metrics))
-        self.metrics = list(metrics)
         self.sort_by: str | None = None
         self.descending = True
         self.filter_text = ""
@@ -110,7 +109,11 @@ class TopApp(App[None]):
         self._token = trio.lowlevel.current_trio_token()
         with trio.CancelScope() as scope:
             self._scope = scope
-            await self.feed.run(self._changed)
+            try:
+                await self.feed.run(self._changed)
+            except Exception as exc:  # shown, not lost with the thread: the view stops updating
+                self.feed.problem = f"the feed stopped: {type(exc).__name__}: {exc}"
+                self._dirty = True
 
     def _changed(self) -> None:
         """From the feed's thread: mark the view changed (a large fleet changes hundreds of
@@ -151,7 +154,8 @@ class TopApp(App[None]):
             rows = [row for row in rows if matches(row, self.filter_text)]
             header = self.feed.view.header(len(rows))
         if self.filter_text:  # the GPUs of the hives shown
-            gpus = [gpu for gpu in gpus if gpu[0] in {row.hive for row in rows}]
+            hives = {row.hive for row in rows}
+            gpus = [gpu for gpu in gpus if gpu[0] in hives]
         self.rows = self._sorted(rows)
         self._status(header)
         self._table()
@@ -162,7 +166,7 @@ class TopApp(App[None]):
     def _status(self, header: str) -> None:
         text = Text(no_wrap=True, overflow="ellipsis")
         if self.feed.problem:
-            text.append(f"{printable(self.feed.problem)}; retrying  ", style="bold red")
+            text.append(f"{printable(self.feed.problem)}  ", style="bold red")
         elif not self.feed.streamed:
             text.append(f"connecting to the queen at {self.feed.queen_url}  ", style="yellow")
         text.append(header)

@@ -23,7 +23,7 @@ HISTORY_EVERY_S = 5.0
 
 
 class FleetFeed:
-    """One queen's fleet. ``problem`` is why the stream is down (empty while it is up)."""
+    """One queen's fleet. ``problem`` says why the stream is down (empty while it is up)."""
 
     def __init__(self, queen_url: str, verify: ssl.SSLContext | bool = True,
                  headers: dict[str, str] | None = None,
@@ -55,7 +55,7 @@ class FleetFeed:
                 notify()
 
         def on_down(problem: str) -> None:
-            self.problem = problem
+            self.problem = f"{problem}; retrying"
             notify()
 
         async with trio.open_nursery() as nursery:

@@ -39,7 +39,7 @@ async def watch(queen_url: str, rounds: int = 0, refresh_s: float = 0.5,
             changed = trio.Event()
             tty = sys.stdout.isatty()
             width = shutil.get_terminal_size().columns if tty else None
-            status = f"  [{feed.problem}; retrying]" if feed.problem else ""
+            status = f"  [{feed.problem}]" if feed.problem else ""
             with feed.lock:
                 text = feed.view.render(width, columns)
             clear = CLEAR if tty else ""
