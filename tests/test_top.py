@@ -6,6 +6,7 @@ queen cannot be reached, and ``q`` ends the process with status 0."""
 from __future__ import annotations
 
 import re
+import subprocess
 
 import httpx
 import trio
@@ -163,3 +164,13 @@ async def test_top_plain_fits_the_terminal(nursery):
         joined = term.tmux("capture-pane", "-p", "-J", "-t", "top").splitlines()
         assert max(len(line.rstrip()) for line in joined) <= 100
         assert "PID" not in next(line for line in lines if "HIVE" in line)
+
+
+def test_top_rounds_says_when_the_queen_cannot_be_reached():
+    """Text mode (``--rounds``): the fleet header with the reason, then the end, status 0."""
+    result = subprocess.run([str(BIN / "rbee"), "top", "--rounds", "1", "--queen",
+                             "http://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first == ("rbee: queen http://127.0.0.1:9  [cannot reach the queen at "
+                     "http://127.0.0.1:9: ConnectError; retrying]")
