@@ -145,14 +145,14 @@ def _engine_key(field: str) -> Callable[[Row], float]:
 def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
     """Every built-in column, in display order; ``notes`` writes a row's NOTE."""
     return (
-        Column("HIVE", 12, 0, lambda r: r.hive, lambda r: r.hive,
+        Column("HIVE", 14, 0, lambda r: r.hive, lambda r: r.hive,
                level=lambda r: max(r.hive_level, WARN if r.stale else OK)),
-        Column("GROUP/INSTANCE", 20, 0, lambda r: f"{r.worker.group}/{r.worker.instance}",
+        Column("GROUP/INSTANCE", 22, 0, lambda r: f"{r.worker.group}/{r.worker.instance}",
                lambda r: f"{r.worker.group}/{r.worker.instance}"),
         Column("PID", 8, 9, lambda r: str(r.worker.pid), lambda r: r.worker.pid, numeric=True),
-        Column("STATE", 10, 3, lambda r: str(r.worker.state), lambda r: str(r.worker.state),
+        Column("STATE", 10, 2, lambda r: str(r.worker.state), lambda r: str(r.worker.state),
                level=_state_level),
-        Column("MODEL", 13, 1, lambda r: r.worker.model or "-", lambda r: r.worker.model or ""),
+        Column("MODEL", 14, 1, lambda r: r.worker.model or "-", lambda r: r.worker.model or ""),
         Column("CPU%", 7, 4, lambda r: f"{r.worker.cpu_pct:.1f}", lambda r: r.worker.cpu_pct,
                numeric=True),
         Column("RSS MB", 8, 6, lambda r: f"{_rss(r):.1f}", _rss, numeric=True),

@@ -390,7 +390,7 @@ def test_every_table_cell_is_escaped():
     view.apply(HiveTelemetryEvent(hive_id="hive-a", timestamp=utc_now(), workers=[record]))
     rendered = view.render()
     assert all(printable(line) == line for line in rendered.splitlines())
-    assert "  \\x1b[2J\\x1b[…  " in rendered  # the model, cut to its column's width
+    assert "  \\x1b[2J\\x1b[3…  " in rendered  # the model, cut to its column's width
     assert "gpu: down\\r\\n\\x1b[1A" in rendered
 
 

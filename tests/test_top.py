@@ -133,7 +133,7 @@ async def test_top_on_a_wide_terminal_shows_plugin_columns_bars_and_notes(nurser
         lines = await term.until(shows_fleet, what="the four workers")
         assert all(len(line) <= 200 for line in lines)
         header = next(line for line in lines if "HIVE" in line)
-        for title in ("ctxsw.procs", "NOTE", "QUEUE", "VRAM MB", "LAST 60s", "CPU%"):
+        for title in ("ctxsw.procs", "NOTE", "QUEUE", "VRAM MB", "RUN", "CPU%"):
             assert title in header
         at = header.index("ctxsw.procs")
         assert row_of(lines, "chat")[at:at + 12].split() == ["7"]

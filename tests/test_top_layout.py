@@ -65,7 +65,7 @@ def test_wider_terminals_show_more_and_drop_by_priority():
 
 def test_cut_cells_say_so():
     text = table([Row("h", worker("w", model=LONG), False)], width=100)
-    assert "a-model-name…" in text and LONG not in text
+    assert "a-model-name-…" in text and LONG not in text
     noted = [Row("h", worker("w"), False, note=LONG)]
     assert LONG in table(noted)  # no width: NOTE, the last column, whole
     assert LONG not in table(noted, width=200) and "…" in table(noted, width=200)
