@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 
 import httpx
@@ -137,11 +138,17 @@ def workers(args: argparse.Namespace) -> int:
     trends = trends or {}
     print(table((Row(w.hive_id, w.worker, w.idle, _workers_note(w),
                      trends.get((w.hive_id, w.worker.group, w.worker.instance), ""), w.hive_stale)
-                 for w in found), columns=columns))
+                 for w in found), terminal_width(), columns))
     print(count(len(found), "worker"))
     if following := response.headers.get("x-next-after"):
         print(f"more: rbee workers --after {following} (with the same filters)")
     return 0
+
+
+def terminal_width() -> int | None:
+    """On a terminal, its width (the table fits it, as ``rbee top``'s); into a pipe, None (every
+    column, whole, for scripts)."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
 def last_minute(args: argparse.Namespace, found: list[FleetWorker]

@@ -174,3 +174,16 @@ def test_top_rounds_says_when_the_queen_cannot_be_reached():
     first = result.stdout.splitlines()[0]
     assert first == ("rbee: queen http://127.0.0.1:9  [cannot reach the queen at "
                      "http://127.0.0.1:9: ConnectError; retrying]")
+
+
+async def test_rbee_workers_fits_the_terminal(nursery):
+    """On a 100-column terminal ``rbee workers`` drops columns as ``rbee top`` does (all its
+    output, scrollback included, rejoined where the terminal wrapped a line)."""
+    queen = await start_queen(nursery)
+    await nursery.start(keep_beating, queen)
+    async with terminal([str(BIN / "rbee"), "workers", "--queen", url_of(queen)], 100, 30) as term:
+        assert await term.exit_status() == 0
+        shown = term.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "top").splitlines()
+    output = shown[:shown.index("4 workers") + 1]
+    assert max(len(line.rstrip()) for line in output) <= 100
+    assert output[0].startswith("HIVE") and "PID" not in output[0] and shows_fleet(output)
