@@ -72,7 +72,8 @@ async def test_top_fits_sorts_filters_opens_a_worker_and_quits(nursery):
     queen = await start_queen(nursery)
     await nursery.start(keep_beating, queen)
     async with terminal([str(BIN / "rbee"), "top", "--queen", url_of(queen)], 100, 30) as term:
-        lines = await term.until(shows_fleet, what="the four workers")
+        lines = await term.until(lambda s: shows_fleet(s) and "schedulable" in "\n".join(s),
+                                 what="the four workers and the queen's summary")
         assert all(len(line) <= 100 for line in lines)
         header = next(line for line in lines if "HIVE" in line)
         for title in ("HIVE", "GROUP/INSTANCE", "MODEL", "GPU%", "KV%"):
@@ -130,7 +131,9 @@ async def test_top_on_a_wide_terminal_shows_plugin_columns_bars_and_notes(nurser
     await nursery.start(keep_beating, queen)
     argv = [str(BIN / "rbee"), "top", "--queen", url_of(queen), "--columns", "ctxsw.procs"]
     async with terminal(argv, 200, 50) as term:
-        lines = await term.until(shows_fleet, what="the four workers")
+        lines = await term.until(lambda s: shows_fleet(s) and any("ctxsw.procs" in line for line in s)
+                                 and any("gpu-b" in line and "GPU 0" in line for line in s),
+                                 what="the four workers, the plugin column and the GPUs")
         assert all(len(line) <= 200 for line in lines)
         header = next(line for line in lines if "HIVE" in line)
         for title in ("ctxsw.procs", "NOTE", "QUEUE", "VRAM MB", "RUN", "CPU%"):
