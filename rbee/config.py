@@ -169,6 +169,23 @@ class HeartbeatSettings(Settings):
     compress: bool = True
     """Send heartbeats gzip-compressed (Content-Encoding: gzip): 100 workers take about 28 KB
     as JSON and a tenth of that compressed. Turn off for a queen that cannot take it."""
+    transport: Literal["auto", "channel", "post"] = "auto"
+    """``channel``: one WebSocket to the queen carrying a snapshot, then only what changed
+    (``rbee/hive/channel.py``); ``post``: a whole heartbeat per POST; ``auto``: the channel, and
+    POST for ``channel_retry_s`` whenever a queen refuses the upgrade (an older queen)."""
+    snapshot_every_s: Seconds = 5.0
+    """On the channel, a whole snapshot this often; deltas between."""
+    max_unacked: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Channel frames sent and not yet answered; past it the hive waits and then sends only its
+    newest state (a hive that is behind coalesces, never queues)."""
+    channel_retry_s: Seconds = 300.0
+    """After a refused upgrade (``auto``), how long the hive POSTs before trying the channel
+    again."""
+    reconnect_initial_s: Seconds = 0.5
+    reconnect_max_s: Seconds = 15.0
+    """A lost channel is reconnected after a random wait of up to ``reconnect_initial_s``,
+    doubling per failed round up to this (full jitter), or the queen's Retry-After plus that: a
+    restarted queen facing a whole fleet sees its hives come back spread over seconds."""
 
 
 def _hostname() -> str:
@@ -351,6 +368,12 @@ class HistorySettings(Settings):
             raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
 
 
+class QueenChannelSettings(Settings):
+    enabled: bool = True
+    """Take hives' channels (``GET /v1/hive-channel``); false refuses every upgrade (403) and
+    the hives POST."""
+
+
 class QueenConfig(Settings):
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
@@ -360,6 +383,7 @@ class QueenConfig(Settings):
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
+    channel: QueenChannelSettings = msgspec.field(default_factory=QueenChannelSettings)
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/http/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is

@@ -56,6 +56,7 @@ from ..http.app import JsonResponse, Statuses, json_app, ok
 from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
 from ..http.bodies import read_body
 from ..http.errors import ApiError
+from .channel import channel_route
 from .dashboard import dashboard_routes
 from .fleet import Fleet
 from .history import METRICS, FleetHistory, QueryError, Selector
@@ -315,6 +316,7 @@ def build_app(queen: QueenParts) -> Starlette:
     reads = ReadHandlers(config, fleet.registry, queen.history, gate)
     return json_app([
         Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
+        channel_route(config, writes.ingest, gate.hive, metrics),
         Route(paths.STREAM, live.stream, methods=["GET"]),
         Route(paths.HEALTH, live.health, methods=["GET"]),
         Route(paths.HIVES, reads.list_hives, methods=["GET"]),
