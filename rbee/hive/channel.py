@@ -140,6 +140,8 @@ class Channel:
         self._window_open = trio.Event()
         self._need_snapshot = True
         self._snapshot_at = -math.inf
+        self._waiting = trio.CancelScope()
+        """The wait for the queen's next frame, until the oldest unanswered frame's deadline."""
 
     async def run(self, client: httpx.AsyncClient, queen_url: httpx.URL) -> Ended:
         ended: Ended | None = None
@@ -194,6 +196,8 @@ class Channel:
                 return Ended("channel: a frame took longer than write_timeout_s to send",
                              opened=True)
             self._unanswered.append((self.maker.seq, now))
+            if len(self._unanswered) == 1:  # the first frame awaited: its answer has a deadline
+                self._waiting.deadline = now + settings.read_timeout_s
             generation, heartbeat = await source.wait_newer(generation)
 
     async def _hear(self, websocket: WebSocket) -> Ended:
@@ -201,9 +205,9 @@ class Channel:
         while True:
             deadline = (self._unanswered[0][1] + settings.read_timeout_s if self._unanswered
                         else math.inf)
-            with trio.move_on_at(deadline) as waiting:
+            with trio.move_on_at(deadline) as self._waiting:
                 data = await websocket.receive_bytes()
-            if waiting.cancelled_caught:
+            if self._waiting.cancelled_caught:
                 return Ended(f"channel: no answer to frame {self._unanswered[0][0]} within "
                              f"read_timeout_s ({settings.read_timeout_s}s)", opened=True)
             try:

@@ -106,6 +106,8 @@ class HeartbeatSender:
         self._transport = transport
         self._random = random_fraction
         self._reminded_at = 0.0
+        self.channel: Channel | None = None
+        """The channel in use or last used (``transport`` channel or auto), for tests and logs."""
 
     @property
     def queen_url(self) -> httpx.URL:
@@ -167,7 +169,8 @@ class HeartbeatSender:
         settings = self.settings
         rounds = failed_in_row = 0
         while True:
-            ended = await Channel(settings, self.source, self).run(client, self.queen_url)
+            self.channel = Channel(settings, self.source, self)
+            ended = await self.channel.run(client, self.queen_url)
             if ended.refused and settings.transport == "auto":
                 return ended.problem
             if ended.opened:
