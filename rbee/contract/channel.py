@@ -26,11 +26,11 @@ import msgspec
 
 from .._errors import ContractError
 from .bounds import MAX_GPUS, MAX_WORKERS, LongText, NonNegFloat, ShortText, UtcTimestamp, WorkerName
-from .codec import checked_heartbeat
+from .codec import _checked
 from .messages import GpuDevice, HiveHeartbeat, HiveInfo, WorkerTelemetry
 
-Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-WorkerKey = tuple[WorkerName, WorkerName]
+_Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_WorkerKey = tuple[WorkerName, WorkerName]
 """A worker on its hive: (group, instance)."""
 
 
@@ -38,7 +38,7 @@ class ChannelSnapshot(msgspec.Struct, tag_field="type", tag="snapshot", kw_only=
     """The hive's whole state: sent first on a channel, every ``channel.snapshot_every_s``, and
     whenever the queen asks (``Resync``, ``ChannelError``)."""
 
-    seq: Seq
+    seq: _Seq
     heartbeat: HiveHeartbeat
 
 
@@ -47,11 +47,11 @@ class ChannelDelta(msgspec.Struct, tag_field="type", tag="delta", kw_only=True, 
     """What changed since the frame ``seq - 1``: the timestamp always, the hive's info when it
     changed, the workers and GPUs that changed or are new (whole), and those that are gone."""
 
-    seq: Seq
+    seq: _Seq
     timestamp: UtcTimestamp
     hive: HiveInfo | None = None
     workers: Annotated[list[WorkerTelemetry], msgspec.Meta(max_length=MAX_WORKERS)] = []
-    gone: Annotated[list[WorkerKey], msgspec.Meta(max_length=MAX_WORKERS)] = []
+    gone: Annotated[list[_WorkerKey], msgspec.Meta(max_length=MAX_WORKERS)] = []
     gpus: Annotated[list[GpuDevice], msgspec.Meta(max_length=MAX_GPUS)] = []
     gpus_gone: Annotated[list[ShortText], msgspec.Meta(max_length=MAX_GPUS)] = []
     """The ``uuid`` of each GPU no longer reported."""
@@ -64,14 +64,14 @@ HiveFrame = ChannelSnapshot | ChannelDelta
 class ChannelAck(msgspec.Struct, tag_field="type", tag="ack", gc=False):
     """The frame ``seq`` was taken: the queen's registry holds it."""
 
-    seq: Seq
+    seq: _Seq
 
 
 class ChannelResync(msgspec.Struct, tag_field="type", tag="resync", gc=False):
     """The delta ``seq`` was not applied (the queen does not hold the state it follows): send a
     snapshot."""
 
-    seq: Seq
+    seq: _Seq
     reason: LongText
 
 
@@ -81,7 +81,7 @@ class ChannelError(msgspec.Struct, tag_field="type", tag="error", kw_only=True, 
     message a POST of it would have got. The channel stays open; the hive's next frame is a
     snapshot. ``retry_after_s``: the queen is busy (429/503), send nothing before then."""
 
-    seq: Seq | None = None
+    seq: _Seq | None = None
     status: int
     message: LongText
     retry_after_s: NonNegFloat | None = None
@@ -115,7 +115,7 @@ def decode_hive_frame(payload: bytes) -> HiveFrame:
     snapshot's heartbeat gets the checks of a POSTed one (``decode_heartbeat``)."""
     frame = _decoded(_hive_frames, payload, "channel frame")
     if type(frame) is ChannelSnapshot:
-        checked_heartbeat(frame.heartbeat)
+        _checked(frame.heartbeat)
     return frame
 
 
@@ -124,7 +124,7 @@ def decode_queen_frame(payload: bytes) -> QueenFrame:
     return _decoded(_queen_frames, payload, "queen's channel frame")
 
 
-def worker_key(worker: WorkerTelemetry) -> WorkerKey:
+def worker_key(worker: WorkerTelemetry) -> _WorkerKey:
     return (worker.group, worker.instance)
 
 
@@ -163,5 +163,5 @@ def apply_delta(base: HiveHeartbeat, delta: ChannelDelta) -> HiveHeartbeat:
                                         timestamp=delta.timestamp, workers=workers,
                                         capabilities=gpus)
     if delta.workers:
-        checked_heartbeat(msgspec.structs.replace(heartbeat, workers=delta.workers))
+        _checked(msgspec.structs.replace(heartbeat, workers=delta.workers))
     return heartbeat

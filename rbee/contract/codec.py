@@ -70,10 +70,10 @@ def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:
     Beyond what the types check: group and instance names match ``ID_PATTERN``, and the
     original's whole-number fields sent as floats (older hives) are rounded (``rss_bytes`` gets
     the finer figure), so what the queen stores and streams is integers."""
-    return checked_heartbeat(decode_json(_heartbeat_decoder, payload, "heartbeat"))
+    return _checked(decode_json(_heartbeat_decoder, payload, "heartbeat"))
 
 
-def checked_heartbeat(heartbeat: HiveHeartbeat) -> HiveHeartbeat:
+def _checked(heartbeat: HiveHeartbeat) -> HiveHeartbeat:
     """``heartbeat`` once its names are checked and its whole-number fields rounded (in place),
     whatever carried it (JSON, or the channel's msgpack: ``rbee/contract/channel.py``)."""
     workers = heartbeat.workers
