@@ -154,12 +154,7 @@ class Channel:
 
     async def open(self, sock: trio.socket.SocketType) -> None:
         await sock.send(self.upgrade)
-        data = b""
-        while (end := data.find(b"\r\n\r\n")) < 0:
-            chunk = await sock.recv(RECV_SIZE)
-            if not chunk:
-                raise ConnectionLost
-            data += chunk
+        data, end = await head(sock)
         if data[9:12] != b"101":
             raise ConnectionLost
         self.buffer = data[end + 4:]
@@ -216,14 +211,20 @@ class ConnectionLost(Exception):
     pass
 
 
-async def answer_status(sock: trio.socket.SocketType) -> int:
-    """Read one whole answer; its status code. Only the status line and the length are parsed."""
+async def head(sock: trio.socket.SocketType) -> tuple[bytes, int]:
+    """An answer's head and what came after it, and where the head ends."""
     data = b""
     while (end := data.find(b"\r\n\r\n")) < 0:
         chunk = await sock.recv(RECV_SIZE)
         if not chunk:
             raise ConnectionLost
         data += chunk
+    return data, end
+
+
+async def answer_status(sock: trio.socket.SocketType) -> int:
+    """Read one whole answer; its status code. Only the status line and the length are parsed."""
+    data, end = await head(sock)
     length = 0
     for header in data[:end].lower().split(b"\r\n")[1:]:
         if header.startswith(b"content-length:"):
