@@ -35,12 +35,14 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
 
 from tests.fleetload import eight_gpu_heartbeat
 from tests.hostilekit import raise_descriptor_limit
+from tests.queenkit import free_port
 
 from .conftest import FIGURES
 from .test_bench_hostile import stop
@@ -233,3 +235,60 @@ def test_fleet(benchmark, tmp_path, side, transport):
             f"at {at} hives {per_hb_after.get(at, 0):.0f} / {per_hb.get(at, 0):.0f} µs = "
             f"{per_hb_after.get(at, 0) / max(per_hb.get(at, 0), 1):.2f}x")
     assert steps and steps[0]["ok"] > 0, steps
+
+
+RESTART_HIVES = int(os.environ.get("RBEE_BENCH_RESTART_HIVES", "1000"))
+RESTART_TARGET_S = 30.0
+
+
+def hives_known(url: str) -> int | None:
+    """The hives a queen holds (its /health), or None while it does not answer."""
+    try:
+        return httpx.get(f"{url}/health", timeout=5.0).json()["hives"]
+    except httpx.HTTPError:
+        return None
+
+
+def wait_for_hives(url: str, hives: int, began: float, limit_s: float) -> float:
+    """Seconds from ``began`` until the queen at ``url`` holds ``hives`` hives."""
+    while hives_known(url) != hives:
+        assert time.monotonic() - began < limit_s, f"{hives_known(url)} of {hives} hives"
+        time.sleep(0.25)
+    return time.monotonic() - began
+
+
+def test_fleet_comes_back_after_a_queen_restart(benchmark, tmp_path):
+    """``RESTART_HIVES`` hives on their channels (``tests.fleetload --channel``, reconnecting as a
+    real hive does: full jitter, ``reconnect_delay``), the queen (memory store) killed and
+    started again on the same port: how long until every hive is in its registry again (target
+    30 s). Admission is the bench's (``QUEEN_CONFIG``): what bounds this is the reconnect, not
+    the new-hive rate limit."""
+    raise_descriptor_limit(RESTART_HIVES + 1024)
+    port = free_port()
+    config = {**known_config(REPO), "port": port}
+    with queen_process(tmp_path, yaml.safe_dump(config)) as (queen, url):
+        load = subprocess.Popen(
+            [sys.executable, "-m", "tests.fleetload", str(port), "--channel", "--warmup-s",
+             "3", "--window-s", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=REPO)
+        try:
+            lines = lines_of(load)
+            load.stdin.write(f"{RESTART_HIVES}\n")
+            load.stdin.flush()
+            assert next_line(lines, 120).strip() == "start"
+            wait_for_hives(url, RESTART_HIVES, time.monotonic(), 60)
+            queen.kill()
+            queen.wait(10)
+            with queen_process(tmp_path, yaml.safe_dump(config)) as (_, again):
+                assert again == url
+                began = time.monotonic()
+                took = benchmark.pedantic(wait_for_hives, (url, RESTART_HIVES, began,
+                                                           4 * RESTART_TARGET_S),
+                                          rounds=1, iterations=1)
+        finally:
+            load.stdin.close()
+            stop(load)
+    FIGURES[f"fleet restart: {RESTART_HIVES:,} channel hives all back"] = (
+        f"{took:.1f} s after the queen came back (target {RESTART_TARGET_S:.0f} s)")
+    benchmark.extra_info.update(hives=RESTART_HIVES, seconds=took)
+    assert took <= RESTART_TARGET_S

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from rbee.config import HeartbeatSettings
 from rbee.contract import EngineState, GpuUtilSource, HiveHeartbeat, WorkerGpuUse, encode
 from rbee.contract.paths import CHANNEL, HEARTBEAT
 from rbee.hive.channel import FrameMaker
+from rbee.hive.heartbeat import reconnect_delay
 from tests.builders import fleet_heartbeat
 from tests.hostilekit import raise_descriptor_limit
 
@@ -107,11 +109,15 @@ class Post:
     async def answer(self, sock: trio.socket.SocketType) -> int:
         return await answer_status(sock)
 
+    def reconnect_wait(self, failed_rounds: int, rng: random.Random) -> float:
+        return RECONNECT_S
+
 
 SNAPSHOT_EVERY = 5
 """On the channel, a snapshot every fifth beat (``heartbeat.snapshot_every_s`` at 1 Hz)."""
 CHANGED_WORKERS = 3
 _KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+_HEARTBEAT = HeartbeatSettings()
 
 
 def masked(payload: bytes, mask: bytes = b"\x1f\x2e\x3d\x4c") -> bytes:
@@ -161,6 +167,11 @@ class Channel:
 
     def beat(self, n: int) -> bytes:
         return self.frames[n % len(self.frames)]
+
+    def reconnect_wait(self, failed_rounds: int, rng: random.Random) -> float:
+        """The real hive's full-jitter reconnect (``reconnect_delay``, default settings): what a
+        restarted queen facing the fleet sees."""
+        return reconnect_delay(_HEARTBEAT, failed_rounds, None, rng.random())
 
     async def answer(self, sock: trio.socket.SocketType) -> int:
         """The queen's answer frame (unmasked, short): an ack is 200, anything else 400."""
@@ -242,13 +253,14 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
     """One hive: connect, then a beat every ``PERIOD_S`` (jittered) on the same connection, one
     at a time as a real hive's sender does; a broken connection is counted and opened again."""
     due = trio.current_time() + rng.uniform(0, PERIOD_S)
+    failed_rounds = 0
     while True:
         sock = trio.socket.socket()
         window, counted = meter.window, False
         try:
             await sock.connect(("127.0.0.1", port))
             await talk.open(sock)
-            beats = 0
+            beats = failed_rounds = 0
             while True:
                 request = talk.beat(beats)
                 beats += 1
@@ -279,7 +291,8 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
         finally:
             window.in_flight -= counted
             sock.close()
-        await trio.sleep(RECONNECT_S)
+        await trio.sleep(talk.reconnect_wait(failed_rounds, rng))
+        failed_rounds += 1
         due = trio.current_time()
 
 
