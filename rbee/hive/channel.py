@@ -74,7 +74,6 @@ class Ended:
     """The queen answered the upgrade with a status other than 101, 429 or 503: it has no
     channel (an older queen, or one with ``channel.enabled: false``)."""
     retry_after_s: float | None = None
-    opened: bool = False
     reported: bool = False
     """The problem was already reported to the ``Delivery`` (a refused frame)."""
 
@@ -167,8 +166,7 @@ class Channel:
             try:
                 ended.append(await part(websocket))
             except HTTPXWSException as exc:
-                ended.append(Ended(f"channel lost: {type(exc).__name__}: {exc}".rstrip(": "),
-                                   opened=True))
+                ended.append(Ended(f"channel lost: {type(exc).__name__}: {exc}".rstrip(": ")))
             nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -193,8 +191,7 @@ class Channel:
             with trio.move_on_after(settings.write_timeout_s) as sending:
                 await websocket.send_bytes(data)
             if sending.cancelled_caught:
-                return Ended("channel: a frame took longer than write_timeout_s to send",
-                             opened=True)
+                return Ended("channel: a frame took longer than write_timeout_s to send")
             self._unanswered.append((self.maker.seq, now))
             if len(self._unanswered) == 1:  # the first frame awaited: its answer has a deadline
                 self._waiting.deadline = now + settings.read_timeout_s
@@ -209,11 +206,11 @@ class Channel:
                 data = await websocket.receive_bytes()
             if self._waiting.cancelled_caught:
                 return Ended(f"channel: no answer to frame {self._unanswered[0][0]} within "
-                             f"read_timeout_s ({settings.read_timeout_s}s)", opened=True)
+                             f"read_timeout_s ({settings.read_timeout_s}s)")
             try:
                 frame = decode_queen_frame(data)
             except ContractError as exc:
-                return Ended(f"channel: the queen sent {exc}", opened=True)
+                return Ended(f"channel: the queen sent {exc}")
             if self._unanswered:
                 self._unanswered.popleft()
                 self._window_open.set()
@@ -226,7 +223,7 @@ class Channel:
                 problem = f"HTTP {frame.status}: {frame.message}"
                 delivery.failed(problem)
                 if frame.status in BUSY:
-                    return Ended(problem, retry_after_s=frame.retry_after_s, opened=True,
+                    return Ended(problem, retry_after_s=frame.retry_after_s,
                                  reported=True)
 
 

@@ -170,10 +170,11 @@ class HeartbeatSender:
         rounds = failed_in_row = 0
         while True:
             self.channel = Channel(settings, self.source, self)
+            delivered = self.state.delivered
             ended = await self.channel.run(client, self.queen_url)
             if ended.refused and settings.transport == "auto":
                 return ended.problem
-            if ended.opened:
+            if self.state.delivered > delivered:  # it worked for a while: a fresh start
                 rounds = failed_in_row = 0
             if not ended.reported:
                 self.failed(ended.problem)
