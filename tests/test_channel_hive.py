@@ -6,6 +6,7 @@ MockTransport (virtual time and real sockets do not mix; the schedule is the poi
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import httpx
@@ -15,7 +16,14 @@ from starlette.routing import WebSocketRoute
 from trio.testing import MockClock
 
 from rbee.config import HttpSettings
-from rbee.contract import ChannelDelta, ChannelSnapshot, decode_hive_frame, paths
+from rbee.contract import (
+    ChannelAck,
+    ChannelDelta,
+    ChannelSnapshot,
+    decode_hive_frame,
+    encode_frame,
+    paths,
+)
 from rbee.hive.heartbeat import HeartbeatSender, reconnect_delay
 from rbee.http.app import json_app
 from rbee.http.serving import serve
@@ -91,10 +99,12 @@ async def test_the_channel_fails_over_to_the_next_queen(nursery):
 
 
 class SilentQueen:
-    """A real WebSocket server that takes every frame and answers none: a stuck queen."""
+    """A real WebSocket server that takes every frame and answers none (a stuck queen), or,
+    with ``answer_after_s``, acks each one that long after it came (a slow queen)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_after_s: float | None = None) -> None:
         self.frames: list[list[bytes]] = []
+        self.answer_after_s = answer_after_s
 
     async def _channel(self, websocket) -> None:
         await websocket.accept()
@@ -102,6 +112,10 @@ class SilentQueen:
         self.frames.append(frames)
         while (message := await websocket.receive())["type"] != "websocket.disconnect":
             frames.append(message["bytes"])
+            if self.answer_after_s is not None:
+                await trio.sleep(self.answer_after_s)
+                seq = decode_hive_frame(message["bytes"]).seq
+                await websocket.send_bytes(encode_frame(ChannelAck(seq)))
 
     async def start(self, nursery: trio.Nursery) -> str:
         app = json_app([WebSocketRoute(paths.CHANNEL, self._channel)])
@@ -124,6 +138,25 @@ async def test_a_queen_that_stops_answering_holds_the_hive_to_its_window(nursery
     assert [f.seq for f in frames] == [0, 1, 2]
     assert sender.state.last_problem == ("channel: no answer to frame 0 within read_timeout_s "
                                          "(0.5s)")
+
+
+async def test_a_hive_behind_a_slow_queen_coalesces_into_its_newest_state(nursery):
+    """Beats every 20 ms, answers after 150 ms, one frame in flight: the hive sends one frame
+    per answer, each carrying its newest state, never the backlog."""
+    slow = SilentQueen(answer_after_s=0.15)
+    url = await slow.start(nursery)
+    agent, sender = await start_hive(nursery, hive_config("slow", heartbeat={
+        **FAST, "interval_s": 0.02, "max_unacked": 1}), url)
+    await wait_until(lambda: sender.state.delivered >= 6)
+    generation = agent.generation
+    frames = [decode_hive_frame(data) for data in slow.frames[0]]
+    assert len(slow.frames) == 1  # one channel all along
+    assert [f.seq for f in frames] == list(range(len(frames)))  # no gap, nothing dropped
+    assert len(frames) <= sender.state.delivered + 1  # one in flight at most
+    assert generation >= 3 * len(frames)  # far more beats than frames: coalesced
+    stamps = [f.timestamp if type(f) is ChannelDelta else f.heartbeat.timestamp for f in frames]
+    gaps = sorted((b - a).total_seconds() for a, b in itertools.pairwise(stamps[1:]))
+    assert gaps[len(gaps) // 2] >= 0.1  # each frame the state of its send, not the next beat
 
 
 def test_reconnect_waits_are_full_jitter_doubling_to_the_cap():
