@@ -182,10 +182,11 @@ class HeartbeatSettings(Settings):
     """After a refused upgrade (``auto``), how long the hive POSTs before trying the channel
     again."""
     reconnect_initial_s: Seconds = 0.5
+    """A lost channel is reconnected after a random wait of up to this (full jitter), the window
+    doubling per failed round up to ``reconnect_max_s``; after the queen's Retry-After, if any."""
     reconnect_max_s: Seconds = 15.0
-    """A lost channel is reconnected after a random wait of up to ``reconnect_initial_s``,
-    doubling per failed round up to this (full jitter), or the queen's Retry-After plus that: a
-    restarted queen facing a whole fleet sees its hives come back spread over seconds."""
+    """The widest reconnect window: a restarted queen facing a whole fleet sees its hives come
+    back spread over up to this many seconds, not all at once."""
 
 
 def _hostname() -> str:
