@@ -204,23 +204,18 @@ class HeartbeatSettings(Settings):
     """Send heartbeats gzip-compressed (Content-Encoding: gzip): 100 workers take about 28 KB
     as JSON and a tenth of that compressed. Turn off for a queen that cannot take it."""
     transport: Literal["auto", "channel", "post"] = "auto"
-    """``channel``: one WebSocket to the queen carrying a snapshot, then only what changed
-    (``rbee/hive/channel.py``); ``post``: a whole heartbeat per POST; ``auto``: the channel, and
-    POST for ``channel_retry_s`` whenever a queen refuses the upgrade (an older queen)."""
+    """``channel``: one WebSocket, a snapshot then deltas (``docs/channel.md``); ``post``: a whole
+    heartbeat per POST; ``auto``: the channel, POST for ``channel_retry_s`` after a refused upgrade."""
     snapshot_every_s: Seconds = 5.0
     """On the channel, a whole snapshot this often; deltas between."""
     max_unacked: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
-    """Channel frames sent and not yet answered; past it the hive waits and then sends only its
-    newest state (a hive that is behind coalesces, never queues)."""
+    """Channel frames unanswered at most; a hive that is behind sends its newest state, no queue."""
     channel_retry_s: Seconds = 300.0
-    """After a refused upgrade (``auto``), how long the hive POSTs before trying the channel
-    again."""
+    """After a refused upgrade (``auto``), how long to POST before trying the channel again."""
     reconnect_initial_s: Seconds = 0.5
-    """A lost channel is reconnected after a random wait of up to this (full jitter), the window
-    doubling per failed round up to ``reconnect_max_s``; after the queen's Retry-After, if any."""
+    """The first full-jitter reconnect window of a lost channel (after any Retry-After)."""
     reconnect_max_s: Seconds = 15.0
-    """The widest reconnect window: a restarted queen facing a whole fleet sees its hives come
-    back spread over up to this many seconds, not all at once."""
+    """The window doubles per failed round up to this: a fleet comes back spread, not at once."""
 
 
 def _hostname() -> str:
@@ -424,12 +419,6 @@ class HistorySettings(Settings):
             raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
 
 
-class QueenChannelSettings(Settings):
-    enabled: bool = True
-    """Take hives' channels (``GET /v1/hive-channel``); false refuses every upgrade (403) and
-    the hives POST."""
-
-
 class QueenConfig(Settings):
     """queen.yaml: the fleet's queen (``rbee-queen --config queen.yaml``)."""
 
@@ -442,7 +431,8 @@ class QueenConfig(Settings):
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
-    channel: QueenChannelSettings = msgspec.field(default_factory=QueenChannelSettings)
+    channel_enabled: bool = True
+    """False: every upgrade to a hive channel is refused (403), and hives POST."""
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/http/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is

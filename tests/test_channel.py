@@ -224,7 +224,7 @@ async def test_admission_refusal_carries_retry_after(nursery):
 
 
 async def test_a_queen_with_the_channel_off_refuses_the_upgrade(nursery):
-    queen = await start_queen(nursery, channel={"enabled": False})
+    queen = await start_queen(nursery, channel_enabled=False)
     with pytest.raises(WebSocketUpgradeError) as refused:
         async with channel(queen):
             pass

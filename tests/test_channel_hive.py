@@ -53,7 +53,7 @@ async def test_a_hive_reports_over_its_channel_in_deltas(nursery):
 
 async def test_a_refused_upgrade_falls_back_to_post_and_retries_later(nursery, caplog):
     caplog.set_level(logging.WARNING, logger="rbee.hive.heartbeat")
-    queen = await start_queen(nursery, channel={"enabled": False})
+    queen = await start_queen(nursery, channel_enabled=False)
     _, sender = await start_hive(nursery, hive_config("fallback", heartbeat={
         **FAST, "channel_retry_s": 0.3}), url_of(queen))
     await wait_until(lambda: queen.registry.hive_ids() == ["hive-test"])
@@ -76,7 +76,7 @@ async def test_transport_post_never_tries_the_channel(nursery, caplog):
 
 
 async def test_transport_channel_never_posts(nursery):
-    queen = await start_queen(nursery, channel={"enabled": False})
+    queen = await start_queen(nursery, channel_enabled=False)
     _, sender = await start_hive(nursery, hive_config("only", heartbeat={
         **FAST, "transport": "channel"}), url_of(queen))
     await wait_until(lambda: sender.state.failed_attempts >= 3)

@@ -72,7 +72,7 @@ class Ended:
     problem: str
     refused: bool = False
     """The queen answered the upgrade with a status other than 101, 429 or 503: it has no
-    channel (an older queen, or one with ``channel.enabled: false``)."""
+    channel (an older queen, or one with ``channel_enabled: false``)."""
     retry_after_s: float | None = None
     reported: bool = False
     """The problem was already reported to the ``Delivery`` (a refused frame)."""

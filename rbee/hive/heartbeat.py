@@ -12,8 +12,8 @@ full-jitter wait (``reconnect_delay``; a busy queen's Retry-After first), so a r
 not stampeded by its whole fleet at once. POST: a whole heartbeat per request; a failed send
 waits a capped exponential backoff with jitter, then sends whatever is latest by then (the
 default cap equals the interval, so the queen hears from every hive within one interval of coming
-back). With ``auto``, a queen that refuses the upgrade (an older one, or ``channel.enabled:
-false``) gets POSTs for ``channel_retry_s``, and then the channel is tried again.
+back). With ``auto``, a queen that refuses the upgrade (an older one, or
+``channel_enabled: false``) gets POSTs for ``channel_retry_s``, and then the channel is tried again.
 
 With several queens (``queen_url`` a list, queens sharing one store), a failure (a send, or a lost
 channel) moves to the next queen at once, without waiting: the backoff starts only when every

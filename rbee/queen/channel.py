@@ -113,11 +113,11 @@ class HiveLink:
 def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
                   metrics: QueenMetrics) -> WebSocketRoute:
     """The channel's route (``paths.CHANNEL``), or one that refuses every upgrade (403, as an old
-    queen without the route does) with ``channel.enabled: false``: the hives then POST."""
+    queen without the route does) with ``channel_enabled: false``: the hives then POST."""
     max_frame_bytes = config.http.max_body_bytes
 
     async def channel(websocket: WebSocket) -> None:
-        if not config.channel.enabled:
+        if not config.channel_enabled:
             await websocket.close()  # the server answers the upgrade 403
             return
         try:
