@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 import httpx
 import msgspec
 import pytest
-from httpx_ws import WebSocketUpgradeError, aconnect_ws
+import trio
+from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError, aconnect_ws
 
 from rbee.contract import (
     ChannelAck,
@@ -229,3 +230,18 @@ async def test_a_queen_with_the_channel_off_refuses_the_upgrade(nursery):
         async with channel(queen):
             pass
     assert refused.value.response.status_code == 403
+
+
+async def test_a_stopping_queen_closes_its_channels_at_once(nursery):
+    """Not after ``http.shutdown_grace_s`` (2 s) as a request in flight: at once, with 1001
+    (going away), so the hive reconnects or fails over without waiting."""
+    queen = await start_queen(nursery)
+    async with channel(queen) as talk:
+        assert await talk(ChannelSnapshot(seq=0, heartbeat=heartbeat("hive-a"))) == ChannelAck(0)
+        queen.stop()
+        with trio.fail_after(1), pytest.raises(WebSocketDisconnect) as closed:
+            await talk.websocket.receive_bytes()
+        assert (closed.value.code, closed.value.reason) == (1001, "the queen is stopping")
+        with trio.fail_after(1):
+            await queen.stopped.wait()
+    assert queen.metrics.channels._value.get() == 0

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import trio
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -110,8 +111,35 @@ class HiveLink:
         return ChannelAck(frame.seq)
 
 
+class OpenChannels:
+    """The channels open now, so that a queen that stops closes them at once (1001, going away)
+    and their hives reconnect or fail over, instead of holding the stop for the whole
+    ``http.shutdown_grace_s`` as requests in flight do."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def serve(self, websocket: WebSocket, link: HiveLink, metrics: QueenMetrics) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                if not self.closed:
+                    await _serve(websocket, link, metrics)
+                    return
+            finally:
+                self._scopes.discard(scope)
+        with trio.move_on_after(1.0):
+            await websocket.close(code=1001, reason="the queen is stopping")
+
+
 def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
-                  metrics: QueenMetrics) -> WebSocketRoute:
+                  metrics: QueenMetrics, open_channels: OpenChannels) -> WebSocketRoute:
     """The channel's route (``paths.CHANNEL``), or one that refuses every upgrade (403, as an old
     queen without the route does) with ``channel_enabled: false``: the hives then POST."""
     max_frame_bytes = config.http.max_body_bytes
@@ -132,7 +160,7 @@ def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticat
         metrics.channels.inc()
         link = HiveLink(ingest, acting_as, max_frame_bytes)
         try:
-            await _serve(websocket, link, metrics)
+            await open_channels.serve(websocket, link, metrics)
         except WebSocketDisconnect:
             pass
         finally:
