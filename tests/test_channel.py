@@ -110,6 +110,21 @@ async def test_a_delta_carries_only_what_changed():
     assert apply_delta(first, delta) == second
 
 
+def test_a_hive_whose_lists_changed_order_sends_a_snapshot():
+    """A delta keeps the lists' order (changed items in place, new ones appended); any other
+    order is sent whole, so the queen's lists are always the hive's."""
+    first, *_ = beats()
+    maker = FrameMaker()
+    maker.frame(first, snapshot=True)
+    shuffled = msgspec.structs.replace(first, workers=first.workers[::-1])
+    assert type(decode_hive_frame(maker.frame(shuffled, snapshot=False))) is ChannelSnapshot
+    assert maker.snapshot_seq == maker.seq == 1
+    fewer = msgspec.structs.replace(shuffled, workers=shuffled.workers[1:])
+    delta = decode_hive_frame(maker.frame(fewer, snapshot=False))
+    assert type(delta) is ChannelDelta and delta.gone == [("llm", "worker-007")]
+    assert apply_delta(shuffled, delta) == fewer
+
+
 async def test_a_gap_forces_a_snapshot_and_nothing_is_applied(nursery):
     queen = await start_queen(nursery)
     first, _, third, *_ = beats()
