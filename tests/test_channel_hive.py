@@ -31,6 +31,7 @@ from rbee.http.serving import serve
 from .builders import heartbeat
 from .hivekit import hive_config, sleeper_specs, start_hive
 from .queenkit import start_queen, url_of, wait_until
+from .test_hardening import tls_files  # noqa: F401 (a fixture)
 
 FAST = {"interval_s": 0.1, "read_timeout_s": 0.5, "backoff_initial_s": 0.05,
         "backoff_max_s": 0.2, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2,
@@ -213,3 +214,20 @@ async def test_the_reconnect_schedule_under_a_mock_clock(nursery, mock_clock, an
     assert [round(t - start, 3) for t in attempts[:len(expected)]] == expected
     assert sender.state.last_problem == problem
     assert sender.state.delivered == 0
+
+
+async def test_the_channel_runs_over_tls_with_the_hives_ca_file(nursery, tls_files):  # noqa: F811
+    """``https://`` queen: the upgrade is TLS (``wss``), verified against ``queen_ca_file`` as
+    the POSTs are; a hive that does not trust the CA gets nothing through either way."""
+    queen = await start_queen(nursery, http={"tls_cert_file": tls_files["cert"],
+                                             "tls_key_file": tls_files["key"]})
+    _, sender = await start_hive(nursery, hive_config("tls", heartbeat=FAST), url_of(queen),
+                                 ca_file=tls_files["ca"])
+    await wait_until(lambda: sender.state.delivered >= 3)
+    assert queen.metrics.channels._value.get() == 1
+    assert sender.channel.maker.seq >= 2
+    _, stranger = await start_hive(nursery, hive_config("tls-stranger", id="stranger",
+                                                        heartbeat=FAST), url_of(queen))
+    await wait_until(lambda: stranger.state.failed_attempts >= 2)
+    assert stranger.state.delivered == 0 and "ConnectError" in stranger.state.last_problem
+    assert queen.registry.hive_ids() == ["hive-test"]
