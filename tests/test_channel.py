@@ -32,7 +32,7 @@ from rbee.hive.channel import FrameMaker
 from rbee.http.auth import bearer, hive_basic
 
 from .builders import fleet_heartbeat, gpu, heartbeat, worker
-from .queenkit import post_heartbeat, start_queen, url_of
+from .queenkit import post_heartbeat, start_queen, url_of, wait_until
 
 TOKEN = "t" * 32
 
@@ -260,3 +260,14 @@ async def test_a_stopping_queen_closes_its_channels_at_once(nursery):
         with trio.fail_after(1):
             await queen.stopped.wait()
     assert queen.metrics.channels._value.get() == 0
+
+
+async def test_a_channel_without_frames_is_closed_after_the_keep_alive_timeout(nursery):
+    """A hive that vanished without a word (power, network) would hold its channel forever."""
+    queen = await start_queen(nursery, http={"keep_alive_timeout_s": 0.3})
+    async with channel(queen) as talk:
+        assert await talk(ChannelSnapshot(seq=0, heartbeat=heartbeat("hive-a"))) == ChannelAck(0)
+        with trio.fail_after(2), pytest.raises(WebSocketDisconnect) as closed:
+            await talk.websocket.receive_bytes()
+    assert closed.value.reason == "no frame for http.keep_alive_timeout_s (0.3s)"
+    await wait_until(lambda: queen.metrics.channels._value.get() == 0)

@@ -125,12 +125,13 @@ class OpenChannels:
         for scope in self._scopes:
             scope.cancel()
 
-    async def serve(self, websocket: WebSocket, link: HiveLink, metrics: QueenMetrics) -> None:
+    async def serve(self, websocket: WebSocket, link: HiveLink, metrics: QueenMetrics,
+                    idle_s: float) -> None:
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
                 if not self.closed:
-                    await _serve(websocket, link, metrics)
+                    await _serve(websocket, link, metrics, idle_s)
                     return
             finally:
                 self._scopes.discard(scope)
@@ -160,7 +161,7 @@ def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticat
         metrics.channels.inc()
         link = HiveLink(ingest, acting_as, max_frame_bytes)
         try:
-            await open_channels.serve(websocket, link, metrics)
+            await open_channels.serve(websocket, link, metrics, config.http.keep_alive_timeout_s)
         except WebSocketDisconnect:
             pass
         finally:
@@ -169,11 +170,20 @@ def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticat
     return WebSocketRoute(paths.CHANNEL, channel)
 
 
-async def _serve(websocket: WebSocket, link: HiveLink, metrics: QueenMetrics) -> None:
+async def _serve(websocket: WebSocket, link: HiveLink, metrics: QueenMetrics,
+                 idle_s: float) -> None:
     """Frames in order, one answer each: the next frame is read once this one is answered, so a
-    hive that sends faster than the queen takes is held back by TCP, never queued here."""
+    hive that sends faster than the queen takes is held back by TCP, never queued here. A channel
+    with no frame for ``idle_s`` (``http.keep_alive_timeout_s``; a hive sends one every interval)
+    is closed: its hive vanished without a word (power, network), and would hold it forever."""
     while True:
-        message = await websocket.receive()
+        message = None
+        with trio.move_on_after(idle_s):
+            message = await websocket.receive()
+        if message is None:
+            await websocket.close(code=1000, reason=f"no frame for http.keep_alive_timeout_s "
+                                                    f"({idle_s:g}s)")
+            return
         if message["type"] == "websocket.disconnect":
             return
         started = time.perf_counter()
