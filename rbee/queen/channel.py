@@ -116,9 +116,11 @@ class OpenChannels:
     and their hives reconnect or fail over, instead of holding the stop for the whole
     ``http.shutdown_grace_s`` as requests in flight do."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float) -> None:
         self._scopes: set[trio.CancelScope] = set()
         self.closed = False
+        self.grace_s = grace_s
+        """``http.shutdown_grace_s``: the most a channel's closing frame may take to send."""
 
     def close(self) -> None:
         self.closed = True
@@ -135,7 +137,7 @@ class OpenChannels:
                     return
             finally:
                 self._scopes.discard(scope)
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(self.grace_s):
             await websocket.close(code=1001, reason="the queen is stopping")
 
 

@@ -47,7 +47,7 @@ class QueenServer:
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
                                     lambda: self.broadcaster.lagged_total, self.connections)
-        self.channels = OpenChannels()
+        self.channels = OpenChannels(self.config.http.shutdown_grace_s)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
