@@ -207,6 +207,19 @@ class HeartbeatSettings(Settings):
     compress: bool = True
     """Send heartbeats gzip-compressed (Content-Encoding: gzip): 100 workers take about 28 KB
     as JSON and a tenth of that compressed. Turn off for a queen that cannot take it."""
+    transport: Literal["auto", "channel", "post"] = "auto"
+    """``channel``: one WebSocket, a snapshot then deltas (``docs/channel.md``); ``post``: a whole
+    heartbeat per POST; ``auto``: the channel, POST for ``channel_retry_s`` after a refused upgrade."""
+    snapshot_every_s: Seconds = 5.0
+    """On the channel, a whole snapshot this often; deltas between."""
+    max_unacked: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Channel frames unanswered at most; a hive that is behind sends its newest state, no queue."""
+    channel_retry_s: Seconds = 300.0
+    """After a refused upgrade (``auto``), how long to POST before trying the channel again."""
+    reconnect_initial_s: Seconds = 0.5
+    """The first full-jitter reconnect window of a lost channel (after any Retry-After)."""
+    reconnect_max_s: Seconds = 15.0
+    """The window doubles per failed round up to this: a fleet comes back spread, not at once."""
 
 
 def _hostname() -> str:
@@ -424,6 +437,8 @@ class QueenConfig(Settings):
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     pick: PickSettings = msgspec.field(default_factory=PickSettings)
+    channel_enabled: bool = True
+    """False: every upgrade to a hive channel is refused (403), and hives POST."""
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/http/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is

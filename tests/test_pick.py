@@ -192,6 +192,12 @@ async def test_rbee_pick_command(nursery):
     refused = await trio.to_thread.run_sync(run, "--model", "mistral")
     assert refused.returncode == 1
     assert "no worker of model 'mistral' can be picked" in refused.stderr
+    listed = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [RBEE, "workers", "--queen", url_of(queen)], capture_output=True, text=True, timeout=30))
+    header, *rows = listed.stdout.splitlines()
+    at = header.index("ENDPOINT")
+    assert [row[at:].split()[0] for row in rows[:2]] == ["http://10.1.0.1:8000",
+                                                         "http://10.1.0.2:8000"]
 
 
 def first_header(response: httpx.Response) -> bytes:

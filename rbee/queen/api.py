@@ -58,6 +58,7 @@ from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
 from ..http.bodies import read_body
 from ..http.errors import ApiError
 from ..http.rawpost import RawHead
+from .channel import OpenChannels, channel_route
 from .dashboard import dashboard_routes
 from .fleet import Fleet
 from .history import METRICS, FleetHistory, QueryError, Selector
@@ -320,6 +321,7 @@ class QueenParts(Access, Protocol):
     fleet: Fleet
     history: FleetHistory
     metrics: QueenMetrics
+    channels: OpenChannels
 
 
 def build_app(queen: QueenParts) -> Starlette:
@@ -331,6 +333,7 @@ def build_app(queen: QueenParts) -> Starlette:
     picks = pick_handler(config, fleet.registry, gate.reader)
     app = json_app([
         Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
+        channel_route(config, writes.ingest, gate.hive, metrics, queen.channels),
         Route(paths.STREAM, live.stream, methods=["GET"]),
         Route(paths.HEALTH, live.health, methods=["GET"]),
         Route(paths.HIVES, reads.list_hives, methods=["GET"]),
