@@ -6,7 +6,7 @@
                    (keys in docs/top.md), text with --plain or --rounds N; [--columns K,...]
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
                    [--max-waiting N] [--max-kv-cache-pct P] [--limit N] [--after ID] [--json]
-                   [--columns K,...]
+                   [--columns K,...] [--wide: the workers' endpoints too]
     rbee pick      the best workers of a model for the next request: --model M [-n K], the
                    filters of ``rbee workers``, [--json] (docs/pick.md)
 
@@ -33,7 +33,7 @@ import msgspec
 import trio
 
 from ._errors import ListenError, RbeeError, leaf_exceptions
-from .columns import parse_keys, with_metrics
+from .columns import ENDPOINT, parse_keys, with_metrics
 from .contract import FleetWorker, paths
 from .credentials import new_credential
 from .demo import DEMO_HIVE_PORT
@@ -110,6 +110,8 @@ def workers(args: argparse.Namespace) -> int:
     response, found = asked
     trends = last_minute(args, found)
     columns = with_metrics(WORKER_COLUMNS, parse_keys(args.columns))
+    if args.wide:
+        columns = (*columns[:-1], ENDPOINT, columns[-1])  # before NOTE
     if trends is None:  # no history to fill LAST 60s with: no column, rather than a blank one
         columns = tuple(c for c in columns if c.title != "LAST 60s")
     trends = trends or {}
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                              help="the page after this worker id (hive/group/instance)")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
     run_workers.add_argument("--columns", metavar="K,...", help=columns_help)
+    run_workers.add_argument("--wide", action="store_true",
+                             help="also the ENDPOINT column: where each worker takes requests")
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
     run_pick = commands.add_parser("pick", parents=[queen_option],
                                    help="the best workers of a model for the next request")

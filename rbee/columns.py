@@ -175,11 +175,15 @@ def worker_columns(notes: Callable[[Row], str]) -> tuple[Column, ...]:
         Column("IDLE", 4, 2, lambda r: "yes" if r.idle else "no", lambda r: not r.idle),
         Column("UPTIME", 8, 7, lambda r: _uptime(r.worker.uptime_s), lambda r: r.worker.uptime_s,
                numeric=True),
-        Column("ENDPOINT", 24, 10, lambda r: r.worker.endpoint or "-",
-               lambda r: r.worker.endpoint or ""),
         Column("LAST 60s", 14, 6, lambda r: r.trend),
         Column("NOTE", 0, 5, notes),
     )
+
+
+ENDPOINT = Column("ENDPOINT", 24, 10, lambda r: r.worker.endpoint or "-",
+                  lambda r: r.worker.endpoint or "")
+"""Where the worker takes inference requests (``rbee workers --wide``); the first column a narrow
+terminal drops."""
 
 
 def metric_column(key: str) -> Column:

@@ -20,13 +20,10 @@ from .configfile import load_config, parse_config  # noqa: F401 (their home for 
 from .contract import MAX_WORKERS, EndpointUrl, Identifier
 from .limits import parse_limits
 from .pickconfig import PickSettings
+from .settings import Settings
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-
-
-class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Base of every config section."""
 
 
 class HttpSettings(Settings):
@@ -162,8 +159,7 @@ class WorkerSpec(Settings):
     is read from argv for known launchers (vllm, sglang, text-generation-launcher, llama-server).
     ``{port}`` here and in argv is replaced by one free port picked at spawn."""
     endpoint: EndpointUrl | None = None
-    """Where to send the worker's inference requests (``http://10.0.0.7:{port}``), ``{port}`` as
-    in argv: shown as the worker's ``endpoint`` and handed out by the queen's ``/v1/pick``."""
+    """Where its inference requests go (``http://10.0.0.7:{port}``; ``/v1/pick`` hands it out)."""
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     """When the hive starts it again: "on-failure" (a non-zero exit or a signal), "always",
     or "never"."""

@@ -1,6 +1,5 @@
 """queen.yaml's ``pick:`` section (``GET /v1/pick``, docs/pick.md), in a module of its own so
-that rbee/config.py, which holds every other section, stays small. Like every section it refuses
-unknown keys."""
+that rbee/config.py, which holds every other section, stays small."""
 
 from __future__ import annotations
 
@@ -8,11 +7,13 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .settings import Settings
+
 Millis = Annotated[float, msgspec.Meta(gt=0)]
 Weight = Annotated[float, msgspec.Meta(ge=0)]
 
 
-class PickWeights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class PickWeights(Settings):
     """What each figure adds to a worker's pick score (lower is better; docs/pick.md)."""
 
     waiting: Weight = 1.0
@@ -27,7 +28,7 @@ class PickWeights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Once if a GPU of the worker is degraded (or unhealthy, with skip_unhealthy_gpus off)."""
 
 
-class PickSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class PickSettings(Settings):
     """``GET /v1/pick``: the best workers of a model for the next request (docs/pick.md)."""
 
     weights: PickWeights = msgspec.field(default_factory=PickWeights)

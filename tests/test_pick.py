@@ -193,7 +193,8 @@ async def test_rbee_pick_command(nursery):
     assert refused.returncode == 1
     assert "no worker of model 'mistral' can be picked" in refused.stderr
     listed = await trio.to_thread.run_sync(lambda: subprocess.run(
-        [RBEE, "workers", "--queen", url_of(queen)], capture_output=True, text=True, timeout=30))
+        [RBEE, "workers", "--wide", "--queen", url_of(queen)], capture_output=True, text=True,
+        timeout=30))
     header, *rows = listed.stdout.splitlines()
     at = header.index("ENDPOINT")
     assert [row[at:].split()[0] for row in rows[:2]] == ["http://10.1.0.1:8000",
