@@ -25,8 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -48,6 +47,7 @@ from .tables import (
     KV_CACHE,
     RECEIVED_AT,
     RUNNING,
+    SCORE,
     WAITING,
     ModelTable,
     Row,
@@ -117,61 +117,63 @@ class PickIndex:
     # -- following the registry ---------------------------------------------------------
 
     def hive_changed(self, hive_id: str, entry: HiveView | None) -> None:
-        """A hive's new state (``None``: removed): its rows are written, its leavers freed."""
+        """A hive's new state (``None``: removed): its pickable workers' rows are written (a
+        worker that changed model moves table), its leavers' slots freed. On the ingest path:
+        no allocation per worker beyond its row."""
         with self._lock:
             before = self._placed.pop(hive_id, {})
             placed: Placed = {}
+            self._vram_due.pop(hive_id, None)
             if entry is not None and entry.schedulable:
-                for model, ref, row in self._rows(hive_id, entry):
-                    table = self._tables.get(model)
-                    if table is None:
-                        table = self._tables[model] = ModelTable(self.settings.weights.in_flight)
-                    key = (ref.group, ref.instance)
-                    found = before.pop(key, None)
-                    if found is not None and found[0] is table:
-                        slot = found[1]
-                    else:
-                        if found is not None:
-                            found[0].release(found[1])
-                        slot = table.take(ref)
-                    table.write(slot, ref, row)
-                    placed[key] = (table, slot)
+                self._place(hive_id, entry, before, placed)
             for table, slot in before.values():
                 table.release(slot)
-            self._vram_due.pop(hive_id, None)
             if entry is not None and placed:
                 self._placed[hive_id] = placed
                 self._vram_due[hive_id] = entry
 
-    def _rows(self, hive_id: str, entry: HiveView) -> Iterator[tuple[str, WorkerRef, Row]]:
-        pickable = [(worker, idle) for worker, _, schedulable, idle in judged(
-            entry.workers, entry.capabilities, True, self.registry, ordered=False)
-            if schedulable and worker.endpoint is not None and worker.model is not None]
-        if not pickable:
-            return
-        weights = self.settings.weights
-        devices = entry.capabilities
+    def _place(self, hive_id: str, entry: HiveView, before: Placed, placed: Placed) -> None:
+        weights, devices = self.settings.weights, entry.capabilities
         degraded = {d.uuid for d in devices if not isinstance(d.health, Healthy)}
         received_at = entry.received_at
         received_wall = self.wall() - max(0.0, self.clock() - received_at)
-        for worker, idle in pickable:
-            engine = worker.engine
-            gpu_penalty = weights.degraded_gpu if degraded and unhealthy_gpus_of(
+        for worker, _, schedulable, idle in judged(entry.workers, devices, True, self.registry,
+                                                   ordered=False):
+            model, endpoint = worker.model, worker.endpoint
+            if not schedulable or endpoint is None or model is None:
+                continue
+            key = (worker.group, worker.instance)
+            found = before.pop(key, None)
+            table = self._tables.get(model)
+            if table is None:
+                table = self._tables[model] = ModelTable(weights.in_flight)
+            if found is not None and found[0] is table:
+                slot = found[1]
+                ref = table.refs[slot]
+                if ref is None or ref.endpoint != endpoint:
+                    ref = WorkerRef(hive_id, worker.group, worker.instance, endpoint)
+            else:
+                if found is not None:
+                    found[0].release(found[1])
+                ref = WorkerRef(hive_id, worker.group, worker.instance, endpoint)
+                slot = table.take(ref)
+            penalty = weights.degraded_gpu if degraded and unhealthy_gpus_of(
                 worker, devices, degraded) else 0.0
+            engine = worker.engine
             if engine is None:
-                row = Row(gpu_penalty, math.nan, math.nan, math.nan, math.nan, float(idle),
-                          -math.inf, received_at)
+                row = Row(penalty, math.nan, math.nan, math.nan, math.nan, float(idle),
+                          -math.inf, received_at, penalty)
             else:
                 kv = engine.kv_cache_pct
-                row = Row(weights.waiting * engine.requests_waiting
-                          + weights.running * engine.requests_running
-                          + (weights.kv_cache * kv / 100 if kv is not None else 0.0) + gpu_penalty,
-                          engine.requests_running, engine.requests_waiting,
+                base = (weights.waiting * engine.requests_waiting
+                        + weights.running * engine.requests_running
+                        + (weights.kv_cache * kv / 100 if kv is not None else 0.0) + penalty)
+                row = Row(base, engine.requests_running, engine.requests_waiting,
                           math.nan if kv is None else kv, math.nan, float(idle),
-                          _unix(engine.sampled_at) if engine.sampled_at else received_wall,
-                          received_at)
-            yield worker.model, WorkerRef(hive_id, worker.group, worker.instance,
-                                          worker.endpoint), row  # type: ignore[arg-type]
+                          engine.sampled_at.timestamp() if engine.sampled_at else received_wall,
+                          received_at, base)
+            table.write(slot, ref, row)
+            placed[key] = (table, slot)
 
     def _fill_vram(self) -> None:
         """The free VRAM of the workers of every hive heard from since the last call, as
@@ -226,7 +228,7 @@ class PickIndex:
         settings, model = self.settings, query.model
         matched = _filters(table, query)
         stale = table.column(FIGURES_AT) < now - settings.stale_after_ms / 1000
-        score = table.score[:table.high]
+        score = table.column(SCORE)
         if matched is None:  # free slots have no figures (stale) and an infinite score
             candidates = table.count
             stale_count = int(np.count_nonzero(stale)) - (table.high - table.count)
@@ -262,7 +264,7 @@ class PickIndex:
             table = self._tables.get(model)
             if table is None:
                 return {}
-            return {"/".join(table.refs[slot][:3]): int(table.in_flight[slot])  # type: ignore[index]
+            return {"/".join(table.refs[slot][:3]): table.in_flight(slot)  # type: ignore[index]
                     for slot in table.pending}
 
     def _answer(self, table: ModelTable, slot: int, stale: bool, now: float) -> PickedWorker:
@@ -272,10 +274,10 @@ class PickIndex:
         figures_at = row[FIGURES_AT]
         return PickedWorker(
             hive_id=ref.hive_id, group=ref.group, instance=ref.instance, endpoint=ref.endpoint,
-            score=round(float(table.score[slot]), 3), requests_running=_whole(row[RUNNING]),
+            score=round(row[SCORE], 3), requests_running=_whole(row[RUNNING]),
             requests_waiting=_whole(row[WAITING]),
             kv_cache_pct=None if math.isnan(row[KV_CACHE]) else float(row[KV_CACHE]),
-            in_flight=int(table.in_flight[slot]),
+            in_flight=table.in_flight(slot),
             engine_age_ms=(round(max(0.0, now - figures_at) * 1000, 1)
                            if math.isfinite(figures_at) else None),
             heartbeat_age_ms=round(max(0.0, self.clock() - row[RECEIVED_AT]) * 1000, 1),
@@ -311,7 +313,3 @@ def _described(query: WorkerQuery) -> str:
 
 def _whole(value: float) -> int | None:
     return None if math.isnan(value) else int(value)
-
-
-def _unix(at: datetime) -> float:
-    return at.timestamp()

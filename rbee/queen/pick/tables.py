@@ -43,10 +43,13 @@ class Row(NamedTuple):
     """When its engine figures were read (Unix seconds): -inf without an engine state."""
     received_at: float
     """When the queen received them, on the registry's clock."""
+    score: float
+    """``base`` plus the weight of its picks in flight, kept current: what a pick ranks by
+    (a heartbeat gives ``base``; the table adds its picks)."""
 
 
-BASE, RUNNING, WAITING, KV_CACHE, FREE_VRAM, IDLE, FIGURES_AT, RECEIVED_AT = range(8)
-_FREE_ROW = Row(math.inf, math.nan, math.nan, math.nan, math.nan, 0.0, -math.inf, 0.0)
+BASE, RUNNING, WAITING, KV_CACHE, FREE_VRAM, IDLE, FIGURES_AT, RECEIVED_AT, SCORE = range(9)
+_FREE_ROW = Row(math.inf, math.nan, math.nan, math.nan, math.nan, 0.0, -math.inf, 0.0, math.inf)
 
 
 class InFlight:
@@ -62,17 +65,13 @@ class InFlight:
 class ModelTable:
     """The pickable workers of one model."""
 
-    __slots__ = ("columns", "count", "free", "high", "in_flight", "pending", "refs", "score",
-                 "weight")
+    __slots__ = ("columns", "count", "free", "high", "pending", "refs", "weight")
 
     def __init__(self, in_flight_weight: float, capacity: int = 16) -> None:
         self.weight = in_flight_weight
         self.columns = np.tile(np.array(_FREE_ROW, dtype=np.float64)[:, None], (1, capacity))
         """One row per figure of ``Row``, one column per slot: a figure of every worker is
-        contiguous, as a pick reads it."""
-        self.in_flight = np.zeros(capacity, dtype=np.float64)
-        self.score = np.full(capacity, math.inf)
-        """``base`` plus the in-flight picks' weight, kept current: what a pick ranks by."""
+        contiguous, as a pick reads it, and a heartbeat writes a worker's in one assignment."""
         self.refs: list[WorkerRef | None] = [None] * capacity
         self.pending: dict[int, InFlight] = {}
         """Per slot with picks in flight."""
@@ -101,8 +100,6 @@ class ModelTable:
         """A worker left (gone, not pickable, another model): its slot is never chosen again
         until reused, and its picks in flight are forgotten."""
         self.columns[:, slot] = _FREE_ROW
-        self.in_flight[slot] = 0.0
-        self.score[slot] = math.inf
         self.pending.pop(slot, None)
         self.refs[slot] = None
         self.free.append(slot)
@@ -117,9 +114,8 @@ class ModelTable:
         self.columns[:, slot] = row
         waiting = self.pending.get(slot)
         if waiting is None:
-            self.score[slot] = row[BASE]
             return
-        self.score[slot] = row[BASE] + self.weight * len(waiting.picks)
+        self.columns[SCORE, slot] = row[BASE] + self.weight * len(waiting.picks)
         load = row[RUNNING] + row[WAITING]
         rise = load - waiting.baseline
         if rise >= 1:  # NaN (no engine state) is not
@@ -149,14 +145,15 @@ class ModelTable:
         if not picks:
             del self.pending[slot]
 
+    def in_flight(self, slot: int) -> int:
+        waiting = self.pending.get(slot)
+        return 0 if waiting is None else len(waiting.picks)
+
     def _count(self, slot: int, change: float) -> None:
-        self.in_flight[slot] += change
-        self.score[slot] += self.weight * change
+        self.columns[SCORE, slot] += self.weight * change
 
     def _grow(self) -> None:
         size = len(self.refs)
         self.columns = np.concatenate(
             [self.columns, np.tile(np.array(_FREE_ROW)[:, None], (1, size))], axis=1)
-        self.in_flight = np.concatenate([self.in_flight, np.zeros(size)])
-        self.score = np.concatenate([self.score, np.full(size, math.inf)])
         self.refs.extend([None] * size)
