@@ -247,3 +247,14 @@ def test_many_workers_grow_the_table_and_reuse_freed_slots():
     registry.update_hive(heartbeat("late", [serving("w0", waiting=9)]))
     answer = index.pick(MODEL, n=80)
     assert answer.candidates == 41 and answer.picked[-1].hive_id == "late"
+
+
+def test_a_hive_clock_ahead_cannot_make_figures_younger_than_their_receipt():
+    clocks = Clocks()
+    registry, index = make(clocks, stale_after_ms=500)
+    registry.update_hive(heartbeat("h", [serving("w1", sampled=T0 + 60)]))
+    picked = index.pick(MODEL).picked[0]
+    assert picked.engine_age_ms == 0.0 and not picked.stale
+    clocks.advance(0.6)
+    picked = index.pick(MODEL).picked[0]
+    assert picked.stale and picked.engine_age_ms == picked.heartbeat_age_ms == 600.0

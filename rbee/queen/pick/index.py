@@ -170,7 +170,8 @@ class PickIndex:
                         + (weights.kv_cache * kv / 100 if kv is not None else 0.0) + penalty)
                 row = Row(base, engine.requests_running, engine.requests_waiting,
                           math.nan if kv is None else kv, math.nan, float(idle),
-                          engine.sampled_at.timestamp() if engine.sampled_at else received_wall,
+                          min(engine.sampled_at.timestamp(), received_wall)  # a clock ahead
+                          if engine.sampled_at else received_wall,
                           received_at, base)
             table.write(slot, ref, row)
             placed[key] = (table, slot)
