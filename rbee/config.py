@@ -341,14 +341,30 @@ class HistorySettings(Settings):
     fine_retention_s: Seconds = 900.0
     coarse_step_s: Seconds = 10.0
     coarse_retention_s: Seconds = 21600.0
-    max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
-    """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
-    kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 256 * 2**20
+    """The memory history may take. A series costs about 6.1 KB at the default tiers (2 bytes a
+    point: 900 fine, 2,160 coarse), so 256 MiB holds 43,800 series: 390 hives of 8 workers and
+    8 GPUs (112 series each). Past it, the series of new workers and GPUs are not recorded (the
+    ``rbee_queen_history_refused_series`` count) until old ones are forgotten: raise it, or
+    shorten the tiers, for a larger fleet (docs/history.md)."""
     max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    max_series: int | None = None
+    """Replaced by ``max_bytes``: set, it is refused with an error that says so."""
 
     def __post_init__(self) -> None:
+        if self.max_series is not None:
+            raise ValueError("history.max_series is no longer used: history is bounded in bytes "
+                             "by history.max_bytes (a series costs about 6.1 KB at the default "
+                             "tiers)")
         if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
             raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
+        per_bucket = self.coarse_step_s / self.fine_step_s
+        if abs(per_bucket - round(per_bucket)) > 1e-6 * per_bucket:
+            raise ValueError("history.coarse_step_s must be a whole multiple of fine_step_s (a "
+                             "coarse point is the mean of fine ones)")
+        if self.coarse_step_s > self.fine_retention_s:
+            raise ValueError("history.fine_retention_s must be at least coarse_step_s (a coarse "
+                             "point is the mean of fine ones)")
 
 
 class QueenConfig(Settings):

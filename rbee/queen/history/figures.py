@@ -1,0 +1,74 @@
+"""Which figures history keeps, and how they are read out of many heartbeats at once.
+
+A worker has nine built-in series, a GPU five, in the order of ``WORKER_METRICS`` and
+``GPU_METRICS``. Figures in MiB are kept in GiB (float16 ends at 65,504) and given back in MiB.
+
+Reading is per batch, not per series: ``operator.attrgetter`` pulls a worker's figures into a
+tuple in C, the tuples of every worker of the batch are chained into one list and numpy turns it
+into one array (``None``, an unknown figure, becomes NaN: a gap, never 0). The cost is a few tens
+of nanoseconds per figure with no Python bytecode per series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+from operator import attrgetter
+from types import SimpleNamespace
+
+import numpy as np
+
+from ...contract import GpuDevice, WorkerTelemetry
+
+WORKER_METRICS = ("cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "vram_mb",
+                  "engine_running", "engine_waiting", "kv_cache_pct")
+"""A worker's series; ``vram_mb`` only for a worker on a GPU, the last three from its engine."""
+GPU_METRICS = ("util_pct", "mem_util_pct", "vram_used_mb", "temperature_c", "power_w")
+SCALES = {name: 1.0 for name in (*WORKER_METRICS, *GPU_METRICS)} | {
+    "rss_mb": 1 / 1024, "vram_mb": 1 / 1024, "vram_used_mb": 1 / 1024}
+"""Applied before storing (MiB kept in GiB); plugin figures are kept as they come."""
+METRICS = frozenset(SCALES)
+"""The built-in metrics; plugin figures add their own names (``plugin.metric``)."""
+
+_WORKER = attrgetter("cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "vram_mb")
+_ENGINE = attrgetter("requests_running", "requests_waiting", "kv_cache_pct")
+_GPU = attrgetter(*GPU_METRICS)
+_NO_ENGINE = SimpleNamespace(requests_running=None, requests_waiting=None, kv_cache_pct=None)
+_WORKER_SCALE = np.array([SCALES[m] for m in WORKER_METRICS])
+_GPU_SCALE = np.array([SCALES[m] for m in GPU_METRICS])
+_engine_of = attrgetter("engine")
+_gpus_of = attrgetter("gpus")
+_indices_of = attrgetter("gpu_indices")
+_metrics_of = attrgetter("metrics")
+worker_key = attrgetter("group", "instance")
+gpu_key = attrgetter("uuid", "index")
+
+
+def _array(tuples, rows: int, width: int) -> np.ndarray:
+    return np.array(list(chain.from_iterable(tuples)), np.float64).reshape(rows, width)
+
+
+def worker_values(workers: Sequence[WorkerTelemetry]) -> np.ndarray:
+    """``(len(workers), 9)``: each worker's series in ``WORKER_METRICS`` order, scaled."""
+    n = len(workers)
+    values = np.empty((n, len(WORKER_METRICS)))
+    values[:, :6] = _array(map(_WORKER, workers), n, 6)
+    on_gpu = np.fromiter(map(any, zip(map(_gpus_of, workers), map(_indices_of, workers))),
+                         bool, n)
+    values[~on_gpu, 5] = np.nan  # a worker on no GPU has no VRAM figure, not 0
+    engines = [engine if engine is not None else _NO_ENGINE for engine in map(_engine_of, workers)]
+    values[:, 6:] = _array(map(_ENGINE, engines), n, 3)
+    values *= _WORKER_SCALE
+    return values
+
+
+def gpu_values(gpus: Sequence[GpuDevice]) -> np.ndarray:
+    """``(len(gpus), 5)``: each GPU's series in ``GPU_METRICS`` order, scaled."""
+    values = _array(map(_GPU, gpus), len(gpus), len(GPU_METRICS))
+    values *= _GPU_SCALE
+    return values
+
+
+def with_plugin_figures(workers: Sequence[WorkerTelemetry]) -> list[int]:
+    """The positions of the workers that carry plugin figures (most carry none)."""
+    return [i for i, figures in enumerate(map(_metrics_of, workers)) if figures]

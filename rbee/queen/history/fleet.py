@@ -1,0 +1,286 @@
+"""The fleet's history: which rows belong to which hive, and one step of recording.
+
+Each hive the queen records has a ``HiveRows``: the first row of each of its workers' nine series
+and of each GPU's five (rows handed out once, when a worker or GPU is first seen, and kept while
+it is), and the destination of every figure of its heartbeat in order (``worker_dest``,
+``gpu_dest``). A step gathers only the hives whose registry record changed since the last step
+(a new heartbeat is a new list of workers: an identity test, no comparison of values): their
+workers and GPUs are read in one batch (``figures``), their values land in the store's
+``current`` column with one fancy-index write, and every store's fine tier takes ``current`` as
+its new column. A hive that goes stale or leaves the registry has its rows set to NaN once; a
+fresh hive that sent nothing since the last step costs an identity test.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from itertools import chain
+
+import numpy as np
+
+from ...config import HistorySettings
+from ...contract import HiveRecord, HistoryAnswer
+from .columns import Budget, Codec, Store
+from .figures import GPU_METRICS, METRICS, WORKER_METRICS, gpu_key, gpu_values, worker_key, \
+    worker_values
+from .reading import Selector, answer
+
+HIVES_PER_CHUNK = 1000
+"""Hives gathered between two checkpoints of the recording task (about 10 ms of work)."""
+NO_ROWS = np.zeros(0, np.intp)
+
+
+class HiveRows:
+    """The rows of one hive's series, and what was gathered last."""
+
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_keys", "gpu_rows", "gpus", "idle", "live",
+                 "plugin_rows", "seen", "silent_since", "worker_dest", "worker_keys",
+                 "worker_rows", "workers")
+
+    def __init__(self) -> None:
+        self.workers: list | None = None
+        """The registry's list of workers gathered last (compared by identity)."""
+        self.gpus: list | None = None
+        self.worker_keys: tuple = ()
+        self.gpu_keys: tuple = ()
+        self.worker_rows: dict[tuple[str, str], int] = {}
+        """(group, instance): the first of its nine rows; -1 when refused by the budget."""
+        self.gpu_rows: dict[str, int] = {}
+        self.gpu_index: dict[str, int] = {}
+        self.plugin_rows: dict[tuple[str, str], dict[str, int]] = {}
+        """(group, instance): each plugin figure's row in the plugin store."""
+        self.worker_dest = NO_ROWS
+        self.gpu_dest = NO_ROWS
+        self.idle: dict[tuple, float] = {}
+        """Workers (group, instance) and GPUs (uuid) no longer reported: since when."""
+        self.live = False
+        self.silent_since = 0.0
+        self.seen = 0
+
+
+class FleetHistory:
+    """The built-in history of every worker's and GPU's figures (see ``docs/history.md``)."""
+
+    def __init__(self, settings: HistorySettings | None = None) -> None:
+        self.settings = s = settings or HistorySettings()
+        self.fine_slots = int(s.fine_retention_s // s.fine_step_s)
+        self.coarse_slots = int(s.coarse_retention_s // s.coarse_step_s)
+        self.per_bucket = round(s.coarse_step_s / s.fine_step_s)
+        """Fine points per coarse point."""
+        self.budget = Budget(s.max_bytes)
+        self.values = Store(Codec(np.float16), self.fine_slots, self.coarse_slots, self.budget)
+        self.plugins = Store(Codec(np.float32), self.fine_slots, self.coarse_slots, self.budget)
+        self.hives: dict[str, HiveRows] = {}
+        self.plugin_metrics: dict[str, int] = {}
+        """Plugin figures held, by name: how many series of each."""
+        self.refused = 0
+        """Series not recorded because ``history.max_bytes`` was reached (a counter)."""
+        self.series = 0
+        """Series held (a worker holds nine, a GPU five, whether each figure is known or not)."""
+        self._closed = -1
+        self._epoch = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.series
+
+    def metrics(self) -> frozenset[str]:
+        """Every metric a query may name: the built-in ones and the plugin figures held."""
+        return METRICS | self.plugin_metrics.keys()
+
+    # -- recording -------------------------------------------------------------------------
+
+    def record(self, hives: Iterable[HiveRecord], now: float) -> None:
+        """One point of every figure of every fresh hive, at ``now`` (Unix time)."""
+        for _ in self.recording(hives, now):
+            pass
+
+    def recording(self, hives: Iterable[HiveRecord], now: float) -> Iterator[None]:
+        """``record`` in parts: it yields between them, where the caller may let other tasks
+        run (a queen of 10,000 hives gathers in chunks of ``HIVES_PER_CHUNK``)."""
+        index = int(now // self.settings.fine_step_s)
+        changed = self._changed(hives, now)
+        for start in range(0, len(changed), HIVES_PER_CHUNK):
+            with self._lock:
+                self._gather(changed[start:start + HIVES_PER_CHUNK], now)
+            yield
+        bucket = index // self.per_bucket
+        if self._closed < 0:
+            self._closed = bucket - 1
+        oldest = (index - self.fine_slots) // self.per_bucket  # before it, no fine point is left
+        for closing in range(max(self._closed + 1, oldest), bucket):
+            with self._lock:
+                for store in (self.values, self.plugins):
+                    first = closing * self.per_bucket
+                    store.close(closing, first, first + self.per_bucket - 1)
+            yield
+        self._closed = max(self._closed, bucket - 1)
+        with self._lock:
+            self.values.step(index)
+            self.plugins.step(index)
+
+    def _changed(self, hives: Iterable[HiveRecord], now: float) -> list[tuple[HiveRows, HiveRecord]]:
+        """The fresh hives with a heartbeat not gathered yet; stale and vanished ones are
+        silenced."""
+        self._epoch = epoch = self._epoch + 1
+        changed, fresh = [], 0
+        with self._lock:
+            for record in hives:
+                rows = self.hives.get(record.info.id)
+                if record.stale:
+                    if rows is not None and rows.live:
+                        self._silence(rows, now)
+                    continue
+                if rows is None:
+                    rows = self.hives[record.info.id] = HiveRows()
+                rows.seen = epoch
+                fresh += 1
+                if rows.workers is not record.workers or rows.gpus is not record.gpus:
+                    changed.append((rows, record))
+            if fresh < sum(1 for rows in self.hives.values() if rows.live):
+                for rows in self.hives.values():
+                    if rows.live and rows.seen != epoch:
+                        self._silence(rows, now)  # gone from the registry
+        return changed
+
+    def _silence(self, rows: HiveRows, now: float) -> None:
+        rows.live, rows.silent_since = False, now
+        rows.workers = rows.gpus = None  # gathered again when it is back
+        self.values.current[rows.worker_dest] = 0
+        self.values.current[rows.gpu_dest] = 0
+        for figures in rows.plugin_rows.values():
+            self.plugins.current[list(figures.values())] = 0
+
+    def _gather(self, changed: list[tuple[HiveRows, HiveRecord]], now: float) -> None:
+        for rows, record in changed:
+            worker_keys = tuple(map(worker_key, record.workers))
+            gpu_keys = tuple(map(gpu_key, record.gpus))
+            if worker_keys != rows.worker_keys or gpu_keys != rows.gpu_keys:
+                self._lay_out(rows, worker_keys, gpu_keys, now)
+            rows.workers, rows.gpus, rows.live = record.workers, record.gpus, True
+            if rows.plugin_rows or any(worker.metrics for worker in record.workers):
+                self._gather_plugin_figures(rows, record)
+        workers = list(chain.from_iterable(record.workers for _, record in changed))
+        gpus = list(chain.from_iterable(record.gpus for _, record in changed))
+        codec, current = self.values.codec, self.values.current
+        if workers:
+            dest = np.concatenate([rows.worker_dest for rows, _ in changed])
+            current[dest] = codec.encode(worker_values(workers)).ravel()
+        if gpus:
+            dest = np.concatenate([rows.gpu_dest for rows, _ in changed])
+            current[dest] = codec.encode(gpu_values(gpus)).ravel()
+
+    def _lay_out(self, rows: HiveRows, worker_keys: tuple, gpu_keys: tuple, now: float) -> None:
+        """Rows for the workers and GPUs now reported (new ones get theirs); those no longer
+        reported become NaN and idle (kept until ``forget_old``)."""
+        workers = {key: self._rows_of(rows.worker_rows, key, len(WORKER_METRICS))
+                   for key in worker_keys}
+        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, len(GPU_METRICS))
+                for uuid, _ in gpu_keys}
+        rows.gpu_index.update(gpu_keys)
+        for key, first in rows.worker_rows.items():
+            if key not in workers:
+                self._idle(rows, key, first, len(WORKER_METRICS), now)
+                for row in rows.plugin_rows.get(key, {}).values():
+                    self.plugins.current[row] = 0
+        for uuid, first in rows.gpu_rows.items():
+            if uuid not in gpus:
+                self._idle(rows, uuid, first, len(GPU_METRICS), now)
+        for key in chain(workers, gpus):
+            rows.idle.pop(key, None)
+        rows.worker_keys, rows.gpu_keys = worker_keys, gpu_keys
+        rows.worker_dest = _dest([workers[key] for key in worker_keys], len(WORKER_METRICS))
+        rows.gpu_dest = _dest([gpus[uuid] for uuid, _ in gpu_keys], len(GPU_METRICS))
+
+    def _rows_of(self, held: dict, key, size: int) -> int:
+        first = held.get(key, -1)
+        if first < 0:
+            first = self.values.allocate(size)
+            if first is None:
+                self.refused += size
+                first = -1
+            else:
+                self.series += size
+            held[key] = first
+        return first
+
+    def _idle(self, rows: HiveRows, key, first: int, size: int, now: float) -> None:
+        if first >= 0 and key not in rows.idle:
+            rows.idle[key] = now
+            self.values.current[first:first + size] = 0
+
+    def _gather_plugin_figures(self, rows: HiveRows, record: HiveRecord) -> None:
+        """Plugin figures, worker by worker (only workers that carry some pay for them): each
+        ``plugin.metric`` is a series of its own, in float32 (any number a plugin gives)."""
+        store = self.plugins
+        for figures in rows.plugin_rows.values():
+            store.current[list(figures.values())] = 0  # a figure not sent this time: a gap
+        dest, values = [], []
+        for worker in record.workers:
+            if not worker.metrics:
+                continue
+            held = rows.plugin_rows.setdefault(worker_key(worker), {})
+            for metric, value in worker.metrics.items():
+                row = held.get(metric)
+                if row is None:
+                    row = store.allocate(1)
+                    if row is None:
+                        self.refused += 1
+                        continue
+                    held[metric] = row
+                    self.series += 1
+                    self.plugin_metrics[metric] = self.plugin_metrics.get(metric, 0) + 1
+                dest.append(row)
+                values.append(value)
+        if dest:
+            store.current[dest] = store.codec.encode(np.array(values, np.float64))
+
+    def forget_old(self, now: float) -> int:
+        """Drop the series of workers, GPUs and hives not reported for the coarse retention;
+        returns how many series."""
+        horizon = now - self.settings.coarse_retention_s
+        before = self.series
+        with self._lock:
+            for hive_id, rows in list(self.hives.items()):
+                if not rows.live and rows.silent_since < horizon:
+                    for key in [*rows.worker_rows, *rows.gpu_rows]:
+                        self._release(rows, key)
+                    del self.hives[hive_id]
+                    continue
+                for key, since in list(rows.idle.items()):
+                    if since < horizon:
+                        self._release(rows, key)
+                        del rows.idle[key]
+        return before - self.series
+
+    def _release(self, rows: HiveRows, key) -> None:
+        if isinstance(key, tuple):
+            first, size = rows.worker_rows.pop(key), len(WORKER_METRICS)
+            for metric, row in rows.plugin_rows.pop(key, {}).items():
+                self.plugins.release(row, 1)
+                self.series -= 1
+                self.plugin_metrics[metric] -= 1
+                if not self.plugin_metrics[metric]:
+                    del self.plugin_metrics[metric]
+        else:
+            first, size = rows.gpu_rows.pop(key), len(GPU_METRICS)
+            rows.gpu_index.pop(key, None)
+        if first >= 0:
+            self.values.release(first, size)
+            self.series -= size
+
+    # -- querying --------------------------------------------------------------------------
+
+    def query(self, selector: Selector, since_s: float, step_s: float | None, now: float
+              ) -> HistoryAnswer:
+        with self._lock:
+            return answer(self, selector, since_s, step_s, now)
+
+
+def _dest(firsts: list[int], size: int) -> np.ndarray:
+    """Each series' row, run after run (-1, the store's sink, for a refused run)."""
+    if not firsts:
+        return NO_ROWS
+    starts = np.array(firsts, np.intp)[:, None]
+    return np.where(starts < 0, -1, starts + np.arange(size)).ravel()
