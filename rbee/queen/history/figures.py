@@ -53,8 +53,8 @@ def worker_values(workers: Sequence[WorkerTelemetry]) -> np.ndarray:
     n = len(workers)
     values = np.empty((n, len(WORKER_METRICS)))
     values[:, :6] = _array(map(_WORKER, workers), n, 6)
-    on_gpu = np.fromiter(map(any, zip(map(_gpus_of, workers), map(_indices_of, workers))),
-                         bool, n)
+    gpus_and_indices = zip(map(_gpus_of, workers), map(_indices_of, workers), strict=True)
+    on_gpu = np.fromiter(map(any, gpus_and_indices), bool, n)
     values[~on_gpu, 5] = np.nan  # a worker on no GPU has no VRAM figure, not 0
     engines = [engine if engine is not None else _NO_ENGINE for engine in map(_engine_of, workers)]
     values[:, 6:] = _array(map(_ENGINE, engines), n, 3)

@@ -20,10 +20,9 @@ from itertools import chain
 import numpy as np
 
 from ...config import HistorySettings
-from ...contract import HiveRecord, HistoryAnswer
+from ...contract import HistoryAnswer, HiveRecord
 from .columns import Budget, Codec, Store
-from .figures import GPU_METRICS, METRICS, WORKER_METRICS, gpu_key, gpu_values, worker_key, \
-    worker_values
+from .figures import GPU_METRICS, METRICS, WORKER_METRICS, gpu_key, gpu_values, worker_key, worker_values
 from .reading import Selector, answer
 
 HIVES_PER_CHUNK = 1000

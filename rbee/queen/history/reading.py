@@ -74,24 +74,26 @@ def answer(history: FleetHistory, selector: Selector, since_s: float, step_s: fl
     first -= (last - first + 1) % per_column  # whole columns only
     window = _Window(fine, first, (last - first + 1) // per_column, per_column)
     timestamps = [(first + i * per_column) * stored_step for i in range(window.columns)]
-    found = [match for match in _matches(history, selector) if match[2] >= 0]
+    matches = [match for match in _matches(history, selector) if match[2] >= 0]
     by_store: dict[int, list] = {}
-    for match in found:
+    for match in matches:
         by_store.setdefault(id(match[1]), []).append(match)
-    kept = []
-    for matches in by_store.values():
-        store, rows = matches[0][1], np.array([m[2] for m in matches], np.intp)
-        if not len(rows):
-            continue
-        known = _known(history, store, rows)
-        points = _points(history, store, rows[known], window)
-        kept += [(m[0], m[3], p) for m, p in zip([m for m, k in zip(matches, known) if k],
-                                                   points)]
-    if len(kept) > s.max_series_per_query:
+    known = []  # per store: its matches that were ever known, and their rows
+    for group in by_store.values():
+        rows = np.array([match[2] for match in group], np.intp)
+        flags = _known(history, group[0][1], rows)
+        known.append(([m for m, flag in zip(group, flags, strict=True) if flag], rows[flags]))
+    count = sum(len(rows) for _, rows in known)
+    if count > s.max_series_per_query:
         raise QueryError(
-            f"{len(kept)} series match, more than history.max_series_per_query "
+            f"{count} series match, more than history.max_series_per_query "
             f"({s.max_series_per_query}): narrow the query with hive, group, instance, gpu or "
             f"metric")
+    kept = []
+    for group, rows in known:
+        if len(rows):
+            points = _points(history, group[0][1], rows, window)
+            kept += [(m[0], m[3], p) for m, p in zip(group, points, strict=True)]
     kept.sort(key=lambda item: item[0])
     series = [_series_data(key, gpu_index, _values(points, per_column, key[-1]))
               for key, gpu_index, points in kept]
