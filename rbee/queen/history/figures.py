@@ -39,7 +39,7 @@ _GPU_SCALE = np.array([SCALES[m] for m in GPU_METRICS])
 _engine_of = attrgetter("engine")
 _gpus_of = attrgetter("gpus")
 _indices_of = attrgetter("gpu_indices")
-_metrics_of = attrgetter("metrics")
+plugin_figures = attrgetter("metrics")
 worker_key = attrgetter("group", "instance")
 gpu_key = attrgetter("uuid", "index")
 
@@ -67,8 +67,3 @@ def gpu_values(gpus: Sequence[GpuDevice]) -> np.ndarray:
     values = _array(map(_GPU, gpus), len(gpus), len(GPU_METRICS))
     values *= _GPU_SCALE
     return values
-
-
-def with_plugin_figures(workers: Sequence[WorkerTelemetry]) -> list[int]:
-    """The positions of the workers that carry plugin figures (most carry none)."""
-    return [i for i, figures in enumerate(map(_metrics_of, workers)) if figures]

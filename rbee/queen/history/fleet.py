@@ -22,7 +22,16 @@ import numpy as np
 from ...config import HistorySettings
 from ...contract import HistoryAnswer, HiveRecord
 from .columns import Budget, Codec, Store
-from .figures import GPU_METRICS, METRICS, WORKER_METRICS, gpu_key, gpu_values, worker_key, worker_values
+from .figures import (
+    GPU_METRICS,
+    METRICS,
+    WORKER_METRICS,
+    gpu_key,
+    gpu_values,
+    plugin_figures,
+    worker_key,
+    worker_values,
+)
 from .reading import Selector, answer
 
 HIVES_PER_CHUNK = 1000
@@ -34,8 +43,8 @@ class HiveRows:
     """The rows of one hive's series, and what was gathered last."""
 
     __slots__ = ("gpu_dest", "gpu_index", "gpu_keys", "gpu_rows", "gpus", "idle", "live",
-                 "plugin_rows", "seen", "silent_since", "worker_dest", "worker_keys",
-                 "worker_rows", "workers")
+                 "plugin_rows", "refused_at", "seen", "silent_since", "worker_dest",
+                 "worker_keys", "worker_rows", "workers")
 
     def __init__(self) -> None:
         self.workers: list | None = None
@@ -56,6 +65,9 @@ class HiveRows:
         self.live = False
         self.silent_since = 0.0
         self.seen = 0
+        self.refused_at = -1
+        """When every series of it was refused by the budget: ``FleetHistory._released`` then
+        (it is not gathered again until a run of rows is freed)."""
 
 
 class FleetHistory:
@@ -79,6 +91,11 @@ class FleetHistory:
         """Series held (a worker holds nine, a GPU five, whether each figure is known or not)."""
         self._closed = -1
         self._epoch = 0
+        self._released = 0
+        """Runs of rows freed so far: a hive refused whole is laid out again once it moved."""
+        self._plugin_hives = 0
+        """Hives holding plugin series (while none does, workers' figures are only tested for
+        being empty, in one pass)."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -135,6 +152,8 @@ class FleetHistory:
                     rows = self.hives[record.info.id] = HiveRows()
                 rows.seen = epoch
                 fresh += 1
+                if rows.refused_at == self._released:
+                    continue  # nothing of it fits, and nothing was freed since it was refused
                 if rows.workers is not record.workers or rows.gpus is not record.gpus:
                     changed.append((rows, record))
             if fresh < sum(1 for rows in self.hives.values() if rows.live):
@@ -152,16 +171,18 @@ class FleetHistory:
             self.plugins.current[list(figures.values())] = 0
 
     def _gather(self, changed: list[tuple[HiveRows, HiveRecord]], now: float) -> None:
-        for rows, record in changed:
-            worker_keys = tuple(map(worker_key, record.workers))
-            gpu_keys = tuple(map(gpu_key, record.gpus))
-            if worker_keys != rows.worker_keys or gpu_keys != rows.gpu_keys:
-                self._lay_out(rows, worker_keys, gpu_keys, now)
-            rows.workers, rows.gpus, rows.live = record.workers, record.gpus, True
-            if rows.plugin_rows or any(worker.metrics for worker in record.workers):
-                self._gather_plugin_figures(rows, record)
         workers = list(chain.from_iterable(record.workers for _, record in changed))
         gpus = list(chain.from_iterable(record.gpus for _, record in changed))
+        worker_keys, gpu_keys = list(map(worker_key, workers)), list(map(gpu_key, gpus))
+        if (worker_keys != list(chain.from_iterable(rows.worker_keys for rows, _ in changed))
+                or gpu_keys != list(chain.from_iterable(rows.gpu_keys for rows, _ in changed))):
+            self._lay_out_changed(changed, worker_keys, gpu_keys, now)  # some hive's changed
+        for rows, record in changed:
+            rows.workers, rows.gpus, rows.live = record.workers, record.gpus, True
+        if self._plugin_hives or any(map(plugin_figures, workers)):
+            for rows, record in changed:
+                if rows.plugin_rows or any(map(plugin_figures, record.workers)):
+                    self._gather_plugin_figures(rows, record)
         codec, current = self.values.codec, self.values.current
         if workers:
             dest = np.concatenate([rows.worker_dest for rows, _ in changed])
@@ -169,6 +190,17 @@ class FleetHistory:
         if gpus:
             dest = np.concatenate([rows.gpu_dest for rows, _ in changed])
             current[dest] = codec.encode(gpu_values(gpus)).ravel()
+
+    def _lay_out_changed(self, changed: list[tuple[HiveRows, HiveRecord]], worker_keys: list,
+                         gpu_keys: list, now: float) -> None:
+        """Lay out again each hive whose workers or GPUs are not those of its last heartbeat."""
+        w = g = 0
+        for rows, record in changed:
+            w_end, g_end = w + len(record.workers), g + len(record.gpus)
+            workers, gpus = tuple(worker_keys[w:w_end]), tuple(gpu_keys[g:g_end])
+            if workers != rows.worker_keys or gpus != rows.gpu_keys:
+                self._lay_out(rows, workers, gpus, now)
+            w, g = w_end, g_end
 
     def _lay_out(self, rows: HiveRows, worker_keys: tuple, gpu_keys: tuple, now: float) -> None:
         """Rows for the workers and GPUs now reported (new ones get theirs); those no longer
@@ -191,6 +223,8 @@ class FleetHistory:
         rows.worker_keys, rows.gpu_keys = worker_keys, gpu_keys
         rows.worker_dest = _dest([workers[key] for key in worker_keys], len(WORKER_METRICS))
         rows.gpu_dest = _dest([gpus[uuid] for uuid, _ in gpu_keys], len(GPU_METRICS))
+        refused = max(workers.values(), default=-1) < 0 and max(gpus.values(), default=-1) < 0
+        rows.refused_at = self._released if refused and (workers or gpus) else -1
 
     def _rows_of(self, held: dict, key, size: int) -> int:
         first = held.get(key, -1)
@@ -219,6 +253,8 @@ class FleetHistory:
         for worker in record.workers:
             if not worker.metrics:
                 continue
+            if not rows.plugin_rows:
+                self._plugin_hives += 1
             held = rows.plugin_rows.setdefault(worker_key(worker), {})
             for metric, value in worker.metrics.items():
                 row = held.get(metric)
@@ -256,18 +292,23 @@ class FleetHistory:
     def _release(self, rows: HiveRows, key) -> None:
         if isinstance(key, tuple):
             first, size = rows.worker_rows.pop(key), len(WORKER_METRICS)
-            for metric, row in rows.plugin_rows.pop(key, {}).items():
+            figures = rows.plugin_rows.pop(key, {})
+            for metric, row in figures.items():
                 self.plugins.release(row, 1)
                 self.series -= 1
+                self._released += 1
                 self.plugin_metrics[metric] -= 1
                 if not self.plugin_metrics[metric]:
                     del self.plugin_metrics[metric]
+            if figures and not rows.plugin_rows:
+                self._plugin_hives -= 1
         else:
             first, size = rows.gpu_rows.pop(key), len(GPU_METRICS)
             rows.gpu_index.pop(key, None)
         if first >= 0:
             self.values.release(first, size)
             self.series -= size
+            self._released += 1
 
     # -- querying --------------------------------------------------------------------------
 
