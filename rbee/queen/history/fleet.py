@@ -34,7 +34,7 @@ from .figures import (
 )
 from .reading import Selector, answer
 
-HIVES_PER_CHUNK = 1000
+HIVES_PER_CHUNK = 500
 """Hives gathered between two checkpoints of the recording task (about 10 ms of work)."""
 NO_ROWS = np.zeros(0, np.intp)
 
@@ -126,15 +126,24 @@ class FleetHistory:
             self._closed = bucket - 1
         oldest = (index - self.fine_slots) // self.per_bucket  # before it, no fine point is left
         for closing in range(max(self._closed + 1, oldest), bucket):
-            with self._lock:
-                for store in (self.values, self.plugins):
-                    first = closing * self.per_bucket
-                    store.close(closing, first, first + self.per_bucket - 1)
-            yield
+            first = closing * self.per_bucket
+            for store in (self.values, self.plugins):
+                yield from self._locked(store.closing(closing, first,
+                                                      first + self.per_bucket - 1))
         self._closed = max(self._closed, bucket - 1)
         with self._lock:
             self.values.step(index)
             self.plugins.step(index)
+
+    def _locked(self, parts: Iterator[None]) -> Iterator[None]:
+        """Each of ``parts`` run under the lock, a yield after each."""
+        while True:
+            with self._lock:
+                try:
+                    next(parts)
+                except StopIteration:
+                    return
+            yield
 
     def _changed(self, hives: Iterable[HiveRecord], now: float) -> list[tuple[HiveRows, HiveRecord]]:
         """The fresh hives with a heartbeat not gathered yet; stale and vanished ones are
