@@ -105,3 +105,25 @@ async def test_plugin_figures_over_http(nursery):
                 await trio.sleep(0.05)
     [series] = msgspec.json.decode(response.content)["series"]
     assert (series["hive"], series["instance"], series["metric"]) == ("a", "w", "ctxsw.procs")
+
+
+async def test_the_budget_and_what_it_refused_are_on_metrics(nursery):
+    """A queen whose ``max_bytes`` holds one worker: the second worker's series are refused,
+    counted on ``/metrics``, and queries answer the first as usual."""
+    queen = await start_queen(nursery, history={"fine_step_s": 0.2, "max_bytes": 2**20,
+                                                "fine_retention_s": 60, "coarse_retention_s": 60})
+    row_bytes = queen.history.values.row_bytes
+    queen.history.budget.max_bytes = 9 * row_bytes  # one worker's nine (the config's least is
+    # 1 MiB, thousands of series: the budget is narrowed here, the config path is tested above)
+    beat = heartbeat("a", [worker("first"), worker("second")])
+    async with httpx.AsyncClient(base_url=url_of(queen), timeout=5) as client:
+        await post_heartbeat(client, queen, beat)
+        with trio.fail_after(5):
+            while queen.history.refused == 0:
+                await trio.sleep(0.05)
+        text = (await client.get("/metrics")).text
+        answer = (await client.get("/v1/history", params={"metric": "cpu_pct"})).json()
+    assert "rbee_queen_history_refused_series_total 9.0" in text
+    assert f"rbee_queen_history_bytes {9 * row_bytes}.0" in text
+    assert "rbee_queen_history_series 9.0" in text
+    assert [s["instance"] for s in answer["series"]] == ["first"]

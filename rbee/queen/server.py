@@ -25,6 +25,7 @@ from ..http.transport import ConnectionTable
 from .api import build_app
 from .fleet import open_fleet
 from .history import FleetHistory
+from .history.gauges import HistoryGauges
 from .metrics import QueenMetrics
 from .ticks import every
 
@@ -46,6 +47,7 @@ class QueenServer:
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
                                     lambda: self.broadcaster.lagged_total, self.connections)
+        self.metrics.registry.register(HistoryGauges(self.history))
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()

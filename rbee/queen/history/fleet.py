@@ -32,44 +32,11 @@ from .figures import (
     worker_key,
     worker_values,
 )
+from .hives import NO_ROWS, HiveRows
 from .reading import Selector, answer
 
 HIVES_PER_CHUNK = 500
 """Hives gathered between two checkpoints of the recording task (about 10 ms of work)."""
-NO_ROWS = np.zeros(0, np.intp)
-
-
-class HiveRows:
-    """The rows of one hive's series, and what was gathered last."""
-
-    __slots__ = ("gpu_dest", "gpu_index", "gpu_keys", "gpu_rows", "gpus", "idle", "live",
-                 "plugin_rows", "refused_at", "seen", "silent_since", "worker_dest",
-                 "worker_keys", "worker_rows", "workers")
-
-    def __init__(self) -> None:
-        self.workers: list | None = None
-        """The registry's list of workers gathered last (compared by identity)."""
-        self.gpus: list | None = None
-        self.worker_keys: tuple = ()
-        self.gpu_keys: tuple = ()
-        self.worker_rows: dict[tuple[str, str], int] = {}
-        """(group, instance): the first of its nine rows; -1 when refused by the budget."""
-        self.gpu_rows: dict[str, int] = {}
-        self.gpu_index: dict[str, int] = {}
-        self.plugin_rows: dict[tuple[str, str], dict[str, int]] = {}
-        """(group, instance): each plugin figure's row in the plugin store."""
-        self.worker_dest = NO_ROWS
-        self.gpu_dest = NO_ROWS
-        self.idle: dict[tuple, float] = {}
-        """Workers (group, instance) and GPUs (uuid) no longer reported: since when."""
-        self.live = False
-        self.silent_since = 0.0
-        self.seen = 0
-        self.refused_at = -1
-        """When every series of it was refused by the budget: ``FleetHistory._released`` then
-        (it is not gathered again until a run of rows is freed)."""
-
-
 class FleetHistory:
     """The built-in history of every worker's and GPU's figures (see ``docs/history.md``)."""
 

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
+from ...config import HistorySettings
 from ...contract import HistoryAnswer, SeriesData
 from .columns import Store, nan_mean
 from .figures import GPU_METRICS, SCALES, WORKER_METRICS
+from .hives import HiveRows
 
-if TYPE_CHECKING:
-    from .fleet import FleetHistory, HiveRows
+
+class Held(Protocol):
+    """What a query reads of ``FleetHistory``."""
+
+    settings: HistorySettings
+    hives: dict[str, HiveRows]
+    values: Store
+    plugins: Store
+    per_bucket: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +60,7 @@ class _Window:
         return self.first + self.columns * self.per_column - 1
 
 
-def answer(history: FleetHistory, selector: Selector, since_s: float, step_s: float | None,
+def answer(history: Held, selector: Selector, since_s: float, step_s: float | None,
            now: float) -> HistoryAnswer:
     s = history.settings
     adjusted = []
@@ -101,7 +110,7 @@ def answer(history: FleetHistory, selector: Selector, since_s: float, step_s: fl
                          timestamps=timestamps, series=series, adjusted=adjusted)
 
 
-def _matches(history: FleetHistory, selector: Selector):
+def _matches(history: Held, selector: Selector):
     """``(key, store, row, gpu_index)`` of each series the selector names (row -1: refused by
     the budget); keys sort as the answer lists them."""
     metrics = selector.metrics
@@ -126,7 +135,7 @@ def _matches(history: FleetHistory, selector: Selector):
                            first + offset if first >= 0 else -1, index)
 
 
-def _worker_matches(history: FleetHistory, hive_id: str, rows: HiveRows, selector: Selector):
+def _worker_matches(history: Held, hive_id: str, rows: HiveRows, selector: Selector):
     metrics = selector.metrics
     for (group, instance), first in rows.worker_rows.items():
         if selector.group not in (None, group) or selector.instance not in (None, instance):
@@ -140,7 +149,7 @@ def _worker_matches(history: FleetHistory, hive_id: str, rows: HiveRows, selecto
                 yield ("w", hive_id, group, instance, metric), history.plugins, row, None
 
 
-def _known(history: FleetHistory, store: Store, rows: np.ndarray) -> np.ndarray:
+def _known(history: Held, store: Store, rows: np.ndarray) -> np.ndarray:
     """Whether each row was ever known: in a closed coarse bucket (the store's flag), or in
     a fine point since the last one closed."""
     known = store.known[rows]
@@ -152,7 +161,7 @@ def _known(history: FleetHistory, store: Store, rows: np.ndarray) -> np.ndarray:
     return known
 
 
-def _points(history: FleetHistory, store: Store, rows: np.ndarray, window: _Window
+def _points(history: Held, store: Store, rows: np.ndarray, window: _Window
             ) -> np.ndarray:
     """The stored points of ``rows`` in the window, as floats."""
     tier = store.fine if window.fine else store.coarse

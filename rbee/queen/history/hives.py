@@ -1,0 +1,38 @@
+"""What the history keeps of one hive: which rows hold its series, and what it gathered last."""
+
+from __future__ import annotations
+
+import numpy as np
+
+NO_ROWS = np.zeros(0, np.intp)
+
+
+class HiveRows:
+    """The rows of one hive's series, and what was gathered last."""
+
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_keys", "gpu_rows", "gpus", "idle", "live",
+                 "plugin_rows", "refused_at", "seen", "silent_since", "worker_dest",
+                 "worker_keys", "worker_rows", "workers")
+
+    def __init__(self) -> None:
+        self.workers: list | None = None
+        """The registry's list of workers gathered last (compared by identity)."""
+        self.gpus: list | None = None
+        self.worker_keys: tuple = ()
+        self.gpu_keys: tuple = ()
+        self.worker_rows: dict[tuple[str, str], int] = {}
+        """(group, instance): the first of its nine rows; -1 when refused by the budget."""
+        self.gpu_rows: dict[str, int] = {}
+        self.gpu_index: dict[str, int] = {}
+        self.plugin_rows: dict[tuple[str, str], dict[str, int]] = {}
+        """(group, instance): each plugin figure's row in the plugin store."""
+        self.worker_dest = NO_ROWS
+        self.gpu_dest = NO_ROWS
+        self.idle: dict[tuple, float] = {}
+        """Workers (group, instance) and GPUs (uuid) no longer reported: since when."""
+        self.live = False
+        self.silent_since = 0.0
+        self.seen = 0
+        self.refused_at = -1
+        """When every series of it was refused by the budget: ``FleetHistory._released`` then
+        (it is not gathered again until a run of rows is freed)."""
