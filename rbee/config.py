@@ -348,14 +348,8 @@ class HistorySettings(Settings):
     ``rbee_queen_history_refused_series`` count) until old ones are forgotten: raise it, or
     shorten the tiers, for a larger fleet (docs/history.md)."""
     max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
-    max_series: int | None = None
-    """Replaced by ``max_bytes``: set, it is refused with an error that says so."""
 
     def __post_init__(self) -> None:
-        if self.max_series is not None:
-            raise ValueError("history.max_series is no longer used: history is bounded in bytes "
-                             "by history.max_bytes (a series costs about 6.1 KB at the default "
-                             "tiers)")
         if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
             raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
         per_bucket = self.coarse_step_s / self.fine_step_s
@@ -405,7 +399,16 @@ def parse_config(data: object, config_type: type[ConfigT], source: str = "<confi
         if not at:  # the top level's own check (__post_init__): its message names the key
             message, path = str(exc), ""
         key = path.rstrip("`").removeprefix("$").lstrip(".")
+        retired = message.removeprefix("Object contains unknown field `").removesuffix("`")
+        message = RETIRED_KEYS.get(f"{key}.{retired}".lstrip("."), message)
         raise ConfigError(message or str(exc), source=source, key=key) from exc
+
+
+RETIRED_KEYS = {
+    "history.max_series": "history.max_series is no longer used: history is bounded in bytes by "
+                          "history.max_bytes (a series costs about 6.1 KB at the default tiers)",
+}
+"""Keys of earlier releases, and what replaced them: refused with this message."""
 
 
 def load_config(path: str | Path, config_type: type[ConfigT]) -> ConfigT:
