@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -26,8 +27,8 @@ from .figures import (
     GPU_METRICS,
     METRICS,
     WORKER_METRICS,
-    gpu_key,
     gpu_values,
+    labels,
     plugin_figures,
     worker_key,
     worker_values,
@@ -35,6 +36,9 @@ from .figures import (
 from .hives import NO_ROWS, HiveRows
 from .reading import Selector, answer
 
+_LAYOUT = (attrgetter("groups"), attrgetter("instances"), attrgetter("uuids"),
+           attrgetter("indices"))
+"""What a hive's rows were laid out for, in the order ``figures.labels`` reads it."""
 HIVES_PER_CHUNK = 500
 """Hives gathered between two checkpoints of the recording task (about 10 ms of work)."""
 class FleetHistory:
@@ -149,10 +153,11 @@ class FleetHistory:
     def _gather(self, changed: list[tuple[HiveRows, HiveRecord]], now: float) -> None:
         workers = list(chain.from_iterable(record.workers for _, record in changed))
         gpus = list(chain.from_iterable(record.gpus for _, record in changed))
-        worker_keys, gpu_keys = list(map(worker_key, workers)), list(map(gpu_key, gpus))
-        if (worker_keys != list(chain.from_iterable(rows.worker_keys for rows, _ in changed))
-                or gpu_keys != list(chain.from_iterable(rows.gpu_keys for rows, _ in changed))):
-            self._lay_out_changed(changed, worker_keys, gpu_keys, now)  # some hive's changed
+        seen = labels(workers, gpus)
+        laid_out = tuple(list(chain.from_iterable(getter(rows) for rows, _ in changed))
+                         for getter in _LAYOUT)
+        if seen != laid_out:
+            self._lay_out_changed(changed, seen, now)  # some hive's workers or GPUs changed
         for rows, record in changed:
             rows.workers, rows.gpus, rows.live = record.workers, record.gpus, True
         if self._plugin_hives or any(map(plugin_figures, workers)):
@@ -167,25 +172,28 @@ class FleetHistory:
             dest = np.concatenate([rows.gpu_dest for rows, _ in changed])
             current[dest] = codec.encode(gpu_values(gpus)).ravel()
 
-    def _lay_out_changed(self, changed: list[tuple[HiveRows, HiveRecord]], worker_keys: list,
-                         gpu_keys: list, now: float) -> None:
+    def _lay_out_changed(self, changed: list[tuple[HiveRows, HiveRecord]],
+                         seen: tuple[list, list, list, list], now: float) -> None:
         """Lay out again each hive whose workers or GPUs are not those of its last heartbeat."""
+        groups, instances, uuids, indices = seen
         w = g = 0
         for rows, record in changed:
             w_end, g_end = w + len(record.workers), g + len(record.gpus)
-            workers, gpus = tuple(worker_keys[w:w_end]), tuple(gpu_keys[g:g_end])
-            if workers != rows.worker_keys or gpus != rows.gpu_keys:
-                self._lay_out(rows, workers, gpus, now)
+            hive = (tuple(groups[w:w_end]), tuple(instances[w:w_end]), tuple(uuids[g:g_end]),
+                    tuple(indices[g:g_end]))
+            if hive != tuple(getter(rows) for getter in _LAYOUT):
+                self._lay_out(rows, *hive, now)
             w, g = w_end, g_end
 
-    def _lay_out(self, rows: HiveRows, worker_keys: tuple, gpu_keys: tuple, now: float) -> None:
+    def _lay_out(self, rows: HiveRows, groups: tuple, instances: tuple, uuids: tuple,
+                 indices: tuple, now: float) -> None:
         """Rows for the workers and GPUs now reported (new ones get theirs); those no longer
         reported become NaN and idle (kept until ``forget_old``)."""
+        worker_keys = tuple(zip(groups, instances, strict=True))
         workers = {key: self._rows_of(rows.worker_rows, key, len(WORKER_METRICS))
                    for key in worker_keys}
-        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, len(GPU_METRICS))
-                for uuid, _ in gpu_keys}
-        rows.gpu_index.update(gpu_keys)
+        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, len(GPU_METRICS)) for uuid in uuids}
+        rows.gpu_index.update(zip(uuids, indices, strict=True))
         for key, first in rows.worker_rows.items():
             if key not in workers:
                 self._idle(rows, key, first, len(WORKER_METRICS), now)
@@ -196,9 +204,9 @@ class FleetHistory:
                 self._idle(rows, uuid, first, len(GPU_METRICS), now)
         for key in chain(workers, gpus):
             rows.idle.pop(key, None)
-        rows.worker_keys, rows.gpu_keys = worker_keys, gpu_keys
+        rows.groups, rows.instances, rows.uuids, rows.indices = groups, instances, uuids, indices
         rows.worker_dest = _dest([workers[key] for key in worker_keys], len(WORKER_METRICS))
-        rows.gpu_dest = _dest([gpus[uuid] for uuid, _ in gpu_keys], len(GPU_METRICS))
+        rows.gpu_dest = _dest([gpus[uuid] for uuid in uuids], len(GPU_METRICS))
         refused = max(workers.values(), default=-1) < 0 and max(gpus.values(), default=-1) < 0
         rows.refused_at = self._released if refused and (workers or gpus) else -1
 

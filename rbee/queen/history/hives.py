@@ -10,16 +10,20 @@ NO_ROWS = np.zeros(0, np.intp)
 class HiveRows:
     """The rows of one hive's series, and what was gathered last."""
 
-    __slots__ = ("gpu_dest", "gpu_index", "gpu_keys", "gpu_rows", "gpus", "idle", "live",
-                 "plugin_rows", "refused_at", "seen", "silent_since", "worker_dest",
-                 "worker_keys", "worker_rows", "workers")
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "gpus", "groups", "idle", "indices",
+                 "instances", "live", "plugin_rows", "refused_at", "seen", "silent_since",
+                 "uuids", "worker_dest", "worker_rows", "workers")
 
     def __init__(self) -> None:
         self.workers: list | None = None
         """The registry's list of workers gathered last (compared by identity)."""
         self.gpus: list | None = None
-        self.worker_keys: tuple = ()
-        self.gpu_keys: tuple = ()
+        self.groups: tuple[str, ...] = ()
+        """The group of each worker of its heartbeat, in order (then ``instances``, the GPUs'
+        ``uuids`` and ``indices``): what the rows were laid out for."""
+        self.instances: tuple[str, ...] = ()
+        self.uuids: tuple[str, ...] = ()
+        self.indices: tuple[int, ...] = ()
         self.worker_rows: dict[tuple[str, str], int] = {}
         """(group, instance): the first of its nine rows; -1 when refused by the budget."""
         self.gpu_rows: dict[str, int] = {}
