@@ -127,6 +127,7 @@ class Store:
         self.rows = 0
         """Rows handed out so far (freed ones are reused before new ones are taken)."""
         self.current = np.zeros(1, codec.raw)
+        """Each row's value for the next step, then a sink (the last element)."""
         self.known = np.zeros(1, bool)
         self._free: dict[int, list[int]] = {}
 
@@ -146,9 +147,11 @@ class Store:
             blocks = -(-self.rows // BLOCK)
             self.fine.grow(blocks)
             self.coarse.grow(blocks)
-            current = np.zeros(blocks * BLOCK + 1, self.codec.raw)
+        if self.rows >= len(self.current):  # room doubled: a growing fleet copies it rarely
+            length = max(self.capacity, 2 * (len(self.current) - 1)) + 1
+            current = np.zeros(length, self.codec.raw)
             current[:len(self.current) - 1] = self.current[:-1]
-            known = np.zeros(blocks * BLOCK + 1, bool)
+            known = np.zeros(length, bool)
             known[:len(self.known) - 1] = self.known[:-1]
             self.current, self.known = current, known
         return first
