@@ -209,6 +209,7 @@ class FleetHistory:
         rows.gpu_dest = _dest([gpus[uuid] for uuid in uuids], len(GPU_METRICS))
         refused = max(workers.values(), default=-1) < 0 and max(gpus.values(), default=-1) < 0
         rows.refused_at = self._released if refused and (workers or gpus) else -1
+        rows.recount()
 
     def _rows_of(self, held: dict, key, size: int) -> int:
         first = held.get(key, -1)
@@ -267,10 +268,12 @@ class FleetHistory:
                         self._release(rows, key)
                     del self.hives[hive_id]
                     continue
-                for key, since in list(rows.idle.items()):
-                    if since < horizon:
-                        self._release(rows, key)
-                        del rows.idle[key]
+                old = [key for key, since in rows.idle.items() if since < horizon]
+                for key in old:
+                    self._release(rows, key)
+                    del rows.idle[key]
+                if old:
+                    rows.recount()
         return before - self.series
 
     def _release(self, rows: HiveRows, key) -> None:

@@ -10,9 +10,10 @@ NO_ROWS = np.zeros(0, np.intp)
 class HiveRows:
     """The rows of one hive's series, and what was gathered last."""
 
-    __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "gpus", "groups", "idle", "indices",
-                 "instances", "live", "plugin_rows", "refused_at", "seen", "silent_since",
-                 "uuids", "worker_dest", "worker_rows", "workers")
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "gpus", "groups", "held_gpus",
+                 "held_workers", "idle", "indices", "instances", "live", "plugin_rows",
+                 "refused_at", "seen", "silent_since", "uuids", "worker_dest", "worker_rows",
+                 "workers")
 
     def __init__(self) -> None:
         self.workers: list | None = None
@@ -40,3 +41,10 @@ class HiveRows:
         self.refused_at = -1
         """When every series of it was refused by the budget: ``FleetHistory._released`` then
         (it is not gathered again until a run of rows is freed)."""
+        self.held_workers = 0
+        """Workers (then GPUs) with rows, those refused by the budget left out."""
+        self.held_gpus = 0
+
+    def recount(self) -> None:
+        self.held_workers = sum(first >= 0 for first in self.worker_rows.values())
+        self.held_gpus = sum(first >= 0 for first in self.gpu_rows.values())

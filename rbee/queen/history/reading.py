@@ -83,21 +83,21 @@ def answer(history: Held, selector: Selector, since_s: float, step_s: float | No
     first -= (last - first + 1) % per_column  # whole columns only
     window = _Window(fine, first, (last - first + 1) // per_column, per_column)
     timestamps = [(first + i * per_column) * stored_step for i in range(window.columns)]
-    matches = [match for match in _matches(history, selector) if match[2] >= 0]
+    held = _held(history, selector)
+    if held > s.max_series_per_query:
+        raise QueryError(
+            f"{held} series match, more than history.max_series_per_query "
+            f"({s.max_series_per_query}): narrow the query with hive, group, instance, gpu or "
+            f"metric")
     by_store: dict[int, list] = {}
-    for match in matches:
-        by_store.setdefault(id(match[1]), []).append(match)
+    for match in _matches(history, selector):
+        if match[2] >= 0:
+            by_store.setdefault(id(match[1]), []).append(match)
     known = []  # per store: its matches that were ever known, and their rows
     for group in by_store.values():
         rows = np.array([match[2] for match in group], np.intp)
         flags = _known(history, group[0][1], rows)
         known.append(([m for m, flag in zip(group, flags, strict=True) if flag], rows[flags]))
-    count = sum(len(rows) for _, rows in known)
-    if count > s.max_series_per_query:
-        raise QueryError(
-            f"{count} series match, more than history.max_series_per_query "
-            f"({s.max_series_per_query}): narrow the query with hive, group, instance, gpu or "
-            f"metric")
     kept = []
     for group, rows in known:
         if len(rows):
@@ -110,40 +110,63 @@ def answer(history: Held, selector: Selector, since_s: float, step_s: float | No
                          timestamps=timestamps, series=series, adjusted=adjusted)
 
 
+def _hives(history: Held, selector: Selector) -> list[tuple[str, HiveRows]]:
+    if selector.hive is None:
+        return list(history.hives.items())
+    rows = history.hives.get(selector.hive)
+    return [] if rows is None else [(selector.hive, rows)]
+
+
+def _chosen(names: tuple[str, ...], metrics: frozenset[str] | None) -> list[tuple[int, str]]:
+    return [(offset, name) for offset, name in enumerate(names)
+            if metrics is None or name in metrics]
+
+
+def _held(history: Held, selector: Selector) -> int:
+    """How many series the selector names, known or not (what ``max_series_per_query``
+    bounds): counted hive by hive, series by series only where a group, instance or GPU is
+    named, so that a query over a whole large fleet is refused at once."""
+    if selector.group is not None or selector.instance is not None or selector.gpu is not None:
+        return sum(1 for match in _matches(history, selector) if match[2] >= 0)
+    metrics = selector.metrics
+    per_worker = len(_chosen(WORKER_METRICS, metrics))
+    per_gpu = len(_chosen(GPU_METRICS, metrics))
+    count = 0
+    for _, rows in _hives(history, selector):
+        count += rows.held_workers * per_worker + rows.held_gpus * per_gpu
+        for figures in rows.plugin_rows.values():
+            count += len(figures) if metrics is None else len(figures.keys() & metrics)
+    return count
+
+
 def _matches(history: Held, selector: Selector):
     """``(key, store, row, gpu_index)`` of each series the selector names (row -1: refused by
     the budget); keys sort as the answer lists them."""
-    metrics = selector.metrics
-    if selector.hive is not None:
-        hives = [(selector.hive, history.hives.get(selector.hive))]
-    else:
-        hives = list(history.hives.items())
-    for hive_id, rows in hives:
-        if rows is None:
-            continue
+    worker_metrics = _chosen(WORKER_METRICS, selector.metrics)
+    gpu_metrics = _chosen(GPU_METRICS, selector.metrics)
+    for hive_id, rows in _hives(history, selector):
         if selector.gpu is None:
-            yield from _worker_matches(history, hive_id, rows, selector)
+            yield from _worker_matches(history, hive_id, rows, selector, worker_metrics)
         if selector.group is not None or selector.instance is not None:
             continue
         for uuid, first in rows.gpu_rows.items():
             index = rows.gpu_index.get(uuid)
             if selector.gpu not in (None, uuid, str(index)):
                 continue
-            for offset, metric in enumerate(GPU_METRICS):
-                if metrics is None or metric in metrics:
-                    yield (("g", hive_id, uuid, metric), history.values,
-                           first + offset if first >= 0 else -1, index)
+            for offset, metric in gpu_metrics:
+                yield (("g", hive_id, uuid, metric), history.values,
+                       first + offset if first >= 0 else -1, index)
 
 
-def _worker_matches(history: Held, hive_id: str, rows: HiveRows, selector: Selector):
+def _worker_matches(history: Held, hive_id: str, rows: HiveRows, selector: Selector,
+                    chosen: list[tuple[int, str]]):
     metrics = selector.metrics
     for (group, instance), first in rows.worker_rows.items():
         if selector.group not in (None, group) or selector.instance not in (None, instance):
             continue
-        for offset, metric in enumerate(WORKER_METRICS):
-            if metrics is None or metric in metrics:
-                yield (("w", hive_id, group, instance, metric), history.values,
-                       first + offset if first >= 0 else -1, None)
+        for offset, metric in chosen:
+            yield (("w", hive_id, group, instance, metric), history.values,
+                   first + offset if first >= 0 else -1, None)
         for metric, row in rows.plugin_rows.get((group, instance), {}).items():
             if metrics is None or metric in metrics:
                 yield ("w", hive_id, group, instance, metric), history.plugins, row, None
