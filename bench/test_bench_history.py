@@ -10,7 +10,8 @@ each, 1.12 M series), the heartbeat of ``tests/fleetload.py``.
   machine: a step writes one column whatever the retention, and a 10 s bucket closes from its 10
   fine points either way. Printed: CPU ms per step (thread time: what the step costs whatever
   else runs on the machine), % of one core at 1 Hz, the ratio, the longest part between two
-  checkpoints (how long the queen's event loop is held).
+  checkpoints (how long the queen's event loop is held); then a query over the whole fleet (refused
+  past ``max_series_per_query``) and one of a single hive.
 - ``memory``: bytes per series at the default tiers, and the RSS the default history
   (``max_bytes`` 256 MiB) takes at 10,000 hives once its rings have wrapped, against the before
   side's RSS per series.
@@ -35,7 +36,7 @@ import pytest
 
 from rbee.config import HistorySettings
 from rbee.contract import HiveHeartbeat, HiveRecord
-from rbee.queen.history import FleetHistory
+from rbee.queen.history import FleetHistory, QueryError, Selector
 from tests.fleetload import eight_gpu_heartbeat
 
 from .conftest import FIGURES
@@ -128,6 +129,16 @@ def test_step(benchmark, records):
     history.record(last[0], T0 + next(clock))  # nothing new since the last step
     quiet_s = time.thread_time() - started
 
+    started = time.thread_time()
+    with pytest.raises(QueryError):  # the dashboard's sparklines, over 80,000 workers
+        history.query(Selector(metrics=frozenset({"cpu_pct", "gpu_util_pct"})), 60, 5,
+                      T0 + next(clock))
+    refused_s = time.thread_time() - started
+    started = time.thread_time()
+    one = history.query(Selector(hive="hive-00042"), 20, None, T0 + next(clock))
+    one_s = time.thread_time() - started
+    assert len(one.series) == SERIES_PER_HIVE
+
     old = before_module()
     small = records[:BEFORE_HIVES]
     before = old.FleetHistory(SimpleNamespace(fine_step_s=1.0, coarse_step_s=10.0,
@@ -152,6 +163,8 @@ def test_step(benchmark, records):
         f"less")
     FIGURES["history step, longest part between checkpoints, CPU"] = f"{max(parts) * 1e3:.1f} ms"
     FIGURES["history step, no heartbeat since the last, CPU"] = f"{quiet_s * 1e3:.1f} ms"
+    FIGURES["history query over the whole fleet (refused), CPU"] = f"{refused_s * 1e3:.1f} ms"
+    FIGURES["history query of one hive (112 series), CPU"] = f"{one_s * 1e3:.1f} ms"
     FIGURES["history first step (rows handed out)"] = f"{first_s * 1e3:.0f} ms"
     FIGURES["history before: RSS per series"] = f"{before_bytes:,.0f} bytes (short tiers)"
     assert before_s / new_s >= 5
