@@ -30,11 +30,13 @@ SCALES = {name: 1.0 for name in (*WORKER_METRICS, *GPU_METRICS)} | {
 METRICS = frozenset(SCALES)
 """The built-in metrics; plugin figures add their own names (``plugin.metric``)."""
 
-_WORKER_FIGURES = [attrgetter(name) for name in (
-    "cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "vram_mb")]
-_ENGINE_FIGURES = [attrgetter(name) for name in (
-    "requests_running", "requests_waiting", "kv_cache_pct")]
-_GPU_FIGURES = [attrgetter(name) for name in GPU_METRICS]
+_WORKER_FIGURES = [(attrgetter(name), nullable) for name, nullable in (
+    ("cpu_pct", False), ("rss_mb", False), ("io_r_mb_s", False), ("io_w_mb_s", False),
+    ("gpu_util_pct", True), ("vram_mb", False))]
+"""Each figure's getter, and whether it may be None (the contract says which)."""
+_ENGINE_FIGURES = [(attrgetter(name), nullable) for name, nullable in (
+    ("requests_running", False), ("requests_waiting", False), ("kv_cache_pct", True))]
+_GPU_FIGURES = [(attrgetter(name), name != "vram_used_mb") for name in GPU_METRICS]
 _NO_ENGINE = SimpleNamespace(requests_running=None, requests_waiting=None, kv_cache_pct=None)
 _NONE_AS_NAN = {None: math.nan}
 _WORKER_SCALE = np.array([SCALES[m] for m in WORKER_METRICS])
@@ -56,12 +58,14 @@ def labels(workers: Sequence[WorkerTelemetry], gpus: Sequence[GpuDevice]
             list(map(_index, gpus)))
 
 
-def _column(figure: attrgetter, objects: Sequence[object]) -> np.ndarray:
-    """One figure of each object as float64, None as NaN, converted in C: ``dict.get(x, x)``
-    turns None into NaN and leaves a number as it is, and ``np.fromiter`` takes the count
-    (``np.array`` on a list first scans it for a dtype: three times slower). The getter runs
-    twice per object rather than making a tuple per object (a batch of tuples keeps the
-    garbage collector busy)."""
+def _column(figure: attrgetter, objects: Sequence[object], nullable: bool) -> np.ndarray:
+    """One figure of each object as float64, converted in C by ``np.fromiter`` (which takes
+    the count: ``np.array`` on a list first scans it for a dtype, three times slower). A figure
+    that may be None goes through ``dict.get(x, x)``, which turns None into NaN and leaves a
+    number as it is (the getter runs twice per object, rather than making a tuple per object:
+    a batch of tuples keeps the garbage collector busy)."""
+    if not nullable:
+        return np.fromiter(map(figure, objects), np.float64, len(objects))
     return np.fromiter(map(_NONE_AS_NAN.get, map(figure, objects), map(figure, objects)),
                        np.float64, len(objects))
 
@@ -70,13 +74,14 @@ def worker_values(workers: Sequence[WorkerTelemetry]) -> np.ndarray:
     """``(len(workers), 9)``: each worker's series in ``WORKER_METRICS`` order, scaled."""
     n = len(workers)
     values = np.empty((n, len(WORKER_METRICS)))
-    for column, figure in enumerate(_WORKER_FIGURES):
-        values[:, column] = _column(figure, workers)
+    for column, (figure, nullable) in enumerate(_WORKER_FIGURES):
+        values[:, column] = _column(figure, workers, nullable)
     engines = list(map(_engine_of, workers))
-    if None in engines:
+    missing = None in engines
+    if missing:
         engines = [engine if engine is not None else _NO_ENGINE for engine in engines]
-    for column, figure in enumerate(_ENGINE_FIGURES, start=len(_WORKER_FIGURES)):
-        values[:, column] = _column(figure, engines)
+    for column, (figure, nullable) in enumerate(_ENGINE_FIGURES, start=len(_WORKER_FIGURES)):
+        values[:, column] = _column(figure, engines, nullable or missing)
     on_gpu = (np.fromiter(map(bool, map(_gpus_of, workers)), bool, n)
               | np.fromiter(map(bool, map(_indices_of, workers)), bool, n))
     values[~on_gpu, 5] = np.nan  # a worker on no GPU has no VRAM figure, not 0
@@ -87,7 +92,7 @@ def worker_values(workers: Sequence[WorkerTelemetry]) -> np.ndarray:
 def gpu_values(gpus: Sequence[GpuDevice]) -> np.ndarray:
     """``(len(gpus), 5)``: each GPU's series in ``GPU_METRICS`` order, scaled."""
     values = np.empty((len(gpus), len(GPU_METRICS)))
-    for column, figure in enumerate(_GPU_FIGURES):
-        values[:, column] = _column(figure, gpus)
+    for column, (figure, nullable) in enumerate(_GPU_FIGURES):
+        values[:, column] = _column(figure, gpus, nullable)
     values *= _GPU_SCALE
     return values
