@@ -127,3 +127,36 @@ async def test_the_budget_and_what_it_refused_are_on_metrics(nursery):
     assert f"rbee_queen_history_bytes {9 * row_bytes}.0" in text
     assert "rbee_queen_history_series 9.0" in text
     assert [s["instance"] for s in answer["series"]] == ["first"]
+
+
+def test_a_hive_gone_from_the_registry_is_a_gap_while_refused_hives_still_report():
+    """Hives refused whole by the budget are not gathered, but they are still told apart from
+    the live ones: a recorded hive that leaves the registry is a gap from that step on."""
+    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
+    history = FleetHistory(settings)
+    fits = 2**20 // history.values.row_bytes // 9
+    big = record_of("big", [worker(f"w{i:04d}") for i in range(fits - 1)])
+    small = record_of("small", [worker("w")])
+    refused = [record_of(f"refused{i}", [worker("w"), worker("v")]) for i in range(3)]
+    history.record([big, small, *refused], T0)
+    assert history.refused == 3 * 2 * 9
+    history.record([big, *refused], T0 + 1)  # "small" left the registry
+    assert _values(history, "cpu_pct", 2, T0 + 1.5, hive="small") == {("small", "w"): [12.5,
+                                                                                      None]}
+
+
+def test_a_hive_refused_whole_is_kept_while_it_reports_and_tried_again_once_rows_are_freed():
+    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
+    history = FleetHistory(settings)
+    fits = 2**20 // history.values.row_bytes // 9
+    big = record_of("big", [worker(f"w{i:04d}") for i in range(fits)])
+    late = record_of("late", [worker("w")])
+    history.record([big, late], T0)
+    assert history.refused == 9
+    history.record([late], T0 + 1)  # "big" left the registry
+    history.forget_old(T0 + 300)
+    assert history.refused == 9 and "late" in history.hives  # it still reports: not dropped
+    history.forget_old(T0 + 602)  # "big" is forgotten: its rows are free
+    history.record([late], T0 + 603)
+    assert history.refused == 9 and len(history) == 9
+    assert _values(history, "cpu_pct", 1, T0 + 603.5) == {("late", "w"): [12.5]}

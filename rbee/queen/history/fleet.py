@@ -74,7 +74,7 @@ class FleetHistory:
 
     def metrics(self) -> frozenset[str]:
         """Every metric a query may name: the built-in ones and the plugin figures held."""
-        return METRICS | self.plugin_metrics.keys()
+        return METRICS.union(self.plugin_metrics)
 
     # -- recording -------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class FleetHistory:
         """The fresh hives with a heartbeat not gathered yet; stale and vanished ones are
         silenced."""
         self._epoch = epoch = self._epoch + 1
-        changed, fresh = [], 0
+        changed, live = [], 0
         with self._lock:
             for record in hives:
                 rows = self.hives.get(record.info.id)
@@ -130,20 +130,24 @@ class FleetHistory:
                     continue
                 if rows is None:
                     rows = self.hives[record.info.id] = HiveRows()
-                rows.seen = epoch
-                fresh += 1
-                if rows.refused_at == self._released:
-                    continue  # nothing of it fits, and nothing was freed since it was refused
+                rows.seen, rows.seen_at = epoch, now
+                live += rows.live
+                if rows.refused_at >= 0:  # some of its series did not fit
+                    if rows.refused_at != self._released:
+                        rows.groups = rows.uuids = ()  # rows were freed since: lay it out
+                        rows.workers = None  # and gather it again
+                    elif rows.refused_whole:
+                        continue  # nothing of it fits, and nothing was freed since
                 if rows.workers is not record.workers or rows.gpus is not record.gpus:
                     changed.append((rows, record))
-            if fresh < sum(1 for rows in self.hives.values() if rows.live):
+            if live < sum(1 for rows in self.hives.values() if rows.live):
                 for rows in self.hives.values():
                     if rows.live and rows.seen != epoch:
                         self._silence(rows, now)  # gone from the registry
         return changed
 
     def _silence(self, rows: HiveRows, now: float) -> None:
-        rows.live, rows.silent_since = False, now
+        rows.live = False
         rows.workers = rows.gpus = None  # gathered again when it is back
         self.values.current[rows.worker_dest] = 0
         self.values.current[rows.gpu_dest] = 0
@@ -207,8 +211,9 @@ class FleetHistory:
         rows.groups, rows.instances, rows.uuids, rows.indices = groups, instances, uuids, indices
         rows.worker_dest = _dest([workers[key] for key in worker_keys], len(WORKER_METRICS))
         rows.gpu_dest = _dest([gpus[uuid] for uuid in uuids], len(GPU_METRICS))
-        refused = max(workers.values(), default=-1) < 0 and max(gpus.values(), default=-1) < 0
-        rows.refused_at = self._released if refused and (workers or gpus) else -1
+        firsts = [*workers.values(), *gpus.values()]
+        rows.refused_at = self._released if min(firsts, default=0) < 0 else -1
+        rows.refused_whole = max(firsts, default=0) < 0
         rows.recount()
 
     def _rows_of(self, held: dict, key, size: int) -> int:
@@ -263,7 +268,7 @@ class FleetHistory:
         before = self.series
         with self._lock:
             for hive_id, rows in list(self.hives.items()):
-                if not rows.live and rows.silent_since < horizon:
+                if not rows.live and rows.seen_at < horizon:  # silent, or gone, that long
                     for key in [*rows.worker_rows, *rows.gpu_rows]:
                         self._release(rows, key)
                     del self.hives[hive_id]

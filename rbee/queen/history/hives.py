@@ -12,7 +12,7 @@ class HiveRows:
 
     __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "gpus", "groups", "held_gpus",
                  "held_workers", "idle", "indices", "instances", "live", "plugin_rows",
-                 "refused_at", "seen", "silent_since", "uuids", "worker_dest", "worker_rows",
+                 "refused_at", "refused_whole", "seen", "seen_at", "uuids", "worker_dest", "worker_rows",
                  "workers")
 
     def __init__(self) -> None:
@@ -36,11 +36,14 @@ class HiveRows:
         self.idle: dict[tuple, float] = {}
         """Workers (group, instance) and GPUs (uuid) no longer reported: since when."""
         self.live = False
-        self.silent_since = 0.0
         self.seen = 0
+        """The recording step that last found it fresh in the registry (then its time)."""
+        self.seen_at = 0.0
         self.refused_at = -1
-        """When every series of it was refused by the budget: ``FleetHistory._released`` then
-        (it is not gathered again until a run of rows is freed)."""
+        """When some of its series were refused by the budget: ``FleetHistory._released`` then
+        (it is laid out again once a run of rows has been freed since; -1: none refused)."""
+        self.refused_whole = False
+        """All of them were: it is not gathered at all until then."""
         self.held_workers = 0
         """Workers (then GPUs) with rows, those refused by the budget left out."""
         self.held_gpus = 0
