@@ -126,7 +126,7 @@ class FleetHistory:
                 rows = self.hives.get(record.info.id)
                 if record.stale:
                     if rows is not None and rows.live:
-                        self._silence(rows, now)
+                        self._silence(rows)
                     continue
                 if rows is None:
                     rows = self.hives[record.info.id] = HiveRows()
@@ -143,10 +143,10 @@ class FleetHistory:
             if live < sum(1 for rows in self.hives.values() if rows.live):
                 for rows in self.hives.values():
                     if rows.live and rows.seen != epoch:
-                        self._silence(rows, now)  # gone from the registry
+                        self._silence(rows)  # gone from the registry
         return changed
 
-    def _silence(self, rows: HiveRows, now: float) -> None:
+    def _silence(self, rows: HiveRows) -> None:
         rows.live = False
         rows.workers = rows.gpus = None  # gathered again when it is back
         self.values.current[rows.worker_dest] = 0
