@@ -9,6 +9,7 @@ Names and units follow Prometheus' conventions: base units (bytes, seconds, rati
 core or one GPU), ``_total`` only on counters. Labels: ``hive``, ``group``, ``instance``,
 ``model`` on workers; ``hive``, ``gpu`` (index), ``uuid`` (and ``mig_parent`` for a MIG instance)
 on GPUs. A figure the hive does not know (``null`` in the contract) is left out, never sent as 0.
+Plugin figures follow, a family per declared figure (``rbee.plugin_figures``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .contract import GpuDevice, HiveRecord, WorkerTelemetry, describe_health, on_gpu, paths
+from .plugin_figures import UNDECLARED_HELP, UNDECLARED_NAME, plugin_samples
 
 MIB = 2**20
 HEALTH_STATES = ("healthy", "degraded", "unhealthy")
@@ -102,6 +104,8 @@ class Family:
     """An info metric: its value is 1, its labels are the information."""
     counter: bool = False
     """A counter: its samples are named ``<name>_total``."""
+    unit: str = ""
+    """OpenMetrics' ``# UNIT`` (the name ends with it)."""
 
 
 WORKER_FAMILIES = tuple(Family(name, text, WORKER_LABELS) for name, text, _ in WORKER_GAUGES)
@@ -132,6 +136,7 @@ LIFECYCLE_FAMILIES = (
            "crashloop, exited, oom_killed); only running takes work", (*WORKER_LABELS, "state")),
 )
 """Per worker, after the rest (``rbee.hive.supervisor`` says what the states mean)."""
+UNDECLARED = Family(UNDECLARED_NAME, UNDECLARED_HELP, (*WORKER_LABELS, "key"))
 FAMILIES = (WORKER_FAMILIES + OTHER_FAMILIES[:2] + GPU_FAMILIES + OTHER_FAMILIES[2:]
             + LIFECYCLE_FAMILIES)
 
@@ -202,7 +207,24 @@ class FleetCollector(Collector):
         return []  # unchecked: the families depend on the fleet at scrape time
 
     def collect(self) -> Iterator[Metric]:
-        for family, rows in zip(FAMILIES, fleet_rows(list(self.records())), strict=True):
+        hives = list(self.records())
+        yield from self._fleet(hives)
+        declared, undeclared = plugin_samples(hives, lambda hive, w: (
+            hive.info.id, w.group, w.instance, w.model or ""))
+        for family, samples in declared:
+            kind = CounterMetricFamily if family.counter else GaugeMetricFamily
+            metric = kind(family.name, family.help, labels=WORKER_LABELS, unit=family.unit)
+            for labels, value in samples:
+                metric.add_metric(labels, value)
+            yield metric
+        if undeclared:
+            metric = GaugeMetricFamily(UNDECLARED.name, UNDECLARED.help, labels=UNDECLARED.labels)
+            for labels, key, value in undeclared:
+                metric.add_metric((*labels, key), value)
+            yield metric
+
+    def _fleet(self, hives: list[HiveRecord]) -> Iterator[Metric]:
+        for family, rows in zip(FAMILIES, fleet_rows(hives), strict=True):
             if family.info:
                 metric = InfoMetricFamily(family.name, family.help, labels=family.labels[:1])
                 for labels, extra, _ in rows:
@@ -228,8 +250,7 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
         hive_id = _escape(hive.info.id)
         hive_labels.append((f'hive="{hive_id}"', hive))
         for w in hive.workers:
-            workers.append((f'hive="{hive_id}",group="{_escape(w.group)}",instance='
-                            f'"{_escape(w.instance)}",model="{_escape(w.model or "")}"', w))
+            workers.append((_worker_labels(hive_id, w), w))
         for d in hive.gpus:
             gpus.append((f'hive="{hive_id}",gpu="{d.index}",uuid="{_escape(d.uuid)}",'
                          f'mig_parent="{_escape(d.mig_parent_uuid or "")}"', d))
@@ -242,6 +263,8 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
             name = (f"{family.name}_total" if family.counter and not openmetrics
                     else family.name if openmetrics or not family.info else f"{family.name}_info")
             out.append(f"# HELP {name} {family.help}\n# TYPE {name} {kind}\n")
+            if family.unit and openmetrics:
+                out.append(f"# UNIT {name} {family.unit}\n")
             out.extend(lines)
 
     for spec, (name, _, value_of) in zip(WORKER_FAMILIES, WORKER_GAUGES, strict=True):
@@ -285,7 +308,28 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool) -> str:
                                    for labels, w in workers])
     family(LIFECYCLE_FAMILIES[2], [f'{state}{{{labels},state="{w.state}"}} 1.0\n'
                                    for labels, w in workers])
+    labels_of = {id(w): labels for labels, w in workers}  # each worker's, built once above
+    declared, undeclared = plugin_samples(hives, lambda hive, w: labels_of[id(w)])
+    for plugin, samples in declared:
+        sample = f"{plugin.name}_total" if plugin.counter else plugin.name
+        family(Family(plugin.name, _escape_help(plugin.help, openmetrics), WORKER_LABELS,
+                      counter=plugin.counter, unit=plugin.unit),
+               [f"{sample}{{{labels}}} {value!r}\n" for labels, value in samples])
+    family(UNDECLARED, [f'{UNDECLARED.name}{{{labels},key="{_escape(key)}"}} {value!r}\n'
+                        for labels, key, value in undeclared])
     return "".join(out)
+
+
+def _worker_labels(hive_id: str, w: WorkerTelemetry) -> str:
+    """A worker's label string; ``hive_id`` already escaped."""
+    return (f'hive="{hive_id}",group="{_escape(w.group)}",instance="{_escape(w.instance)}",'
+            f'model="{_escape(w.model or "")}"')
+
+
+def _escape_help(text: str, openmetrics: bool) -> str:
+    """A plugin's help text (whitespace already collapsed to single spaces) as HELP needs it."""
+    text = text.replace("\\", "\\\\")
+    return text.replace('"', '\\"') if openmetrics else text
 
 
 def _state(status) -> str:

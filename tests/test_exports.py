@@ -29,15 +29,18 @@ RBEE = {
 }
 
 CONTRACT = {
+    "ChannelAck", "ChannelDelta", "ChannelError", "ChannelResync", "ChannelSnapshot", "HiveFrame",
+    "QueenFrame", "apply_delta", "decode_hive_frame", "decode_queen_frame", "encode_frame",
+    "worker_key",
     "CollectorIssue", "Degraded", "EngineState", "FleetWorker", "GpuDevice", "GpuFault",
     "GpuFaultKind", "GpuIndex", "GpuUtilSource", "HealthStatus", "Healthy", "HistoryAnswer",
     "HiveHealth", "HiveHeartbeat", "HiveInfo", "HiveRecord", "HiveRemovedEvent", "HiveStaleEvent",
     "HiveState", "HiveTelemetryEvent", "ID_MAX_CHARS", "ID_PATTERN", "Identifier",
     "LONG_TEXT_CHARS", "LaggedEvent", "LongText", "MAX_ERRORS", "MAX_FIGURE", "MAX_GPUS",
-    "MAX_METRICS", "MAX_TAIL_LINES", "MAX_WORKERS", "METRIC_KEY_CHARS", "METRIC_KEY_PATTERN",
-    "MIB", "MetricKey", "Metrics", "NonNegFloat", "NonNegInt", "OperationalStatus", "Pid",
+    "MAX_METRICS", "MAX_PLUGINS", "MAX_TAIL_LINES", "MAX_WORKERS", "METRIC_KEY_CHARS", "METRIC_KEY_PATTERN",
+    "MIB", "MetricKey", "MetricKind", "MetricSpec", "Metrics", "NonNegFloat", "NonNegInt", "OperationalStatus", "PLUGIN_NAME_PATTERN", "Pid", "PluginInfo",
     "QueenEvent", "QueenHealth", "QueenLink", "Reply", "SHORT_TEXT_CHARS", "STREAM_EVENT_NAME",
-    "SeriesData", "ShortText", "SignedFloat", "SnapshotEvent", "StreamEvent", "TAIL_BYTES",
+    "SeriesData", "ShortText", "EndpointUrl", "SignedFloat", "SnapshotEvent", "StreamEvent", "TAIL_BYTES",
     "TAIL_LINE_CHARS", "TailLine", "Unhealthy", "UtcTimestamp", "VramFigures", "WholeMib",
     "WorkerExit", "WorkerGpuUse", "WorkerName", "WorkerPage", "WorkerState", "WorkerTelemetry",
     "cut", "decode_heartbeat", "decode_json", "decode_stream_event", "describe_health", "encode",
@@ -45,14 +48,16 @@ CONTRACT = {
 }
 
 PLUGIN = {
-    "API_VERSION", "ENTRY_POINT_GROUP", "PROJECT", "StatSample", "WorkerView", "hookimpl",
-    "hookspec",
+    "API_VERSION", "CollectorIssue", "CollectorSettings", "ENTRY_POINT_GROUP", "GpuDevice",
+    "MetricKind", "MetricSpec", "PROJECT", "PluginInfo", "PluginSettings", "StatSample",
+    "WorkerGpuUse", "WorkerTelemetry", "WorkerView", "hookimpl", "hookspec",
 }
 
 PATHS = {
     "HEALTH": "/health",
     "METRICS": "/metrics",
     "HEARTBEAT": "/v1/hive-heartbeat",
+    "CHANNEL": "/v1/hive-channel",
     "STREAM": "/v1/heartbeats/stream",
     "HIVES": "/v1/hives",
     "HIVE": "/v1/hives/{hive_id}",

@@ -228,12 +228,13 @@ def test_a_silent_hive_leaves_a_gap_and_is_forgotten_whole():
 
 
 def test_old_max_series_key_is_refused_naming_max_bytes():
-    from rbee.config import ConfigError, QueenConfig, parse_config
+    from rbee import ConfigError
+    from rbee.config import QueenConfig, parse_config
 
     with pytest.raises(ConfigError, match=r"history.max_series is no longer used: history is "
                                           r"bounded in bytes by history.max_bytes"):
         parse_config({"history": {"max_series": 1000}}, QueenConfig, "queen.yaml")
-    with pytest.raises(ConfigError, match="coarse_step_s must be a whole multiple of fine_step_s"):
+    with pytest.raises(ConfigError, match="its step a whole multiple of the fine one"):
         parse_config({"history": {"fine_step_s": 3, "coarse_step_s": 10}}, QueenConfig, "q.yaml")
 
 

@@ -1,5 +1,5 @@
 """The public plugin API: its names and hook signatures pinned (a change must be deliberate and
-bump API_VERSION), documented in the README with their exact signatures, called through pluggy one
+bump API_VERSION), documented in docs/plugins.md with their exact signatures, called through pluggy one
 plugin at a time (tracing sees every call), wrappers refused, and a per-tick budget per plugin."""
 
 from __future__ import annotations
@@ -24,13 +24,17 @@ from rbee.plugin.manager import build_plugin_manager
 from .conftest import sleeper
 from .hivekit import wait_mapped
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+GUIDE = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
 
-PUBLIC = ["API_VERSION", "ENTRY_POINT_GROUP", "PROJECT", "StatSample", "WorkerView", "hookimpl",
-          "hookspec"]
+PUBLIC = ["API_VERSION", "CollectorIssue", "CollectorSettings", "ENTRY_POINT_GROUP", "GpuDevice",
+          "MetricKind", "MetricSpec", "PROJECT", "PluginInfo", "PluginSettings", "StatSample",
+          "WorkerGpuUse", "WorkerTelemetry", "WorkerView", "hookimpl", "hookspec"]
 HOOKS = {
     "rbee_collector_setup":
-        "(settings: 'CollectorSettings', plugin_manager: 'pluggy.PluginManager') -> 'None'",
+        "(settings: 'CollectorSettings', plugin_manager: 'pluggy.PluginManager', "
+        "config: 'msgspec.Struct | None') -> 'None'",
+    "rbee_declare_metrics": "() -> 'Sequence[MetricSpec]'",
+    "rbee_plugin_settings": "() -> 'type[msgspec.Struct]'",
     "rbee_collector_teardown": "() -> 'None'",
     "rbee_refresh_devices": "() -> 'list[GpuDevice]'",
     "rbee_sample_devices": "() -> 'None'",
@@ -38,13 +42,13 @@ HOOKS = {
                             "-> 'Awaitable[None] | None'",
     "rbee_collect_worker": "(worker: 'WorkerView', telemetry: 'WorkerTelemetry') -> 'None'",
 }
-VIEW = ["argv", "cgroup_path", "cpu_limit_pct", "elapsed_s", "gpu_indices", "group", "instance",
+VIEW = ["argv", "cgroup_path", "cgroup_paths", "cpu_limit_pct", "elapsed_s", "gpu_indices", "group", "instance",
         "limits_applied", "memory_limit_mb", "metrics_url", "pid", "pids", "previous", "sample",
         "start_boottime_s", "state"]
 
 
 def test_the_public_surface_is_pinned():
-    assert API_VERSION == "1.0"
+    assert API_VERSION == "1.1"
     assert sorted(rbee.plugin.__all__) == PUBLIC
     assert sorted(spec.__all__) == sorted(HOOKS)
     for name, signature in HOOKS.items():
@@ -52,11 +56,11 @@ def test_the_public_surface_is_pinned():
     assert sorted(n for n in dir(WorkerView) if not n.startswith("_")) == VIEW
 
 
-def test_readme_documents_each_hook_with_its_exact_signature():
+def test_the_guide_documents_each_hook_with_its_exact_signature():
     for name, signature in HOOKS.items():
         written = f"def {name}{signature.replace(chr(39), '')}"
-        assert written in README, written
-    assert "rbee.plugin.API_VERSION" in README and f'"{API_VERSION}"' in README
+        assert written in GUIDE, written
+    assert "rbee.plugin.API_VERSION" in GUIDE and f'"{API_VERSION}"' in GUIDE
 
 
 def test_the_view_is_read_only():

@@ -58,6 +58,8 @@ WorkerName = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS)]
 cache of names already seen (a regex per name would double the decoding time of a heartbeat, and
 a fleet's names repeat every second)."""
 ShortText = Annotated[str, msgspec.Meta(max_length=SHORT_TEXT_CHARS)]
+EndpointUrl = Annotated[str, msgspec.Meta(max_length=SHORT_TEXT_CHARS, pattern=r"^https?://[^\s/]+")]
+"""Where a worker serves: an http(s) URL with a host (and usually a port), a path allowed."""
 LongText = Annotated[str, msgspec.Meta(max_length=LONG_TEXT_CHARS)]
 MetricKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METRIC_KEY_CHARS,
                                         pattern=METRIC_KEY_PATTERN)]

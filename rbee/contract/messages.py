@@ -24,8 +24,11 @@ from .bounds import (
     MAX_ERRORS,
     MAX_FIGURE,
     MAX_GPUS,
+    MAX_METRICS,
     MAX_WORKERS,
+    METRIC_KEY_CHARS,
     MIB,
+    EndpointUrl,
     GpuIndex,
     Identifier,
     LongText,
@@ -97,6 +100,9 @@ class EngineState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     preemptions_s: NonNegFloat | None = None
     rate_window_s: NonNegFloat = 0.0
     """Seconds between the two readings behind the rates; 0.0 until there are two."""
+    sampled_at: UtcTimestamp | None = None
+    """When the hive read the scheduling figures (running, waiting, KV cache) from the engine:
+    their age is a reader's clock minus this. Absent from hives that do not say."""
 
 
 class GpuUtilSource(enum.StrEnum):
@@ -213,6 +219,9 @@ class WorkerTelemetry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False
     last_exit: WorkerExit | None = None
     next_attempt_at: UtcTimestamp | None = None
     """When the hive starts it again (states ``backoff`` and ``crashloop``)."""
+    endpoint: EndpointUrl | None = None
+    """Where to send this worker's inference requests (``http://host:port``, a path allowed):
+    its spawn spec's ``endpoint``, ``{port}`` made concrete. None when the hive does not know."""
 
 
 def on_gpu(worker: WorkerTelemetry) -> bool:
@@ -309,13 +318,53 @@ class GpuDevice(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """The GPU instance id of a MIG instance on its parent."""
 
 
-class HiveInfo(msgspec.Struct, kw_only=True, gc=False):
+class MetricKind(enum.StrEnum):
+    GAUGE = "gauge"
+    COUNTER = "counter"
+
+
+PLUGIN_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+"""A plugin metric's name (after ``<plugin>.``) and unit: a piece of a Prometheus name."""
+MAX_PLUGINS = 64
+"""Plugins one heartbeat describes."""
+
+
+class MetricSpec(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, gc=False):
+    """One figure a plugin puts in ``WorkerTelemetry.metrics`` (as ``<plugin>.<name>``), declared
+    so that ``/metrics`` can give it its own family, help text and unit. A counter with
+    ``as_rate`` is turned into a per-second rate by the hive (over ``collect.rate_window_s``, as
+    the built-in rates), so the record carries the rate and the plugin only reads its counter."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=METRIC_KEY_CHARS,
+                                      pattern=PLUGIN_NAME_PATTERN)]
+    kind: MetricKind = MetricKind.GAUGE
+    unit: Annotated[str, msgspec.Meta(max_length=32, pattern=r"^[a-z_]*$")] = ""
+    """Prometheus' base units where there is one (``bytes``, ``seconds``, ``ratio``); empty for
+    a count."""
+    help: ShortText = ""
+    as_rate: bool = False
+
+
+class PluginInfo(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, gc=False):
+    """A third-party plugin a hive runs: its entry-point name, its distribution and version, and
+    the figures it declares."""
+
+    name: ShortText
+    distribution: ShortText = ""
+    version: ShortText = ""
+    metrics: Annotated[list[MetricSpec], msgspec.Meta(max_length=MAX_METRICS)] = []
+
+
+class HiveInfo(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: Identifier
     hostname: ShortText
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
     operational_status: OperationalStatus
     health_status: HealthStatus
     version: ShortText
+    plugins: Annotated[list[PluginInfo], msgspec.Meta(max_length=MAX_PLUGINS)] = []
+    """Its third-party plugins and their declared figures. An older hive sends none: the queen
+    then shows its plugin figures as undeclared (``rbee_plugin_metric``)."""
 
 
 class HiveHeartbeat(msgspec.Struct, kw_only=True, gc=False):

@@ -49,7 +49,7 @@ class HiveAgent:
         self.collector = TelemetryCollector(
             self.monitor,
             build_plugin_manager(config.collect.disabled_plugins, extra_plugins),
-            config.collect, on_gone=self._gone.append,
+            config.collect, on_gone=self._gone.append, plugin_config=config.plugins,
         )
         self.loops = DeviceLoops(self.collector, config.collect)
         self.keeper = Keeper(self.monitor, config.log_dir, config.stop_grace_s, self._wake_now)

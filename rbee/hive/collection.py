@@ -8,7 +8,10 @@ plugins' view) is ``rbee.hive.sampling``'s ``Sampled``. Plugins see each
 worker through its ``rbee.plugin.WorkerView`` (one per worker, kept for its life) and are called
 one by one (``PluginHooks``, through pluggy): one failing plugin or one dying worker costs that
 worker one field and an entry in its ``errors``, never the tick; a plugin over its per-tick budget
-(``collect.plugin_budget_ms``) is skipped for the rest of the tick.
+(``collect.plugin_budget_ms``) is skipped for the rest of the tick, and said so in the log at most
+once a minute per plugin. Counters a plugin declares ``as_rate`` become rates after the plugins
+ran (``rbee.plugin.rates``); what the plugins are, and declare, is read once at start-up
+(``rbee.plugin.declarations``) and logged.
 
 Collection itself never blocks on the GPU or the network: ``refresh_devices`` (NVML, nvidia-smi)
 is run by the hive in a worker thread under a deadline, ``refresh_workers`` (engine metrics) in its
@@ -20,7 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import httpx
 import msgspec
@@ -28,12 +32,14 @@ import pluggy
 import trio
 
 from .. import statfiles
-from .._errors import NotFoundError
+from .._errors import NotFoundError, PluginError
 from .._sample import StatSample
 from ..config import CollectorSettings
-from ..contract import CollectorIssue, GpuDevice, WorkerTelemetry
+from ..contract import CollectorIssue, GpuDevice, PluginInfo, WorkerTelemetry
 from ..plugin import WorkerView
+from ..plugin.declarations import configure_plugins, describe_plugins, rate_keys
 from ..plugin.manager import PluginHooks
+from ..plugin.rates import CounterRates
 from .processes import ProcessMonitor, Worker
 from .procfs import GONE_STATES
 from .sampling import Sampled, exited
@@ -42,6 +48,9 @@ log = logging.getLogger(__name__)
 
 TRIM_EVERY = 16
 """Ticks between two checks of the workers' unnamed stderr files' sizes (``stderr_tail``)."""
+WARN_EVERY_S = 60.0
+"""At most one over-budget warning per plugin in this many seconds: a slow plugin is slow every
+tick, and one line a second buries the rest of the log."""
 
 
 def issue(collector: str, exc: BaseException) -> CollectorIssue:
@@ -53,10 +62,12 @@ class TelemetryCollector:
                  settings: CollectorSettings | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  read_sample: Callable[..., StatSample] | None = None,
-                 on_gone: Callable[[Worker], object] | None = None) -> None:
+                 on_gone: Callable[[Worker], object] | None = None,
+                 plugin_config: Mapping[str, Mapping[str, Any] | None] | None = None) -> None:
         """``read_sample`` overrides the stat parser (benchmarks compare the two twins).
         ``on_gone`` gets each worker found exited in a tick; the default reaps it there and
-        then (``ProcessMonitor.reap``), the hive hands it to a thread of its own."""
+        then (``ProcessMonitor.reap``), the hive hands it to a thread of its own.
+        ``plugin_config`` is the ``plugins:`` section of hive.yaml, one entry per plugin."""
         self.read_sample = read_sample or statfiles.read_sample
         self.monitor = monitor
         self.on_gone = on_gone or monitor.reap
@@ -72,12 +83,33 @@ class TelemetryCollector:
         """What went wrong in the last async worker refresh (``rbee_refresh_workers``)."""
         self.over_budget: dict[str, float] = {}
         """Plugins skipped in the last tick for overrunning their budget, with the ms they took."""
-        plugins.hook.rbee_collector_setup(settings=self.settings, plugin_manager=plugins)
+        self._warned_at: dict[str, tuple[float, int]] = {}
+        """Per plugin: when its over-budget warning was last logged, and ticks over since."""
+        self.plugin_infos: list[PluginInfo] = describe_plugins(plugins)
+        """The third-party plugins and what they declare, for the heartbeat's ``HiveInfo``."""
+        self.counter_rates = CounterRates(rate_keys(self.plugin_infos), self.settings.rate_window_s)
+        self._setup(configure_plugins(plugins, plugin_config or {}))
         self.hooks = PluginHooks(plugins)
         self._budget_s = self.settings.plugin_budget_ms / 1000
         self._ticks = 0
         self._sampled: dict[Worker, Sampled] = {}
         self._sampled_lock = threading.Lock()
+
+    def _setup(self, configs: Mapping[str, object]) -> None:
+        """Log the plugins, then call each one's setup with its own config section."""
+        loaded = {self.plugins.get_name(p): f"{d.project_name} {d.version}"
+                  for p, d in self.plugins.list_plugin_distinfo()}
+        names = sorted(filter(None, map(self.plugins.get_name, self.plugins.get_plugins())))
+        log.info("collector plugins: %s", ", ".join(
+            f"{name} ({loaded.get(name, 'registered directly')})" for name in names))
+        for name, call in PluginHooks(self.plugins).callers("rbee_collector_setup"):
+            try:
+                call(settings=self.settings, plugin_manager=self.plugins,
+                     config=configs.get(name))
+            except Exception as exc:
+                raise PluginError(f"plugin {name!r}: rbee_collector_setup raised "
+                                  f"{type(exc).__name__}: {exc}", plugin=name,
+                                  hook="rbee_collector_setup") from exc
 
     def close(self) -> None:
         self.plugins.hook.rbee_collector_teardown()
@@ -202,12 +234,31 @@ class TelemetryCollector:
             if record is not None:
                 live.append((entry.view, record))
         spent = self._fill(live)
+        rates = self.counter_rates
+        if rates.keys:
+            now = self.clock()
+            for view, record in live:
+                if record.metrics:
+                    rates.apply(view, now, record.metrics)
         self.over_budget = {name: round(seconds * 1000, 1) for name, seconds in spent.items()
                             if seconds > self._budget_s}
-        for name, ms in self.over_budget.items():
-            log.warning("plugin %s took %.1f ms this tick, over its %g ms budget: skipped for "
-                        "the rest of the tick", name, ms, self.settings.plugin_budget_ms)
+        if self.over_budget:
+            self._warn_over_budget()
         return [record for _, record in live]
+
+    def _warn_over_budget(self) -> None:
+        """One warning per plugin per ``WARN_EVERY_S``, counting the ticks it was over since."""
+        now = self.clock()
+        for name, ms in self.over_budget.items():
+            warned_at, ticks = self._warned_at.get(name, (None, 0))
+            if warned_at is not None and now - warned_at < WARN_EVERY_S:
+                self._warned_at[name] = (warned_at, ticks + 1)
+                continue
+            since = (f" ({ticks} more ticks over budget in the last {now - warned_at:.0f} s)"
+                     if warned_at is not None and ticks else "")
+            log.warning("plugin %s took %.1f ms this tick, over its %g ms budget: skipped for "
+                        "the rest of the tick%s", name, ms, self.settings.plugin_budget_ms, since)
+            self._warned_at[name] = (now, 0)
 
     def _record(self, sampled: Sampled) -> WorkerTelemetry | None:
         """This tick's sample of one worker, its view advanced, and its record before the

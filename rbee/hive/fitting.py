@@ -111,6 +111,8 @@ def fit_worker(worker: WorkerTelemetry) -> None:
 
 
 _known_metric_keys: set[str] = set()
+DROPPED_NAMED = 8
+"""Dropped metric keys named in the record's contract error (the rest are counted)."""
 
 
 def _all_metric_values(values: list) -> bool:
@@ -130,12 +132,14 @@ def _fit_metrics(worker: WorkerTelemetry) -> list[str]:
     if len(_known_metric_keys) >= _KNOWN_METRIC_KEYS_MAX:
         _known_metric_keys.clear()
     _known_metric_keys.update(metrics)
-    dropped = len(worker.metrics) - len(metrics)
-    worker.metrics = metrics
-    if not dropped:
+    if len(worker.metrics) == len(metrics):
         return []
-    return [f"{dropped} metrics dropped (at most {MAX_METRICS}, keys of {METRIC_KEY_CHARS} "
-            f"characters {METRIC_KEY_PATTERN}, finite values)"]
+    dropped = [key for key in worker.metrics if key not in metrics]
+    worker.metrics = metrics
+    named = ", ".join(cut(repr(key), 72) for key in dropped[:DROPPED_NAMED])
+    more = f" and {len(dropped) - DROPPED_NAMED} more" if len(dropped) > DROPPED_NAMED else ""
+    return [f"{len(dropped)} metrics dropped: {named}{more} (at most {MAX_METRICS}, keys of "
+            f"{METRIC_KEY_CHARS} characters {METRIC_KEY_PATTERN}, finite values)"]
 
 
 def fit_gpu(device: GpuDevice) -> None:

@@ -20,6 +20,8 @@ from ..config import HiveConfig
 from ..credentials import read_secret
 from ..http.auth import read_token
 from ..http.tls import check_server_files, client_verify
+from ..plugin.declarations import configure_plugins, describe_plugins
+from ..plugin.manager import build_plugin_manager
 from .heartbeat import parse_queen_url
 from .service import HiveService
 
@@ -35,10 +37,20 @@ def check(config: HiveConfig, source: str) -> str:
     token = read_token(config.auth_token_file, source)
     secret = read_secret(config.credential_file, source)
     check_log_dir(config.log_dir, source)
+    plugins = check_plugins(config, source)
     sent = " (with its credential)" if secret else " (with token)" if token else ""
     queens = ", ".join(config.queen_urls)
     return (f"hive {config.id!r}, API on {config.bind}:{config.port}, queen {queens}"
-            f"{sent}, {len(config.workers)} workers")
+            f"{sent}, {len(config.workers)} workers, plugins: {plugins}")
+
+
+def check_plugins(config: HiveConfig, source: str = "") -> str:
+    """Load every plugin as the hive will and check what it declares and its config section;
+    a PluginError or ConfigError names the plugin. Returns the third-party plugins, versioned."""
+    manager = build_plugin_manager(config.collect.disabled_plugins)
+    configure_plugins(manager, config.plugins, source)
+    infos = describe_plugins(manager)
+    return ", ".join(f"{info.name} {info.version}".rstrip() for info in infos) or "built-in only"
 
 
 def check_log_dir(log_dir: str | None, source: str = "") -> None:

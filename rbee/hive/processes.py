@@ -74,6 +74,8 @@ class Worker:
     list_pids: Callable[[], list[int]] = list
     """Every PID in the worker's cgroup, children included (only the main PID without one)."""
     cgroup_path: str | None = None
+    cgroup_paths: dict[str, str] = field(default_factory=dict)
+    """Its cgroup directory per controller (``CgroupBackend.cgroup_paths``)."""
     metrics_url: str | None = None
     """Where the worker's engine publishes Prometheus metrics, when its spec says."""
     exited: bool = False
@@ -163,6 +165,7 @@ class ProcessMonitor:
                 process=process, gpu_hint=gpu_indices_from_env(env),
                 list_pids=partial(self.backend.pids, group, instance),
                 cgroup_path=self.backend.cgroup_path(group, instance), metrics_url=metrics_url,
+                cgroup_paths=self.backend.cgroup_paths(group, instance),
                 oom=OomCounter(paths.oom_events),
                 output=output if output is not None else OutputTail.of_file(log_path or ""),
             )
@@ -356,6 +359,7 @@ class ProcessMonitor:
                     limits=self.backend.read_limits(group, instance), limits_applied=True,
                     stat_paths=paths, list_pids=partial(self.backend.pids, group, instance),
                     cgroup_path=self.backend.cgroup_path(group, instance),
+                    cgroup_paths=self.backend.cgroup_paths(group, instance),
                     oom=OomCounter(paths.oom_events), output=OutputTail.of_process(pid),
                 )
                 self.backend.adopt(group, instance, pid)

@@ -80,7 +80,8 @@ class Sampled:
             cgroup_path=worker.cgroup_path, start_ticks=self.stats.start_ticks,
             cpu_limit_pct=worker.limits.cpu_pct, memory_limit_mb=worker.limits.memory_mb,
             limits_applied=worker.limits_applied, gpu_indices=worker.gpu_hint,
-            metrics_url=worker.metrics_url, pids=worker.list_pids)
+            metrics_url=worker.metrics_url, pids=worker.list_pids,
+            cgroup_paths=worker.cgroup_paths)
 
     def close(self) -> None:
         self.stats.close()

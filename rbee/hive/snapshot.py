@@ -54,5 +54,5 @@ def heartbeat(config: HiveConfig, port: int, status: OperationalStatus, state: H
     return HiveHeartbeat(
         hive=HiveInfo(id=config.id, hostname=cut(socket.gethostname(), SHORT_TEXT_CHARS),
                       port=port, operational_status=status, health_status=state,
-                      version=__version__),
+                      version=__version__, plugins=collector.plugin_infos),
         timestamp=utc_now(), workers=workers, capabilities=devices)

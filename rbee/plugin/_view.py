@@ -10,7 +10,8 @@ internals change (``rbee.plugin.API_VERSION`` says when this class or a hook cha
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .._sample import StatSample
@@ -19,16 +20,18 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class WorkerView:
-    __slots__ = ("_argv", "_cgroup_path", "_cpu_limit_pct", "_elapsed_s", "_gpu_indices",
-                 "_group", "_instance", "_limits_applied", "_memory_limit_mb", "_metrics_url",
-                 "_pid", "_pids", "_previous", "_sample", "_start_ticks", "_states")
+    __slots__ = ("_argv", "_cgroup_path", "_cgroup_paths", "_cpu_limit_pct", "_elapsed_s",
+                 "_gpu_indices", "_group", "_instance", "_limits_applied", "_memory_limit_mb",
+                 "_metrics_url", "_pid", "_pids", "_previous", "_sample", "_start_ticks", "_states")
 
     def __init__(self, *, group: str, instance: str, pid: int, argv: tuple[str, ...],
                  cgroup_path: str | None, start_ticks: int, cpu_limit_pct: float | None,
                  memory_limit_mb: float | None, limits_applied: bool,
                  gpu_indices: tuple[int, ...], metrics_url: str | None,
-                 pids: Callable[[], list[int]]) -> None:
+                 pids: Callable[[], list[int]],
+                 cgroup_paths: Mapping[str, str] | None = None) -> None:
         self._group, self._instance, self._pid, self._argv = group, instance, pid, argv
+        self._cgroup_paths = MappingProxyType(dict(cgroup_paths or {}))
         self._cgroup_path, self._start_ticks = cgroup_path, start_ticks
         self._cpu_limit_pct, self._memory_limit_mb = cpu_limit_pct, memory_limit_mb
         self._limits_applied, self._gpu_indices = limits_applied, gpu_indices
@@ -67,6 +70,13 @@ class WorkerView:
         """The worker's cgroup directory (the first hierarchy's on cgroup v1); None without
         cgroups."""
         return self._cgroup_path
+
+    @property
+    def cgroup_paths(self) -> Mapping[str, str]:
+        """The worker's cgroup directory per controller: ``cgroup_paths["memory"]`` is where its
+        ``memory.*`` files are, on cgroup v1 (one hierarchy per controller) as on v2 (one
+        directory, listed under each controller enabled there). Empty without cgroups."""
+        return self._cgroup_paths
 
     @property
     def start_boottime_s(self) -> float | None:

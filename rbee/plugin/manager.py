@@ -11,6 +11,7 @@ bookkeeping around a call costs 2 µs, more than the built-in plugins themselves
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import threading
@@ -74,13 +75,34 @@ def build_plugin_manager(disabled: Iterable[str] = (), extra_plugins: Iterable[o
     blocked.update(n.strip() for n in os.environ.get("RBEE_DISABLE_PLUGINS", "").split(",") if n)
     for name in blocked:
         manager.set_blocked(name)
-    manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    load_entry_points(manager)
     for plugin in extra_plugins:
         manager.register(plugin, name=getattr(plugin, "__name__", type(plugin).__name__))
     refuse_unknown_hooks(manager)
     if os.environ.get("RBEE_TRACE_PLUGINS", "") not in ("", "0"):
         trace_calls(manager)
     return manager
+
+
+def load_entry_points(manager: pluggy.PluginManager) -> None:
+    """Load the ``rbee.collectors`` entry points one by one, so that one that fails to import
+    (a missing dependency, a syntax error, a raise at import) is a ``PluginError`` of one line
+    naming the plugin, its distribution and how to turn it off, not a traceback out of pluggy."""
+    for dist in importlib.metadata.distributions():
+        for entry in dist.entry_points:
+            if (entry.group != ENTRY_POINT_GROUP or manager.get_plugin(entry.name) is not None
+                    or manager.is_blocked(entry.name)):
+                continue
+            try:
+                manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry.name)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {entry.name!r} (distribution {dist.metadata['Name']} "
+                    f"{dist.version}) failed to load: {type(exc).__name__}: {exc}; turn it off "
+                    f"with RBEE_DISABLE_PLUGINS={entry.name} or, in hive.yaml, "
+                    f"collect: {{disabled_plugins: [{entry.name}]}}", plugin=entry.name) from None
 
 
 def refuse_unknown_hooks(manager: pluggy.PluginManager) -> None:

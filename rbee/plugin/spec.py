@@ -27,16 +27,19 @@ from . import hookspec
 
 if TYPE_CHECKING:
     import httpx
+    import msgspec
     import pluggy
 
     from ..config import CollectorSettings
-    from ..contract import GpuDevice, WorkerTelemetry
+    from ..contract import GpuDevice, MetricSpec, WorkerTelemetry
     from ._view import WorkerView
 
 __all__ = [
     "rbee_collect_worker",
     "rbee_collector_setup",
     "rbee_collector_teardown",
+    "rbee_declare_metrics",
+    "rbee_plugin_settings",
     "rbee_refresh_devices",
     "rbee_refresh_workers",
     "rbee_sample_devices",
@@ -44,13 +47,37 @@ __all__ = [
 
 
 @hookspec
-def rbee_collector_setup(settings: CollectorSettings, plugin_manager: pluggy.PluginManager) -> None:
+def rbee_declare_metrics() -> Sequence[MetricSpec]:
+    """The figures this plugin puts in ``telemetry.metrics``, one ``rbee.plugin.MetricSpec``
+    each (``name`` without the ``<plugin>.`` prefix the record's keys carry). Declared figures
+    get a family of their own in ``/metrics`` (hive and queen) with this help text and unit; a
+    counter with ``as_rate=True`` is turned into a per-second rate by the hive. Called once, when
+    the plugin is loaded (``--check-config`` too); a bad declaration is a ``PluginError``.
+    """
+
+
+@hookspec
+def rbee_plugin_settings() -> type[msgspec.Struct]:
+    """The struct (``rbee.plugin.PluginSettings`` subclass) that validates this plugin's section
+    ``plugins: {<plugin>: {...}}`` in hive.yaml. The hive converts the section (absent: ``{}``,
+    so every field needs a default or the section becomes required) and hands the instance to
+    ``rbee_collector_setup`` as ``config``; an unknown key or a bad value is a config error naming
+    the plugin and the key, at start-up and by ``rbee-hive --check-config``. A plugin that
+    implements no such hook takes no section.
+    """
+
+
+@hookspec
+def rbee_collector_setup(settings: CollectorSettings, plugin_manager: pluggy.PluginManager,
+                         config: msgspec.Struct | None) -> None:
     """Called once when a hive starts collecting, before any other hook.
 
     :param settings: the ``collect`` section of the hive configuration.
     :param plugin_manager: a plugin that keeps state per hive creates it here and registers the
         stateful object with ``plugin_manager.register(obj, name=...)``.
-    Returns nothing; all implementations are called.
+    :param config: this plugin's own ``plugins.<name>`` section, validated by the struct its
+        ``rbee_plugin_settings`` returns; None for a plugin without one.
+    Returns nothing; all implementations are called, each with its own ``config``.
     """
 
 

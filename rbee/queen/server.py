@@ -23,6 +23,7 @@ from ..http.auth import read_token
 from ..http.serving import serve
 from ..http.transport import ConnectionTable
 from .api import build_app
+from .channel import OpenChannels
 from .fleet import open_fleet
 from .history import FleetHistory
 from .history.gauges import HistoryGauges
@@ -48,6 +49,7 @@ class QueenServer:
                                     lambda: self.broadcaster.client_count,
                                     lambda: self.broadcaster.lagged_total, self.connections)
         self.metrics.registry.register(HistoryGauges(self.history))
+        self.channels = OpenChannels(self.config.http.shutdown_grace_s)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -82,6 +84,7 @@ class QueenServer:
     async def _shutdown(self) -> None:
         await self._stopping.wait()
         self.broadcaster.close()
+        self.channels.close()
 
     async def _history_loop(self) -> None:
         """One point of every figure each fine step, from the registry (so ingestion pays

@@ -78,6 +78,11 @@ class CgroupBackend(ABC):
         """The worker's cgroup directory (the first hierarchy's on v1); None without cgroups."""
         return None
 
+    def cgroup_paths(self, group: str, instance: str) -> dict[str, str]:
+        """The worker's cgroup directory for each controller it has (one directory for all on
+        v2, one per hierarchy on v1); empty without cgroups."""
+        return {}
+
     def remove_root(self) -> None:
         """Remove the root when no worker cgroup is left under it (clean shutdown)."""
         return None

@@ -28,6 +28,9 @@ class CgroupV1(CgroupTree):
         root = self.dirs.get(controller)
         return root / group / instance if root else None
 
+    def cgroup_paths(self, group: str, instance: str) -> dict[str, str]:
+        return {controller: str(root / group / instance) for controller, root in self.dirs.items()}
+
     def apply_limits(self, group: str, instance: str, limits: Limits) -> bool:
         applied = True
         if limits.cpu_quota_us is not None:

@@ -45,6 +45,10 @@ class CgroupV2(CgroupTree):
             write_file(path / "cgroup.subtree_control", " ".join(f"+{n}" for n in missing))
         return set(wanted)
 
+    def cgroup_paths(self, group: str, instance: str) -> dict[str, str]:
+        path = str(self.primary / group / instance)
+        return {controller: path for controller in sorted(self.enabled)}
+
     def apply_limits(self, group: str, instance: str, limits: Limits) -> bool:
         group_dir = self.primary / group
         self._enable_controllers(group_dir)

@@ -46,10 +46,11 @@ class FleetHistory:
 
     def __init__(self, settings: HistorySettings | None = None) -> None:
         self.settings = s = settings or HistorySettings()
-        self.fine_slots = int(s.fine_retention_s // s.fine_step_s)
-        self.coarse_slots = int(s.coarse_retention_s // s.coarse_step_s)
         self.per_bucket = round(s.coarse_step_s / s.fine_step_s)
         """Fine points per coarse point."""
+        self.fine_slots = max(int(s.fine_retention_s // s.fine_step_s), self.per_bucket)
+        """At least a coarse interval's worth: a coarse point is the mean of fine ones."""
+        self.coarse_slots = int(s.coarse_retention_s // s.coarse_step_s)
         self.budget = Budget(s.max_bytes)
         self.values = Store(Codec(np.float16), self.fine_slots, self.coarse_slots, self.budget)
         self.plugins = Store(Codec(np.float32), self.fine_slots, self.coarse_slots, self.budget)

@@ -60,7 +60,7 @@
         fleet.clear();
         for (const state of event.hives || []) {
           setHive(state.hive.id, state.workers, state.capabilities, state.hive.health_status,
-                  state.stale, state.hive.operational_status, state.idle);
+                  state.stale, state.hive.operational_status, state.idle, state.hive.plugins);
         }
         setConnection("live");
         break;
@@ -68,7 +68,8 @@
         const known = fleet.get(event.hive_id);
         setHive(event.hive_id, event.workers, event.capabilities,
                 event.health_status || (known && known.health), false, known && known.status,
-                event.idle);
+                event.idle, known && known.plugins);
+        if (known && known.asked) fleet.get(event.hive_id).asked = true;
         break;
       }
       case "hive_stale": {
@@ -85,9 +86,19 @@
     requestRender();
   }
 
-  function setHive(id, workers, gpus, health, stale, status, idle) {
+  // plugins: the hive's declared plugin figures (HiveInfo.plugins, in snapshots), by metrics key.
+  function setHive(id, workers, gpus, health, stale, status, idle, plugins) {
     fleet.set(id, { id, workers: workers || [], gpus: gpus || [], health: health || null,
-                    stale: Boolean(stale), status: status || null, idle: new Set(idle || []) });
+                    stale: Boolean(stale), status: status || null, idle: new Set(idle || []),
+                    plugins: plugins instanceof Map ? plugins : declared(plugins) });
+  }
+
+  function declared(plugins) {
+    const specs = new Map();
+    for (const plugin of plugins || []) {
+      for (const spec of plugin.metrics || []) specs.set(`${plugin.name}.${spec.name}`, spec);
+    }
+    return specs;
   }
 
   function setConnection(state) {
@@ -519,6 +530,43 @@
       ...ended, ...(w.errors || []).map((e) => `${e.collector}: ${e.message}`)].join(" · "));
     setText($("panel-stderr"), exit && exit.stderr_tail && exit.stderr_tail.length
       ? exit.stderr_tail.join("\n") : "");
+    renderPanelPlugins(w, entry.hive);
+  }
+
+  // The worker's plugin figures (WorkerTelemetry.metrics), with the unit and help text its
+  // plugin declares (the help as the key's tooltip); an undeclared figure is shown as it is.
+  // Declarations come with snapshots; a hive first heard of in a hive_telemetry event has its
+  // fetched once, from /v1/hives/{id}, when a panel first shows one of its plugin figures.
+  function renderPanelPlugins(w, hive) {
+    const specs = hive.plugins;
+    if (specs.size === 0 && Object.keys(w.metrics || {}).length && !hive.asked) {
+      hive.asked = true;
+      fetch(`/v1/hives/${encodeURIComponent(hive.id)}`,
+        ACCESS_TOKEN ? { headers: { Authorization: `Bearer ${ACCESS_TOKEN}` } } : {})
+        .then((response) => (response.ok ? response.json() : null))
+        .then((state) => {
+          const known = fleet.get(hive.id);
+          if (state && state.hive && known) { known.plugins = declared(state.hive.plugins); requestRender(); }
+        })
+        .catch(() => {});
+    }
+    const cells = Object.entries(w.metrics || {}).sort(([a], [b]) => a.localeCompare(b))
+      .flatMap(([key, value]) => {
+        const spec = specs.get(key), dt = document.createElement("dt"), dd = document.createElement("dd");
+        dt.textContent = key;
+        if (spec && spec.help) dt.title = spec.help;
+        dd.textContent = figure(value, spec);
+        return [dt, dd];
+      });
+    $("panel-plugins").replaceChildren(...cells);
+    $("panel-plugins-title").hidden = cells.length === 0;
+  }
+
+  function figure(value, spec) {
+    const unit = (spec && spec.unit) || "";
+    const text = unit === "bytes" ? mib(value / 1048576)
+      : `${Number(value).toLocaleString(undefined, { maximumFractionDigits: 2 })}${unit ? ` ${unit}` : ""}`;
+    return spec && spec.as_rate ? `${text}/s` : text;
   }
 
   async function refreshPanel() {
