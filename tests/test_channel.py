@@ -161,7 +161,8 @@ async def test_a_gap_forces_a_snapshot_and_nothing_is_applied(nursery):
     (ChannelSnapshot(seq=1, heartbeat=heartbeat("hive-b")),
      "invalid snapshot: hive 'hive-b' on the channel of hive 'hive-a'"),
     (b"\x00" * 5000, "frame of 5000 bytes, more than http.max_body_bytes (4096)"),
-])
+], ids=["not-msgpack", "ack-from-hive", "hive-not-object", "gone-unknown", "bad-name",
+        "delta-other-hive", "snapshot-other-hive", "too-big"])
 async def test_a_hostile_frame_gets_a_clear_error_and_corrupts_nothing(nursery, frame, problem):
     queen = await start_queen(nursery, http={"max_body_bytes": 4096})
     first = heartbeat("hive-a", [worker("w0"), worker("w1")])
