@@ -15,6 +15,7 @@ from rbee.contract import (
     GpuFault,
     GpuFaultKind,
     OperationalStatus,
+    Unhealthy,
     WorkerState,
 )
 from rbee.queen.pick import PickIndex, PickUnavailable
@@ -50,8 +51,9 @@ def serving(instance: str, *, waiting: int = 0, running: int = 0, kv: float | No
                   engine=engine, **fields)
 
 
-def make(clocks: Clocks, **pick) -> tuple[HiveRegistry, PickIndex]:
-    registry = HiveRegistry(RegistrySettings(), clock=lambda: clocks.now)
+def make(clocks: Clocks, settings: RegistrySettings | None = None,
+         **pick) -> tuple[HiveRegistry, PickIndex]:
+    registry = HiveRegistry(settings or RegistrySettings(), clock=lambda: clocks.now)
     index = PickIndex(parse_config(pick, PickSettings), registry.settings,
                       clock=lambda: clocks.now, wall=lambda: clocks.wall)
     registry.observe(index.hive_changed)
@@ -258,3 +260,30 @@ def test_a_hive_clock_ahead_cannot_make_figures_younger_than_their_receipt():
     clocks.advance(0.6)
     picked = index.pick(MODEL).picked[0]
     assert picked.stale and picked.engine_age_ms == picked.heartbeat_age_ms == 600.0
+
+
+def test_a_worker_on_an_unhealthy_gpu_is_skipped_or_scored_as_degraded():
+    broken = gpu(0, total_gib=80, used_gib=1)
+    broken.health = Unhealthy(reason="ecc")
+    workers = [serving("w1", gpu_indices=[0]), serving("w2", waiting=1, gpu_indices=[1])]
+    clocks = Clocks()
+    for skip in (True, False):
+        registry, index = make(clocks, RegistrySettings(skip_unhealthy_gpus=skip))
+        registry.update_hive(heartbeat("h", workers, [broken, gpu(1, total_gib=80, used_gib=1)]))
+        answer = index.pick(MODEL, n=2)
+        if skip:
+            assert names(answer) == ["w2"]
+        else:  # the degraded_gpu weight, 2.0, against one waiting request
+            assert [(w.instance, w.score) for w in answer.picked] == [("w2", 2.0), ("w1", 2.0)]
+
+
+def test_a_restarted_worker_is_offered_at_its_new_endpoint():
+    clocks = Clocks()
+    registry, index = make(clocks)
+    registry.update_hive(heartbeat("h", [serving("w1")]))
+    assert index.pick(MODEL).picked[0].endpoint == "http://10.0.0.1:8001"
+    moved = serving("w1")
+    moved.endpoint = "http://10.0.0.1:9001"
+    registry.update_hive(heartbeat("h", [moved]))
+    picked = index.pick(MODEL).picked[0]
+    assert picked.endpoint == "http://10.0.0.1:9001" and picked.in_flight == 2  # same worker
