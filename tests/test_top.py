@@ -27,6 +27,7 @@ def fleet() -> list:
         heartbeat("gpu-a", [
             worker("chat", model="qwen-7b", gpu_util_pct=97.0, gpu_indices=[0],
                    vram_mb=70 * GIB, total_vram_mb=80 * GIB, metrics={"ctxsw.procs": 7.0},
+                   endpoint="http://10.0.0.7:8000",
                    engine=EngineState(engine="vllm", requests_running=8, requests_waiting=12,
                                       kv_cache_pct=96.0)),
             worker("embed", model="bge-m3", gpu_util_pct=10.0, gpu_indices=[1],
@@ -111,6 +112,7 @@ async def test_top_fits_sorts_filters_opens_a_worker_and_quits(nursery):
         assert any("last 5 minutes" in line for line in lines)
         assert any(line.startswith("KV cache %") for line in lines)
         assert any("ctxsw.procs=7" in line for line in lines)  # its plugin figures
+        assert any("endpoint: http://10.0.0.7:8000" in line for line in lines)
         assert any("12 waiting" in line or "QUEUE: 12" in line for line in lines)
         await term.until(lambda s: any(line.startswith("GPU %") and "█" in line for line in s),
                          what="a GPU % sparkline (97 % of 100)")

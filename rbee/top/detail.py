@@ -84,6 +84,9 @@ class DetailScreen(Screen[None]):
                 text.append(f"{column.title}: ", style="dim")
                 text.append(f"{printable(column.cell(row))}   ")
             text.append("\n")
+            if row.worker.endpoint:
+                text.append("endpoint: ", style="dim")
+                text.append(printable(row.worker.endpoint) + "\n")
             if notes := row_notes(row):
                 text.append(printable(", ".join(notes)) + "\n", style="yellow")
             if row.worker.metrics:
