@@ -25,7 +25,7 @@ from .keys import RedisKeys
 
 log = logging.getLogger(__name__)
 
-SCRIPTS = ("HEARTBEAT", "REMOVE", "SILENCES", "SWEEP", "SNAPSHOT", "RENEW", "RELEASE")
+SCRIPTS = ("HEARTBEATS", "RECORD", "REMOVE", "SILENCES", "SWEEP", "SNAPSHOT", "RENEW", "RELEASE")
 
 
 class RedisClock:
