@@ -6,7 +6,14 @@ import httpx
 import pytest
 from httpx_ws import WebSocketDisconnect, aconnect_ws
 
-from rbee.contract import ChannelAck, ChannelError, ChannelSnapshot, decode_queen_frame, encode_frame, paths
+from rbee.contract import (
+    ChannelAck,
+    ChannelError,
+    ChannelSnapshot,
+    decode_queen_frame,
+    encode_frame,
+    paths,
+)
 from rbee.http.serving import WS_MESSAGE_BODIES
 
 from .builders import heartbeat, worker

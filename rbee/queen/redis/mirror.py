@@ -81,7 +81,9 @@ class Mirror:
         self.own: dict[str, HiveHeartbeat] = {}
         """Heartbeats this queen wrote, by entry id, until its follower reads them back."""
         self.deltas_missed = 0
-        """Deltas of other queens not applied (they did not follow): a test and a bench read it."""
+        """Deltas not applied: they did not follow what the mirror held, even reloaded."""
+        self.reloads = 0
+        """Records reloaded for a delta that did not follow."""
 
     async def load(self) -> None:
         """Replace the mirror with the fleet as Redis holds it, as of one stream entry."""
@@ -174,10 +176,12 @@ class Mirror:
         elif kind == b"dl":
             heartbeat = self._followed(entry_id, fields)
             hive_id = text(fields[b"h"])
-            if (heartbeat is None and hive_id not in self._reloaded
-                    and self._applied.get(hive_id, NONE) < (entry_key(entry_id) or NONE)):
-                self.deltas_missed += 1
-                reload = hive_id
+            if heartbeat is None and self._applied.get(hive_id, NONE) < (entry_key(entry_id)
+                                                                         or NONE):
+                if hive_id in self._reloaded:
+                    self.deltas_missed += 1
+                else:
+                    reload = hive_id
         else:
             event = fields[b"d"]
             if b'"hive_removed"' in event or b'"hive_stale"' in event:
@@ -188,6 +192,17 @@ class Mirror:
         if event is not None:
             self.broadcaster.publish(event, entry_id)
         return reload
+
+    async def take(self, entries: list[Entry]) -> None:
+        """Entries read from the stream, in order: into the mirror, then to this queen's
+        clients. A delta that does not follow has its hive's record reloaded first (when that
+        is its base, the delta then applies)."""
+        for entry_id, fields in entries:
+            hive_id = self._on_entry(entry_id, fields)
+            if hive_id is not None:
+                await self._reload(hive_id)
+                self.reloads += 1
+                self._on_entry(entry_id, fields)
 
     async def _reload(self, hive_id: str) -> None:
         """The hive's record from Redis, when newer than what the mirror holds of it."""
@@ -262,10 +277,8 @@ class Mirror:
             if not reply:
                 continue
             try:
-                for entry_id, fields in next(iter(reply.values())).items():
-                    hive_id = self._on_entry(text(entry_id), fields_of(fields))
-                    if hive_id is not None:
-                        await self._reload(hive_id)
+                await self.take([(text(entry_id), fields_of(fields))
+                                 for entry_id, fields in next(iter(reply.values())).items()])
             except StoreError as exc:
                 redis.failed("stream", exc)
                 lost = True
