@@ -39,9 +39,10 @@ RECORD_DECODER = msgspec.msgpack.Decoder(HiveHeartbeat)
 JSON_RECORD_DECODER = msgspec.json.Decoder(HiveHeartbeat)
 DELTA_DECODER = msgspec.msgpack.Decoder(ChannelDelta)
 NONE: EntryKey = (0, -1)
-FOLLOW_BATCH_S = 0.005
+FOLLOW_BATCH_S = 0.02
 """After a read, the follower lets entries gather this long: under load one ``XREAD`` (about
-300 us of the client's CPU) then brings many, at the cost of at most this much latency."""
+300 us of the client's CPU) then brings many, at the cost of at most this much latency
+(a mirror, not this queen's own registry: that applies its own writes at once)."""
 
 Entry = tuple[str, dict[bytes, bytes]]
 
