@@ -13,6 +13,7 @@ from rbee.config import QueenConfig, parse_config
 from rbee.contract import ChannelAck, ChannelDelta, HiveHeartbeat, decode_hive_frame
 from rbee.hive.channel import FrameMaker
 from rbee.queen.fleet import open_fleet
+from rbee.queen.redis.connection import RedisClock
 from rbee.queen.redis.keys import entry_key
 from rbee.queen.redis.mirror import decode_record, fields_of
 from rbee.queen.redis.store import as_entries
@@ -136,3 +137,14 @@ async def test_a_mirror_that_missed_entries_reloads_the_hive(nursery, redis_serv
         assert fleet.registry.get_hive(HIVE).capabilities == life[3].capabilities
     finally:
         await fleet.store.redis.close()
+
+
+def test_redis_clock_never_steps_back():
+    """A sync that finds this host's estimate of Redis's clock ahead does not step the clock
+    back: the registry's admission bucket runs on it, and would count a step back as spent."""
+    clock = RedisClock()
+    before = clock.now()
+    clock.offset -= 0.5  # the next sync found Redis's clock half a second behind the estimate
+    assert before <= clock.now() <= before + 0.1
+    clock.offset += 0.5
+    assert clock.now() >= before
