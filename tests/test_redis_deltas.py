@@ -7,10 +7,11 @@ Queens run in-process (their registries read directly); hives are real channel c
 
 from __future__ import annotations
 
+import httpx
 import msgspec
 
 from rbee.config import QueenConfig, parse_config
-from rbee.contract import ChannelAck, ChannelDelta, HiveHeartbeat, decode_hive_frame
+from rbee.contract import ChannelAck, ChannelDelta, ChannelError, HiveHeartbeat, decode_hive_frame
 from rbee.hive.channel import FrameMaker
 from rbee.queen.fleet import open_fleet
 from rbee.queen.redis.connection import RedisClock
@@ -148,3 +149,24 @@ def test_redis_clock_never_steps_back():
     assert before <= clock.now() <= before + 0.1
     clock.offset += 0.5
     assert clock.now() >= before
+
+
+async def test_a_delta_of_a_hive_redis_no_longer_holds_asks_for_a_snapshot(nursery,
+                                                                          redis_server):  # noqa: F811
+    """An operator removes the hive while its channel is open: its next delta has no record to
+    follow in Redis, so the queen answers 409 naming why (the hive's next frame is a snapshot),
+    writes nothing, and takes the snapshot after it."""
+    a = await start_queen(nursery, registry=registry(redis_server.url) | QUIET)
+    maker = FrameMaker()
+    life = list(beats())
+    async with channel(a) as talk, httpx.AsyncClient() as client:
+        assert await talk(maker.frame(life[0], snapshot=True)) == ChannelAck(0)
+        assert (await client.delete(f"{a.urls[0]}/v1/hives/{HIVE}")).status_code == 200
+        written = len(await stream_entries(a))
+        answer = await talk(maker.frame(life[1], snapshot=False))
+        assert type(answer) is ChannelError and answer.status == 409, answer
+        assert f"holds no record of hive {HIVE!r}" in answer.message
+        assert len(await stream_entries(a)) == written
+        assert not a.registry.knows(HIVE)
+        assert await talk(maker.frame(life[1], snapshot=True)) == ChannelAck(2)
+    assert a.registry.get_workers(HIVE) == life[1].workers
