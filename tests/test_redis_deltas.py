@@ -11,7 +11,15 @@ import httpx
 import msgspec
 
 from rbee.config import QueenConfig, parse_config
-from rbee.contract import ChannelAck, ChannelDelta, ChannelError, HiveHeartbeat, decode_hive_frame
+from rbee.contract import (
+    ChannelAck,
+    ChannelDelta,
+    ChannelError,
+    HiveHeartbeat,
+    HiveTelemetryEvent,
+    decode_hive_frame,
+    decode_stream_event,
+)
 from rbee.hive.channel import FrameMaker
 from rbee.queen.fleet import open_fleet
 from rbee.queen.redis.connection import RedisClock
@@ -19,7 +27,7 @@ from rbee.queen.redis.keys import entry_key
 from rbee.queen.redis.mirror import decode_record, fields_of
 from rbee.queen.redis.store import as_entries
 
-from .queenkit import start_queen
+from .queenkit import open_stream, start_queen
 from .rediskit import wait_for
 from .test_channel import beats, channel
 from .test_redis_store import redis_server, registry  # noqa: F401 (the session's Redis)
@@ -170,3 +178,29 @@ async def test_a_delta_of_a_hive_redis_no_longer_holds_asks_for_a_snapshot(nurse
         assert not a.registry.knows(HIVE)
         assert await talk(maker.frame(life[1], snapshot=True)) == ChannelAck(2)
     assert a.registry.get_workers(HIVE) == life[1].workers
+
+
+async def test_a_client_resuming_on_another_queen_gets_the_deltas_whole(nursery,
+                                                                         redis_server):  # noqa: F811
+    """A stream client that last got the hive's second delta resumes on queen B: it gets the
+    third and fourth as whole telemetry events, their bases taken from entries before the id it
+    resumes from, each with its entry id, and no snapshot."""
+    settings = {"registry": registry(redis_server.url) | QUIET}
+    a = await start_queen(nursery, **settings)
+    b = await start_queen(nursery, **settings)
+    maker = FrameMaker()
+    life = list(beats())
+    async with channel(a) as talk:
+        for beat in life:
+            assert await talk(maker.frame(beat, snapshot=maker.seq < 0)) == ChannelAck(maker.seq)
+    ids = [i for i, f in await stream_entries(a) if f[b"k"] != b"ev"]
+    await wait_for(lambda: caught_up(b, a), timeout=5)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client, \
+            open_stream(client, b, {"Last-Event-ID": ids[2]}) as stream:
+        got = [await stream.next_raw() for _ in range(2)]
+    assert [sse.id for sse in got] == ids[3:5]
+    events = [decode_stream_event(sse.data) for sse in got]
+    assert all(type(event) is HiveTelemetryEvent for event in events)
+    assert [event.workers for event in events] == [life[3].workers, life[4].workers]
+    assert [event.capabilities for event in events] == [life[3].capabilities,
+                                                        life[4].capabilities]
