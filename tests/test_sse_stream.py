@@ -205,7 +205,9 @@ async def test_stream_event_format(nursery, client):
     assert payloads[0]["type"] == "snapshot"
     queen_event = next(p for p in payloads if p["type"] == "queen")
     assert set(queen_event) == {"type", "workers_online", "workers_available", "hives_online",
-                                "hives_available", "worker_ids", "hive_ids", "timestamp"}
+                                "hives_available", "worker_ids", "hive_ids", "timestamp",
+                                "summary"}  # added: the fleet's totals (FleetSummary)
+    assert queen_event["summary"]["workers_total"] == queen_event["workers_online"]
     telemetry = next(p for p in payloads if p["type"] == "hive_telemetry")
     assert set(telemetry) == {"type", "hive_id", "timestamp", "workers",  # the original's
                               "capabilities", "health_status", "idle"}  # added: GPUs and their health

@@ -2,7 +2,9 @@
 
     POST   /v1/hive-heartbeat        a HiveHeartbeat; replies {"status": "ok", "message": ...}
     GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent, id: its place
-                                     in the stream (``Last-Event-ID`` resumes after it)
+                                     in the stream (``Last-Event-ID`` resumes after it);
+                                     ?hive=, ?model=, ?events= choose what a client hears
+                                     (rbee/queen/streamfilter.py)
     GET    /health                   503 with status ``degraded`` while the store is unreachable
     GET    /v1/hives                 every hive (HiveState), stale ones flagged; paged like
                                      /v1/workers (?limit=, registry.hives_limit; ?after=<hive id>)
@@ -66,6 +68,7 @@ from .metrics import QueenMetrics
 from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
 from .registry import HiveRegistry
 from .scheduling import WorkerQuery
+from .streamfilter import parse_stream_filter
 
 NEXT_AFTER_HEADER = "X-Next-After"
 
@@ -214,6 +217,7 @@ class StreamHandlers:
 
     async def stream(self, request: Request) -> Response:
         self.gate.stream_reader(request)
+        stream_filter = parse_stream_filter(request.query_params)
         broadcaster = self.fleet.broadcaster
         if broadcaster.closed:
             raise ApiError(503, "the queen is shutting down")
@@ -221,7 +225,7 @@ class StreamHandlers:
             raise ApiError(503, f"too many stream clients (stream.max_clients: "
                                 f"{broadcaster.max_clients})")
         return EventStreamResponse(
-            self.fleet.stream(request.headers.get("last-event-id")),
+            self.fleet.stream(request.headers.get("last-event-id"), stream_filter),
             ping=self.config.stream.keepalive_s,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
