@@ -143,6 +143,23 @@ class Subscription:
                 await self._wakeup.wait()
 
 
+def _updates_lost(missed: list[tuple[str, StreamEvent | bytes]],
+                  stream_filter: StreamFilter) -> bool:
+    """Whether a ``worker_update`` client missed a change of its hives: the store keeps whole
+    heartbeats, not what changed since the client's last one, so it needs a snapshot."""
+    if "worker_update" not in stream_filter.events:
+        return False
+    for _, event in missed:
+        if isinstance(event, bytes):
+            if b'"hive_removed"' not in event[:40]:
+                continue
+            event = decode_stream_event(event)
+        if (isinstance(event, HiveTelemetryEvent | HiveRemovedEvent)
+                and stream_filter.hive(event.hive_id)):
+            return True
+    return False
+
+
 class Published:
     """One event as the groups of clients need it, each form made at most once: its struct
     (decoded when the store gave JSON), its JSON, its frame, and its workers' updates."""
@@ -321,7 +338,7 @@ class Broadcaster:
             await store.caught_up(last_event_id)
             with self.subscribe(stream_filter) as subscription:
                 missed = await store.missed(last_event_id, store.position)
-                if missed is not None:
+                if missed is not None and not _updates_lost(missed, stream_filter):
                     for frame in self._replayed(missed, stream_filter):
                         yield frame
                     async for frame in subscription.frames(
@@ -338,24 +355,14 @@ class Broadcaster:
     def _replayed(self, missed: list[tuple[str, StreamEvent | bytes]],
                   stream_filter: StreamFilter) -> Iterator[bytes]:
         """The frames of the missed events as this client's filter shows them, made for it
-        alone (a resume is rare); its updates start from nothing: a worker's first carries all
-        its figures."""
+        alone (a resume is rare)."""
         if stream_filter.plain:
             for event_id, event in missed:
                 yield self.frame(event, event_id)
             return
         group = Group(stream_filter)
-        changes = WorkerChanges([]) if "worker_update" in stream_filter.events else None
         for event_id, event in missed:
-            published = Published(self, event, event_id)
-            if changes is not None:
-                struct = published.struct
-                updates = (changes.telemetry(struct) if isinstance(struct, HiveTelemetryEvent)
-                           else changes.removed(struct) if isinstance(struct, HiveRemovedEvent)
-                           else [])
-                published.updates = [(model, encode(update), update.hive_id)
-                                     for model, update in updates]
-            frame = group.frame(published)
+            frame = group.frame(Published(self, event, event_id))
             if frame is not None:
                 yield frame
 
