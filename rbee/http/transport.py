@@ -195,14 +195,18 @@ class GuardedConnection(TCPServer):
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return b""
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> bool:
         try:
             await self.stream.send_all(data)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            return False
+        return True
 
     def busy(self) -> None:
         self.table.busy(self)
+
+    def socket_fd(self) -> int | None:
+        return self.stream.socket.fileno() if isinstance(self.stream, trio.SocketStream) else None
 
     def idle(self) -> None:
         self.table.idle(self)

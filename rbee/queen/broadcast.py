@@ -66,6 +66,10 @@ class Replay(Protocol):
 
 _HEAD = b"event: %s\r\ndata: " % STREAM_EVENT_NAME.encode()
 
+Direct = Callable[[bytes], int]
+"""A non-blocking write to a client's socket while its writer is idle: the bytes it took
+(``rbee/http/rawstream.py``'s ``DirectWrite``)."""
+
 RECONNECT_MS = 1000
 """Sent with each connection's first snapshot: how soon an EventSource client should reconnect."""
 
@@ -77,9 +81,12 @@ class Subscription:
     copy) and the client resyncs when its reader comes back."""
 
     def __init__(self, buffer: int, buffer_bytes: int, write_chunk_bytes: int,
-                 selection: Selection | None = None) -> None:
+                 selection: Selection | None = None, direct: Direct | None = None) -> None:
         self.selection = selection or Selection(PLAIN)
         """What this client hears (shared with the other clients of the same filter)."""
+        self.direct = direct
+        self._parked = False
+        """True while the client's writer waits for frames (nothing of its own in flight)."""
         self.buffer = buffer
         self.buffer_bytes = buffer_bytes
         self.write_chunk_bytes = write_chunk_bytes
@@ -96,6 +103,11 @@ class Subscription:
         if self.dropped:
             self.dropped += 1
             return
+        if self._parked and not self._backlog and self.direct is not None:
+            sent = self.direct(frame)
+            if sent == len(frame):
+                return  # in the client's socket already: no task to wake
+            frame = frame[sent:] if sent else frame
         if (len(self._backlog) >= self.buffer
                 or self.backlog_bytes + len(frame) > self.buffer_bytes):
             self.dropped = len(self._backlog) + 1
@@ -140,7 +152,11 @@ class Subscription:
                 return
             else:
                 self._wakeup = trio.Event()
-                await self._wakeup.wait()
+                self._parked = True
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    self._parked = False
 
 
 def _updates_lost(missed: list[tuple[str, StreamEvent | bytes]],
@@ -298,7 +314,8 @@ class Broadcaster:
         return []
 
     @contextmanager
-    def subscribe(self, stream_filter: StreamFilter = PLAIN) -> Iterator[Subscription]:
+    def subscribe(self, stream_filter: StreamFilter = PLAIN, direct: Direct | None = None
+                  ) -> Iterator[Subscription]:
         group = self._groups.get(stream_filter)
         if group is None:
             group = self._groups[stream_filter] = Group(stream_filter)
@@ -307,7 +324,7 @@ class Broadcaster:
                 if self._changes is None:
                     self._changes = WorkerChanges(self._snapshot().hives)
         subscription = Subscription(self.client_buffer, self.client_buffer_bytes,
-                                    self.write_chunk_bytes, group.selection)
+                                    self.write_chunk_bytes, group.selection, direct)
         if self.closed:
             subscription.close()
         group.subscribers.add(subscription)
@@ -325,7 +342,8 @@ class Broadcaster:
                         self._changes = None
 
     async def stream(self, store: Replay, last_event_id: str | None = None,
-                     stream_filter: StreamFilter = PLAIN) -> AsyncIterator[bytes]:
+                     stream_filter: StreamFilter = PLAIN, direct: Direct | None = None
+                     ) -> AsyncIterator[bytes]:
         """One client's whole stream: the fleet snapshot (or, resuming after ``last_event_id``,
         the events it missed in ``store``), then every event as it is published; all of it as
         ``stream_filter`` chooses.
@@ -333,10 +351,11 @@ class Broadcaster:
         Subscribing and reading the store's position (and taking the snapshot) happen with no
         checkpoint between them, so the client misses nothing and gets nothing twice. Ends when
         the broadcaster closes; the subscription is dropped however the stream ends (client
-        gone, cancelled)."""
+        gone, cancelled). ``direct``: a write to the client's socket, for frames published while
+        its writer is idle."""
         if last_event_id is not None:
             await store.caught_up(last_event_id)
-            with self.subscribe(stream_filter) as subscription:
+            with self.subscribe(stream_filter, direct) as subscription:
                 missed = await store.missed(last_event_id, store.position)
                 if missed is not None and not _updates_lost(missed, stream_filter):
                     for frame in self._replayed(missed, stream_filter):
@@ -345,7 +364,7 @@ class Broadcaster:
                             partial(self._resync, store, subscription.selection)):
                         yield frame
                     return
-        with self.subscribe(stream_filter) as subscription:
+        with self.subscribe(stream_filter, direct) as subscription:
             selection = subscription.selection
             yield self.frame(selection.snapshot(self._snapshot()), store.position,
                              retry_ms=RECONNECT_MS)
