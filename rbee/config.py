@@ -409,15 +409,16 @@ class HistorySettings(Settings):
     """Step of the coarse tier (averages of the fine one)."""
     coarse_retention_s: Seconds = 21600.0
     """How far back the coarse tier reaches (6 hours)."""
-    max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
-    """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
-    kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 256 * 2**20
+    """Memory for history: 6.1 KB a series at the default tiers; past it, none new (docs/history.md)."""
     max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
-    """A query matching more series is refused (400) naming this key."""
+    """A query naming more series (held, known or not) is refused (400) naming this key."""
 
     def __post_init__(self) -> None:
-        if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
-            raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
+        n = self.coarse_step_s / self.fine_step_s  # a coarse point is the mean of n fine ones
+        if n < 1 or abs(n - round(n)) > 1e-6 or self.coarse_retention_s < self.fine_retention_s:
+            raise ValueError("the coarse tier must be at least as long as the fine one, its step a "
+                             "whole multiple of the fine one")
 
 
 class QueenConfig(Settings):

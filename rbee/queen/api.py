@@ -63,7 +63,7 @@ from ..http.rawstream import StreamHead
 from .channel import OpenChannels, channel_route
 from .dashboard import dashboard_routes
 from .fleet import Fleet
-from .history import METRICS, FleetHistory, QueryError, Selector
+from .history import FleetHistory, QueryError, Selector
 from .ingest import Ingest, stored
 from .metrics import QueenMetrics
 from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
@@ -315,10 +315,11 @@ class ReadHandlers:
         metrics = None
         if params.metric is not None:
             metrics = frozenset(m.strip() for m in params.metric.split(",") if m.strip())
-            bad = metrics - METRICS
+            known = self.history.metrics()  # the built-in ones and the plugin figures held
+            bad = metrics - known
             if bad or not metrics:
                 raise ApiError(400, f"unknown metric(s): {', '.join(sorted(bad)) or '(none)'}; "
-                                    f"known: {', '.join(sorted(METRICS))}")
+                                    f"known: {', '.join(sorted(known))}")
         if params.step is not None and params.step == 0:
             raise ApiError(400, "query parameter 'step' must be > 0, not '0'")
         selector = Selector(hive=params.hive, group=params.group, instance=params.instance,
