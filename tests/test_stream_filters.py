@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 
-import httpx
 import msgspec
 import pytest
 import trio
@@ -27,14 +26,10 @@ from rbee.stream_client import follow_stream
 
 from .builders import heartbeat, worker
 from .queenkit import STREAM_PATH, open_stream, post_heartbeat, start_queen, url_of
+from .test_sse_stream import QUIET
+from .test_sse_stream import client as client_fixture
 
-QUIET = {"stream": {"queen_interval_s": 3600, "keepalive_s": 3600}}
-
-
-@pytest.fixture
-async def client():
-    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
-        yield client
+client = client_fixture  # an httpx client with no read timeout, as the SSE tests use
 
 
 def engine(running: int, waiting: int) -> EngineState:
