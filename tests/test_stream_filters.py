@@ -5,7 +5,9 @@ through a real queen on 127.0.0.1 and real SSE clients (httpx-sse, and ``rbee.st
 from __future__ import annotations
 
 import datetime
+import ssl
 
+import httpx
 import msgspec
 import pytest
 import trio
@@ -26,6 +28,7 @@ from rbee.stream_client import follow_stream
 
 from .builders import heartbeat, worker
 from .queenkit import STREAM_PATH, open_stream, post_heartbeat, start_queen, url_of
+from .test_hardening import tls_files as tls_files_fixture
 from .test_sse_stream import QUIET
 from .test_sse_stream import client as client_fixture
 
@@ -264,3 +267,47 @@ def test_one_frame_per_filter_shared_by_its_clients():
     assert len(updates) == 1 and updates[0].count(b"event: heartbeat") == 2
     assert updates[0].count(b"id: ") == 1 and updates[0].startswith(b"event:")  # on the last
     assert broadcaster.client_count == 0
+
+
+tls_files = tls_files_fixture
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1-connection", "http2-app"])
+async def test_filtered_stream_over_tls(nursery, tls_files, http2):
+    """Over TLS the stream is the same, served by the connection (HTTP/1.1, no direct writes:
+    the socket carries TLS) or by the app (HTTP/2)."""
+    queen = await start_queen(nursery, http={"tls_cert_file": tls_files["cert"],
+                                             "tls_key_file": tls_files["key"]}, **QUIET)
+    context = ssl.create_default_context(cafile=tls_files["ca"])
+    async with httpx.AsyncClient(http2=http2, verify=context,
+                                 timeout=httpx.Timeout(5.0, read=None)) as tls:
+        await post_heartbeat(tls, queen, heartbeat("hive-a", [worker("a")]))
+        await post_heartbeat(tls, queen, heartbeat("hive-b", [worker("b")]))
+        async with open_stream(tls, queen, params={"hive": "hive-b"}) as stream:
+            assert stream.response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+            snapshot = await stream.next()
+            await post_heartbeat(tls, queen, heartbeat("hive-a", [worker("a")]))
+            await post_heartbeat(tls, queen, heartbeat("hive-b", [worker("b", cpu_pct=1.0)]))
+            live = await stream.next()
+    assert [h.hive.id for h in snapshot.hives] == ["hive-b"]
+    assert (live.hive_id, live.workers[0].cpu_pct) == ("hive-b", 1.0)
+
+
+async def test_a_request_the_connection_leaves_to_the_app_is_served_the_same(nursery, client):
+    """A head the connection does not take (a repeated field) goes to Starlette, which serves
+    the same filtered stream (chunked, through sse-starlette)."""
+    queen = await start_queen(nursery, **QUIET)
+    await post_heartbeat(client, queen, heartbeat("hive-a", [worker("a")]))
+    await post_heartbeat(client, queen, heartbeat("hive-b", [worker("b")]))
+    host, port = url_of(queen).removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(5):
+        sock = await trio.open_tcp_stream(host, int(port))
+        async with sock:
+            await sock.send_all(b"GET /v1/heartbeats/stream?hive=hive-a HTTP/1.1\r\nHost: q\r\n"
+                                b"X-Twice: 1\r\nX-Twice: 2\r\n\r\n")
+            received = b""
+            while b"snapshot" not in received or not received.endswith(b"\r\n\r\n"):
+                received += await sock.receive_some(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert b'"hive-a"' in body and b'"hive-b"' not in body
