@@ -26,8 +26,15 @@ from rbee.queen.broadcast import Broadcaster
 from rbee.queen.streamfilter import StreamFilter
 from rbee.stream_client import follow_stream
 
-from .builders import heartbeat, worker
-from .queenkit import STREAM_PATH, open_stream, post_heartbeat, start_queen, url_of
+from .builders import fleet_heartbeat, heartbeat, worker
+from .queenkit import (
+    STREAM_PATH,
+    open_stream,
+    post_heartbeat,
+    small_window_client,
+    start_queen,
+    url_of,
+)
 from .test_hardening import tls_files as tls_files_fixture
 from .test_sse_stream import QUIET
 from .test_sse_stream import client as client_fixture
@@ -311,3 +318,35 @@ async def test_a_request_the_connection_leaves_to_the_app_is_served_the_same(nur
     head, _, body = received.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
     assert b'"hive-a"' in body and b'"hive-b"' not in body
+
+
+async def test_keepalives_never_split_a_frame(nursery, client):
+    """Frames written straight to a full socket go out in part, the rest after; keep-alive
+    comments every 5 ms never land in between: a client that stalled, then reads, finds every
+    block of its bytes a whole event or a whole comment, the events in order."""
+    queen = await start_queen(nursery, stream={"queen_interval_s": 3600, "keepalive_s": 0.005,
+                                               "client_buffer": 1024})
+    async with small_window_client() as slow, slow.stream(
+            "GET", f"{url_of(queen)}{STREAM_PATH}?events=hive_telemetry") as response:
+        chunks = response.aiter_raw()
+        received = await anext(chunks)
+        for n in range(40):
+            await post_heartbeat(client, queen, fleet_heartbeat("hive-a", 8 + n % 8))
+            await trio.sleep(0.002)  # keep-alive time passes while the socket is full
+        with trio.fail_after(20):
+            while (received.count(b"event: heartbeat") < 41
+                   or not received.endswith(b"\r\n\r\n")):
+                received += await anext(chunks)
+    blocks = received.split(b"\r\n\r\n")
+    assert blocks.pop() == b""
+    sizes = []
+    for block in blocks:
+        if block == b": ping":
+            continue
+        lines = block.split(b"\r\n")
+        fields = [line.split(b": ", 1)[0] for line in lines]
+        assert fields[:3] == [b"id", b"event", b"data"] and fields[3:] in ([], [b"retry"]), block
+        event = decode_stream_event(lines[2].removeprefix(b"data: "))
+        sizes.append(len(event.workers) if isinstance(event, HiveTelemetryEvent) else "snapshot")
+    assert sizes == ["snapshot", *(8 + n % 8 for n in range(40))]
+    assert b": ping" in blocks

@@ -40,19 +40,25 @@ class DirectWrite:
     while the connection writes, when the socket is full, or on any error: the connection's
     own write then takes the frame and meets the error)."""
 
-    __slots__ = ("busy", "fd")
+    __slots__ = ("busy", "fd", "partial")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.busy = False
+        self.busy = 0
+        """The connection's own writes under way or waiting (none: the publisher may write)."""
+        self.partial = False
+        """A frame went out in part: its rest is the connection's next write, and nothing (a
+        keep-alive) may come between."""
 
     def __call__(self, data: bytes) -> int:
         if self.busy:
             return 0
         try:
-            return os.write(self.fd, data)  # the socket is non-blocking (trio's)
+            written = os.write(self.fd, data)  # the socket is non-blocking (trio's)
         except OSError:
             return 0
+        self.partial = written < len(data)
+        return written
 
 
 class StreamHead:
@@ -113,18 +119,26 @@ async def serve_stream(connection: StreamConnection, frames: AsyncIterator[bytes
 
     async def write(data: bytes) -> bool:
         nonlocal last_write
-        async with lock:
-            last_write = trio.current_time()
-            direct.busy = True
-            try:
+        direct.busy += 1  # from before the lock is taken: a write waiting for it comes first
+        try:
+            async with lock:
+                last_write = trio.current_time()
                 return await connection.send(data)
-            finally:
-                direct.busy = False
+        finally:
+            direct.busy -= 1
 
     async def keep_alive(cancel: trio.CancelScope) -> None:
+        """A comment after ``keepalive_s`` without a write of the connection's own (frames the
+        publisher wrote directly do not count: a comment among them costs nothing)."""
+        nonlocal last_write
         while True:
             await trio.sleep_until(last_write + keepalive_s)
-            if trio.current_time() >= last_write + keepalive_s and not await write(KEEPALIVE):
+            if trio.current_time() < last_write + keepalive_s:
+                continue  # written meanwhile
+            if direct.partial:  # the rest of a frame goes first; the comment waits a turn
+                last_write = trio.current_time()
+                continue
+            if not await write(KEEPALIVE):
                 cancel.cancel()
                 return
 
@@ -141,6 +155,7 @@ async def serve_stream(connection: StreamConnection, frames: AsyncIterator[bytes
                 async for frame in frames:
                     if not await write(frame):
                         break
+                    direct.partial = False  # a frame's rest, if any, went first
             nursery.cancel_scope.cancel()
     finally:
         aclose = getattr(frames, "aclose", None)
