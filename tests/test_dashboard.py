@@ -384,11 +384,12 @@ def post_fleet(url: str, hives: int, per_hive: int, stop: threading.Event
     return thread, failures
 
 
-def measure_renders(tmp_path, hives: int, per_hive: int, seconds: float
+def measure_renders(tmp_path, hives: int, per_hive: int, seconds: float, sort: str = "name"
                     ) -> tuple[list[float], list[float]]:
     """``hives`` x ``per_hive`` workers, every figure changing every second, shown by a real
-    browser for ``seconds``: the time of each render (script, style and layout) and of each
-    event's handling (its JSON parsed and folded into the model), in ms."""
+    browser for ``seconds`` sorted by the column ``sort``: the time of each render (script,
+    style and layout) and of each event's handling (its JSON parsed and folded into the
+    model), in ms."""
     stop = threading.Event()
     total = hives * per_hive
     with queen(tmp_path) as q, chromium(tmp_path) as driver:
@@ -397,6 +398,8 @@ def measure_renders(tmp_path, hives: int, per_hive: int, seconds: float
             driver.get(f"{q.url}/")
             wait_for(driver, WORKER_KEYS, lambda keys: keys is not None and len(keys) == total,
                      timeout=30)
+            if sort != "name":
+                driver.execute_script(f"document.querySelector('[data-key={sort}] button').click()")
             driver.execute_script("window.rbeeDashboard.stats.times.length = 0;"
                                   "window.rbeeDashboard.stats.applyTimes.length = 0")
             time.sleep(seconds)

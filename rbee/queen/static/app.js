@@ -5,7 +5,7 @@
 // hive's event replaces that hive's workers and its totals, nothing else) and ask for a frame;
 // a frame adds up hives, not workers; it re-sorts and re-filters the workers only when the set of
 // workers, the filters or the sort changed, or (sorting by a changing figure, or idle only) at
-// most every RESORT_MS; only the rows in view are in the DOM, their cells diffed against what is
+// most every 0.5 s (2 s past 2,000 workers); only the rows in view are in the DOM, their cells diffed against what is
 // shown; only the GPU cards of hives that changed are touched. The queen's own summary (its
 // `queen` event) gives the fleet's request counts. window.rbeeDashboard exposes the time each
 // render took (script plus the style and layout it forces), for the browser test.
@@ -27,7 +27,10 @@
   const entries = new Map(); // worker key -> {key, hive, worker}: every worker, kept by the events
   const dirtyHives = new Set(); // hives whose GPUs (cards) changed since the last frame
   const stats = { renders: 0, times: [], applyTimes: [], events: 0, connection: "connecting", connects: 0 };
-  const RESORT_MS = 500;
+  // How often the order is made again while the figures it sorts by move: a table of thousands
+  // of rows reshuffled twice a second cannot be read anyway, and at 10,000 workers each time
+  // costs a few ms of script and a layout of the rows that moved.
+  const resortMs = () => (entries.size > 2000 ? 2000 : 500);
   let order = []; // keys of the workers that pass the filters, in the shown order
   let membershipChanged = true, valuesChanged = true, lastSortAt = 0, gpusChanged = true;
   let queenSummary = null;
@@ -381,35 +384,46 @@
   let windowShown = "";
 
   // The shown order, made again only when it can have changed: the workers, the filters or the
-  // sort changed, or (by a figure that moves, or idle only) RESORT_MS passed with new figures.
-  let orderedBy = "";
+  // sort changed, or (by a figure that moves, or idle only) resortMs passed with new figures.
+  let orderedBy = "", byName = [];
   function reorder(now) {
     const hiveFilter = $("f-hive").value, modelFilter = $("f-model").value, idleOnly = $("f-idle").checked;
     const by = `${hiveFilter}|${modelFilter}|${idleOnly}|${sort.key}|${sort.dir}`;
     const moving = idleOnly || (sort.key !== "name" && sort.key !== "model");
-    if (!membershipChanged && by === orderedBy && !(moving && valuesChanged && now - lastSortAt >= RESORT_MS)) return;
+    if (!membershipChanged && by === orderedBy && !(moving && valuesChanged && now - lastSortAt >= resortMs())) return;
     if (membershipChanged) {
       const models = new Set();
       for (const hive of fleet.values()) for (const model of hive.totals.models) models.add(model);
       syncOptions($("f-model"), [...models].sort());
     }
+    if (membershipChanged) byName = [...entries.keys()].sort();
     membershipChanged = false;
     valuesChanged = false;
     orderedBy = by;
     lastSortAt = now;
-    const visible = [];
-    for (const entry of entries.values()) {
+    // Workers that pass, in name order; then sorted by the column's figure, ties in name order
+    // (the index): numbers compared as numbers, no string in the comparator (10,000 in ~3 ms).
+    const keys = [], values = [];
+    for (const key of byName) {
+      const entry = entries.get(key);
       if ((!hiveFilter || entry.hive.id === hiveFilter) && (!modelFilter || entry.worker.model === modelFilter)
-          && (!idleOnly || isIdle(entry))) visible.push(entry);
+          && (!idleOnly || isIdle(entry))) {
+        keys.push(key);
+        values.push(sortValue(entry));
+      }
     }
     const dir = sort.dir;
-    for (const entry of visible) entry.sortValue = sortValue(entry);
-    visible.sort((a, b) => {
-      const x = a.sortValue, y = b.sortValue;
-      const c = x < y ? -1 : x > y ? 1 : 0;
-      return c !== 0 ? c * dir : (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
-    });
-    order = visible.map((e) => e.key);
+    if (sort.key === "name") {
+      order = dir > 0 ? keys : keys.reverse();
+      return;
+    }
+    const index = Array.from(keys, (_, i) => i);
+    if (typeof values[0] === "number") {
+      index.sort((a, b) => (values[a] - values[b]) * dir || a - b);
+    } else {
+      index.sort((a, b) => (values[a] < values[b] ? -dir : values[a] > values[b] ? dir : a - b));
+    }
+    order = index.map((i) => keys[i]);
   }
 
   function renderWorkers() {
