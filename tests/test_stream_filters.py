@@ -11,6 +11,7 @@ import httpx
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from rbee.contract import (
     EngineState,
@@ -22,7 +23,7 @@ from rbee.contract import (
     decode_stream_event,
     utc_now,
 )
-from rbee.queen.broadcast import Broadcaster
+from rbee.queen.broadcast import Broadcaster, Subscription
 from rbee.queen.streamfilter import StreamFilter
 from rbee.stream_client import follow_stream
 
@@ -350,3 +351,36 @@ async def test_keepalives_never_split_a_frame(nursery, client):
         sizes.append(len(event.workers) if isinstance(event, HiveTelemetryEvent) else "snapshot")
     assert sizes == ["snapshot", *(8 + n % 8 for n in range(40))]
     assert b": ping" in blocks
+
+
+async def test_frames_go_straight_to_an_idle_clients_socket():
+    """A frame published while the client's writer waits goes to its socket at once (no task
+    woken); a part the socket did not take waits in the backlog and goes first; while the
+    writer writes, frames queue behind it."""
+    taken: list[bytes] = []
+    room = [100]
+
+    def direct(data: bytes) -> int:
+        n = min(room[0], len(data))
+        taken.append(data[:n])
+        room[0] -= n
+        return n
+
+    subscription = Subscription(16, 1 << 20, 1 << 16, direct=direct)
+    writes: list[bytes] = []
+
+    async def writer(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for piece in subscription.frames(lambda dropped: iter(())):
+            writes.append(piece)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        subscription.offer(b"a" * 60)  # straight in
+        subscription.offer(b"b" * 60)  # 40 of it straight in, 20 left
+        subscription.offer(b"c" * 10)  # behind the rest
+        assert b"".join(taken) == b"a" * 60 + b"b" * 40 and writes == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert writes == [b"b" * 20 + b"c" * 10]
+        subscription.close()
