@@ -167,7 +167,7 @@ def _updates_lost(missed: list[tuple[str, StreamEvent | bytes]],
         return False
     for _, event in missed:
         if isinstance(event, bytes):
-            if b'"hive_removed"' not in event[:40]:
+            if b'"hive_removed"' not in event[:40] and b'"hive_telemetry"' not in event[:40]:
                 continue
             event = decode_stream_event(event)
         if (isinstance(event, HiveTelemetryEvent | HiveRemovedEvent)
