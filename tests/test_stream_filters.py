@@ -37,6 +37,8 @@ from .queenkit import (
     url_of,
 )
 from .test_hardening import tls_files as tls_files_fixture
+from .test_redis_store import redis_server as redis_server_fixture
+from .test_redis_store import registry as redis_registry
 from .test_sse_stream import QUIET
 from .test_sse_stream import client as client_fixture
 
@@ -384,3 +386,30 @@ async def test_frames_go_straight_to_an_idle_clients_socket():
         await trio.testing.wait_all_tasks_blocked()
         assert writes == [b"b" * 20 + b"c" * 10]
         subscription.close()
+
+
+redis_server = redis_server_fixture
+
+
+async def test_filters_and_worker_updates_through_a_shared_store(nursery, client, redis_server):
+    """With two queens on Redis, a filtered client of queen B hears of queen A's heartbeats as
+    its filter shows them: its worker updates, and a removal (which B reads from Redis as
+    JSON)."""
+    settings = {"registry": redis_registry(redis_server.url), **QUIET}
+    a = await start_queen(nursery, **settings)
+    b = await start_queen(nursery, **settings)
+    await post_heartbeat(client, a, heartbeat("hive-x", [worker("w1")]))
+    await post_heartbeat(client, a, heartbeat("hive-y", [worker("w2")]))
+    params = {"hive": "hive-x", "events": "worker_update,hive_removed"}
+    async with open_stream(client, b, params=params) as stream:
+        snapshot = await stream.next(timeout=5)
+        await post_heartbeat(client, a, heartbeat("hive-y", [worker("w2", cpu_pct=3.0)]))
+        await post_heartbeat(client, a, heartbeat("hive-x", [worker("w1", cpu_pct=9.0)]))
+        update = await stream.next(timeout=5)
+        assert (await client.delete(f"{a.urls[0]}/v1/hives/hive-x")).status_code == 200
+        removed, gone = await stream.next(timeout=5), await stream.next(timeout=5)
+    assert [h.hive.id for h in snapshot.hives] == ["hive-x"]
+    assert isinstance(update, WorkerUpdateEvent) and (update.hive_id, update.fields.cpu_pct) == (
+        "hive-x", 9.0)
+    assert isinstance(removed, HiveRemovedEvent) and removed.hive_id == "hive-x"
+    assert isinstance(gone, WorkerUpdateEvent) and (gone.instance, gone.removed) == ("w1", True)
