@@ -98,6 +98,17 @@ class EngineSettings(Settings):
     """Scrapes in flight at once (and connections kept open) for the whole hive."""
     ttft_window_s: Seconds = 60.0
     """The window of the time-to-first-token percentiles (histogram bucket deltas)."""
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.005, le=60)] = 0.05
+    """How often each local engine's scheduling figures (running, waiting, KV cache) are
+    polled, from its cheap load endpoint where it has one (vLLM ``/load`` with
+    ``--enable-server-load-tracking``, SGLang ``/v1/loads``, llama.cpp ``/slots``), else from
+    ``/metrics`` reading only those families. A change is pushed to the queen at once (over the
+    channel) and the full ``/metrics`` stays at ``interval_s``. 0.05 is llm-d's endpoint
+    picker's floor; each poll is one GET on a kept-alive connection."""
+    post_min_interval_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.25
+    """Over POST (no channel), the shortest time between two heartbeats sent for engine
+    changes: each POST carries the whole heartbeat, so changes are coalesced this long. Over
+    the channel a change goes at once (at most one snapshot per poll round)."""
 
 
 class CollectorSettings(Settings):

@@ -22,6 +22,7 @@ import time
 import httpx
 import trio
 
+from rbee.contract import utc_now
 from rbee.plugin import hookimpl
 
 from .engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
@@ -84,7 +85,7 @@ class EngineCollector:
     @hookimpl
     async def rbee_refresh_workers(self, workers, http) -> None:
         limiter = trio.CapacityLimiter(self.settings.max_concurrency)
-        fetched: list[tuple[object, bytes | Exception, float]] = []
+        fetched: list[tuple[object, bytes | Exception, float, object]] = []
 
         async def scrape(worker, url: str) -> None:
             async with limiter:
@@ -98,7 +99,7 @@ class EngineCollector:
                     body = EngineError(f"cannot read {url}: {type(exc).__name__}: {exc}")
                 except EngineError as exc:
                     body = exc
-                taken_at = time.monotonic()
+                taken_at, sampled_at = time.monotonic(), utc_now()
                 slot = worker.state(NAME)
                 engine = slot.get("engine")
                 if (engine is not None and slot.get("version") is None
@@ -107,7 +108,7 @@ class EngineCollector:
                     slot["version_asked_at"] = taken_at
                     slot["version"] = await fetch_version(http, url, engine,
                                                           self.settings.timeout_s)
-            fetched.append((worker, body, taken_at))
+            fetched.append((worker, body, taken_at, sampled_at))
 
         async with trio.open_nursery() as nursery:
             for worker in workers:
@@ -121,7 +122,7 @@ class EngineCollector:
 
     def _parse_all(self, fetched) -> None:
         """In a worker thread: each body into its worker's tracker, the outcome into its slot."""
-        for worker, body, taken_at in fetched:
+        for worker, body, taken_at, sampled_at in fetched:
             slot = worker.state(NAME)
             tracker = slot.get("tracker")
             if tracker is None:
@@ -139,6 +140,7 @@ class EngineCollector:
                     slot["engine"], slot["version"] = reading.engine, None
                     slot.pop("version_asked_at", None)
                 state.version = slot.get("version")
+                state.sampled_at = sampled_at
                 slot["result"] = (taken_at, state)
             except EngineError as exc:
                 slot["result"] = (taken_at, str(exc))
