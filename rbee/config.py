@@ -109,6 +109,11 @@ class EngineSettings(Settings):
     """Over POST (no channel), the shortest time between two heartbeats sent for engine
     changes: each POST carries the whole heartbeat, so changes are coalesced this long. Over
     the channel a change goes at once (at most one snapshot per poll round)."""
+    resend_after_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.4
+    """Over the channel, an engine state that did not change is sent again once the queen's copy
+    is this old, so that its ``sampled_at`` shows the figures were confirmed (a pick treats figures
+    older than ``pick.stale_after_ms``, 500 by default, as stale). 0: only changes are sent, and
+    the heartbeat every ``heartbeat.interval_s`` refreshes them."""
 
 
 class CollectorSettings(Settings):

@@ -75,6 +75,8 @@ class MetricsServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+            wbufsize = 65536  # head and body in one write: no delayed-ACK stall on keep-alive
 
             def do_GET(self) -> None:
                 server.requests += 1

@@ -42,6 +42,7 @@ class EngineLink:
         self._host_header = parts.netloc.encode()
         self._stream: trio.SocketStream | None = None
         self._http: h11.Connection | None = None
+        self._requests: dict[str, h11.Request] = {}
         self.connections = 0
         """Connections opened so far (a kept-alive link opens one)."""
 
@@ -81,8 +82,10 @@ class EngineLink:
     async def _exchange(self, path: str, url: str) -> bytes:
         stream, http = self._stream, self._http
         assert stream is not None and http is not None
-        request = h11.Request(method="GET", target=path, headers=[
-            ("host", self._host_header), ("accept-encoding", "identity")])
+        request = self._requests.get(path)
+        if request is None:  # made once per path: h11 validates a request's headers when made
+            request = self._requests[path] = h11.Request(method="GET", target=path, headers=[
+                ("host", self._host_header), ("accept-encoding", "identity")])
         try:
             await stream.send_all(http.send(request) + http.send(h11.EndOfMessage()))
             event = await self._next(stream, http)

@@ -86,6 +86,11 @@ class EngineServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+            wbufsize = 65536
+            """Head and body leave in one write (flushed after each answer, and after each
+            event of a stream): written apart, a kept-alive client's delayed ACK holds the body
+            back 40 ms."""
 
             def log_message(self, *args) -> None:
                 pass

@@ -61,12 +61,14 @@ class EnginePoller:
 
     def __init__(self, views: Callable[[], list[WorkerView]], settings: EngineSettings,
                  publish: Callable[[Mapping[WorkerKey, Change]], object],
-                 push_interval: Callable[[], float] | None = None) -> None:
+                 on_channel: Callable[[], bool] = lambda: False) -> None:
         self.views = views
         self.settings = settings
         self.publish = publish
-        self.push_interval = push_interval or (lambda: settings.post_min_interval_s)
-        """Shortest time between two publications: the sender says (0 over the channel)."""
+        self.on_channel = on_channel
+        """Whether the sender delivers over the channel now (the hive's service says): then
+        changes go every round and unchanged figures are re-sent after ``resend_after_s``; over
+        POST, at most every ``post_min_interval_s`` and the heartbeat re-sends them."""
         self.polls = 0
         self.publications = 0
         self._pending: dict[WorkerKey, Change] = {}
@@ -113,9 +115,10 @@ class EnginePoller:
                     started = trio.current_time()
                     change, path = await self._poll_once(link, path, slot, cache,
                                                          metrics_path)
-                    if change is not None and scheduling(change) != scheduling(
-                            slot.get("poll_sent")):
-                        slot["poll_sent"] = change
+                    if change is not None and (
+                            scheduling(change) != scheduling(slot.get("poll_sent"))
+                            or self._due_again(slot, started)):
+                        slot["poll_sent"], slot["poll_sent_at"] = change, started
                         self._pending[key] = change
                         self._wake.set()
                     await trio.sleep_until(started + settings.poll_interval_s)
@@ -151,6 +154,13 @@ class EnginePoller:
         slot["result"] = slot["poll_wrote"] = (time.monotonic(), new)
         return new, path
 
+    def _due_again(self, slot: dict, now: float) -> bool:
+        """An unchanged state is sent again once the queen's copy is ``resend_after_s`` old
+        (over the channel only), so its ``sampled_at`` says the figures are fresh."""
+        resend = self.settings.resend_after_s
+        return (resend > 0 and now - slot.get("poll_sent_at", now) >= resend
+                and self.on_channel())
+
     @staticmethod
     def _unreadable(slot: dict, problem: str) -> str:
         slot["result"] = slot["poll_wrote"] = (time.monotonic(), problem)
@@ -165,4 +175,6 @@ class EnginePoller:
             if pending:
                 self.publish(pending)
                 self.publications += 1
-            await trio.sleep(max(self.settings.poll_interval_s, self.push_interval()))
+            settings = self.settings
+            await trio.sleep(settings.poll_interval_s if self.on_channel()
+                             else max(settings.poll_interval_s, settings.post_min_interval_s))
