@@ -71,7 +71,7 @@ setup(
             "ansible-lint>=25.1",
         ],
         "lint": ["ruff>=0.5"],
-        # ./dev lock: uv compiles the hashed locks in locks/ (README, "The lock")
+        # ./dev lock: uv compiles the hashed locks in locks/ (docs/development.md, "The lock")
         "lock": ["uv>=0.9"],
     },
     entry_points={

@@ -1,4 +1,5 @@
-"""YAML configuration of the hive and the queen, validated into typed structs.
+"""YAML configuration of the hive and the queen, validated into typed structs (read by
+``rbee/configfile.py``; docs/configuration.md is generated from these docstrings).
 
 Every interval, timeout, threshold and limit lives here with a sane default, so an empty file is a
 working configuration. Unknown keys are errors (a typo must not silently fall back to a default),
@@ -9,14 +10,13 @@ from __future__ import annotations
 
 import re
 import socket
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import msgspec
-import yaml
 
-from ._errors import ConfigError, LimitError
+from ._errors import LimitError
 from .addresses import check_bind, parse_redis_url
+from .configfile import load_config, parse_config  # noqa: F401 (their home for callers)
 from .contract import MAX_WORKERS, Identifier
 from .limits import parse_limits
 
@@ -37,6 +37,7 @@ class HttpSettings(Settings):
     keep_alive_timeout_s: Seconds = 30.0
     """An idle keep-alive connection (no request in flight) is closed after this long."""
     backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    """Connections the kernel queues for accept (listen(2)'s backlog)."""
     shutdown_grace_s: Seconds = 2.0
     """On SIGINT/SIGTERM, how long requests in flight may take to finish."""
     stall_timeout_s: Seconds = 10.0
@@ -61,6 +62,7 @@ class HttpSettings(Settings):
     """Serve HTTPS with this certificate chain (PEM); needs tls_key_file. HTTP/2 is offered only
     over TLS (ALPN); a plain-TCP server speaks HTTP/1.1 only."""
     tls_key_file: str | None = None
+    """The private key (PEM) of tls_cert_file; needs it."""
 
     def __post_init__(self) -> None:
         if (self.max_body_bytes_in_flight is not None
@@ -77,7 +79,11 @@ class HttpSettings(Settings):
 
 
 class CgroupSettings(Settings):
+    """Where and how the hive puts its workers in cgroups (``rbee/hive/cgroups/``)."""
+
     backend: Literal["auto", "v2", "v1", "none"] = "auto"
+    """Where workers run: "auto" picks v2, else v1, else "none" (plain processes, limits not
+    enforced, as an unprivileged hive without a delegated subtree must)."""
     root: str = "auto"
     """Path of the workers' parent cgroup inside the hierarchy; "auto" means the delegated
     subtree under systemd (v2) and ``rbee.slice/<id>`` otherwise. One live hive per root: a hive
@@ -117,10 +123,17 @@ class EngineSettings(Settings):
 
 
 class CollectorSettings(Settings):
+    """How the hive measures its workers: the collection tick, the GPU source, the plugins."""
+
     interval_s: Seconds = 1.0
+    """How often every worker is measured; the heartbeat carries the latest measurement."""
     gpu: Literal["auto", "nvml", "nvidia-smi", "none"] = "auto"
+    """Where GPU figures come from: "auto" tries NVML, then nvidia-smi, then none; "none" on
+    a machine without NVIDIA GPUs."""
     nvidia_smi_path: str = "nvidia-smi"
+    """The nvidia-smi binary, when NVML cannot be loaded."""
     nvidia_smi_timeout_s: Seconds = 2.0
+    """Deadline of one nvidia-smi query; it is killed past it."""
     refresh_timeout_s: Seconds = 3.0
     """Deadline of one GPU refresh (NVML or nvidia-smi), and of one per-process utilisation
     sample, before the tick goes on without it; and of one plugin's async worker refresh
@@ -131,6 +144,7 @@ class CollectorSettings(Settings):
     """How long an Xid that needs no reset keeps its GPU degraded; one that needs a reset keeps
     it unhealthy until the hive restarts."""
     disabled_plugins: list[str] = []
+    """Collector plugins left out, by entry-point name (as ``RBEE_DISABLE_PLUGINS``)."""
     plugin_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     """Time one plugin may spend in the per-worker hook over one whole tick; past it, the plugin
     is skipped for the rest of that tick and reported."""
@@ -145,18 +159,30 @@ class WorkerSpec(Settings):
     """A worker the hive keeps running."""
 
     group: Identifier
+    """The worker's group (a model pool, say); ``group/instance`` names it in the fleet."""
     instance: Identifier
+    """The worker's name within its group."""
     argv: Annotated[list[str], msgspec.Meta(min_length=1)]
+    """The command line, run without a shell; ``{python}`` is this Python, ``{port}`` a free
+    port picked at spawn."""
     cpu_limit: str | None = None
+    """CPU as a percentage of one core, a string: "200%" is two cores. Unset: no limit."""
     memory_limit: str | int | None = None
+    """Memory as bytes or a size string with a binary suffix ("512M", "4G"). Unset: no
+    limit."""
     env: dict[str, str] = {}
+    """Variables added to the hive's environment for this worker (``CUDA_VISIBLE_DEVICES``)."""
     metrics_url: str | None = None
     """The engine's Prometheus endpoint (``http://127.0.0.1:8000/metrics``). Without it, the port
     is read from argv for known launchers (vllm, sglang, text-generation-launcher, llama-server).
     ``{port}`` here and in argv is replaced by one free port picked at spawn."""
     restart: Literal["always", "on-failure", "never"] = "on-failure"
+    """When the hive starts it again: "on-failure" (a non-zero exit or a signal), "always",
+    or "never"."""
     restart_backoff_s: Seconds = 1.0
+    """The wait before the first restart; it doubles with each failure in a row."""
     restart_backoff_max_s: Seconds = 30.0
+    """The longest wait between restarts (and the crashloop's wait)."""
     crashloop_after: Annotated[int, msgspec.Meta(ge=1)] = 5
     """Quick failures in a row (each within ``restart_backoff_max_s`` of its start) after which
     the worker is in ``crashloop``: it waits ``restart_backoff_max_s`` between attempts."""
@@ -171,12 +197,20 @@ class WorkerSpec(Settings):
 
 
 class HeartbeatSettings(Settings):
+    """How the hive sends its snapshot to the queen, and how it waits when none answers."""
+
     interval_s: Seconds = 1.0
+    """How often the whole snapshot is sent; a spawn or an exit sends one at once too."""
     connect_timeout_s: Seconds = 2.0
+    """Deadline of connecting to a queen; past it the next queen is tried."""
     read_timeout_s: Seconds = 5.0
+    """Deadline of the queen's answer to one heartbeat."""
     write_timeout_s: Seconds = 5.0
+    """Deadline of sending one heartbeat's body."""
     pool_timeout_s: Seconds = 2.0
+    """Deadline of waiting for a free connection of the client's pool."""
     backoff_initial_s: Seconds = 0.25
+    """The first wait after every queen failed; it doubles (with jitter) up to backoff_max_s."""
     backoff_max_s: Seconds = 1.0
     """The longest wait between failed attempts. At most the interval, so a hive reaches a queen
     that comes back within one interval; raise it for very large fleets."""
@@ -193,9 +227,14 @@ def _hostname() -> str:
 
 
 class HiveConfig(Settings):
+    """hive.yaml: one per GPU machine (``rbee-hive --config hive.yaml``)."""
+
     id: Identifier = msgspec.field(default_factory=_hostname)
+    """This hive's name in the fleet (one URL path segment): by default the host name."""
     bind: str = "127.0.0.1"
+    """Listen address of the hive's API; 127.0.0.1 keeps spawning local."""
     port: Port = 7835
+    """Port of the hive's API (0: a free one, printed at start)."""
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     queen_url: str | list[str] = "http://127.0.0.1:7833"
     """The queen, or several queens sharing one store: heartbeats go to the first that answers,
@@ -204,13 +243,17 @@ class HiveConfig(Settings):
     """CA bundle (PEM) the queen's certificate is verified against, for an ``https://``
     queen_url; unset: the system's trusted CAs."""
     stop_grace_s: Seconds = 5.0
+    """How long a stopped worker has between SIGTERM and SIGKILL."""
     stop_workers_on_exit: bool = False
     """False keeps workers running over a hive restart (they are re-adopted); ``rbee up`` sets it."""
     heartbeat: HeartbeatSettings = msgspec.field(default_factory=HeartbeatSettings)
     cgroup: CgroupSettings = msgspec.field(default_factory=CgroupSettings)
     collect: CollectorSettings = msgspec.field(default_factory=CollectorSettings)
     workers: list[WorkerSpec] = []
+    """Workers the hive starts and keeps running (more can be spawned through its API)."""
     log_dir: str | None = None
+    """A directory for each worker's stderr (``<group>-<instance>.log``); unset, the hive
+    keeps only the last lines of a worker that ended. Checked at start: exists, writable."""
     auth_token_file: str | None = None
     """A file holding the token shared with the queen (``rbee/http/auth.py``): sent with every
     heartbeat, and asked of whoever spawns or stops workers through the API. Unset: none."""
@@ -250,6 +293,7 @@ class StoreSettings(Settings):
     Redis or Valkey server that several queens share (``rbee/queen/redis/``)."""
 
     kind: Literal["memory", "redis"] = "memory"
+    """Where the registry lives: "memory" (this queen) or "redis" (shared by several queens)."""
     url: str | None = None
     """``redis://host:6379/0`` (``rediss://`` for TLS); required with ``kind: redis``."""
     key_prefix: str = "rbee"
@@ -283,6 +327,7 @@ class RegistrySettings(Settings):
     remove_after_s: Seconds = 60.0
     """Silent this long: removed with its workers, and the removal announced on the stream."""
     cleanup_interval_s: Seconds = 1.0
+    """How often the queen sweeps for stale and silent hives."""
     idle_gpu_util_pct: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """A worker at or under this GPU utilisation counts as idle (an unknown figure never does)."""
     skip_unhealthy_gpus: bool = True
@@ -300,12 +345,13 @@ class RegistrySettings(Settings):
     max_hives: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     """The most hives the queen keeps; a heartbeat from one more new hive is refused (503)
     naming this cap. Hives already known are never refused."""
-    new_hives_per_s: Annotated[float, msgspec.Meta(gt=0)] = 100.0
+    new_hives_per_s: Annotated[float, msgspec.Meta(gt=0)] = 500.0
     """Rate at which hives the queen does not know yet are admitted (a token bucket); one over it
-    is refused with 429 and Retry-After. Hives already known are never refused."""
-    new_hives_burst: Annotated[int, msgspec.Meta(ge=1)] = 1000
-    """How many new hives may be admitted at once before ``new_hives_per_s`` applies: a whole
-    fleet coming back to a restarted queen within a few seconds."""
+    is refused with 429 and Retry-After. Hives already known are never refused. With the burst,
+    a restarted queen takes back ``max_hives`` (10,000) within 16 s."""
+    new_hives_burst: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    """How many new hives may be admitted at once before ``new_hives_per_s`` applies: the
+    first part of a whole fleet coming back to a restarted queen."""
     workers_limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """``GET /v1/workers`` answers at most this many workers unless ``limit`` asks otherwise;
     the rest come page by page (``X-Next-After``)."""
@@ -346,6 +392,7 @@ class StreamSettings(Settings):
     """Queued frames are written to a client in pieces of at most this many bytes (a single
     larger frame goes alone), so catching up never copies a whole backlog at once."""
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """Stream clients at once; one more gets 503 naming this key."""
     replay_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """Events kept for clients that reconnect with ``Last-Event-ID`` (with redis, the stream's
     ``MAXLEN ~``): one that missed more gets a snapshot instead."""
@@ -358,13 +405,18 @@ class HistorySettings(Settings):
     """The queen's built-in history (``GET /v1/history``), in memory: it starts empty."""
 
     fine_step_s: Seconds = 1.0
+    """Step of the fine tier."""
     fine_retention_s: Seconds = 900.0
+    """How far back the fine tier reaches (15 minutes)."""
     coarse_step_s: Seconds = 10.0
+    """Step of the coarse tier (averages of the fine one)."""
     coarse_retention_s: Seconds = 21600.0
+    """How far back the coarse tier reaches (6 hours)."""
     max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
     kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
     max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    """A query matching more series is refused (400) naming this key."""
 
     def __post_init__(self) -> None:
         if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
@@ -372,9 +424,12 @@ class HistorySettings(Settings):
 
 
 class QueenConfig(Settings):
+    """queen.yaml: the fleet's queen (``rbee-queen --config queen.yaml``)."""
+
     bind: str = "127.0.0.1"
     """Listen address; a fleet's queen needs its network address (or 0.0.0.0) here."""
     port: Port = 7833
+    """Listen port (0: a free one, printed at start)."""
     http: HttpSettings = msgspec.field(default_factory=lambda: HttpSettings(
         max_body_bytes=4 * 2**20, max_connections=4000))
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
@@ -393,36 +448,3 @@ class QueenConfig(Settings):
 
     def __post_init__(self) -> None:
         check_bind(self.bind)
-
-
-ConfigT = TypeVar("ConfigT", bound=Settings)
-
-
-def parse_config(data: object, config_type: type[ConfigT], source: str = "<config>") -> ConfigT:
-    """Validate already-parsed YAML data; errors name the source and the key path."""
-    if data is None:
-        data = {}
-    try:
-        return msgspec.convert(data, config_type, strict=False)
-    except msgspec.ValidationError as exc:
-        message, at, path = str(exc).rpartition(" - at `")
-        if not at:  # the top level's own check (__post_init__): its message names the key
-            message, path = str(exc), ""
-        key = path.rstrip("`").removeprefix("$").lstrip(".")
-        raise ConfigError(message or str(exc), source=source, key=key) from exc
-
-
-def load_config(path: str | Path, config_type: type[ConfigT]) -> ConfigT:
-    """Read and validate a YAML file. Raises ConfigError naming the file, key and problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror}", source=source) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError("the top level must be a mapping of keys to values", source=source)
-    return parse_config(data, config_type, source)

@@ -131,8 +131,8 @@ def test_sections_unknown_refused_disabled_ignored_defaults_filled(site):
     configs = configure_plugins(manager, {}, "hive.yaml")
     assert configs["good"].limit == 10 and configs["process"] is None
     assert configure_plugins(manager, {"good": None})["good"].limit == 10  # `good:` left empty
-    with pytest.raises(ConfigError, match=r"^hive.yaml: plugins.good: Object contains unknown "
-                                          r"field `limt`$"):
+    with pytest.raises(ConfigError, match=r"^hive.yaml: plugins.good: unknown field `limt`; "
+                                          r"did you mean `limit`\?$"):
         configure_plugins(manager, {"good": {"limt": 1}}, "hive.yaml")
     with pytest.raises(ConfigError, match=r"^plugins.process: plugin 'process' takes no "
                                           r"settings"):

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     buffer = bytearray()
-    fd, path = tempfile.mkstemp(prefix=f"rbee-demo-{args.model}-")
+    fd, path = tempfile.mkstemp(prefix=f"rbee-demo-{args.model.replace('/', '_')}-")  # org/model
     os.unlink(path)
     started = last = time.monotonic()
     try:

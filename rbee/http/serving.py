@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from .._errors import ListenError
 from ..config import HttpSettings
+from .rawpost import RawRoutes
 from .tls import check_server_files
 from .transport import ConnectionTable, fit_descriptors, serve_connections
 
@@ -26,7 +27,8 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
     (``http://host:port``, or ``https://`` with ``tls_cert_file``) when listening (port 0 picks a
     free port). Connections are capped and every request phase has its deadline
     (``rbee/http/transport.py``); ``connections``, if given, is the table that counts them (for a
-    server's metrics), its limit set here to what the descriptors allow."""
+    server's metrics), its limit set here to what the descriptors allow. The app's raw POST routes
+(``app.state.raw_posts``) are answered by the connections themselves."""
     http = HypercornConfig()
     address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     http.bind = [address]
@@ -60,4 +62,4 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
                           address=address) from exc
     await serve_connections(wrap_app(app, http.wsgi_max_body_size, "asgi"), http, sockets,
                             settings, connections, shutdown_trigger=shutdown_trigger,
-                            task_status=task_status)
+                            task_status=task_status, raw=RawRoutes.of(app.state, settings))

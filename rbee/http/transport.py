@@ -46,6 +46,7 @@ from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
 from .._logs import RateLimitedLog
 from ..config import HttpSettings
+from .rawpost import RawRoutes, serve_raw
 
 log = logging.getLogger("rbee.http")
 
@@ -89,6 +90,7 @@ class ConnectionTable:
         """Connections refused or evicted because the table was full."""
         self.timed_out_total = 0
         """Connections closed because a request's headers or body came too slowly."""
+        self.draining = False
 
     def admit(self) -> bool:
         """Make room for one more connection: True if it may be served."""
@@ -112,6 +114,13 @@ class ConnectionTable:
     def closed(self, connection: GuardedConnection) -> None:
         self._idle.pop(connection, None)
         self.open -= 1
+
+    def drain(self) -> None:
+        """The server stops: connections waiting between raw requests close now (hypercorn's
+        own close at its ``terminated`` event)."""
+        self.draining = True
+        for connection in list(self._idle):
+            connection.stop_waiting()
 
 
 class _PlainH11(H11Protocol):
@@ -146,11 +155,14 @@ class GuardedConnection(TCPServer):
     idleness reported to the ``ConnectionTable``, and no HTTP/2 without TLS."""
 
     def __init__(self, table: ConnectionTable, settings: HttpSettings, timeouts: RateLimitedLog,
-                 *args: Any) -> None:
+                 raw: RawRoutes | None, *args: Any) -> None:
         super().__init__(*args)
         self.table = table
         self.settings = settings
         self._timeouts = timeouts
+        self._raw = raw
+        self._waiting: trio.CancelScope | None = None
+        """Set while a raw connection waits between requests (``stop_waiting`` ends it)."""
         self._scope = trio.CancelScope()
         self._request_started_at: float | None = None
         """trio time of the first byte of the request being read (None between requests)."""
@@ -158,6 +170,47 @@ class GuardedConnection(TCPServer):
 
     def evict(self) -> None:
         self._scope.cancel()
+
+    def stop_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    # -- what serve_raw needs (rbee/http/rawpost.py) --
+
+    async def receive_by(self, deadline: float, phase: str | None) -> bytes | None:
+        try:
+            if phase is None:
+                if self.table.draining:
+                    return None
+                try:
+                    with trio.CancelScope(deadline=deadline) as self._waiting:
+                        return await self.stream.receive_some(MAX_RECV)
+                finally:
+                    self._waiting = None
+                return None  # idle past keep_alive_timeout_s, or the server stops
+            with trio.move_on_at(deadline):
+                return await self.stream.receive_some(MAX_RECV)
+            self._timed_out(phase)
+            return None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def busy(self) -> None:
+        self.table.busy(self)
+
+    def idle(self) -> None:
+        self.table.idle(self)
+
+    def _timed_out(self, phase: str) -> None:
+        self.table.timed_out_total += 1
+        self._timeouts.warning("closed a connection whose request %s took longer than "
+                               "http.%s_timeout_s", phase, phase.removesuffix("s"))
 
     async def run(self) -> None:
         if not self.table.admit():
@@ -204,6 +257,12 @@ class GuardedConnection(TCPServer):
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
+            held = b""
+            if self._raw is not None and alpn_protocol != "h2":
+                held = await serve_raw(self, self._raw, f"{client[0]}:{client[1]}" if client
+                                       else "-", trio.current_time)
+                if held is None:
+                    return
             async with TaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = _Http1OnlyWrapper(
@@ -211,6 +270,9 @@ class GuardedConnection(TCPServer):
                     ssl, client, server, self.protocol_send, alpn_protocol)
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
+                if held:  # a request the raw routes left to the app: its head's deadline runs on
+                    self._request_started_at = trio.current_time()
+                    await self.protocol.handle(RawData(held))
                 await self._read_data()
         except OSError:
             pass
@@ -254,10 +316,7 @@ class GuardedConnection(TCPServer):
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break
             if waited.cancelled_caught:
-                self.table.timed_out_total += 1
-                phase = "body" if self._body_started_at is not None else "headers"
-                self._timeouts.warning("closed a connection whose request %s took longer than "
-                                       "http.%s_timeout_s", phase, phase.removesuffix("s"))
+                self._timed_out("body" if self._body_started_at is not None else "headers")
                 break
             if (data and self._request_started_at is None
                     and isinstance(self.protocol.protocol, H11Protocol)
@@ -275,10 +334,12 @@ class GuardedConnection(TCPServer):
 async def serve_connections(app: AppWrapper, http: HypercornConfig, sockets: Sockets,
                             settings: HttpSettings, table: ConnectionTable, *,
                             shutdown_trigger: Callable[[], Awaitable[None]],
-                            task_status: trio.TaskStatus[list[str]]) -> None:
+                            task_status: trio.TaskStatus[list[str]],
+                            raw: RawRoutes | None = None) -> None:
     """Hypercorn's ``worker_serve`` for apps without a lifespan (ours have none): accept on
     ``sockets`` until ``shutdown_trigger`` returns, then give requests in flight
-    ``http.graceful_timeout``; ``table`` holds the connections. Reports the bound URLs."""
+    ``http.graceful_timeout``; ``table`` holds the connections; ``raw``, the POSTs connections
+answer themselves (``rbee/http/rawpost.py``). Reports the bound URLs."""
     context = WorkerContext(None)
     timeouts = RateLimitedLog(logging.getLogger("rbee.http.clients"))
     ssl_context = http.create_ssl_context()
@@ -292,7 +353,7 @@ async def serve_connections(app: AppWrapper, http: HypercornConfig, sockets: Soc
         listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
     state: dict[str, Any] = {}
-    handler = partial(GuardedConnection, table, settings, timeouts, app, http, context,
+    handler = partial(GuardedConnection, table, settings, timeouts, raw, app, http, context,
                       ConnectionState(state))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
@@ -301,5 +362,6 @@ async def serve_connections(app: AppWrapper, http: HypercornConfig, sockets: Soc
             task_status.started(urls)
             await shutdown_trigger()
             accepting.cancel_scope.cancel()
+        table.drain()
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + http.graceful_timeout

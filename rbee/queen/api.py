@@ -49,13 +49,14 @@ from starlette.routing import Route
 from .. import __version__
 from .._errors import NotFoundError, StoreError
 from ..config import QueenConfig
-from ..contract import QueenHealth, decode_heartbeat, encode, paths
+from ..contract import QueenHealth, Reply, decode_heartbeat, encode, paths
 from ..credentials import HiveCredentials
 from ..exposition import metrics_route
 from ..http.app import JsonResponse, Statuses, json_app, ok
 from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
 from ..http.bodies import read_body
 from ..http.errors import ApiError
+from ..http.rawpost import RawHead
 from .dashboard import dashboard_routes
 from .fleet import Fleet
 from .history import METRICS, FleetHistory, QueryError, Selector
@@ -164,21 +165,33 @@ class IngestHandlers:
         self.ingest = Ingest(config, fleet.store)
 
     async def post_heartbeat(self, request: Request) -> Response:
+        """The heartbeat through Starlette: what a connection hands the app (its raw route,
+        ``admit`` and ``answer``, takes the rest)."""
+        try:
+            acting_as = self.gate.hive(request)
+            body = await read_body(request, self.config.http.max_body_bytes)
+        except ApiError as exc:
+            self.metrics.refusal(exc.status_code)
+            raise
+        return Response(await self.answer(request, acting_as, body),
+                        media_type=JsonResponse.media_type)
+
+    def admit(self, head: RawHead) -> str | None:
+        """The heartbeat's caller, from its head (``RawPost``): a refusal goes to the app."""
+        return self.gate.hive(head)
+
+    async def answer(self, head: RawHead | Request, acting_as: str | None, body: bytes) -> bytes:
+        """Decode and accept a heartbeat's whole body; the 200's JSON (``RawPost``)."""
         started = time.perf_counter()
         try:
-            response = await self._ingest(request)
+            heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
+            message = await self.ingest.accept(heartbeat, len(body), acting_as)
         except ApiError as exc:
             self.metrics.refusal(exc.status_code)
             raise
         self.metrics.received.inc()
         self.metrics.ingest.observe(time.perf_counter() - started)
-        return response
-
-    async def _ingest(self, request: Request) -> Response:
-        acting_as = self.gate.hive(request)
-        body = await read_body(request, self.config.http.max_body_bytes)
-        heartbeat = decode_heartbeat(body)  # a ContractError answers 400, naming the field
-        return ok(await self.ingest.accept(heartbeat, len(body), acting_as))
+        return encode(Reply(status="ok", message=message))
 
     async def delete_hive(self, request: Request) -> Response:
         acting_as = self.gate.hive(request)
@@ -313,7 +326,7 @@ def build_app(queen: QueenParts) -> Starlette:
     writes = IngestHandlers(config, fleet, gate, metrics)
     live = StreamHandlers(config, fleet, gate)
     reads = ReadHandlers(config, fleet.registry, queen.history, gate)
-    return json_app([
+    app = json_app([
         Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
         Route(paths.STREAM, live.stream, methods=["GET"]),
         Route(paths.HEALTH, live.health, methods=["GET"]),
@@ -325,3 +338,5 @@ def build_app(queen: QueenParts) -> Starlette:
         metrics_route(metrics.registry, metrics.records, gate.reader),
         *dashboard_routes(),
     ], config.http, STATUSES)
+    app.state.raw_posts[paths.HEARTBEAT] = writes  # served by the connections themselves
+    return app

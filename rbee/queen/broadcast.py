@@ -47,6 +47,8 @@ class Replay(Protocol):
         """Wait (briefly) until this queen has published ``event_id``, so a client that read it
         from a queen ahead of this one is not sent it again."""
 
+_HEAD = b"event: %s\r\ndata: " % STREAM_EVENT_NAME.encode()
+
 RECONNECT_MS = 1000
 """Sent with each connection's first snapshot: how soon an EventSource client should reconnect."""
 
@@ -145,8 +147,17 @@ class Broadcaster:
 
     def frame(self, event: StreamEvent | bytes, event_id: str | None, *,
               retry_ms: int | None = None) -> bytes:
-        """The SSE frame of one event (or its JSON): ``event: heartbeat``, its id, the JSON."""
+        """The SSE frame of one event (or its JSON): ``event: heartbeat``, its id, the JSON.
+
+        Compact JSON is one line, so the frame is put together as bytes (sse-starlette's
+        ``ServerSentEvent`` writes the same bytes through a string buffer and a regex, 80 µs for
+        a fleet heartbeat's event, and it runs for every event while a client listens); anything
+        else (a line break in the data or the id, a retry) takes ``ServerSentEvent``."""
         data = event if isinstance(event, bytes) else encode(event)
+        if (retry_ms is None and b"\n" not in data and b"\r" not in data
+                and (event_id is None or event_id.isprintable())):
+            head = _HEAD if event_id is None else b"id: %s\r\n%s" % (event_id.encode(), _HEAD)
+            return head + data + b"\r\n\r\n"
         return ServerSentEvent(data.decode(), event=STREAM_EVENT_NAME, id=event_id,
                                retry=retry_ms).encode()
 

@@ -138,8 +138,10 @@ class HiveRegistry:
         or new hives arrive faster than ``new_hives_per_s``; a known hive is always stored."""
         hive_id = heartbeat.hive.id
         now = self._clock() if received_at is None else received_at
-        entry = _HiveEntry(info=heartbeat.hive, workers=list(heartbeat.workers),
-                           capabilities=list(heartbeat.capabilities),
+        # the heartbeat's own lists, not copies: like the structs in them, never mutated once
+        # stored (the stream's event holds the same ones)
+        entry = _HiveEntry(info=heartbeat.hive, workers=heartbeat.workers,
+                           capabilities=heartbeat.capabilities,
                            last_heartbeat=heartbeat.timestamp, received_at=now, first_seen=now,
                            stale=stale)
         with self._lock:

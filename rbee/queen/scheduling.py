@@ -121,10 +121,15 @@ def fleet_key(found: FleetWorker) -> tuple[str, str]:
     return found.worker.group, found.worker.instance
 
 
+NO_GPUS: list[str] = []
+"""The one empty list every healthy worker's ``unhealthy_gpus`` shares (never mutated): one list
+fewer per listed worker."""
+
+
 def unhealthy_gpus_of(worker: WorkerTelemetry, devices: list[GpuDevice],
                        unhealthy: set[str]) -> list[str]:
     if not unhealthy:
-        return []
+        return NO_GPUS
     if worker.gpus:
         return sorted({use.uuid for use in worker.gpus} & unhealthy)
     return sorted(d.uuid for d in devices  # an older hive: by index
@@ -159,12 +164,12 @@ class HiveVram:
         if uuids and all(u in devices for u in uuids) and (
                 worker.gpus or len(uuids) == len(worker.gpu_indices)):
             return VramFigures(
-                gpu_indices=list(worker.gpu_indices),
+                gpu_indices=worker.gpu_indices,  # shared with the stored worker, never mutated
                 total_mb=sum(devices[u].vram_total_mb for u in uuids),
                 free_mb=sum(devices[u].vram_free_mb for u in uuids),
                 claimed_mb=round(sum(self.claimed[u] for u in uuids), 1), measured=True)
         if worker.total_vram_mb > 0:
-            return VramFigures(gpu_indices=list(worker.gpu_indices), total_mb=worker.total_vram_mb,
+            return VramFigures(gpu_indices=worker.gpu_indices, total_mb=worker.total_vram_mb,
                                free_mb=max(0.0, worker.total_vram_mb - worker.vram_mb),
                                claimed_mb=worker.vram_mb, measured=False)
         return None

@@ -1,0 +1,80 @@
+"""A guard by ratio on the POST heartbeat's cost (issue 24; the figures are bench/test_bench_ingest.py's).
+
+One real ``rbee-queen`` process takes the same eight-GPU gzip heartbeats (tests/fleetload.py's) from
+hives on their own keep-alive connections, twice: as the hives send them (answered by the
+connection itself, rbee/http/rawpost.py), and chunked, which the connection leaves to hypercorn
+and the Starlette app (the path every heartbeat took before). The queen's CPU time per heartbeat
+(user + system, from /proc) is compared between the two within one run, so a loaded machine slows
+both alike; the margin is generous (measured here: 169 / 712 µs, 0.24)."""
+
+from __future__ import annotations
+
+import gzip
+from functools import partial
+
+import psutil
+import trio
+import yaml
+
+from rbee.contract.paths import HEARTBEAT
+
+from .daemons import Daemon
+from .fleetload import eight_gpu_heartbeat
+
+HIVES = 40
+ROUNDS = 40
+MOST = 0.6
+"""The raw path's CPU per heartbeat must be at most this share of the app's."""
+
+
+def request(hive: int, *, chunk: bool) -> bytes:
+    body = gzip.compress(eight_gpu_heartbeat(f"guard-hive-{hive:03d}", hive), compresslevel=1)
+    head = (b"POST %s HTTP/1.1\r\nhost: queen\r\ncontent-type: application/json\r\n"
+            b"content-encoding: gzip\r\n" % HEARTBEAT.encode())
+    if chunk:
+        return head + b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def beats(port: int, *, chunk: bool) -> None:
+    """``ROUNDS`` heartbeats from each of ``HIVES`` hives, each awaiting its 200."""
+
+    async def hive(n: int) -> None:
+        payload = request(n, chunk=chunk)
+        with trio.socket.socket() as sock:
+            await sock.connect(("127.0.0.1", port))
+            for _ in range(ROUNDS):
+                await sock.send(payload)
+                answer = b""
+                while not answer.endswith(b"received\"}"):
+                    data = await sock.recv(65536)
+                    assert data and b" 200 " in answer + data, answer + data
+                    answer += data
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for n in range(HIVES):
+                nursery.start_soon(hive, n)
+
+
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def test_the_raw_heartbeat_costs_the_queen_less_than_the_apps(tmp_path):
+    config = {"port": 0, "history": {"fine_step_s": 3600, "fine_retention_s": 3600,
+                                     "coarse_step_s": 3600, "coarse_retention_s": 21600},
+              "stream": {"queen_interval_s": 3600}}
+    with Daemon("rbee-queen", tmp_path / "queen.yaml", yaml.safe_dump(config)) as queen:
+        port = int(queen.url.rsplit(":", 1)[1])
+        process = psutil.Process(queen.process.pid)
+        trio.run(partial(beats, port, chunk=False))  # every hive admitted, the code warm
+        per_beat = {}
+        for chunk in (True, False, True, False):
+            before = cpu_s(process)
+            trio.run(partial(beats, port, chunk=chunk))
+            per_beat.setdefault(chunk, []).append((cpu_s(process) - before) / (HIVES * ROUNDS))
+    raw, app = min(per_beat[False]), min(per_beat[True])
+    assert raw <= MOST * app, (f"queen CPU per heartbeat: raw {raw * 1e6:.0f} µs, through the app "
+                               f"{app * 1e6:.0f} µs ({raw / app:.2f}, at most {MOST})")
