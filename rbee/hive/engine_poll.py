@@ -139,8 +139,8 @@ class EnginePoller:
         base = slot.get("poll_base")
         try:
             reading = path.read(await link.get(path.path), cache)
-            if base is None:
-                return None, path
+            if base is None or slot.get("result") is not found:
+                return None, path  # nothing to merge into, or a full reading came meanwhile
             new = reading.apply(base)
         except EngineStatusError as exc:
             if path.load_endpoint and exc.status in NO_LOAD_ENDPOINT:
