@@ -19,7 +19,7 @@ setup(
     description="Telemetry pipeline for GPU inference fleets: hive agents, a queen, a live stream.",
     python_requires=">=3.11",
     packages=["rbee", "rbee.contract", "rbee.http", "rbee.hive", "rbee.hive.cgroups",
-              "rbee.plugin", "rbee.queen", "rbee.queen.redis",
+              "rbee.plugin", "rbee.queen", "rbee.queen.redis", "rbee.top",
               "rbee.collectors", "rbee.collectors.gpu", "rbee.collectors.engine", "rbee.demo"],
     package_dir={"rbee.collectors": "collectors"},
     package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"],

@@ -15,7 +15,10 @@ Run against this tree's queen ("after") and, with ``RBEE_BENCH_BEFORE=/path/to/a
 (``git archive f2ffd45 | tar -x -C /tmp/rbee-f2ffd45``), that checkout's queen ("before") in
 the same run; the summary gives both and the ratios. Each queen gets the config keys its tree
 knows (older trees refuse unknown ones): admission sized so it never refuses a bench hive, and
-room for every connection. ``RBEE_BENCH_FLEET_STEPS=100,200,...`` sets the steps;
+room for every connection. This tree's queen is measured twice: hives POSTing, and hives on
+their channels (``--channel``: a WebSocket of msgpack snapshots and deltas, ``rbee/hive/channel.py``);
+the summary gives channel/POST CPU per heartbeat. ``RBEE_BENCH_FLEET_STEPS=100,200,...`` sets the
+steps;
 ``RBEE_BENCH_PYSPY=DIR`` records the queen's profile over each window (collapsed stacks; needs
 ``pip install py-spy`` in the venv: it is not in the lock).
 """
@@ -32,12 +35,14 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
 
 from tests.fleetload import eight_gpu_heartbeat
 from tests.hostilekit import raise_descriptor_limit
+from tests.queenkit import free_port
 
 from .conftest import FIGURES
 from .test_bench_hostile import stop
@@ -122,13 +127,13 @@ def profile(pid: int, name: str) -> subprocess.Popen | None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def ramp(queen: subprocess.Popen, port: int, side: str) -> list[dict]:
+def ramp(queen: subprocess.Popen, port: int, side: str, transport: str = "post") -> list[dict]:
     """Grow the fleet step by step against the queen; each step's figures, hives' and queen's."""
     rss_alone = psutil.Process(queen.pid).memory_info().rss
     load = subprocess.Popen(  # inherits this process's CPU (1) from queen_process
         [sys.executable, "-m", "tests.fleetload", str(port), "--warmup-s", str(WARMUP_S),
-         "--window-s", str(WINDOW_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        cwd=REPO)
+         "--window-s", str(WINDOW_S), *(["--channel"] if transport == "channel" else [])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     steps: list[dict] = []
     began = time.monotonic()
     try:
@@ -138,7 +143,7 @@ def ramp(queen: subprocess.Popen, port: int, side: str) -> list[dict]:
             load.stdin.flush()
             assert next_line(lines, 120).strip() == "start"
             cpu, opened = cpu_seconds(queen.pid), time.monotonic()
-            profiler = profile(queen.pid, f"fleet-{side}-{hives}")
+            profiler = profile(queen.pid, f"fleet-{side}-{transport}-{hives}")
             assert next_line(lines, WINDOW_S + 60).strip() == "end"
             cpu, wall = cpu_seconds(queen.pid) - cpu, time.monotonic() - opened
             step = json.loads(next_line(lines, 60))
@@ -150,7 +155,7 @@ def ramp(queen: subprocess.Popen, port: int, side: str) -> list[dict]:
                         queen_rss_mb=rss / 2**20, kb_per_hive=(rss - rss_alone) / 1024 / hives)
             step["sustained"] = sustained(step)
             steps.append(step)
-            print(f"fleet {hives}: {json.dumps(step)}", flush=True)
+            print(f"fleet {transport} {hives}: {json.dumps(step)}", flush=True)
             if broken(step) or time.monotonic() - began > BUDGET_S:
                 break
     finally:
@@ -179,8 +184,9 @@ def most_sustained(steps: list[dict]) -> int:
 RESULTS: dict[str, list[dict]] = {}
 
 
-@pytest.mark.parametrize("side", ["after", "before"])
-def test_fleet(benchmark, tmp_path, side):
+@pytest.mark.parametrize("side, transport", [("after", "post"), ("after", "channel"),
+                                             ("before", "post")])
+def test_fleet(benchmark, tmp_path, side, transport):
     if side == "before" and not BEFORE:
         pytest.skip("RBEE_BENCH_BEFORE is not set: only this tree's queen is measured")
     source = Path(BEFORE) if side == "before" else None
@@ -193,14 +199,27 @@ def test_fleet(benchmark, tmp_path, side):
         steps: list[dict] = []
 
         def run() -> None:
-            steps.extend(ramp(queen, int(url.rsplit(":", 1)[1]), side))
+            steps.extend(ramp(queen, int(url.rsplit(":", 1)[1]), side, transport))
 
         benchmark.pedantic(run, rounds=1, iterations=1)
-    RESULTS[side] = steps
+    if transport == "channel":
+        label = "after, channel"
+        post = RESULTS.get("after", [])  # CPU per heartbeat where neither queen was saturated
+        per_hb = {s["hives"]: s["queen_cpu_us_per_hb"] for s in post
+                  if s["queen_cpu_pct"] < SATURATED_CPU_PCT}
+        at = [s for s in steps if s["hives"] in per_hb and s["queen_cpu_pct"] < SATURATED_CPU_PCT]
+        if at:
+            FIGURES["fleet channel/POST (this tree)"] = (
+                f"queen CPU per heartbeat at {at[-1]['hives']} hives "
+                f"{at[-1]['queen_cpu_us_per_hb']:.0f} / {per_hb[at[-1]['hives']]:.0f} µs = "
+                f"{at[-1]['queen_cpu_us_per_hb'] / max(per_hb[at[-1]['hives']], 1):.2f}x")
+    else:
+        label = side
+        RESULTS[side] = steps
     for step in steps:
-        FIGURES[f"fleet [{side}] {step['hives']:>5} hives"] = line_of(step)
+        FIGURES[f"fleet [{label}] {step['hives']:>5} hives"] = line_of(step)
     best = most_sustained(steps)
-    FIGURES[f"fleet [{side}] most hives sustained"] = (
+    FIGURES[f"fleet [{label}] most hives sustained"] = (
         f"{best:,} (heartbeat p99 <= {P99_MS:.0f} ms, all answered 200); config {config}")
     benchmark.extra_info.update(most_hives_sustained=best)
     if side == "before" and "after" in RESULTS:
@@ -216,3 +235,60 @@ def test_fleet(benchmark, tmp_path, side):
             f"at {at} hives {per_hb_after.get(at, 0):.0f} / {per_hb.get(at, 0):.0f} µs = "
             f"{per_hb_after.get(at, 0) / max(per_hb.get(at, 0), 1):.2f}x")
     assert steps and steps[0]["ok"] > 0, steps
+
+
+RESTART_HIVES = int(os.environ.get("RBEE_BENCH_RESTART_HIVES", "1000"))
+RESTART_TARGET_S = 30.0
+
+
+def hives_known(url: str) -> int | None:
+    """The hives a queen holds (its /health), or None while it does not answer."""
+    try:
+        return httpx.get(f"{url}/health", timeout=5.0).json()["hives"]
+    except httpx.HTTPError:
+        return None
+
+
+def wait_for_hives(url: str, hives: int, began: float, limit_s: float) -> float:
+    """Seconds from ``began`` until the queen at ``url`` holds ``hives`` hives."""
+    while hives_known(url) != hives:
+        assert time.monotonic() - began < limit_s, f"{hives_known(url)} of {hives} hives"
+        time.sleep(0.25)
+    return time.monotonic() - began
+
+
+def test_fleet_comes_back_after_a_queen_restart(benchmark, tmp_path):
+    """``RESTART_HIVES`` hives on their channels (``tests.fleetload --channel``, reconnecting as a
+    real hive does: full jitter, ``reconnect_delay``), the queen (memory store) killed and
+    started again on the same port: how long until every hive is in its registry again (target
+    30 s). Admission is the bench's (``QUEEN_CONFIG``): what bounds this is the reconnect, not
+    the new-hive rate limit."""
+    raise_descriptor_limit(RESTART_HIVES + 1024)
+    port = free_port()
+    config = {**known_config(REPO), "port": port}
+    with queen_process(tmp_path, yaml.safe_dump(config)) as (queen, url):
+        load = subprocess.Popen(
+            [sys.executable, "-m", "tests.fleetload", str(port), "--channel", "--warmup-s",
+             "3", "--window-s", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=REPO)
+        try:
+            lines = lines_of(load)
+            load.stdin.write(f"{RESTART_HIVES}\n")
+            load.stdin.flush()
+            assert next_line(lines, 120).strip() == "start"
+            wait_for_hives(url, RESTART_HIVES, time.monotonic(), 60)
+            queen.kill()
+            queen.wait(10)
+            with queen_process(tmp_path, yaml.safe_dump(config)) as (_, again):
+                assert again == url
+                began = time.monotonic()
+                took = benchmark.pedantic(wait_for_hives, (url, RESTART_HIVES, began,
+                                                           4 * RESTART_TARGET_S),
+                                          rounds=1, iterations=1)
+        finally:
+            load.stdin.close()
+            stop(load)
+    FIGURES[f"fleet restart: {RESTART_HIVES:,} channel hives all back"] = (
+        f"{took:.1f} s after the queen came back (target {RESTART_TARGET_S:.0f} s)")
+    benchmark.extra_info.update(hives=RESTART_HIVES, seconds=took)
+    assert took <= RESTART_TARGET_S

@@ -2,9 +2,11 @@
 
     rbee up        all in one on this machine: a queen, a local hive, demo workers, live view
                    (and the queen's browser dashboard, whose URL it prints)
-    rbee top       a live view of the fleet, from the queen's stream
+    rbee top       a live view of the fleet, from the queen's stream: interactive on a terminal
+                   (keys in docs/top.md), text with --plain or --rounds N; [--columns K,...]
     rbee workers   the scheduling queries: [--idle] [--model M] [--min-free-vram MB]
                    [--max-waiting N] [--max-kv-cache-pct P] [--limit N] [--after ID] [--json]
+                   [--columns K,...]
 
 ``--queen URL`` (or ``RBEE_QUEEN``) names the queen; the default is the local one. For an
 ``https://`` queen, ``--ca-file`` (or ``RBEE_CA_FILE``) names the CA bundle to verify it against.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 
 import httpx
@@ -28,12 +31,14 @@ import msgspec
 import trio
 
 from ._errors import ContractError, ListenError, RbeeError, leaf_exceptions
+from .columns import parse_keys, with_metrics
 from .contract import FleetWorker, decode_json, paths, reply_message
 from .credentials import new_credential
 from .demo import DEMO_HIVE_PORT
+from .fleetview import TREND_METRICS, trends_of
 from .http.auth import bearer, read_token
 from .http.tls import client_verify
-from .terminal import Row, printable, table
+from .terminal import WORKER_COLUMNS, Row, count, printable, table
 from .top import watch
 
 DEFAULT_QUEEN = "http://127.0.0.1:7833"
@@ -42,7 +47,22 @@ _fleet_decoder = msgspec.json.Decoder(list[FleetWorker])
 
 async def top(args: argparse.Namespace) -> None:
     await watch(args.queen, args.rounds, verify=client_verify(args.ca_file, "--ca-file"),
-                headers=args.read_headers)
+                headers=args.read_headers, metrics=parse_keys(args.columns))
+
+
+def interactive(args: argparse.Namespace) -> bool:
+    """The interactive view: on a terminal, unless ``--plain`` or ``--rounds`` asks for text."""
+    return (args.command == "top" and not args.plain and not args.rounds
+            and sys.stdin.isatty() and sys.stdout.isatty())
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from .top.app import TopApp  # textual loads only for the interactive view
+
+    app = TopApp(args.queen, verify=client_verify(args.ca_file, "--ca-file"),
+                 headers=args.read_headers, metrics=parse_keys(args.columns))
+    app.run()
+    return app.return_code or 0
 
 
 def reader_headers(path: str | None) -> dict[str, str]:
@@ -111,11 +131,42 @@ def workers(args: argparse.Namespace) -> int:
     except ContractError as exc:
         print(f"rbee: the queen's reply is an {exc}", file=sys.stderr)
         return 1
-    print(table(Row(w.hive_id, w.worker, w.idle, _workers_note(w)) for w in found))
-    print(f"{len(found)} workers")
+    trends = last_minute(args, found)
+    columns = with_metrics(WORKER_COLUMNS, parse_keys(args.columns))
+    if trends is None:  # no history to fill LAST 60s with: no column, rather than a blank one
+        columns = tuple(c for c in columns if c.title != "LAST 60s")
+    trends = trends or {}
+    print(table((Row(w.hive_id, w.worker, w.idle, _workers_note(w),
+                     trends.get((w.hive_id, w.worker.group, w.worker.instance), ""), w.hive_stale)
+                 for w in found), terminal_width(), columns))
+    print(count(len(found), "worker"))
     if following := response.headers.get("x-next-after"):
         print(f"more: rbee workers --after {following} (with the same filters)")
     return 0
+
+
+def terminal_width() -> int | None:
+    """On a terminal, its width (the table fits it, as ``rbee top``'s); into a pipe, None (every
+    column, whole, for scripts)."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def last_minute(args: argparse.Namespace, found: list[FleetWorker]
+                ) -> dict[tuple[str, str, str], str] | None:
+    """The LAST 60s column: one ``/v1/history`` request (one hive's series when every worker
+    found is on it); None when the queen keeps no history or does not answer."""
+    if not found:
+        return {}
+    params = {"metric": TREND_METRICS, "since": "60", "step": "5"}
+    if len(hives := {w.hive_id for w in found}) == 1:
+        params["hive"] = hives.pop()
+    try:
+        response = httpx.get(f"{args.queen}{paths.HISTORY}", params=params, timeout=args.timeout,
+                             verify=client_verify(args.ca_file, "--ca-file"),
+                             headers=args.read_headers)
+        return trends_of(response.json()) if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def _workers_note(found: FleetWorker) -> str:
@@ -147,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                              "one with --port 0)")
     run_up.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
     run_top = commands.add_parser("top", parents=[queen_option], help="live view of the fleet")
-    run_top.add_argument("--rounds", type=int, default=0, help="stop after N updates (0: never)")
+    run_top.add_argument("--rounds", type=int, default=0,
+                         help="print the fleet as text N times, then stop (0: never)")
+    run_top.add_argument("--plain", action="store_true",
+                         help="print the fleet as text whenever it changes (no keys)")
+    columns_help = ("plugin figures to show as columns: keys of a worker's metrics, "
+                    "comma-separated (e.g. ctxsw.procs,ctxsw.switches_s)")
+    run_top.add_argument("--columns", metavar="K,...", help=columns_help)
     run_workers = commands.add_parser("workers", parents=[queen_option],
                                       help="scheduling queries: workers matching all filters")
     run_workers.add_argument("--idle", action="store_true",
@@ -166,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     run_workers.add_argument("--after", metavar="ID",
                              help="the page after this worker id (hive/group/instance)")
     run_workers.add_argument("--json", action="store_true", help="the queen's JSON as it is")
+    run_workers.add_argument("--columns", metavar="K,...", help=columns_help)
     run_workers.add_argument("--timeout", type=float, default=5.0, help="seconds")
     run_credential = commands.add_parser("credential", help="per-hive credentials")
     credential_commands = run_credential.add_subparsers(dest="action", required=True)
@@ -182,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("workers", "top"):
         try:
             args.read_headers = reader_headers(args.read_token_file)
-        except RbeeError as exc:
+            parse_keys(args.columns)
+        except (RbeeError, ValueError) as exc:
             print(f"rbee: {exc}", file=sys.stderr)
             return 1
     if args.command == "workers":
@@ -192,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rbee: {exc}", file=sys.stderr)
             return 1
     status = 0
+    if interactive(args):
+        try:
+            return run_app(args)
+        except RbeeError as exc:
+            print(f"rbee: {exc}", file=sys.stderr)
+            return 1
     if args.command == "up":
         from .demo.up import up  # the demo alone starts a queen and a hive in this process
     try:

@@ -219,6 +219,19 @@ class HeartbeatSettings(Settings):
     compress: bool = True
     """Send heartbeats gzip-compressed (Content-Encoding: gzip): 100 workers take about 28 KB
     as JSON and a tenth of that compressed. Turn off for a queen that cannot take it."""
+    transport: Literal["auto", "channel", "post"] = "auto"
+    """``channel``: one WebSocket, a snapshot then deltas (``docs/channel.md``); ``post``: a whole
+    heartbeat per POST; ``auto``: the channel, POST for ``channel_retry_s`` after a refused upgrade."""
+    snapshot_every_s: Seconds = 5.0
+    """On the channel, a whole snapshot this often; deltas between."""
+    max_unacked: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Channel frames unanswered at most; a hive that is behind sends its newest state, no queue."""
+    channel_retry_s: Seconds = 300.0
+    """After a refused upgrade (``auto``), how long to POST before trying the channel again."""
+    reconnect_initial_s: Seconds = 0.5
+    """The first full-jitter reconnect window of a lost channel (after any Retry-After)."""
+    reconnect_max_s: Seconds = 15.0
+    """The window doubles per failed round up to this: a fleet comes back spread, not at once."""
 
 
 def _hostname() -> str:
@@ -412,15 +425,16 @@ class HistorySettings(Settings):
     """Step of the coarse tier (averages of the fine one)."""
     coarse_retention_s: Seconds = 21600.0
     """How far back the coarse tier reaches (6 hours)."""
-    max_series: Annotated[int, msgspec.Meta(ge=1)] = 100_000
-    """At most this many series (6.1 KB each at the defaults: 610 MB); past it new ones are not
-    kept. 1,000 hives of 10 workers and 8 GPUs make 100,000."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 256 * 2**20
+    """Memory for history: 6.1 KB a series at the default tiers; past it, none new (docs/history.md)."""
     max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
-    """A query matching more series is refused (400) naming this key."""
+    """A query naming more series (held, known or not) is refused (400) naming this key."""
 
     def __post_init__(self) -> None:
-        if self.coarse_step_s < self.fine_step_s or self.coarse_retention_s < self.fine_retention_s:
-            raise ValueError("the coarse tier must be at least as coarse and as long as the fine one")
+        n = self.coarse_step_s / self.fine_step_s  # a coarse point is the mean of n fine ones
+        if n < 1 or abs(n - round(n)) > 1e-6 or self.coarse_retention_s < self.fine_retention_s:
+            raise ValueError("the coarse tier must be at least as long as the fine one, its step a "
+                             "whole multiple of the fine one")
 
 
 class QueenConfig(Settings):
@@ -435,6 +449,8 @@ class QueenConfig(Settings):
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
+    channel_enabled: bool = True
+    """False: every upgrade to a hive channel is refused (403), and hives POST."""
     auth_token_file: str | None = None
     """A file holding the token shared with the hives (``rbee/http/auth.py``): asked of every
     heartbeat and of a hive's removal. Unset: none is asked for. With per-hive credentials it is

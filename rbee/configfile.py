@@ -27,6 +27,13 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 _WRONG_TYPE = re.compile(r"^Expected `[^`]*`, got `(?P<got>[^`]*)`$")
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
+RETIRED_KEYS = {
+    "history.max_series": "history.max_series is no longer used: history is bounded in bytes by "
+                          "history.max_bytes (a series costs about 6.1 KB at the default tiers)",
+}
+"""Keys of earlier releases, and what replaced them: refused with this message (rather than a
+"did you mean" a retired key would get wrong)."""
+
 _LIMIT_FORMS = {
     "cpu_limit": 'a percentage string such as "200%"',
     "memory_limit": 'a size string such as "4G" or "512M", or a whole number of bytes',
@@ -70,6 +77,8 @@ def _explain(message: str, path: str, data: object, config_type: type) -> tuple[
     parts = _parts(path)
     key = _key(parts)
     unknown = _UNKNOWN.match(message)
+    if unknown and _key([*parts, unknown["name"]]) in RETIRED_KEYS:
+        return RETIRED_KEYS[_key([*parts, unknown["name"]])], key
     if unknown:
         return _unknown_field(unknown["name"], parts, config_type), key
     wrong = _WRONG_TYPE.match(message)

@@ -8,9 +8,12 @@ the queen sends a snapshot at once, so nothing needs repairing here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .columns import BAD, OK, WARN, Column, Row, clip
 from .contract import (
+    Degraded,
     GpuDevice,
     HealthStatus,
     Healthy,
@@ -20,10 +23,11 @@ from .contract import (
     QueenEvent,
     SnapshotEvent,
     StreamEvent,
+    Unhealthy,
     WorkerTelemetry,
     describe_health,
 )
-from .terminal import Row, gpu_table, sparkline, table
+from .terminal import WORKER_COLUMNS, count, gpu_table, sparkline, table
 
 
 @dataclass
@@ -49,20 +53,7 @@ class FleetView:
 
     def apply_history(self, answer: dict) -> None:
         """Take a ``/v1/history`` answer for ``TREND_METRICS``."""
-        by_worker: dict[tuple[str, str, str], dict[str, list]] = {}
-        for series in answer.get("series", ()):
-            if series.get("instance") is not None:
-                key = (series["hive"], series["group"], series["instance"])
-                by_worker.setdefault(key, {})[series["metric"]] = series["values"]
-        trends = {}
-        for key, metrics in by_worker.items():
-            gpu = metrics.get("gpu_util_pct") or []
-            if any(v for v in gpu):
-                trends[key] = sparkline(gpu)
-            else:
-                cpu = metrics.get("cpu_pct") or []
-                trends[key] = sparkline(cpu, max([100.0, *(v for v in cpu if v is not None)]))
-        self.trends = trends
+        self.trends = trends_of(answer)
 
     def apply(self, event: StreamEvent) -> None:
         match event:
@@ -82,21 +73,60 @@ class FleetView:
             case QueenEvent():
                 self.summary = event
 
-    def render(self) -> str:
-        rows = [Row(hive_id, worker, f"{worker.group}/{worker.instance}" in view.idle,
-                    _hive_note(view), self.trends.get((hive_id, worker.group, worker.instance), ""))
+    def rows(self) -> list[Row]:
+        """Every worker's row, by hive then ``group/instance``."""
+        return [Row(hive_id, worker, f"{worker.group}/{worker.instance}" in view.idle,
+                    _hive_note(view), self.trends.get((hive_id, worker.group, worker.instance), ""),
+                    view.stale, _health_level(view.health))
                 for hive_id, view in sorted(self.hives.items())
                 for worker in sorted(view.workers, key=lambda w: (w.group, w.instance))]
+
+    def header(self, shown: int | None = None) -> str:
+        """The fleet in a line: hives, stale ones, workers (``shown`` of them, when filtered),
+        and what the queen says is schedulable."""
         stale = sum(1 for view in self.hives.values() if view.stale)
-        header = f"{len(self.hives)} hives ({stale} stale), {len(rows)} workers"
+        total = sum(len(view.workers) for view in self.hives.values())
+        workers = count(total, "worker") if shown is None or shown == total else \
+            f"{shown} of {count(total, 'worker')}"
+        header = f"{count(len(self.hives), 'hive')} ({stale} stale), {workers}"
         if self.summary is not None:
-            header += (f"; schedulable: {self.summary.hives_available} hives, "
-                       f"{self.summary.workers_available} idle workers")
-        text = f"{header}\n{table(rows)}"
-        gpus = [(hive_id, gpu) for hive_id, view in sorted(self.hives.items()) for gpu in view.gpus]
-        if gpus:
-            text += f"\n\n{gpu_table(gpus)}"
+            header += (f"; schedulable: {count(self.summary.hives_available, 'hive')}, "
+                       f"{count(self.summary.workers_available, 'idle worker')}")
+        return header
+
+    def gpus(self) -> list[tuple[str, GpuDevice]]:
+        return [(hive_id, gpu) for hive_id, view in sorted(self.hives.items()) for gpu in view.gpus]
+
+    def render(self, width: int | None = None, columns: Sequence[Column] = WORKER_COLUMNS) -> str:
+        """The header, the workers' table and the GPUs' table, each line ``width`` at most
+        (None: every column at its full width)."""
+        text = f"{clip(self.header(), width or 0)}\n{table(self.rows(), width, columns)}"
+        if gpus := self.gpus():
+            text += f"\n\n{gpu_table(gpus, width)}"
         return text
+
+
+def trends_of(answer: dict) -> dict[tuple[str, str, str], str]:
+    """Per worker of a ``/v1/history`` answer for ``TREND_METRICS``, its sparkline: GPU % for a
+    worker on a GPU, else CPU % (scaled to its own peak past 100 %)."""
+    by_worker: dict[tuple[str, str, str], dict[str, list]] = {}
+    for series in answer.get("series", ()):
+        if series.get("instance") is not None:
+            key = (series["hive"], series["group"], series["instance"])
+            by_worker.setdefault(key, {})[series["metric"]] = series["values"]
+    trends = {}
+    for key, metrics in by_worker.items():
+        gpu = metrics.get("gpu_util_pct") or []
+        if any(v for v in gpu):
+            trends[key] = sparkline(gpu)
+        else:
+            cpu = metrics.get("cpu_pct") or []
+            trends[key] = sparkline(cpu, max([100.0, *(v for v in cpu if v is not None)]))
+    return trends
+
+
+def _health_level(health: HealthStatus | None) -> int:
+    return BAD if isinstance(health, Unhealthy) else WARN if isinstance(health, Degraded) else OK
 
 
 def _hive_note(view: HiveView) -> str:

@@ -7,26 +7,24 @@ the operator's terminal: a control character shows as its escape (``\x1b``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import NamedTuple
 
+from .columns import Column, Row, clip, fit, gpu_util, worker_columns
 from .contract import (
-    MIB,
     GpuDevice,
-    GpuUtilSource,
     Healthy,
     WorkerExit,
     WorkerState,
     WorkerTelemetry,
     describe_health,
-    on_gpu,
     utc_now,
 )
 
-COLUMNS = ("HIVE", "GROUP/INSTANCE", "PID", "STATE", "MODEL", "CPU%", "RSS MB", "IO R/W MB/s",
-           "GPU%", "VRAM MB", "RUN", "QUEUE", "KV%", "IDLE", "UPTIME", "LAST 60s", "NOTE")
-WIDTHS = (14, 22, 8, 10, 14, 7, 8, 14, 6, 13, 5, 6, 5, 4, 8, 14, 0)
+__all__ = ["Row", "count", "gpu_table", "gpu_util", "lifecycle_notes", "printable", "sparkline",
+           "table"]
+
+WORKER_COLUMNS = worker_columns(lambda row: ", ".join(row_notes(row)))
 """STATE is the worker's ``WorkerState`` (``running``, ``starting``, ``backoff``, ``crashloop``,
 ``exited``, ``oom_killed``); NOTE then says its restarts, OOM kills, how it last ended and its
 last line of stderr. RUN, QUEUE and KV% are the worker's engine's requests running, requests
@@ -50,24 +48,8 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def uptime(seconds: int) -> str:
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
-
-
-class Row(NamedTuple):
-    """One worker's row: where it runs, what it reported, and what the queen says of it."""
-
-    hive: str
-    worker: WorkerTelemetry
-    idle: bool
-    note: str = ""
-    trend: str = ""
-    """Its last minute as a sparkline (LAST 60s)."""
-
-
-def _cells(row: Row) -> tuple[str, ...]:
+def row_notes(row: Row) -> list[str]:
+    """What NOTE says of a row: the hive's state, the worker's lifecycle, its collectors' errors."""
     worker = row.worker
     notes = [row.note] if row.note else []
     notes += lifecycle_notes(worker)
@@ -76,19 +58,7 @@ def _cells(row: Row) -> tuple[str, ...]:
     if not worker.limits_applied:
         notes.append("limits not enforced")
     notes.extend(f"{e.collector}: {e.message}" for e in worker.errors)
-    engine = worker.engine
-    cells = (
-        row.hive, f"{worker.group}/{worker.instance}", str(worker.pid), worker.state,
-        worker.model or "-",
-        f"{worker.cpu_pct:.1f}", f"{worker.rss_bytes / MIB if worker.rss_bytes else worker.rss_mb:.1f}",
-        f"{worker.io_r_mb_s:.2f}/{worker.io_w_mb_s:.2f}", gpu_util(worker),
-        f"{worker.vram_mb:.0f}/{worker.total_vram_mb:.0f}" if on_gpu(worker) else "-",
-        str(engine.requests_running) if engine else "-",
-        str(engine.requests_waiting) if engine else "-",
-        f"{engine.kv_cache_pct:.0f}" if engine and engine.kv_cache_pct is not None else "-",
-        "yes" if row.idle else "no", uptime(worker.uptime_s), row.trend, ", ".join(notes),
-    )
-    return cells
+    return notes
 
 
 def lifecycle_notes(worker: WorkerTelemetry, now: datetime | None = None) -> list[str]:
@@ -118,20 +88,24 @@ def describe_exit(ending: WorkerExit) -> str:
     return "unknown status" if ending.exit_code is None else f"status {ending.exit_code}"
 
 
-def gpu_util(worker: WorkerTelemetry) -> str:
-    """The worker's GPU %: ``-`` for a worker on no GPU, ``?`` when the driver gives no figure,
-    ``~`` after a device-wide figure (per-process figures unsupported: every process on that GPU
-    shares it)."""
-    if not on_gpu(worker):
-        return "-"
-    if worker.gpu_util_pct is None:
-        return "?"
-    mark = "~" if worker.gpu_util_source is GpuUtilSource.DEVICE else ""
-    return f"{worker.gpu_util_pct:.0f}{mark}"
+def table(rows: Iterable[Row], width: int | None = None,
+          columns: Sequence[Column] = WORKER_COLUMNS) -> str:
+    """The workers as a table ``width`` characters wide at most (None: each column its own
+    width, nothing dropped): on a narrow terminal ``fit`` drops columns, never wraps a row."""
+    shown = fit(columns, width)
+    text = _render(tuple(c.title for c, _ in shown), tuple(w for _, w in shown),
+                   [tuple(c.cell(row) for c, _ in shown) for row in rows])
+    return text if width is None else _cut_lines(text, width)
 
 
-def table(rows: Iterable[Row]) -> str:
-    return _render(COLUMNS, WIDTHS, [_cells(row) for row in rows])
+def _cut_lines(text: str, width: int) -> str:
+    """Every line of ``text`` in ``width`` characters: the terminal never wraps one."""
+    return "\n".join(clip(line, width) for line in text.splitlines())
+
+
+def count(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``, ``0 workers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 GPU_COLUMNS = ("HIVE", "GPU", "NAME", "UTIL%", "MEM%", "VRAM USED/TOTAL MB", "TEMP", "POWER W",
@@ -139,9 +113,11 @@ GPU_COLUMNS = ("HIVE", "GPU", "NAME", "UTIL%", "MEM%", "VRAM USED/TOTAL MB", "TE
 GPU_WIDTHS = (14, 8, 28, 6, 5, 19, 5, 8, 0)
 
 
-def gpu_table(rows: Iterable[tuple[str, GpuDevice]]) -> str:
-    """The hives' GPUs: a MIG instance shows as ``<gpu>/mig<id>``; health with its reasons."""
-    return _render(GPU_COLUMNS, GPU_WIDTHS, [_gpu_cells(hive, device) for hive, device in rows])
+def gpu_table(rows: Iterable[tuple[str, GpuDevice]], width: int | None = None) -> str:
+    """The hives' GPUs: a MIG instance shows as ``<gpu>/mig<id>``; health with its reasons.
+    Each line cut at ``width`` (None: not cut)."""
+    text = _render(GPU_COLUMNS, GPU_WIDTHS, [_gpu_cells(hive, device) for hive, device in rows])
+    return text if width is None else _cut_lines(text, width)
 
 
 def _gpu_cells(hive: str, device: GpuDevice) -> tuple[str, ...]:
@@ -160,7 +136,7 @@ def _figure(value: float | None) -> str:
 
 def _render(columns: tuple[str, ...], widths: tuple[int, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(printable(cell)[: w or None].ljust(w)
+    lines += ["  ".join(clip(printable(cell), w).ljust(w)
                         for cell, w in zip(cells, widths, strict=True))
               for cells in rows]
     return "\n".join(line.rstrip() for line in lines)

@@ -4,7 +4,12 @@ trio sockets and hand-written HTTP/1.1, reading back only the status line and th
 The load generator of bench/test_bench_fleet.py, run as a process of its own so that what it
 costs never lands on the queen's core:
 
-    python -m tests.fleetload PORT [--plain]
+    python -m tests.fleetload PORT [--plain | --channel]
+
+With ``--channel`` each hive speaks the queen's channel instead (a hand-written WebSocket upgrade,
+then pre-encoded masked msgpack frames: its snapshot, then deltas of a few workers and all eight
+GPUs each second, a snapshot every fifth beat), one frame answered before the next, as cheap to
+generate as the POSTs.
 
 It reads a number of hives per line on stdin: it grows the fleet to that many (new hives
 connect gradually, ``RAMP_PER_S`` a second), lets it settle for ``--warmup-s``, prints
@@ -26,8 +31,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rbee.contract import EngineState, GpuUtilSource, WorkerGpuUse, encode
-from rbee.contract.paths import HEARTBEAT
+from rbee.config import HeartbeatSettings
+from rbee.contract import EngineState, GpuUtilSource, HiveHeartbeat, WorkerGpuUse, encode
+from rbee.contract.paths import CHANNEL, HEARTBEAT
+from rbee.hive.channel import FrameMaker
+from rbee.hive.heartbeat import reconnect_delay
 from tests.builders import fleet_heartbeat
 from tests.hostilekit import raise_descriptor_limit
 
@@ -45,6 +53,11 @@ RECV_SIZE = 65536
 def eight_gpu_heartbeat(hive_id: str, seed: int) -> bytes:
     """An eight-GPU hive of eight vLLM workers as a real hive reports it: each worker's use of
     its GPU and its engine's state, each GPU's temperature and power. JSON, not yet compressed."""
+    return encode(eight_gpu_hive(hive_id, seed))
+
+
+def eight_gpu_hive(hive_id: str, seed: int) -> HiveHeartbeat:
+    """The heartbeat of ``eight_gpu_heartbeat``, as the struct."""
     rng = random.Random(seed)
     heartbeat = fleet_heartbeat(hive_id, GPUS)
     for device in heartbeat.capabilities:
@@ -68,7 +81,7 @@ def eight_gpu_heartbeat(hive_id: str, seed: int) -> bytes:
             generation_tokens_s=round(rng.uniform(0, 4000), 1),
             ttft_p50_s=round(rng.uniform(0.02, 0.3), 4), ttft_p95_s=round(rng.uniform(0.3, 2), 4),
             preemptions_s=0.0, rate_window_s=1.0)
-    return encode(heartbeat)
+    return heartbeat
 
 
 def post(port: int, body: bytes, *, compressed: bool) -> bytes:
@@ -79,6 +92,97 @@ def post(port: int, body: bytes, *, compressed: bool) -> bytes:
             b"user-agent: rbee-hive/fleetload\r\ncontent-type: application/json\r\n%s"
             b"content-length: %d\r\n\r\n" % (HEARTBEAT.encode(), port, encoding, len(body))
             + body)
+
+
+class Post:
+    """A hive that POSTs its whole heartbeat every beat."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+
+    async def open(self, sock: trio.socket.SocketType) -> None:
+        pass
+
+    def beat(self, n: int) -> bytes:
+        return self.request
+
+    async def answer(self, sock: trio.socket.SocketType) -> int:
+        return await answer_status(sock)
+
+    def reconnect_wait(self, failed_rounds: int, rng: random.Random) -> float:
+        return RECONNECT_S
+
+
+SNAPSHOT_EVERY = 5
+"""On the channel, a snapshot every fifth beat (``heartbeat.snapshot_every_s`` at 1 Hz)."""
+CHANGED_WORKERS = 3
+_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+_HEARTBEAT = HeartbeatSettings()
+
+
+def masked(payload: bytes, mask: bytes = b"\x1f\x2e\x3d\x4c") -> bytes:
+    """One binary WebSocket frame as a client must send it (masked, RFC 6455 5.3)."""
+    n = len(payload)
+    length = (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+              if n < 65536 else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+    keys = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(n, "big")
+    return b"\x82" + length + mask + body
+
+
+def channel_deltas() -> list[bytes]:
+    """The deltas every channel hive sends between its snapshots (shared: a delta names no
+    hive): each beat ``CHANGED_WORKERS`` workers' figures and all eight GPUs' move."""
+    maker = FrameMaker()
+    beats = [eight_gpu_hive("fleet-hive-00000", 0)]
+    for n in range(1, SNAPSHOT_EVERY):
+        fresh = eight_gpu_hive("fleet-hive-00000", n)
+        workers = list(beats[0].workers)
+        for i in range(CHANGED_WORKERS):
+            index = (n * CHANGED_WORKERS + i) % GPUS
+            workers[index] = fresh.workers[index]
+        beats.append(HiveHeartbeat(hive=beats[0].hive, timestamp=fresh.timestamp,
+                                   workers=workers, capabilities=fresh.capabilities))
+    frames = [maker.frame(beat, snapshot=n == 0) for n, beat in enumerate(beats)]
+    return [masked(frame) for frame in frames[1:]]
+
+
+class Channel:
+    """A hive on its channel: a hand-written WebSocket upgrade, then pre-encoded masked frames:
+    its snapshot, then the shared deltas, a snapshot again every ``SNAPSHOT_EVERY`` beats."""
+
+    def __init__(self, port: int, snapshot: bytes, deltas: list[bytes]) -> None:
+        self.upgrade = (b"GET %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nupgrade: websocket\r\n"
+                        b"connection: upgrade\r\nsec-websocket-version: 13\r\n"
+                        b"sec-websocket-key: %s\r\n\r\n" % (CHANNEL.encode(), port, _KEY))
+        self.frames = [snapshot, *deltas]
+        self.buffer = b""
+
+    async def open(self, sock: trio.socket.SocketType) -> None:
+        await sock.send(self.upgrade)
+        data, end = await head(sock)
+        if data[9:12] != b"101":
+            raise ConnectionLost
+        self.buffer = data[end + 4:]
+
+    def beat(self, n: int) -> bytes:
+        return self.frames[n % len(self.frames)]
+
+    def reconnect_wait(self, failed_rounds: int, rng: random.Random) -> float:
+        """The real hive's full-jitter reconnect (``reconnect_delay``, default settings): what a
+        restarted queen facing the fleet sees."""
+        return reconnect_delay(_HEARTBEAT, failed_rounds, None, rng.random())
+
+    async def answer(self, sock: trio.socket.SocketType) -> int:
+        """The queen's answer frame (unmasked, short): an ack is 200, anything else 400."""
+        while len(self.buffer) < 2 or len(self.buffer) < 2 + (self.buffer[1] & 0x7F):
+            chunk = await sock.recv(RECV_SIZE)
+            if not chunk:
+                raise ConnectionLost
+            self.buffer += chunk
+        size = 2 + (self.buffer[1] & 0x7F)
+        frame, self.buffer = self.buffer[:size], self.buffer[size:]
+        return 200 if b"\xa3ack" in frame else 400
 
 
 @dataclass
@@ -118,14 +222,20 @@ class ConnectionLost(Exception):
     pass
 
 
-async def answer_status(sock: trio.socket.SocketType) -> int:
-    """Read one whole answer; its status code. Only the status line and the length are parsed."""
+async def head(sock: trio.socket.SocketType) -> tuple[bytes, int]:
+    """An answer's head and what came after it, and where the head ends."""
     data = b""
     while (end := data.find(b"\r\n\r\n")) < 0:
         chunk = await sock.recv(RECV_SIZE)
         if not chunk:
             raise ConnectionLost
         data += chunk
+    return data, end
+
+
+async def answer_status(sock: trio.socket.SocketType) -> int:
+    """Read one whole answer; its status code. Only the status line and the length are parsed."""
+    data, end = await head(sock)
     length = 0
     for header in data[:end].lower().split(b"\r\n")[1:]:
         if header.startswith(b"content-length:"):
@@ -139,16 +249,21 @@ async def answer_status(sock: trio.socket.SocketType) -> int:
     return int(data[9:12])
 
 
-async def hive(port: int, request: bytes, meter: Meter, rng: random.Random) -> None:
+async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random) -> None:
     """One hive: connect, then a beat every ``PERIOD_S`` (jittered) on the same connection, one
     at a time as a real hive's sender does; a broken connection is counted and opened again."""
     due = trio.current_time() + rng.uniform(0, PERIOD_S)
+    failed_rounds = 0
     while True:
         sock = trio.socket.socket()
         window, counted = meter.window, False
         try:
             await sock.connect(("127.0.0.1", port))
+            await talk.open(sock)
+            beats = failed_rounds = 0
             while True:
+                request = talk.beat(beats)
+                beats += 1
                 await trio.sleep_until(due)
                 window = meter.window
                 counted = window.open
@@ -159,7 +274,7 @@ async def hive(port: int, request: bytes, meter: Meter, rng: random.Random) -> N
                 while sent < len(request):
                     sent += await sock.send(request[sent:])
                 with trio.fail_after(ANSWER_TIMEOUT_S):
-                    status = await answer_status(sock)
+                    status = await talk.answer(sock)
                 if counted:
                     window.latencies.append(time.perf_counter() - started)
                     window.statuses[status] = window.statuses.get(status, 0) + 1
@@ -176,12 +291,15 @@ async def hive(port: int, request: bytes, meter: Meter, rng: random.Random) -> N
         finally:
             window.in_flight -= counted
             sock.close()
-        await trio.sleep(RECONNECT_S)
+        await trio.sleep(talk.reconnect_wait(failed_rounds, rng))
+        failed_rounds += 1
         due = trio.current_time()
 
 
-async def run(port: int, *, compressed: bool, warmup_s: float, window_s: float) -> None:
+async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
+              window_s: float) -> None:
     rng = random.Random(24)
+    deltas = channel_deltas() if channel else []
     meter = Meter()
     started = 0
     async with trio.open_nursery() as nursery:
@@ -189,11 +307,16 @@ async def run(port: int, *, compressed: bool, warmup_s: float, window_s: float) 
             target = int(line)
             raise_descriptor_limit(target + 256)
             while started < target:
-                body = eight_gpu_heartbeat(f"fleet-hive-{started:05d}", started)
-                if compressed:
-                    body = gzip.compress(body, compresslevel=1, mtime=0)
-                nursery.start_soon(hive, port, post(port, body, compressed=compressed), meter,
-                                   random.Random(rng.random()))
+                hive_id = f"fleet-hive-{started:05d}"
+                if channel:
+                    snapshot = FrameMaker().frame(eight_gpu_hive(hive_id, started), True)
+                    talk: Post | Channel = Channel(port, masked(snapshot), deltas)
+                else:
+                    body = eight_gpu_heartbeat(hive_id, started)
+                    if compressed:
+                        body = gzip.compress(body, compresslevel=1, mtime=0)
+                    talk = Post(post(port, body, compressed=compressed))
+                nursery.start_soon(hive, port, talk, meter, random.Random(rng.random()))
                 started += 1
                 await trio.sleep(1 / RAMP_PER_S)
             await trio.sleep(warmup_s)
@@ -216,11 +339,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.fleetload", description=__doc__)
     parser.add_argument("port", type=int)
     parser.add_argument("--plain", action="store_true", help="send JSON uncompressed")
+    parser.add_argument("--channel", action="store_true",
+                        help="each hive on its channel (WebSocket, msgpack deltas), not POST")
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--window-s", type=float, default=10.0)
     args = parser.parse_args(argv)
-    trio.run(lambda: run(args.port, compressed=not args.plain, warmup_s=args.warmup_s,
-                         window_s=args.window_s))
+    trio.run(lambda: run(args.port, compressed=not args.plain, channel=args.channel,
+                         warmup_s=args.warmup_s, window_s=args.window_s))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ async def test_rbee_top_shows_the_fleet(nursery):
     result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
                                                         "--rounds", "1", timeout=20))
     assert result.returncode == 0, result.stderr
-    assert "1 hives (0 stale), 1 workers" in result.stdout
+    assert "1 hive (0 stale), 1 worker\n" in result.stdout
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("gpu-07")]
     assert "llm/a" in line and "qwen-7b" in line
 
@@ -163,7 +163,7 @@ async def test_rbee_workers_engine_filters_and_top_engine_columns(nursery):
         timeout=20))
     assert result.returncode == 0, result.stderr
     assert "llm/free" in result.stdout and "llm/full" not in result.stdout
-    assert result.stdout.rstrip().endswith("1 workers")
+    assert result.stdout.rstrip().endswith("\n1 worker")
     result = await trio.to_thread.run_sync(lambda: rbee("top", "--queen", url_of(queen),
                                                         "--rounds", "1", timeout=20))
     lines = result.stdout.splitlines()
@@ -225,12 +225,12 @@ def test_fleet_view_applies_events_in_order():
     view.apply(HiveTelemetryEvent(hive_id="b", timestamp=now, workers=[worker("w2")]))
     view.apply(HiveStaleEvent(hive_id="a", silent_s=6.0, timestamp=now))
     rendered = view.render()
-    assert rendered.startswith("2 hives (1 stale), 2 workers")
+    assert rendered.startswith("2 hives (1 stale), 2 workers\n")
     (stale_line,) = [line for line in rendered.splitlines() if line.startswith("a ")]
     assert "STALE" in stale_line
     view.apply(HiveTelemetryEvent(hive_id="a", timestamp=now, workers=[]))  # back, no workers
     view.apply(HiveRemovedEvent(hive_id="b", reason="gone", worker_ids=[], timestamp=now))
-    assert view.render().startswith("1 hives (0 stale), 0 workers")
+    assert view.render().startswith("1 hive (0 stale), 0 workers\n")
 
 
 def test_fleet_view_shows_gpus_mig_and_health():
@@ -292,3 +292,31 @@ def test_fleet_view_trends_from_history():
 def test_rbee_bad_arguments(args, message):
     result = rbee(*args)
     assert result.returncode == 2 and message in result.stderr
+
+
+async def test_rbee_workers_last_minute_from_history_and_plugin_columns(nursery):
+    """LAST 60s is filled from the queen's history (one request), and ``--columns`` shows
+    plugin figures: the value, or ``-`` for a worker whose hive reports none."""
+    queen = await start_queen(nursery)
+    async with httpx.AsyncClient() as client:
+        await post_heartbeat(client, queen, heartbeat("gpu-07", [
+            worker("a", metrics={"ctxsw.procs": 7.0}), worker("b")]))
+
+        def recorded() -> bool:
+            answer = httpx.get(f"{url_of(queen)}/v1/history",
+                               params={"metric": "cpu_pct", "since": "60"}).json()
+            return any(v is not None for s in answer["series"] for v in s["values"])
+
+        with trio.fail_after(10):
+            while not await trio.to_thread.run_sync(recorded):
+                await trio.sleep(0.2)
+    result = await trio.to_thread.run_sync(lambda: rbee(
+        "workers", "--queen", url_of(queen), "--columns", "ctxsw.procs", timeout=20))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[0]
+    trend, plugin = header.index("LAST 60s"), header.index("ctxsw.procs")
+    a, b = (next(line for line in lines if f"llm/{w} " in line) for w in ("a", "b"))
+    assert a[trend:plugin].strip() and set(a[trend:plugin].strip()) <= set("▁▂▃▄▅▆▇█ ")
+    assert a[plugin:plugin + 12].split() == ["7"] and b[plugin:plugin + 12].split() == ["-"]
+    assert lines[-1] == "2 workers"

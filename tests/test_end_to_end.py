@@ -52,7 +52,8 @@ def hive_config(tag: str, queen_url: str, workers: list[dict] = (), **extra) -> 
         "id": f"e2e-{tag}", "port": 0, "queen_url": queen_url, "stop_workers_on_exit": True,
         "cgroup": {"root": f"{RUN_ROOT}/e2e-{tag}"}, "collect": {"gpu": "none"},
         "heartbeat": {"interval_s": INTERVAL, "backoff_initial_s": 0.05,
-                      "backoff_max_s": INTERVAL, "reminder_interval_s": 60},
+                      "backoff_max_s": INTERVAL, "reconnect_initial_s": 0.05,
+                      "reconnect_max_s": INTERVAL, "reminder_interval_s": 60},
         "workers": list(workers),
     }
     for key, value in extra.items():

@@ -29,6 +29,9 @@ RBEE = {
 }
 
 CONTRACT = {
+    "ChannelAck", "ChannelDelta", "ChannelError", "ChannelResync", "ChannelSnapshot", "HiveFrame",
+    "QueenFrame", "apply_delta", "decode_hive_frame", "decode_queen_frame", "encode_frame",
+    "worker_key",
     "CollectorIssue", "Degraded", "EngineState", "FleetWorker", "GpuDevice", "GpuFault",
     "GpuFaultKind", "GpuIndex", "GpuUtilSource", "HealthStatus", "Healthy", "HistoryAnswer",
     "HiveHealth", "HiveHeartbeat", "HiveInfo", "HiveRecord", "HiveRemovedEvent", "HiveStaleEvent",
@@ -54,6 +57,7 @@ PATHS = {
     "HEALTH": "/health",
     "METRICS": "/metrics",
     "HEARTBEAT": "/v1/hive-heartbeat",
+    "CHANNEL": "/v1/hive-channel",
     "STREAM": "/v1/heartbeats/stream",
     "HIVES": "/v1/hives",
     "HIVE": "/v1/hives/{hive_id}",

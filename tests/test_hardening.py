@@ -316,7 +316,7 @@ async def test_tls_queen_hive_and_cli(tls_files, nursery):
         capture_output=True, text=True, timeout=30,
         env={**os.environ, "RBEE_CA_FILE": tls_files["ca"]}))
     assert top.returncode == 0, top.stderr
-    assert f"rbee: queen {url}\n1 hives (0 stale), 0 workers" in top.stdout
+    assert f"rbee: queen {url}\n1 hive (0 stale), 0 workers" in top.stdout
     untrusted = await trio.to_thread.run_sync(lambda: subprocess.run(
         [str(BIN / "rbee"), "workers", "--queen", url], capture_output=True, text=True,
         timeout=30))

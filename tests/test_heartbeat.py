@@ -34,7 +34,7 @@ from .hivekit import hive_config, sleeper_specs, start_hive
 from .queenkit import free_port, start_queen, url_of, wait_until
 
 FAST = {"interval_s": 0.2, "read_timeout_s": 0.5, "backoff_initial_s": 0.05,
-        "backoff_max_s": 0.2}
+        "backoff_max_s": 0.2, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2}
 
 
 class ScriptedQueen:
@@ -113,6 +113,8 @@ async def test_start_heartbeat_task_sends_every_1s(nursery, mock_clock):
     sent_at: list[float] = []
 
     def queen(request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":  # the channel's upgrade, refused: the hive then POSTs
+            return httpx.Response(404, json={"status": "error", "message": "no channel"})
         sent_at.append(trio.current_time())
         return httpx.Response(200, json={"status": "ok", "message": "accepted"})
 

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import msgspec
+import numpy as np
 import pytest
 import trio
 from hypothesis import given
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 from rbee.config import HistorySettings
 from rbee.contract import HiveRecord
-from rbee.queen.history import FleetHistory, QueryError, Ring, Selector
+from rbee.queen.history import FleetHistory, QueryError, Selector
+from rbee.queen.history.columns import BLOCK, Budget, Codec, Store, Tier
 
 from .builders import GIB, gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of
@@ -29,38 +31,73 @@ def record_of(hive_id: str, workers, gpus=(), stale: bool = False) -> HiveRecord
     return HiveRecord(info=beat.hive, workers=beat.workers, gpus=beat.capabilities, stale=stale)
 
 
-def test_ring_keeps_the_newest_points_and_leaves_gaps_empty():
-    ring = Ring(5)
+def _tier(slots: int) -> tuple[Tier, Codec]:
+    codec = Codec(np.float16)
+    tier = Tier(slots, codec.raw)
+    tier.grow(1)
+    return tier, codec
+
+
+def _put(tier: Tier, codec: Codec, index: int, value: float) -> None:
+    """``value`` in row 0 at ``index``, every other row NaN (a column as a step writes it)."""
+    column = np.full(BLOCK, np.nan)
+    column[0] = value
+    tier.put(index, codec.encode(column))
+
+
+def _row0(tier: Tier, codec: Codec, first: int, last: int) -> list[float]:
+    return codec.decode(tier.read(first, last, np.array([0])))[0].tolist()
+
+
+def test_tier_keeps_the_newest_points_and_leaves_gaps_empty():
+    tier, codec = _tier(5)
     for index in (3, 4, 5, 8, 9):
-        ring.put(index, float(index))
-    values = ring.read(3, 10)  # the ring holds 5..9; 6 and 7 were never written
+        _put(tier, codec, index, float(index))
+    values = _row0(tier, codec, 3, 10)  # the ring holds 5..9; 6 and 7 were never written
     assert math.isnan(values[0]) and math.isnan(values[1])  # 3 and 4: older than it holds
     assert values[2] == 5.0 and math.isnan(values[3]) and math.isnan(values[4])
     assert values[5:7] == [8.0, 9.0] and math.isnan(values[7])
-    ring.put(20, 1.0)  # far ahead: everything older is gone
-    assert all(math.isnan(v) for v in ring.read(5, 19)) and ring.read(20, 20) == [1.0]
-    ring.put(3, 7.0)  # older than the ring holds: ignored
-    assert all(math.isnan(v) for v in ring.read(3, 3))
+    _put(tier, codec, 20, 1.0)  # far ahead: everything older is gone
+    assert all(math.isnan(v) for v in _row0(tier, codec, 5, 19))
+    assert _row0(tier, codec, 20, 20) == [1.0]
+    _put(tier, codec, 3, 7.0)  # older than the ring holds: ignored
+    assert all(math.isnan(v) for v in _row0(tier, codec, 3, 3))
 
 
 @given(st.integers(1, 12), st.lists(st.tuples(st.integers(-15, 15), st.integers(0, 99)),
                                     max_size=40))
-def test_ring_matches_a_model_of_the_newest_points(slots, moves):
-    """Against a dict of every point put: the ring answers the point last put at each index
+def test_tier_matches_a_model_of_the_newest_points(slots, moves):
+    """Against a dict of every point put: the tier answers the point last put at each index
     within its newest ``slots``, NaN elsewhere (gaps cleared in slices, not point by point)."""
-    ring, points, now = Ring(slots), {}, 1000
+    (tier, codec), points, now = _tier(slots), {}, 1000
     for delta, value in moves:
         now += delta
-        ring.put(now, float(value))
+        _put(tier, codec, now, float(value))
         newest = max(points, default=now)
         if now > newest - slots:
             points[now] = float(value)
         last = max(points)
         expected = [points.get(i, math.nan) if i > last - slots else math.nan
                     for i in range(last - 20, last + 3)]
-        got = ring.read(last - 20, last + 2)
+        got = _row0(tier, codec, last - 20, last + 2)
         assert [None if math.isnan(v) else v for v in got] == [
             None if math.isnan(v) else v for v in expected]
+
+
+def test_a_new_block_and_a_freed_row_read_as_nan_without_a_fill():
+    """Raw points are the float's bits XOR NaN's: zero pages are NaN, so new blocks come from
+    ``np.zeros`` and a freed row is zeroed; float16 ends at 65,504 (larger is clipped)."""
+    codec = Codec(np.float16)
+    assert math.isnan(codec.decode(np.zeros(1, codec.raw))[0])
+    assert codec.decode(codec.encode(np.array([1e9, -1e9, 0.0, 51.0]))).tolist() == [
+        65504.0, -65504.0, 0.0, 51.0]
+    store = Store(codec, 10, 4, Budget(2**20))
+    first = store.allocate(9)
+    store.current[first:first + 9] = codec.encode(np.arange(9.0))
+    store.step(0)
+    store.release(first, 9)
+    assert store.allocate(9) == first  # reused, and all NaN again
+    assert np.isnan(codec.decode(store.fine.read(0, 0, np.arange(first, first + 9)))).all()
 
 
 def test_recording_a_new_fleet_costs_no_ring_sweep():
@@ -72,7 +109,10 @@ def test_recording_a_new_fleet_costs_no_ring_sweep():
     started = time.perf_counter()
     history.record([record_of("hive-a", workers)], T0)
     assert time.perf_counter() - started < 1.0
-    assert len(history) == 6000
+    assert len(history) == 9000  # nine rows a worker, its engine's three never known
+    engine = history.query(Selector(metrics=frozenset({"engine_running"})), 1, None, T0 + 0.5)
+    cpu = history.query(Selector(metrics=frozenset({"cpu_pct"})), 1, None, T0 + 0.5)
+    assert engine.series == [] and len(cpu.series) == 1000  # a figure never known: no series
 
 
 def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
@@ -149,27 +189,65 @@ def test_gpu_series_by_uuid_or_index_and_selectors():
     assert history.query(Selector(group="embed", gpu="0"), 1, None, now).series == []
 
 
-def test_series_are_capped_and_forgotten():
-    history = FleetHistory(HistorySettings(max_series=8, fine_retention_s=60, coarse_retention_s=600,
-                                           max_series_per_query=4))
-    history.record([record_of("a", [worker("w1", gpu_indices=[0]), worker("w2", gpu_indices=[0])])],
-                   T0)  # 2 x 6 series (no engine: no engine series)
-    assert len(history) == 8 and history.refused == 2 * 6 - 8
-    with pytest.raises(QueryError, match=r"8 series match, more than history.max_series_per_"
-                                         r"query \(4\): narrow the query"):
-        history.query(Selector(), 60, None, T0)
-    assert history.forget_old(T0 + 599) == 0
-    assert history.forget_old(T0 + 601) == 8 and len(history) == 0
+def test_series_past_the_byte_budget_are_refused_and_freed_rows_reused():
+    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600,
+                               max_series_per_query=4)
+    history = FleetHistory(settings)
+    fits = 2**20 // history.values.row_bytes // 9  # workers that fit: 9 rows of 760 bytes each
+    workers = [worker(f"w{i:04d}", gpu_indices=[0]) for i in range(fits + 5)]
+    history.record([record_of("a", workers)], T0)
+    assert len(history) == fits * 9 and history.refused == 5 * 9
+    assert history.budget.used == fits * 9 * history.values.row_bytes <= settings.max_bytes
+    with pytest.raises(QueryError, match=rf"{fits * 9} series match, more than history.max_"
+                                         r"series_per_query \(4\): narrow the query"):
+        history.query(Selector(), 60, None, T0)  # held ones, known or not; refused ones not
+    late = history.query(Selector(instance=workers[-1].instance), 60, None, T0 + 0.5)
+    assert late.series == []  # not recorded: counted in ``refused``, not an error
+    history.record([record_of("a", workers[:1])], T0 + 1)  # the others left the hive
+    assert history.forget_old(T0 + 600) == 0  # not yet: 599 s since they left
+    assert history.forget_old(T0 + 602) == (fits - 1) * 9 and len(history) == 9
+    history.record([record_of("a", workers[:1]), record_of("b", [worker("late")])], T0 + 2)
+    assert history.refused == 5 * 9 and len(history) == 18  # a freed run reused: no new bytes
+    assert history.budget.used == fits * 9 * history.values.row_bytes
+    answer = history.query(Selector(metrics=frozenset({"cpu_pct"})), 3, None, T0 + 2.5)
+    assert [(s.hive, s.instance, s.values) for s in answer.series] == [
+        ("a", "w0000", [12.5, 12.5, 12.5]), ("b", "late", [None, None, 12.5])]
+
+
+def test_a_silent_hive_leaves_a_gap_and_is_forgotten_whole():
+    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    gpus = [gpu(0, total_gib=80, used_gib=10)]
+    history.record([record_of("a", [worker("w", gpu_indices=[0])], gpus)], T0)
+    history.record([], T0 + 1)  # gone from the registry: a gap from now on
+    answer = history.query(Selector(metrics=frozenset({"cpu_pct", "util_pct"})), 2, None,
+                           T0 + 1.5)
+    assert [(s.metric, s.values) for s in answer.series] == [("util_pct", [0.0, None]),
+                                                             ("cpu_pct", [12.5, None])]
+    assert history.forget_old(T0 + 600) == 0
+    assert history.forget_old(T0 + 602) == 9 + 5 and len(history) == 0 and not history.hives
+
+
+def test_old_max_series_key_is_refused_naming_max_bytes():
+    from rbee import ConfigError
+    from rbee.config import QueenConfig, parse_config
+
+    with pytest.raises(ConfigError, match=r"history.max_series is no longer used: history is "
+                                          r"bounded in bytes by history.max_bytes"):
+        parse_config({"history": {"max_series": 1000}}, QueenConfig, "queen.yaml")
+    with pytest.raises(ConfigError, match="its step a whole multiple of the fine one"):
+        parse_config({"history": {"fine_step_s": 3, "coarse_step_s": 10}}, QueenConfig, "q.yaml")
 
 
 def test_history_memory_per_series():
     """2 bytes a point: 1,800 bytes for 15 minutes at 1 s (120 per series-minute), 4,320 for 6 h
-    at 10 s."""
+    at 10 s, plus its current value and known flag; memory is taken in blocks of rows."""
     history = FleetHistory()
+    assert history.values.row_bytes == 1800 + 4320 + 2 + 1
+    assert history.plugins.row_bytes == 2 * (1800 + 4320 + 2) + 1
     history.record([record_of("a", [worker("w")])], T0)
-    series = next(iter(history._series.values()))
-    assert (len(series.fine.data), len(series.coarse.data)) == (1800, 4320)
-    assert len(series.fine.data) / 15 == 120
+    fine, coarse = history.values.fine.blocks[0], history.values.coarse.blocks[0]
+    assert fine.shape == (900, BLOCK) and fine.dtype == np.uint16 and coarse.shape == (2160, BLOCK)
+    assert len(history.values.fine.blocks) == 1 and history.budget.used == 9 * 6123
 
 
 @pytest.fixture

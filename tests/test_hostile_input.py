@@ -180,7 +180,7 @@ async def test_vram_sums_stay_finite_and_rbee_workers_reads_the_fleet(queen, cli
     assert listed["vram"]["total_mb"] == 2 * MAX_FIGURE
     result = await trio.to_thread.run_sync(lambda: rbee("workers", "--queen", url_of(queen)))
     assert result.returncode == 0, result.stderr
-    assert "1 workers" in result.stdout
+    assert "\n1 worker\n" in result.stdout
 
 
 async def test_worker_ids_cannot_collide_and_every_hive_is_one_path_segment(queen, client):
@@ -390,7 +390,7 @@ def test_every_table_cell_is_escaped():
     view.apply(HiveTelemetryEvent(hive_id="hive-a", timestamp=utc_now(), workers=[record]))
     rendered = view.render()
     assert all(printable(line) == line for line in rendered.splitlines())
-    assert "  \\x1b[2J\\x1b[31  " in rendered  # the model, cut to its column's width
+    assert "  \\x1b[2J\\x1b[3…  " in rendered  # the model, cut to its column's width
     assert "gpu: down\\r\\n\\x1b[1A" in rendered
 
 

@@ -3,7 +3,8 @@ so they cannot drift.
 
 ``bounds``: what any message may hold; ``messages``: what a hive sends; ``events``: what the
 queen's stream carries; ``replies``: what the servers answer over HTTP; ``paths``: the HTTP
-paths, named once; ``codec``: JSON in and out, every failure a ContractError naming the field.
+paths, named once; ``codec``: JSON in and out, every failure a ContractError naming the field;
+``channel``: the msgpack frames of a hive's channel (a snapshot, then what changed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ from .bounds import (
     WholeMib,
     WorkerName,
     cut,
+)
+from .channel import (
+    ChannelAck,
+    ChannelDelta,
+    ChannelError,
+    ChannelResync,
+    ChannelSnapshot,
+    HiveFrame,
+    QueenFrame,
+    apply_delta,
+    decode_hive_frame,
+    decode_queen_frame,
+    encode_frame,
+    worker_key,
 )
 from .codec import (
     decode_heartbeat,
@@ -103,6 +118,11 @@ from .replies import (
 )
 
 __all__ = [
+    "ChannelAck",
+    "ChannelDelta",
+    "ChannelError",
+    "ChannelResync",
+    "ChannelSnapshot",
     "CollectorIssue",
     "Degraded",
     "EngineState",
@@ -115,6 +135,7 @@ __all__ = [
     "HealthStatus",
     "Healthy",
     "HistoryAnswer",
+    "HiveFrame",
     "HiveHealth",
     "HiveHeartbeat",
     "HiveInfo",
@@ -150,6 +171,7 @@ __all__ = [
     "OperationalStatus",
     "Pid",
     "QueenEvent",
+    "QueenFrame",
     "QueenHealth",
     "QueenLink",
     "Reply",
@@ -174,16 +196,21 @@ __all__ = [
     "WorkerPage",
     "WorkerState",
     "WorkerTelemetry",
+    "apply_delta",
     "cut",
     "decode_heartbeat",
+    "decode_hive_frame",
     "decode_json",
+    "decode_queen_frame",
     "decode_stream_event",
     "describe_health",
     "encode",
+    "encode_frame",
     "gpu_health",
     "on_gpu",
     "paths",
     "reply_message",
     "utc_now",
     "worker_id",
+    "worker_key",
 ]

@@ -70,7 +70,12 @@ def decode_heartbeat(payload: bytes | str) -> HiveHeartbeat:
     Beyond what the types check: group and instance names match ``ID_PATTERN``, and the
     original's whole-number fields sent as floats (older hives) are rounded (``rss_bytes`` gets
     the finer figure), so what the queen stores and streams is integers."""
-    heartbeat = decode_json(_heartbeat_decoder, payload, "heartbeat")
+    return _checked(decode_json(_heartbeat_decoder, payload, "heartbeat"))
+
+
+def _checked(heartbeat: HiveHeartbeat) -> HiveHeartbeat:
+    """``heartbeat`` once its names are checked and its whole-number fields rounded (in place),
+    whatever carried it (JSON, or the channel's msgpack: ``rbee/contract/channel.py``)."""
     workers = heartbeat.workers
     # C-level passes over the list (a Python loop would cost as much as the decoding): the names
     # against those already seen, and one sum per field, which is a float if any value is.

@@ -8,6 +8,8 @@ METRICS = "/metrics"
 
 # the queen
 HEARTBEAT = "/v1/hive-heartbeat"
+CHANNEL = "/v1/hive-channel"
+"""A hive's channel: a WebSocket of msgpack frames (``rbee/contract/channel.py``)."""
 STREAM = "/v1/heartbeats/stream"
 HIVES = "/v1/hives"
 HIVE = "/v1/hives/{hive_id}"

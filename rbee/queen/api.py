@@ -57,9 +57,10 @@ from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
 from ..http.bodies import read_body
 from ..http.errors import ApiError
 from ..http.rawpost import RawHead
+from .channel import OpenChannels, channel_route
 from .dashboard import dashboard_routes
 from .fleet import Fleet
-from .history import METRICS, FleetHistory, QueryError, Selector
+from .history import FleetHistory, QueryError, Selector
 from .ingest import Ingest, stored
 from .metrics import QueenMetrics
 from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
@@ -299,10 +300,11 @@ class ReadHandlers:
         metrics = None
         if params.metric is not None:
             metrics = frozenset(m.strip() for m in params.metric.split(",") if m.strip())
-            bad = metrics - METRICS
+            known = self.history.metrics()  # the built-in ones and the plugin figures held
+            bad = metrics - known
             if bad or not metrics:
                 raise ApiError(400, f"unknown metric(s): {', '.join(sorted(bad)) or '(none)'}; "
-                                    f"known: {', '.join(sorted(METRICS))}")
+                                    f"known: {', '.join(sorted(known))}")
         if params.step is not None and params.step == 0:
             raise ApiError(400, "query parameter 'step' must be > 0, not '0'")
         selector = Selector(hive=params.hive, group=params.group, instance=params.instance,
@@ -318,6 +320,7 @@ class QueenParts(Access, Protocol):
     fleet: Fleet
     history: FleetHistory
     metrics: QueenMetrics
+    channels: OpenChannels
 
 
 def build_app(queen: QueenParts) -> Starlette:
@@ -328,6 +331,7 @@ def build_app(queen: QueenParts) -> Starlette:
     reads = ReadHandlers(config, fleet.registry, queen.history, gate)
     app = json_app([
         Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
+        channel_route(config, writes.ingest, gate.hive, metrics, queen.channels),
         Route(paths.STREAM, live.stream, methods=["GET"]),
         Route(paths.HEALTH, live.health, methods=["GET"]),
         Route(paths.HIVES, reads.list_hives, methods=["GET"]),

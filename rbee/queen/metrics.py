@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..contract import HiveRecord
 from ..http.transport import ConnectionTable
 
-REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large",
+REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 409: "out_of_sequence", 413: "too_large",
                    415: "unsupported_encoding"}
-"""The reason label of a refused heartbeat, by HTTP status (anything else: ``other``)."""
+"""The reason label of a refused heartbeat, by HTTP status (anything else: ``other``); 409: a
+channel's delta that did not follow the last frame taken (the hive resends a snapshot)."""
 
 
 class QueenMetrics:
@@ -38,6 +39,8 @@ class QueenMetrics:
             "rbee_queen_heartbeat_ingest_seconds", "Time to read, decode, store and publish one",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry)
+        self.channels = Gauge("rbee_queen_channels", "Hive channels open (WebSockets)",
+                              registry=self.registry)
         self.registry.register(_QueenState(records, stream_clients, lagged_total, connections))
         self.records = records
         """The fleet, written beside the registry by ``rbee.exposition.render``."""

@@ -23,8 +23,10 @@ from ..http.auth import read_token
 from ..http.serving import serve
 from ..http.transport import ConnectionTable
 from .api import build_app
+from .channel import OpenChannels
 from .fleet import open_fleet
 from .history import FleetHistory
+from .history.gauges import HistoryGauges
 from .metrics import QueenMetrics
 from .ticks import every
 
@@ -46,6 +48,8 @@ class QueenServer:
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
                                     lambda: self.broadcaster.lagged_total, self.connections)
+        self.metrics.registry.register(HistoryGauges(self.history))
+        self.channels = OpenChannels(self.config.http.shutdown_grace_s)
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -80,14 +84,18 @@ class QueenServer:
     async def _shutdown(self) -> None:
         await self._stopping.wait()
         self.broadcaster.close()
+        self.channels.close()
 
     async def _history_loop(self) -> None:
         """One point of every figure each fine step, from the registry (so ingestion pays
-        nothing for history); old series are dropped once a minute."""
+        nothing for history), in parts with a checkpoint between them (10,000 hives are gathered
+        a thousand at a time, never one long stall of the event loop); series not reported for
+        the coarse retention are dropped once a minute."""
         settings = self.config.history
         forgotten_at = trio.current_time()
         async for _ in every(settings.fine_step_s):
-            self.history.record(self.registry.records(), time.time())
+            for _part in self.history.recording(self.registry.records(), time.time()):
+                await trio.lowlevel.checkpoint()
             if trio.current_time() - forgotten_at >= 60:
                 forgotten_at = trio.current_time()
                 self.history.forget_old(time.time())

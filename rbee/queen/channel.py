@@ -1,0 +1,206 @@
+"""The queen's end of a hive's channel (``GET /v1/hive-channel``, a WebSocket of msgpack frames).
+
+A hive on a channel costs the queen one decode of what changed and one registry write per beat,
+with no HTTP request around it: no headers to parse, no middleware, no response to build. Each
+connection keeps the hive's last whole heartbeat as the queen took it; a delta is applied to it
+(``apply_delta``) and the whole heartbeat goes through ``Ingest.accept``, the very door a POST
+goes through (same checks, goodbye, admission, store write), so the two transports cannot differ.
+
+The caller is authenticated at the upgrade as a POST is (per-hive credential, shared token; TLS
+is the server's), and refused with the status a POST would get (401, as JSON) before any frame.
+Every frame is answered with one frame (``rbee/contract/channel.py``); a frame that cannot be
+taken (garbage, the wrong type, too big, a delta without its base) is answered with what is wrong
+and leaves the connection's state as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .._errors import ContractError
+from .._logs import RateLimitedLog
+from ..config import QueenConfig
+from ..contract import (
+    ChannelAck,
+    ChannelDelta,
+    ChannelError,
+    ChannelResync,
+    HiveHeartbeat,
+    OperationalStatus,
+    QueenFrame,
+    Reply,
+    apply_delta,
+    decode_hive_frame,
+    encode_frame,
+    paths,
+)
+from ..http.app import JsonResponse
+from ..http.errors import ApiError
+from .ingest import Ingest
+from .metrics import QueenMetrics
+
+log = RateLimitedLog(logging.getLogger("rbee.queen.channel"))
+
+Authenticate = Callable[..., "str | None"]
+"""``Gate.hive``: the hive a caller may act as (``ANY_HIVE``: any), or ApiError 401."""
+
+
+class _Upgrade:
+    """The upgrade request as the HTTP auth functions read a request: headers, method, path."""
+
+    method = "GET"
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.headers, self.url = websocket.headers, websocket.url
+
+
+class HiveLink:
+    """One channel's state: the hive's last whole heartbeat as the queen took it, and its seq."""
+
+    def __init__(self, ingest: Ingest, acting_as: str | None, max_frame_bytes: int) -> None:
+        self.ingest, self.acting_as, self.max_frame_bytes = ingest, acting_as, max_frame_bytes
+        self.base: HiveHeartbeat | None = None
+        self.seq = -1
+        self.size = 0
+        """The bytes of the last snapshot: what a delta's heartbeat is counted as (the stream's
+        replay budget), since the whole heartbeat was never encoded."""
+        self.hive_id: str | None = None
+
+    async def take(self, data: bytes) -> QueenFrame:
+        """The answer to one frame; the state moves on only when the frame was taken."""
+        if len(data) > self.max_frame_bytes:
+            return ChannelError(status=413, message=f"frame of {len(data)} bytes, more than "
+                                                    f"http.max_body_bytes ({self.max_frame_bytes})")
+        try:
+            frame = decode_hive_frame(data)
+        except ContractError as exc:
+            return ChannelError(status=400, message=str(exc))
+        size = len(data)
+        if type(frame) is ChannelDelta:
+            if self.base is None or frame.seq != self.seq + 1:
+                reason = ("no snapshot taken on this channel yet" if self.base is None else
+                          f"delta {frame.seq} does not follow frame {self.seq}, the last taken")
+                return ChannelResync(frame.seq, reason)
+            try:
+                heartbeat = apply_delta(self.base, frame)
+            except ContractError as exc:
+                return ChannelError(seq=frame.seq, status=400, message=str(exc))
+            size = self.size
+        else:
+            heartbeat = frame.heartbeat
+            if self.hive_id is not None and heartbeat.hive.id != self.hive_id:
+                return ChannelError(seq=frame.seq, status=400, message=(
+                    f"invalid snapshot: hive {heartbeat.hive.id!r} on the channel of hive "
+                    f"{self.hive_id!r} (a channel carries one hive) - at `$.heartbeat.hive.id`"))
+        try:
+            await self.ingest.accept(heartbeat, size, self.acting_as)
+        except ApiError as exc:
+            retry_after = (exc.headers or {}).get("Retry-After")
+            return ChannelError(seq=frame.seq, status=exc.status_code, message=exc.message,
+                                retry_after_s=None if retry_after is None else float(retry_after))
+        self.hive_id = heartbeat.hive.id
+        stopped = heartbeat.hive.operational_status is OperationalStatus.STOPPED
+        self.base = None if stopped else heartbeat
+        self.seq, self.size = frame.seq, size if type(frame) is ChannelDelta else len(data)
+        return ChannelAck(frame.seq)
+
+
+class OpenChannels:
+    """The channels open now, so that a queen that stops closes them at once (1001, going away)
+    and their hives reconnect or fail over, instead of holding the stop for the whole
+    ``http.shutdown_grace_s`` as requests in flight do."""
+
+    def __init__(self, grace_s: float) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.closed = False
+        self.grace_s = grace_s
+        """``http.shutdown_grace_s``: the most a channel's closing frame may take to send."""
+
+    def close(self) -> None:
+        self.closed = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def serve(self, websocket: WebSocket, link: HiveLink, metrics: QueenMetrics,
+                    idle_s: float) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                if not self.closed:
+                    await _serve(websocket, link, metrics, idle_s)
+                    return
+            finally:
+                self._scopes.discard(scope)
+        with trio.move_on_after(self.grace_s):
+            await websocket.close(code=1001, reason="the queen is stopping")
+
+
+def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
+                  metrics: QueenMetrics, open_channels: OpenChannels) -> WebSocketRoute:
+    """The channel's route (``paths.CHANNEL``), or one that refuses every upgrade (403, as an old
+    queen without the route does) with ``channel_enabled: false``: the hives then POST."""
+    max_frame_bytes = config.http.max_body_bytes
+
+    async def channel(websocket: WebSocket) -> None:
+        if not config.channel_enabled:
+            await websocket.close()  # the server answers the upgrade 403
+            return
+        try:
+            acting_as = authenticate(_Upgrade(websocket))
+        except ApiError as exc:
+            metrics.refusal(exc.status_code)
+            await websocket.send_denial_response(JsonResponse(
+                Reply(status="error", message=exc.message), status_code=exc.status_code,
+                headers=exc.headers))
+            return
+        await websocket.accept()
+        metrics.channels.inc()
+        link = HiveLink(ingest, acting_as, max_frame_bytes)
+        try:
+            await open_channels.serve(websocket, link, metrics, config.http.keep_alive_timeout_s)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            metrics.channels.dec()
+
+    return WebSocketRoute(paths.CHANNEL, channel)
+
+
+async def _serve(websocket: WebSocket, link: HiveLink, metrics: QueenMetrics,
+                 idle_s: float) -> None:
+    """Frames in order, one answer each: the next frame is read once this one is answered, so a
+    hive that sends faster than the queen takes is held back by TCP, never queued here. A channel
+    with no frame for ``idle_s`` (``http.keep_alive_timeout_s``; a hive sends one every interval)
+    is closed: its hive vanished without a word (power, network), and would hold it forever."""
+    while True:
+        message = None
+        with trio.move_on_after(idle_s):
+            message = await websocket.receive()
+        if message is None:
+            await websocket.close(code=1000, reason=f"no frame for http.keep_alive_timeout_s "
+                                                    f"({idle_s:g}s)")
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        started = time.perf_counter()
+        data = message.get("bytes")
+        if data is None:
+            answer: QueenFrame = ChannelError(status=400, message=(
+                "a text frame: the channel takes binary frames of msgpack "
+                "(rbee/contract/channel.py)"))
+        else:
+            answer = await link.take(data)
+        if type(answer) is ChannelAck:
+            metrics.received.inc()
+            metrics.ingest.observe(time.perf_counter() - started)
+        else:
+            metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
+            log.warning("hive channel %s: %s", link.hive_id or "(no hive yet)",
+                        answer.reason if type(answer) is ChannelResync else answer.message)
+        await websocket.send_bytes(encode_frame(answer))

@@ -1,0 +1,162 @@
+"""History at fleet scale: plugin figures as series (in memory and over ``GET /v1/history``), rows
+that follow a hive's workers and GPUs as they come and go, the coarse tier as NaN-aware means of
+the fine points, and a recording step that yields between chunks of hives (the queen's event loop
+is never held for the whole fleet)."""
+
+from __future__ import annotations
+
+import httpx
+import msgspec
+import trio
+
+from rbee.config import HistorySettings
+from rbee.queen.history import FleetHistory, Selector
+from rbee.queen.history.fleet import HIVES_PER_CHUNK
+
+from .builders import gpu, heartbeat, worker
+from .queenkit import post_heartbeat, start_queen, url_of
+from .test_history import T0, record_of
+
+
+def _values(history: FleetHistory, metric: str, since: float, now: float, **labels) -> dict:
+    answer = history.query(Selector(metrics=frozenset({metric}), **labels), since, None, now)
+    return {(s.hive, s.instance or s.gpu): s.values for s in answer.series}
+
+
+def test_plugin_figures_are_series_of_their_own_in_float32():
+    history = FleetHistory()
+    for second in range(3):
+        figures = {"ctxsw.procs": 100_000.0 + second, "ctxsw.rate": -2.5}  # past float16's range
+        if second == 1:
+            del figures["ctxsw.rate"]  # not sent this time: a gap
+        history.record([record_of("a", [worker("w", metrics=figures), worker("plain")])],
+                       T0 + second)
+    assert history.metrics() >= {"ctxsw.procs", "ctxsw.rate", "cpu_pct"}
+    assert _values(history, "ctxsw.procs", 3, T0 + 2.5) == {("a", "w"): [100000.0, 100001.0,
+                                                                          100002.0]}
+    assert _values(history, "ctxsw.rate", 3, T0 + 2.5) == {("a", "w"): [-2.5, None, -2.5]}
+    every = history.query(Selector(instance="w"), 3, None, T0 + 2.5).series
+    assert [s.metric for s in every][:4] == ["cpu_pct", "ctxsw.procs", "ctxsw.rate",
+                                             "gpu_util_pct"]  # sorted among the built-in ones
+
+
+def test_rows_follow_workers_and_gpus_as_they_come_and_go():
+    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    a, b = worker("a", cpu_pct=1.0), worker("b", cpu_pct=2.0)
+    gpus = [gpu(0, total_gib=80, used_gib=1, util_pct=10.0)]
+    history.record([record_of("h", [a, b], gpus)], T0)
+    history.record([record_of("h", [b], [])], T0 + 1)  # a and the GPU left
+    history.record([record_of("h", [worker("a", cpu_pct=3.0), b], gpus)], T0 + 2)  # back
+    assert _values(history, "cpu_pct", 3, T0 + 2.5) == {("h", "a"): [1.0, None, 3.0],
+                                                        ("h", "b"): [2.0, 2.0, 2.0]}
+    assert _values(history, "util_pct", 3, T0 + 2.5) == {("h", "GPU-00000000"): [10.0, None,
+                                                                                 10.0]}
+    assert len(history) == 2 * 9 + 5  # the same rows again, none taken twice
+
+
+def test_an_unchanged_record_is_not_gathered_again():
+    """The registry's record of a hive that sent nothing since the last step is the same list:
+    no figure is read again, the step repeats its current values."""
+    history = FleetHistory()
+    record = record_of("h", [worker("w", cpu_pct=5.0)])
+    history.record([record], T0)
+    record.workers[0].cpu_pct = 99.0  # never done to a stored struct: shows it is not re-read
+    history.record([record], T0 + 1)
+    assert _values(history, "cpu_pct", 2, T0 + 1.5) == {("h", "w"): [5.0, 5.0]}
+
+
+def test_coarse_points_are_nan_aware_means_of_the_fine_ones_even_across_a_stall():
+    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    for second in [*range(0, 5), *range(7, 10), 35]:  # 3, 4 stale; 5, 6 and 10..34 skipped
+        stale = second in (3, 4)
+        history.record([record_of("h", [worker("w", cpu_pct=float(second))], stale=stale)],
+                       T0 + second)
+    answer = history.query(Selector(metrics=frozenset({"cpu_pct"})), 600, None, T0 + 35.5)
+    assert answer.step == 10.0
+    assert answer.series[0].values[-4:] == [(0 + 1 + 2 + 7 + 8 + 9) / 6, None, None, 35.0]
+    closed = history.values.coarse.last - T0 // 10
+    assert closed == 2  # buckets 0..2 closed; 3 (35 s) still open: the mean of its fine points
+
+
+def test_recording_yields_between_chunks_of_hives():
+    history = FleetHistory()
+    fleet = [record_of(f"h{i:05d}", [worker("w")]) for i in range(2 * HIVES_PER_CHUNK + 1)]
+    parts = sum(1 for _ in history.recording(fleet, T0))
+    assert parts == 3
+    assert sum(1 for _ in history.recording(fleet, T0 + 1)) == 0  # nothing new: no gathering
+    assert len(_values(history, "cpu_pct", 2, T0 + 1.5, group="llm")) == len(fleet)
+
+
+async def test_plugin_figures_over_http(nursery):
+    queen = await start_queen(nursery, history={"fine_step_s": 0.2})
+    beat = heartbeat("a", [worker("w", metrics={"ctxsw.procs": 7.0})])
+    async with httpx.AsyncClient(base_url=url_of(queen), timeout=5) as client:
+        params = {"metric": "ctxsw.procs", "since": 2}
+        refused = await client.get("/v1/history", params=params)
+        assert refused.status_code == 400 and "unknown metric(s): ctxsw.procs" in \
+            refused.json()["message"]  # nothing of it held yet
+        await post_heartbeat(client, queen, beat)
+        with trio.fail_after(5):  # until the queen has recorded it (on its own, every 0.2 s)
+            while True:
+                response = await client.get("/v1/history", params=params)
+                if response.status_code == 200 and any(
+                        7.0 in s["values"] for s in response.json()["series"]):
+                    break
+                await trio.sleep(0.05)
+    [series] = msgspec.json.decode(response.content)["series"]
+    assert (series["hive"], series["instance"], series["metric"]) == ("a", "w", "ctxsw.procs")
+
+
+async def test_the_budget_and_what_it_refused_are_on_metrics(nursery):
+    """A queen whose ``max_bytes`` holds one worker: the second worker's series are refused,
+    counted on ``/metrics``, and queries answer the first as usual."""
+    queen = await start_queen(nursery, history={"fine_step_s": 0.2, "max_bytes": 2**20,
+                                                "fine_retention_s": 60, "coarse_retention_s": 60})
+    row_bytes = queen.history.values.row_bytes
+    queen.history.budget.max_bytes = 9 * row_bytes  # one worker's nine (the config's least is
+    # 1 MiB, thousands of series: the budget is narrowed here, the config path is tested above)
+    beat = heartbeat("a", [worker("first"), worker("second")])
+    async with httpx.AsyncClient(base_url=url_of(queen), timeout=5) as client:
+        await post_heartbeat(client, queen, beat)
+        with trio.fail_after(5):
+            while queen.history.refused == 0:
+                await trio.sleep(0.05)
+        text = (await client.get("/metrics")).text
+        answer = (await client.get("/v1/history", params={"metric": "cpu_pct"})).json()
+    assert "rbee_queen_history_refused_series_total 9.0" in text
+    assert f"rbee_queen_history_bytes {9 * row_bytes}.0" in text
+    assert "rbee_queen_history_series 9.0" in text
+    assert [s["instance"] for s in answer["series"]] == ["first"]
+
+
+def test_a_hive_gone_from_the_registry_is_a_gap_while_refused_hives_still_report():
+    """Hives refused whole by the budget are not gathered, but they are still told apart from
+    the live ones: a recorded hive that leaves the registry is a gap from that step on."""
+    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
+    history = FleetHistory(settings)
+    fits = 2**20 // history.values.row_bytes // 9
+    big = record_of("big", [worker(f"w{i:04d}") for i in range(fits - 1)])
+    small = record_of("small", [worker("w")])
+    refused = [record_of(f"refused{i}", [worker("w"), worker("v")]) for i in range(3)]
+    history.record([big, small, *refused], T0)
+    assert history.refused == 3 * 2 * 9
+    history.record([big, *refused], T0 + 1)  # "small" left the registry
+    assert _values(history, "cpu_pct", 2, T0 + 1.5, hive="small") == {("small", "w"): [12.5,
+                                                                                      None]}
+
+
+def test_a_hive_refused_whole_is_kept_while_it_reports_and_tried_again_once_rows_are_freed():
+    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
+    history = FleetHistory(settings)
+    fits = 2**20 // history.values.row_bytes // 9
+    big = record_of("big", [worker(f"w{i:04d}") for i in range(fits)])
+    late = record_of("late", [worker("w")])
+    history.record([big, late], T0)
+    assert history.refused == 9
+    history.record([late], T0 + 1)  # "big" left the registry
+    history.forget_old(T0 + 300)
+    assert history.refused == 9 and "late" in history.hives  # it still reports: not dropped
+    history.forget_old(T0 + 602)  # "big" is forgotten: its rows are free
+    history.record([late], T0 + 603)
+    assert history.refused == 9 and len(history) == 9
+    assert _values(history, "cpu_pct", 1, T0 + 603.5) == {("late", "w"): [12.5]}
