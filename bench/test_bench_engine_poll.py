@@ -278,34 +278,39 @@ def test_engine_side_cost_of_metrics_against_load():
 
 # -- 4. engine change -> queen ---------------------------------------------------------------
 
-@pytest.mark.parametrize("post_min_interval_s", [0.25, 0.0], ids=["post-0.25s", "post-0s"])
+@pytest.mark.parametrize(("transport", "post_min_interval_s"),
+                         [("channel", 0.25), ("post", 0.25), ("post", 0.0)],
+                         ids=["channel", "post-0.25s", "post-0s"])
 @pytest.mark.parametrize("count", [8, 100])
-def test_engine_change_to_queen_latency(count, post_min_interval_s, tmp_path_factory):
+def test_engine_change_to_queen_latency(count, transport, post_min_interval_s, tmp_path_factory):
     engines = Engines(count, tmp_path_factory.mktemp(f"engines{count}"))
     changes = 60
     try:
-        latencies = trio.run(change_latencies, engines, count, changes, post_min_interval_s)
+        latencies = trio.run(change_latencies, engines, count, changes, transport,
+                             post_min_interval_s)
     finally:
         engines.close()
     latencies.sort()
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    FIGURES[f"engine change -> queen stream, {count} engines per hive, POST, "
-            f"post_min_interval_s {post_min_interval_s:g}"] = \
+    over = "channel" if transport == "channel" else \
+        f"POST, post_min_interval_s {post_min_interval_s:g}"
+    FIGURES[f"engine change -> queen stream, {count} engines per hive, {over}"] = \
         f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms ({len(latencies)} changes)"
 
 
-async def change_latencies(engines: Engines, count: int, changes: int,
+async def change_latencies(engines: Engines, count: int, changes: int, transport: str,
                            post_min_interval_s: float) -> list[float]:
     argv = ["sh", "-c", "exec sleep 600", FLAG]
-    config = hive_config(f"bench-latency-{count}",
+    config = hive_config(f"bench-latency-{count}", heartbeat={"transport": transport},
                          collect={"engine": {"post_min_interval_s": post_min_interval_s}},
                          workers=[{"group": "llm", "instance": f"e{index:03}", "argv": argv,
                                    "metrics_url": url} for index, url in enumerate(engines.urls)])
     latencies = []
     async with trio.open_nursery() as nursery:
         queen = await start_queen(nursery)
-        agent, _ = await start_hive(nursery, config, queen.urls[0])
+        agent, sender = await start_hive(nursery, config, queen.urls[0])
+        agent.loops.engine_poll.on_channel = lambda: sender.on_channel  # as HiveService does
         with trio.fail_after(30):
             while sum(w.engine is not None for w in agent.latest.workers) < count:
                 await agent.wait_changed()
