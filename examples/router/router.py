@@ -82,7 +82,7 @@ class Router:
             return error(502, f"queen {self.queen_url} unreachable: {type(exc).__name__}: {exc}")
         if answer.status_code != 200:
             try:
-                reason = answer.json()["error"]
+                reason = answer.json()["message"]  # the queen's error body
             except (ValueError, KeyError, TypeError):
                 reason = answer.text[:200]
             status = answer.status_code if answer.status_code in (400, 503) else 502
