@@ -47,6 +47,14 @@ async def ready(client: httpx.AsyncClient, url: str) -> None:
             await trio.sleep(0.05)
 
 
+def send_long_requests(nursery: trio.Nursery, client: httpx.AsyncClient, url: str,
+                       count: int) -> None:
+    """``count`` completions that run for a minute, until the nursery is cancelled."""
+    for _ in range(count):
+        nursery.start_soon(partial(client.post, f"{url}/v1/completions", json={
+            "model": MODEL, "prompt": "x", "max_tokens": 4000}))
+
+
 def figures(metrics: str) -> tuple[float, float]:
     values = {}
     for line in metrics.splitlines():
@@ -83,13 +91,8 @@ async def test_completions_join_the_engines_queue_and_stream_at_its_pace():
                 assert refused.status_code == status, bad
                 assert refused.json()["error"]["message"]
 
-            async def long_one() -> None:
-                await client.post(f"{url}/v1/completions", json={
-                    "model": MODEL, "prompt": "x", "max_tokens": 4000})
-
             async with trio.open_nursery() as nursery:
-                for _ in range(10):
-                    nursery.start_soon(long_one)
+                send_long_requests(nursery, client, url, 10)
                 with trio.fail_after(10):
                     while (await client.get(f"{url}/load")).json()["server_load"] < 10:
                         await trio.sleep(0.05)
@@ -106,8 +109,7 @@ async def test_without_the_flag_load_says_zero_as_vllm_does():
         async with httpx.AsyncClient(timeout=30) as client:
             await ready(client, url)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(client.post, f"{url}/v1/completions", json={
-                    "model": MODEL, "prompt": "x", "max_tokens": 4000}))
+                send_long_requests(nursery, client, url, 1)
                 with trio.fail_after(10):
                     while figures((await client.get(f"{url}/metrics")).text)[0] != 1.0:
                         await trio.sleep(0.05)
@@ -128,19 +130,13 @@ async def test_the_hive_sees_the_demo_queue_move_by_its_fast_poll():
             while not agent.latest.workers or agent.latest.workers[0].engine is None:
                 await agent.wait_changed()
         url = agent.monitor.workers()[0].metrics_url.removesuffix("/metrics")
-        async with httpx.AsyncClient(timeout=30) as client:
-            async def long_one() -> None:
-                await client.post(f"{url}/v1/completions", json={
-                    "model": MODEL, "prompt": "x", "max_tokens": 4000})
-
-            async with trio.open_nursery() as requests:
-                for _ in range(3):
-                    requests.start_soon(long_one)
-                with trio.fail_after(10):
-                    while True:
-                        engine = (await agent.wait_changed()).workers[0].engine
-                        if engine and engine.requests_running + engine.requests_waiting == 3:
-                            break
-                assert engine.sampled_at is not None
-                requests.cancel_scope.cancel()
+        async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as requests:
+            send_long_requests(requests, client, url, 3)
+            with trio.fail_after(10):
+                while True:
+                    engine = (await agent.wait_changed()).workers[0].engine
+                    if engine and engine.requests_running + engine.requests_waiting == 3:
+                        break
+            assert engine.sampled_at is not None
+            requests.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
