@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from rbee.collectors.engine.engines import EngineError
+from rbee.collectors.engine.engines import EngineError, parse_exposition, parse_scheduling
 from rbee.collectors.engine.link import EngineLink, EngineStatusError
 from rbee.collectors.engine.loads import (
     parse_llamacpp_slots,
@@ -133,6 +133,8 @@ def test_each_engines_load_answer_is_read_and_hostile_ones_are_refused():
     hostile = [(parse_vllm_load, b"<html>", "vLLM /load is not JSON"),
                (parse_vllm_load, b'{"server_load": "many"}', "vLLM /load is not what"),
                (parse_vllm_load, b'{"server_load": -4}', "server_load is negative (-4)"),
+               (parse_vllm_load, b'{"server_load": 1e300}', "vLLM /load is not what"),
+               (parse_vllm_load, b'{"server_load": 99999999999999999}', "past any real"),
                (parse_sglang_loads, b'{"loads": []}', "lists no data-parallel rank"),
                (parse_sglang_loads, b'[{"token_usage": 7.0}]', "token_usage out of range"),
                (parse_llamacpp_slots, b'{"slots": 1}', "llama.cpp /slots is not what")]
@@ -308,3 +310,16 @@ async def test_over_the_channel_a_change_and_a_confirmation_reach_the_queen(tmp_
                 while (await engine_at_queen())["requests_waiting"] != 11:
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
+
+
+def test_a_figure_past_the_contracts_bound_is_refused_not_sent():
+    """The queen refuses a heartbeat with a figure past the contract's bound: the engine's
+    reading is refused instead, so the rest of the heartbeat still goes."""
+    text = "vllm:num_requests_running 1e15\nvllm:num_requests_waiting 0\n"
+    for parse in (lambda: parse_scheduling(text, "vllm"), lambda: parse_exposition(text, 0.0)):
+        try:
+            parse()
+        except EngineError as exc:
+            assert "within the contract's bound: 1e+15" in str(exc)
+        else:
+            raise AssertionError("accepted")

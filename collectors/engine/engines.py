@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee._errors import CollectorError
-from rbee.contract import EngineState
+from rbee.contract import MAX_FIGURE, EngineState
 
 
 class EngineError(CollectorError):
@@ -240,9 +240,9 @@ def _read_values(names: EngineNames, text: str, cache: ParsedSeries | None
     except ValueError as exc:
         raise EngineError(f"malformed {names.engine} metrics: {exc}") from exc
     for value in values.values():
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or not 0 <= value <= MAX_FIGURE:
             raise EngineError(f"{names.engine} metrics hold a value that is not a finite "
-                              f"non-negative number: {value!r}")
+                              f"non-negative number within the contract's bound: {value!r}")
     for required in (names.running, names.waiting):
         if required not in values:
             raise EngineError(f"{names.engine} metrics lack {required}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from rbee.contract import EngineState
+from rbee.contract import MAX_FIGURE, EngineState
 
 from .engines import ENGINE_NAMES, EngineError, parse_scheduling
 
@@ -92,6 +92,8 @@ def _decode(body: bytes, kind: type, what: str):
 def _count(value: int, what: str) -> int:
     if value < 0:
         raise EngineError(f"{what} is negative ({value})")
+    if value > MAX_FIGURE:  # past the contract's bound the queen would refuse the heartbeat
+        raise EngineError(f"{what} is {value}, past any real engine's count")
     return value
 
 
