@@ -320,6 +320,6 @@ def test_a_figure_past_the_contracts_bound_is_refused_not_sent():
         try:
             parse()
         except EngineError as exc:
-            assert "within the contract's bound: 1e+15" in str(exc)
+            assert "within the contract's bound: 1000000000000000.0" in str(exc)
         else:
             raise AssertionError("accepted")
