@@ -8,6 +8,12 @@ the hive's pooled HTTP client (at most ``collect.engine.max_concurrency`` at onc
 then all the bodies are parsed in one worker thread, off the event loop. The per-worker hook only
 reads what the last refresh stored, so a slow or dead engine never delays a tick.
 
+This is the full reading, at the heartbeat's rate; the scheduling figures (running, waiting, KV
+cache) are also polled every ``collect.engine.poll_interval_s`` by the hive's fast poll
+(``rbee.hive.engine_poll``, from ``loads``' cheap endpoints over ``link``'s kept-alive
+connections), which merges its readings into the state stored here. Every state carries
+``sampled_at``, the wall time of its reading.
+
 A worker whose endpoint is unreachable, answers non-200, sends garbage, too much, too slowly, or
 whose counters went backwards gets ``engine: null`` and one ``errors`` entry saying which; nothing
 else in its record changes. A result older than three intervals (the refresh itself stuck) is not
