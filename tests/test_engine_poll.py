@@ -263,9 +263,8 @@ async def test_changes_are_published_at_once_then_at_most_once_a_round(autojump_
                           on_channel=lambda: channel[0])
     state = EngineState(engine="vllm", requests_running=1, requests_waiting=0)
 
-    def change(key: str, value) -> None:
-        poller._pending[("g", key)] = value
-        poller._wake.set()
+    def change(key: str, value, changed: bool = True) -> None:
+        poller._hand_over({}, ("g", key), value, trio.current_time(), changed)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poller._publisher)
@@ -280,12 +279,20 @@ async def test_changes_are_published_at_once_then_at_most_once_a_round(autojump_
         await trio.sleep(0.01)
         change("b", "down")
         await trio.sleep(1.0)
+        channel[0] = True
+        resent_at = trio.current_time()
+        change("a", state, changed=False)  # a confirmation holds no change back
+        await trio.sleep(0.001)
+        change("b", state)
+        await trio.sleep(1.0)
         nursery.cancel_scope.cancel()
     times = [round(at - start, 3) for at, _ in published]
     assert [sorted(c) for _, c in published] == [[("g", "a")], [("g", "b"), ("g", "c")],
-                                                 [("g", "a")], [("g", "b")]]
+                                                 [("g", "a")], [("g", "b")], [("g", "a")],
+                                                 [("g", "b")]]
     assert times[:2] == [0.0, 0.05]
     assert times[3] - times[2] == 0.25
+    assert [round(at - resent_at, 3) for at, _ in published[4:]] == [0.0, 0.001]
 
 
 def test_an_unchanged_state_is_sent_again_over_the_channel_only():

@@ -72,6 +72,8 @@ class EnginePoller:
         self.polls = 0
         self.publications = 0
         self._pending: dict[WorkerKey, Change] = {}
+        self._pending_change = False
+        """Whether ``_pending`` holds a change, not only re-sent states."""
         self._wake = trio.Event()
         self._tasks: dict[WorkerView, trio.CancelScope] = {}
 
@@ -115,12 +117,12 @@ class EnginePoller:
                     started = trio.current_time()
                     change, path = await self._poll_once(link, path, slot, cache,
                                                          metrics_path)
-                    if change is not None and (
-                            scheduling(change) != scheduling(slot.get("poll_sent"))
-                            or self._due_again(slot, started)):
-                        slot["poll_sent"], slot["poll_sent_at"] = change, started
-                        self._pending[key] = change
-                        self._wake.set()
+                    if change is None:
+                        pass
+                    elif scheduling(change) != scheduling(slot.get("poll_sent")):
+                        self._hand_over(slot, key, change, started, changed=True)
+                    elif self._due_again(slot, started):
+                        self._hand_over(slot, key, change, started, changed=False)
                     await trio.sleep_until(started + settings.poll_interval_s)
             finally:
                 await link.aclose()
@@ -154,6 +156,14 @@ class EnginePoller:
         slot["result"] = slot["poll_wrote"] = (time.monotonic(), new)
         return new, path
 
+    def _hand_over(self, slot: dict, key: WorkerKey, change: Change, now: float,
+                   changed: bool) -> None:
+        """To the publisher: a change, or an unchanged state re-sent (``changed`` False)."""
+        slot["poll_sent"], slot["poll_sent_at"] = change, now
+        self._pending[key] = change
+        self._pending_change = self._pending_change or changed
+        self._wake.set()
+
     def _due_again(self, slot: dict, now: float) -> bool:
         """An unchanged state is sent again once the queen's copy is ``resend_after_s`` old
         (over the channel only), so its ``sampled_at`` says the figures are fresh."""
@@ -167,14 +177,19 @@ class EnginePoller:
         return problem
 
     async def _publisher(self) -> None:
-        """Publish what is pending at once, then at most once per round."""
+        """Publish what is pending at once; after a change, wait a round before the next. A
+        publication of re-sent states alone starts no wait: a change right after it is not
+        held back by it (so at most two publications in a round, one of them confirmations)."""
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             pending, self._pending = self._pending, {}
+            changed, self._pending_change = self._pending_change, False
             if pending:
                 self.publish(pending)
                 self.publications += 1
+            if not changed:
+                continue
             settings = self.settings
             await trio.sleep(settings.poll_interval_s if self.on_channel()
                              else max(settings.poll_interval_s, settings.post_min_interval_s))
