@@ -310,41 +310,36 @@ def test_an_unchanged_state_is_sent_again_over_the_channel_only():
 
 
 async def test_over_the_channel_a_change_and_a_confirmation_reach_the_queen(tmp_path):
-    """Heartbeats every 30 s: the queen hears the change, and a fresher ``sampled_at`` for an
-    unchanged engine, only through the poll's pushes over the channel."""
-    from .hivekit import start_hive
-    from .queenkit import start_queen
+    """The real daemons, heartbeats every 30 s: the queen hears the change, and a fresher
+    ``sampled_at`` for an unchanged engine, only through the poll's pushes over the channel
+    (rbee-hive's service tells the poll when its channel is open)."""
+    from .test_end_to_end import hive, queen
 
     with metrics_servers(VLLM) as [server]:
         server.track_load()
-        config = hive_config(
-            "engine-poll-channel", heartbeat={"interval_s": SLOW, "transport": "channel"},
-            collect={"interval_s": SLOW, "engine": {"poll_interval_s": 0.02,
-                                                    "resend_after_s": 0.2}},
-            workers=[{"group": "llm", "instance": "a", "metrics_url": server.url,
-                      "argv": [fake_engine(tmp_path), "--enable-server-load-tracking"]}])
-        async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=5) as client:
-            queen = await start_queen(nursery)
-            agent, sender = await start_hive(nursery, config, queen.urls[0])
-            agent.loops.engine_poll.on_channel = lambda: sender.on_channel
+        with queen(tmp_path) as q, hive(
+                tmp_path, "poll-channel", q.url,
+                [{"group": "llm", "instance": "a", "metrics_url": server.url,
+                  "argv": [fake_engine(tmp_path), "--enable-server-load-tracking"]}],
+                heartbeat={"interval_s": SLOW, "transport": "channel"},
+                collect={"interval_s": SLOW, "engine": {"poll_interval_s": 0.02,
+                                                        "resend_after_s": 0.2}}):
+            async with httpx.AsyncClient(timeout=5) as client:
+                async def engine_at_queen() -> dict | None:
+                    workers = (await client.get(f"{q.url}/v1/workers")).json()
+                    return workers[0]["worker"].get("engine") if workers else None
 
-            async def engine_at_queen() -> dict | None:
-                workers = (await client.get(f"{queen.urls[0]}/v1/workers")).json()
-                return workers[0]["worker"].get("engine") if workers else None
-
-            with trio.fail_after(10):
-                while (await engine_at_queen()) is None:
-                    await trio.sleep(0.02)
-            assert sender.on_channel
-            first = (await engine_at_queen())["sampled_at"]
-            with trio.fail_after(5):  # nothing changed: confirmed after resend_after_s
-                while (await engine_at_queen())["sampled_at"] == first:
-                    await trio.sleep(0.02)
-            server.serve_text(bump(VLLM, "vllm:num_requests_waiting", 4))
-            with trio.fail_after(5):
-                while (await engine_at_queen())["requests_waiting"] != 11:
-                    await trio.sleep(0.02)
-            nursery.cancel_scope.cancel()
+                with trio.fail_after(15):
+                    while (await engine_at_queen()) is None:
+                        await trio.sleep(0.02)
+                first = (await engine_at_queen())["sampled_at"]
+                with trio.fail_after(5):  # nothing changed: confirmed after resend_after_s
+                    while (await engine_at_queen())["sampled_at"] == first:
+                        await trio.sleep(0.02)
+                server.serve_text(bump(VLLM, "vllm:num_requests_waiting", 4))
+                with trio.fail_after(5):
+                    while (await engine_at_queen())["requests_waiting"] != 11:
+                        await trio.sleep(0.02)
 
 
 def test_a_figure_past_the_contracts_bound_is_refused_not_sent():
