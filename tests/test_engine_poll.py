@@ -247,6 +247,30 @@ async def test_an_engine_without_the_load_endpoint_is_polled_on_its_metrics(tmp_
     assert server.paths.count("/v1/loads?include=core") == 1
 
 
+async def test_another_engine_on_the_port_gets_its_own_fast_path(tmp_path):
+    with metrics_servers(VLLM) as [server]:
+        server.track_load()
+        agent = HiveAgent(hive_config(
+            "engine-poll-swap", heartbeat={"interval_s": SLOW},
+            collect={"interval_s": 0.3, "engine": {"poll_interval_s": 0.02}},
+            workers=[{"group": "llm", "instance": "a", "metrics_url": server.url,
+                      "argv": [fake_engine(tmp_path), "--enable-server-load-tracking"]}]))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await until(agent, lambda r: r["a"].engine is not None)
+            server.serve_text(fixture("sglang-0.4.prom"))  # /load now says 0: not sglang's
+            await until(agent, lambda r: r["a"].engine is not None
+                        and r["a"].engine.engine == "sglang")
+            polls = len(server.paths)
+            with trio.fail_after(5):
+                while server.paths[polls:].count("/metrics") < 10:
+                    await trio.sleep(0.02)  # the scheduling families, polled
+            engine = agent.latest.workers[0].engine
+            nursery.cancel_scope.cancel()
+    assert (engine.requests_running, engine.requests_waiting) == (162, 2826)
+    assert "/v1/loads?include=core" in server.paths  # tried, 404, then /metrics
+
+
 # -- the publisher's schedule, under MockClock -----------------------------------------------
 
 @pytest.fixture

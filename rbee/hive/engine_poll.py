@@ -103,7 +103,8 @@ class EnginePoller:
         settings = self.settings
         slot = view.state(ENGINE_SLOT)
         metrics_path = urlsplit(metrics_url).path or "/metrics"
-        path = fast_path(slot["engine"], metrics_path, view.argv)
+        engine = slot["engine"]
+        path = fast_path(engine, metrics_path, view.argv)
         cache: dict = {}
         try:
             link = EngineLink(metrics_url, settings.timeout_s, settings.max_bytes)
@@ -115,6 +116,9 @@ class EnginePoller:
             try:
                 while True:
                     started = trio.current_time()
+                    if slot.get("engine", engine) != engine:  # another engine on the port
+                        engine, cache = slot["engine"], {}
+                        path = fast_path(engine, metrics_path, view.argv)
                     change, path = await self._poll_once(link, path, slot, cache,
                                                          metrics_path)
                     if change is None:
