@@ -6,7 +6,7 @@ group, ``rbee.collectors``, that third-party collector plugins use.
 """
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 extensions = cythonize(
     [Extension("rbee._cstat", ["ext/_cstat.pyx"], extra_compile_args=["-O2"])],
@@ -18,9 +18,9 @@ setup(
     version="0.1.0",
     description="Telemetry pipeline for GPU inference fleets: hive agents, a queen, a live stream.",
     python_requires=">=3.11",
-    packages=["rbee", "rbee.contract", "rbee.http", "rbee.hive", "rbee.hive.cgroups",
-              "rbee.plugin", "rbee.queen", "rbee.queen.redis", "rbee.top",
-              "rbee.collectors", "rbee.collectors.gpu", "rbee.collectors.engine", "rbee.demo"],
+    # every package under rbee/ and collectors/ (a new subpackage ships without a line here)
+    packages=[*find_packages(include=["rbee", "rbee.*"]),
+              "rbee.collectors", *(f"rbee.collectors.{name}" for name in find_packages("collectors"))],
     package_dir={"rbee.collectors": "collectors"},
     package_data={"rbee": ["py.typed"], "rbee.demo": ["*.yaml"],
                   "rbee.queen": ["static/*.html", "static/*.js", "static/*.css", "static/*.svg",

@@ -127,3 +127,11 @@ def test_no_isinstance_on_a_cgroup_backend():
                 if names & backends:
                     found.append(f"{name}:{node.lineno}")
     assert found == []
+
+
+def test_every_source_folder_is_a_package_the_wheel_ships():
+    """setup.py ships what ``find_packages`` finds: a folder of modules without ``__init__.py``
+    would be left out of the wheel (and so of every host Ansible installs)."""
+    folders = {path.parent for top in ("rbee", "collectors") for path in (ROOT / top).rglob("*.py")}
+    assert [str(folder.relative_to(ROOT)) for folder in sorted(folders)
+            if not (folder / "__init__.py").exists()] == []

@@ -51,7 +51,10 @@ BURNER_LIMIT_PCT = 20.0
 CRASH_LINE = "fatal: no model at /models/missing"
 WORKERS = [
     {"group": "llm", "instance": "llama", "cpu_limit": "50%", "memory_limit": "256M",
-     "argv": [PYTHON, "-m", "rbee.demo.worker", "--model", "llama-3-8b", "--metrics-port", "{port}"],
+     # -u: not `python -m rbee.demo.worker`, which test_cli.py counts as `rbee up`'s leftovers
+     # (this test runs beside the suite, in the slow lane)
+     "argv": [PYTHON, "-u", "-m", "rbee.demo.worker", "--model", "llama-3-8b", "--metrics-port",
+              "{port}"],
      "metrics_url": "http://127.0.0.1:{port}/metrics"},
     {"group": "cpu", "instance": "burner", "cpu_limit": f"{BURNER_LIMIT_PCT:g}%",
      "argv": [PYTHON, "-c", "while True: pass"]},
