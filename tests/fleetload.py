@@ -297,7 +297,7 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
 
 
 async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
-              window_s: float) -> None:
+              window_s: float, prefix: str = "fleet-hive") -> None:
     rng = random.Random(24)
     deltas = channel_deltas() if channel else []
     meter = Meter()
@@ -307,7 +307,7 @@ async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
             target = int(line)
             raise_descriptor_limit(target + 256)
             while started < target:
-                hive_id = f"fleet-hive-{started:05d}"
+                hive_id = f"{prefix}-{started:05d}"
                 if channel:
                     snapshot = FrameMaker().frame(eight_gpu_hive(hive_id, started), True)
                     talk: Post | Channel = Channel(port, masked(snapshot), deltas)
@@ -343,9 +343,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="each hive on its channel (WebSocket, msgpack deltas), not POST")
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--prefix", default="fleet-hive",
+                        help="hive ids: PREFIX-00000 and on (one per load process of one fleet)")
     args = parser.parse_args(argv)
     trio.run(lambda: run(args.port, compressed=not args.plain, channel=args.channel,
-                         warmup_s=args.warmup_s, window_s=args.window_s))
+                         warmup_s=args.warmup_s, window_s=args.window_s, prefix=args.prefix))
 
 
 if __name__ == "__main__":

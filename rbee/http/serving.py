@@ -18,6 +18,9 @@ from .rawpost import RawRoutes
 from .tls import check_server_files
 from .transport import ConnectionTable, fit_descriptors, serve_connections
 
+WS_MESSAGE_BODIES = 2
+"""The largest WebSocket message hypercorn buffers, in ``http.max_body_bytes``."""
+
 
 async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
                 shutdown_trigger: Callable[[], Awaitable[None]],
@@ -43,6 +46,10 @@ async def serve(app: Starlette, bind: str, port: int, settings: HttpSettings, *,
     # connections, whose clients send nothing).
     http.read_timeout = None
     http.h2_max_concurrent_streams = 16
+    # A WebSocket message (a hive's channel frame) is buffered whole before the app sees it:
+    # bounded by the body limit, with room for the channel to answer a frame somewhat over it
+    # with a clear 413; a bigger one closes the connection (1009) unread.
+    http.websocket_max_message_size = WS_MESSAGE_BODIES * settings.max_body_bytes
     if settings.tls_cert_file is not None:
         check_server_files(settings)
         http.certfile, http.keyfile = settings.tls_cert_file, settings.tls_key_file

@@ -99,7 +99,8 @@ class HiveLink:
                     f"invalid snapshot: hive {heartbeat.hive.id!r} on the channel of hive "
                     f"{self.hive_id!r} (a channel carries one hive) - at `$.heartbeat.hive.id`"))
         try:
-            await self.ingest.accept(heartbeat, size, self.acting_as)
+            await self.ingest.accept(heartbeat, size, self.acting_as,
+                                     frame if type(frame) is ChannelDelta else None)
         except ApiError as exc:
             retry_after = (exc.headers or {}).get("Retry-After")
             return ChannelError(seq=frame.seq, status=exc.status_code, message=exc.message,

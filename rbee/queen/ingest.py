@@ -11,10 +11,10 @@ import math
 
 from .._errors import AdmissionError, StoreError
 from ..config import QueenConfig
-from ..contract import HiveHeartbeat, OperationalStatus
+from ..contract import ChannelDelta, HiveHeartbeat, OperationalStatus
 from ..http.auth import ANY_HIVE
 from ..http.errors import ApiError
-from .store import FleetStore
+from .store import BaseMissing, FleetStore
 
 
 async def stored(write):
@@ -33,9 +33,11 @@ class Ingest:
     def __init__(self, config: QueenConfig, store: FleetStore) -> None:
         self.config, self.store = config, store
 
-    async def accept(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None) -> str:
+    async def accept(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None,
+                     delta: ChannelDelta | None = None) -> str:
         """Store ``heartbeat`` (``size``: its encoded bytes) sent by ``acting_as`` (a hive id, or
-        ``ANY_HIVE`` for the shared token); returns what the queen answers."""
+        ``ANY_HIVE`` for the shared token); returns what the queen answers. ``delta``: the
+        channel's frame that ``heartbeat`` was made from (a shared store sends only it on)."""
         config, store = self.config, self.store
         if acting_as is not ANY_HIVE and heartbeat.hive.id != acting_as:
             raise ApiError(403, f"the credential of hive {acting_as!r} cannot post as hive "
@@ -49,7 +51,9 @@ class Ingest:
             await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
             return f"hive {heartbeat.hive.id!r} stopped: removed"
         try:
-            await stored(store.ingest(heartbeat, size))
+            await stored(store.ingest(heartbeat, size, delta))
+        except BaseMissing as exc:
+            raise ApiError(409, str(exc)) from exc
         except AdmissionError as exc:
             if exc.retry_after_s is None:
                 raise ApiError(503, str(exc)) from exc

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 import trio
 
+from .._errors import RbeeError
 from ..contract import (
+    ChannelDelta,
     HiveHeartbeat,
     HiveRemovedEvent,
     HiveStaleEvent,
@@ -51,6 +53,11 @@ class StoreHealth(msgspec.Struct, kw_only=True, frozen=True):
     """With a shared store: whether this queen holds the sweeper's lease (None: always)."""
 
 
+class BaseMissing(RbeeError):
+    """A channel's delta the store cannot take: it holds no record of the hive the delta applies
+    to (a shared store's hive removed, or the store restarted empty). The hive sends a snapshot."""
+
+
 class FleetStore(Replay, Protocol):
     """What the queen's API and its stream need of a store (and, as a ``Replay``, what a
     resuming stream client needs)."""
@@ -62,9 +69,12 @@ class FleetStore(Replay, Protocol):
         """The store's background work (sweeps, the summary, following the stream), until
         cancelled; ``started`` once the registry holds the fleet."""
 
-    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
+    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
+                     delta: ChannelDelta | None = None) -> None:
         """Store one heartbeat and announce it; raises StoreError when it cannot be stored.
-        ``size``: the bytes of its JSON, when the caller has them."""
+        ``size``: the bytes of its JSON, when the caller has them. ``delta``: what a hive's
+        channel sent, ``heartbeat`` being what it made of the hive's last one (a shared store
+        passes the delta on to the other queens; raises BaseMissing when it cannot)."""
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         """Remove a hive and announce it; None for a hive the store does not know."""
@@ -141,8 +151,9 @@ class MemoryStore:
         async for _ in every(self.config.stream.queen_interval_s):
             self.publish(self.registry.summary())
 
-    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
-        self.registry.update_hive(heartbeat)
+    async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
+                     delta: ChannelDelta | None = None) -> None:
+        self.registry.update_hive(heartbeat)  # the whole heartbeat: no other queen needs a delta
         self.publish(telemetry_event(heartbeat, self.config.registry), size)
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:

@@ -1,8 +1,11 @@
 """Several queens, one fleet: the registry and the stream in Redis (or Valkey, which speaks its
 protocol), shared by every queen that names the same ``registry.store.url`` and ``key_prefix``.
 
-Writes: a heartbeat received by any queen is one Lua script (``lua.HEARTBEAT``): the hive's
-record replaced whole, its time of receipt on Redis's clock, and a Redis Stream entry, together.
+Writes: the heartbeats a queen takes go to Redis in batches, one Lua script call each
+(``writes``, ``lua.HEARTBEATS``): per heartbeat its time of receipt on Redis's clock and a Redis
+Stream entry, together; a whole heartbeat (a POST, a channel's snapshot) also replaces the hive's
+record, while a channel's delta goes on the stream as the delta, naming the entry it follows, and
+every queen's mirror applies it to its own copy of the hive.
 Reads: each queen keeps a mirror of the fleet (its ``HiveRegistry``), loaded from Redis at start
 and then following the stream, so scheduling queries, ``/metrics``, ``/v1/history`` and the
 dashboard cover the whole fleet from any queen and cost Redis nothing. A queen applies its own
@@ -25,6 +28,7 @@ The client is valkey-glide (its async client runs on trio through anyio; a Rust 
 I/O). Two connections per queen: one for blocking ``XREAD``, one for everything else.
 
 By job: ``keys`` (the keys by name, entry ids), ``lua`` (the scripts), ``connection`` (clients,
-calls, the store's problems, Redis's clock), ``mirror`` (load and follow the stream), ``sweeper``
-(lease, sweeps, summary), ``store`` (the ``FleetStore`` they make together).
+calls, the store's problems, Redis's clock), ``writes`` (batched heartbeat writes), ``mirror``
+(load and follow the stream, apply deltas), ``sweeper`` (lease, sweeps, summary), ``store`` (the
+``FleetStore`` they make together).
 """

@@ -12,7 +12,7 @@ class RedisKeys(NamedTuple):
     (``rbee/queen/redis/lua.py``), so a script gets them all, as ``list(keys)``."""
 
     hives: str
-    """A hash of each hive's last heartbeat (JSON)."""
+    """A hash of each hive's last whole heartbeat (msgpack; JSON from older queens)."""
     seen: str
     """A sorted set of each hive's last heartbeat time (ms, Redis's clock)."""
     stale: str
@@ -23,6 +23,12 @@ class RedisKeys(NamedTuple):
     """The lease of the queen that sweeps."""
     first: str
     """A sorted set of the time each hive was first seen (ms)."""
+    last: str
+    """A hash of the id of each hive's newest heartbeat entry (whole or delta): the base the
+    next delta entry names, so a mirror tells whether it holds what a delta applies to."""
+    whole: str
+    """A hash of the id of the entry each hive's record in ``hives`` comes from (its last whole
+    heartbeat: a POST, or a channel's snapshot)."""
 
     @classmethod
     def under(cls, prefix: str) -> RedisKeys:
