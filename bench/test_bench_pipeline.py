@@ -5,14 +5,19 @@ The payload is measured on a real hive's heartbeat (100 workers in real cgroups,
 for a GPU hive, on a heartbeat with every GPU field filled; each as JSON and as sent (gzip, the
 default). Spawn latency runs from just before the hive's ``POST /v1/workers`` to the moment the
 stream client's socket delivers the first event naming the new worker; it includes the fork, the
-cgroup set-up and the first collection.
+cgroup set-up and the first collection. With ``RBEE_BENCH_BEFORE=/path/to/a/checkout`` (as in
+bench/test_bench_queen.py) the spawn latency is measured through that checkout's queen and hive
+too, in the same run.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -60,14 +65,35 @@ def test_heartbeat_payload_size(benchmark):
     assert gzip.decompress(compressed) == gpu_body
 
 
-@pytest.fixture
-def pipeline(tmp_path):
+BEFORE = os.environ.get("RBEE_BENCH_BEFORE")
+SIDES = ["after", "before"] if BEFORE else ["after"]
+
+
+def daemon(name: str, side: str, config: Path, text: str, **kwargs) -> Daemon:
+    """``rbee-queen`` or ``rbee-hive`` from this tree, or (``before``) from RBEE_BENCH_BEFORE's
+    (where ``rbee/collectors`` must lead to its ``collectors/``: ``ln -s ../collectors``)."""
+    if side == "after":
+        return Daemon(f"rbee-{name}", config, text, **kwargs)
+    config.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(BEFORE), "PYTHONDONTWRITEBYTECODE": "1"}
+    # this tree is neither the working directory (-P) nor, through this venv's editable install,
+    # where rbee's packages are found
+    argv = [sys.executable, "-P", "-c", "import sys; sys.meta_path[:] = [finder for finder in "
+            "sys.meta_path if 'editable' not in repr(finder)]; "
+            f"from rbee.{name}.main import main; sys.exit(main())",
+            "--config", str(config), "--log-level", "INFO"]
+    return Daemon.from_argv(argv, config.with_suffix(".stderr"), env=env, **kwargs)
+
+
+@pytest.fixture(params=SIDES)
+def pipeline(tmp_path, request):
+    side = request.param
     hive_yaml = {"id": "bench-hive", "port": 0, "stop_workers_on_exit": True,
                  "cgroup": {"root": "rbee-bench-spawn"}, "collect": {"gpu": "none"}}
-    with Daemon("rbee-queen", tmp_path / "queen.yaml", "port: 0\n") as queen, \
-            Daemon("rbee-hive", tmp_path / "hive.yaml", yaml.safe_dump(
+    with daemon("queen", side, tmp_path / "queen.yaml", "port: 0\n") as queen, \
+            daemon("hive", side, tmp_path / "hive.yaml", yaml.safe_dump(
                 {**hive_yaml, "queen_url": queen.url}), cgroup_root="rbee-bench-spawn") as hive:
-        yield queen.url, hive.url
+        yield queen.url, hive.url, side
 
 
 SPAWNS = 30
@@ -105,13 +131,15 @@ async def spawn_latencies(queen_url: str, hive_url: str) -> list[float]:
 def test_spawn_to_sse_latency(benchmark, pipeline):
     samples: list[float] = []
 
+    queen_url, hive_url, side = pipeline
+
     def one_round() -> None:
-        samples.extend(trio.run(spawn_latencies, *pipeline))
+        samples.extend(trio.run(spawn_latencies, queen_url, hive_url))
 
     benchmark.pedantic(one_round, rounds=2, iterations=1)
     samples.sort()
     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e3
-    FIGURES["spawn -> SSE client (real processes)"] = (
+    FIGURES[f"spawn -> SSE client (real processes, {side})"] = (
         f"p50 {statistics.median(samples) * 1e3:.1f} ms, p99 {p99:.1f} ms, "
         f"max {samples[-1] * 1e3:.1f} ms ({len(samples)} spawns)")
     assert len(samples) == 2 * SPAWNS

@@ -19,7 +19,7 @@ from .addresses import check_bind, parse_redis_url
 from .configfile import load_config, parse_config  # noqa: F401 (their home for callers)
 from .contract import MAX_WORKERS, EndpointUrl, Identifier
 from .limits import parse_limits
-from .settings import PickSettings, Settings
+from .settings import EngineSettings, PickSettings, Settings
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -88,19 +88,6 @@ class CgroupSettings(Settings):
     io_counters: Literal["auto", "cgroup", "proc"] = "auto"
     """Where I/O bytes are counted: "auto" is io.stat on v2 and the main process's /proc/<pid>/io
     on v1, whose blkio counters stay at 0 on many current kernels; "cgroup" forces blkio."""
-
-
-class EngineSettings(Settings):
-    """The engine collector: each worker's own inference-engine metrics (Prometheus text)."""
-
-    timeout_s: Seconds = 0.5
-    """Deadline of one scrape (connect, send, read); a slower engine has no state that tick."""
-    max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 2**20
-    """Largest exposition read from one engine; a longer body is refused, not truncated."""
-    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64
-    """Scrapes in flight at once (and connections kept open) for the whole hive."""
-    ttft_window_s: Seconds = 60.0
-    """The window of the time-to-first-token percentiles (histogram bucket deltas)."""
 
 
 class CollectorSettings(Settings):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 import trio
@@ -25,17 +25,22 @@ async def follow_stream(queen_url: str, on_event: Callable[[StreamEvent], None],
                         on_down: Callable[[str], None] = lambda problem: None,
                         connect_timeout_s: float = 2.0, retry_s: float = 1.0,
                         verify: ssl.SSLContext | bool = True,
-                        headers: dict[str, str] | None = None) -> None:
+                        headers: dict[str, str] | None = None,
+                        hives: Sequence[str] = (), models: Sequence[str] = (),
+                        events: Sequence[str] = ()) -> None:
     """Call ``on_event`` with every stream event, forever; ``on_down`` with the reason whenever
     the connection is lost, before retrying every ``retry_s``. ``verify``: httpx's, for an
     ``https://`` queen (``rbee.tls.client_verify``); ``headers`` go with every request (the
-    queen's read token, ``rbee.auth.bearer``)."""
+    queen's read token, ``rbee.auth.bearer``). ``hives``, ``models``, ``events``: the stream's
+    filters (none given: everything but ``worker_update``)."""
+    params = {name: ",".join(values) for name, values in
+              (("hive", hives), ("model", models), ("events", events)) if values}
     timeout = httpx.Timeout(connect_timeout_s, read=None)
     async with httpx.AsyncClient(base_url=queen_url, timeout=timeout, verify=verify,
                                  headers=headers) as client:
         while True:
             try:
-                async with aconnect_sse(client, "GET", paths.STREAM) as source:
+                async with aconnect_sse(client, "GET", paths.STREAM, params=params) as source:
                     source.response.raise_for_status()
                     async for sse in source.aiter_sse():
                         if sse.event == STREAM_EVENT_NAME:

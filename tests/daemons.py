@@ -43,11 +43,11 @@ class Daemon:
                     config_path.with_suffix(".stderr"), env, cgroup_root)
 
     @classmethod
-    def from_argv(cls, argv: list[str], stderr_path: Path, *, cgroup_root: str | None = None
-                  ) -> Daemon:
+    def from_argv(cls, argv: list[str], stderr_path: Path, *, cgroup_root: str | None = None,
+                  env: dict[str, str] | None = None) -> Daemon:
         """Exactly the command line ``argv`` (say, a systemd unit's ExecStart)."""
         daemon = cls.__new__(cls)
-        daemon._start(argv, stderr_path, None, cgroup_root)
+        daemon._start(argv, stderr_path, env, cgroup_root)
         return daemon
 
     def _start(self, argv: list[str], stderr_path: Path, env: dict[str, str] | None,

@@ -1,10 +1,13 @@
 """Real HTTP servers on 127.0.0.1 (port 0) that serve engine metrics as the engines do: the
 fixture text of ``tests/engine_fixtures/`` (or whatever a test sets), a status, a delay. Each runs
-in its own thread (http.server) and is shut down and closed by the context manager."""
+in its own thread (http.server, HTTP/1.1 keep-alive as uvicorn and llama.cpp answer) and is shut
+down and closed by the context manager. ``track_load`` makes one answer vLLM's ``GET /load`` as a
+server started with ``--enable-server-load-tracking`` does, from the figures it serves."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import threading
 import time
@@ -63,6 +66,7 @@ class MetricsServer:
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
+        self.load_tracking = False
         self.others: dict[str, Answer] = {}
         """Answers for other paths (an engine's info endpoint); anything else is a 404."""
         self.requests = 0
@@ -70,11 +74,16 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+            wbufsize = 65536  # head and body in one write: no delayed-ACK stall on keep-alive
+
             def do_GET(self) -> None:
                 server.requests += 1
                 server.paths.append(self.path)
                 answer = server.answer if self.path == "/metrics" else server.others.get(
-                    self.path, Answer(b"not found", 404))
+                    self.path) or (server.load() if self.path == "/load" else None) or Answer(
+                    b"not found", 404)
                 time.sleep(answer.delay_s)
                 body = answer.body
                 compress = answer.gzip and "gzip" in self.headers.get("Accept-Encoding", "")
@@ -87,6 +96,9 @@ class MetricsServer:
                         self.send_header("Content-Encoding", "gzip")
                     if answer.declare_length:
                         self.send_header("Content-Length", str(len(body)))
+                    else:  # the body ends when the connection does
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
                     self.end_headers()
                     self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
@@ -105,6 +117,20 @@ class MetricsServer:
 
     def serve_text(self, text: str) -> None:
         self.answer = Answer(text.encode())
+
+    def track_load(self) -> None:
+        """Answer ``GET /load`` as vLLM does with ``--enable-server-load-tracking``: the requests
+        in flight, here running and waiting of the exposition it serves now."""
+        self.load_tracking = True
+
+    def load(self) -> Answer | None:
+        if not self.load_tracking:
+            return None
+        text = self.answer.body.decode()
+        in_flight = sum(float(m.group(2)) for m in re.finditer(
+            r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE))
+        return Answer(json.dumps({"server_load": round(in_flight)}).encode(),
+                      content_type="application/json")
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -78,9 +78,10 @@ class StreamReader:
 
 @asynccontextmanager
 async def open_stream(client: httpx.AsyncClient, queen: QueenServer | str,
-                      headers: dict[str, str] | None = None) -> AsyncIterator[StreamReader]:
+                      headers: dict[str, str] | None = None,
+                      params: dict[str, str] | None = None) -> AsyncIterator[StreamReader]:
     async with aconnect_sse(client, "GET", f"{url_of(queen)}{STREAM_PATH}",
-                            headers=dict(headers or {})) as source:
+                            headers=dict(headers or {}), params=params) as source:
         assert source.response.status_code == 200
         yield StreamReader(source)
 

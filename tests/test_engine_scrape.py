@@ -172,8 +172,9 @@ async def test_spawned_with_metrics_url_through_the_hive_api_to_the_queen(tmp_pa
                 "group": "llm", "instance": "v", "argv": sleeper(), "metrics_url": server.url})
             assert response.status_code == 201, response.text
             async with open_stream(client, q.url) as stream:
-                event = await stream.until(lambda e: any(
-                    w.engine is not None for w in getattr(e, "workers", [])), timeout=10)
+                event = await stream.until(lambda e: any(  # running: schedulable
+                    w.engine is not None and w.state == "running"
+                    for w in getattr(e, "workers", [])), timeout=10)
             (record,) = event.workers
             assert (record.engine.requests_running, record.engine.kv_cache_pct) == (12, 94.12)
             found = (await client.get(f"{q.url}/v1/workers",

@@ -45,6 +45,7 @@ CONTRACT = {
     "TAIL_LINE_CHARS", "TailLine", "Unhealthy", "UtcTimestamp", "VramFigures", "WholeMib",
     "WorkerExit", "WorkerGpuUse", "WorkerName", "WorkerPage", "WorkerState", "WorkerTelemetry",
     "cut", "decode_heartbeat", "decode_json", "decode_stream_event", "describe_health", "encode",
+    "DEFAULT_STREAM_EVENTS", "FleetSummary", "STREAM_EVENTS", "WorkerFields", "WorkerUpdateEvent",
     "gpu_health", "on_gpu", "paths", "reply_message", "utc_now", "worker_id",
 }
 

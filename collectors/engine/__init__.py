@@ -8,6 +8,12 @@ the hive's pooled HTTP client (at most ``collect.engine.max_concurrency`` at onc
 then all the bodies are parsed in one worker thread, off the event loop. The per-worker hook only
 reads what the last refresh stored, so a slow or dead engine never delays a tick.
 
+This is the full reading, at the heartbeat's rate; the scheduling figures (running, waiting, KV
+cache) are also polled every ``collect.engine.poll_interval_s`` by the hive's fast poll
+(``rbee.hive.engine_poll``, from ``loads``' cheap endpoints over ``link``'s kept-alive
+connections), which merges its readings into the state stored here. Every state carries
+``sampled_at``, the wall time of its reading.
+
 A worker whose endpoint is unreachable, answers non-200, sends garbage, too much, too slowly, or
 whose counters went backwards gets ``engine: null`` and one ``errors`` entry saying which; nothing
 else in its record changes. A result older than three intervals (the refresh itself stuck) is not
@@ -22,6 +28,7 @@ import time
 import httpx
 import trio
 
+from rbee.contract import utc_now
 from rbee.plugin import hookimpl
 
 from .engines import ENGINE_NAMES, EngineError, EngineTracker, parse_exposition
@@ -84,7 +91,7 @@ class EngineCollector:
     @hookimpl
     async def rbee_refresh_workers(self, workers, http) -> None:
         limiter = trio.CapacityLimiter(self.settings.max_concurrency)
-        fetched: list[tuple[object, bytes | Exception, float]] = []
+        fetched: list[tuple[object, bytes | Exception, float, object]] = []
 
         async def scrape(worker, url: str) -> None:
             async with limiter:
@@ -98,7 +105,7 @@ class EngineCollector:
                     body = EngineError(f"cannot read {url}: {type(exc).__name__}: {exc}")
                 except EngineError as exc:
                     body = exc
-                taken_at = time.monotonic()
+                taken_at, sampled_at = time.monotonic(), utc_now()
                 slot = worker.state(NAME)
                 engine = slot.get("engine")
                 if (engine is not None and slot.get("version") is None
@@ -107,7 +114,7 @@ class EngineCollector:
                     slot["version_asked_at"] = taken_at
                     slot["version"] = await fetch_version(http, url, engine,
                                                           self.settings.timeout_s)
-            fetched.append((worker, body, taken_at))
+            fetched.append((worker, body, taken_at, sampled_at))
 
         async with trio.open_nursery() as nursery:
             for worker in workers:
@@ -121,7 +128,7 @@ class EngineCollector:
 
     def _parse_all(self, fetched) -> None:
         """In a worker thread: each body into its worker's tracker, the outcome into its slot."""
-        for worker, body, taken_at in fetched:
+        for worker, body, taken_at, sampled_at in fetched:
             slot = worker.state(NAME)
             tracker = slot.get("tracker")
             if tracker is None:
@@ -139,6 +146,7 @@ class EngineCollector:
                     slot["engine"], slot["version"] = reading.engine, None
                     slot.pop("version_asked_at", None)
                 state.version = slot.get("version")
+                state.sampled_at = sampled_at
                 slot["result"] = (taken_at, state)
             except EngineError as exc:
                 slot["result"] = (taken_at, str(exc))

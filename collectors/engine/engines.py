@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee._errors import CollectorError
-from rbee.contract import EngineState
+from rbee.contract import MAX_FIGURE, EngineState
 
 
 class EngineError(CollectorError):
@@ -188,6 +188,43 @@ def parse_exposition(text: str, taken_at: float, cache: ParsedSeries | None = No
     """Read one engine's exposition. Raises EngineError naming what is missing or malformed.
     ``cache``: this worker's lines from its previous scrape (see module docstring)."""
     names = identify(text)
+    values, buckets = _read_values(names, text, cache)
+    kv = next((values[name] for name in names.kv_cache if name in values), None)
+    counters = {field: values[name] for field, name in (
+        ("prompt_tokens", names.prompt_tokens), ("generation_tokens", names.generation_tokens),
+        ("preemptions", names.preemptions)) if name is not None and name in values}
+    ttft = None
+    if buckets:
+        ttft = tuple(sorted(buckets.items()))
+        if not math.isinf(ttft[-1][0]) or math.isnan(ttft[0][0]):
+            raise EngineError(f"{names.ttft_buckets} has no +Inf bucket or a bad le label")
+    return EngineReading(engine=names.engine, taken_at=taken_at, running=round(values[names.running]),
+                         waiting=round(values[names.waiting]), kv_cache_fraction=kv,
+                         counters=counters, ttft_buckets=ttft)
+
+
+SCHEDULING = {names.engine: replace(names, prompt_tokens=None, generation_tokens=None,
+                                    preemptions=None, ttft_buckets=None) for names in ENGINES}
+"""Each engine's names of the scheduling figures alone, for the fast poll of ``/metrics``."""
+
+
+def parse_scheduling(text: str, engine: str, cache: ParsedSeries | None = None
+                     ) -> tuple[int, int, float | None]:
+    """Running, waiting and the KV cache's used fraction from ``engine``'s exposition, reading
+    only those families' lines (the fast poll of an engine with no load endpoint)."""
+    names = SCHEDULING[engine]
+    if names.marker not in text:
+        raise EngineError(f"no {engine} metrics in the exposition (looked for {names.marker}*)")
+    values, _ = _read_values(names, text, cache)
+    kv = next((values[name] for name in names.kv_cache if name in values), None)
+    return round(values[names.running]), round(values[names.waiting]), kv
+
+
+def _read_values(names: EngineNames, text: str, cache: ParsedSeries | None
+                 ) -> tuple[dict[str, float], dict[float, float]]:
+    """The wanted samples of ``text``: label sets summed (the KV cache: their maximum), the
+    TTFT buckets by bound. EngineError for a malformed line, a value that is not a finite
+    non-negative number, or a missing running or waiting figure."""
     kept = names.sample_lines(text)
     values: dict[str, float] = {}
     buckets: dict[float, float] = {}
@@ -203,24 +240,13 @@ def parse_exposition(text: str, taken_at: float, cache: ParsedSeries | None = No
     except ValueError as exc:
         raise EngineError(f"malformed {names.engine} metrics: {exc}") from exc
     for value in values.values():
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or not 0 <= value <= MAX_FIGURE:
             raise EngineError(f"{names.engine} metrics hold a value that is not a finite "
-                              f"non-negative number: {value!r}")
+                              f"non-negative number within the contract's bound: {value!r}")
     for required in (names.running, names.waiting):
         if required not in values:
             raise EngineError(f"{names.engine} metrics lack {required}")
-    kv = next((values[name] for name in names.kv_cache if name in values), None)
-    counters = {field: values[name] for field, name in (
-        ("prompt_tokens", names.prompt_tokens), ("generation_tokens", names.generation_tokens),
-        ("preemptions", names.preemptions)) if name is not None and name in values}
-    ttft = None
-    if buckets:
-        ttft = tuple(sorted(buckets.items()))
-        if not math.isinf(ttft[-1][0]) or math.isnan(ttft[0][0]):
-            raise EngineError(f"{names.ttft_buckets} has no +Inf bucket or a bad le label")
-    return EngineReading(engine=names.engine, taken_at=taken_at, running=round(values[names.running]),
-                         waiting=round(values[names.waiting]), kv_cache_fraction=kv,
-                         counters=counters, ttft_buckets=ttft)
+    return values, buckets
 
 
 def _quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:

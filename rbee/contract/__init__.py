@@ -61,7 +61,10 @@ from .codec import (
     reply_message,
 )
 from .events import (
+    DEFAULT_STREAM_EVENTS,
     STREAM_EVENT_NAME,
+    STREAM_EVENTS,
+    FleetSummary,
     HiveRemovedEvent,
     HiveStaleEvent,
     HiveState,
@@ -70,6 +73,8 @@ from .events import (
     QueenEvent,
     SnapshotEvent,
     StreamEvent,
+    WorkerFields,
+    WorkerUpdateEvent,
 )
 from .messages import (
     MAX_PLUGINS,
@@ -180,7 +185,12 @@ __all__ = [
     "QueenLink",
     "Reply",
     "SHORT_TEXT_CHARS",
+    "DEFAULT_STREAM_EVENTS",
+    "FleetSummary",
+    "STREAM_EVENTS",
     "STREAM_EVENT_NAME",
+    "WorkerFields",
+    "WorkerUpdateEvent",
     "SeriesData",
     "EndpointUrl",
     "ShortText",

@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import msgspec
 import trio
 
 from ..config import HiveConfig, WorkerSpec
-from ..contract import HealthStatus, HiveHeartbeat, OperationalStatus
+from ..contract import (
+    CollectorIssue,
+    EngineState,
+    HealthStatus,
+    HiveHeartbeat,
+    OperationalStatus,
+    utc_now,
+)
 from ..plugin.manager import build_plugin_manager
 from . import snapshot
 from .cgroups import select_backend
 from .collection import TelemetryCollector
 from .device_loops import DeviceLoops
+from .engine_poll import COLLECTOR as ENGINE_COLLECTOR
 from .launch import free_port
 from .processes import ProcessMonitor, Worker, WorkerEvent
 from .procfs import open_pidfd
@@ -51,7 +60,7 @@ class HiveAgent:
             build_plugin_manager(config.collect.disabled_plugins, extra_plugins),
             config.collect, on_gone=self._gone.append, plugin_config=config.plugins,
         )
-        self.loops = DeviceLoops(self.collector, config.collect)
+        self.loops = DeviceLoops(self.collector, config.collect, self.patch_engines)
         self.keeper = Keeper(self.monitor, config.log_dir, config.stop_grace_s, self._wake_now)
         self.status = OperationalStatus.STARTING
         self.port = config.port
@@ -59,6 +68,8 @@ class HiveAgent:
         self.generation = 0
         """Increases with every new ``latest``: a reader that remembers it misses nothing."""
         self._changed = trio.Event()
+        self._patched_since: dict[tuple[str, str], EngineState | str] | None = None
+        """Engine changes patched in while a collection runs (``_publish``), else None."""
         self._wake_event = trio.Event()
         self._collect_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
@@ -172,15 +183,34 @@ class HiveAgent:
 
     async def _publish(self) -> None:
         down_before = self.keeper.down_keys()  # before the tick's list: see Supervisor.records
+        self._patched_since = {}
         records = await trio.to_thread.run_sync(self.collector.collect_all,
                                                 limiter=self._collect_limiter)
         gone, self._gone[:] = list(self._gone), []
         for worker in gone:  # after the tick, before the snapshot: it lists them as down
             await trio.to_thread.run_sync(self.monitor.reap, worker)
-        self.latest = self._heartbeat(self.keeper.records(records, down_before))
+        latest = self._heartbeat(self.keeper.records(records, down_before))
+        patched, self._patched_since = self._patched_since, None
+        self._set_latest(_with_engines(latest, patched)[0] if patched else latest)
+
+    def _set_latest(self, latest: HiveHeartbeat) -> None:
+        self.latest = latest
         self.generation += 1
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+
+    def patch_engines(self, changes: Mapping[tuple[str, str], EngineState | str]) -> bool:
+        """Publish the latest snapshot with these workers' engine state replaced (a string: why
+        the engine cannot be read now), without a collection: the fast engine poll's changes
+        reach the sender within a poll round instead of the next tick. A collection running
+        meanwhile gets them too (its snapshot would otherwise carry what it read before). False
+        if none of them is in the snapshot (the worker went since)."""
+        if self._patched_since is not None:
+            self._patched_since.update(changes)
+        latest, hit = _with_engines(self.latest, changes)
+        if hit:
+            self._set_latest(latest)
+        return hit
 
     def _heartbeat(self, workers) -> HiveHeartbeat:
         return snapshot.heartbeat(self.config, self.port, self.status, self.health(),
@@ -203,3 +233,24 @@ class HiveAgent:
         self.monitor.backend.unclaim()
         self.collector.close()
         self.status = OperationalStatus.STOPPED
+
+
+def _with_engines(heartbeat: HiveHeartbeat, changes: Mapping[tuple[str, str], EngineState | str]
+                  ) -> tuple[HiveHeartbeat, bool]:
+    """``heartbeat`` with the engine of each worker in ``changes`` replaced, and whether any
+    was there. An unreadable engine (a string) is ``engine: null`` and one ``errors`` entry."""
+    workers, hit = [], False
+    for worker in heartbeat.workers:
+        change = changes.get((worker.group, worker.instance))
+        if change is None:
+            workers.append(worker)
+            continue
+        hit = True
+        errors = [e for e in worker.errors if e.collector != ENGINE_COLLECTOR]
+        if isinstance(change, str):
+            errors.append(CollectorIssue(collector=ENGINE_COLLECTOR, message=change))
+            change = None
+        workers.append(msgspec.structs.replace(worker, engine=change, errors=errors))
+    if not hit:
+        return heartbeat, False
+    return msgspec.structs.replace(heartbeat, workers=workers, timestamp=utc_now()), True

@@ -141,13 +141,19 @@ class Channel:
         self._snapshot_at = -math.inf
         self._waiting = trio.CancelScope()
         """The wait for the queen's next frame, until the oldest unanswered frame's deadline."""
+        self.open = False
+        """Upgraded and not ended: the hive's engine poll pushes changes at once while it is."""
 
     async def run(self, client: httpx.AsyncClient, queen_url: httpx.URL) -> Ended:
         ended: Ended | None = None
         try:
             async with aconnect_ws(channel_url(queen_url), client,
                                    keepalive_ping_interval_seconds=None) as websocket:
-                ended = await self._exchange(websocket)
+                self.open = True
+                try:
+                    ended = await self._exchange(websocket)
+                finally:
+                    self.open = False
         except* WebSocketUpgradeError as group:
             ended = _refusal(group.exceptions[0].response)
         except* httpx.TimeoutException as group:

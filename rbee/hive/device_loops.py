@@ -1,12 +1,13 @@
 """The hive's device and engine loops, each on its own cadence so none delays a collection tick:
-the GPU refresh (devices, health, process lists), the per-process GPU sample, and the plugins'
-async per-worker refresh (engine metrics). Blocking device work runs in a worker thread under
-``collect.refresh_timeout_s`` and is abandoned past it, so a hung driver delays nothing."""
+the GPU refresh (devices, health, process lists), the per-process GPU sample, the plugins'
+async per-worker refresh (engine metrics), and the fast engine poll (``engine_poll``). Blocking
+device work runs in a worker thread under ``collect.refresh_timeout_s`` and is abandoned past it,
+so a hung driver delays nothing."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import httpx
 import trio
@@ -14,15 +15,22 @@ import trio
 from ..config import CollectorSettings
 from ..contract import CollectorIssue
 from .collection import TelemetryCollector
+from .engine_poll import Change, EnginePoller, WorkerKey
 from .origins import OriginPools
 
 log = logging.getLogger(__name__)
 
 
 class DeviceLoops:
-    def __init__(self, collector: TelemetryCollector, settings: CollectorSettings) -> None:
+    def __init__(self, collector: TelemetryCollector, settings: CollectorSettings,
+                 publish: Callable[[Mapping[WorkerKey, Change]], object] | None = None) -> None:
         self.collector = collector
         self.settings = settings
+        self.engine_poll: EnginePoller | None = None
+        """The fast engine poll, publishing through ``publish``; none without it, or with the
+        engine collector disabled."""
+        if publish is not None and "engine" not in settings.disabled_plugins:
+            self.engine_poll = EnginePoller(collector.views, settings.engine, publish)
         self.refresh_issue: CollectorIssue | None = None
         self.sample_issue: CollectorIssue | None = None
         self._refresh_limiter = trio.CapacityLimiter(1)
@@ -36,6 +44,8 @@ class DeviceLoops:
         nursery.start_soon(self._refresh_loop)
         nursery.start_soon(self._sample_loop)
         nursery.start_soon(self._refresh_workers_loop)
+        if self.engine_poll is not None:
+            nursery.start_soon(self.engine_poll.run)
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -110,6 +110,11 @@ class HeartbeatSender:
         """The channel in use or last used (``transport`` channel or auto), for tests and logs."""
 
     @property
+    def on_channel(self) -> bool:
+        """Whether heartbeats go over an open channel now (not POST)."""
+        return self.channel is not None and self.channel.open
+
+    @property
     def queen_url(self) -> httpx.URL:
         """The queen heartbeats go to now."""
         return self.queen_urls[self._current]

@@ -31,6 +31,8 @@ class HiveService:
         self.sender = HeartbeatSender(config.heartbeat, config.queen_url, self.agent,
                                       token=self.token, ca_file=config.queen_ca_file,
                                       credential=None if secret is None else (config.id, secret))
+        if self.agent.loops.engine_poll is not None:  # changes at once over the channel
+            self.agent.loops.engine_poll.on_channel = lambda: self.sender.on_channel
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()

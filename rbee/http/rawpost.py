@@ -8,9 +8,7 @@ Transfer-Encoding or Expect, a Content-Encoding of gzip or none, a well-formed h
 body budget, and a caller the route's ``admit`` accepts. Anything else (another path or method, a
 refused caller, a body too big, a head h11 would refuse) hands the connection, with every byte
 read so far, to hypercorn and the Starlette app for good, and they answer as they always did:
-same statuses, same error bodies, same logs. A server may also have raw GETs
-(``app.state.raw_gets``, the queen's ``/v1/pick``): ``GET <path>[?query] HTTP/1.1`` with a Host
-and no body, the query handed to the route as it came. A refusal once the body is read (bad JSON or gzip,
+same statuses, same error bodies, same logs. A refusal once the body is read (bad JSON or gzip,
 another hive's id, admission, the store) answers through the app's ``Refusals``: the same JSON.
 
 The deadlines are the transport's (``rbee/http/transport.py``): the head within
@@ -21,11 +19,12 @@ at once when the server stops.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 from wsgiref.handlers import format_date_time
 
@@ -33,6 +32,7 @@ from ..config import HttpSettings
 from .app import Refusals, internal_error_body
 from .bodies import BodyBudget, gunzip_limited
 from .errors import ApiError
+from .rawstream import DirectWrite, RawStream, StreamConnection, StreamHead, opened, serve_stream
 
 log = logging.getLogger("rbee.http")
 
@@ -55,7 +55,7 @@ class RawHead:
                  query: str = "") -> None:
         self.method, self.path, self.headers, self.client = method, path, headers, client
         self.query = query
-        """A GET's query string, as sent (still percent-encoded)."""
+        """A raw GET's query string, as sent (still percent-encoded)."""
 
     @property
     def url(self) -> RawHead:
@@ -80,11 +80,14 @@ class RawConnection(Protocol):
         passed (``phase`` "headers" or "body": counted and logged; None: an idle keep-alive)
         or the server is stopping while it waited between requests."""
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes) -> bool:
+        """False once the peer is gone."""
 
     def busy(self) -> None: ...
 
     def idle(self) -> None: ...
+
+    def socket_fd(self) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -95,18 +98,24 @@ class RawRoutes:
     refusals: Refusals
     budget: BodyBudget
     settings: HttpSettings
-    gets: Mapping[bytes, RawPost] = field(default_factory=dict)
-    """GETs answered here: ``answer`` gets an empty body, the query in ``head.query``."""
+    streams: Mapping[bytes, RawStream] = dataclasses.field(default_factory=dict)
+    """GETs answered as event streams (``rbee/http/rawstream.py``)."""
+    gets: Mapping[bytes, RawPost] = dataclasses.field(default_factory=dict)
+    """GETs answered as one JSON (the queen's ``/v1/pick``): ``answer`` gets an empty body,
+    the query in ``head.query``."""
 
     @classmethod
     def of(cls, state: Any, settings: HttpSettings) -> RawRoutes | None:
         """The raw routes of an app built by ``json_app`` (None without any)."""
-        routes, gets = getattr(state, "raw_posts", None), getattr(state, "raw_gets", None)
-        if not routes and not gets:
+        routes = getattr(state, "raw_posts", None) or {}
+        streams = getattr(state, "raw_streams", None) or {}
+        gets = getattr(state, "raw_gets", None) or {}
+        if not routes and not streams and not gets:
             return None
-        return cls({path.encode(): route for path, route in (routes or {}).items()},
-                   state.refusals, state.body_budget, settings,
-                   {path.encode(): route for path, route in (gets or {}).items()})
+        return cls({path.encode(): route for path, route in routes.items()}, state.refusals,
+                   state.body_budget, settings,
+                   {path.encode(): stream for path, stream in streams.items()},
+                   {path.encode(): route for path, route in gets.items()})
 
 
 _date = (0, b"")
@@ -132,6 +141,38 @@ def response(status: int, body: bytes, headers: Mapping[str, str] | None, close:
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def _fields(lines: list[bytes]) -> dict[str, str] | None:
+    """A head's header fields, or None for one that is the app's to answer (or refuse)."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        field = _FIELD.fullmatch(line)
+        if field is None:
+            return None
+        name = field[1].lower().decode()
+        if name in headers:
+            return None  # repeated fields are the app's to combine (or refuse)
+        headers[name] = (field[2] or b"").decode("latin-1")
+    return headers
+
+
+def _stream(head: bytes, routes: RawRoutes, client: str, direct: DirectWrite | None
+            ) -> tuple[RawStream, AsyncIterator[bytes]] | None:
+    """The stream a ``GET`` opens when it is taken here, else None."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
+        return None
+    path, _, query = parts[1].partition(b"?")
+    route = routes.streams.get(path)
+    headers = _fields(lines[1:]) if route is not None else None
+    if (headers is None or "host" not in headers or "transfer-encoding" in headers
+            or headers.get("content-length", "0") != "0"):
+        return None
+    frames = opened(route, StreamHead(path.decode(), query.decode("latin-1"), headers, client,
+                                      direct))
+    return None if frames is None else (route, frames)
+
+
 def _parse(head: bytes, routes: RawRoutes, client: str
            ) -> tuple[RawPost, RawHead, int, bool, bool] | None:
     """The route, head, body length, gzip and close of a request taken here, else None."""
@@ -144,15 +185,9 @@ def _parse(head: bytes, routes: RawRoutes, client: str
     route = routes.gets.get(target) if get else routes.routes.get(parts[1])
     if route is None or not query.isascii():
         return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        field = _FIELD.fullmatch(line)
-        if field is None:
-            return None
-        name = field[1].lower().decode()
-        if name in headers:
-            return None  # repeated fields are the app's to combine (or refuse)
-        headers[name] = (field[2] or b"").decode("latin-1")
+    headers = _fields(lines[1:])
+    if headers is None:
+        return None
     length = headers.get("content-length", "0" if get else "")
     if get and length != "0":
         return None
@@ -169,7 +204,7 @@ def _parse(head: bytes, routes: RawRoutes, client: str
     return route, head, int(length), encoding == "gzip", close
 
 
-async def serve_raw(connection: RawConnection, routes: RawRoutes, client: str,
+async def serve_raw(connection: RawConnection | StreamConnection, routes: RawRoutes, client: str,
                     clock: Any) -> bytes | None:
     """Answer the connection's requests while they are raw routes'. Returns the bytes read of
     the first one that is not (its start: hypercorn's from there on), or None once the
@@ -190,6 +225,15 @@ async def serve_raw(connection: RawConnection, routes: RawRoutes, client: str,
             if not data:
                 return None if data is None or not buffer else buffer
             buffer += data
+        if (routes.streams and buffer.startswith(b"GET ")
+                and buffer[4:end].partition(b" ")[0].partition(b"?")[0] not in routes.gets):
+            fd = connection.socket_fd()
+            direct = None if fd is None else DirectWrite(fd)
+            stream = _stream(buffer[:end], routes, client, direct)
+            if stream is None:
+                return buffer
+            await serve_stream(connection, stream[1], stream[0].keepalive_s, direct)
+            return None
         parsed = _parse(buffer[:end], routes, client)
         if parsed is None:
             return buffer

@@ -24,6 +24,7 @@ h2c`` closes the connection, so HTTP/1.1's phase deadlines hold for every plain 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -195,14 +196,23 @@ class GuardedConnection(TCPServer):
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return b""
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> bool:
         try:
             await self.stream.send_all(data)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            return False
+        return True
 
     def busy(self) -> None:
         self.table.busy(self)
+
+    def socket_fd(self) -> int | None:
+        """The plain socket's descriptor for writes past trio (``rawstream.DirectWrite``): only
+        while it is non-blocking, as trio keeps its sockets, so such a write never waits."""
+        if not isinstance(self.stream, trio.SocketStream):
+            return None
+        fd = self.stream.socket.fileno()
+        return None if os.get_blocking(fd) else fd
 
     def idle(self) -> None:
         self.table.idle(self)

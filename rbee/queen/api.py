@@ -2,7 +2,9 @@
 
     POST   /v1/hive-heartbeat        a HiveHeartbeat; replies {"status": "ok", "message": ...}
     GET    /v1/heartbeats/stream     SSE, event ``heartbeat``, data: a StreamEvent, id: its place
-                                     in the stream (``Last-Event-ID`` resumes after it)
+                                     in the stream (``Last-Event-ID`` resumes after it);
+                                     ?hive=, ?model=, ?events= choose what a client hears
+                                     (rbee/queen/streamfilter.py)
     GET    /health                   503 with status ``degraded`` while the store is unreachable
     GET    /v1/hives                 every hive (HiveState), stale ones flagged; paged like
                                      /v1/workers (?limit=, registry.hives_limit; ?after=<hive id>)
@@ -36,7 +38,7 @@ errors answer by type (``STATUSES``); query parameters are decoded into structs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import anyio
@@ -58,6 +60,7 @@ from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
 from ..http.bodies import read_body
 from ..http.errors import ApiError
 from ..http.rawpost import RawHead
+from ..http.rawstream import StreamHead
 from .channel import OpenChannels, channel_route
 from .dashboard import dashboard_routes
 from .fleet import Fleet
@@ -68,6 +71,7 @@ from .pick import pick_handler
 from .queries import HistoryQuery, HivesQuery, WorkersQuery, decode_query, whole
 from .registry import HiveRegistry
 from .scheduling import WorkerQuery
+from .streamfilter import parse_stream_filter
 
 NEXT_AFTER_HEADER = "X-Next-After"
 
@@ -214,17 +218,28 @@ class StreamHandlers:
     def __init__(self, config: QueenConfig, fleet: Fleet, gate: Gate) -> None:
         self.config, self.fleet, self.gate = config, fleet, gate
 
-    async def stream(self, request: Request) -> Response:
+    @property
+    def keepalive_s(self) -> float:
+        return self.config.stream.keepalive_s
+
+    def open(self, request: Request | StreamHead) -> AsyncIterator[bytes]:
+        """A client's stream, after the checks every stream request gets (``ApiError``)."""
         self.gate.stream_reader(request)
+        stream_filter = parse_stream_filter(request.query_params)
         broadcaster = self.fleet.broadcaster
         if broadcaster.closed:
             raise ApiError(503, "the queen is shutting down")
         if broadcaster.full:
             raise ApiError(503, f"too many stream clients (stream.max_clients: "
                                 f"{broadcaster.max_clients})")
+        return self.fleet.stream(request.headers.get("last-event-id"), stream_filter,
+                                 getattr(request, "direct", None))
+
+    async def stream(self, request: Request) -> Response:
+        """The stream through Starlette (HTTP/2, or a request the connection left to the app:
+        ``rbee/http/rawstream.py`` serves the rest)."""
         return EventStreamResponse(
-            self.fleet.stream(request.headers.get("last-event-id")),
-            ping=self.config.stream.keepalive_s,
+            self.open(request), ping=self.config.stream.keepalive_s,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def health(self, request: Request) -> Response:
@@ -347,5 +362,6 @@ def build_app(queen: QueenParts) -> Starlette:
         *dashboard_routes(),
     ], config.http, STATUSES)
     app.state.raw_posts[paths.HEARTBEAT] = writes  # served by the connections themselves
+    app.state.raw_streams = {paths.STREAM: live}
     app.state.raw_gets[paths.PICK] = picks
     return app

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import QueenConfig
-from .broadcast import Broadcaster
+from .broadcast import Broadcaster, Direct
 from .registry import HiveRegistry
 from .store import FleetStore, MemoryStore
+from .streamfilter import PLAIN, StreamFilter
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +26,10 @@ class Fleet:
     broadcaster: Broadcaster
     store: FleetStore
 
-    def stream(self, last_event_id: str | None = None) -> AsyncIterator[bytes]:
+    def stream(self, last_event_id: str | None = None, stream_filter: StreamFilter = PLAIN,
+               direct: Direct | None = None) -> AsyncIterator[bytes]:
         """One SSE client's stream (``Broadcaster.stream`` with this fleet's store as replay)."""
-        return self.broadcaster.stream(self.store, last_event_id)
+        return self.broadcaster.stream(self.store, last_event_id, stream_filter, direct)
 
 
 def open_fleet(config: QueenConfig, clock: Callable[[], float] = time.monotonic) -> Fleet:

@@ -59,6 +59,7 @@ from .scheduling import (
     parse_worker_id,
 )
 from .silence import StallRule, judge
+from .summary import fleet_summary
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +299,15 @@ class HiveRegistry:
                       if not w.hive_stale]
             hives_online = sorted(h for h, e in self._hives.items() if not e.stale)
             hives_available = sum(1 for e in self._hives.values() if e.schedulable)
+            totals = fleet_summary(online, sum(len(e.workers) for e in self._hives.values()),
+                                   [g for e in self._hives.values() if not e.stale
+                                    for g in e.capabilities])
         return QueenEvent(
             workers_online=len(online),
             workers_available=sum(1 for w in online if w.idle),
             hives_online=len(hives_online), hives_available=hives_available,
-            worker_ids=[w.id for w in online], hive_ids=hives_online, timestamp=utc_now())
+            worker_ids=[w.id for w in online], hive_ids=hives_online, timestamp=utc_now(),
+            summary=totals)
 
     # -- scheduling queries ----------------------------------------------------------------
 
