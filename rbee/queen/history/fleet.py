@@ -39,8 +39,11 @@ from .reading import Selector, answer
 _LAYOUT = (attrgetter("groups"), attrgetter("instances"), attrgetter("uuids"),
            attrgetter("indices"))
 """What a hive's rows were laid out for, in the order ``figures.labels`` reads it."""
-HIVES_PER_CHUNK = 500
-"""Hives gathered between two checkpoints of the recording task (about 10 ms of work)."""
+HIVES_PER_CHUNK = 100
+"""Hives gathered between two checkpoints of the recording task (about 2 ms of work), so heartbeats
+are answered between the parts."""
+
+
 class FleetHistory:
     """The built-in history of every worker's and GPU's figures (see ``docs/history.md``)."""
 
