@@ -325,5 +325,9 @@ async def test_redis_store_keeps_the_registry_rules(nursery, client, redis_serve
         with trio.fail_after(10):  # the sweeper judges e1..e3 silent past remove_after_s: held
             while "3 of 3 established hives are silent at once" not in caplog.text:
                 await trio.sleep(0.05)
+    # that verdict and the last removal may come from one sweep: b's mirror read it (b's stream
+    # delivered the removals), a's reads the stream every FOLLOW_BATCH_S and may not have yet
+    upto = entry_key(b.fleet.store.mirror.position)
+    await wait_for(lambda: _async(entry_key(a.fleet.store.mirror.position) >= upto))
     assert a.registry.hive_ids() == b.registry.hive_ids() == ["e1", "e2", "e3"]
     assert all(h.stale for h in b.registry.hives())
