@@ -109,6 +109,8 @@ class PickIndex:
         self._expiry: deque[tuple[float, ModelTable, int, int]] = deque()
         """Picks in flight by when they expire (one TTL for all, so in pick order)."""
         self._sequence = itertools.count(1)
+        self._due: dict[str, HiveView | None] = {}
+        """Hives changed since the last pick, with their newest state (``hive_changed``)."""
         self._vram_due: dict[str, HiveView] = {}
         """Hives whose rows have no free-VRAM figure yet: computed by the first pick that asks
         (``min_free_vram_mb``), so heartbeats do not pay for a filter routers rarely use."""
@@ -117,10 +119,16 @@ class PickIndex:
     # -- following the registry ---------------------------------------------------------
 
     def hive_changed(self, hive_id: str, entry: HiveView | None) -> None:
-        """A hive's new state (``None``: removed): its pickable workers' rows are written (a
-        worker that changed model moves table), its leavers' slots freed. On the ingest path:
-        no allocation per worker beyond its row."""
+        """A hive's new state (``None``: removed), noted only: the heartbeat that brings it pays
+        a dict write, and the next pick (or ``in_flight``) places the hives changed since, each
+        once however often it reported in between."""
         with self._lock:
+            self._due[hive_id] = entry
+
+    def _apply_due(self) -> None:
+        """Each changed hive's pickable workers' rows written (a worker that changed model
+        moves table), its leavers' slots freed, in the order the hives first changed."""
+        for hive_id, entry in self._due.items():
             before = self._placed.pop(hive_id, {})
             placed: Placed = {}
             self._vram_due.pop(hive_id, None)
@@ -131,6 +139,7 @@ class PickIndex:
             if entry is not None and placed:
                 self._placed[hive_id] = placed
                 self._vram_due[hive_id] = entry
+        self._due.clear()
 
     def _place(self, hive_id: str, entry: HiveView, before: Placed, placed: Placed) -> None:
         weights, devices = self.settings.weights, entry.capabilities
@@ -200,6 +209,7 @@ class PickIndex:
             raise ValueError("a pick needs a model")
         settings = self.settings
         with self._lock:
+            self._apply_due()
             now = self.wall()
             self._expire(now)
             if query.min_free_vram_mb is not None and self._vram_due:
@@ -261,6 +271,7 @@ class PickIndex:
         """Picks in flight per worker id (``hive/group/instance``) of a model: for tests and
         diagnostics."""
         with self._lock:
+            self._apply_due()
             self._expire(self.wall())
             table = self._tables.get(model)
             if table is None:
