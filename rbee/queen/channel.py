@@ -16,6 +16,7 @@ and leaves the connection's state as it was.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -223,27 +224,31 @@ async def _serve(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics
     hive that sends faster than the queen takes is held back by TCP, never queued here. A channel
     with no frame for ``idle_s`` (``http.keep_alive_timeout_s``; a hive sends one every interval)
     is closed: its hive vanished without a word (power, network), and would hold it forever."""
-    while True:
-        data: bytes | str | None = None
-        with trio.move_on_after(idle_s) as waiting:
+    with trio.CancelScope() as idle:  # one scope for the wait of every frame, not one each
+        while True:
+            idle.deadline = trio.current_time() + idle_s
             data = await websocket.receive()
-        if waiting.cancelled_caught:
-            await websocket.close(1000, f"no frame for http.keep_alive_timeout_s ({idle_s:g}s)")
-            return
-        if data is None:
-            return
-        started = time.perf_counter()
-        if type(data) is str:
-            answer: QueenFrame = ChannelError(status=400, message=(
-                "a text frame: the channel takes binary frames of msgpack "
-                "(rbee/contract/channel.py)"))
-        else:
-            answer = await link.take(data)
-        if type(answer) is ChannelAck:
-            metrics.received.inc()
-            metrics.ingest.observe(time.perf_counter() - started)
-        else:
-            metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
-            log.warning("hive channel %s: %s", link.hive_id or "(no hive yet)",
-                        answer.reason if type(answer) is ChannelResync else answer.message)
-        await websocket.send_bytes(encode_frame(answer))
+            if data is None:
+                return
+            idle.deadline = math.inf  # the answer is not bounded by the hive's silence
+            await _answer(websocket, link, metrics, data)
+    await websocket.close(1000, f"no frame for http.keep_alive_timeout_s ({idle_s:g}s)")
+
+
+async def _answer(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
+                  data: bytes | str) -> None:
+    started = time.perf_counter()
+    if type(data) is str:
+        answer: QueenFrame = ChannelError(status=400, message=(
+            "a text frame: the channel takes binary frames of msgpack "
+            "(rbee/contract/channel.py)"))
+    else:
+        answer = await link.take(data)
+    if type(answer) is ChannelAck:
+        metrics.received.inc()
+        metrics.ingest.observe(time.perf_counter() - started)
+    else:
+        metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
+        log.warning("hive channel %s: %s", link.hive_id or "(no hive yet)",
+                    answer.reason if type(answer) is ChannelResync else answer.message)
+    await websocket.send_bytes(encode_frame(answer))
