@@ -318,3 +318,23 @@ async def test_permessage_deflate_offered_is_not_negotiated(nursery):
     assert status == 101 and "sec-websocket-extensions" not in headers and "date" not in headers
     assert await ws.talk(ChannelSnapshot(seq=0, heartbeat=heartbeat("hive-a"))) == ChannelAck(0)
     ws.sock.close()
+
+
+@pytest.mark.parametrize(("what", "head", "status"), [
+    ("version 8", b"sec-websocket-version: 8\r\nsec-websocket-key: %s\r\n", 400),
+    ("a key of 4 bytes", b"sec-websocket-version: 13\r\nsec-websocket-key: AAAAAA==\r\n", 101),
+])
+async def test_an_upgrade_the_connection_does_not_take_is_the_apps(nursery, what, head, status):
+    """Handed to hypercorn with every byte read: it answers as it always did (its 400 for a
+    version it does not speak; its 101, dated, for a key it does not check)."""
+    queen = await start_queen(nursery)
+    port = int(queen.urls[0].rsplit(":", 1)[1])
+    with trio.socket.socket() as sock:
+        await sock.connect(("127.0.0.1", port))
+        ws = Ws(sock)
+        key = base64.b64encode(os.urandom(16))
+        await ws.send(b"GET %s HTTP/1.1\r\nhost: queen\r\nupgrade: websocket\r\n"
+                      b"connection: Upgrade\r\n%s\r\n" % (paths.CHANNEL.encode(),
+                                                          head.replace(b"%s", key)))
+        got, headers, _ = await ws.head()
+    assert got == status and "date" in headers, (what, got, headers)
