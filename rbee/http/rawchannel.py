@@ -29,7 +29,6 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import numpy as np
 import trio
 
 from ..config import HttpSettings
@@ -106,6 +105,8 @@ def unmask(data: bytes, start: int, size: int, mask: bytes) -> bytes:
     if size < 64:  # numpy's call overhead is more than the XOR itself
         key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
         return (int.from_bytes(data[start:start + size], "little") ^ key).to_bytes(size, "little")
+    import numpy as np  # here: a hive (this module serves its API too) never loads numpy
+
     keys = np.frombuffer(mask * (size // 4 + 1), np.uint8, size)
     return (np.frombuffer(data, np.uint8, size, start) ^ keys).tobytes()
 
