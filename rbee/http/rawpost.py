@@ -11,6 +11,11 @@ read so far, to hypercorn and the Starlette app for good, and they answer as the
 same statuses, same error bodies, same logs. A refusal once the body is read (bad JSON or gzip,
 another hive's id, admission, the store) answers through the app's ``Refusals``: the same JSON.
 
+The same connection also answers the raw GETs (``raw_gets``: one JSON), event streams
+(``raw_streams``, ``rbee/http/rawstream.py``) and WebSocket upgrades (``raw_sockets``, the hive
+channel, ``rbee/http/rawchannel.py``) under the same rule: taken here only when whole, else the
+app's.
+
 The deadlines are the transport's (``rbee/http/transport.py``): the head within
 ``http.header_timeout_s`` of its first byte, the body within ``http.body_timeout_s`` of the head,
 and ``http.keep_alive_timeout_s`` between requests; a connection waiting between requests closes
