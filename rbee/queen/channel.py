@@ -11,6 +11,10 @@ is the server's), and refused with the status a POST would get (401, as JSON) be
 Every frame is answered with one frame (``rbee/contract/channel.py``); a frame that cannot be
 taken (garbage, the wrong type, too big, a delta without its base) is answered with what is wrong
 and leaves the connection's state as it was.
+
+The WebSocket is the connection's own (``rbee/http/rawchannel.py``: no wsproto, ASGI message or
+Starlette ``WebSocket`` per frame) for every upgrade it can take; the rest reach the app's route
+(hypercorn's WebSocket). Both run one session (``ChannelService``, ``_serve``).
 """
 
 from __future__ import annotations
