@@ -295,10 +295,10 @@ async def test_a_text_message_that_is_not_utf8_closes_with_1007(nursery):
 
 @pytest.mark.parametrize("path", PATHS)
 async def test_an_idle_channel_is_closed(nursery, path):
-    queen = await start_queen(nursery, http={"keep_alive_timeout_s": 0.3})
+    queen = await start_queen(nursery, http={"keep_alive_timeout_s": 1.0})
     ws = await opened(queen, path)
     assert await ws.talk(ChannelSnapshot(seq=0, heartbeat=heartbeat("hive-a"))) == ChannelAck(0)
-    assert await ws.closed() == (1000, "no frame for http.keep_alive_timeout_s (0.3s)")
+    assert await ws.closed() == (1000, "no frame for http.keep_alive_timeout_s (1s)")
     ws.sock.close()
 
 
