@@ -266,7 +266,7 @@ async def test_a_frame_over_the_limit(nursery, path):
     ("a continuation out of place", client_frame(CONTINUATION, b"\x90")),
     ("a long ping", client_frame(PING, b"x" * 126)),
     ("an unknown opcode", client_frame(0x3, b"\x90")),
-])
+], ids=lambda value: value if isinstance(value, str) else "")
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_broken_frame_ends_the_channel(nursery, what, frame, path):
     """Closed with 1002 naming the problem on the connection's own path; hypercorn (wsproto)
