@@ -384,19 +384,31 @@ class StreamSettings(Settings):
     1,000 heartbeats of ``max_body_bytes`` each would otherwise pin gigabytes."""
 
 
-class HistorySettings(Settings):
-    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty."""
+HistoryWorkerMetric = Literal["cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct",
+                              "vram_mb", "engine_running", "engine_waiting", "kv_cache_pct"]
+HistoryGpuMetric = Literal["util_pct", "mem_util_pct", "vram_used_mb", "temperature_c", "power_w"]
 
-    fine_step_s: Seconds = 1.0
-    """Step of the fine tier."""
-    fine_retention_s: Seconds = 900.0
-    """How far back the fine tier reaches (15 minutes)."""
-    coarse_step_s: Seconds = 10.0
+
+class HistorySettings(Settings):
+    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty. The
+    defaults hold a fleet of 10,000 eight-GPU hives in ``max_bytes`` (docs/history.md)."""
+
+    fine_step_s: Seconds = 5.0
+    """Step of the fine tier: each series keeps its latest figure once per step."""
+    fine_retention_s: Seconds = 300.0
+    """How far back the fine tier reaches (5 minutes)."""
+    coarse_step_s: Seconds = 300.0
     """Step of the coarse tier (averages of the fine one)."""
     coarse_retention_s: Seconds = 21600.0
     """How far back the coarse tier reaches (6 hours)."""
-    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 256 * 2**20
-    """Memory for history: 6.1 KB a series at the default tiers; past it, none new (docs/history.md)."""
+    worker_metrics: list[HistoryWorkerMetric] = msgspec.field(default_factory=lambda: [
+        "cpu_pct", "rss_mb", "gpu_util_pct", "vram_mb", "engine_waiting", "kv_cache_pct"])
+    """A worker's figures kept (those the dashboard, rbee top and rbee workers read)."""
+    gpu_metrics: list[HistoryGpuMetric] = msgspec.field(default_factory=list)
+    """A GPU's figures kept (none by default: no built-in view reads them)."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 128 * 2**20
+    """Memory for history: 267 bytes a series at the default tiers; past it, none new
+    (docs/history.md)."""
     max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
     """A query naming more series (held, known or not) is refused (400) naming this key."""
 
@@ -405,6 +417,10 @@ class HistorySettings(Settings):
         if n < 1 or abs(n - round(n)) > 1e-6 or self.coarse_retention_s < self.fine_retention_s:
             raise ValueError("the coarse tier must be at least as long as the fine one, its step a "
                              "whole multiple of the fine one")
+        for key in ("worker_metrics", "gpu_metrics"):
+            names = getattr(self, key)
+            if len(set(names)) != len(names):
+                raise ValueError(f"history.{key} names a metric twice: {names}")
 
 
 class QueenConfig(Settings):

@@ -9,13 +9,12 @@ import httpx
 import msgspec
 import trio
 
-from rbee.config import HistorySettings
 from rbee.queen.history import FleetHistory, Selector
 from rbee.queen.history.fleet import HIVES_PER_CHUNK
 
 from .builders import gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of
-from .test_history import T0, record_of
+from .test_history import T0, record_of, wide
 
 
 def _values(history: FleetHistory, metric: str, since: float, now: float, **labels) -> dict:
@@ -24,7 +23,7 @@ def _values(history: FleetHistory, metric: str, since: float, now: float, **labe
 
 
 def test_plugin_figures_are_series_of_their_own_in_float32():
-    history = FleetHistory()
+    history = FleetHistory(wide())
     for second in range(3):
         figures = {"ctxsw.procs": 100_000.0 + second, "ctxsw.rate": -2.5}  # past float16's range
         if second == 1:
@@ -41,7 +40,7 @@ def test_plugin_figures_are_series_of_their_own_in_float32():
 
 
 def test_rows_follow_workers_and_gpus_as_they_come_and_go():
-    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    history = FleetHistory(wide(fine_retention_s=60, coarse_retention_s=600))
     a, b = worker("a", cpu_pct=1.0), worker("b", cpu_pct=2.0)
     gpus = [gpu(0, total_gib=80, used_gib=1, util_pct=10.0)]
     history.record([record_of("h", [a, b], gpus)], T0)
@@ -57,7 +56,7 @@ def test_rows_follow_workers_and_gpus_as_they_come_and_go():
 def test_an_unchanged_record_is_not_gathered_again():
     """The registry's record of a hive that sent nothing since the last step is the same list:
     no figure is read again, the step repeats its current values."""
-    history = FleetHistory()
+    history = FleetHistory(wide())
     record = record_of("h", [worker("w", cpu_pct=5.0)])
     history.record([record], T0)
     record.workers[0].cpu_pct = 99.0  # never done to a stored struct: shows it is not re-read
@@ -66,7 +65,7 @@ def test_an_unchanged_record_is_not_gathered_again():
 
 
 def test_coarse_points_are_nan_aware_means_of_the_fine_ones_even_across_a_stall():
-    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    history = FleetHistory(wide(fine_retention_s=60, coarse_retention_s=600))
     for second in [*range(0, 5), *range(7, 10), 35]:  # 3, 4 stale; 5, 6 and 10..34 skipped
         stale = second in (3, 4)
         history.record([record_of("h", [worker("w", cpu_pct=float(second))], stale=stale)],
@@ -79,11 +78,13 @@ def test_coarse_points_are_nan_aware_means_of_the_fine_ones_even_across_a_stall(
 
 
 def test_recording_yields_between_chunks_of_hives():
-    history = FleetHistory()
+    history = FleetHistory(wide())
     fleet = [record_of(f"h{i:05d}", [worker("w")]) for i in range(2 * HIVES_PER_CHUNK + 1)]
-    parts = sum(1 for _ in history.recording(fleet, T0))
+    history.take_fleet(fleet)
+    parts = sum(1 for _ in history.recording(T0))
     assert parts == 3
-    assert sum(1 for _ in history.recording(fleet, T0 + 1)) == 0  # nothing new: no gathering
+    history.take_fleet(fleet)
+    assert sum(1 for _ in history.recording(T0 + 1)) == 0  # nothing new: no gathering
     assert len(_values(history, "cpu_pct", 2, T0 + 1.5, group="llm")) == len(fleet)
 
 
@@ -112,9 +113,9 @@ async def test_the_budget_and_what_it_refused_are_on_metrics(nursery):
     counted on ``/metrics``, and queries answer the first as usual."""
     queen = await start_queen(nursery, history={"fine_step_s": 0.2, "max_bytes": 2**20,
                                                 "fine_retention_s": 60, "coarse_retention_s": 60})
-    row_bytes = queen.history.values.row_bytes
-    queen.history.budget.max_bytes = 9 * row_bytes  # one worker's nine (the config's least is
-    # 1 MiB, thousands of series: the budget is narrowed here, the config path is tested above)
+    row_bytes, per = queen.history.values.row_bytes, len(queen.history.worker_metrics)
+    queen.history.budget.max_bytes = per * row_bytes  # one worker's series (the config's least
+    # is 1 MiB, thousands of series: the budget is narrowed here, the config path is tested above)
     beat = heartbeat("a", [worker("first"), worker("second")])
     async with httpx.AsyncClient(base_url=url_of(queen), timeout=5) as client:
         await post_heartbeat(client, queen, beat)
@@ -123,16 +124,16 @@ async def test_the_budget_and_what_it_refused_are_on_metrics(nursery):
                 await trio.sleep(0.05)
         text = (await client.get("/metrics")).text
         answer = (await client.get("/v1/history", params={"metric": "cpu_pct"})).json()
-    assert "rbee_queen_history_refused_series_total 9.0" in text
-    assert f"rbee_queen_history_bytes {9 * row_bytes}.0" in text
-    assert "rbee_queen_history_series 9.0" in text
+    assert per == 6 and f"rbee_queen_history_refused_series_total {per}.0" in text
+    assert f"rbee_queen_history_bytes {per * row_bytes}.0" in text
+    assert f"rbee_queen_history_series {per}.0" in text
     assert [s["instance"] for s in answer["series"]] == ["first"]
 
 
 def test_a_hive_gone_from_the_registry_is_a_gap_while_refused_hives_still_report():
     """Hives refused whole by the budget are not gathered, but they are still told apart from
     the live ones: a recorded hive that leaves the registry is a gap from that step on."""
-    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
+    settings = wide(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
     history = FleetHistory(settings)
     fits = 2**20 // history.values.row_bytes // 9
     big = record_of("big", [worker(f"w{i:04d}") for i in range(fits - 1)])
@@ -146,7 +147,7 @@ def test_a_hive_gone_from_the_registry_is_a_gap_while_refused_hives_still_report
 
 
 def test_a_hive_refused_whole_is_kept_while_it_reports_and_tried_again_once_rows_are_freed():
-    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
+    settings = wide(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600)
     history = FleetHistory(settings)
     fits = 2**20 // history.values.row_bytes // 9
     big = record_of("big", [worker(f"w{i:04d}") for i in range(fits)])
