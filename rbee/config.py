@@ -384,9 +384,10 @@ class StreamSettings(Settings):
     1,000 heartbeats of ``max_body_bytes`` each would otherwise pin gigabytes."""
 
 
-HistoryWorkerMetric = Literal["cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct",
-                              "vram_mb", "engine_running", "engine_waiting", "kv_cache_pct"]
-HistoryGpuMetric = Literal["util_pct", "mem_util_pct", "vram_used_mb", "temperature_c", "power_w"]
+HISTORY_WORKER_METRICS = ("cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "vram_mb",
+                          "engine_running", "engine_waiting", "kv_cache_pct")
+"""A worker's figures history can keep, in the order of its rows."""
+HISTORY_GPU_METRICS = ("util_pct", "mem_util_pct", "vram_used_mb", "temperature_c", "power_w")
 
 
 class HistorySettings(Settings):
@@ -401,10 +402,10 @@ class HistorySettings(Settings):
     """Step of the coarse tier (averages of the fine one)."""
     coarse_retention_s: Seconds = 21600.0
     """How far back the coarse tier reaches (6 hours)."""
-    worker_metrics: list[HistoryWorkerMetric] = msgspec.field(default_factory=lambda: [
+    worker_metrics: list[str] = msgspec.field(default_factory=lambda: [
         "cpu_pct", "rss_mb", "gpu_util_pct", "vram_mb", "engine_waiting", "kv_cache_pct"])
     """A worker's figures kept (those the dashboard, rbee top and rbee workers read)."""
-    gpu_metrics: list[HistoryGpuMetric] = msgspec.field(default_factory=list)
+    gpu_metrics: list[str] = msgspec.field(default_factory=list)
     """A GPU's figures kept (none by default: no built-in view reads them)."""
     max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 128 * 2**20
     """Memory for history: 267 bytes a series at the default tiers; past it, none new
@@ -417,10 +418,13 @@ class HistorySettings(Settings):
         if n < 1 or abs(n - round(n)) > 1e-6 or self.coarse_retention_s < self.fine_retention_s:
             raise ValueError("the coarse tier must be at least as long as the fine one, its step a "
                              "whole multiple of the fine one")
-        for key in ("worker_metrics", "gpu_metrics"):
+        for key, known in (("worker_metrics", HISTORY_WORKER_METRICS),
+                           ("gpu_metrics", HISTORY_GPU_METRICS)):
             names = getattr(self, key)
-            if len(set(names)) != len(names):
-                raise ValueError(f"history.{key} names a metric twice: {names}")
+            unknown = [name for name in names if name not in known]
+            if unknown or len(set(names)) != len(names):
+                raise ValueError(f"history.{key}: {', '.join(unknown) or 'a metric named twice'}"
+                                 f" in {names}; known: {', '.join(known)}")
 
 
 class QueenConfig(Settings):

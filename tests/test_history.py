@@ -245,6 +245,11 @@ def test_old_max_series_key_is_refused_naming_max_bytes():
         parse_config({"history": {"max_series": 1000}}, QueenConfig, "queen.yaml")
     with pytest.raises(ConfigError, match="its step a whole multiple of the fine one"):
         parse_config({"history": {"fine_step_s": 3, "coarse_step_s": 10}}, QueenConfig, "q.yaml")
+    with pytest.raises(ConfigError, match=r"history.worker_metrics: cpu in \['cpu'\]; known: "
+                                          r"cpu_pct, rss_mb, io_r_mb_s"):
+        parse_config({"history": {"worker_metrics": ["cpu"]}}, QueenConfig, "q.yaml")
+    with pytest.raises(ConfigError, match="history.gpu_metrics: a metric named twice"):
+        parse_config({"history": {"gpu_metrics": ["power_w", "power_w"]}}, QueenConfig, "q.yaml")
 
 
 def test_history_memory_per_series():
@@ -289,6 +294,7 @@ async def test_history_over_http(queen):
 @pytest.mark.parametrize(("params", "message"), [
     ({"metric": "cpu_pct,bogus"}, "unknown metric(s): bogus; known: cpu_pct,"),
     ({"metric": ""}, "unknown metric(s): (none)"),
+    ({"metric": "temperature_c"}, "unknown metric(s): temperature_c"),  # not kept by default
     ({"since": "yesterday"}, "query parameter 'since' must be a number, not 'yesterday'"),
     ({"since": "-5"}, "query parameter 'since' must be >= 0, not '-5'"),
     ({"step": "nan"}, "query parameter 'step' must be >= 0, not 'nan'"),

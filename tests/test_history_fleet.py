@@ -9,8 +9,11 @@ import httpx
 import msgspec
 import trio
 
+from rbee.contract import HiveRecord
 from rbee.queen.history import FleetHistory, Selector
 from rbee.queen.history.fleet import HIVES_PER_CHUNK
+from rbee.queen.registry import HiveRegistry
+from tests.fleetload import eight_gpu_hive
 
 from .builders import gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of
@@ -86,6 +89,68 @@ def test_recording_yields_between_chunks_of_hives():
     history.take_fleet(fleet)
     assert sum(1 for _ in history.recording(T0 + 1)) == 0  # nothing new: no gathering
     assert len(_values(history, "cpu_pct", 2, T0 + 1.5, group="llm")) == len(fleet)
+
+
+def _run(history: FleetHistory, now: float) -> None:
+    for _ in history.recording(now):
+        pass
+
+
+def test_the_registry_notes_each_change_and_a_step_records_what_was_noted():
+    """The queen's path: the history observes a real registry (a heartbeat is one dict write),
+    a step records the hives noted since the last one; a hive that sent nothing since keeps its
+    last figures, a stale or removed one is a gap from its verdict on."""
+    registry, history = HiveRegistry(), FleetHistory(wide())
+    registry.observe(history.hive_changed)
+    registry.update_hive(heartbeat("a", [worker("w", cpu_pct=10.0)]))
+    registry.update_hive(heartbeat("b", [worker("w", cpu_pct=20.0)]))
+    _run(history, T0)
+    registry.update_hive(heartbeat("a", [worker("w", cpu_pct=30.0)]))  # only a reported
+    assert set(history._pending) == {"a"}
+    _run(history, T0 + 1)
+    registry.mark_stale("b")
+    _run(history, T0 + 2)
+    registry.remove_hive("a")
+    registry.update_hive(heartbeat("b", [worker("w", cpu_pct=40.0)]))  # b is back
+    _run(history, T0 + 3)
+    assert _values(history, "cpu_pct", 4, T0 + 3.5) == {
+        ("a", "w"): [10.0, 30.0, 30.0, None], ("b", "w"): [20.0, 20.0, None, 40.0]}
+    assert not history._pending
+
+
+def test_a_new_hive_is_recorded_within_the_fine_step_the_others_at_the_next():
+    """With a 5 s fine step, a hive seen for the first time shows in the current step's point
+    at the next tick (a query right after it arrived answers it); hives already recorded wait
+    for the next step, whatever they sent meanwhile."""
+    history = FleetHistory(wide(fine_step_s=5.0, coarse_step_s=300.0))
+    history.record([record_of("a", [worker("w", cpu_pct=1.0)])], T0)
+    history.take_fleet([record_of("a", [worker("w", cpu_pct=2.0)]),
+                        record_of("b", [worker("w", cpu_pct=3.0)])])
+    _run(history, T0 + 1)
+    assert _values(history, "cpu_pct", 5, T0 + 1.5) == {("a", "w"): [1.0], ("b", "w"): [3.0]}
+    _run(history, T0 + 5)
+    assert _values(history, "cpu_pct", 10, T0 + 5.5) == {("a", "w"): [1.0, 2.0],
+                                                         ("b", "w"): [3.0, 3.0]}
+
+
+def test_the_defaults_hold_ten_thousand_eight_gpu_hives_with_the_series_views_read():
+    """The default history keeps the six worker figures the dashboard, rbee top and rbee
+    workers read, at 5 s for 5 minutes and 5 minutes for 6 hours (267 bytes a series): 10,000
+    eight-GPU hives fit in ``max_bytes``. Figures not kept are not answered."""
+    history = FleetHistory()
+    assert history.worker_metrics == ("cpu_pct", "rss_mb", "gpu_util_pct", "vram_mb",
+                                      "engine_waiting", "kv_cache_pct")
+    assert history.gpu_metrics == () and history.values.row_bytes == 2 * (60 + 72) + 2 + 1
+    beat = eight_gpu_hive("h", 0)
+    history.record([HiveRecord(info=beat.hive, workers=beat.workers, gpus=beat.capabilities)], T0)
+    assert len(history) == 8 * 6 and history.budget.used == 48 * 267
+    assert 10_000 * history.budget.used <= history.settings.max_bytes
+    assert "temperature_c" not in history.metrics() and "cpu_pct" in history.metrics()
+    answer = history.query(Selector(hive="h"), 300, 5, T0 + 1)
+    assert {s.metric for s in answer.series} == set(history.worker_metrics)
+    assert len(answer.series) == 48 and answer.timestamps[-1] == T0
+    waiting = [s.values[-1] for s in answer.series if s.metric == "engine_waiting"]
+    assert waiting == [float(w.engine.requests_waiting) for w in beat.workers]
 
 
 async def test_plugin_figures_over_http(nursery):

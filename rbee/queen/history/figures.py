@@ -20,13 +20,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ...config import HistorySettings
+from ...config import HISTORY_GPU_METRICS, HISTORY_WORKER_METRICS, HistorySettings
 from ...contract import GpuDevice, WorkerTelemetry
 
-WORKER_METRICS = ("cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "vram_mb",
-                  "engine_running", "engine_waiting", "kv_cache_pct")
+WORKER_METRICS = HISTORY_WORKER_METRICS
 """A worker's series; ``vram_mb`` only for a worker on a GPU, the last three from its engine."""
-GPU_METRICS = ("util_pct", "mem_util_pct", "vram_used_mb", "temperature_c", "power_w")
+GPU_METRICS = HISTORY_GPU_METRICS
 SCALES = {name: 1.0 for name in (*WORKER_METRICS, *GPU_METRICS)} | {
     "rss_mb": 1 / 1024, "vram_mb": 1 / 1024, "vram_used_mb": 1 / 1024}
 """Applied before storing (MiB kept in GiB); plugin figures are kept as they come."""
