@@ -25,6 +25,11 @@ def _values(history: FleetHistory, metric: str, since: float, now: float, **labe
     return {(s.hive, s.instance or s.gpu): s.values for s in answer.series}
 
 
+def _run(history: FleetHistory, now: float) -> None:
+    for _ in history.recording(now):
+        pass
+
+
 def test_plugin_figures_are_series_of_their_own_in_float32():
     history = FleetHistory(wide())
     for second in range(3):
@@ -56,14 +61,16 @@ def test_rows_follow_workers_and_gpus_as_they_come_and_go():
     assert len(history) == 2 * 9 + 5  # the same rows again, none taken twice
 
 
-def test_an_unchanged_record_is_not_gathered_again():
-    """The registry's record of a hive that sent nothing since the last step is the same list:
-    no figure is read again, the step repeats its current values."""
-    history = FleetHistory(wide())
-    record = record_of("h", [worker("w", cpu_pct=5.0)])
-    history.record([record], T0)
-    record.workers[0].cpu_pct = 99.0  # never done to a stored struct: shows it is not re-read
-    history.record([record], T0 + 1)
+def test_a_hive_not_noted_since_the_last_step_is_not_read_again():
+    """A hive the registry did not change since the last step costs the step nothing: no
+    figure is read, the step repeats its current values."""
+    registry, history = HiveRegistry(), FleetHistory(wide())
+    registry.observe(history.hive_changed)
+    beat = heartbeat("h", [worker("w", cpu_pct=5.0)])
+    registry.update_hive(beat)
+    _run(history, T0)
+    beat.workers[0].cpu_pct = 99.0  # never done to a stored struct: shows it is not re-read
+    assert sum(1 for _ in history.recording(T0 + 1)) == 0  # no part: nothing gathered
     assert _values(history, "cpu_pct", 2, T0 + 1.5) == {("h", "w"): [5.0, 5.0]}
 
 
@@ -86,14 +93,8 @@ def test_recording_yields_between_chunks_of_hives():
     history.take_fleet(fleet)
     parts = sum(1 for _ in history.recording(T0))
     assert parts == 3
-    history.take_fleet(fleet)
-    assert sum(1 for _ in history.recording(T0 + 1)) == 0  # nothing new: no gathering
+    assert sum(1 for _ in history.recording(T0 + 1)) == 0  # nothing noted: no gathering
     assert len(_values(history, "cpu_pct", 2, T0 + 1.5, group="llm")) == len(fleet)
-
-
-def _run(history: FleetHistory, now: float) -> None:
-    for _ in history.recording(now):
-        pass
 
 
 def test_the_registry_notes_each_change_and_a_step_records_what_was_noted():

@@ -162,8 +162,9 @@ class FleetHistory:
             yield
 
     def _changed(self, pending: dict[str, Noted], now: float) -> list[Changed]:
-        """The hives of ``pending`` with a heartbeat not gathered yet; stale and vanished ones
-        are silenced."""
+        """The hives of ``pending`` to gather (all but those refused whole by the budget); stale
+        and vanished ones are silenced. Nothing of a heartbeat is kept once gathered: a
+        reference would keep the hive's previous structs alive beside the registry's."""
         changed = []
         hives = self.hives
         with self._lock:
@@ -180,16 +181,13 @@ class FleetHistory:
                 if rows.refused_at >= 0:  # some of its series did not fit
                     if rows.refused_at != self._released:
                         rows.keys = rows.gpu_labels = ()  # rows were freed since: lay it out
-                        rows.workers = None  # and gather it again
                     elif rows.refused_whole:
                         continue  # nothing of it fits, and nothing was freed since
-                if rows.workers is not workers or rows.gpus is not gpus:
-                    changed.append((rows, workers, gpus))
+                changed.append((rows, workers, gpus))
         return changed
 
     def _silence(self, rows: HiveRows) -> None:
         rows.live = False
-        rows.workers = rows.gpus = None  # gathered again when it is back
         self.values.current[rows.worker_dest] = 0
         self.values.current[rows.gpu_dest] = 0
         for figures in rows.plugin_rows.values():
@@ -203,8 +201,8 @@ class FleetHistory:
         if (keys != list(chain.from_iterable(rows.keys for rows, _, _ in changed))
                 or labels != list(chain.from_iterable(rows.gpu_labels for rows, _, _ in changed))):
             self._lay_out_changed(changed, keys, labels, now)  # some hive's workers or GPUs moved
-        for rows, hive_workers, hive_gpus in changed:
-            rows.workers, rows.gpus, rows.live = hive_workers, hive_gpus, True
+        for rows, _, _ in changed:
+            rows.live = True
         if self._plugin_hives or any(map(plugin_figures, workers)):
             for rows, hive_workers, _ in changed:
                 if rows.plugin_rows or any(map(plugin_figures, hive_workers)):

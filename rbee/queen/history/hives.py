@@ -1,4 +1,4 @@
-"""What the history keeps of one hive: which rows hold its series, and what it gathered last."""
+"""What the history keeps of one hive: which rows hold its series, and for which workers and GPUs."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ NO_ROWS = np.zeros(0, np.intp)
 
 
 class HiveRows:
-    """The rows of one hive's series, and what was gathered last."""
+    """The rows of one hive's series."""
 
-    __slots__ = ("gpu_dest", "gpu_index", "gpu_labels", "gpu_rows", "gpus", "held_gpus",
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_labels", "gpu_rows", "held_gpus",
                  "held_workers", "idle", "keys", "live", "plugin_rows", "refused_at",
-                 "refused_whole", "seen_at", "worker_dest", "worker_rows", "workers")
+                 "refused_whole", "seen_at", "worker_dest", "worker_rows")
 
     def __init__(self) -> None:
-        self.workers: list | None = None
-        """The registry's list of workers gathered last (compared by identity)."""
-        self.gpus: list | None = None
         self.keys: tuple[tuple[str, str], ...] = ()
         """The (group, instance) of each worker of its heartbeat, in order (then the GPUs'
         (uuid, index)): what the rows were laid out for."""
