@@ -21,10 +21,10 @@ from collections.abc import Iterator
 import numpy as np
 
 BLOCK = 4096
-"""Rows per block: memory grows in blocks (25 MB at the default tiers), a step costs a few
+"""Rows per block: memory grows in blocks (1.1 MB at the default tiers), a step costs a few
 microseconds per block."""
-BLOCKS_PER_PART = 32
-"""Blocks of a coarse close between two yields (about 10 ms of work)."""
+BLOCKS_PER_PART = 8
+"""Blocks of a coarse close between two yields (about 1-2 ms of work)."""
 
 
 class Codec:
