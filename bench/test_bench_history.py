@@ -173,15 +173,15 @@ def test_step(benchmark, bodies, main_history):
     before.record(registry.records(), T0)
     records_cpu: list[float] = []
 
-    def main_step(now: float):
+    def main_step(now: float, history=before):
         started = time.thread_time()
         records = registry.records()
         records_cpu.append(time.thread_time() - started)
         yield
-        yield from before.recording(records, now)  # noqa: F821 (bound below, before the call)
+        yield from history.recording(records, now)
 
     theirs, theirs_part = steps(registry, bodies, main_step, times)
-    del before
+    del before, main_step
     registry = HiveRegistry()
     gc.collect()
 
