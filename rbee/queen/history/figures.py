@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ...config import HISTORY_GPU_METRICS, HISTORY_WORKER_METRICS, HistorySettings
 from ...contract import GpuDevice, WorkerTelemetry
+from ...settings import HISTORY_GPU_METRICS, HISTORY_WORKER_METRICS, HistorySettings
 
 WORKER_METRICS = HISTORY_WORKER_METRICS
 """A worker's series; ``vram_mb`` only for a worker on a GPU, the last three from its engine."""
