@@ -60,7 +60,11 @@ class FleetHistory:
         self.series = 0
         """Series held (of each worker and GPU, whether each figure is known or not)."""
         self._pending: dict[str, Noted] = {}
-        """The hives changed since the last step, as they are now."""
+        """The hives changed since the last step, as they are now (under ``_noting``: the
+        registry may be written from threads)."""
+        self._new: set[str] = set()
+        """Those of them the history holds nothing of yet (recorded at the next tick)."""
+        self._noting = threading.Lock()
         self._index = -1
         """The fine step written last."""
         self._closed = -1
@@ -84,18 +88,21 @@ class FleetHistory:
         """The registry's observer (``HiveRegistry.observe``), called at each heartbeat, stale
         verdict and removal: the hive is noted for the next step, and nothing else is done (an
         entry has ``workers``, ``capabilities`` and ``stale``; None: removed)."""
-        self._pending[hive_id] = (None if entry is None
-                                  else (entry.workers, entry.capabilities, entry.stale))
+        noted = None if entry is None else (entry.workers, entry.capabilities, entry.stale)
+        with self._noting:
+            self._pending[hive_id] = noted
+            if hive_id not in self.hives:
+                self._new.add(hive_id)
 
     def take_fleet(self, hives: Iterable[HiveRecord]) -> None:
         """Note a whole listing of the fleet: each hive in it as it is, the hives held but not
         listed as gone (what a queen without the observer, or a test, records from)."""
-        pending = self._pending
-        for record in hives:
-            pending[record.info.id] = (record.workers, record.gpus, record.stale)
-        for hive_id, rows in self.hives.items():
-            if rows.live and hive_id not in pending:
-                pending[hive_id] = None
+        listed = {record.info.id: (record.workers, record.gpus, record.stale) for record in hives}
+        listed.update((hive_id, None) for hive_id, rows in self.hives.items()
+                      if rows.live and hive_id not in listed)
+        with self._noting:
+            self._pending.update(listed)
+            self._new.update(hive_id for hive_id in listed if hive_id not in self.hives)
 
     def record(self, hives: Iterable[HiveRecord], now: float) -> None:
         """One point of every figure of every hive of ``hives`` (the whole fleet), at ``now``
@@ -114,7 +121,9 @@ class FleetHistory:
         if index <= self._index:
             yield from self._first_sight(index, now)
             return
-        pending, self._pending = self._pending, {}
+        with self._noting:
+            pending, self._pending = self._pending, {}
+            self._new.clear()
         changed = self._changed(pending, now)
         for start in range(0, len(changed), HIVES_PER_CHUNK):
             with self._lock:
@@ -136,13 +145,13 @@ class FleetHistory:
             self._index = index
 
     def _first_sight(self, index: int, now: float) -> Iterator[None]:
-        new = {hive_id: noted for hive_id, noted in self._pending.items()
-               if hive_id not in self.hives and noted is not None and not noted[2]}
+        with self._noting:
+            fresh, self._new = self._new, set()
+            new = {hive_id: self._pending.pop(hive_id) for hive_id in fresh
+                   if hive_id in self._pending and hive_id not in self.hives}
         if not new:
             return
-        for hive_id in new:
-            del self._pending[hive_id]
-        changed = self._changed(new, now)
+        changed = self._changed(new, now)  # one that went stale or left meanwhile: nothing
         for start in range(0, len(changed), HIVES_PER_CHUNK):
             with self._lock:
                 self._gather(changed[start:start + HIVES_PER_CHUNK], now)
