@@ -6,7 +6,8 @@ of ``tests/fleetload.py``, against main's history in the same run::
 "main" is ``rbee/queen/history/`` of revision ``BEFORE_REVISION`` (``git archive``), or of the
 tree ``RBEE_BENCH_BEFORE``, imported beside this tree's. Every round decodes a fresh heartbeat
 for every hive (new structs, as ingest makes them) into a real ``HiveRegistry``; CPU is thread
-time (what the work costs whatever else runs on the machine).
+time (what the work costs whatever else runs on the machine); the cyclic collector runs with the
+queen's thresholds.
 
 - ``step``: this tree's history observes the registry (``hive_changed``: the cost it adds to
   each heartbeat is timed on its own); one step records the hives noted since the last. main's
@@ -41,6 +42,7 @@ from rbee.config import HistorySettings
 from rbee.contract import HiveHeartbeat
 from rbee.queen.history import FleetHistory, QueryError, Selector
 from rbee.queen.history.figures import GPU_METRICS, WORKER_METRICS
+from rbee.queen.main import GC_THRESHOLDS
 from rbee.queen.registry import HiveRegistry
 from tests.fleetload import eight_gpu_heartbeat
 
@@ -58,6 +60,15 @@ EVERY_FIGURE = dict(fine_step_s=1.0, fine_retention_s=20.0, coarse_step_s=10.0,
 MAIN_DEFAULTS = dict(fine_step_s=1.0, fine_retention_s=900.0, coarse_step_s=10.0,
                      coarse_retention_s=21600.0, max_bytes=256 * 2**20)
 ROUNDS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def queen_gc():
+    """The cyclic collector as the queen runs it (``rbee/queen/main.py``)."""
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    yield
+    gc.set_threshold(*before)
 
 
 @pytest.fixture(scope="module")
