@@ -248,7 +248,7 @@ def test_old_max_series_key_is_refused_naming_max_bytes():
     with pytest.raises(ConfigError, match=r"history.worker_metrics: cpu in \['cpu'\]; known: "
                                           r"cpu_pct, rss_mb, io_r_mb_s"):
         parse_config({"history": {"worker_metrics": ["cpu"]}}, QueenConfig, "q.yaml")
-    with pytest.raises(ConfigError, match="history.gpu_metrics: a metric named twice"):
+    with pytest.raises(ConfigError, match=r"history\.gpu_metrics: a metric named twice"):
         parse_config({"history": {"gpu_metrics": ["power_w", "power_w"]}}, QueenConfig, "q.yaml")
 
 
