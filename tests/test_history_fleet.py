@@ -5,6 +5,8 @@ is never held for the whole fleet)."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import msgspec
 import trio
@@ -17,6 +19,7 @@ from tests.fleetload import eight_gpu_hive
 
 from .builders import gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of
+from .rediskit import running_redis, wait_for
 from .test_history import T0, record_of, wide
 
 
@@ -227,3 +230,26 @@ def test_a_hive_refused_whole_is_kept_while_it_reports_and_tried_again_once_rows
     history.record([late], T0 + 603)
     assert history.refused == 9 and len(history) == 9
     assert _values(history, "cpu_pct", 1, T0 + 603.5) == {("late", "w"): [12.5]}
+
+
+async def test_a_queen_records_the_hives_its_redis_mirror_follows(nursery, tmp_path):
+    """With the redis store, a heartbeat posted to queen A reaches queen B's registry through
+    its mirror, which notes it to B's history like a heartbeat B took itself."""
+    with running_redis(tmp_path) as redis:
+        store = {"kind": "redis", "url": redis.url, "key_prefix": f"h{time.time_ns()}"}
+        settings = {"registry": {"store": store}, "history": {"fine_step_s": 0.2}}
+        a = await start_queen(nursery, **settings)
+        b = await start_queen(nursery, **settings)
+        async with httpx.AsyncClient(timeout=5) as client:
+            await post_heartbeat(client, a, heartbeat("x", [worker("w", cpu_pct=42.0)]))
+
+            async def recorded() -> bool:
+                answer = (await client.get(f"{url_of(b)}/v1/history",
+                                           params={"metric": "cpu_pct", "since": 2})).json()
+                return any(42.0 in s["values"] for s in answer["series"] if s["hive"] == "x")
+
+            await wait_for(recorded, timeout=10)
+        a.stop()
+        b.stop()
+        await a.stopped.wait()
+        await b.stopped.wait()
