@@ -38,7 +38,16 @@ _NO_ENGINE = SimpleNamespace(requests_running=None, requests_waiting=None, kv_ca
 _engine_of = attrgetter("engine")
 plugin_figures = attrgetter("metrics")
 worker_key = attrgetter("group", "instance")
-gpu_label = attrgetter("uuid", "index")
+_group, _instance = attrgetter("group"), attrgetter("instance")
+_uuid, _index = attrgetter("uuid"), attrgetter("index")
+
+
+def labels(workers: Sequence[WorkerTelemetry], gpus: Sequence[GpuDevice]
+           ) -> tuple[list[str], list[str], list[str], list[int]]:
+    """The workers' groups and instances, the GPUs' UUIDs and indices: four lists (a tuple per
+    worker would cost twice as much, and keep the garbage collector busy)."""
+    return (list(map(_group, workers)), list(map(_instance, workers)), list(map(_uuid, gpus)),
+            list(map(_index, gpus)))
 
 
 def _getter(fields: Sequence[str]) -> tuple[attrgetter, bool] | None:

@@ -16,16 +16,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
 from ...config import HistorySettings
 from ...contract import GpuDevice, HistoryAnswer, HiveRecord, WorkerTelemetry
 from .columns import Budget, Codec, Store
-from .figures import Figures, gpu_label, plugin_figures, worker_key
+from .figures import Figures, labels, plugin_figures, worker_key
 from .hives import NO_ROWS, HiveRows
 from .reading import Selector, answer
 
+_LAYOUT = (attrgetter("groups"), attrgetter("instances"), attrgetter("uuids"),
+           attrgetter("indices"))
+"""What a hive's rows were laid out for, in the order ``figures.labels`` reads it."""
 HIVES_PER_CHUNK = 100
 NOTES_PER_PART = 1000
 """Noted hives sorted into gathered, silenced and skipped between two checkpoints (under 1 ms)."""
@@ -194,7 +198,7 @@ class FleetHistory:
                 workers, gpus, _ = noted
                 if rows.refused_at >= 0:  # some of its series did not fit
                     if rows.refused_at != self._released:
-                        rows.keys = rows.gpu_labels = ()  # rows were freed since: lay it out
+                        rows.groups = rows.uuids = ()  # rows were freed since: lay it out
                     elif rows.refused_whole:
                         continue  # nothing of it fits, and nothing was freed since
                 changed.append((rows, workers, gpus))
@@ -211,10 +215,11 @@ class FleetHistory:
         with_gpus = bool(self.gpu_metrics)  # no GPU series kept: GPUs are not even laid out
         workers = list(chain.from_iterable(w for _, w, _ in changed))
         gpus = list(chain.from_iterable(g for _, _, g in changed)) if with_gpus else []
-        keys, labels = list(map(worker_key, workers)), list(map(gpu_label, gpus))
-        if (keys != list(chain.from_iterable(rows.keys for rows, _, _ in changed))
-                or labels != list(chain.from_iterable(rows.gpu_labels for rows, _, _ in changed))):
-            self._lay_out_changed(changed, keys, labels, now)  # some hive's workers or GPUs moved
+        seen = labels(workers, gpus)  # lists of strings: no tuple made per worker or GPU
+        laid_out = tuple(list(chain.from_iterable(map(getter, (rows for rows, _, _ in changed))))
+                         for getter in _LAYOUT)
+        if seen != laid_out:
+            self._lay_out_changed(changed, seen, now)  # some hive's workers or GPUs moved
         for rows, _, _ in changed:
             rows.live = True
         if self._plugin_hives or any(map(plugin_figures, workers)):
@@ -229,25 +234,29 @@ class FleetHistory:
             dest = np.concatenate([rows.gpu_dest for rows, _, _ in changed])
             current[dest] = codec.encode(self.figures.gpu_values(gpus)).ravel()
 
-    def _lay_out_changed(self, changed: list[Changed], keys: list, labels: list,
-                         now: float) -> None:
+    def _lay_out_changed(self, changed: list[Changed], seen: tuple[list, ...], now: float
+                         ) -> None:
         """Lay out again each hive whose workers or GPUs are not those of its last heartbeat."""
+        groups, instances, uuids, indices = seen
         w = g = 0
         with_gpus = bool(self.gpu_metrics)
         for rows, workers, gpus in changed:
             w_end, g_end = w + len(workers), g + (len(gpus) if with_gpus else 0)
-            hive_keys, hive_labels = tuple(keys[w:w_end]), tuple(labels[g:g_end])
-            if hive_keys != rows.keys or hive_labels != rows.gpu_labels:
-                self._lay_out(rows, hive_keys, hive_labels, now)
+            hive = (tuple(groups[w:w_end]), tuple(instances[w:w_end]), tuple(uuids[g:g_end]),
+                    tuple(indices[g:g_end]))
+            if hive != tuple(getter(rows) for getter in _LAYOUT):
+                self._lay_out(rows, *hive, now)
             w, g = w_end, g_end
 
-    def _lay_out(self, rows: HiveRows, keys: tuple, labels: tuple, now: float) -> None:
+    def _lay_out(self, rows: HiveRows, groups: tuple, instances: tuple, uuids: tuple,
+                 indices: tuple, now: float) -> None:
         """Rows for the workers and GPUs now reported (new ones get theirs); those no longer
         reported become NaN and idle (kept until ``forget_old``)."""
         per_worker, per_gpu = len(self.worker_metrics), len(self.gpu_metrics)
+        keys = tuple(zip(groups, instances, strict=True))
         workers = {key: self._rows_of(rows.worker_rows, key, per_worker) for key in keys}
-        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, per_gpu) for uuid, _ in labels}
-        rows.gpu_index.update(labels)
+        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, per_gpu) for uuid in uuids}
+        rows.gpu_index.update(zip(uuids, indices, strict=True))
         for key, first in rows.worker_rows.items():
             if key not in workers:
                 self._idle(rows, key, first, per_worker, now)
@@ -258,9 +267,9 @@ class FleetHistory:
                 self._idle(rows, uuid, first, per_gpu, now)
         for key in chain(workers, gpus):
             rows.idle.pop(key, None)
-        rows.keys, rows.gpu_labels = keys, labels
+        rows.groups, rows.instances, rows.uuids, rows.indices = groups, instances, uuids, indices
         rows.worker_dest = _dest([workers[key] for key in keys], per_worker)
-        rows.gpu_dest = _dest([gpus[uuid] for uuid, _ in labels], per_gpu)
+        rows.gpu_dest = _dest([gpus[uuid] for uuid in uuids], per_gpu)
         firsts = [*workers.values(), *gpus.values()]
         rows.refused_at = self._released if min(firsts, default=0) < 0 else -1
         rows.refused_whole = max(firsts, default=0) < 0

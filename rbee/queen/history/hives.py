@@ -10,15 +10,17 @@ NO_ROWS = np.zeros(0, np.intp)
 class HiveRows:
     """The rows of one hive's series."""
 
-    __slots__ = ("gpu_dest", "gpu_index", "gpu_labels", "gpu_rows", "held_gpus",
-                 "held_workers", "idle", "keys", "live", "plugin_rows", "refused_at",
-                 "refused_whole", "seen_at", "worker_dest", "worker_rows")
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "groups", "held_gpus", "held_workers",
+                 "idle", "indices", "instances", "live", "plugin_rows", "refused_at",
+                 "refused_whole", "seen_at", "uuids", "worker_dest", "worker_rows")
 
     def __init__(self) -> None:
-        self.keys: tuple[tuple[str, str], ...] = ()
-        """The (group, instance) of each worker of its heartbeat, in order (then the GPUs'
-        (uuid, index)): what the rows were laid out for."""
-        self.gpu_labels: tuple[tuple[str, int], ...] = ()
+        self.groups: tuple[str, ...] = ()
+        """The group of each worker of its heartbeat, in order (then ``instances``, the GPUs'
+        ``uuids`` and ``indices``): what the rows were laid out for."""
+        self.instances: tuple[str, ...] = ()
+        self.uuids: tuple[str, ...] = ()
+        self.indices: tuple[int, ...] = ()
         self.worker_rows: dict[tuple[str, str], int] = {}
         """(group, instance): the first of its nine rows; -1 when refused by the budget."""
         self.gpu_rows: dict[str, int] = {}
