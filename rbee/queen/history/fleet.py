@@ -130,14 +130,7 @@ class FleetHistory:
         with self._noting:
             pending, self._pending = self._pending, {}
             self._new.clear()
-        notes, changed = list(pending.items()), []
-        for start in range(0, len(notes), NOTES_PER_PART):
-            changed += self._changed(notes[start:start + NOTES_PER_PART], now)
-            yield
-        for start in range(0, len(changed), HIVES_PER_CHUNK):
-            with self._lock:
-                self._gather(changed[start:start + HIVES_PER_CHUNK], now)
-            yield
+        yield from self._gathering(list(pending.items()), now)
         bucket = index // self.per_bucket
         if self._closed < 0:
             self._closed = bucket - 1
@@ -160,14 +153,22 @@ class FleetHistory:
                    if hive_id in self._pending and hive_id not in self.hives}
         if not new:
             return
-        changed = self._changed(list(new.items()), now)  # stale or gone meanwhile: nothing
+        yield from self._gathering(list(new.items()), now)  # stale or gone meanwhile: nothing
+        with self._lock:
+            self.values.step(index)  # the step's point again, the new hives' values in it
+            self.plugins.step(index)
+
+    def _gathering(self, notes: list[tuple[str, Noted]], now: float) -> Iterator[None]:
+        """The noted hives sorted (``NOTES_PER_PART`` a part), then gathered
+        (``HIVES_PER_CHUNK`` a part)."""
+        changed: list[Changed] = []
+        for start in range(0, len(notes), NOTES_PER_PART):
+            changed += self._changed(notes[start:start + NOTES_PER_PART], now)
+            yield
         for start in range(0, len(changed), HIVES_PER_CHUNK):
             with self._lock:
                 self._gather(changed[start:start + HIVES_PER_CHUNK], now)
             yield
-        with self._lock:
-            self.values.step(index)  # the step's point again, the new hives' values in it
-            self.plugins.step(index)
 
     def _locked(self, parts: Iterator[None]) -> Iterator[None]:
         """Each of ``parts`` run under the lock, a yield after each."""
