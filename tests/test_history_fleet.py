@@ -253,3 +253,24 @@ async def test_a_queen_records_the_hives_its_redis_mirror_follows(nursery, tmp_p
         b.stop()
         await a.stopped.wait()
         await b.stopped.wait()
+
+
+async def test_a_queen_shows_a_new_hive_within_a_tick_not_a_fine_step(nursery):
+    """A queen stepping every 10 minutes still answers a hive that just arrived within about a
+    second (its tick records hives seen for the first time into the current point)."""
+    queen = await start_queen(nursery, history={"fine_step_s": 600, "fine_retention_s": 3600,
+                                                "coarse_step_s": 3600})
+
+    async def stepped() -> bool:
+        return queen.history._index >= 0  # its first step is done: the hive comes after
+
+    await wait_for(stepped, timeout=10)
+    async with httpx.AsyncClient(base_url=url_of(queen), timeout=5) as client:
+        await post_heartbeat(client, queen, heartbeat("late", [worker("w", cpu_pct=7.0)]))
+
+        async def recorded() -> bool:
+            answer = (await client.get("/v1/history",
+                                       params={"metric": "cpu_pct", "since": 600})).json()
+            return [s["values"] for s in answer["series"]] == [[7.0]]
+
+        await wait_for(recorded, timeout=10)
