@@ -68,16 +68,21 @@ async def fetch(http: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: 
     return b"".join(chunks)
 
 
-async def fetch_version(http: httpx.AsyncClient, metrics_url: str, engine: str,
-                        timeout_s: float) -> str | None:
-    """The engine's version from its info endpoint on the metrics port; None when it has none or
-    says nothing readable (an engine's version is nice to have, never an error)."""
+async def fetch_version(http: httpx.AsyncClient, link: EngineLink | None, metrics_url: str,
+                        engine: str, timeout_s: float) -> str | None:
+    """The engine's version from its info endpoint on the metrics port (over ``link`` when the
+    engine has one); None when it has none or says nothing readable (an engine's version is
+    nice to have, never an error)."""
     names = ENGINE_NAMES[engine]
     if names.version_path is None:
         return None
-    url = str(httpx.URL(metrics_url).copy_with(path=names.version_path, query=None))
     try:
-        info = json.loads(await fetch(http, url, timeout_s, VERSION_MAX_BYTES))
+        if link is not None:
+            body = await link.get(names.version_path)
+        else:
+            url = str(httpx.URL(metrics_url).copy_with(path=names.version_path, query=None))
+            body = await fetch(http, url, timeout_s, VERSION_MAX_BYTES)
+        info = json.loads(body)
     except (EngineError, httpx.HTTPError, trio.TooSlowError, ValueError):
         return None
     version = info.get(names.version_key) if isinstance(info, dict) else None
@@ -149,8 +154,8 @@ class EngineCollector:
                         and taken_at - slot.get("version_asked_at", -VERSION_RETRY_S)
                         >= VERSION_RETRY_S):
                     slot["version_asked_at"] = taken_at
-                    slot["version"] = await fetch_version(http, url, engine,
-                                                          self.settings.timeout_s)
+                    slot["version"] = await fetch_version(http, self._links[worker][1], url,
+                                                          engine, self.settings.timeout_s)
             fetched.append((worker, body, taken_at, sampled_at))
 
         self._forget_gone(workers)
