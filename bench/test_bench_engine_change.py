@@ -9,11 +9,12 @@
 
 The engines' load flips at known times, one engine at a time, a new queue length each flip,
 every 50-102 ms (no engine twice within a poll interval). A latency is the first time an
-observer's socket delivers an event with the new figure, minus the flip. Each seen figure also
-carries the hive's ``sampled_at`` (when its poll read it) and the heartbeat's ``timestamp``
-(when it was published), so the slow changes are split into where they waited: flip -> read
-(the poll), read -> published (the hive's publisher), published -> seen (channel or POST, the
-queen's ingest and fan-out). Hive CPU over the flips is read from /proc.
+observer's socket delivers an event with the new figure, minus the time the engine process
+changed it (both wall clock, one machine). Each seen figure also carries the hive's
+``sampled_at`` (when its poll read it) and the heartbeat's ``timestamp`` (when it was
+published), so each change is split into where it waited: -> read (the poll), -> published (the
+hive's publisher), -> seen (channel or POST, the queen's ingest and fan-out). Hive CPU over the
+flips is read from /proc.
 
     ./dev test -n 0 bench/test_bench_engine_change.py
 
@@ -36,8 +37,7 @@ import yaml
 from tests.daemons import Daemon
 
 from .conftest import FIGURES
-from .engineserver import Engines
-from .test_bench_engine_poll import proc_cpu_s
+from .engineserver import Engines, proc_cpu_s
 
 FLAG = "--enable-server-load-tracking"
 MODEL = "bench-model"
@@ -68,13 +68,13 @@ class Observer:
             while True:
                 *frames, buffer = buffer.split(b"\n\n")
                 for frame in frames:
-                    self._take(frame, time.perf_counter())
+                    self._take(frame)
                 data = await stream.receive_some(1 << 20)
                 if not data:
                     return
                 buffer = (buffer + data).replace(b"\r\n", b"\n")  # lines end in CRLF
 
-    def _take(self, frame: bytes, now: float) -> None:
+    def _take(self, frame: bytes) -> None:
         for line in frame.split(b"\n"):
             if line.startswith(b"data:") and b"requests_waiting" in line:
                 event = msgspec.json.decode(line[5:])
@@ -83,21 +83,21 @@ class Observer:
                 if kind == "hive_telemetry":
                     for worker in event["workers"]:
                         self._worker(worker["instance"], worker.get("engine"),
-                                     event["timestamp"], now)
+                                     event["timestamp"])
                 elif kind == "snapshot":  # who is there: no figure is new in it
                     self.engines.update(w["instance"] for hive in event["hives"]
                                         for w in hive["workers"] if w.get("engine"))
                 elif kind == "worker_update":
                     self._worker(event["instance"], event["fields"].get("engine"),
-                                 event["timestamp"], now)
+                                 event["timestamp"])
 
-    def _worker(self, instance: str, engine: dict | None, timestamp: str, now: float) -> None:
+    def _worker(self, instance: str, engine: dict | None, timestamp: str) -> None:
         if engine is None:
             return
         self.engines.add(instance)
         key = (instance, engine["requests_waiting"])
         if key not in self.seen and engine.get("sampled_at"):
-            self.seen[key] = (now, wall(engine["sampled_at"]), wall(timestamp))
+            self.seen[key] = (time.time(), wall(engine["sampled_at"]), wall(timestamp))
 
 
 def wall(stamp: str) -> float:
@@ -167,21 +167,25 @@ def test_engine_change_to_queen_and_filtered_client(count, transport, tmp_path):
                    cgroup_root=CGROUP_ROOT) as hive:
         flips, observers, hive_pct = trio.run(flip_and_observe, engines, count, queen.url,
                                               hive.process.pid)
-    load = os.getloadavg()[0]
+    changed = {(f"e{index:03}", load - 12): at for index, load, at in engines.applied}
     FIGURES[f"engine change, {count} engines, {transport}: hive CPU over the flips"] = \
-        f"{hive_pct:.2f} % of a core (load average {load:.2f})"
+        f"{hive_pct:.2f} % of a core (load average {os.getloadavg()[0]:.2f})"
     for observer in observers:
-        latencies, stages = [], []
-        for instance, waiting, at, at_wall in flips:
+        stages = []  # (seen, read, published), seconds after the engine changed
+        for instance, waiting, _, _ in flips:
             seen = observer.seen.get((instance, waiting))
             if seen is not None:
-                latencies.append(seen[0] - at)
-                stages.append((seen[0] - at, seen[1] - at_wall, seen[2] - seen[1]))
-        missed = len(flips) - len(latencies)
-        slowest = sorted(stages, reverse=True)[:3]
+                at = changed[instance, waiting]
+                stages.append((seen[0] - at, seen[1] - at, seen[2] - at))
+        missed = len(flips) - len(stages)
+        latencies = [seen for seen, _, _ in stages]
+
+        def ms(stage: tuple[float, float, float]) -> str:
+            return "/".join(f"{part * 1e3:.0f}" for part in (stage[1], stage[2], stage[0]))
+
+        middle = tuple(statistics.median(part) for part in zip(*stages, strict=True))
         FIGURES[f"engine change -> {observer.name}, {count} engines, {transport}"] = (
-            f"{summary(latencies)} ({len(latencies)} changes, {missed} missed); slowest "
-            "(read / published / seen after the flip): " + ", ".join(
-                f"{read * 1e3:.0f}/{(read + publish) * 1e3:.0f}/{total * 1e3:.0f}"
-                for total, read, publish in slowest))
+            f"{summary(latencies)} ({len(latencies)} changes, {missed} missed); read / "
+            f"published / seen, ms after the engine changed: p50 {ms(middle)}, slowest "
+            + ", ".join(ms(stage) for stage in sorted(stages, reverse=True)[:3]))
         assert missed == 0, f"{observer.name} never saw {missed} of {len(flips)} changes"
