@@ -118,6 +118,33 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
     assert records["vllm"].errors == []
 
 
+async def test_each_engine_is_read_on_one_kept_alive_connection(monitor):
+    """The full reading and the version question share one connection per engine, kept across
+    refreshes; the pooled httpx client is not used for a plain http:// engine."""
+    with metrics_servers(fixture("vllm-0.10.0.prom"), fixture("vllm-0.10.0.prom")) as servers:
+        for index, server in enumerate(servers):
+            server.others["/version"] = Answer(b'{"version":"0.10.0"}',
+                                               content_type="application/json")
+            monitor.spawn("llm", f"v{index}", sleeper(), metrics_url=server.url)
+        settings = CollectorSettings(gpu="none", engine=EngineSettings(timeout_s=2.0))
+        from rbee.hive.collection import TelemetryCollector
+        from rbee.plugin.manager import build_plugin_manager
+        collector = TelemetryCollector(monitor, build_plugin_manager(), settings)
+
+        def unused(request: httpx.Request) -> httpx.Response:
+            raise AssertionError(f"httpx asked for {request.url}")
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(unused)) as http:
+            for _ in range(3):
+                await collector.refresh_workers(http, deadline_s=2.0)
+        records = collector.collect_all()
+        collector.close()
+    assert [r.engine.version for r in records] == ["0.10.0", "0.10.0"]
+    for server in servers:
+        assert server.paths == ["/metrics", "/metrics", "/version", "/metrics"]
+        assert len(set(server.clients)) == 1, server.clients
+
+
 async def test_through_httpx_a_gzip_bomb_is_counted_unpacked():
     """An ``https://`` endpoint is read through httpx, which asks for gzip: the limit holds on
     the unpacked bytes (plain http asks for identity, above)."""
