@@ -170,6 +170,7 @@ def test_engine_change_to_queen_and_filtered_client(count, transport, tmp_path):
     changed = {(f"e{index:03}", load - 12): at for index, load, at in engines.applied}
     FIGURES[f"engine change, {count} engines, {transport}: hive CPU over the flips"] = \
         f"{hive_pct:.2f} % of a core (load average {os.getloadavg()[0]:.2f})"
+    row = [f"| {count}, {transport} "]
     for observer in observers:
         stages = []  # (seen, read, published), seconds after the engine changed
         for instance, waiting, _, _ in flips:
@@ -188,4 +189,10 @@ def test_engine_change_to_queen_and_filtered_client(count, transport, tmp_path):
             f"{summary(latencies)} ({len(latencies)} changes, {missed} missed); read / "
             f"published / seen, ms after the engine changed: p50 {ms(middle)}, slowest "
             + ", ".join(ms(stage) for stage in sorted(stages, reverse=True)[:3]))
+        row.append("| " + " / ".join(f"{value * 1e3:.1f}" for value in (
+            statistics.median(latencies), percentile(latencies, 0.99), max(latencies))) + " ms ")
+        if observer is observers[0]:
+            middle_ms = ms(middle)
         assert missed == 0, f"{observer.name} never saw {missed} of {len(flips)} changes"
+    FIGURES[f"engine change, {count} engines, {transport}: docs/engines.md row"] = "".join(row) + (
+        f"| {middle_ms} ms | {hive_pct:.1f} % | {os.getloadavg()[0]:.1f} |")
