@@ -292,13 +292,11 @@ async def test_a_rounds_changes_are_published_together_once_its_polls_answered(a
 
     async def answered(delay: float, key: str | None) -> None:
         """A poll in flight for ``delay``, then its change (if any) handed over."""
-        poller._in_flight += 1
+        poller._poll_sent()
         await trio.sleep(delay)
         if key is not None:
             change(key, state)
-        poller._in_flight -= 1
-        if not poller._in_flight:
-            poller._answered.set()
+        poller._poll_answered()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poller._publisher)

@@ -141,7 +141,7 @@ class EnginePoller:
                     if slot.get("engine", engine) != engine:  # another engine on the port
                         engine, cache = slot["engine"], {}
                         path = fast_path(engine, metrics_path, view.argv)
-                    self._in_flight += 1
+                    self._poll_sent()
                     try:
                         change, path = await self._poll_once(link, path, slot, cache,
                                                              metrics_path)
@@ -152,9 +152,7 @@ class EnginePoller:
                         elif self._due_again(slot, started):
                             self._hand_over(slot, key, change, started, changed=False)
                     finally:
-                        self._in_flight -= 1
-                        if not self._in_flight:
-                            self._answered.set()
+                        self._poll_answered()
                     await trio.sleep_until(next_round(trio.current_time(),
                                                       settings.poll_interval_s))
             finally:
@@ -188,6 +186,16 @@ class EnginePoller:
         new.sampled_at = utc_now()
         slot["result"] = slot["poll_wrote"] = (time.monotonic(), new)
         return new, path
+
+    def _poll_sent(self) -> None:
+        self._in_flight += 1
+
+    def _poll_answered(self) -> None:
+        """A poll is over (its change, if any, handed over): the last of a round wakes the
+        publisher's wait."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._answered.set()
 
     def _hand_over(self, slot: dict, key: WorkerKey, change: Change, now: float,
                    changed: bool) -> None:
