@@ -59,7 +59,7 @@ async def until(agent: HiveAgent, predicate, timeout: float = 5.0):
             await agent.wait_changed()
 
 
-# -- the link: h11 over trio, one kept-alive connection --------------------------------------
+# -- the link: its own HTTP/1.1 reading, one kept-alive connection -----------------------------------
 
 async def test_the_link_keeps_one_connection_and_reopens_one_the_engine_closed():
     with metrics_servers(VLLM) as [server]:
@@ -72,6 +72,22 @@ async def test_the_link_keeps_one_connection_and_reopens_one_the_engine_closed()
             server.answer = Answer(VLLM.encode(), declare_length=False)  # then closes
             assert b"vllm:num_requests_running" in await link.get("/metrics")
             assert (await link.get("/load")) == b'{"server_load": 19}'
+            assert link.connections == 2
+        finally:
+            await link.aclose()
+
+
+async def test_a_get_cancelled_mid_answer_leaves_no_answer_behind_for_the_next():
+    """The caller's deadline (the hive's refresh deadline) ends a GET mid-answer: the next GET
+    gets its own answer on a fresh connection, not the late one of the GET that was given up."""
+    with metrics_servers(Answer(b"late", delay_s=0.3)) as [server]:
+        link = EngineLink(server.url, 5.0, 65536)
+        try:
+            with trio.move_on_after(0.1) as scope:
+                await link.get("/metrics")
+            assert scope.cancelled_caught
+            server.answer = Answer(b"fresh")
+            assert await link.get("/metrics") == b"fresh"
             assert link.connections == 2
         finally:
             await link.aclose()
