@@ -6,6 +6,7 @@ push. The coalescing schedule is checked under trio's MockClock, on the publishe
 
 from __future__ import annotations
 
+import os
 import stat
 from datetime import UTC, datetime
 from functools import partial
@@ -91,6 +92,19 @@ async def test_a_get_cancelled_mid_answer_leaves_no_answer_behind_for_the_next()
             assert link.connections == 2
         finally:
             await link.aclose()
+
+
+def test_a_link_is_closed_after_its_trio_run_too():
+    """A teardown may come after the run that opened the link (a collector closed late)."""
+    with metrics_servers(VLLM) as [server]:
+        server.track_load()
+        link = EngineLink(server.url, 2.0, 65536)
+        assert trio.run(link.get, "/load") == b'{"server_load": 19}'
+        fd = link._stream.socket.fileno()
+        link.close()
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        link.close()  # twice is harmless
 
 
 async def test_the_link_says_what_went_wrong_and_never_raises_anything_else():

@@ -19,6 +19,7 @@ connection is dropped.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 
 import trio
@@ -199,10 +200,14 @@ class EngineLink:
                 await stream.aclose()
 
     def close(self) -> None:
-        """Drop the connection now, without waiting (a cancelled exchange, a teardown)."""
+        """Drop the connection now, without waiting (a cancelled exchange, a teardown; also
+        after the trio run that opened it has ended)."""
         stream, self._stream, self._buffer = self._stream, None, b""
         if stream is not None:
-            stream.socket.close()
+            try:
+                stream.socket.close()
+            except RuntimeError:  # no trio run to tell: the OS socket alone
+                os.close(stream.socket.detach())
 
 
 def _parse_head(head: bytes, url: str) -> tuple[int, dict[bytes, bytes], bool]:
