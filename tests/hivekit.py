@@ -13,7 +13,8 @@ import trio
 from rbee.config import HiveConfig, parse_config
 from rbee.hive.agent import HiveAgent
 from rbee.hive.heartbeat import HeartbeatSender
-from rbee.hive.processes import JOIN_THEN_EXEC, SHELL, ProcessMonitor
+from rbee.hive import processes
+from rbee.hive.processes import ProcessMonitor
 from rbee.hive.procfs import read_cmdline
 
 from .conftest import RUN_ROOT, sleeper
@@ -64,7 +65,8 @@ def wait_joined(monitor: ProcessMonitor, group: str, instance: str, timeout_s: f
     worker = monitor.get(group, instance)
     deadline = time.monotonic() + timeout_s
     while (worker.pid not in monitor.backend.members(group, instance)
-           or read_cmdline(worker.pid)[:3] in ((), (SHELL, "-c", JOIN_THEN_EXEC))):  # () in exec
+           or read_cmdline(worker.pid)[:3] in ((), (processes.SHELL, "-c",  # () in exec
+                                                    processes.JOIN_THEN_EXEC))):
         assert time.monotonic() < deadline, f"{group}/{instance} never joined its cgroup"
         time.sleep(0.002)
     return worker.pid

@@ -171,7 +171,8 @@ class ProcessMonitor:
         limits = parse_limits(cpu_limit, memory_limit)
         binary = resolve_binary(argv[0], env)
         with self._free((group, instance)):
-            if (group, instance) in self._workers or (group, instance) in self.backend.enumerate():
+            cgroup = self.backend.cgroup_path(group, instance)  # one stat, not a walk of them all
+            if (group, instance) in self._workers or (cgroup is not None and os.path.isdir(cgroup)):
                 raise WorkerExistsError(f"worker {group}/{instance} already exists",
                                         group=group, instance=instance)
             placement = self.backend.create(group, instance, limits)
