@@ -11,9 +11,9 @@ from pathlib import Path
 import trio
 
 from rbee.config import HiveConfig, parse_config
+from rbee.hive import processes
 from rbee.hive.agent import HiveAgent
 from rbee.hive.heartbeat import HeartbeatSender
-from rbee.hive import processes
 from rbee.hive.processes import ProcessMonitor
 from rbee.hive.procfs import read_cmdline
 
