@@ -17,7 +17,6 @@ Measured two ways, each against the obvious alternative in the same run:
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import statistics
@@ -35,7 +34,7 @@ from rbee.queen.scheduling import WorkerQuery
 from tests.builders import gpu, heartbeat, worker
 
 from .conftest import FIGURES
-from .test_bench_queen import queen_process
+from .test_bench_queen import queen_process, schedstat
 
 HIVES, PER_HIVE = 1250, 8
 FRESH = PickSettings(stale_after_ms=3_600_000)
@@ -89,17 +88,10 @@ def timed(call, count: int) -> tuple[list[float], float, list[float]]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time of the process's threads, to the nanosecond (/proc/<pid>/task/*/schedstat):
-    the clock ticks of /proc/<pid>/stat sample who runs at each tick, too coarse for a queen that
-    runs 100 us at a time between sleeps."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as file:
-                total += int(file.read().split()[0])
-        except OSError:
-            pass  # a thread that ended meanwhile
-    return total / 1e9
+    """The queen's CPU time to the nanosecond (``schedstat``): the clock ticks of
+    /proc/<pid>/stat sample who runs at each tick, too coarse for a queen that runs 100 us at a
+    time between sleeps."""
+    return schedstat(pid)[0]
 
 
 class RawClient:
@@ -188,9 +180,10 @@ def test_pick_over_http_vs_the_listing(tmp_path):
         try:
             for _ in range(200):
                 raw.get("/v1/pick?model=model-0")
-            before = cpu_seconds(process.pid)
+            before, waited = schedstat(process.pid)
             raw_times, _, _ = timed(lambda: raw.get("/v1/pick?model=model-0"), 3000)
             raw_cpu = cpu_seconds(process.pid) - before - idle_rate * sum(raw_times)
+            waited = schedstat(process.pid)[1] - waited
         finally:
             raw.close()
         before = cpu_seconds(process.pid)
@@ -202,7 +195,8 @@ def test_pick_over_http_vs_the_listing(tmp_path):
         health_cpu = cpu_seconds(process.pid) - before - idle_rate * sum(health)
     FIGURES[f"pick over HTTP, {HIVES * PER_HIVE:,} workers, 1 model, raw keep-alive client"] = (
         f"p50 {statistics.median(raw_times) * 1e3:.2f} ms, p99 {p99(raw_times) * 1e3:.2f} ms at "
-        f"the client, {3000 / max(raw_cpu, 1e-9):,.0f} picks per queen CPU-s")
+        f"the client, {3000 / max(raw_cpu, 1e-9):,.0f} picks per queen CPU-s; the queen waited "
+        f"{waited * 1e3:.0f} ms on a run queue for its core")
     FIGURES[f"pick over HTTP, {HIVES * PER_HIVE:,} workers, 1 model, httpx"] = (
         f"p50 {statistics.median(times) * 1e3:.2f} ms, p99 {p99(times) * 1e3:.2f} ms at the "
         f"client, {3000 / max(pick_cpu, 1e-9):,.0f} picks per queen CPU-s; the listing: p50 "
