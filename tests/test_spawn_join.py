@@ -145,3 +145,35 @@ def test_an_unwritable_cgroup_file_is_a_clear_error_at_spawn(cgroup_monitor, mon
     with pytest.raises(CgroupError, match=r"^cannot open .*/llm/bad: Is a directory"):
         cgroup_monitor.spawn("llm", "bad", sleeper())
     assert cgroup_monitor.workers() == [] and backend.enumerate() == []
+
+
+async def test_the_hive_publishes_a_spawned_worker_before_it_joined_and_a_stop_is_immediate(
+        tmp_path, monkeypatch):
+    """The heartbeat that announces a spawn does not wait for the join: with the helper held
+    before it joins, the hive's latest heartbeat already lists the worker (``starting``), and
+    deleting it at once ends it without waiting out the stop grace period."""
+    import trio
+
+    from rbee.config import WorkerSpec
+
+    from .hivekit import hive_config, start_hive
+
+    hold(monkeypatch, tmp_path, "before")
+    marker = tmp_path / "ran"
+    config = hive_config("spawn-join", stop_grace_s=30)
+    async with trio.open_nursery() as nursery:
+        agent, _ = await start_hive(nursery, config)
+        generation = agent.generation
+        spec = WorkerSpec(group="llm", instance="fresh", argv=writes_marker(marker))
+        pid = await agent.spawn(spec)
+        with trio.fail_after(10):
+            while not any(w.instance == "fresh" for w in agent.latest.workers):
+                generation, _ = await agent.wait_newer(generation)
+        (record,) = [w for w in agent.latest.workers if w.instance == "fresh"]
+        assert record.pid == pid and record.state.value == "starting"
+        assert agent.monitor.backend.pids("llm", "fresh") == []  # still held before its join
+        with trio.fail_after(10):  # far below stop_grace_s: the signal reached the helper
+            await agent.stop_worker("llm", "fresh")
+        assert not any(w.instance == "fresh" for w in agent.monitor.workers())
+        nursery.cancel_scope.cancel()
+    assert not marker.exists()
