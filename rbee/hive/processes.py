@@ -2,16 +2,16 @@
 
 A worker's own program runs only inside its cgroup. It starts as a small helper (``/bin/sh``
 running ``JOIN_THEN_EXEC``) that writes its own PID into the cgroup's ``cgroup.procs`` files and
-then ``exec``s the worker binary under the same PID; only the helper's first instructions (a
-shell's start, well under a millisecond of CPU, about 1 MB) are charged to the hive's cgroup.
-``spawn`` returns, and announces the worker, as soon as the helper runs, without waiting for it to
-join: joining a cgroup (any write to ``cgroup.procs``) takes the kernel's global
+then ``exec``s the worker binary under the same PID; only the helper's start is charged to the
+hive's cgroup (a shell's: under a millisecond of CPU, about 100 KB of memory of its own).
+``spawn`` returns, and announces the worker, as soon as the helper runs, without waiting for it
+to join: joining a cgroup (any write to ``cgroup.procs``) takes the kernel's global
 ``cgroup_threadgroup_rwsem`` for writing, which waits out an RCU grace period whenever no other
-migration ran just before (10-30 ms here), and the hive's heartbeat need not wait for it. A
-worker signalled before it has joined (a stop right after its spawn) gets the signal directly: the
-helper dies and the worker never starts. Without cgroups (the none backend) the worker binary is
-started directly. Workers get a session of their own, so a Ctrl-C meant for the hive does not
-reach them, and a restarted hive finds them again.
+migration ran just before (14 ms at the median on the 2-core test machine), and the hive's
+heartbeat need not wait for that. A worker signalled before it has joined (a stop right after its
+spawn) gets the signal directly: the helper dies and the worker never starts. Without cgroups
+(the none backend) the worker binary is started directly. Workers get a session of their own,
+so a Ctrl-C meant for the hive does not reach them, and a restarted hive finds them again.
 
 What the backend answers differently (how to signal a worker, which of its processes still run)
 is the backend's to say (``CgroupBackend.kill``, ``members``, ``adopt``). Whoever watches the set
