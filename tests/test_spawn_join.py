@@ -35,7 +35,7 @@ def hold(monkeypatch, tmp_path: Path, where: str) -> Path:
     execs; opening the FIFO for writing lets them go on."""
     fifo = tmp_path / f"hold-{where}"
     os.mkfifo(fifo)
-    wait = f"read _ < {fifo}; "
+    wait = f"read _ < '{fifo}'; "
     before, _, after = JOIN_THEN_EXEC.partition("shift; exec")
     script = wait + JOIN_THEN_EXEC if where == "before" else before + wait + "shift; exec" + after
     monkeypatch.setattr(processes, "JOIN_THEN_EXEC", script)
