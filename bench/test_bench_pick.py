@@ -11,7 +11,7 @@ Measured two ways, each against the obvious alternative in the same run:
   latency from the client, and picks per CPU-second of the queen process; against ``GET
   /v1/workers?model=M&limit=10000`` scored by the client (the queen's CPU per answer). The
   latency is taken twice: through httpx (what a Python router pays, its client included: about
-  0.3 ms a request here) and through a raw kept-alive socket sending prepared bytes (the queen's
+  1 ms a request here) and through a raw kept-alive socket sending prepared bytes (the queen's
   answer and the loopback alone, as ``bench/test_bench_queen.py``'s fan-out client does).
 """
 
