@@ -1,6 +1,11 @@
 """The pipeline end to end. Targets: a heartbeat of 100 workers < 25 KB on the wire; spawn → SSE
 client p99 < 20 ms through real ``rbee-queen`` and ``rbee-hive`` processes.
 
+Where a spawn's time goes (``test_spawn_breakdown``): the same spawns through a hive run in this
+process (its product objects, each stage's end time-stamped by wrapping the method that ends it)
+and a real queen, over the channel and over POST; each stage is reported as the time from the
+POST to its end.
+
 The payload is measured on a real hive's heartbeat (100 workers in real cgroups, with limits) and,
 for a GPU hive, on a heartbeat with every GPU field filled; each as JSON and as sent (gzip, the
 default). Spawn latency runs from just before the hive's ``POST /v1/workers`` to the moment the
@@ -12,7 +17,9 @@ too, in the same run.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import inspect
 import os
 import statistics
 import sys
@@ -26,11 +33,14 @@ import yaml
 
 from rbee.config import HiveConfig, parse_config
 from rbee.contract import encode
+from rbee.hive import channel
 from rbee.hive.agent import HiveAgent
+from rbee.hive.service import HiveService
 from tests.builders import fleet_heartbeat
 from tests.daemons import Daemon
 
 from .conftest import FIGURES
+from .test_bench_queen import schedstat
 
 
 def wire(body: bytes) -> bytes:
@@ -93,13 +103,16 @@ def pipeline(tmp_path, request):
     with daemon("queen", side, tmp_path / "queen.yaml", "port: 0\n") as queen, \
             daemon("hive", side, tmp_path / "hive.yaml", yaml.safe_dump(
                 {**hive_yaml, "queen_url": queen.url}), cgroup_root="rbee-bench-spawn") as hive:
-        yield queen.url, hive.url, side
+        yield queen.url, hive.url, side, (queen.process.pid, hive.process.pid)
 
 
 SPAWNS = 30
 
 
-async def spawn_latencies(queen_url: str, hive_url: str) -> list[float]:
+async def spawn_latencies(queen_url: str, hive_url: str, stamps: dict[str, float] | None = None
+                          ) -> list[float]:
+    """Each spawn's latency; with ``stamps``, each spawn's stamps too (as ms from its POST), as
+    the hive's wrapped methods set them, in ``stamps["spawns"]``."""
     host, port = queen_url.removeprefix("http://").rsplit(":", 1)
     sock = trio.socket.socket()
     await sock.connect((host, int(port)))
@@ -111,9 +124,12 @@ async def spawn_latencies(queen_url: str, hive_url: str) -> list[float]:
     async with httpx.AsyncClient(base_url=hive_url, timeout=10) as client:
         for k in range(SPAWNS):
             marker = f"spawn-{k:03}".encode()
+            if stamps is not None:
+                stamps.clear()
             started = time.perf_counter()
             response = await client.post("/v1/workers", json={
                 "group": "bench", "instance": marker.decode(), "argv": ["sleep", "600"]})
+            answered = time.perf_counter()
             assert response.status_code == 201, response.text
             tail = b""
             while True:
@@ -122,6 +138,10 @@ async def spawn_latencies(queen_url: str, hive_url: str) -> list[float]:
                     latencies.append(time.perf_counter() - started)
                     break
                 tail = chunk[-32:]
+            if stamps is not None:
+                stamps.update({"the POST answered": answered,
+                               "the stream client has it": started + latencies[-1]})
+                SPAWN_STAMPS.append({stage: (at - started) * 1e3 for stage, at in stamps.items()})
             await client.delete(f"/v1/workers/bench/{marker.decode()}")
             await trio.sleep(0.05)
     sock.close()
@@ -131,15 +151,98 @@ async def spawn_latencies(queen_url: str, hive_url: str) -> list[float]:
 def test_spawn_to_sse_latency(benchmark, pipeline):
     samples: list[float] = []
 
-    queen_url, hive_url, side = pipeline
+    queen_url, hive_url, side, pids = pipeline
 
     def one_round() -> None:
         samples.extend(trio.run(spawn_latencies, queen_url, hive_url))
 
+    waited = sum(schedstat(pid)[1] for pid in pids)
     benchmark.pedantic(one_round, rounds=2, iterations=1)
+    waited = sum(schedstat(pid)[1] for pid in pids) - waited
     samples.sort()
     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e3
     FIGURES[f"spawn -> SSE client (real processes, {side})"] = (
         f"p50 {statistics.median(samples) * 1e3:.1f} ms, p99 {p99:.1f} ms, "
-        f"max {samples[-1] * 1e3:.1f} ms ({len(samples)} spawns)")
+        f"max {samples[-1] * 1e3:.1f} ms ({len(samples)} spawns); the hive and the queen "
+        f"waited {waited * 1e3:.0f} ms on a run queue for a core")
     assert len(samples) == 2 * SPAWNS
+
+
+SPAWN_STAMPS: list[dict[str, float]] = []
+
+
+def stamp_after(stamps: dict[str, float], owner: object, method: str, stage: str,
+                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrap ``owner.method`` so that the first call of each spawn to return sets ``stage``."""
+    original = getattr(owner, method)
+    if inspect.iscoroutinefunction(original):
+        async def wrapped(*args, **kwargs):
+            result = await original(*args, **kwargs)
+            stamps.setdefault(stage, time.perf_counter())
+            return result
+    else:
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            stamps.setdefault(stage, time.perf_counter())
+            return result
+    monkeypatch.setattr(owner, method, functools.wraps(original)(wrapped))
+
+
+def stamp_before(stamps: dict[str, float], owner: object, method: str, stage: str,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrap ``owner.method`` so that the first call of each spawn sets ``stage`` as it begins."""
+    original = getattr(owner, method)
+    if inspect.iscoroutinefunction(original):
+        async def wrapped(*args, **kwargs):
+            stamps.setdefault(stage, time.perf_counter())
+            return await original(*args, **kwargs)
+    else:
+        def wrapped(*args, **kwargs):
+            stamps.setdefault(stage, time.perf_counter())
+            return original(*args, **kwargs)
+    monkeypatch.setattr(owner, method, functools.wraps(original)(wrapped))
+
+
+async def traced_spawns(queen_url: str, transport: str, monkeypatch: pytest.MonkeyPatch
+                        ) -> list[float]:
+    config = parse_config({
+        "id": "bench-hive", "port": 0, "stop_workers_on_exit": True, "queen_url": queen_url,
+        "cgroup": {"root": "rbee-bench-breakdown"}, "collect": {"gpu": "none"},
+        "heartbeat": {"transport": transport}}, HiveConfig)
+    hive = HiveService(config)
+    agent, stamps = hive.agent, {}
+    stamp_before(stamps, hive, "spawn", "the hive's handler has it", monkeypatch)
+    stamp_after(stamps, agent.monitor.backend, "create", "cgroup made, limits written",
+                monkeypatch)
+    stamp_after(stamps, agent.monitor, "_start", "process started", monkeypatch)
+    stamp_after(stamps, agent.monitor, "spawn", "spawn announced", monkeypatch)
+    stamp_before(stamps, agent.collector, "collect_all", "collection begins", monkeypatch)
+    stamp_after(stamps, agent.collector, "collect_all", "collection done", monkeypatch)
+    stamp_after(stamps, agent, "_set_latest", "heartbeat published", monkeypatch)
+    if transport == "channel":
+        stamp_after(stamps, channel.FrameMaker, "frame", "frame made", monkeypatch)
+    else:
+        stamp_before(stamps, hive.sender, "send", "POST begins", monkeypatch)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hive.run)
+        while hive.sender.state.delivered == 0:
+            await trio.sleep(0.01)
+        latencies = await spawn_latencies(queen_url, hive.urls[0], stamps)
+        hive.stop()
+    return latencies
+
+
+@pytest.mark.parametrize("transport", ["channel", "post"])
+def test_spawn_breakdown(benchmark, tmp_path, transport, monkeypatch):
+    SPAWN_STAMPS.clear()
+    with Daemon("rbee-queen", tmp_path / "queen.yaml", "port: 0\n") as queen:
+        benchmark.pedantic(lambda: trio.run(traced_spawns, queen.url, transport, monkeypatch),
+                           rounds=2, iterations=1)
+    stages = sorted(SPAWN_STAMPS[0], key=lambda stage: statistics.median(
+        spawn[stage] for spawn in SPAWN_STAMPS))
+    for stage in stages:
+        values = sorted(spawn[stage] for spawn in SPAWN_STAMPS)
+        FIGURES[f"spawn breakdown ({transport}): {stage}"] = (
+            f"p50 {statistics.median(values):.2f} ms, p99 "
+            f"{values[min(len(values) - 1, int(len(values) * 0.99))]:.2f} ms after the POST")
+    assert len(SPAWN_STAMPS) == 2 * SPAWNS and all(len(s) == len(stages) for s in SPAWN_STAMPS)

@@ -11,8 +11,11 @@ from pathlib import Path
 import trio
 
 from rbee.config import HiveConfig, parse_config
+from rbee.hive import processes
 from rbee.hive.agent import HiveAgent
 from rbee.hive.heartbeat import HeartbeatSender
+from rbee.hive.processes import ProcessMonitor
+from rbee.hive.procfs import read_cmdline
 
 from .conftest import RUN_ROOT, sleeper
 
@@ -53,6 +56,20 @@ def wait_mapped(pid: int, timeout_s: float = 10.0) -> None:
     while resident_pages(pid) == 0:
         assert time.monotonic() < deadline, f"process {pid} never had a page resident"
         time.sleep(0.005)
+
+
+def wait_joined(monitor: ProcessMonitor, group: str, instance: str, timeout_s: float = 10.0
+                ) -> int:
+    """Block until the worker runs its own program in its cgroup, and return its PID: ``spawn``
+    returns while the worker's helper is still joining (``rbee/hive/processes.py``)."""
+    worker = monitor.get(group, instance)
+    deadline = time.monotonic() + timeout_s
+    while (worker.pid not in monitor.backend.members(group, instance)
+           or read_cmdline(worker.pid)[:3] in ((), (processes.SHELL, "-c",  # () in exec
+                                                    processes.JOIN_THEN_EXEC))):
+        assert time.monotonic() < deadline, f"{group}/{instance} never joined its cgroup"
+        time.sleep(0.002)
+    return worker.pid
 
 
 def wait_for_text(path: str, text: str, timeout_s: float = 10.0) -> None:

@@ -26,7 +26,7 @@ from rbee.hive.agent import HiveAgent
 
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, V2_MOUNT, sleeper
 from .fakes import write_fake_nvidia_smi
-from .hivekit import hive_config, sleeper_specs
+from .hivekit import hive_config, sleeper_specs, wait_joined
 
 
 async def test_agent_publishes_heartbeats_and_reacts_to_exit_at_once():
@@ -126,7 +126,7 @@ async def test_two_hives_on_one_host_keep_their_own_workers_and_a_held_root_refu
         assert "`id`" in message and "`cgroup.root`" in message
         assert twin.monitor.workers() == []
         assert [w.instance for w in first.latest.workers] == ["alpha"]  # untouched
-        assert first.monitor.get("llm", "alpha").pid in first.monitor.backend.pids("llm", "alpha")
+        assert wait_joined(first.monitor, "llm", "alpha") == first.monitor.get("llm", "alpha").pid
         nursery.cancel_scope.cancel()
     assert not root.exists() and not second.monitor.backend.primary.exists()
 

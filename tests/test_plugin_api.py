@@ -22,7 +22,7 @@ from rbee.plugin import API_VERSION, WorkerView, hookimpl, spec
 from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import sleeper
-from .hivekit import wait_mapped
+from .hivekit import wait_joined, wait_mapped
 
 GUIDE = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
 
@@ -96,6 +96,7 @@ def test_the_view_shows_the_worker(cgroup_monitor):
     pid = cgroup_monitor.spawn("llm", "seen", sleeper(), cpu_limit="50%", memory_limit="64M",
                                env={"CUDA_VISIBLE_DEVICES": "1,3", "PATH": os.environ["PATH"]},
                                metrics_url="http://127.0.0.1:9/metrics")
+    wait_joined(cgroup_monitor, "llm", "seen")  # spawn returns before the worker's helper joins
     recorder = Recorder()
     collector = TelemetryCollector(cgroup_monitor, build_plugin_manager(extra_plugins=[recorder]),
                                    CollectorSettings(gpu="none", rate_window_s=0))

@@ -33,6 +33,7 @@ from rbee.plugin.testing import Clock, worker_telemetry
 
 from .conftest import sleeper
 from .daemons import BIN
+from .hivekit import wait_joined
 
 GOOD = '''
 from rbee.plugin import MetricSpec, PluginSettings, hookimpl
@@ -299,6 +300,7 @@ def test_the_view_has_the_workers_directory_for_each_controller(monitor):
     (v1: one per hierarchy, cpu and memory among them; v2: the worker's one directory under
     each controller enabled there; none: nothing)."""
     monitor.spawn("llm", "paths", sleeper())
+    wait_joined(monitor, "llm", "paths")  # spawn returns before the worker's helper joins
     worker = monitor.get("llm", "paths")
     plugin = Paths()
     TelemetryCollector(monitor, build_plugin_manager(extra_plugins=[plugin]),

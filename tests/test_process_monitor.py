@@ -24,7 +24,7 @@ from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import busy_worker, needs_v1, needs_v2, sleeper
 from .fakes import StubNvml, write_fake_nvidia_smi
-from .hivekit import wait_exited, wait_for_text
+from .hivekit import wait_exited, wait_for_text, wait_joined
 
 
 def cgroup_of(pid: int) -> str:
@@ -39,6 +39,7 @@ def collector_for(monitor, **settings) -> TelemetryCollector:
 
 def test_spawn_creates_cgroup(monitor):
     pid = monitor.spawn("llm", "w1", sleeper())
+    assert wait_joined(monitor, "llm", "w1") == pid
     backend = monitor.backend
     if backend.name == "none":
         assert backend.pids("llm", "w1") == [pid]
@@ -77,7 +78,7 @@ def test_spawn_memory_limit_is_enforced(v1_monitor):
 
 def test_spawn_returns_valid_pid(monitor):
     pid = monitor.spawn("llm", "pid", sleeper())
-    assert pid > 1
+    assert pid > 1 and wait_joined(monitor, "llm", "pid") == pid
     os.kill(pid, 0)  # exists
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"sleep")
     assert monitor.get("llm", "pid").pid == pid
@@ -224,6 +225,7 @@ def test_enumerate_walks_cgroup_tree(cgroup_monitor):
     monitor = cgroup_monitor
     first = monitor.spawn("llm", "a", sleeper())
     second = monitor.spawn("embed", "b", sleeper())
+    wait_joined(monitor, "llm", "a"), wait_joined(monitor, "embed", "b")
     assert sorted(monitor.enumerate()) == [("embed", "b", second), ("llm", "a", first)]
     # A restarted hive finds the same workers in the tree and adopts them.
     from rbee.hive.processes import ProcessMonitor
@@ -356,6 +358,7 @@ def test_v2_worker_on_real_unified_mount():
     monitor = ProcessMonitor(backend)
     try:
         pid = monitor.spawn("llm", "v2", busy_worker(), cpu_limit="50%")
+        wait_joined(monitor, "llm", "v2")
         assert f"0::/{RUN_ROOT}/v2real/llm/v2" in cgroup_of(pid)
         collector = collector_for(monitor, gpu="none", rate_window_s=0.5)
         collector.collect_all()
@@ -444,6 +447,7 @@ def test_a_re_adopted_workers_stderr_is_found_again_and_trimmed(cgroup_monitor, 
 
     script = "import sys, time\nprint('ready', file=sys.stderr, flush=True)\ntime.sleep(600)"
     pid = cgroup_monitor.spawn("llm", "kept", [sys.executable, "-c", script])
+    wait_joined(cgroup_monitor, "llm", "kept")
     cgroup_monitor.release()  # the hive stops, leaving the worker running
     (worker,) = cgroup_monitor.adopt_existing()
     assert worker.pid == pid and worker.output is not None and worker.output.owned

@@ -17,7 +17,7 @@ from rbee.plugin import hookimpl
 from rbee.plugin.manager import build_plugin_manager
 
 from .conftest import busy_worker, sleeper
-from .hivekit import wait_exited
+from .hivekit import wait_exited, wait_joined
 
 
 def collector(monitor, *plugins) -> TelemetryCollector:
@@ -81,6 +81,7 @@ def test_collect_all_workers_partial_failure(monitor):
     dying = monitor.spawn("llm", "dying", sleeper())
     monitor.spawn("llm", "cursed", busy_worker())
     monitor.spawn("llm", "fine", sleeper())
+    wait_joined(monitor, "llm", "cursed")  # spawn returns before the worker's helper joins
     telemetry = collector(monitor, ExplodesForOne())
     os.kill(dying, signal.SIGKILL)
     wait_exited(dying)
