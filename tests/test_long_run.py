@@ -200,10 +200,11 @@ async def test_two_minutes_of_a_real_fleet_every_figure_true(tmp_path):
     assert health["queen"]["failed"] == 0, health
     assert "not delivered" not in hive_log, hive_log[-2000:]
     assert "took longer than" not in queen_log, queen_log[-2000:]
-    arrivals = [at for at, _ in seen]
     stamps = [e.timestamp for _, e in seen]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
-    longest = max(b - a for a, b in itertools.pairwise(arrivals))
+    # gaps by the heartbeats' own stamps: this process's arrival times stall while selenium
+    # starts Chromium (a blocking call on this trio loop), which says nothing of the hive
+    longest = max((b - a).total_seconds() for a, b in itertools.pairwise(stamps))
     assert longest < 4 * INTERVAL, f"a {longest:.2f} s gap in the hive's heartbeats"
     assert len(seen) >= 0.8 * SOAK_S / INTERVAL, len(seen)
 
