@@ -181,11 +181,12 @@ class Published:
     (decoded when the store gave JSON), its JSON, its frame, and its workers' updates."""
 
     def __init__(self, broadcaster: Broadcaster, event: StreamEvent | bytes,
-                 event_id: str | None) -> None:
+                 event_id: str | None, data: bytes | None = None) -> None:
         self.broadcaster, self.raw, self.event_id = broadcaster, event, event_id
         self._struct: StreamEvent | None = None if isinstance(event, bytes) else event
         self._frame: bytes | None = None
-        self._data: bytes | None = None
+        self._data = data
+        """The struct's JSON, when the publisher had it already."""
         self.updates: list[tuple[str | None, bytes, str]] = []
         """``(model, JSON, hive id)`` of each ``worker_update`` of this event."""
 
@@ -286,11 +287,13 @@ class Broadcaster:
         return ServerSentEvent(data.decode(), event=STREAM_EVENT_NAME, id=event_id,
                                retry=retry_ms).encode()
 
-    def publish(self, event: StreamEvent | bytes, event_id: str) -> None:
-        """Offer one event to every client; never waits (nor encodes, with no client)."""
+    def publish(self, event: StreamEvent | bytes, event_id: str,
+                data: bytes | None = None) -> None:
+        """Offer one event to every client; never waits (nor encodes, with no client).
+        ``data``: the JSON of ``event`` (a struct), when the publisher has it already."""
         if not self._count:
             return
-        published = Published(self, event, event_id)
+        published = Published(self, event, event_id, data)
         if self._changes is not None:
             published.updates = [(model, encode(update), update.hive_id)
                                  for model, update in self._updates_of(published)]

@@ -35,6 +35,7 @@ from ..contract import (
 from .broadcast import Broadcaster, Replay
 from .registry import HiveRegistry
 from .scheduling import idle_instances
+from .summary import FleetTotals
 from .ticks import every
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class MemoryStore:
         self.config = config
         self.registry = registry
         self.broadcaster = broadcaster
+        self.totals = FleetTotals(config.registry, registry.hive_ids)
+        registry.observe(self.totals.hive_changed)
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
         self._last = start - 1
@@ -123,18 +126,23 @@ class MemoryStore:
     def health(self) -> StoreHealth:
         return StoreHealth(kind="memory")
 
-    def publish(self, event: StreamEvent, size: int | None = None) -> None:
+    def publish(self, event: StreamEvent, size: int | None = None, *,
+                data: bytes | None = None) -> None:
         """Announce ``event`` and keep it for resuming clients. ``size``, its JSON's bytes, is
-        measured here when not given (sweeps and summaries only: a heartbeat brings its body's)."""
+        measured here when not given (sweeps only: a heartbeat brings its body's, a summary its
+        JSON, ``data``, which the stream's clients then get without encoding it again)."""
         self._last = next(self._ids)
-        size = len(encode(event)) if size is None else size
+        if data is not None:
+            size = len(data)
+        elif size is None:
+            size = len(encode(event))
         kept, stream = self._kept, self.config.stream
         kept.append((self._last, event, size))
         self._kept_bytes += size
         while kept and (len(kept) > stream.replay_events
                         or self._kept_bytes > stream.replay_bytes):
             self._kept_bytes -= kept.popleft()[2]
-        self.broadcaster.publish(event, str(self._last))
+        self.broadcaster.publish(event, str(self._last), data)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -149,7 +157,8 @@ class MemoryStore:
 
     async def _summary_loop(self) -> None:
         async for _ in every(self.config.stream.queen_interval_s):
-            self.publish(self.registry.summary())
+            event = await self.totals.event()
+            self.publish(event, data=encode(event))
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
