@@ -93,46 +93,53 @@ _COUNTS = ("workers", "online", "available", "hives_online", "hives_available", 
 
 
 class HivePart:
-    """One hive's share of the totals, as of one state of its registry entry."""
+    """One hive's share of the totals, as of one state of its registry entry: ``counts`` in
+    the order of ``_COUNTS``, its online workers per model and per state, and their ids in the
+    listings' order (reused from the hive's last share while its workers are the same ones)."""
 
-    __slots__ = (*_COUNTS, "models", "states", "worker_ids")
+    __slots__ = ("counts", "keys", "models", "states", "worker_ids")
 
-    def __init__(self, hive_id: str, entry: HiveEntry, settings: RegistrySettings) -> None:
-        self.workers = len(entry.workers)
+    def __init__(self, hive_id: str, entry: HiveEntry, settings: RegistrySettings,
+                 last: HivePart | None) -> None:
+        workers, devices = entry.workers, entry.capabilities
         self.models: dict[str, int] = {}
         self.states: dict[str, int] = {}
-        self.worker_ids: tuple[str, ...] = ()
-        self.online = self.available = self.hives_online = self.hives_available = 0
-        self.busy = self.running = self.waiting = self.cpu = self.rss = self.vram = 0
-        self.gpus = self.unhealthy = 0
-        if entry.stale:
-            return  # a stale hive's workers count in workers_total alone
-        self.hives_online, self.hives_available = 1, int(entry.schedulable)
-        models, states, ids = Counter(), Counter(), []
-        for worker, _, _, idle in judged(entry.workers, entry.capabilities, entry.schedulable,
-                                         settings):
-            ids.append(worker_id(hive_id, worker))
-            self.available += idle
-            if worker.model is not None:
-                models[worker.model] += 1
-            states[worker.state.value] += 1
-            self.cpu += round(worker.cpu_pct * CPU_UNIT)
-            self.rss += worker.rss_mb
-            self.vram += worker.vram_mb
+        if entry.stale:  # a stale hive's workers count in workers_total alone
+            self.keys, self.worker_ids = None, ()
+            self.counts = (len(workers),) + (0,) * (len(_COUNTS) - 1)
+            return
+        models, states = self.models, self.states
+        available = busy = running = waiting = cpu = rss = vram = 0
+        schedulable = entry.schedulable
+        for _, _, _, idle in judged(workers, devices, schedulable, settings, ordered=False):
+            available += idle
+        for worker in workers:
+            model = worker.model
+            if model is not None:
+                models[model] = models.get(model, 0) + 1
+            state = worker.state.value
+            states[state] = states.get(state, 0) + 1
+            cpu += round(worker.cpu_pct * CPU_UNIT)
+            rss += worker.rss_mb
+            vram += worker.vram_mb
             engine = worker.engine
             if engine is not None:
-                self.running += engine.requests_running
-                self.waiting += engine.requests_waiting
-                self.busy += engine.requests_running > 0
-        self.online, self.worker_ids = len(ids), tuple(ids)
-        self.models, self.states = dict(models), dict(states)
-        self.gpus = len(entry.capabilities)
-        self.unhealthy = sum(not isinstance(gpu.health, Healthy) for gpu in entry.capabilities)
+                running += engine.requests_running
+                waiting += engine.requests_waiting
+                busy += engine.requests_running > 0
+        self.keys = keys = [(w.group, w.instance) for w in workers]
+        if last is not None and last.keys == keys:
+            self.worker_ids = last.worker_ids
+        else:
+            self.worker_ids = tuple(f"{hive_id}/{group}/{instance}"
+                                    for group, instance in sorted(keys))
+        self.counts = (len(workers), len(workers), available, 1, int(schedulable), busy,
+                       running, waiting, cpu, rss, vram, len(devices),
+                       sum(not isinstance(d.health, Healthy) for d in devices))
 
 
 _NOTHING = HivePart.__new__(HivePart)
-for _name in _COUNTS:
-    setattr(_NOTHING, _name, 0)
+_NOTHING.counts, _NOTHING.keys = (0,) * len(_COUNTS), None
 _NOTHING.models, _NOTHING.states, _NOTHING.worker_ids = {}, {}, ()
 
 
@@ -145,9 +152,9 @@ class FleetTotals:
         self.settings, self.order = settings, order
         self._parts: dict[str, HivePart] = {}
         self._due: dict[str, HiveEntry | None] = {}
-        self._sums = dict.fromkeys(_COUNTS, 0)
-        self._models: Counter[str] = Counter()
-        self._states: Counter[str] = Counter()
+        self._sums = [0] * len(_COUNTS)
+        self._models: dict[str, int] = {}
+        self._states: dict[str, int] = {}
 
     def hive_changed(self, hive_id: str, entry: HiveEntry | None) -> None:
         """The registry's observer: a hive's new state (``None``: removed), noted only."""
@@ -164,20 +171,21 @@ class FleetTotals:
     def event_now(self) -> QueenEvent:
         """The ``queen`` event as of now, every noted change applied in one go."""
         self._apply(None)
-        sums, parts = self._sums, self._parts
+        parts = self._parts
+        (workers, online, available, hives_online, hives_available, busy, running, waiting, cpu,
+         rss, vram, gpus, unhealthy) = self._sums
         for counts in (self._models, self._states):
             for gone in [key for key, n in counts.items() if not n]:
                 del counts[gone]
-        hive_ids = [h for h in self.order() if parts[h].hives_online]
+        hive_ids = [h for h in self.order() if parts[h].keys is not None]
         summary = FleetSummary(
-            workers_total=sums["workers"], workers_busy=sums["busy"],
-            requests_running=sums["running"], requests_waiting=sums["waiting"],
-            cpu_pct=round(sums["cpu"] / CPU_UNIT, 1), rss_mb=sums["rss"], vram_mb=sums["vram"],
-            gpus=sums["gpus"], gpus_unhealthy=sums["unhealthy"],
-            models=dict(self._models), states=dict(self._states))
+            workers_total=workers, workers_busy=busy, requests_running=running,
+            requests_waiting=waiting, cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss,
+            vram_mb=vram, gpus=gpus, gpus_unhealthy=unhealthy, models=dict(self._models),
+            states=dict(self._states))
         return QueenEvent(
-            workers_online=sums["online"], workers_available=sums["available"],
-            hives_online=sums["hives_online"], hives_available=sums["hives_available"],
+            workers_online=online, workers_available=available, hives_online=hives_online,
+            hives_available=hives_available,
             worker_ids=list(chain.from_iterable(parts[h].worker_ids for h in hive_ids)),
             hive_ids=hive_ids, timestamp=utc_now(), summary=summary)
 
@@ -190,15 +198,21 @@ class FleetTotals:
         else:
             for hive_id, _ in noted:
                 del due[hive_id]
-        parts, sums = self._parts, self._sums
+        parts, settings = self._parts, self.settings
+        sums = self._sums
+        models, states = self._models, self._states
         for hive_id, entry in noted:
-            old = parts.pop(hive_id, _NOTHING)
-            new = _NOTHING if entry is None else HivePart(hive_id, entry, self.settings)
-            if entry is not None:
-                parts[hive_id] = new
-            for name in _COUNTS:
-                sums[name] += getattr(new, name) - getattr(old, name)
-            self._models.subtract(old.models)
-            self._models.update(new.models)
-            self._states.subtract(old.states)
-            self._states.update(new.states)
+            old = parts.pop(hive_id, None)
+            if entry is None:
+                new = _NOTHING
+            else:
+                new = parts[hive_id] = HivePart(hive_id, entry, settings, old)
+            if old is None:
+                old = _NOTHING
+            sums[:] = [total + n - o for total, n, o in zip(sums, new.counts, old.counts)]
+            for totals, was, now in ((models, old.models, new.models),
+                                     (states, old.states, new.states)):
+                for key, n in was.items():
+                    totals[key] -= n
+                for key, n in now.items():
+                    totals[key] = totals.get(key, 0) + n
