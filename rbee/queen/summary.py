@@ -34,7 +34,6 @@ from ..contract import (
     QueenEvent,
     WorkerTelemetry,
     utc_now,
-    worker_id,
 )
 from .scheduling import judged
 
@@ -209,7 +208,7 @@ class FleetTotals:
                 new = parts[hive_id] = HivePart(hive_id, entry, settings, old)
             if old is None:
                 old = _NOTHING
-            sums[:] = [total + n - o for total, n, o in zip(sums, new.counts, old.counts)]
+            sums[:] = [total + n - o for total, n, o in zip(sums, new.counts, old.counts, strict=True)]
             for totals, was, now in ((models, old.models, new.models),
                                      (states, old.states, new.states)):
                 for key, n in was.items():
