@@ -1,7 +1,8 @@
 """Who holds the queen's event loop, and for how long: one real queen in this process with N
 eight-GPU hives, measured by a trio ``Instrument``.
 
-    python bench/loopholds.py N [--window-s 10] [--warmup-s 4] [--stream] [--tracemalloc]
+    python bench/loopholds.py N [--window-s 10] [--warmup-s 4] [--stream] [--metrics]
+                                [--tracemalloc]
 
 A real ``QueenServer`` (memory store, port 0 on 127.0.0.1) runs its own periodic tasks: the
 store's silence sweep (``registry.cleanup_interval_s``) and fleet summary
@@ -14,15 +15,18 @@ Beside it, in the same loop, drivers do what a fleet and its readers do:
   eight-GPU, eight-worker struct with new lists, as a fresh decode would give (the bytes' decode
   is the transport's, measured by bench/test_bench_fleet.py, and left out here);
 - ``pick``: a ``/v1/pick`` of one model every 100 ms, through the raw GET handler;
-- ``metrics``: a ``/metrics`` render every 5 s, in a worker thread as the route does (its wall
-  time is reported; it is not a task step of the loop);
+- with ``--metrics``: a ``/metrics`` render every 5 s, in a worker thread as the route does (its
+  wall time is reported; it is not a task step of the loop, but it takes the GIL from the loop
+  thread every 5 ms, ``sys.getswitchinterval``, while it runs);
 - ``probe``: sleeps 1 ms again and again and records how late it wakes: what a heartbeat that
   became ready would wait for the loop;
 - with ``--stream``: one SSE client of the whole stream (connects once the fleet is in, so the
   window holds its snapshot only if it reconnects).
 
 For every task the window reports the longest single step (``before_task_step`` to
-``after_task_step``), its total time (its share of the window's wall time) and its steps; and
+``after_task_step``) in the loop thread's CPU time (``time.thread_time``: on a machine shared
+with other work, wall time also counts the moments the OS ran something else) and in wall time,
+its total CPU time (its share of the window's wall time) and its steps; and
 Python's cyclic collections by generation (``gc.callbacks``), with their longest pause. One line
 of JSON on stdout. It imports ``rbee`` from ``PYTHONPATH``, so the same script measures another
 checkout (bench/test_bench_loop_holds.py does, with ``RBEE_BENCH_BEFORE``).
@@ -67,12 +71,13 @@ class Holds(trio.abc.Instrument):
     """Each task's longest step, total and count; the cyclic collector's pauses by generation."""
 
     def __init__(self) -> None:
-        self._step = self._gc_started = 0.0
+        self._step = self._wall = self._gc_started = 0.0
         self.reset()
         gc.callbacks.append(self._gc)
 
     def reset(self) -> None:
         self.longest: dict[str, float] = defaultdict(float)
+        self.longest_wall: dict[str, float] = defaultdict(float)
         self.total: dict[str, float] = defaultdict(float)
         self.steps: dict[str, int] = defaultdict(int)
         self.gc_longest: dict[int, float] = defaultdict(float)
@@ -81,15 +86,17 @@ class Holds(trio.abc.Instrument):
         self.began = time.perf_counter()
 
     def before_task_step(self, task) -> None:
-        self._step = time.perf_counter()
+        self._step = time.thread_time()
+        self._wall = time.perf_counter()
 
     def after_task_step(self, task) -> None:
-        took = time.perf_counter() - self._step
+        took = time.thread_time() - self._step
         name = short(task.name)
         self.total[name] += took
         self.steps[name] += 1
         if took > self.longest[name]:
             self.longest[name] = took
+        self.longest_wall[name] = max(self.longest_wall[name], time.perf_counter() - self._wall)
 
     def _gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -104,6 +111,7 @@ class Holds(trio.abc.Instrument):
     def report(self) -> dict:
         wall = time.perf_counter() - self.began
         tasks = {name: {"longest_ms": round(self.longest[name] * 1e3, 2),
+                        "longest_wall_ms": round(self.longest_wall[name] * 1e3, 2),
                         "share_pct": round(self.total[name] / wall * 100, 2),
                         "steps": self.steps[name]}
                  for name in sorted(self.total, key=lambda n: -self.longest[n])}
@@ -204,7 +212,8 @@ async def measure(args: argparse.Namespace, holds: Holds) -> dict:
         renders: list[float] = []
         nursery.start_soon(ingest, queen, beats, stop)
         nursery.start_soon(picks, queen, beats[0].workers[0].model, stop)
-        nursery.start_soon(metrics, queen, renders, stop)
+        if args.metrics:
+            nursery.start_soon(metrics, queen, renders, stop)
         nursery.start_soon(probe, lateness, stop)
         if args.stream:
             nursery.start_soon(stream_client, queen, stop)
@@ -222,7 +231,9 @@ async def measure(args: argparse.Namespace, holds: Holds) -> dict:
                                "p99": round(percentile(lateness, 0.99) * 1e3, 2),
                                "max": round(max(lateness, default=0) * 1e3, 2)}
         figures["metrics_render_ms"] = round(max(renders, default=0) * 1e3, 1)
+        began = time.thread_time()
         gc.collect()
+        figures["gc_full_ms"] = round((time.thread_time() - began) * 1e3, 1)
         figures["rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
         figures["rss_kb_per_hive"] = round(
             (psutil.Process().memory_info().rss - rss_before) / 1024 / hives, 1)
@@ -245,6 +256,7 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=4.0)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--tracemalloc", action="store_true")
     args = parser.parse_args()
     gc.set_threshold(*queen_main.GC_THRESHOLDS)

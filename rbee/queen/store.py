@@ -158,7 +158,9 @@ class MemoryStore:
     async def _summary_loop(self) -> None:
         async for _ in every(self.config.stream.queen_interval_s):
             event = await self.totals.event()
-            self.publish(event, data=encode(event))
+            await trio.lowlevel.checkpoint()  # its JSON (2.4 MB at 80,000 workers) in a step
+            self.publish(event, data=encode(event))  # of its own: it describes the fleet as
+            # of a moment ago, like a heartbeat's event its hive as of its sending
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
