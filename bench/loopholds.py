@@ -196,7 +196,10 @@ async def measure(args: argparse.Namespace, holds: Holds) -> dict:
         "bind": "127.0.0.1", "port": 0,
         "registry": {"max_hives": hives * 2, "new_hives_per_s": 1e6, "new_hives_burst": hives * 2},
     }, QueenConfig)
-    beats = heartbeats(hives)
+    settle = getattr(queen_main, "settle_gc", None)  # as rbee-queen starts, where it does
+    if settle is not None:
+        settle()
+    beats = heartbeats(hives)  # the registry's heartbeats share their inner lists and structs
     rss_before = psutil.Process().memory_info().rss
     queen = QueenServer(config)
     figures: dict = {"hives": hives}
@@ -204,9 +207,6 @@ async def measure(args: argparse.Namespace, holds: Holds) -> dict:
         await nursery.start(queen.run)
         for heartbeat in beats:
             await queen.fleet.store.ingest(fresh(heartbeat))
-        freeze = getattr(queen_main, "settle_gc", None)
-        if freeze is not None:
-            freeze()
         stop = trio.Event()
         lateness: list[float] = []
         renders: list[float] = []

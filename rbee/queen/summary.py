@@ -37,9 +37,9 @@ from ..contract import (
 )
 from .scheduling import judged
 
-HIVES_PER_PART = 200
-"""Changed hives whose shares are computed between two checkpoints (about 2 ms at eight workers
-a hive on this machine)."""
+HIVES_PER_PART = 100
+"""Changed hives whose shares are computed between two checkpoints (about 2 ms of eight workers
+each on a loaded 2-core machine)."""
 CPU_UNIT = 1000
 """CPU % is summed in thousandths, as integers: the running totals add and take away shares
 forever, and floats would drift (and the whole computation rounds the same way)."""
@@ -126,7 +126,8 @@ class HivePart:
                 running += engine.requests_running
                 waiting += engine.requests_waiting
                 busy += engine.requests_running > 0
-        self.keys = keys = [(w.group, w.instance) for w in workers]
+        self.keys = keys = tuple([(w.group, w.instance) for w in workers])  # no list: tuples
+        # of strings leave the cyclic collector's care at its first pass
         if last is not None and last.keys == keys:
             self.worker_ids = last.worker_ids
         else:

@@ -55,9 +55,9 @@ from .tables import (
     WorkerRef,
 )
 
-PLACE_PER_PART = 64
+PLACE_PER_PART = 32
 """Changed hives placed between two checkpoints by ``PickIndex.refresh`` (about 2 ms of eight
-workers each)."""
+workers each on a loaded 2-core machine)."""
 SATURATED = 1e12
 """Added to a stale worker's score when ranking (``pick.stale: saturate``): after every fresh one."""
 
