@@ -68,6 +68,7 @@ async def _held_bytes(hives: int, listed: bool) -> int:
         for _ in range(2):
             for body in bodies:
                 await store.store.ingest(decode_heartbeat(body), len(body))
+        store.store.totals.event_now()  # the summary's share of each hive (summary.HivePart)
         if listed:
             store.registry.workers_page()
         gc.collect()

@@ -58,6 +58,7 @@ from .scheduling import (
     judged,
     parse_worker_id,
 )
+from .sharing import SharedText
 from .silence import SilenceBook
 from .summary import fleet_summary
 
@@ -127,6 +128,7 @@ class HiveRegistry:
                                            self.settings.new_hives_burst, clock())
         self._lock = threading.Lock()
         self._silences = SilenceBook(self.settings)
+        self._texts = SharedText()
         self._observers: list[Callable[[str, _HiveEntry | None], None]] = []
 
     def observe(self, observer: Callable[[str, _HiveEntry | None], None]) -> None:
@@ -160,6 +162,7 @@ class HiveRegistry:
         or new hives arrive faster than ``new_hives_per_s``; a known hive is always stored."""
         hive_id = heartbeat.hive.id
         now = self._clock() if received_at is None else received_at
+        self._texts.share(heartbeat)  # before anything reads it, so all see the shared strings
         # the heartbeat's own lists, not copies: like the structs in them, never mutated once
         # stored (the stream's event holds the same ones)
         entry = _HiveEntry(info=heartbeat.hive, workers=heartbeat.workers,

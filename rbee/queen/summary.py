@@ -89,25 +89,28 @@ class HiveEntry(Protocol):
 
 _COUNTS = ("workers", "online", "available", "hives_online", "hives_available", "busy",
            "running", "waiting", "cpu", "rss", "vram", "gpus", "unhealthy")
+_ONLINE = _COUNTS.index("hives_online")
 
 
 class HivePart:
     """One hive's share of the totals, as of one state of its registry entry: ``counts`` in
     the order of ``_COUNTS``, its online workers per model and per state, and their ids in the
-    listings' order (reused from the hive's last share while its workers are the same ones)."""
+    listings' order. What a fleet of similar hives repeats is shared: the ids are the hive's
+    last share's while its workers are the same ones, and equal per-model and per-state counts
+    are one dict (``shapes``), so a share costs about 1 KB at eight workers."""
 
-    __slots__ = ("counts", "keys", "models", "states", "worker_ids")
+    __slots__ = ("counts", "models", "states", "worker_ids")
 
     def __init__(self, hive_id: str, entry: HiveEntry, settings: RegistrySettings,
-                 last: HivePart | None) -> None:
+                 last: HivePart | None, shapes: dict[tuple, dict[str, int]]) -> None:
         workers, devices = entry.workers, entry.capabilities
-        self.models: dict[str, int] = {}
-        self.states: dict[str, int] = {}
         if entry.stale:  # a stale hive's workers count in workers_total alone
-            self.keys, self.worker_ids = None, ()
+            self.models = self.states = _NO_COUNTS
+            self.worker_ids = ()
             self.counts = (len(workers),) + (0,) * (len(_COUNTS) - 1)
             return
-        models, states = self.models, self.states
+        models: dict[str, int] = {}
+        states: dict[str, int] = {}
         available = busy = running = waiting = cpu = rss = vram = 0
         schedulable = entry.schedulable
         for _, _, _, idle in judged(workers, devices, schedulable, settings, ordered=False):
@@ -126,21 +129,32 @@ class HivePart:
                 running += engine.requests_running
                 waiting += engine.requests_waiting
                 busy += engine.requests_running > 0
-        self.keys = keys = tuple([(w.group, w.instance) for w in workers])  # no list: tuples
-        # of strings leave the cyclic collector's care at its first pass
-        if last is not None and last.keys == keys:
-            self.worker_ids = last.worker_ids
-        else:
-            self.worker_ids = tuple(f"{hive_id}/{group}/{instance}"
-                                    for group, instance in sorted(keys))
+        ids = tuple([f"{hive_id}/{group}/{instance}"
+                     for group, instance in sorted([(w.group, w.instance) for w in workers])])
+        self.worker_ids = last.worker_ids if last is not None and last.worker_ids == ids else ids
+        self.models, self.states = _shared(models, shapes), _shared(states, shapes)
         self.counts = (len(workers), len(workers), available, 1, int(schedulable), busy,
                        running, waiting, cpu, rss, vram, len(devices),
                        sum(not isinstance(d.health, Healthy) for d in devices))
 
 
+_NO_COUNTS: dict[str, int] = {}
 _NOTHING = HivePart.__new__(HivePart)
-_NOTHING.counts, _NOTHING.keys = (0,) * len(_COUNTS), None
-_NOTHING.models, _NOTHING.states, _NOTHING.worker_ids = {}, {}, ()
+_NOTHING.counts, _NOTHING.worker_ids = (0,) * len(_COUNTS), ()
+_NOTHING.models = _NOTHING.states = _NO_COUNTS
+SHAPES_KEPT = 4096
+"""Distinct count dicts ``_shared`` keeps (then it starts again): a fleet has a few."""
+
+
+def _shared(counts: dict[str, int], shapes: dict[tuple, dict[str, int]]) -> dict[str, int]:
+    """One dict for every equal ``counts`` (never mutated once shared)."""
+    key = tuple(counts.items())
+    found = shapes.get(key)
+    if found is None:
+        if len(shapes) >= SHAPES_KEPT:
+            shapes.clear()
+        found = shapes[key] = counts
+    return found
 
 
 class FleetTotals:
@@ -155,6 +169,7 @@ class FleetTotals:
         self._sums = [0] * len(_COUNTS)
         self._models: dict[str, int] = {}
         self._states: dict[str, int] = {}
+        self._shapes: dict[tuple, dict[str, int]] = {}
 
     def hive_changed(self, hive_id: str, entry: HiveEntry | None) -> None:
         """The registry's observer: a hive's new state (``None``: removed), noted only."""
@@ -177,7 +192,7 @@ class FleetTotals:
         for counts in (self._models, self._states):
             for gone in [key for key, n in counts.items() if not n]:
                 del counts[gone]
-        hive_ids = [h for h in self.order() if parts[h].keys is not None]
+        hive_ids = [h for h in self.order() if parts[h].counts[_ONLINE]]
         summary = FleetSummary(
             workers_total=workers, workers_busy=busy, requests_running=running,
             requests_waiting=waiting, cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss,
@@ -206,7 +221,7 @@ class FleetTotals:
             if entry is None:
                 new = _NOTHING
             else:
-                new = parts[hive_id] = HivePart(hive_id, entry, settings, old)
+                new = parts[hive_id] = HivePart(hive_id, entry, settings, old, self._shapes)
             if old is None:
                 old = _NOTHING
             sums[:] = [total + n - o for total, n, o in zip(sums, new.counts, old.counts, strict=True)]
