@@ -199,6 +199,8 @@ async def measure(args: argparse.Namespace, holds: Holds) -> dict:
     settle = getattr(queen_main, "settle_gc", None)  # as rbee-queen starts, where it does
     if settle is not None:
         settle()
+    if os.environ.get("RBEE_BENCH_GC_THRESHOLDS"):
+        gc.set_threshold(*map(int, os.environ["RBEE_BENCH_GC_THRESHOLDS"].split(",")))
     beats = heartbeats(hives)  # the registry's heartbeats share their inner lists and structs
     rss_before = psutil.Process().memory_info().rss
     queen = QueenServer(config)
@@ -259,7 +261,9 @@ def main() -> None:
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--tracemalloc", action="store_true")
     args = parser.parse_args()
-    gc.set_threshold(*queen_main.GC_THRESHOLDS)
+    thresholds = os.environ.get("RBEE_BENCH_GC_THRESHOLDS")  # e.g. 10000,10,1000: to compare
+    gc.set_threshold(*(map(int, thresholds.split(",")) if thresholds
+                       else queen_main.GC_THRESHOLDS))
     holds = Holds()
     figures = trio.run(measure, args, holds, instruments=[holds])
     figures["source"] = os.path.dirname(os.path.dirname(queen_main.__file__))
