@@ -113,7 +113,7 @@ class MemoryStore:
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
         self._last = start - 1
-        self._kept: deque[tuple[int, StreamEvent, int]] = deque()
+        self._kept: deque[tuple[int, StreamEvent | bytes, int]] = deque()
         self._kept_bytes = 0
         """The JSON size of the kept events: bounded by ``stream.replay_bytes`` as their count
         is by ``stream.replay_events``, so one hive's big heartbeats cannot pin a thousand
@@ -126,23 +126,20 @@ class MemoryStore:
     def health(self) -> StoreHealth:
         return StoreHealth(kind="memory")
 
-    def publish(self, event: StreamEvent, size: int | None = None, *,
-                data: bytes | None = None) -> None:
-        """Announce ``event`` and keep it for resuming clients. ``size``, its JSON's bytes, is
-        measured here when not given (sweeps only: a heartbeat brings its body's, a summary its
-        JSON, ``data``, which the stream's clients then get without encoding it again)."""
+    def publish(self, event: StreamEvent | bytes, size: int | None = None) -> None:
+        """Announce ``event`` (a struct, or its JSON: the fleet summary) and keep it for
+        resuming clients. ``size``, its JSON's bytes, is measured here when not given (sweeps
+        only: a heartbeat brings its body's)."""
         self._last = next(self._ids)
-        if data is not None:
-            size = len(data)
-        elif size is None:
-            size = len(encode(event))
+        if size is None:
+            size = len(event) if isinstance(event, bytes) else len(encode(event))
         kept, stream = self._kept, self.config.stream
         kept.append((self._last, event, size))
         self._kept_bytes += size
         while kept and (len(kept) > stream.replay_events
                         or self._kept_bytes > stream.replay_bytes):
             self._kept_bytes -= kept.popleft()[2]
-        self.broadcaster.publish(event, str(self._last), data)
+        self.broadcaster.publish(event, str(self._last))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -157,10 +154,7 @@ class MemoryStore:
 
     async def _summary_loop(self) -> None:
         async for _ in every(self.config.stream.queen_interval_s):
-            event = await self.totals.event()
-            await trio.lowlevel.checkpoint()  # its JSON (2.4 MB at 80,000 workers) in a step
-            self.publish(event, data=encode(event))  # of its own: it describes the fleet as
-            # of a moment ago, like a heartbeat's event its hive as of its sending
+            self.publish(await self.totals.event())
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
@@ -173,7 +167,8 @@ class MemoryStore:
             self.publish(event)
         return event
 
-    async def missed(self, last_id: str, upto: str) -> list[tuple[str, StreamEvent]] | None:
+    async def missed(self, last_id: str, upto: str
+                     ) -> list[tuple[str, StreamEvent | bytes]] | None:
         try:
             last, end = int(last_id), int(upto)
         except ValueError:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from itertools import chain, islice
+from itertools import islice
 from typing import Protocol
 
+import msgspec
 import trio
 
 from ..config import RegistrySettings
@@ -33,6 +34,7 @@ from ..contract import (
     HiveInfo,
     QueenEvent,
     WorkerTelemetry,
+    encode,
     utc_now,
 )
 from .scheduling import judged
@@ -99,14 +101,14 @@ class HivePart:
     last share's while its workers are the same ones, and equal per-model and per-state counts
     are one dict (``shapes``), so a share costs about 1 KB at eight workers."""
 
-    __slots__ = ("counts", "models", "states", "worker_ids")
+    __slots__ = ("counts", "ids_json", "models", "states")
 
     def __init__(self, hive_id: str, entry: HiveEntry, settings: RegistrySettings,
                  last: HivePart | None, shapes: dict[tuple, dict[str, int]]) -> None:
         workers, devices = entry.workers, entry.capabilities
         if entry.stale:  # a stale hive's workers count in workers_total alone
             self.models = self.states = _NO_COUNTS
-            self.worker_ids = ()
+            self.ids_json = b""
             self.counts = (len(workers),) + (0,) * (len(_COUNTS) - 1)
             return
         models: dict[str, int] = {}
@@ -129,9 +131,9 @@ class HivePart:
                 running += engine.requests_running
                 waiting += engine.requests_waiting
                 busy += engine.requests_running > 0
-        ids = tuple([f"{hive_id}/{group}/{instance}"
-                     for group, instance in sorted([(w.group, w.instance) for w in workers])])
-        self.worker_ids = last.worker_ids if last is not None and last.worker_ids == ids else ids
+        ids = msgspec.json.encode([f"{hive_id}/{group}/{instance}" for group, instance in sorted(
+            [(w.group, w.instance) for w in workers])])[1:-1]  # b'"h/g/i","h/g/i"': one object
+        self.ids_json = last.ids_json if last is not None and last.ids_json == ids else ids
         self.models, self.states = _shared(models, shapes), _shared(states, shapes)
         self.counts = (len(workers), len(workers), available, 1, int(schedulable), busy,
                        running, waiting, cpu, rss, vram, len(devices),
@@ -140,7 +142,7 @@ class HivePart:
 
 _NO_COUNTS: dict[str, int] = {}
 _NOTHING = HivePart.__new__(HivePart)
-_NOTHING.counts, _NOTHING.worker_ids = (0,) * len(_COUNTS), ()
+_NOTHING.counts, _NOTHING.ids_json = (0,) * len(_COUNTS), b""
 _NOTHING.models = _NOTHING.states = _NO_COUNTS
 SHAPES_KEPT = 4096
 """Distinct count dicts ``_shared`` keeps (then it starts again): a fleet has a few."""
@@ -175,16 +177,19 @@ class FleetTotals:
         """The registry's observer: a hive's new state (``None``: removed), noted only."""
         self._due[hive_id] = entry
 
-    async def event(self) -> QueenEvent:
-        """The ``queen`` event as of now: the changed hives' shares computed in parts of
+    async def event(self) -> bytes:
+        """The ``queen`` event's JSON as of now: the changed hives' shares computed in parts of
         ``HIVES_PER_PART``, checkpoints between them, the last part and the event at once."""
         while len(self._due) > HIVES_PER_PART:
             self._apply(HIVES_PER_PART)
             await trio.lowlevel.checkpoint()
         return self.event_now()
 
-    def event_now(self) -> QueenEvent:
-        """The ``queen`` event as of now, every noted change applied in one go."""
+    def event_now(self) -> bytes:
+        """The ``queen`` event's JSON as of now, every noted change applied in one go. Its
+        ``worker_ids`` are the hives' JSON joined (80,000 workers: 2.4 MB, ~1 ms), never a list
+        of strings: nothing but the encoder reads them (the stream passes a ``queen`` event
+        whole, ``broadcast.Group``)."""
         self._apply(None)
         parts = self._parts
         (workers, online, available, hives_online, hives_available, busy, running, waiting, cpu,
@@ -198,11 +203,13 @@ class FleetTotals:
             requests_waiting=waiting, cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss,
             vram_mb=vram, gpus=gpus, gpus_unhealthy=unhealthy, models=dict(self._models),
             states=dict(self._states))
-        return QueenEvent(
+        data = encode(QueenEvent(
             workers_online=online, workers_available=available, hives_online=hives_online,
-            hives_available=hives_available,
-            worker_ids=list(chain.from_iterable(parts[h].worker_ids for h in hive_ids)),
-            hive_ids=hive_ids, timestamp=utc_now(), summary=summary)
+            hives_available=hives_available, worker_ids=[], hive_ids=hive_ids,
+            timestamp=utc_now(), summary=summary))
+        ids = b",".join([part.ids_json for h in hive_ids if (part := parts[h]).ids_json])
+        # the first '"worker_ids":[]' is the field: inside a string a quote is escaped (\")
+        return data.replace(b'"worker_ids":[]', b'"worker_ids":[%s]' % ids, 1)
 
     def _apply(self, limit: int | None) -> None:
         """The shares of the first ``limit`` hives noted (all with None), in the order noted."""
