@@ -167,3 +167,37 @@ def test_cpu_is_summed_without_drift():
         totals.event_now()
     event = same(totals.event_now(), registry.summary())
     assert event.summary.cpu_pct == 0.3
+
+
+def test_filtered_clients_get_the_summary_whole_and_never_decode_it(monkeypatch):
+    """The summary's JSON goes to every client whose ``events`` has ``queen``, filtered by hive
+    or model or not, as the same frame, without being decoded; a client without ``queen`` in
+    its events gets nothing of it."""
+    from rbee.contract import SnapshotEvent, utc_now
+    from rbee.queen import broadcast
+    from rbee.queen.broadcast import Broadcaster
+    from rbee.queen.streamfilter import DEFAULT_STREAM_EVENTS, StreamFilter
+
+    registry = HiveRegistry(SETTINGS, clock=Clock())
+    totals = totals_of(registry)
+    rng = random.Random(1)
+    for n in range(5):
+        registry.update_hive(random_heartbeat(rng, f"hive-{n}"))
+    data = totals.event_now()
+    decoded = []
+    monkeypatch.setattr(broadcast, "decode_stream_event",
+                        lambda raw: decoded.append(raw) or decode_stream_event(raw))
+    broadcaster = Broadcaster(client_buffer=16, max_clients=10, client_buffer_bytes=1 << 24,
+                              write_chunk_bytes=1 << 16,
+                              snapshot=lambda: SnapshotEvent(hives=[], timestamp=utc_now()))
+    by_hive = StreamFilter(hives=frozenset({"hive-1"}))
+    by_model = StreamFilter(models=frozenset({"qwen"}), events=DEFAULT_STREAM_EVENTS)
+    no_queen = StreamFilter(events=frozenset({"hive_telemetry"}))
+    with broadcaster.subscribe() as plain, broadcaster.subscribe(by_hive) as hive, \
+            broadcaster.subscribe(by_model) as model, broadcaster.subscribe(no_queen) as none:
+        broadcaster.publish(data, "12")
+        got = [list(s._backlog) for s in (plain, hive, model, none)]
+    assert "queen" in DEFAULT_STREAM_EVENTS
+    assert got[0] == got[1] == got[2] == [b"id: 12\r\nevent: heartbeat\r\ndata: " + data
+                                          + b"\r\n\r\n"]
+    assert got[3] == [] and decoded == []
