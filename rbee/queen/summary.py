@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import islice
+from operator import attrgetter
 from typing import Protocol
 
 import msgspec
@@ -92,6 +93,8 @@ class HiveEntry(Protocol):
 _COUNTS = ("workers", "online", "available", "hives_online", "hives_available", "busy",
            "running", "waiting", "cpu", "rss", "vram", "gpus", "unhealthy")
 _ONLINE = _COUNTS.index("hives_online")
+_IDS_JSON = attrgetter("ids_json")
+_NO_IDS = b'"worker_ids":[]'
 
 
 class HivePart:
@@ -172,6 +175,8 @@ class FleetTotals:
         self._models: dict[str, int] = {}
         self._states: dict[str, int] = {}
         self._shapes: dict[tuple, dict[str, int]] = {}
+        self._offline: set[str] = set()
+        """Hives held whose share is not online (stale): the event lists the others."""
 
     def hive_changed(self, hive_id: str, entry: HiveEntry | None) -> None:
         """The registry's observer: a hive's new state (``None``: removed), noted only."""
@@ -197,7 +202,10 @@ class FleetTotals:
         for counts in (self._models, self._states):
             for gone in [key for key, n in counts.items() if not n]:
                 del counts[gone]
-        hive_ids = [h for h in self.order() if parts[h].counts[_ONLINE]]
+        offline = self._offline
+        hive_ids = self.order()
+        if offline:
+            hive_ids = [h for h in hive_ids if h not in offline]
         summary = FleetSummary(
             workers_total=workers, workers_busy=busy, requests_running=running,
             requests_waiting=waiting, cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss,
@@ -207,9 +215,10 @@ class FleetTotals:
             workers_online=online, workers_available=available, hives_online=hives_online,
             hives_available=hives_available, worker_ids=[], hive_ids=hive_ids,
             timestamp=utc_now(), summary=summary))
-        ids = b",".join([part.ids_json for h in hive_ids if (part := parts[h]).ids_json])
+        ids = b",".join(filter(None, map(_IDS_JSON, map(parts.__getitem__, hive_ids))))
         # the first '"worker_ids":[]' is the field: inside a string a quote is escaped (\")
-        return data.replace(b'"worker_ids":[]', b'"worker_ids":[%s]' % ids, 1)
+        at = data.index(_NO_IDS)
+        return b"".join((data[:at], b'"worker_ids":[', ids, data[at + len(_NO_IDS) - 1:]))
 
     def _apply(self, limit: int | None) -> None:
         """The shares of the first ``limit`` hives noted (all with None), in the order noted."""
@@ -227,8 +236,10 @@ class FleetTotals:
             old = parts.pop(hive_id, None)
             if entry is None:
                 new = _NOTHING
+                self._offline.discard(hive_id)
             else:
                 new = parts[hive_id] = HivePart(hive_id, entry, settings, old, self._shapes)
+                (self._offline.discard if new.counts[_ONLINE] else self._offline.add)(hive_id)
             if old is None:
                 old = _NOTHING
             sums[:] = [total + n - o for total, n, o in zip(sums, new.counts, old.counts, strict=True)]
