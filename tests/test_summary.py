@@ -201,3 +201,33 @@ def test_filtered_clients_get_the_summary_whole_and_never_decode_it(monkeypatch)
     assert got[0] == got[1] == got[2] == [b"id: 12\r\nevent: heartbeat\r\ndata: " + data
                                           + b"\r\n\r\n"]
     assert got[3] == [] and decoded == []
+
+
+async def test_the_sweeping_queen_sends_the_summary_of_the_shared_fleet(nursery, tmp_path_factory):
+    """With the redis store the sweeping queen's summary (its ``FleetTotals`` following its
+    mirror) reaches the other queen's stream, naming the hive posted to the first queen."""
+    import httpx
+
+    from rbee.contract import QueenEvent
+
+    from .queenkit import open_stream, post_heartbeat, start_queen
+    from .rediskit import running_redis
+    from .test_redis_store import registry
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as redis_server:
+        settings = {"registry": registry(redis_server.url), "stream": {"queen_interval_s": 0.2}}
+        a = await start_queen(nursery, **settings)
+        b = await start_queen(nursery, **settings)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
+            await post_heartbeat(client, a, heartbeat("hive-x", [worker("w1"), worker("w2")]))
+            async with open_stream(client, b) as on_b:
+                for _ in range(20):
+                    event = await on_b.next("queen", timeout=5)
+                    assert isinstance(event, QueenEvent)
+                    if event.hive_ids:
+                        break
+        assert event.hive_ids == ["hive-x"]
+        assert event.worker_ids == ["hive-x/llm/w1", "hive-x/llm/w2"]
+        assert event.summary.workers_total == 2
+        a.stop()
+        b.stop()
