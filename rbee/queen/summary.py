@@ -17,7 +17,6 @@ with) gives for the registry as it is then.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import islice
 from operator import attrgetter
@@ -52,14 +51,31 @@ def fleet_summary(online: list[FleetWorker], workers_total: int,
                   gpus: Iterable[GpuDevice]) -> FleetSummary:
     """Totals over the ``online`` workers (not stale), with ``workers_total`` counting every
     worker held and ``gpus`` the online hives' GPUs."""
-    models: Counter[str] = Counter()
-    states: Counter[str] = Counter()
-    busy = running = waiting = rss = vram = cpu = 0
-    for fleet_worker in online:
-        worker = fleet_worker.worker
-        if worker.model is not None:
-            models[worker.model] += 1
-        states[worker.state.value] += 1
+    models, states, busy, running, waiting, cpu, rss, vram = _worker_totals(
+        [fleet_worker.worker for fleet_worker in online])
+    gpu_count = unhealthy = 0
+    for gpu in gpus:
+        gpu_count += 1
+        unhealthy += not isinstance(gpu.health, Healthy)
+    return FleetSummary(workers_total=workers_total, workers_busy=busy,
+                        requests_running=running, requests_waiting=waiting,
+                        cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss, vram_mb=vram, gpus=gpu_count,
+                        gpus_unhealthy=unhealthy, models=models, states=states)
+
+
+def _worker_totals(workers: Iterable[WorkerTelemetry]
+                   ) -> tuple[dict[str, int], dict[str, int], int, int, int, int, int, int]:
+    """Workers per model and per state; then busy, running, waiting, CPU (``CPU_UNIT``), RSS
+    and VRAM, summed."""
+    models: dict[str, int] = {}
+    states: dict[str, int] = {}
+    busy = running = waiting = cpu = rss = vram = 0
+    for worker in workers:
+        model = worker.model
+        if model is not None:
+            models[model] = models.get(model, 0) + 1
+        state = worker.state.value
+        states[state] = states.get(state, 0) + 1
         cpu += round(worker.cpu_pct * CPU_UNIT)
         rss += worker.rss_mb
         vram += worker.vram_mb
@@ -68,14 +84,7 @@ def fleet_summary(online: list[FleetWorker], workers_total: int,
             running += engine.requests_running
             waiting += engine.requests_waiting
             busy += engine.requests_running > 0
-    gpu_count = unhealthy = 0
-    for gpu in gpus:
-        gpu_count += 1
-        unhealthy += not isinstance(gpu.health, Healthy)
-    return FleetSummary(workers_total=workers_total, workers_busy=busy,
-                        requests_running=running, requests_waiting=waiting,
-                        cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss, vram_mb=vram, gpus=gpu_count,
-                        gpus_unhealthy=unhealthy, models=dict(models), states=dict(states))
+    return models, states, busy, running, waiting, cpu, rss, vram
 
 
 class HiveEntry(Protocol):
@@ -114,26 +123,11 @@ class HivePart:
             self.ids_json = b""
             self.counts = (len(workers),) + (0,) * (len(_COUNTS) - 1)
             return
-        models: dict[str, int] = {}
-        states: dict[str, int] = {}
-        available = busy = running = waiting = cpu = rss = vram = 0
+        available = 0
         schedulable = entry.schedulable
         for _, _, _, idle in judged(workers, devices, schedulable, settings, ordered=False):
             available += idle
-        for worker in workers:
-            model = worker.model
-            if model is not None:
-                models[model] = models.get(model, 0) + 1
-            state = worker.state.value
-            states[state] = states.get(state, 0) + 1
-            cpu += round(worker.cpu_pct * CPU_UNIT)
-            rss += worker.rss_mb
-            vram += worker.vram_mb
-            engine = worker.engine
-            if engine is not None:
-                running += engine.requests_running
-                waiting += engine.requests_waiting
-                busy += engine.requests_running > 0
+        models, states, busy, running, waiting, cpu, rss, vram = _worker_totals(workers)
         ids = msgspec.json.encode([f"{hive_id}/{group}/{instance}" for group, instance in sorted(
             [(w.group, w.instance) for w in workers])])[1:-1]  # b'"h/g/i","h/g/i"': one object
         self.ids_json = last.ids_json if last is not None and last.ids_json == ids else ids
