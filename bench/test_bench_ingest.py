@@ -40,7 +40,7 @@ def test_post_path(benchmark, tmp_path, monkeypatch, side):
     monkeypatch.setattr(fleet, "QUEEN_CONFIG", {**fleet.QUEEN_CONFIG, "history": NO_HISTORY,
                                                 "http": {"max_connections": max(STEPS) + 512}})
     fleet.RESULTS.clear()
-    fleet.test_fleet(benchmark, tmp_path, side)
+    fleet.test_fleet(benchmark, tmp_path, side, "post")
     RESULTS[side] = fleet.RESULTS[side]
     for step in RESULTS[side]:
         FIGURES[f"POST path [{side}] {step['hives']:>5} hives"] = (
