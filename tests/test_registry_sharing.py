@@ -1,11 +1,11 @@
-"""The registry holds the strings a fleet repeats once (``rbee.queen.sharing``): two hives
-decoded from their own bytes end up holding the same model, group, engine and GPU-name objects,
-and every value reads as it was sent."""
+"""The registry holds the strings and empty lists a fleet repeats once (``rbee.queen.sharing``):
+two hives decoded from their own bytes end up holding the same model, group, engine, GPU-name
+and empty-list objects, and every value reads as it was sent."""
 
 from __future__ import annotations
 
 from rbee.config import RegistrySettings
-from rbee.contract import decode_heartbeat, encode
+from rbee.contract import CollectorIssue, decode_heartbeat, encode
 from rbee.queen import sharing
 from rbee.queen.registry import HiveRegistry
 from tests.fleetload import eight_gpu_hive
@@ -31,6 +31,18 @@ def test_two_hives_share_their_repeated_strings_and_keep_their_values():
     assert a.capabilities[0].name is b.capabilities[0].name
     assert a.capabilities[0].uuid == b.capabilities[0].uuid  # a hive's own: not shared
     assert a.capabilities[0].uuid is not b.capabilities[0].uuid
+    assert first.errors == [] and first.errors is second.errors is sharing.EMPTY
+    assert a.capabilities[0].faults is b.capabilities[1].errors is sharing.EMPTY
+
+
+def test_a_heartbeat_with_errors_keeps_them():
+    registry = HiveRegistry(RegistrySettings())
+    sent = eight_gpu_hive("hive-a", 1)
+    sent.workers[0].errors = [CollectorIssue(collector="nvml", message="no GPU")]
+    registry.update_hive(decode_heartbeat(encode(sent)))
+    stored_workers = registry.get_hive("hive-a").workers
+    assert stored_workers[0].errors == [CollectorIssue(collector="nvml", message="no GPU")]
+    assert stored_workers[1].errors is sharing.EMPTY and sharing.EMPTY == []
 
 
 def test_the_table_is_bounded(monkeypatch):
