@@ -33,6 +33,8 @@ def test_two_hives_share_their_repeated_strings_and_keep_their_values():
     assert a.capabilities[0].uuid is not b.capabilities[0].uuid
     assert first.errors == [] and first.errors is second.errors is sharing.EMPTY
     assert a.capabilities[0].faults is b.capabilities[1].errors is sharing.EMPTY
+    assert first.gpu_indices == [0] and first.gpu_indices is second.gpu_indices
+    assert a.workers[1].gpu_indices == [1]
 
 
 def test_a_heartbeat_with_errors_keeps_them():
@@ -54,5 +56,5 @@ def test_the_table_is_bounded(monkeypatch):
         for worker in sent.workers:
             worker.model = f"model-{n}-{worker.instance}"
         registry.update_hive(sent)
-        assert len(texts) <= 10 + 8 * 2 + 8  # what one heartbeat adds past the bound
+        assert len(texts) <= 10 + 8 * 3 + 8  # what one heartbeat adds past the bound
     assert registry.get_hive("hive-29").workers[0].model == "model-29-worker-000"
