@@ -10,19 +10,14 @@
    Same freshness (50 ms), so CPU per freshness is the ratio of the CPU figures.
 3. The engine's side: CPU the demo's simulated vLLM (prometheus-client, http.server) spends per
    ``GET /metrics`` against per ``GET /load``.
-4. Engine change -> queen (target p99 <= 100 ms) with 8 engines per hive and with 100: the time
-   from an engine's ``/load`` changing to the queen's SSE stream carrying the new figure.
 
-The engines are served by a separate process (asyncio, keep-alive HTTP/1.1), so the poller's CPU
-is measured alone. Each serves vLLM 0.10's exposition (tests/engine_fixtures) on ``/metrics`` and
-``{"server_load": N}`` on ``/load``; the benchmark sets N through the process's stdin.
+The engines are stand-in vLLMs in a separate process (``bench/engineserver.py``), so the poller's
+CPU is measured alone. Engine change -> queen, through real processes, is
+``bench/test_bench_engine_change.py``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,81 +29,14 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from rbee.collectors.engine.link import EngineLink
 
-from rbee.contract import STREAM_EVENT_NAME, decode_stream_event
 from rbee.hive.agent import HiveAgent, free_port
-from tests.engineservers import fixture
-from tests.hivekit import hive_config, start_hive
-from tests.queenkit import open_stream, start_queen
+from tests.hivekit import hive_config
 
 from .conftest import FIGURES
+from .engineserver import Engines, proc_cpu_s
 
-SERVER = r'''
-import asyncio, json, sys
-metrics = open(sys.argv[2], "rb").read()
-loads = {}
-
-def answer(body, kind):
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-            % (kind, len(body), body))
-
-METRICS = answer(metrics, b"text/plain; version=0.0.4; charset=utf-8")
-
-async def serve(reader, writer, index):
-    try:
-        while True:
-            request = await reader.readuntil(b"\r\n\r\n")
-            if request.startswith(b"GET /load "):
-                body = json.dumps({"server_load": loads.get(index, 19)}).encode()
-                writer.write(answer(body, b"application/json"))
-            else:
-                writer.write(METRICS)
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-async def control():
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            return
-        index, load = map(int, line.split())
-        loads[index] = load
-
-async def main():
-    servers = []
-    for index in range(int(sys.argv[1])):
-        handler = lambda r, w, index=index: serve(r, w, index)
-        servers.append(await asyncio.start_server(handler, "127.0.0.1", 0))
-    print(json.dumps([s.sockets[0].getsockname()[1] for s in servers]), flush=True)
-    await control()
-
-asyncio.run(main())
-'''
 FLAG = "--enable-server-load-tracking"
 MEASURE_S = 5.0
-
-
-class Engines:
-    """``count`` engine endpoints in one separate process; ``set_load`` changes one's /load."""
-
-    def __init__(self, count: int, directory) -> None:
-        path = directory / "vllm.prom"
-        path.write_text(fixture("vllm-0.10.0.prom"))
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(count), str(path)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.urls = [f"http://127.0.0.1:{port}/metrics"
-                     for port in json.loads(self.process.stdout.readline())]
-
-    def set_load(self, index: int, load: int) -> None:
-        self.process.stdin.write(f"{index} {load}\n")
-        self.process.stdin.flush()
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -251,12 +179,6 @@ def test_hive_cpu_for_8_engines_at_20hz_against_an_epp_style_poller(eight):
 
 # -- 3. the engine's side ----------------------------------------------------------------------
 
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_engine_side_cost_of_metrics_against_load():
     port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "rbee.demo.worker", "--model", "m",
@@ -293,67 +215,3 @@ def test_engine_side_cost_of_metrics_against_load():
         f"{costs['/load'] * 1e6:.0f} µs ({costs['/metrics'] / max(costs['/load'], 1e-9):.1f}x " \
         "cheaper)"
     assert costs["/load"] < costs["/metrics"]
-
-
-# -- 4. engine change -> queen ---------------------------------------------------------------
-
-@pytest.mark.parametrize(("transport", "post_min_interval_s"),
-                         [("channel", 0.25), ("post", 0.25), ("post", 0.0)],
-                         ids=["channel", "post-0.25s", "post-0s"])
-@pytest.mark.parametrize("count", [8, 100])
-def test_engine_change_to_queen_latency(count, transport, post_min_interval_s, tmp_path_factory):
-    engines = Engines(count, tmp_path_factory.mktemp(f"engines{count}"))
-    changes = 60
-    try:
-        latencies = trio.run(change_latencies, engines, count, changes, transport,
-                             post_min_interval_s)
-    finally:
-        engines.close()
-    latencies.sort()
-    p50 = statistics.median(latencies)
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    over = "channel" if transport == "channel" else \
-        f"POST, post_min_interval_s {post_min_interval_s:g}"
-    FIGURES[f"engine change -> queen stream, {count} engines per hive, {over}"] = \
-        f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms ({len(latencies)} changes)"
-
-
-async def change_latencies(engines: Engines, count: int, changes: int, transport: str,
-                           post_min_interval_s: float) -> list[float]:
-    argv = ["sh", "-c", "exec sleep 600", FLAG]
-    config = hive_config(f"bench-latency-{count}", heartbeat={"transport": transport},
-                         collect={"engine": {"post_min_interval_s": post_min_interval_s}},
-                         workers=[{"group": "llm", "instance": f"e{index:03}", "argv": argv,
-                                   "metrics_url": url} for index, url in enumerate(engines.urls)])
-    latencies = []
-    async with trio.open_nursery() as nursery:
-        queen = await start_queen(nursery)
-        agent, sender = await start_hive(nursery, config, queen.urls[0])
-        agent.loops.engine_poll.on_channel = lambda: sender.on_channel  # as HiveService does
-        with trio.fail_after(30):
-            while sum(w.engine is not None for w in agent.latest.workers) < count:
-                await agent.wait_changed()
-        await trio.sleep(1.0)  # every engine's fast poll running
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as client, \
-                open_stream(client, queen) as stream:
-            for change in range(changes):
-                index = change * 7 % count
-                waiting = 100 + change  # 112 + change in flight: 12 run, the rest wait
-                instance = f"e{index:03}"
-                engines.set_load(index, 12 + waiting)
-                sent = time.perf_counter()
-
-                def seen(event, instance=instance, waiting=waiting) -> bool:
-                    workers = getattr(event, "workers", ())
-                    return any(w.instance == instance and w.engine is not None
-                               and w.engine.requests_waiting == waiting for w in workers)
-
-                with trio.fail_after(10):
-                    while True:  # heartbeat events only (the stream also sends keep-alives)
-                        sse = await stream.next_raw(timeout=10)
-                        if sse.event == STREAM_EVENT_NAME and seen(decode_stream_event(sse.data)):
-                            break
-                latencies.append(time.perf_counter() - sent)
-                await trio.sleep(0.05 + (change % 5) * 0.013)
-        nursery.cancel_scope.cancel()
-    return latencies

@@ -185,7 +185,7 @@ RESULTS: dict[str, list[dict]] = {}
 
 
 @pytest.mark.parametrize("side, transport", [("after", "post"), ("after", "channel"),
-                                             ("before", "post")])
+                                             ("before", "post"), ("before", "channel")])
 def test_fleet(benchmark, tmp_path, side, transport):
     if side == "before" and not BEFORE:
         pytest.skip("RBEE_BENCH_BEFORE is not set: only this tree's queen is measured")
@@ -203,13 +203,14 @@ def test_fleet(benchmark, tmp_path, side, transport):
 
         benchmark.pedantic(run, rounds=1, iterations=1)
     if transport == "channel":
-        label = "after, channel"
-        post = RESULTS.get("after", [])  # CPU per heartbeat where neither queen was saturated
+        label = f"{side}, channel"
+        RESULTS[f"{side}, channel"] = steps
+        post = RESULTS.get(side, [])  # CPU per heartbeat where neither queen was saturated
         per_hb = {s["hives"]: s["queen_cpu_us_per_hb"] for s in post
                   if s["queen_cpu_pct"] < SATURATED_CPU_PCT}
         at = [s for s in steps if s["hives"] in per_hb and s["queen_cpu_pct"] < SATURATED_CPU_PCT]
         if at:
-            FIGURES["fleet channel/POST (this tree)"] = (
+            FIGURES[f"fleet channel/POST ({side})"] = (
                 f"queen CPU per heartbeat at {at[-1]['hives']} hives "
                 f"{at[-1]['queen_cpu_us_per_hb']:.0f} / {per_hb[at[-1]['hives']]:.0f} µs = "
                 f"{at[-1]['queen_cpu_us_per_hb'] / max(per_hb[at[-1]['hives']], 1):.2f}x")
@@ -222,15 +223,15 @@ def test_fleet(benchmark, tmp_path, side, transport):
     FIGURES[f"fleet [{label}] most hives sustained"] = (
         f"{best:,} (heartbeat p99 <= {P99_MS:.0f} ms, all answered 200); config {config}")
     benchmark.extra_info.update(most_hives_sustained=best)
-    if side == "before" and "after" in RESULTS:
-        after = RESULTS["after"]
+    if side == "before" and label.replace("before", "after") in RESULTS:
+        after = RESULTS[label.replace("before", "after")]
         # CPU per heartbeat where both queens answered everything (the largest such fleet)
         common = {s["hives"] for s in steps if not broken(s)} & {
             s["hives"] for s in after if not broken(s)}
         at = max(common, default=min(steps[0]["hives"], after[0]["hives"]))
         per_hb = {s["hives"]: s["queen_cpu_us_per_hb"] for s in steps}
         per_hb_after = {s["hives"]: s["queen_cpu_us_per_hb"] for s in after}
-        FIGURES["fleet after/before"] = (
+        FIGURES[f"fleet after/before ({transport})"] = (
             f"most hives sustained {most_sustained(after):,} / {best:,}; queen CPU per heartbeat "
             f"at {at} hives {per_hb_after.get(at, 0):.0f} / {per_hb.get(at, 0):.0f} µs = "
             f"{per_hb_after.get(at, 0) / max(per_hb.get(at, 0), 1):.2f}x")

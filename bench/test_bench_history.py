@@ -1,33 +1,38 @@
-"""History recording at fleet scale: 10,000 eight-GPU hives of eight vLLM workers (112 series
-each, 1.12 M series), the heartbeat of ``tests/fleetload.py``.
+"""History recording at fleet scale: 10,000 eight-GPU hives of eight vLLM workers, the heartbeat
+of ``tests/fleetload.py``, against main's history in the same run::
 
-- ``step``: one recording step (what the queen's history task does each second) when every hive
-  sent a heartbeat since the last one, for this tree's columnar history and for the Python loop
-  per series it replaced ("before": ``rbee/queen/history.py`` of ``RBEE_BENCH_BEFORE``, a tree,
-  or of revision ``BEFORE_REVISION`` by default). The before side runs ``BEFORE_HIVES`` hives and
-  is scaled per series (its cost is a loop over series: linear), since 1.12 M of its series would
-  take over 2 GB. Both use short tiers (20 s fine, 100 s coarse) so that 1.12 M series fit this
-  machine: a step writes one column whatever the retention, and a 10 s bucket closes from its 10
-  fine points either way. Printed: CPU ms per step (thread time: what the step costs whatever
-  else runs on the machine), % of one core at 1 Hz, the ratio, the longest part between two
-  checkpoints (how long the queen's event loop is held); then a query over the whole fleet (refused
-  past ``max_series_per_query``) and one of a single hive.
-- ``memory``: bytes per series at the default tiers, and the RSS the default history
-  (``max_bytes`` 256 MiB) takes at 10,000 hives once its rings have wrapped, against the before
-  side's RSS per series.
+    ./dev bench -k history          (RBEE_BENCH_HISTORY_HIVES=2000 for a quick look)
 
-``RBEE_BENCH_HISTORY_HIVES`` changes the fleet (10,000 by default).
+"main" is ``rbee/queen/history/`` of revision ``BEFORE_REVISION`` (``git archive``), or of the
+tree ``RBEE_BENCH_BEFORE``, imported beside this tree's. Every round decodes a fresh heartbeat
+for every hive (new structs, as ingest makes them) into a real ``HiveRegistry``; CPU is thread
+time (what the work costs whatever else runs on the machine); the cyclic collector runs with the
+queen's thresholds.
+
+- ``step``: this tree's history observes the registry (``hive_changed``: the cost it adds to
+  each heartbeat is timed on its own); one step records the hives noted since the last. main's
+  step reads ``registry.records()`` and records from it, as its queen does. Both with every
+  figure of every worker and GPU at 1 s (112 series a hive, 1.12 M at 10,000 hives; short
+  tiers, 20 s fine and 100 s coarse, so main's fits: a step writes one column whatever the
+  retention), then this tree at its defaults (6 series a worker, a step every 5 s). Printed:
+  CPU per step, % of a core, the ratio, the longest part between two checkpoints (how long
+  the queen's event loop is held), a step with a coarse close.
+- ``memory``: the default history at 10,000 hives, rings written through (resident, as after
+  6 hours): the hives it holds and its RSS, against main's default.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
-import types
+from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,38 +40,195 @@ import msgspec
 import pytest
 
 from rbee.config import HistorySettings
-from rbee.contract import HiveHeartbeat, HiveRecord
+from rbee.contract import HiveHeartbeat
 from rbee.queen.history import FleetHistory, QueryError, Selector
+from rbee.queen.history.figures import GPU_METRICS, WORKER_METRICS
+from rbee.queen.main import GC_THRESHOLDS
+from rbee.queen.registry import HiveRegistry
 from tests.fleetload import eight_gpu_heartbeat
 
 from .conftest import FIGURES
 
 HIVES = int(os.environ.get("RBEE_BENCH_HISTORY_HIVES", "10000"))
-BEFORE_HIVES = 1000
 BEFORE = os.environ.get("RBEE_BENCH_BEFORE")
-BEFORE_REVISION = "9cc625a"
-"""The last commit with the Python loop per series."""
+BEFORE_REVISION = "a8682ec"
+"""main when this benchmark was written: the columnar history reading the registry's records."""
 REPO = Path(__file__).parents[1]
-SHORT = dict(fine_retention_s=20.0, coarse_retention_s=100.0)
-T0 = 1_800_000_000.0
-SERIES_PER_HIVE = 8 * 9 + 8 * 5
+T0 = 1_800_000_000.0  # a whole multiple of 300: buckets close where the rounds expect
+EVERY_FIGURE = dict(fine_step_s=1.0, fine_retention_s=20.0, coarse_step_s=10.0,
+                    coarse_retention_s=100.0, max_bytes=2**31,
+                    worker_metrics=list(WORKER_METRICS), gpu_metrics=list(GPU_METRICS))
+MAIN_DEFAULTS = dict(fine_step_s=1.0, fine_retention_s=900.0, coarse_step_s=10.0,
+                     coarse_retention_s=21600.0, max_bytes=256 * 2**20)
+ROUNDS = 8
 
 
-def fleet(count: int) -> list[HiveRecord]:
-    """``count`` hives as the registry holds them (64 distinct heartbeats, each hive its own
-    decoded structs)."""
-    bodies = [eight_gpu_heartbeat("hive-00000", seed) for seed in range(64)]
-    records = []
-    for index in range(count):
-        body = bodies[index % 64].replace(b'"hive-00000"', f'"hive-{index:05d}"'.encode())
-        beat = msgspec.json.decode(body, type=HiveHeartbeat)
-        records.append(HiveRecord(info=beat.hive, workers=beat.workers, gpus=beat.capabilities))
-    return records
+@pytest.fixture(scope="module", autouse=True)
+def queen_gc():
+    """The cyclic collector as the queen runs it (``rbee/queen/main.py``)."""
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    yield
+    gc.set_threshold(*before)
 
 
-def beaten(records: list[HiveRecord]) -> list[HiveRecord]:
-    """The same fleet after a heartbeat from every hive: new lists in the registry."""
-    return [HiveRecord(info=r.info, workers=list(r.workers), gpus=list(r.gpus)) for r in records]
+@pytest.fixture(scope="module")
+def bodies() -> list[bytes]:
+    """Each hive's heartbeat (64 distinct ones, each under its hive's id)."""
+    base = [eight_gpu_heartbeat("hive-00000", seed) for seed in range(64)]
+    return [base[i % 64].replace(b'"hive-00000"', f'"hive-{i:05d}"'.encode())
+            for i in range(HIVES)]
+
+
+@pytest.fixture(scope="module")
+def main_history():
+    """main's ``FleetHistory`` class, from its own copy of ``rbee/queen/history/``."""
+    folder = Path(tempfile.mkdtemp(prefix="rbee-bench-history-"))
+    package = folder / "rbee_history_main"
+    if BEFORE:
+        source = Path(BEFORE, "rbee", "queen", "history")
+        files = {p.name: p.read_text() for p in source.glob("*.py")}
+    else:
+        archive = subprocess.run(["git", "archive", BEFORE_REVISION, "rbee/queen/history"],
+                                 cwd=REPO, capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=BytesIO(archive)) as tar:
+            files = {Path(m.name).name: tar.extractfile(m).read().decode()
+                     for m in tar.getmembers() if m.name.endswith(".py")}
+    package.mkdir()
+    for name, text in files.items():
+        text = text.replace("from ...config", "from rbee.config").replace(
+            "from ...contract", "from rbee.contract")
+        (package / name).write_text(text)
+    sys.path.insert(0, str(folder))
+    try:
+        import rbee_history_main
+        yield rbee_history_main.FleetHistory
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("rbee_history_main", None)
+        for path in sorted(package.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        package.rmdir()
+        folder.rmdir()
+
+
+def beat_all(registry: HiveRegistry, bodies: list[bytes]) -> None:
+    """A heartbeat from every hive, decoded fresh, into the registry."""
+    decode = msgspec.json.Decoder(HiveHeartbeat).decode
+    for body in bodies:
+        registry.update_hive(decode(body), admit=False)
+
+
+def timed_parts(parts) -> tuple[float, float]:
+    """CPU of a step given as parts, and its longest part."""
+    longest, started = 0.0, time.thread_time()
+    mark = started
+    for _ in parts:
+        now = time.thread_time()
+        longest, mark = max(longest, now - mark), now
+    now = time.thread_time()
+    return now - started, max(longest, now - mark)
+
+
+def steps(registry: HiveRegistry, bodies: list[bytes], record,
+          times: list[tuple[float, bool]]) -> tuple[list[float], float]:
+    """CPU of the step at each of ``times`` marked True, a heartbeat of every hive before it
+    (those marked False are steps with nothing new, as between two heartbeats of a real
+    fleet: they count only for the longest part), and the longest part of all."""
+    cpu, longest = [], 0.0
+    for now, beaten in times:
+        if beaten:
+            beat_all(registry, bodies)
+            gc.collect()  # the collector's pass over the fresh structs is not the step's
+        spent, part = timed_parts(record(now))
+        if beaten:
+            cpu.append(spent)
+        longest = max(longest, part)
+    return cpu, longest
+
+
+def test_step(benchmark, bodies, main_history):
+    series = HIVES * (8 * 9 + 8 * 5)
+    registry = HiveRegistry()
+    history = FleetHistory(HistorySettings(**EVERY_FIGURE))
+    registry.observe(history.hive_changed)
+    beat_all(registry, bodies)
+    started = time.thread_time()
+    for _ in history.recording(T0):
+        pass
+    first_s = time.thread_time() - started
+    assert len(history) == series and history.refused == 0
+
+    entries = [(r.info.id, SimpleNamespace(workers=r.workers, capabilities=r.gpus, stale=False))
+               for r in registry.records()]  # what the registry hands its observers
+    started = time.thread_time()
+    for hive_id, entry in entries:
+        history.hive_changed(hive_id, entry)
+    ingest_s = (time.thread_time() - started) / len(entries)
+
+    times = [(T0 + second, second < ROUNDS or second == 10) for second in range(1, 11)]
+    ours, ours_part = steps(registry, bodies, history.recording, times)
+    benchmark.pedantic(lambda: None, rounds=1)
+
+    started = time.thread_time()
+    with pytest.raises(QueryError):  # the dashboard's sparklines, over 80,000 workers
+        history.query(Selector(metrics=frozenset({"cpu_pct", "gpu_util_pct"})), 10, 5, T0 + 11)
+    refused_s = time.thread_time() - started
+    started = time.thread_time()
+    one = history.query(Selector(hive="hive-00042"), 20, None, T0 + 11)
+    one_s = time.thread_time() - started
+    assert len(one.series) == 112
+    del history, one
+    registry = HiveRegistry()  # main's history reads the registry: nothing observes it
+    gc.collect()
+
+    before = main_history(HistorySettings(**EVERY_FIGURE))
+    beat_all(registry, bodies)
+    before.record(registry.records(), T0)
+    records_cpu: list[float] = []
+
+    def main_step(now: float, history=before):
+        started = time.thread_time()
+        records = registry.records()
+        records_cpu.append(time.thread_time() - started)
+        yield
+        yield from history.recording(records, now)
+
+    theirs, theirs_part = steps(registry, bodies, main_step, times)
+    del before, main_step
+    registry = HiveRegistry()
+    gc.collect()
+
+    defaults = FleetHistory()
+    registry.observe(defaults.hive_changed)
+    beat_all(registry, bodies)
+    defaults.record([], T0)  # nothing listed: only what the registry noted
+    step_s = defaults.settings.fine_step_s
+    default_times = [(T0 + step_s * k, k < ROUNDS or k == 60) for k in range(1, 61)]
+    default_cpu, default_part = steps(registry, bodies, defaults.recording, default_times)
+    tick_s, _ = timed_parts(defaults.recording(T0 + 301))  # within a step: nothing noted new
+    assert len(ours) == len(theirs) == len(default_cpu) == ROUNDS
+
+    new_s, main_s = statistics.median(ours[:-1]), statistics.median(theirs[:-1])
+    default_s = statistics.median(default_cpu[:-1])
+    FIGURES[f"history ingest: added to each heartbeat (hive_changed), {HIVES:,} hives"] = (
+        f"{ingest_s * 1e6:.2f} us = {ingest_s * HIVES * 100:.2f} % of a core at 1 Hz")
+    FIGURES[f"history step, every figure at 1 s ({series / 1e6:.2f} M series), CPU"] = (
+        f"{new_s * 1e3:.1f} ms = {new_s * 100:.1f} % of a core (with a 10 s close "
+        f"{ours[-1] * 1e3:.0f} ms); main {main_s * 1e3:.1f} ms (records() "
+        f"{statistics.median(records_cpu) * 1e3:.1f} ms of it, close {theirs[-1] * 1e3:.0f} "
+        f"ms); {main_s / new_s:.1f}x less")
+    FIGURES["history step, every figure, longest part between checkpoints"] = (
+        f"{ours_part * 1e3:.1f} ms; main {theirs_part * 1e3:.1f} ms")
+    FIGURES[f"history step at the defaults ({len(defaults):,} series), CPU"] = (
+        f"{default_s * 1e3:.1f} ms every {step_s:g} s (a tick between: {tick_s * 1e3:.2f} ms) "
+        f"= {(default_s / step_s + ingest_s * HIVES) * 100:.2f} % of a core with ingest's "
+        f"share; with a 5 min close {default_cpu[-1] * 1e3:.0f} ms; longest part "
+        f"{default_part * 1e3:.1f} ms")
+    FIGURES["history query over the whole fleet (refused), CPU"] = f"{refused_s * 1e3:.1f} ms"
+    FIGURES["history query of one hive (112 series), CPU"] = f"{one_s * 1e3:.1f} ms"
+    FIGURES["history first step, every figure (rows handed out)"] = f"{first_s * 1e3:.0f} ms"
+    assert main_s / new_s >= 1.2 and default_s / step_s + ingest_s * HIVES <= 0.05
 
 
 def rss_bytes() -> int:
@@ -76,122 +238,63 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS")
 
 
-def before_module() -> types.ModuleType:
-    """The Python-loop history as a module of its own (its relative imports made absolute)."""
-    if BEFORE:
-        source = Path(BEFORE, "rbee", "queen", "history.py").read_text()
+def held_hives(history) -> int:
+    """Hives with every worker's series held (none refused by the budget)."""
+    return sum(1 for rows in history.hives.values()
+               if rows.worker_rows and min(rows.worker_rows.values()) >= 0)
+
+
+def measure_memory(which: str, hives: int) -> dict:
+    """In a process of its own (RSS says nothing once a process has freed large arrays): a
+    registry of ``hives`` hives, then the default history of ``which`` ("this" tree or "main",
+    importable) recording them, every ring written through (resident, as after 6 hours)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    start = rss_bytes()
+    registry = HiveRegistry()
+    base = [eight_gpu_heartbeat("hive-00000", seed) for seed in range(64)]
+    decode = msgspec.json.Decoder(HiveHeartbeat).decode
+    for index in range(hives):
+        registry.update_hive(decode(base[index % 64].replace(
+            b'"hive-00000"', f'"hive-{index:05d}"'.encode())), admit=False)
+    gc.collect()
+    with_registry = rss_bytes()
+    if which == "main":
+        from rbee_history_main import FleetHistory as Main
+        history = Main(HistorySettings(**MAIN_DEFAULTS))
     else:
-        source = subprocess.run(["git", "show", f"{BEFORE_REVISION}:rbee/queen/history.py"],
-                                cwd=REPO, capture_output=True, text=True, check=True).stdout
-    source = source.replace("from ..config", "from rbee.config").replace(
-        "from ..contract", "from rbee.contract")
-    module = types.ModuleType("rbee_history_before")
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, "before/rbee/queen/history.py", "exec"), module.__dict__)
-    return module
-
-
-@pytest.fixture(scope="module")
-def records():
-    return fleet(HIVES)
-
-
-def test_step(benchmark, records):
-    history = FleetHistory(HistorySettings(max_bytes=2**31, **SHORT))
-    started = time.perf_counter()
-    history.record(records, T0)
-    first_s = time.perf_counter() - started
-    assert len(history) == HIVES * SERIES_PER_HIVE and history.refused == 0
-    clock = iter(range(1, 10**6))
-    parts: list[float] = []
-    cpu: list[float] = []
-
-    last: list[list[HiveRecord]] = []
-
-    def step(fleet: list[HiveRecord]) -> None:
-        started = mark = time.thread_time()
-        for _ in history.recording(fleet, T0 + next(clock)):
-            parts.append(time.thread_time() - mark)
-            mark = time.thread_time()
-        parts.append(time.thread_time() - mark)
-        cpu.append(time.thread_time() - started)
-        last[:] = [fleet]
-
-    def setup() -> tuple[tuple, dict]:
-        fleet = beaten(records)
-        gc.collect()  # the collector's pass over the fleet made here is not the step's
-        return (fleet,), {}
-
-    benchmark.pedantic(step, setup=setup, rounds=20)
-    new_s = statistics.median(cpu)
-    closing_s = max(cpu)  # the round where a 10 s bucket closed
-    started = time.thread_time()
-    history.record(last[0], T0 + next(clock))  # nothing new since the last step
-    quiet_s = time.thread_time() - started
-
-    started = time.thread_time()
-    with pytest.raises(QueryError):  # the dashboard's sparklines, over 80,000 workers
-        history.query(Selector(metrics=frozenset({"cpu_pct", "gpu_util_pct"})), 60, 5,
-                      T0 + next(clock))
-    refused_s = time.thread_time() - started
-    started = time.thread_time()
-    one = history.query(Selector(hive="hive-00042"), 20, None, T0 + next(clock))
-    one_s = time.thread_time() - started
-    assert len(one.series) == SERIES_PER_HIVE
-
-    old = before_module()
-    small = records[:BEFORE_HIVES]
-    before = old.FleetHistory(SimpleNamespace(fine_step_s=1.0, coarse_step_s=10.0,
-                                              max_series=10**8, max_series_per_query=5000,
-                                              **SHORT))
-    rss = rss_bytes()
-    before.record(small, T0)
-    before_bytes = (rss_bytes() - rss) / len(before)
-    timings = []
-    for second in range(1, 4):
-        fresh = beaten(small)
-        started = time.thread_time()
-        before.record(fresh, T0 + second)
-        timings.append(time.thread_time() - started)
-    before_s = statistics.median(timings) * HIVES / BEFORE_HIVES
-
-    series = HIVES * SERIES_PER_HIVE
-    FIGURES[f"history step, {HIVES:,} hives ({series / 1e6:.2f} M series), CPU"] = (
-        f"{new_s * 1e3:.1f} ms = {new_s * 100:.1f} % of a core at 1 Hz ({closing_s * 1e3:.0f} ms "
-        f"when a 10 s bucket closes); before (Python loop per series, {BEFORE_HIVES:,} hives "
-        f"scaled): {before_s * 1e3:,.0f} ms = {before_s * 100:.0f} %; {before_s / new_s:.0f}x "
-        f"less")
-    FIGURES["history step, longest part between checkpoints, CPU"] = f"{max(parts) * 1e3:.1f} ms"
-    FIGURES["history step, no heartbeat since the last, CPU"] = f"{quiet_s * 1e3:.1f} ms"
-    FIGURES["history query over the whole fleet (refused), CPU"] = f"{refused_s * 1e3:.1f} ms"
-    FIGURES["history query of one hive (112 series), CPU"] = f"{one_s * 1e3:.1f} ms"
-    FIGURES["history first step (rows handed out)"] = f"{first_s * 1e3:.0f} ms"
-    FIGURES["history before: RSS per series"] = f"{before_bytes:,.0f} bytes (short tiers)"
-    assert before_s / new_s >= 5
-
-
-def test_memory(benchmark, records):
-    """RSS of the default history at the whole fleet, every ring wrapped (each block written
-    through, as 6 hours of steps would), and how much of the fleet it holds."""
-    rss = rss_bytes()
-    history = FleetHistory()
-    benchmark.pedantic(history.record, args=(records, T0), rounds=1)
-    fleet = beaten(records)
-    started = time.thread_time()
-    history.record(fleet, T0 + 1)  # the hives refused whole are not gathered
-    step_s = time.thread_time() - started
+        history = FleetHistory()
+    history.record(registry.records(), T0)
     for store in (history.values, history.plugins):
         for tier in (store.fine, store.coarse):
             for block in tier.blocks:
-                block[...] = 1  # touched through: resident, as wrapped rings are
-    grown = rss_bytes() - rss
-    settings = history.settings
-    recorded = len(history) // SERIES_PER_HIVE
-    FIGURES["history bytes per series (default tiers)"] = (
-        f"{history.values.row_bytes:,} (900 fine + 2,160 coarse float16 points, current, flag)")
-    FIGURES[f"history RSS at {HIVES:,} hives, default max_bytes"] = (
-        f"{grown / 2**20:.0f} MiB for a budget of {settings.max_bytes / 2**20:.0f} MiB: "
-        f"{recorded:,} hives recorded ({len(history):,} series), {history.refused:,} series "
-        f"refused; a step costs {step_s * 1e3:.1f} ms CPU")
-    assert history.budget.used <= settings.max_bytes
-    assert grown <= settings.max_bytes * 1.25  # blocks round up; bookkeeping per hive is small
+                block[...] = 1
+    gc.collect()
+    end = rss_bytes()
+    return dict(registry=with_registry - start, history=end - with_registry, rss=end,
+                held=held_hives(history), used=history.budget.used,
+                budget=history.settings.max_bytes, refused=history.refused)
+
+
+def test_memory(benchmark, main_history):
+    outcome = {}
+    folder = Path(sys.modules[main_history.__module__].__file__).parents[1]
+    for which in ("this", "main"):
+        run = subprocess.run(
+            [sys.executable, "-m", "bench.test_bench_history", which, str(HIVES)], cwd=REPO,
+            env={**os.environ, "PYTHONPATH": f"{REPO}:{folder}"}, capture_output=True,
+            text=True, timeout=600, check=True)
+        outcome[which] = json.loads(run.stdout.splitlines()[-1])
+    benchmark.pedantic(lambda: None, rounds=1)
+    for which, o in outcome.items():
+        FIGURES[f"history at {HIVES:,} hives, default settings, {which}"] = (
+            f"{o['held']:,} hives held ({o['refused']:,} series refused), "
+            f"{o['used'] / 2**20:.0f} MiB of {o['budget'] / 2**20:.0f} MiB budget, RSS "
+            f"+{o['history'] / 2**20:.0f} MiB (the process: {o['rss'] / 2**20:.0f} MiB, its "
+            f"registry {o['registry'] / 2**20:.0f} MiB)")
+    this = outcome["this"]
+    assert this["held"] == HIVES and this["used"] <= this["budget"]
+    assert this["history"] <= this["budget"] * 1.35
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_memory(sys.argv[1], int(sys.argv[2]))))

@@ -19,7 +19,7 @@ from .addresses import check_bind, parse_redis_url
 from .configfile import load_config, parse_config  # noqa: F401 (their home for callers)
 from .contract import MAX_WORKERS, EndpointUrl, Identifier
 from .limits import parse_limits
-from .settings import EngineSettings, PickSettings, Settings
+from .settings import EngineSettings, HistorySettings, PickSettings, Settings
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -382,29 +382,6 @@ class StreamSettings(Settings):
     replay_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 2**20
     """With the memory store, the JSON bytes those kept events may add up to: one hive's
     1,000 heartbeats of ``max_body_bytes`` each would otherwise pin gigabytes."""
-
-
-class HistorySettings(Settings):
-    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty."""
-
-    fine_step_s: Seconds = 1.0
-    """Step of the fine tier."""
-    fine_retention_s: Seconds = 900.0
-    """How far back the fine tier reaches (15 minutes)."""
-    coarse_step_s: Seconds = 10.0
-    """Step of the coarse tier (averages of the fine one)."""
-    coarse_retention_s: Seconds = 21600.0
-    """How far back the coarse tier reaches (6 hours)."""
-    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 256 * 2**20
-    """Memory for history: 6.1 KB a series at the default tiers; past it, none new (docs/history.md)."""
-    max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
-    """A query naming more series (held, known or not) is refused (400) naming this key."""
-
-    def __post_init__(self) -> None:
-        n = self.coarse_step_s / self.fine_step_s  # a coarse point is the mean of n fine ones
-        if n < 1 or abs(n - round(n)) > 1e-6 or self.coarse_retention_s < self.fine_retention_s:
-            raise ValueError("the coarse tier must be at least as long as the fine one, its step a "
-                             "whole multiple of the fine one")
 
 
 class QueenConfig(Settings):

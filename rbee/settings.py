@@ -1,6 +1,7 @@
 """The base of every config section, and the sections kept beside ``rbee/config.py`` (which
 holds every other one and imports these): the hive's ``collect.engine`` (the engine collector and
-the fast engine poll, docs/engines.md) and the queen's ``pick`` (``GET /v1/pick``, docs/pick.md).
+the fast engine poll, docs/engines.md), the queen's ``pick`` (``GET /v1/pick``, docs/pick.md) and
+its ``history`` (``GET /v1/history``, docs/history.md).
 A section refuses unknown keys, so a typo is an error, never a default."""
 
 from __future__ import annotations
@@ -80,3 +81,46 @@ class PickSettings(Settings):
     """A pick counts on its worker until the engine's counters rise for it, at most this long."""
     max_n: Annotated[int, msgspec.Meta(ge=1)] = 100
     """The largest ``n`` a pick may ask for."""
+
+
+HISTORY_WORKER_METRICS = ("cpu_pct", "rss_mb", "io_r_mb_s", "io_w_mb_s", "gpu_util_pct", "vram_mb",
+                          "engine_running", "engine_waiting", "kv_cache_pct")
+"""A worker's figures history can keep, in the order of its rows."""
+HISTORY_GPU_METRICS = ("util_pct", "mem_util_pct", "vram_used_mb", "temperature_c", "power_w")
+
+
+class HistorySettings(Settings):
+    """The queen's built-in history (``GET /v1/history``), in memory: it starts empty. The
+    defaults hold a fleet of 10,000 eight-GPU hives in ``max_bytes`` (docs/history.md)."""
+
+    fine_step_s: Seconds = 5.0
+    """Step of the fine tier: each series keeps its latest figure once per step."""
+    fine_retention_s: Seconds = 300.0
+    """How far back the fine tier reaches (5 minutes)."""
+    coarse_step_s: Seconds = 300.0
+    """Step of the coarse tier (averages of the fine one)."""
+    coarse_retention_s: Seconds = 21600.0
+    """How far back the coarse tier reaches (6 hours)."""
+    worker_metrics: list[str] = msgspec.field(default_factory=lambda: [
+        "cpu_pct", "rss_mb", "gpu_util_pct", "vram_mb", "engine_waiting", "kv_cache_pct"])
+    """A worker's figures kept (those the dashboard, rbee top and rbee workers read)."""
+    gpu_metrics: list[str] = msgspec.field(default_factory=list)
+    """A GPU's figures kept (none by default: no built-in view reads them)."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=2**20)] = 128 * 2**20
+    """Memory for history: 267 bytes a series at the default tiers; past it, none new
+    (docs/history.md)."""
+    max_series_per_query: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    """A query naming more series (held, known or not) is refused (400) naming this key."""
+
+    def __post_init__(self) -> None:
+        n = self.coarse_step_s / self.fine_step_s  # a coarse point is the mean of n fine ones
+        if n < 1 or abs(n - round(n)) > 1e-6 or self.coarse_retention_s < self.fine_retention_s:
+            raise ValueError("the coarse tier must be at least as long as the fine one, its step a "
+                             "whole multiple of the fine one")
+        for key, known in (("worker_metrics", HISTORY_WORKER_METRICS),
+                           ("gpu_metrics", HISTORY_GPU_METRICS)):
+            names = getattr(self, key)
+            unknown = [name for name in names if name not in known]
+            if unknown or len(set(names)) != len(names):
+                raise ValueError(f"history.{key}: {', '.join(unknown) or 'a metric named twice'}"
+                                 f" in {names}; known: {', '.join(known)}")

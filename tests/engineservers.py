@@ -71,6 +71,8 @@ class MetricsServer:
         """Answers for other paths (an engine's info endpoint); anything else is a 404."""
         self.requests = 0
         self.paths: list[str] = []
+        self.clients: list[int] = []
+        """The client port of each request: a kept-alive client asks from one."""
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,6 +83,7 @@ class MetricsServer:
             def do_GET(self) -> None:
                 server.requests += 1
                 server.paths.append(self.path)
+                server.clients.append(self.client_address[1])
                 answer = server.answer if self.path == "/metrics" else server.others.get(
                     self.path) or (server.load() if self.path == "/load" else None) or Answer(
                     b"not found", 404)

@@ -1,5 +1,6 @@
 """The queen's end of a hive's channel, spoken to by a real WebSocket client (httpx-ws, as the
-hive uses it) against a real queen on 127.0.0.1: a snapshot then deltas give the very registry
+hive uses it) against a real queen on 127.0.0.1, on the channel the connection serves itself
+(tests/test_rawchannel.py compares it with the app's): a snapshot then deltas give the very registry
 that POSTs of the whole heartbeats give; a gap forces a snapshot; the upgrade is authenticated as
 a POST; hostile frames get an error naming the problem and corrupt nothing."""
 
@@ -41,6 +42,8 @@ TOKEN = "t" * 32
 async def channel(queen, headers=None):
     async with httpx.AsyncClient(headers=headers or {}) as client, \
             aconnect_ws(url_of(queen) + paths.CHANNEL, client) as websocket:
+        # answered by the connection itself (rbee/http/rawchannel.py): hypercorn's 101 has a date
+        assert "date" not in websocket.response.headers
         yield Talk(websocket)
 
 

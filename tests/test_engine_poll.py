@@ -6,6 +6,7 @@ push. The coalescing schedule is checked under trio's MockClock, on the publishe
 
 from __future__ import annotations
 
+import os
 import stat
 from datetime import UTC, datetime
 from functools import partial
@@ -25,7 +26,7 @@ from rbee.collectors.engine.loads import (
 from rbee.config import EngineSettings
 from rbee.contract import EngineState
 from rbee.hive.agent import HiveAgent
-from rbee.hive.engine_poll import EnginePoller
+from rbee.hive.engine_poll import SETTLE_SHARE, EnginePoller, next_round
 
 from .engineservers import Answer, bump, fixture, metrics_servers
 from .hivekit import hive_config
@@ -59,7 +60,7 @@ async def until(agent: HiveAgent, predicate, timeout: float = 5.0):
             await agent.wait_changed()
 
 
-# -- the link: h11 over trio, one kept-alive connection --------------------------------------
+# -- the link: its own HTTP/1.1 reading, one kept-alive connection -----------------------------------
 
 async def test_the_link_keeps_one_connection_and_reopens_one_the_engine_closed():
     with metrics_servers(VLLM) as [server]:
@@ -75,6 +76,35 @@ async def test_the_link_keeps_one_connection_and_reopens_one_the_engine_closed()
             assert link.connections == 2
         finally:
             await link.aclose()
+
+
+async def test_a_get_cancelled_mid_answer_leaves_no_answer_behind_for_the_next():
+    """The caller's deadline (the hive's refresh deadline) ends a GET mid-answer: the next GET
+    gets its own answer on a fresh connection, not the late one of the GET that was given up."""
+    with metrics_servers(Answer(b"late", delay_s=0.3)) as [server]:
+        link = EngineLink(server.url, 5.0, 65536)
+        try:
+            with trio.move_on_after(0.1) as scope:
+                await link.get("/metrics")
+            assert scope.cancelled_caught
+            server.answer = Answer(b"fresh")
+            assert await link.get("/metrics") == b"fresh"
+            assert link.connections == 2
+        finally:
+            await link.aclose()
+
+
+def test_a_link_is_closed_after_its_trio_run_too():
+    """A teardown may come after the run that opened the link (a collector closed late)."""
+    with metrics_servers(VLLM) as [server]:
+        server.track_load()
+        link = EngineLink(server.url, 2.0, 65536)
+        assert trio.run(link.get, "/load") == b'{"server_load": 19}'
+        fd = link._stream.socket.fileno()
+        link.close()
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        link.close()  # twice is harmless
 
 
 async def test_the_link_says_what_went_wrong_and_never_raises_anything_else():
@@ -278,7 +308,7 @@ def autojump_clock():
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-async def test_changes_are_published_at_once_then_at_most_once_a_round(autojump_clock):
+async def test_a_rounds_changes_are_published_together_once_its_polls_answered(autojump_clock):
     published: list[tuple[float, dict]] = []
     settings = EngineSettings(poll_interval_s=0.05, post_min_interval_s=0.25)
     channel = [True]
@@ -290,33 +320,51 @@ async def test_changes_are_published_at_once_then_at_most_once_a_round(autojump_
     def change(key: str, value, changed: bool = True) -> None:
         poller._hand_over({}, ("g", key), value, trio.current_time(), changed)
 
+    async def answered(delay: float, key: str | None) -> None:
+        """A poll in flight for ``delay``, then its change (if any) handed over."""
+        poller._poll_sent()
+        await trio.sleep(delay)
+        if key is not None:
+            change(key, state)
+        poller._poll_answered()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poller._publisher)
         start = trio.current_time()
-        change("a", state)
-        await trio.sleep(0.001)
-        change("b", state)  # within the round: waits for it to end
-        change("c", "down")
-        await trio.sleep(0.2)
+        change("a", state)  # no poll in flight: at once
+        await trio.sleep(0.05)
+        for delay, key in [(0.001, "b"), (0.003, "c"), (0.004, None)]:  # one round's polls
+            nursery.start_soon(answered, delay, key)
+        await trio.sleep(0.05)
+        nursery.start_soon(answered, 0.001, "d")
+        nursery.start_soon(answered, 1.0, None)  # a hung engine holds no round back for long
+        await trio.sleep(1.2)
         channel[0] = False  # the sender is on POST now: post_min_interval_s
+        posted = trio.current_time()
         change("a", "down")
         await trio.sleep(0.01)
         change("b", "down")
         await trio.sleep(1.0)
-        channel[0] = True
-        resent_at = trio.current_time()
+        resent = trio.current_time()
         change("a", state, changed=False)  # a confirmation holds no change back
         await trio.sleep(0.001)
         change("b", state)
         await trio.sleep(1.0)
         nursery.cancel_scope.cancel()
-    times = [round(at - start, 3) for at, _ in published]
     assert [sorted(c) for _, c in published] == [[("g", "a")], [("g", "b"), ("g", "c")],
-                                                 [("g", "a")], [("g", "b")], [("g", "a")],
-                                                 [("g", "b")]]
-    assert times[:2] == [0.0, 0.05]
-    assert times[3] - times[2] == 0.25
-    assert [round(at - resent_at, 3) for at, _ in published[4:]] == [0.0, 0.001]
+                                                 [("g", "d")], [("g", "a")], [("g", "b")],
+                                                 [("g", "a")], [("g", "b")]]
+    times = [round(at - start, 4) for at, _ in published]
+    assert times[:3] == [0.0, 0.054, round(0.101 + 0.05 * SETTLE_SHARE, 4)]
+    assert [round(at - posted, 4) for at, _ in published[3:5]] == [0.0, 0.25]
+    assert [round(at - resent, 4) for at, _ in published[5:]] == [0.0, 0.001]
+
+
+def test_every_engine_is_polled_at_the_same_instants():
+    assert next_round(0.0, 0.05) == 0.05
+    assert next_round(10.013, 0.05) == pytest.approx(10.05)
+    assert next_round(10.05, 0.05) == pytest.approx(10.1)  # polled at a round's start: the next
+    assert all(next_round(10.0 + 0.049 * k / 7, 0.05) == pytest.approx(10.05) for k in range(8))
 
 
 def test_an_unchanged_state_is_sent_again_over_the_channel_only():

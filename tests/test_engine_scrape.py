@@ -9,7 +9,10 @@ import stat
 import time
 
 import httpx
+import pytest
 import trio
+from rbee.collectors.engine import fetch
+from rbee.collectors.engine.engines import EngineError
 
 from rbee.config import CollectorSettings, EngineSettings
 from rbee.hive.agent import HiveAgent, free_port
@@ -66,7 +69,7 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
             spec("huge", big.url),
             spec("huge-unannounced", big_unannounced.url),
             spec("gzipped", gzipped.url),
-            spec("gzip-bomb", gzip_bomb.url),  # small on the wire, over the limit unpacked
+            spec("gzip-bomb", gzip_bomb.url),  # would be small on the wire: never asked for
             spec("slow", slow.url),
             spec("unreachable", f"http://127.0.0.1:{free_port()}/metrics"),
             spec("plain"),
@@ -100,7 +103,7 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
         "garbage": "no known engine metrics in the exposition",
         "huge": "sent 200057 bytes, over collect.engine.max_bytes (65536)",
         "huge-unannounced": "sent more than 65536 bytes, over collect.engine.max_bytes (65536)",
-        "gzip-bomb": "sent more than 65536 bytes, over collect.engine.max_bytes (65536)",
+        "gzip-bomb": "sent 200057 bytes, over collect.engine.max_bytes (65536)",  # identity
         "slow": "no answer from http://127.0.0.1:",
         "unreachable": "cannot read http://127.0.0.1:",
     }
@@ -113,6 +116,46 @@ async def test_each_worker_gets_its_engine_state_and_bad_endpoints_cost_only_the
     assert "within 0.3s" in records["slow"].errors[0].message
     assert records["plain"].engine is None and records["plain"].errors == []
     assert records["vllm"].errors == []
+
+
+async def test_each_engine_is_read_on_one_kept_alive_connection(monitor):
+    """The full reading and the version question share one connection per engine, kept across
+    refreshes; the pooled httpx client is not used for a plain http:// engine."""
+    with metrics_servers(fixture("vllm-0.10.0.prom"), fixture("vllm-0.10.0.prom")) as servers:
+        for index, server in enumerate(servers):
+            server.others["/version"] = Answer(b'{"version":"0.10.0"}',
+                                               content_type="application/json")
+            monitor.spawn("llm", f"v{index}", sleeper(), metrics_url=server.url)
+        settings = CollectorSettings(gpu="none", engine=EngineSettings(timeout_s=2.0))
+        from rbee.hive.collection import TelemetryCollector
+        from rbee.plugin.manager import build_plugin_manager
+        collector = TelemetryCollector(monitor, build_plugin_manager(), settings)
+
+        def unused(request: httpx.Request) -> httpx.Response:
+            raise AssertionError(f"httpx asked for {request.url}")
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(unused)) as http:
+            for _ in range(3):
+                await collector.refresh_workers(http, deadline_s=2.0)
+        records = collector.collect_all()
+        collector.close()
+    assert [r.engine.version for r in records] == ["0.10.0", "0.10.0"]
+    for server in servers:
+        assert server.paths == ["/metrics", "/metrics", "/version", "/metrics"]
+        assert len(set(server.clients)) == 1, server.clients
+
+
+async def test_through_httpx_a_gzip_bomb_is_counted_unpacked():
+    """An ``https://`` endpoint is read through httpx, which asks for gzip: the limit holds on
+    the unpacked bytes (plain http asks for identity, above)."""
+    huge = "vllm:num_requests_running 1\n" + "#" * 200_000 + "\n"
+    with metrics_servers(Answer(huge.encode(), gzip=True),
+                         Answer(fixture("tgi-3.0.prom").encode(), gzip=True)) as [bomb, tgi]:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(EngineError, match="sent more than 65536 bytes, over "
+                                                  r"collect.engine.max_bytes \(65536\)"):
+                await fetch(http, bomb.url, 2.0, 65536)
+            assert await fetch(http, tgi.url, 2.0, 65536) == fixture("tgi-3.0.prom").encode()
 
 
 async def test_an_engine_restart_is_an_error_for_one_tick_then_rates_resume():

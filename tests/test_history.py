@@ -19,11 +19,20 @@ from rbee.config import HistorySettings
 from rbee.contract import HiveRecord
 from rbee.queen.history import FleetHistory, QueryError, Selector
 from rbee.queen.history.columns import BLOCK, Budget, Codec, Store, Tier
+from rbee.queen.history.figures import GPU_METRICS, WORKER_METRICS
 
 from .builders import GIB, gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of
 
-T0 = 1_800_000_000.0  # a whole multiple of 10: fine and coarse columns line up
+T0 = 1_800_000_000.0  # a whole multiple of 300: fine and coarse columns line up
+WIDE = dict(fine_step_s=1.0, fine_retention_s=900.0, coarse_step_s=10.0,
+            coarse_retention_s=21600.0, max_bytes=256 * 2**20,
+            worker_metrics=list(WORKER_METRICS), gpu_metrics=list(GPU_METRICS))
+"""Every figure, at 1 s for 15 minutes and 10 s for 6 hours: the tiers these tests count in."""
+
+
+def wide(**changes) -> HistorySettings:
+    return HistorySettings(**(WIDE | changes))
 
 
 def record_of(hive_id: str, workers, gpus=(), stale: bool = False) -> HiveRecord:
@@ -104,7 +113,7 @@ def test_recording_a_new_fleet_costs_no_ring_sweep():
     """6,000 new series at once (1,000 workers) are recorded in well under a second: a new ring
     is NaN already, so nothing is cleared (point by point, this took 18 s on the test machine
     and stalled the queen's whole event loop)."""
-    history = FleetHistory()
+    history = FleetHistory(wide())
     workers = [worker(f"w{i}", gpu_indices=[0]) for i in range(1000)]
     started = time.perf_counter()
     history.record([record_of("hive-a", workers)], T0)
@@ -116,7 +125,7 @@ def test_recording_a_new_fleet_costs_no_ring_sweep():
 
 
 def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
-    history = FleetHistory()
+    history = FleetHistory(wide())
     for second in range(10):
         busy = worker("w", cpu_pct=10.0 * second, gpu_util_pct=50.0 if second < 3 else None,
                       rss_mb=4 * GIB)
@@ -135,7 +144,7 @@ def test_fine_columns_with_gaps_for_stale_hives_and_none_for_unknown():
 def test_engine_figures_where_known():
     from rbee.contract import EngineState
 
-    history = FleetHistory()
+    history = FleetHistory(wide())
     for second in range(3):
         engine = EngineState(engine="vllm", requests_running=2, requests_waiting=second,
                              kv_cache_pct=40.0 + second)
@@ -150,7 +159,7 @@ def test_engine_figures_where_known():
 
 
 def test_coarser_steps_average_and_long_windows_use_the_coarse_tier():
-    history = FleetHistory()
+    history = FleetHistory(wide())
     for second in range(40):
         history.record([record_of("a", [worker("w", cpu_pct=float(second))])], T0 + second)
     now = T0 + 39.5
@@ -163,7 +172,7 @@ def test_coarser_steps_average_and_long_windows_use_the_coarse_tier():
 
 
 def test_step_finer_than_stored_and_window_past_retention_are_adjusted_and_said():
-    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    history = FleetHistory(wide(fine_retention_s=60, coarse_retention_s=600))
     history.record([record_of("a", [worker("w")])], T0)
     answer = history.query(Selector(), 10**9, 1, T0 + 0.5)
     assert answer.step == 10.0 and len(answer.timestamps) == 60
@@ -172,7 +181,7 @@ def test_step_finer_than_stored_and_window_past_retention_are_adjusted_and_said(
 
 
 def test_gpu_series_by_uuid_or_index_and_selectors():
-    history = FleetHistory()
+    history = FleetHistory(wide())
     gpus = [msgspec.structs.replace(gpu(i, total_gib=80, used_gib=10 + i), temperature_c=50.0 + i)
             for i in range(2)]
     history.record([record_of("a", [worker("w1"), worker("w2", group="embed")], gpus),
@@ -190,7 +199,7 @@ def test_gpu_series_by_uuid_or_index_and_selectors():
 
 
 def test_series_past_the_byte_budget_are_refused_and_freed_rows_reused():
-    settings = HistorySettings(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600,
+    settings = wide(max_bytes=2**20, fine_retention_s=60, coarse_retention_s=600,
                                max_series_per_query=4)
     history = FleetHistory(settings)
     fits = 2**20 // history.values.row_bytes // 9  # workers that fit: 9 rows of 760 bytes each
@@ -215,7 +224,7 @@ def test_series_past_the_byte_budget_are_refused_and_freed_rows_reused():
 
 
 def test_a_silent_hive_leaves_a_gap_and_is_forgotten_whole():
-    history = FleetHistory(HistorySettings(fine_retention_s=60, coarse_retention_s=600))
+    history = FleetHistory(wide(fine_retention_s=60, coarse_retention_s=600))
     gpus = [gpu(0, total_gib=80, used_gib=10)]
     history.record([record_of("a", [worker("w", gpu_indices=[0])], gpus)], T0)
     history.record([], T0 + 1)  # gone from the registry: a gap from now on
@@ -236,12 +245,17 @@ def test_old_max_series_key_is_refused_naming_max_bytes():
         parse_config({"history": {"max_series": 1000}}, QueenConfig, "queen.yaml")
     with pytest.raises(ConfigError, match="its step a whole multiple of the fine one"):
         parse_config({"history": {"fine_step_s": 3, "coarse_step_s": 10}}, QueenConfig, "q.yaml")
+    with pytest.raises(ConfigError, match=r"history.worker_metrics: cpu in \['cpu'\]; known: "
+                                          r"cpu_pct, rss_mb, io_r_mb_s"):
+        parse_config({"history": {"worker_metrics": ["cpu"]}}, QueenConfig, "q.yaml")
+    with pytest.raises(ConfigError, match=r"history\.gpu_metrics: a metric named twice"):
+        parse_config({"history": {"gpu_metrics": ["power_w", "power_w"]}}, QueenConfig, "q.yaml")
 
 
 def test_history_memory_per_series():
     """2 bytes a point: 1,800 bytes for 15 minutes at 1 s (120 per series-minute), 4,320 for 6 h
     at 10 s, plus its current value and known flag; memory is taken in blocks of rows."""
-    history = FleetHistory()
+    history = FleetHistory(wide())
     assert history.values.row_bytes == 1800 + 4320 + 2 + 1
     assert history.plugins.row_bytes == 2 * (1800 + 4320 + 2) + 1
     history.record([record_of("a", [worker("w")])], T0)
@@ -280,6 +294,7 @@ async def test_history_over_http(queen):
 @pytest.mark.parametrize(("params", "message"), [
     ({"metric": "cpu_pct,bogus"}, "unknown metric(s): bogus; known: cpu_pct,"),
     ({"metric": ""}, "unknown metric(s): (none)"),
+    ({"metric": "temperature_c"}, "unknown metric(s): temperature_c"),  # not kept by default
     ({"since": "yesterday"}, "query parameter 'since' must be a number, not 'yesterday'"),
     ({"since": "-5"}, "query parameter 'since' must be >= 0, not '-5'"),
     ({"step": "nan"}, "query parameter 'step' must be >= 0, not 'nan'"),
@@ -299,4 +314,4 @@ async def test_huge_since_gives_what_exists_with_its_bounds(queen):
     assert response.status_code == 200
     assert response.json()["adjusted"] == [
         "since: history goes back 21600 s; 1e+308 s asked",
-        "step: 10 s is the finest kept for the last 21600 s; 0.001 s asked"]
+        "step: 300 s is the finest kept for the last 21600 s; 0.001 s asked"]

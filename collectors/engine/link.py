@@ -19,6 +19,7 @@ connection is dropped.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 
 import trio
@@ -77,6 +78,9 @@ class EngineLink:
         except BROKEN as exc:
             await self.aclose()
             raise EngineError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # cancelled mid-answer: what the connection holds is unknown
+            self.close()
+            raise
 
     async def _connect(self) -> None:
         self._stream = await trio.open_tcp_stream(self.host, self.port)
@@ -194,6 +198,16 @@ class EngineLink:
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    def close(self) -> None:
+        """Drop the connection now, without waiting (a cancelled exchange, a teardown; also
+        after the trio run that opened it has ended)."""
+        stream, self._stream, self._buffer = self._stream, None, b""
+        if stream is not None:
+            try:
+                stream.socket.close()
+            except RuntimeError:  # no trio run to tell: the OS socket alone
+                os.close(stream.socket.detach())
 
 
 def _parse_head(head: bytes, url: str) -> tuple[int, dict[bytes, bytes], bool]:

@@ -4,15 +4,20 @@ each change published to the queen at once.
 A router that polls ``/metrics`` itself (llm-d's endpoint picker, every 50 ms) pays a full
 exposition render and parse per engine per poll; the hive sits beside its engines, so it asks the
 cheapest thing each engine offers (``rbee.collectors.engine.loads``) on one kept-alive connection
-per engine (``EngineLink``: h11 over trio), and sends only what changed.
+per engine (``EngineLink``), and sends only what changed.
 
 Each engine has a task of its own, so a slow or dead engine delays no other: it polls, merges the
 reading into its worker's last full state (rates and percentiles stay the heartbeat's), and when
 a scheduling figure moved (running, waiting, KV cache %, or the engine became unreadable or
-readable again) it hands the new state to the publisher. The publisher sends what it holds at
-once, then waits a round (``poll_interval_s``; over POST ``post_min_interval_s``) before the next
-publication: however many engines changed in a round, the hive publishes one new snapshot.
-Every state carries ``sampled_at``, the wall time of its reading, so a reader knows its age.
+readable again) it hands the new state to the publisher. The tasks poll in rounds: every engine
+at the same multiple of ``poll_interval_s`` on the hive's clock. So the changes of a round arrive
+together, and the publisher coalesces them without a wait of its own: it publishes once the
+round's polls have all answered (or ``SETTLE_SHARE`` of a round after the first change, however
+slow one engine is). A change waits at most a round for its poll and a few milliseconds for its
+round, never a further coalescing window; however many engines changed in a round, the hive
+publishes one new snapshot. Over POST the publications are further held to one per
+``post_min_interval_s`` (each POST is a whole heartbeat). Every state carries ``sampled_at``,
+the wall time of its reading, so a reader knows its age.
 
 A worker's polling begins after its first full ``/metrics`` reading has named its engine; it
 ends when the worker goes. The full reading (every ``interval_s``) also keeps the heartbeat's
@@ -23,6 +28,7 @@ heartbeat never shows a figure older than the last poll.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
@@ -45,8 +51,20 @@ Change = EngineState | str
 """A worker's new engine state, or why its engine cannot be read now."""
 NO_LOAD_ENDPOINT = (404, 405, 501)
 """Statuses that mean "no such endpoint here" (an older engine, the feature off)."""
+SETTLE_SHARE = 0.25
+"""How long, as a share of ``poll_interval_s``, the publisher waits for the rest of a round's
+polls after a change: a round's answers come within milliseconds of each other, and an engine
+slower than this is published with a round of its own."""
 COLLECTOR = "engine.scraper"
 """Whose entry in a worker's ``errors`` an unreadable engine is: the engine collector's."""
+
+
+def next_round(now: float, interval_s: float) -> float:
+    """The start of the first round after ``now``: rounds are the multiples of the interval,
+    so every engine of the hive is polled at the same instants. A poll that began at a round's
+    start (``now / interval_s`` a whole number, give or take a rounding error) waits for the
+    next one."""
+    return (math.floor(now / interval_s + 1e-6) + 1) * interval_s
 
 
 def scheduling(change: Change | None) -> tuple | str | None:
@@ -75,6 +93,10 @@ class EnginePoller:
         self._pending_change = False
         """Whether ``_pending`` holds a change, not only re-sent states."""
         self._wake = trio.Event()
+        self._in_flight = 0
+        """Polls sent and not yet answered (and handed over): the publisher waits for them."""
+        self._answered = trio.Event()
+        """Set when ``_in_flight`` falls to 0."""
         self._tasks: dict[WorkerView, trio.CancelScope] = {}
 
     async def run(self) -> None:
@@ -119,15 +141,20 @@ class EnginePoller:
                     if slot.get("engine", engine) != engine:  # another engine on the port
                         engine, cache = slot["engine"], {}
                         path = fast_path(engine, metrics_path, view.argv)
-                    change, path = await self._poll_once(link, path, slot, cache,
-                                                         metrics_path)
-                    if change is None:
-                        pass
-                    elif scheduling(change) != scheduling(slot.get("poll_sent")):
-                        self._hand_over(slot, key, change, started, changed=True)
-                    elif self._due_again(slot, started):
-                        self._hand_over(slot, key, change, started, changed=False)
-                    await trio.sleep_until(started + settings.poll_interval_s)
+                    self._poll_sent()
+                    try:
+                        change, path = await self._poll_once(link, path, slot, cache,
+                                                             metrics_path)
+                        if change is None:
+                            pass
+                        elif scheduling(change) != scheduling(slot.get("poll_sent")):
+                            self._hand_over(slot, key, change, started, changed=True)
+                        elif self._due_again(slot, started):
+                            self._hand_over(slot, key, change, started, changed=False)
+                    finally:
+                        self._poll_answered()
+                    await trio.sleep_until(next_round(trio.current_time(),
+                                                      settings.poll_interval_s))
             finally:
                 await link.aclose()
 
@@ -160,6 +187,16 @@ class EnginePoller:
         slot["result"] = slot["poll_wrote"] = (time.monotonic(), new)
         return new, path
 
+    def _poll_sent(self) -> None:
+        self._in_flight += 1
+
+    def _poll_answered(self) -> None:
+        """A poll is over (its change, if any, handed over): the last of a round wakes the
+        publisher's wait."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._answered.set()
+
     def _hand_over(self, slot: dict, key: WorkerKey, change: Change, now: float,
                    changed: bool) -> None:
         """To the publisher: a change, or an unchanged state re-sent (``changed`` False)."""
@@ -181,19 +218,22 @@ class EnginePoller:
         return problem
 
     async def _publisher(self) -> None:
-        """Publish what is pending at once; after a change, wait a round before the next. A
-        publication of re-sent states alone starts no wait: a change right after it is not
-        held back by it (so at most two publications in a round, one of them confirmations)."""
+        """Publish what is pending once the round's polls have answered (at most
+        ``SETTLE_SHARE`` of a round after the first change). Over POST, after a change, wait
+        ``post_min_interval_s`` before the next publication; a publication of re-sent states
+        alone starts no wait, so it never holds back the change that follows it."""
+        settings = self.settings
         while True:
             await self._wake.wait()
+            with trio.move_on_after(settings.poll_interval_s * SETTLE_SHARE):
+                while self._in_flight:
+                    self._answered = trio.Event()
+                    await self._answered.wait()
             self._wake = trio.Event()
             pending, self._pending = self._pending, {}
             changed, self._pending_change = self._pending_change, False
             if pending:
                 self.publish(pending)
                 self.publications += 1
-            if not changed:
-                continue
-            settings = self.settings
-            await trio.sleep(settings.poll_interval_s if self.on_channel()
-                             else max(settings.poll_interval_s, settings.post_min_interval_s))
+            if changed and not self.on_channel():
+                await trio.sleep(max(settings.poll_interval_s, settings.post_min_interval_s))

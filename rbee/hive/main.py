@@ -10,6 +10,7 @@ The queen URL is checked before anything starts.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -65,7 +66,16 @@ def check_log_dir(log_dir: str | None, source: str = "") -> None:
         raise ConfigError(f"{log_dir} {problem}", source=source, key="log_dir")
 
 
+GC_THRESHOLDS = (50_000, 50, 1000)
+"""Python's cyclic collector, run far less often than its default (700, 10, 10), and the modules
+loaded at start frozen out of it: with 100 engines polled at 20 Hz the hive allocates fast, and
+each full collection walked every object it holds (50 ms, measured), a stall every engine
+change then waited out. The poll makes few cycles."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     return run_daemon("rbee-hive", "the rbee telemetry hive", HiveConfig, HiveService, check,
                       argv)
 

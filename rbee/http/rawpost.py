@@ -11,6 +11,11 @@ read so far, to hypercorn and the Starlette app for good, and they answer as the
 same statuses, same error bodies, same logs. A refusal once the body is read (bad JSON or gzip,
 another hive's id, admission, the store) answers through the app's ``Refusals``: the same JSON.
 
+The same connection also answers the raw GETs (``raw_gets``: one JSON), event streams
+(``raw_streams``, ``rbee/http/rawstream.py``) and WebSocket upgrades (``raw_sockets``, the hive
+channel, ``rbee/http/rawchannel.py``) under the same rule: taken here only when whole, else the
+app's.
+
 The deadlines are the transport's (``rbee/http/transport.py``): the head within
 ``http.header_timeout_s`` of its first byte, the body within ``http.body_timeout_s`` of the head,
 and ``http.keep_alive_timeout_s`` between requests; a connection waiting between requests closes
@@ -32,6 +37,7 @@ from ..config import HttpSettings
 from .app import Refusals, internal_error_body
 from .bodies import BodyBudget, gunzip_limited
 from .errors import ApiError
+from .rawchannel import RawSocket, serve_socket, upgrade_key
 from .rawstream import DirectWrite, RawStream, StreamConnection, StreamHead, opened, serve_stream
 
 log = logging.getLogger("rbee.http")
@@ -103,6 +109,8 @@ class RawRoutes:
     gets: Mapping[bytes, RawPost] = dataclasses.field(default_factory=dict)
     """GETs answered as one JSON (the queen's ``/v1/pick``): ``answer`` gets an empty body,
     the query in ``head.query``."""
+    sockets: Mapping[bytes, RawSocket] = dataclasses.field(default_factory=dict)
+    """GETs upgraded to a WebSocket (the queen's hive channel, ``rbee/http/rawchannel.py``)."""
 
     @classmethod
     def of(cls, state: Any, settings: HttpSettings) -> RawRoutes | None:
@@ -110,12 +118,14 @@ class RawRoutes:
         routes = getattr(state, "raw_posts", None) or {}
         streams = getattr(state, "raw_streams", None) or {}
         gets = getattr(state, "raw_gets", None) or {}
-        if not routes and not streams and not gets:
+        sockets = getattr(state, "raw_sockets", None) or {}
+        if not routes and not streams and not gets and not sockets:
             return None
         return cls({path.encode(): route for path, route in routes.items()}, state.refusals,
                    state.body_budget, settings,
                    {path.encode(): stream for path, stream in streams.items()},
-                   {path.encode(): route for path, route in gets.items()})
+                   {path.encode(): route for path, route in gets.items()},
+                   {path.encode(): route for path, route in sockets.items()})
 
 
 _date = (0, b"")
@@ -173,6 +183,23 @@ def _stream(head: bytes, routes: RawRoutes, client: str, direct: DirectWrite | N
     return None if frames is None else (route, frames)
 
 
+def _upgrade(head: bytes, route: RawSocket, client: str) -> tuple[Any, bytes] | None:
+    """What the route admitted and the handshake's key, for an upgrade taken here; else None."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None
+    headers = _fields(lines[1:])
+    if headers is None or "host" not in headers or (key := upgrade_key(headers)) is None:
+        return None
+    path, _, query = parts[1].partition(b"?")
+    try:
+        return route.admit(RawHead(path.decode(), headers, client, "GET",
+                                   query.decode("latin-1"))), key
+    except ApiError:
+        return None  # the app refuses it, as it refuses it on any connection
+
+
 def _parse(head: bytes, routes: RawRoutes, client: str
            ) -> tuple[RawPost, RawHead, int, bool, bool] | None:
     """The route, head, body length, gzip and close of a request taken here, else None."""
@@ -225,8 +252,15 @@ async def serve_raw(connection: RawConnection | StreamConnection, routes: RawRou
             if not data:
                 return None if data is None or not buffer else buffer
             buffer += data
-        if (routes.streams and buffer.startswith(b"GET ")
-                and buffer[4:end].partition(b" ")[0].partition(b"?")[0] not in routes.gets):
+        target = buffer[4:end].partition(b" ")[0].partition(b"?")[0]
+        if routes.sockets and buffer.startswith(b"GET ") and target in routes.sockets:
+            upgrade = _upgrade(buffer[:end], routes.sockets[target], client)
+            if upgrade is None:
+                return buffer
+            await serve_socket(connection, routes.sockets[target], upgrade[0], upgrade[1],
+                               buffer[end + 4:], settings)
+            return None
+        if routes.streams and buffer.startswith(b"GET ") and target not in routes.gets:
             fd = connection.socket_fd()
             direct = None if fd is None else DirectWrite(fd)
             stream = _stream(buffer[:end], routes, client, direct)

@@ -61,7 +61,7 @@ from ..http.bodies import read_body
 from ..http.errors import ApiError
 from ..http.rawpost import RawHead
 from ..http.rawstream import StreamHead
-from .channel import OpenChannels, channel_route
+from .channel import ChannelService, OpenChannels
 from .dashboard import dashboard_routes
 from .fleet import Fleet
 from .history import FleetHistory, QueryError, Selector
@@ -347,9 +347,10 @@ def build_app(queen: QueenParts) -> Starlette:
     live = StreamHandlers(config, fleet, gate)
     reads = ReadHandlers(config, fleet.registry, queen.history, gate)
     picks = pick_handler(config, fleet.registry, gate.reader)
+    channel = ChannelService(config, writes.ingest, gate.hive, metrics, queen.channels)
     app = json_app([
         Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
-        channel_route(config, writes.ingest, gate.hive, metrics, queen.channels),
+        channel.route(),
         Route(paths.STREAM, live.stream, methods=["GET"]),
         Route(paths.HEALTH, live.health, methods=["GET"]),
         Route(paths.HIVES, reads.list_hives, methods=["GET"]),
@@ -364,4 +365,5 @@ def build_app(queen: QueenParts) -> Starlette:
     app.state.raw_posts[paths.HEARTBEAT] = writes  # served by the connections themselves
     app.state.raw_streams = {paths.STREAM: live}
     app.state.raw_gets[paths.PICK] = picks
+    app.state.raw_sockets = {paths.CHANNEL: channel}
     return app

@@ -11,11 +11,16 @@ is the server's), and refused with the status a POST would get (401, as JSON) be
 Every frame is answered with one frame (``rbee/contract/channel.py``); a frame that cannot be
 taken (garbage, the wrong type, too big, a delta without its base) is answered with what is wrong
 and leaves the connection's state as it was.
+
+The WebSocket is the connection's own (``rbee/http/rawchannel.py``: no wsproto, ASGI message or
+Starlette ``WebSocket`` per frame) for every upgrade it can take; the rest reach the app's route
+(hypercorn's WebSocket). Both run one session (``ChannelService``, ``_serve``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -42,6 +47,8 @@ from ..contract import (
 )
 from ..http.app import JsonResponse
 from ..http.errors import ApiError
+from ..http.rawchannel import MessageSocket
+from ..http.serving import WS_MESSAGE_BODIES
 from .ingest import Ingest
 from .metrics import QueenMetrics
 
@@ -128,7 +135,7 @@ class OpenChannels:
         for scope in self._scopes:
             scope.cancel()
 
-    async def serve(self, websocket: WebSocket, link: HiveLink, metrics: QueenMetrics,
+    async def serve(self, websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
                     idle_s: float) -> None:
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
@@ -139,69 +146,113 @@ class OpenChannels:
             finally:
                 self._scopes.discard(scope)
         with trio.move_on_after(self.grace_s):
-            await websocket.close(code=1001, reason="the queen is stopping")
+            await websocket.close(1001, "the queen is stopping")
 
 
-def channel_route(config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
-                  metrics: QueenMetrics, open_channels: OpenChannels) -> WebSocketRoute:
-    """The channel's route (``paths.CHANNEL``), or one that refuses every upgrade (403, as an old
-    queen without the route does) with ``channel_enabled: false``: the hives then POST."""
-    max_frame_bytes = config.http.max_body_bytes
+class ChannelService:
+    """The channel's sessions, on either server: the connection's own WebSocket
+    (``rbee/http/rawchannel.py``, every upgrade it can take) and hypercorn's with Starlette's
+    ``WebSocket`` (``route``: whatever the connection leaves to the app). Both run ``_serve``,
+    so a hive cannot tell them apart but by the cost."""
 
-    async def channel(websocket: WebSocket) -> None:
-        if not config.channel_enabled:
-            await websocket.close()  # the server answers the upgrade 403
-            return
+    def __init__(self, config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
+                 metrics: QueenMetrics, open_channels: OpenChannels) -> None:
+        self.config, self.ingest, self.authenticate = config, ingest, authenticate
+        self.metrics, self.open_channels = metrics, open_channels
+        self.max_message_bytes = WS_MESSAGE_BODIES * config.http.max_body_bytes
+        """As hypercorn buffers: a frame somewhat over ``http.max_body_bytes`` gets a clear 413,
+        a bigger one closes the channel (1009) unread."""
+
+    def admit(self, head: object) -> str | None:
+        """The hive the caller may act as; ApiError for any upgrade the app is to answer
+        (the channel off: 403; a refused caller: 401, counted there)."""
+        if not self.config.channel_enabled:
+            raise ApiError(403, "the channel is off (channel_enabled: false)")
+        return self.authenticate(head)
+
+    async def serve(self, socket: MessageSocket, acting_as: str | None) -> None:
+        self.metrics.channels.inc()
+        link = HiveLink(self.ingest, acting_as, self.config.http.max_body_bytes)
         try:
-            acting_as = authenticate(_Upgrade(websocket))
-        except ApiError as exc:
-            metrics.refusal(exc.status_code)
-            await websocket.send_denial_response(JsonResponse(
-                Reply(status="error", message=exc.message), status_code=exc.status_code,
-                headers=exc.headers))
-            return
-        await websocket.accept()
-        metrics.channels.inc()
-        link = HiveLink(ingest, acting_as, max_frame_bytes)
-        try:
-            await open_channels.serve(websocket, link, metrics, config.http.keep_alive_timeout_s)
-        except WebSocketDisconnect:
-            pass
+            await self.open_channels.serve(socket, link, self.metrics,
+                                           self.config.http.keep_alive_timeout_s)
         finally:
-            metrics.channels.dec()
+            self.metrics.channels.dec()
 
-    return WebSocketRoute(paths.CHANNEL, channel)
+    def route(self) -> WebSocketRoute:
+        """The app's route (``paths.CHANNEL``), or one that refuses every upgrade (403, as an
+        old queen without the route does) with ``channel_enabled: false``: the hives then POST."""
+
+        async def channel(websocket: WebSocket) -> None:
+            if not self.config.channel_enabled:
+                await websocket.close()  # the server answers the upgrade 403
+                return
+            try:
+                acting_as = self.authenticate(_Upgrade(websocket))
+            except ApiError as exc:
+                self.metrics.refusal(exc.status_code)
+                await websocket.send_denial_response(JsonResponse(
+                    Reply(status="error", message=exc.message), status_code=exc.status_code,
+                    headers=exc.headers))
+                return
+            await websocket.accept()
+            try:
+                await self.serve(_AsgiSocket(websocket), acting_as)
+            except WebSocketDisconnect:
+                pass
+
+        return WebSocketRoute(paths.CHANNEL, channel)
 
 
-async def _serve(websocket: WebSocket, link: HiveLink, metrics: QueenMetrics,
+class _AsgiSocket:
+    """Starlette's ``WebSocket`` as a ``MessageSocket``."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.send_bytes = websocket.send_bytes
+
+    async def receive(self) -> bytes | str | None:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        data = message.get("bytes")
+        return data if data is not None else message.get("text") or ""
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.websocket.close(code=code, reason=reason)
+
+
+async def _serve(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
                  idle_s: float) -> None:
     """Frames in order, one answer each: the next frame is read once this one is answered, so a
     hive that sends faster than the queen takes is held back by TCP, never queued here. A channel
     with no frame for ``idle_s`` (``http.keep_alive_timeout_s``; a hive sends one every interval)
     is closed: its hive vanished without a word (power, network), and would hold it forever."""
-    while True:
-        message = None
-        with trio.move_on_after(idle_s):
-            message = await websocket.receive()
-        if message is None:
-            await websocket.close(code=1000, reason=f"no frame for http.keep_alive_timeout_s "
-                                                    f"({idle_s:g}s)")
-            return
-        if message["type"] == "websocket.disconnect":
-            return
-        started = time.perf_counter()
-        data = message.get("bytes")
-        if data is None:
-            answer: QueenFrame = ChannelError(status=400, message=(
-                "a text frame: the channel takes binary frames of msgpack "
-                "(rbee/contract/channel.py)"))
-        else:
-            answer = await link.take(data)
-        if type(answer) is ChannelAck:
-            metrics.received.inc()
-            metrics.ingest.observe(time.perf_counter() - started)
-        else:
-            metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
-            log.warning("hive channel %s: %s", link.hive_id or "(no hive yet)",
-                        answer.reason if type(answer) is ChannelResync else answer.message)
-        await websocket.send_bytes(encode_frame(answer))
+    with trio.CancelScope() as idle:  # one scope for the wait of every frame, not one each
+        while True:
+            idle.deadline = trio.current_time() + idle_s
+            data = await websocket.receive()
+            if data is None:
+                return
+            idle.deadline = math.inf  # the answer is not bounded by the hive's silence
+            await _answer(websocket, link, metrics, data)
+    await websocket.close(1000, f"no frame for http.keep_alive_timeout_s ({idle_s:g}s)")
+
+
+async def _answer(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
+                  data: bytes | str) -> None:
+    started = time.perf_counter()
+    if type(data) is str:
+        answer: QueenFrame = ChannelError(status=400, message=(
+            "a text frame: the channel takes binary frames of msgpack "
+            "(rbee/contract/channel.py)"))
+    else:
+        answer = await link.take(data)
+    if type(answer) is ChannelAck:
+        metrics.received.inc()
+        metrics.ingest.observe(time.perf_counter() - started)
+    else:
+        metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
+        log.warning("hive channel %s: %s", link.hive_id or "(no hive yet)",
+                    answer.reason if type(answer) is ChannelResync else answer.message)
+    await websocket.send_bytes(encode_frame(answer))

@@ -44,6 +44,7 @@ class QueenServer:
         self.registry = self.fleet.registry
         self.broadcaster = self.fleet.broadcaster
         self.history = FleetHistory(self.config.history)
+        self.registry.observe(self.history.hive_changed)  # each heartbeat noted for the next step
         self.connections = ConnectionTable(self.config.http.max_connections)
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
@@ -87,14 +88,15 @@ class QueenServer:
         self.channels.close()
 
     async def _history_loop(self) -> None:
-        """One point of every figure each fine step, from the registry (so ingestion pays
-        nothing for history), in parts with a checkpoint between them (10,000 hives are gathered
-        a thousand at a time, never one long stall of the event loop); series not reported for
-        the coarse retention are dropped once a minute."""
+        """Each fine step, one point of every figure of the hives that reported since the last
+        (the registry notes them to the history as it takes them: ingestion pays a dict write),
+        in parts with a checkpoint between them, never one long stall of the event loop; a hive
+        seen for the first time is recorded within a second. Series not reported for the coarse
+        retention are dropped once a minute."""
         settings = self.config.history
         forgotten_at = trio.current_time()
-        async for _ in every(settings.fine_step_s):
-            for _part in self.history.recording(self.registry.records(), time.time()):
+        async for _ in every(min(1.0, settings.fine_step_s)):
+            for _part in self.history.recording(time.time()):
                 await trio.lowlevel.checkpoint()
             if trio.current_time() - forgotten_at >= 60:
                 forgotten_at = trio.current_time()

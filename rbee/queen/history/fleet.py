@@ -1,14 +1,14 @@
 """The fleet's history: which rows belong to which hive, and one step of recording.
 
-Each hive the queen records has a ``HiveRows``: the first row of each of its workers' nine series
-and of each GPU's five (rows handed out once, when a worker or GPU is first seen, and kept while
-it is), and the destination of every figure of its heartbeat in order (``worker_dest``,
-``gpu_dest``). A step gathers only the hives whose registry record changed since the last step
-(a new heartbeat is a new list of workers: an identity test, no comparison of values): their
-workers and GPUs are read in one batch (``figures``), their values land in the store's
-``current`` column with one fancy-index write, and every store's fine tier takes ``current`` as
-its new column. A hive that goes stale or leaves the registry has its rows set to NaN once; a
-fresh hive that sent nothing since the last step costs an identity test.
+Each hive the queen records has a ``HiveRows``: the first row of each of its workers' series
+and of each GPU's (rows handed out once, when a worker or GPU is first seen, and kept while it
+is), and the destination of every figure of its heartbeat in order (``worker_dest``,
+``gpu_dest``). Ingest pays one dict write per heartbeat: the registry calls ``hive_changed``
+(its observer) and the hive is noted as pending. A step gathers only the hives noted since the
+last one: their workers and GPUs are read in one batch per chunk (``figures``), their values
+land in the store's ``current`` column with one fancy-index write, and every store's fine tier
+takes ``current`` as its new column. A hive that goes stale or leaves the registry has its rows
+set to NaN once. No step scans the fleet.
 """
 
 from __future__ import annotations
@@ -21,18 +21,9 @@ from operator import attrgetter
 import numpy as np
 
 from ...config import HistorySettings
-from ...contract import HistoryAnswer, HiveRecord
+from ...contract import GpuDevice, HistoryAnswer, HiveRecord, WorkerTelemetry
 from .columns import Budget, Codec, Store
-from .figures import (
-    GPU_METRICS,
-    METRICS,
-    WORKER_METRICS,
-    gpu_values,
-    labels,
-    plugin_figures,
-    worker_key,
-    worker_values,
-)
+from .figures import Figures, labels, plugin_figures, worker_key
 from .hives import NO_ROWS, HiveRows
 from .reading import Selector, answer
 
@@ -40,8 +31,15 @@ _LAYOUT = (attrgetter("groups"), attrgetter("instances"), attrgetter("uuids"),
            attrgetter("indices"))
 """What a hive's rows were laid out for, in the order ``figures.labels`` reads it."""
 HIVES_PER_CHUNK = 100
-"""Hives gathered between two checkpoints of the recording task (about 2 ms of work), so heartbeats
-are answered between the parts."""
+NOTES_PER_PART = 1000
+"""Noted hives sorted into gathered, silenced and skipped between two checkpoints (under 1 ms)."""
+"""Hives gathered between two checkpoints of the recording task (about 1 ms of work at eight
+workers and eight GPUs a hive), so heartbeats are answered between the parts."""
+
+Noted = tuple[list[WorkerTelemetry], list[GpuDevice], bool] | None
+"""What a hive's last change left to record: its workers, its GPUs, whether it is stale; None:
+it left the registry."""
+Changed = tuple[HiveRows, list[WorkerTelemetry], list[GpuDevice]]
 
 
 class FleetHistory:
@@ -49,6 +47,9 @@ class FleetHistory:
 
     def __init__(self, settings: HistorySettings | None = None) -> None:
         self.settings = s = settings or HistorySettings()
+        self.figures = Figures(s)
+        self.worker_metrics, self.gpu_metrics = self.figures.worker, self.figures.gpu
+        """The series kept of a worker and of a GPU, in the order of their rows."""
         self.per_bucket = round(s.coarse_step_s / s.fine_step_s)
         """Fine points per coarse point."""
         self.fine_slots = max(int(s.fine_retention_s // s.fine_step_s), self.per_bucket)
@@ -63,9 +64,16 @@ class FleetHistory:
         self.refused = 0
         """Series not recorded because ``history.max_bytes`` was reached (a counter)."""
         self.series = 0
-        """Series held (a worker holds nine, a GPU five, whether each figure is known or not)."""
+        """Series held (of each worker and GPU, whether each figure is known or not)."""
+        self._pending: dict[str, Noted] = {}
+        """The hives changed since the last step, as they are now (under ``_noting``: the
+        registry may be written from threads)."""
+        self._new: set[str] = set()
+        """Those of them the history holds nothing of yet (recorded at the next tick)."""
+        self._noting = threading.Lock()
+        self._index = -1
+        """The fine step written last."""
         self._closed = -1
-        self._epoch = 0
         self._released = 0
         """Runs of rows freed so far: a hive refused whole is laid out again once it moved."""
         self._plugin_hives = 0
@@ -77,25 +85,52 @@ class FleetHistory:
         return self.series
 
     def metrics(self) -> frozenset[str]:
-        """Every metric a query may name: the built-in ones and the plugin figures held."""
-        return METRICS.union(self.plugin_metrics)
+        """Every metric a query may name: the built-in ones kept and the plugin figures held."""
+        return self.figures.metrics().union(self.plugin_metrics)
 
     # -- recording -------------------------------------------------------------------------
 
+    def hive_changed(self, hive_id: str, entry) -> None:
+        """The registry's observer (``HiveRegistry.observe``), called at each heartbeat, stale
+        verdict and removal: the hive is noted for the next step, and nothing else is done (an
+        entry has ``workers``, ``capabilities`` and ``stale``; None: removed)."""
+        noted = None if entry is None else (entry.workers, entry.capabilities, entry.stale)
+        with self._noting:
+            self._pending[hive_id] = noted
+            if hive_id not in self.hives:
+                self._new.add(hive_id)
+
+    def take_fleet(self, hives: Iterable[HiveRecord]) -> None:
+        """Note a whole listing of the fleet: each hive in it as it is, the hives held but not
+        listed as gone (what a queen without the observer, or a test, records from)."""
+        listed = {record.info.id: (record.workers, record.gpus, record.stale) for record in hives}
+        listed.update((hive_id, None) for hive_id, rows in self.hives.items()
+                      if rows.live and hive_id not in listed)
+        with self._noting:
+            self._pending.update(listed)
+            self._new.update(hive_id for hive_id in listed if hive_id not in self.hives)
+
     def record(self, hives: Iterable[HiveRecord], now: float) -> None:
-        """One point of every figure of every fresh hive, at ``now`` (Unix time)."""
-        for _ in self.recording(hives, now):
+        """One point of every figure of every hive of ``hives`` (the whole fleet), at ``now``
+        (Unix time)."""
+        self.take_fleet(hives)
+        for _ in self.recording(now):
             pass
 
-    def recording(self, hives: Iterable[HiveRecord], now: float) -> Iterator[None]:
-        """``record`` in parts: it yields between them, where the caller may let other tasks
-        run (a queen of 10,000 hives gathers in chunks of ``HIVES_PER_CHUNK``)."""
+    def recording(self, now: float) -> Iterator[None]:
+        """Record the hives noted since the last step, at ``now``, in parts: it yields between
+        them, where the caller may let other tasks run (a queen of 10,000 hives gathers in
+        chunks of ``HIVES_PER_CHUNK``). Within a fine step already written, only the hives seen
+        for the first time are recorded (into that step's point): a new hive shows at once,
+        the others wait for the next step."""
         index = int(now // self.settings.fine_step_s)
-        changed = self._changed(hives, now)
-        for start in range(0, len(changed), HIVES_PER_CHUNK):
-            with self._lock:
-                self._gather(changed[start:start + HIVES_PER_CHUNK], now)
-            yield
+        if index <= self._index:
+            yield from self._first_sight(index, now)
+            return
+        with self._noting:
+            pending, self._pending = self._pending, {}
+            self._new.clear()
+        yield from self._gathering(list(pending.items()), now)
         bucket = index // self.per_bucket
         if self._closed < 0:
             self._closed = bucket - 1
@@ -109,6 +144,31 @@ class FleetHistory:
         with self._lock:
             self.values.step(index)
             self.plugins.step(index)
+            self._index = index
+
+    def _first_sight(self, index: int, now: float) -> Iterator[None]:
+        with self._noting:
+            fresh, self._new = self._new, set()
+            new = {hive_id: self._pending.pop(hive_id) for hive_id in fresh
+                   if hive_id in self._pending and hive_id not in self.hives}
+        if not new:
+            return
+        yield from self._gathering(list(new.items()), now)  # stale or gone meanwhile: nothing
+        with self._lock:
+            self.values.step(index)  # the step's point again, the new hives' values in it
+            self.plugins.step(index)
+
+    def _gathering(self, notes: list[tuple[str, Noted]], now: float) -> Iterator[None]:
+        """The noted hives sorted (``NOTES_PER_PART`` a part), then gathered
+        (``HIVES_PER_CHUNK`` a part)."""
+        changed: list[Changed] = []
+        for start in range(0, len(notes), NOTES_PER_PART):
+            changed += self._changed(notes[start:start + NOTES_PER_PART], now)
+            yield
+        for start in range(0, len(changed), HIVES_PER_CHUNK):
+            with self._lock:
+                self._gather(changed[start:start + HIVES_PER_CHUNK], now)
+            yield
 
     def _locked(self, parts: Iterator[None]) -> Iterator[None]:
         """Each of ``parts`` run under the lock, a yield after each."""
@@ -120,73 +180,69 @@ class FleetHistory:
                     return
             yield
 
-    def _changed(self, hives: Iterable[HiveRecord], now: float) -> list[tuple[HiveRows, HiveRecord]]:
-        """The fresh hives with a heartbeat not gathered yet; stale and vanished ones are
-        silenced."""
-        self._epoch = epoch = self._epoch + 1
-        changed, live = [], 0
+    def _changed(self, notes: list[tuple[str, Noted]], now: float) -> list[Changed]:
+        """The hives of ``notes`` to gather (all but those refused whole by the budget); stale
+        and vanished ones are silenced. Nothing of a heartbeat is kept once gathered: a
+        reference would keep the hive's previous structs alive beside the registry's."""
+        changed = []
+        hives = self.hives
         with self._lock:
-            for record in hives:
-                rows = self.hives.get(record.info.id)
-                if record.stale:
+            for hive_id, noted in notes:
+                rows = hives.get(hive_id)
+                if noted is None or noted[2]:  # gone, or stale
                     if rows is not None and rows.live:
                         self._silence(rows)
                     continue
                 if rows is None:
-                    rows = self.hives[record.info.id] = HiveRows()
-                rows.seen, rows.seen_at = epoch, now
-                live += rows.live
+                    rows = hives[hive_id] = HiveRows()
+                rows.seen_at = now
+                workers, gpus, _ = noted
                 if rows.refused_at >= 0:  # some of its series did not fit
                     if rows.refused_at != self._released:
                         rows.groups = rows.uuids = ()  # rows were freed since: lay it out
-                        rows.workers = None  # and gather it again
                     elif rows.refused_whole:
                         continue  # nothing of it fits, and nothing was freed since
-                if rows.workers is not record.workers or rows.gpus is not record.gpus:
-                    changed.append((rows, record))
-            if live < sum(1 for rows in self.hives.values() if rows.live):
-                for rows in self.hives.values():
-                    if rows.live and rows.seen != epoch:
-                        self._silence(rows)  # gone from the registry
+                changed.append((rows, workers, gpus))
         return changed
 
     def _silence(self, rows: HiveRows) -> None:
         rows.live = False
-        rows.workers = rows.gpus = None  # gathered again when it is back
         self.values.current[rows.worker_dest] = 0
         self.values.current[rows.gpu_dest] = 0
         for figures in rows.plugin_rows.values():
             self.plugins.current[list(figures.values())] = 0
 
-    def _gather(self, changed: list[tuple[HiveRows, HiveRecord]], now: float) -> None:
-        workers = list(chain.from_iterable(record.workers for _, record in changed))
-        gpus = list(chain.from_iterable(record.gpus for _, record in changed))
-        seen = labels(workers, gpus)
-        laid_out = tuple(list(chain.from_iterable(getter(rows) for rows, _ in changed))
+    def _gather(self, changed: list[Changed], now: float) -> None:
+        with_gpus = bool(self.gpu_metrics)  # no GPU series kept: GPUs are not even laid out
+        workers = list(chain.from_iterable(w for _, w, _ in changed))
+        gpus = list(chain.from_iterable(g for _, _, g in changed)) if with_gpus else []
+        seen = labels(workers, gpus)  # lists of strings: no tuple made per worker or GPU
+        laid_out = tuple(list(chain.from_iterable(map(getter, (rows for rows, _, _ in changed))))
                          for getter in _LAYOUT)
         if seen != laid_out:
-            self._lay_out_changed(changed, seen, now)  # some hive's workers or GPUs changed
-        for rows, record in changed:
-            rows.workers, rows.gpus, rows.live = record.workers, record.gpus, True
+            self._lay_out_changed(changed, seen, now)  # some hive's workers or GPUs moved
+        for rows, _, _ in changed:
+            rows.live = True
         if self._plugin_hives or any(map(plugin_figures, workers)):
-            for rows, record in changed:
-                if rows.plugin_rows or any(map(plugin_figures, record.workers)):
-                    self._gather_plugin_figures(rows, record)
+            for rows, hive_workers, _ in changed:
+                if rows.plugin_rows or any(map(plugin_figures, hive_workers)):
+                    self._gather_plugin_figures(rows, hive_workers)
         codec, current = self.values.codec, self.values.current
-        if workers:
-            dest = np.concatenate([rows.worker_dest for rows, _ in changed])
-            current[dest] = codec.encode(worker_values(workers)).ravel()
+        if workers and self.worker_metrics:
+            dest = np.concatenate([rows.worker_dest for rows, _, _ in changed])
+            current[dest] = codec.encode(self.figures.worker_values(workers)).ravel()
         if gpus:
-            dest = np.concatenate([rows.gpu_dest for rows, _ in changed])
-            current[dest] = codec.encode(gpu_values(gpus)).ravel()
+            dest = np.concatenate([rows.gpu_dest for rows, _, _ in changed])
+            current[dest] = codec.encode(self.figures.gpu_values(gpus)).ravel()
 
-    def _lay_out_changed(self, changed: list[tuple[HiveRows, HiveRecord]],
-                         seen: tuple[list, list, list, list], now: float) -> None:
+    def _lay_out_changed(self, changed: list[Changed], seen: tuple[list, ...], now: float
+                         ) -> None:
         """Lay out again each hive whose workers or GPUs are not those of its last heartbeat."""
         groups, instances, uuids, indices = seen
         w = g = 0
-        for rows, record in changed:
-            w_end, g_end = w + len(record.workers), g + len(record.gpus)
+        with_gpus = bool(self.gpu_metrics)
+        for rows, workers, gpus in changed:
+            w_end, g_end = w + len(workers), g + (len(gpus) if with_gpus else 0)
             hive = (tuple(groups[w:w_end]), tuple(instances[w:w_end]), tuple(uuids[g:g_end]),
                     tuple(indices[g:g_end]))
             if hive != tuple(getter(rows) for getter in _LAYOUT):
@@ -197,24 +253,24 @@ class FleetHistory:
                  indices: tuple, now: float) -> None:
         """Rows for the workers and GPUs now reported (new ones get theirs); those no longer
         reported become NaN and idle (kept until ``forget_old``)."""
-        worker_keys = tuple(zip(groups, instances, strict=True))
-        workers = {key: self._rows_of(rows.worker_rows, key, len(WORKER_METRICS))
-                   for key in worker_keys}
-        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, len(GPU_METRICS)) for uuid in uuids}
+        per_worker, per_gpu = len(self.worker_metrics), len(self.gpu_metrics)
+        keys = tuple(zip(groups, instances, strict=True))
+        workers = {key: self._rows_of(rows.worker_rows, key, per_worker) for key in keys}
+        gpus = {uuid: self._rows_of(rows.gpu_rows, uuid, per_gpu) for uuid in uuids}
         rows.gpu_index.update(zip(uuids, indices, strict=True))
         for key, first in rows.worker_rows.items():
             if key not in workers:
-                self._idle(rows, key, first, len(WORKER_METRICS), now)
+                self._idle(rows, key, first, per_worker, now)
                 for row in rows.plugin_rows.get(key, {}).values():
                     self.plugins.current[row] = 0
         for uuid, first in rows.gpu_rows.items():
             if uuid not in gpus:
-                self._idle(rows, uuid, first, len(GPU_METRICS), now)
+                self._idle(rows, uuid, first, per_gpu, now)
         for key in chain(workers, gpus):
             rows.idle.pop(key, None)
         rows.groups, rows.instances, rows.uuids, rows.indices = groups, instances, uuids, indices
-        rows.worker_dest = _dest([workers[key] for key in worker_keys], len(WORKER_METRICS))
-        rows.gpu_dest = _dest([gpus[uuid] for uuid in uuids], len(GPU_METRICS))
+        rows.worker_dest = _dest([workers[key] for key in keys], per_worker)
+        rows.gpu_dest = _dest([gpus[uuid] for uuid in uuids], per_gpu)
         firsts = [*workers.values(), *gpus.values()]
         rows.refused_at = self._released if min(firsts, default=0) < 0 else -1
         rows.refused_whole = max(firsts, default=0) < 0
@@ -237,14 +293,14 @@ class FleetHistory:
             rows.idle[key] = now
             self.values.current[first:first + size] = 0
 
-    def _gather_plugin_figures(self, rows: HiveRows, record: HiveRecord) -> None:
+    def _gather_plugin_figures(self, rows: HiveRows, workers: list[WorkerTelemetry]) -> None:
         """Plugin figures, worker by worker (only workers that carry some pay for them): each
         ``plugin.metric`` is a series of its own, in float32 (any number a plugin gives)."""
         store = self.plugins
         for figures in rows.plugin_rows.values():
             store.current[list(figures.values())] = 0  # a figure not sent this time: a gap
         dest, values = [], []
-        for worker in record.workers:
+        for worker in workers:
             if not worker.metrics:
                 continue
             if not rows.plugin_rows:
@@ -287,7 +343,7 @@ class FleetHistory:
 
     def _release(self, rows: HiveRows, key) -> None:
         if isinstance(key, tuple):
-            first, size = rows.worker_rows.pop(key), len(WORKER_METRICS)
+            first, size = rows.worker_rows.pop(key), len(self.worker_metrics)
             figures = rows.plugin_rows.pop(key, {})
             for metric, row in figures.items():
                 self.plugins.release(row, 1)
@@ -299,9 +355,9 @@ class FleetHistory:
             if figures and not rows.plugin_rows:
                 self._plugin_hives -= 1
         else:
-            first, size = rows.gpu_rows.pop(key), len(GPU_METRICS)
+            first, size = rows.gpu_rows.pop(key), len(self.gpu_metrics)
             rows.gpu_index.pop(key, None)
-        if first >= 0:
+        if first >= 0 and size:
             self.values.release(first, size)
             self.series -= size
             self._released += 1

@@ -1,4 +1,4 @@
-"""What the history keeps of one hive: which rows hold its series, and what it gathered last."""
+"""What the history keeps of one hive: which rows hold its series, and for which workers and GPUs."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ NO_ROWS = np.zeros(0, np.intp)
 
 
 class HiveRows:
-    """The rows of one hive's series, and what was gathered last."""
+    """The rows of one hive's series."""
 
-    __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "gpus", "groups", "held_gpus",
-                 "held_workers", "idle", "indices", "instances", "live", "plugin_rows",
-                 "refused_at", "refused_whole", "seen", "seen_at", "uuids", "worker_dest", "worker_rows",
-                 "workers")
+    __slots__ = ("gpu_dest", "gpu_index", "gpu_rows", "groups", "held_gpus", "held_workers",
+                 "idle", "indices", "instances", "live", "plugin_rows", "refused_at",
+                 "refused_whole", "seen_at", "uuids", "worker_dest", "worker_rows")
 
     def __init__(self) -> None:
-        self.workers: list | None = None
-        """The registry's list of workers gathered last (compared by identity)."""
-        self.gpus: list | None = None
         self.groups: tuple[str, ...] = ()
         """The group of each worker of its heartbeat, in order (then ``instances``, the GPUs'
         ``uuids`` and ``indices``): what the rows were laid out for."""
@@ -36,9 +32,8 @@ class HiveRows:
         self.idle: dict[tuple, float] = {}
         """Workers (group, instance) and GPUs (uuid) no longer reported: since when."""
         self.live = False
-        self.seen = 0
-        """The recording step that last found it fresh in the registry (then its time)."""
         self.seen_at = 0.0
+        """When a step last found it fresh in the registry."""
         self.refused_at = -1
         """When some of its series were refused by the budget: ``FleetHistory._released`` then
         (it is laid out again once a run of rows has been freed since; -1: none refused)."""

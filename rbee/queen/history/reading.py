@@ -17,7 +17,7 @@ import numpy as np
 from ...config import HistorySettings
 from ...contract import HistoryAnswer, SeriesData
 from .columns import Store, nan_mean
-from .figures import GPU_METRICS, SCALES, WORKER_METRICS
+from .figures import SCALES
 from .hives import HiveRows
 
 
@@ -29,6 +29,9 @@ class Held(Protocol):
     values: Store
     plugins: Store
     per_bucket: int
+    worker_metrics: tuple[str, ...]
+    """The series kept of each worker, in the order of its rows (then of each GPU)."""
+    gpu_metrics: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +132,8 @@ def _held(history: Held, selector: Selector) -> int:
     if selector.group is not None or selector.instance is not None or selector.gpu is not None:
         return sum(1 for match in _matches(history, selector) if match[2] >= 0)
     metrics = selector.metrics
-    per_worker = len(_chosen(WORKER_METRICS, metrics))
-    per_gpu = len(_chosen(GPU_METRICS, metrics))
+    per_worker = len(_chosen(history.worker_metrics, metrics))
+    per_gpu = len(_chosen(history.gpu_metrics, metrics))
     count = 0
     for _, rows in _hives(history, selector):
         count += rows.held_workers * per_worker + rows.held_gpus * per_gpu
@@ -142,8 +145,8 @@ def _held(history: Held, selector: Selector) -> int:
 def _matches(history: Held, selector: Selector):
     """``(key, store, row, gpu_index)`` of each series the selector names (row -1: refused by
     the budget); keys sort as the answer lists them."""
-    worker_metrics = _chosen(WORKER_METRICS, selector.metrics)
-    gpu_metrics = _chosen(GPU_METRICS, selector.metrics)
+    worker_metrics = _chosen(history.worker_metrics, selector.metrics)
+    gpu_metrics = _chosen(history.gpu_metrics, selector.metrics)
     for hive_id, rows in _hives(history, selector):
         if selector.gpu is None:
             yield from _worker_matches(history, hive_id, rows, selector, worker_metrics)

@@ -659,12 +659,12 @@
     const selector = { hive, group, instance: rest.join("/"), metric: "cpu_pct,gpu_util_pct,rss_mb,vram_mb" };
     try {
       const [fine, coarse] = await Promise.all([
-        history({ ...selector, since: "900", step: "1" }),
-        history({ ...selector, since: "21600", step: "60" }),
+        history({ ...selector, since: "300", step: "5" }),
+        history({ ...selector, since: "21600", step: "300" }),
       ]);
       if (panelKey !== key) return;
       for (const chart of charts.splice(0)) chart.destroy();
-      charts.push(chart($("chart-15m"), fine), chart($("chart-6h"), coarse));
+      charts.push(chart($("chart-5m"), fine), chart($("chart-6h"), coarse));
     } catch {
       setText($("panel-facts"), "History is not available from this queen.");
     }
