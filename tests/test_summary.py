@@ -103,8 +103,9 @@ def test_totals_follow_every_kind_of_change(seed):
 
 
 async def test_a_summary_in_parts_is_the_registry_at_one_instant(monkeypatch):
-    """With three hives a part, the registry changes at every checkpoint between the parts; the
-    event still equals the whole computation over the registry at the moment it is returned."""
+    """With three hives a part, the registry changes at every checkpoint between the parts (and
+    between the event's figures and its JSON); the event still equals the whole computation over
+    the registry at the moment its figures were taken."""
     monkeypatch.setattr(summary_module, "HIVES_PER_PART", 3)
     rng, clock = random.Random(7), Clock()
     registry = HiveRegistry(SETTINGS, clock=clock)
@@ -113,6 +114,14 @@ async def test_a_summary_in_parts_is_the_registry_at_one_instant(monkeypatch):
         registry.update_hive(random_heartbeat(rng, hive_id))
     totals = totals_of(registry)
     changes = 0
+    taken, at_that_instant = totals._taken, []
+
+    def taking():
+        figures = taken()
+        at_that_instant.append(registry.summary())  # no checkpoint between
+        return figures
+
+    monkeypatch.setattr(totals, "_taken", taking)
 
     async def meddle() -> None:
         nonlocal changes
@@ -125,7 +134,7 @@ async def test_a_summary_in_parts_is_the_registry_at_one_instant(monkeypatch):
         nursery.start_soon(meddle)
         for _ in range(10):
             await trio.lowlevel.checkpoint()
-            same(await totals.event(), registry.summary())
+            same(await totals.event(), at_that_instant.pop())
         nursery.cancel_scope.cancel()
     assert changes >= 10  # the registry did change while summaries were in parts
 

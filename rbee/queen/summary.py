@@ -179,19 +179,24 @@ class FleetTotals:
 
     async def event(self) -> bytes:
         """The ``queen`` event's JSON as of now: the changed hives' shares computed in parts of
-        ``HIVES_PER_PART``, checkpoints between them, the last part and the event at once."""
+        ``HIVES_PER_PART``, checkpoints between them; the last part and the event's figures at
+        once (``_taken``), its JSON made from them after one more checkpoint."""
         while len(self._due) > HIVES_PER_PART:
             self._apply(HIVES_PER_PART)
             await trio.lowlevel.checkpoint()
-        return self.event_now()
+        event, ids = self._taken()
+        await trio.lowlevel.checkpoint()
+        return _json(event, ids)
 
     def event_now(self) -> bytes:
-        """The ``queen`` event's JSON as of now, every noted change applied in one go. Its
-        ``worker_ids`` are the hives' JSON joined (80,000 workers: 2.4 MB, ~1 ms), never a list
-        of strings: nothing but the encoder reads them (the stream passes a ``queen`` event
-        whole, ``broadcast.Group``)."""
+        """The ``queen`` event's JSON as of now, every noted change applied in one go."""
+        return _json(*self._taken())
+
+    def _taken(self) -> tuple[QueenEvent, list[bytes]]:
+        """Every noted change applied, the event's figures as of now: the event without its
+        ``worker_ids``, and the online hives' ids as JSON (bytes, never changed: the JSON made
+        from them later is still this instant's)."""
         self._apply(None)
-        parts = self._parts
         (workers, online, available, hives_online, hives_available, busy, running, waiting, cpu,
          rss, vram, gpus, unhealthy) = self._sums
         for counts in (self._models, self._states):
@@ -206,14 +211,11 @@ class FleetTotals:
             requests_waiting=waiting, cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss,
             vram_mb=vram, gpus=gpus, gpus_unhealthy=unhealthy, models=dict(self._models),
             states=dict(self._states))
-        data = encode(QueenEvent(
+        event = QueenEvent(
             workers_online=online, workers_available=available, hives_online=hives_online,
             hives_available=hives_available, worker_ids=[], hive_ids=hive_ids,
-            timestamp=utc_now(), summary=summary))
-        ids = b",".join(filter(None, map(_IDS_JSON, map(parts.__getitem__, hive_ids))))
-        # the first '"worker_ids":[]' is the field: inside a string a quote is escaped (\")
-        at = data.index(_NO_IDS)
-        return b"".join((data[:at], b'"worker_ids":[', ids, data[at + len(_NO_IDS) - 1:]))
+            timestamp=utc_now(), summary=summary)
+        return event, list(filter(None, map(_IDS_JSON, map(self._parts.__getitem__, hive_ids))))
 
     def _apply(self, limit: int | None) -> None:
         """The shares of the first ``limit`` hives noted (all with None), in the order noted."""
@@ -244,3 +246,14 @@ class FleetTotals:
                     totals[key] -= n
                 for key, n in now.items():
                     totals[key] = totals.get(key, 0) + n
+
+
+def _json(event: QueenEvent, ids: list[bytes]) -> bytes:
+    """``event``'s JSON with ``ids`` as its ``worker_ids``: the hives' JSON joined (80,000
+    workers: 2.4 MB, ~1 ms), never a list of strings: nothing but the encoder reads them (the
+    stream passes a ``queen`` event whole, ``broadcast.Group``)."""
+    data = encode(event)
+    # the first '"worker_ids":[]' is the field: inside a string a quote is escaped (\")
+    at = data.index(_NO_IDS)
+    return b"".join((data[:at], b'"worker_ids":[', b",".join(ids),
+                     data[at + len(_NO_IDS) - 1:]))
