@@ -240,3 +240,39 @@ async def test_the_sweeping_queen_sends_the_summary_of_the_shared_fleet(nursery,
         assert event.summary.workers_total == 2
         a.stop()
         b.stop()
+
+
+@pytest.fixture
+def mock_clock():
+    from trio.testing import MockClock
+
+    return MockClock(autojump_threshold=0)
+
+
+async def test_the_store_sends_the_summary_every_queen_interval(nursery, mock_clock,
+                                                                 monkeypatch):
+    """Under a MockClock: the memory store's summary goes out every ``stream.queen_interval_s``,
+    as the registry is at that moment (a hive that joins between two summaries is in the
+    second), as JSON that the stream sends as it is."""
+    from rbee.config import QueenConfig, StreamSettings
+    from rbee.queen.fleet import open_fleet
+
+    config = QueenConfig(stream=StreamSettings(queen_interval_s=2.5),
+                         registry=RegistrySettings(stale_after_s=60, remove_after_s=120))
+    fleet = open_fleet(config, clock=trio.current_time)
+    sent: list[tuple[float, bytes]] = []
+    publish = fleet.broadcaster.publish
+    monkeypatch.setattr(fleet.broadcaster, "publish", lambda event, event_id: (
+        sent.append((trio.current_time(), event)), publish(event, event_id)))
+    start = trio.current_time()
+    await nursery.start(fleet.store.run)
+    await fleet.store.ingest(heartbeat("hive-a", [worker("w1"), worker("w2")]))
+    await trio.sleep(3.0)
+    await fleet.store.ingest(heartbeat("hive-b", [worker("w1")]))
+    await trio.sleep(4.6)
+    summaries = [(at - start, decode_stream_event(raw)) for at, raw in sent
+                 if isinstance(raw, bytes)]
+    assert [at for at, _ in summaries] == [2.5, 5.0, 7.5]
+    assert summaries[0][1].worker_ids == ["hive-a/llm/w1", "hive-a/llm/w2"]
+    assert summaries[1][1].hive_ids == ["hive-a", "hive-b"]
+    assert summaries[2][1].summary.workers_total == 3
