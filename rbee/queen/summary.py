@@ -33,6 +33,7 @@ from ..contract import (
     Healthy,
     HiveInfo,
     QueenEvent,
+    WorkerState,
     WorkerTelemetry,
     encode,
     utc_now,
@@ -69,14 +70,14 @@ def _worker_totals(workers: Iterable[WorkerTelemetry]
     """Workers per model and per state; then busy, running, waiting, CPU (``CPU_UNIT``), RSS
     and VRAM, summed."""
     models: dict[str, int] = {}
-    states: dict[str, int] = {}
+    by_state: dict[WorkerState, int] = {}
     busy = running = waiting = cpu = rss = vram = 0
     for worker in workers:
         model = worker.model
         if model is not None:
             models[model] = models.get(model, 0) + 1
-        state = worker.state.value
-        states[state] = states.get(state, 0) + 1
+        state = worker.state  # its .value once per state below: an enum's value is slow to read
+        by_state[state] = by_state.get(state, 0) + 1
         cpu += round(worker.cpu_pct * CPU_UNIT)
         rss += worker.rss_mb
         vram += worker.vram_mb
@@ -85,6 +86,7 @@ def _worker_totals(workers: Iterable[WorkerTelemetry]
             running += engine.requests_running
             waiting += engine.requests_waiting
             busy += engine.requests_running > 0
+    states = {state.value: n for state, n in by_state.items()}
     return models, states, busy, running, waiting, cpu, rss, vram
 
 
@@ -227,8 +229,9 @@ class FleetTotals:
             for hive_id, _ in noted:
                 del due[hive_id]
         parts, settings = self._parts, self.settings
-        sums = self._sums
         models, states = self._models, self._states
+        news: list[tuple[int, ...]] = []
+        olds: list[tuple[int, ...]] = []
         for hive_id, entry in noted:
             old = parts.pop(hive_id, None)
             if entry is None:
@@ -239,13 +242,20 @@ class FleetTotals:
                 (self._offline.discard if new.counts[_ONLINE] else self._offline.add)(hive_id)
             if old is None:
                 old = _NOTHING
-            sums[:] = [total + n - o for total, n, o in zip(sums, new.counts, old.counts, strict=True)]
+            news.append(new.counts)
+            olds.append(old.counts)
             for totals, was, now in ((models, old.models, new.models),
                                      (states, old.states, new.states)):
+                if was is now:  # the same shared dict (``_shared``): nothing moves
+                    continue
                 for key, n in was.items():
                     totals[key] -= n
                 for key, n in now.items():
                     totals[key] = totals.get(key, 0) + n
+        if noted:  # the part's counts summed column by column
+            self._sums = [total + n - o for total, n, o in zip(
+                self._sums, map(sum, zip(*news, strict=True)),
+                map(sum, zip(*olds, strict=True)), strict=True)]
 
 
 def _json(event: QueenEvent, ids: list[bytes]) -> bytes:
