@@ -58,7 +58,8 @@ from .scheduling import (
     judged,
     parse_worker_id,
 )
-from .silence import StallRule, judge
+from .sharing import SharedText
+from .silence import SilenceBook
 from .summary import fleet_summary
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class _HiveEntry:
     """When this hive's current stay began (the queen's clock): it is established once it has
     reported over ``established_after_s`` since."""
     stale: bool = False
+    established: bool = False
+    """Whether it had reported over ``established_after_s`` when last heard from
+    (``silence.SilenceBook`` keeps it)."""
     listed: tuple[tuple[bool, bool], list[FleetWorker]] | None = None
     """The workers as listings show them, in id order, made by the first listing after this
     heartbeat and kept while ``stale`` and ``skip_unhealthy_gpus`` are what they were then
@@ -123,8 +127,8 @@ class HiveRegistry:
         self._admission = _AdmissionBucket(self.settings.new_hives_per_s,
                                            self.settings.new_hives_burst, clock())
         self._lock = threading.Lock()
-        self._stall = StallRule(self.settings)
-        self._holding = False
+        self._silences = SilenceBook(self.settings)
+        self._texts = SharedText()
         self._observers: list[Callable[[str, _HiveEntry | None], None]] = []
 
     def observe(self, observer: Callable[[str, _HiveEntry | None], None]) -> None:
@@ -158,6 +162,7 @@ class HiveRegistry:
         or new hives arrive faster than ``new_hives_per_s``; a known hive is always stored."""
         hive_id = heartbeat.hive.id
         now = self._clock() if received_at is None else received_at
+        self._texts.share(heartbeat)  # before anything reads it, so all see the shared strings
         # the heartbeat's own lists, not copies: like the structs in them, never mutated once
         # stored (the stream's event holds the same ones)
         entry = _HiveEntry(info=heartbeat.hive, workers=heartbeat.workers,
@@ -173,6 +178,7 @@ class HiveRegistry:
             else:
                 entry.first_seen = known.first_seen
             self._hives[hive_id] = entry
+            self._silences.reported(hive_id, entry, known)
             self._changed(hive_id, entry)
 
     def admit(self, hive_id: str) -> None:
@@ -188,6 +194,7 @@ class HiveRegistry:
             entry = self._hives.get(hive_id)
             if entry is not None:
                 entry.stale = True
+                self._silences.flag(hive_id, True)
                 self._changed(hive_id, entry)
 
     def clear(self) -> None:
@@ -197,6 +204,7 @@ class HiveRegistry:
                 self._changed(hive_id, None)
             self._hives.clear()
             self._order.clear()
+            self._silences.clear()
 
     def update_workers(self, hive_id: str, workers: list[WorkerTelemetry]) -> None:
         """Replace a known hive's workers (never appends). Raises NotFoundError for a hive that
@@ -340,28 +348,18 @@ class HiveRegistry:
         """Mark silent hives stale and remove those silent past ``remove_after_s``.
 
         Called by the queen's cleanup task every ``cleanup_interval_s``; after a stall, silences
-        restart (``silence.StallRule``)."""
+        restart (``silence.StallRule``). Costs what is silent (``silence.SilenceBook``)."""
         settings = self.settings
         result = SweepResult()
         now = self._clock()
         with self._lock:
-            counted_from = self._stall.restart_from(now)
-            if counted_from is not None:
-                for entry in self._hives.values():
-                    entry.received_at = max(entry.received_at, counted_from)
-            silent = {hive_id: now - entry.received_at for hive_id, entry in self._hives.items()}
-            verdict = judge(silent, {h for h, e in self._hives.items() if e.stale}, settings,
-                            established={h for h, e in self._hives.items()
-                                         if self._established(e)},
-                            holding=self._holding)
-            self._holding, result.held = verdict.holding, verdict.held
+            verdict, silent, flipped = self._silences.sweep(self._hives, now)
+            result.held = verdict.held
             for hive_id in verdict.newly_stale:
                 result.stale.append(HiveStaleEvent(
                     hive_id=hive_id, silent_s=round(silent[hive_id], 3), timestamp=utc_now()))
-            for hive_id, entry in self._hives.items():
-                if entry.stale != (hive_id in verdict.stale):
-                    entry.stale = not entry.stale
-                    self._changed(hive_id, entry)
+            for hive_id in flipped:
+                self._changed(hive_id, self._hives[hive_id])
             for hive_id in verdict.expired:
                 result.removed.append(_removed(
                     hive_id, self._pop(hive_id),
@@ -370,9 +368,6 @@ class HiveRegistry:
         return result
 
     # -- internals (callers hold the lock) -------------------------------------------------
-
-    def _established(self, entry: _HiveEntry) -> bool:
-        return entry.received_at - entry.first_seen >= self.settings.established_after_s
 
     def _admit(self, hive_id: str, now: float) -> None:
         settings = self.settings
@@ -392,6 +387,7 @@ class HiveRegistry:
         entry = self._hives.pop(hive_id, None)
         if entry is not None:
             del self._order[bisect_left(self._order, hive_id)]
+            self._silences.forgot(hive_id, entry)
             self._changed(hive_id, None)
         return entry
 

@@ -35,6 +35,7 @@ from ..contract import (
 from .broadcast import Broadcaster, Replay
 from .registry import HiveRegistry
 from .scheduling import idle_instances
+from .summary import FleetTotals
 from .ticks import every
 
 if TYPE_CHECKING:
@@ -107,10 +108,12 @@ class MemoryStore:
         self.config = config
         self.registry = registry
         self.broadcaster = broadcaster
+        self.totals = FleetTotals(config.registry, registry.hive_ids)
+        registry.observe(self.totals.hive_changed)
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
         self._last = start - 1
-        self._kept: deque[tuple[int, StreamEvent, int]] = deque()
+        self._kept: deque[tuple[int, StreamEvent | bytes, int]] = deque()
         self._kept_bytes = 0
         """The JSON size of the kept events: bounded by ``stream.replay_bytes`` as their count
         is by ``stream.replay_events``, so one hive's big heartbeats cannot pin a thousand
@@ -123,11 +126,13 @@ class MemoryStore:
     def health(self) -> StoreHealth:
         return StoreHealth(kind="memory")
 
-    def publish(self, event: StreamEvent, size: int | None = None) -> None:
-        """Announce ``event`` and keep it for resuming clients. ``size``, its JSON's bytes, is
-        measured here when not given (sweeps and summaries only: a heartbeat brings its body's)."""
+    def publish(self, event: StreamEvent | bytes, size: int | None = None) -> None:
+        """Announce ``event`` (a struct, or its JSON: the fleet summary) and keep it for
+        resuming clients. ``size``, its JSON's bytes, is measured here when not given (sweeps
+        only: a heartbeat brings its body's)."""
         self._last = next(self._ids)
-        size = len(encode(event)) if size is None else size
+        if size is None:
+            size = len(event) if isinstance(event, bytes) else len(encode(event))
         kept, stream = self._kept, self.config.stream
         kept.append((self._last, event, size))
         self._kept_bytes += size
@@ -149,7 +154,7 @@ class MemoryStore:
 
     async def _summary_loop(self) -> None:
         async for _ in every(self.config.stream.queen_interval_s):
-            self.publish(self.registry.summary())
+            self.publish(await self.totals.event())
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
@@ -162,7 +167,8 @@ class MemoryStore:
             self.publish(event)
         return event
 
-    async def missed(self, last_id: str, upto: str) -> list[tuple[str, StreamEvent]] | None:
+    async def missed(self, last_id: str, upto: str
+                     ) -> list[tuple[str, StreamEvent | bytes]] | None:
         try:
             last, end = int(last_id), int(upto)
         except ValueError:

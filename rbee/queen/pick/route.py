@@ -7,7 +7,8 @@
 
 The route is answered by the connection itself (``rbee/http/rawpost.py``, ``app.state.raw_gets``)
 when the request allows, else by the Starlette app; both end in ``PickHandler.answer_to``, so
-the answers and refusals are the same.
+the answers and refusals are the same. The index places the hives changed since the last pick
+first, in parts (``PickIndex.refresh``), so a pick never holds the event loop for the fleet.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class PickHandler:
     async def pick(self, request: Request) -> Response:
         """The route through the Starlette app."""
         self.reader(request)
-        return Response(self.answer_to(request.query_params),
+        return Response(await self.answer_to(request.query_params),
                         media_type=JsonResponse.media_type)
 
     def admit(self, head: RawHead) -> None:
@@ -59,9 +60,9 @@ class PickHandler:
 
     async def answer(self, head: RawHead, admitted: None, body: bytes) -> bytes:
         """A raw GET's 200 JSON (or what its ``ApiError`` answers)."""
-        return self.answer_to(dict(parse_qsl(head.query, keep_blank_values=True)))
+        return await self.answer_to(dict(parse_qsl(head.query, keep_blank_values=True)))
 
-    def answer_to(self, query_params: Mapping[str, str]) -> bytes:
+    async def answer_to(self, query_params: Mapping[str, str]) -> bytes:
         """The pick the query asks for, as JSON; ``ApiError`` naming a refusal."""
         params = decode_query(query_params, PickQuery)
         if not params.model:
@@ -76,6 +77,7 @@ class PickHandler:
                             max_kv_cache_pct=params.max_kv_cache_pct,
                             max_waiting=whole("max_waiting", params.max_waiting,
                                               query_params.get("max_waiting")))
+        await self.index.refresh(vram=query.min_free_vram_mb is not None)
         try:
             return encode(self.index.pick(query, n or 1))
         except PickUnavailable as exc:

@@ -17,6 +17,7 @@ from ...contract import HiveRemovedEvent, HiveStaleEvent, encode, utc_now, worke
 from ..registry import HiveRegistry
 from ..silence import StallRule, judge
 from ..store import log_verdict
+from ..summary import FleetTotals
 from ..ticks import every
 from .connection import RedisClock, RedisConnection, pairs
 from .keys import text
@@ -38,6 +39,10 @@ class Sweeper:
         self._grace_from_ms = 0
         self._stall = StallRule(config.registry)
         self._holding = False
+        self.totals = FleetTotals(config.registry, registry.hive_ids)
+        """The summary, kept by following the mirror (``summary.FleetTotals``): at 10,000 hives
+        adding it up from scratch held the event loop ~300 ms."""
+        registry.observe(self.totals.hive_changed)
 
     async def keep_lease(self) -> None:
         """Clock, health and lease, every third of ``lease_s``."""
@@ -130,6 +135,6 @@ class Sweeper:
             try:
                 await self.redis.command("XADD", self.redis.keys.stream, "MAXLEN", "~",
                                          self.maxlen, "*", "k", "ev", "d",
-                                         encode(self.registry.summary()))
+                                         await self.totals.event())
             except StoreError as exc:
                 self.redis.failed("summary", exc)

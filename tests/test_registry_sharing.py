@@ -1,0 +1,60 @@
+"""The registry holds the strings and empty lists a fleet repeats once (``rbee.queen.sharing``):
+two hives decoded from their own bytes end up holding the same model, group, engine, GPU-name
+and empty-list objects, and every value reads as it was sent."""
+
+from __future__ import annotations
+
+from rbee.config import RegistrySettings
+from rbee.contract import CollectorIssue, decode_heartbeat, encode
+from rbee.queen import sharing
+from rbee.queen.registry import HiveRegistry
+from tests.fleetload import eight_gpu_hive
+
+
+def stored(registry: HiveRegistry, hive_id: str, seed: int):
+    sent = eight_gpu_hive(hive_id, seed)
+    registry.update_hive(decode_heartbeat(encode(sent)))  # strings of its own, as decoded
+    return sent, registry.get_hive(hive_id)
+
+
+def test_two_hives_share_their_repeated_strings_and_keep_their_values():
+    registry = HiveRegistry(RegistrySettings())
+    sent_a, a = stored(registry, "hive-a", 1)
+    sent_b, b = stored(registry, "hive-b", 2)
+    assert (a.workers, a.capabilities) == (sent_a.workers, sent_a.capabilities)
+    assert (b.workers, b.capabilities) == (sent_b.workers, sent_b.capabilities)
+    first, second = a.workers[0], b.workers[0]
+    assert first.model == second.model and first.model is second.model
+    assert first.group is second.group
+    assert first.engine.engine is second.engine.engine
+    assert first.engine.version is second.engine.version
+    assert a.capabilities[0].name is b.capabilities[0].name
+    assert a.capabilities[0].uuid == b.capabilities[0].uuid  # a hive's own: not shared
+    assert a.capabilities[0].uuid is not b.capabilities[0].uuid
+    assert first.errors == [] and first.errors is second.errors is sharing.EMPTY
+    assert a.capabilities[0].faults is b.capabilities[1].errors is sharing.EMPTY
+    assert first.gpu_indices == [0] and first.gpu_indices is second.gpu_indices
+    assert a.workers[1].gpu_indices == [1]
+
+
+def test_a_heartbeat_with_errors_keeps_them():
+    registry = HiveRegistry(RegistrySettings())
+    sent = eight_gpu_hive("hive-a", 1)
+    sent.workers[0].errors = [CollectorIssue(collector="nvml", message="no GPU")]
+    registry.update_hive(decode_heartbeat(encode(sent)))
+    stored_workers = registry.get_hive("hive-a").workers
+    assert stored_workers[0].errors == [CollectorIssue(collector="nvml", message="no GPU")]
+    assert stored_workers[1].errors is sharing.EMPTY and sharing.EMPTY == []
+
+
+def test_the_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(sharing, "KEPT", 10)
+    registry = HiveRegistry(RegistrySettings(new_hives_burst=100, max_hives=100))
+    texts = registry._texts
+    for n in range(30):
+        sent = eight_gpu_hive(f"hive-{n}", n)
+        for worker in sent.workers:
+            worker.model = f"model-{n}-{worker.instance}"
+        registry.update_hive(sent)
+        assert len(texts) <= 10 + 8 * 3 + 8  # what one heartbeat adds past the bound
+    assert registry.get_hive("hive-29").workers[0].model == "model-29-worker-000"
