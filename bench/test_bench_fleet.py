@@ -190,6 +190,9 @@ def test_fleet(benchmark, tmp_path, side, transport):
     if side == "before" and not BEFORE:
         pytest.skip("RBEE_BENCH_BEFORE is not set: only this tree's queen is measured")
     source = Path(BEFORE) if side == "before" else None
+    if source is not None and transport == "channel" and not (
+            source / "rbee" / "queen" / "channel.py").exists():
+        pytest.skip(f"the tree at RBEE_BENCH_BEFORE ({source}) has no hive channel to measure")
     body = eight_gpu_heartbeat("fleet-hive-00000", 0)
     FIGURES["fleet heartbeat (8 GPUs, 8 vLLM workers)"] = (
         f"{len(body):,} B JSON, {len(gzip.compress(body, compresslevel=1, mtime=0)):,} B gzip")
