@@ -34,6 +34,7 @@
   let order = []; // keys of the workers that pass the filters, in the shown order
   let membershipChanged = true, valuesChanged = true, lastSortAt = 0, gpusChanged = true;
   let queenSummary = null;
+  let fleetWorkers = 0; // the queen's count of online workers (its `queen` event)
   let sort = { key: "name", dir: 1 };
   let framePending = false;
   let panelKey = null;
@@ -99,6 +100,7 @@
         break;
       case "queen":
         queenSummary = event.summary || null;
+        fleetWorkers = event.workers_online || 0;
         break;
       default:
         return; // lagged (a snapshot follows)
@@ -548,13 +550,22 @@
 
   // A small fleet's sparklines come in one query; past FLEET_TRENDS workers (a query may match
   // at most history.max_series_per_query series) only the hives of the rows in view are asked.
+  // The fleet's size is the larger of what this page holds and what the queen counts: while the
+  // first events arrive the page holds fewer workers than the queen's history does. A whole-fleet
+  // query the queen refuses as too wide (400) makes every later one ask hive by hive.
   const FLEET_TRENDS = 2000;
+  let trendsByHive = false;
   async function refreshTrends() {
-    const selectors = entries.size <= FLEET_TRENDS ? [{}]
+    const wide = trendsByHive || Math.max(entries.size, fleetWorkers) > FLEET_TRENDS;
+    const selectors = !wide ? [{}]
       : [...new Set([...rows.keys()].map((key) => key.split("/")[0]))].map((hive) => ({ hive }));
     try {
       const answers = await Promise.all(selectors.map((selector) =>
-        history({ ...selector, metric: "cpu_pct,gpu_util_pct", since: "60", step: "5" })));
+        history({ ...selector, metric: "cpu_pct,gpu_util_pct", since: "60", step: "5" })
+          .catch((problem) => {
+            if (!selector.hive && String(problem).includes("HTTP 400")) trendsByHive = true;
+            throw problem;
+          })));
       const byKey = new Map();
       for (const answer of answers) {
         for (const series of answer.series) {
