@@ -33,6 +33,14 @@ from .fakes import (
     processes_left,
     write_fake_nvidia_smi,
 )
+from .hivekit import wait_joined
+
+
+def spawned(monitor, group: str, instance: str, argv, **options) -> int:
+    """A worker started and running its own program in its cgroup: ``spawn`` returns while the
+    worker's helper is still joining, and the stub's processes are attributed by cgroup."""
+    monitor.spawn(group, instance, argv, **options)
+    return wait_joined(monitor, group, instance)
 
 
 def collector_with(monitor, nvml: StubNvml, **settings) -> TelemetryCollector:
@@ -69,8 +77,8 @@ def test_idle_worker_holding_memory_is_idle_and_busy_one_busy(monitor):
     """The exact sequence measured on an H100: ``idle-0`` holds 3.5 GiB and has one old sample
     (smUtil 1, from its start) and none after; ``busy-0`` runs ~90 %; the device reads 98 %.
     The idle worker is at 0 % (source: process), not the device's 98 %."""
-    busy = monitor.spawn("llm", "busy-0", sleeper())
-    idle = monitor.spawn("llm", "idle-0", sleeper())
+    busy = spawned(monitor, "llm", "busy-0", sleeper())
+    idle = spawned(monitor, "llm", "idle-0", sleeper())
     nvml = StubNvml()
     nvml.gpus[0].util = 98
     nvml.place(gpu=0, pid=busy, mib=10954)
@@ -168,7 +176,7 @@ def test_gpus_without_a_process_are_not_queried_per_process():
 
 def test_no_process_ran_not_found_means_zero(monitor):
     """With no sample at all the driver answers NVML_ERROR_NOT_FOUND: every process is at 0 %."""
-    pid = monitor.spawn("llm", "holder", sleeper())
+    pid = spawned(monitor, "llm", "holder", sleeper())
     nvml = StubNvml()
     nvml.place(gpu=1, pid=pid, mib=2048)
     collector = collector_with(monitor, nvml)
@@ -179,7 +187,7 @@ def test_no_process_ran_not_found_means_zero(monitor):
 
 
 def test_unsupported_per_process_falls_back_to_the_device_and_says_so(monitor):
-    pid = monitor.spawn("llm", "w", sleeper())
+    pid = spawned(monitor, "llm", "w", sleeper())
     nvml = StubNvml()
     nvml.gpus[1].per_process_util = False
     nvml.place(gpu=1, pid=pid, mib=2048)
@@ -193,7 +201,7 @@ def test_unsupported_per_process_falls_back_to_the_device_and_says_so(monitor):
 def test_unknown_is_null_with_the_reason_never_zero(monitor):
     """Neither per-process nor device utilisation supported: the figure is None, the reason is in
     ``errors``, and the queen never takes the worker for idle."""
-    pid = monitor.spawn("llm", "w", sleeper())
+    pid = spawned(monitor, "llm", "w", sleeper())
     nvml = StubNvml()
     nvml.gpus[0].per_process_util = False
     nvml.gpus[0].util = None
@@ -212,7 +220,7 @@ def test_unknown_is_null_with_the_reason_never_zero(monitor):
 
 
 def test_before_the_first_sample_utilisation_is_unknown(monitor):
-    pid = monitor.spawn("llm", "w", sleeper())
+    pid = spawned(monitor, "llm", "w", sleeper())
     nvml = StubNvml()
     nvml.place(gpu=0, pid=pid, mib=1024)
     collector = collector_with(monitor, nvml)
@@ -227,7 +235,7 @@ def test_worker_on_two_gpus_gets_a_per_gpu_breakdown_children_included(cgroup_mo
     parent = [sys.executable, "-c",
               "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"]
     monitor = cgroup_monitor
-    pid = monitor.spawn("llm", "gpu", parent)
+    pid = spawned(monitor, "llm", "gpu", parent)
     deadline = time.monotonic() + 5
     while len(monitor.get("llm", "gpu").list_pids()) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -248,7 +256,7 @@ def test_worker_on_two_gpus_gets_a_per_gpu_breakdown_children_included(cgroup_mo
 def test_mig_instances_are_devices_and_processes_are_attributed_to_them(monitor):
     """MIG through the NVML seam, modelled on the real API (a lent machine's MIG mode is never
     changed): GPU 0 in MIG mode with two instances; a worker on the second one."""
-    pid = monitor.spawn("llm", "mig", sleeper())
+    pid = spawned(monitor, "llm", "mig", sleeper())
     nvml = StubNvml()
     nvml.gpus[0].mig = [StubMig("MIG-aaaa-0001", 1, total_mib=40192, used_mib=1024),
                         StubMig("MIG-aaaa-0002", 2, total_mib=19968, used_mib=8192,
@@ -355,7 +363,7 @@ def test_nvidia_smi_timeout_kills_the_child(tmp_path):
 
 
 def test_nvidia_smi_gives_device_figures_marked_device_and_health(tmp_path, monitor, monkeypatch):
-    pid = monitor.spawn("llm", "w", sleeper())
+    pid = spawned(monitor, "llm", "w", sleeper())
     write_fake_nvidia_smi(tmp_path, apps=[(pid, 1, 4000)], health_rows=[
         "0, 0, No, No, No, Not Active, Not Active, Not Active, Not Active",
         "1, 3, No, Yes, No, Not Active, Active, Not Active, Not Active"])
@@ -379,7 +387,7 @@ def test_hanging_gpu_refresh_is_recorded_and_workers_still_collected(monitor, tm
                                                                      monkeypatch):
     write_fake_nvidia_smi(tmp_path, hang_s=30)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    monitor.spawn("llm", "w", sleeper())
+    spawned(monitor, "llm", "w", sleeper())
     collector = TelemetryCollector(monitor, build_plugin_manager(),
                                    CollectorSettings(gpu="nvidia-smi", nvidia_smi_timeout_s=0.2))
     assert collector.refresh_devices() == []
@@ -418,7 +426,7 @@ def test_gpu_source_selection(tmp_path, monkeypatch):
 
 def test_gpu_hint_from_cuda_visible_devices(monitor):
     """A worker told to use GPU 1 shows that GPU's real total before it allocates anything."""
-    monitor.spawn("llm", "hint", sleeper(), env={"CUDA_VISIBLE_DEVICES": "1", "PATH": "/usr/bin:/bin"})
+    spawned(monitor, "llm", "hint", sleeper(), env={"CUDA_VISIBLE_DEVICES": "1", "PATH": "/usr/bin:/bin"})
     collector = collector_with(monitor, StubNvml())
     tick(collector)
     record = collector.collect_instance("llm", "hint")
