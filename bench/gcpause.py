@@ -4,7 +4,7 @@ their JSON as the transport decodes them:
     python bench/gcpause.py [N] [--no-sharing]
 
 N hives (default 10,000) are stored, the collector is run and what exists frozen (as
-``rbee-queen`` does at start, ``settle_gc``); then every hive's next heartbeat is stored (a
+``rbee-queen`` does at start, ``rbee._daemon.settle_gc``); then every hive's next heartbeat is stored (a
 second of the fleet, all of it young) and a young collection (``gc.collect(0)``) and a full one
 are timed in CPU time. ``--no-sharing`` stores the heartbeats as decoded, without the
 registry's shared strings and empty lists (``rbee/queen/sharing.py``), for comparison.

@@ -10,12 +10,11 @@ The queen URL is checked before anything starts.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from pathlib import Path
 
-from .._daemon import run_daemon
+from .._daemon import run_daemon, settle_gc
 from .._errors import ConfigError
 from ..config import HiveConfig
 from ..credentials import read_secret
@@ -74,8 +73,7 @@ change then waited out. The poll makes few cycles."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    settle_gc(GC_THRESHOLDS)
     return run_daemon("rbee-hive", "the rbee telemetry hive", HiveConfig, HiveService, check,
                       argv)
 

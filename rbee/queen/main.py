@@ -9,10 +9,9 @@ SIGINT and SIGTERM stop it cleanly: streams end, requests in flight get ``http.s
 
 from __future__ import annotations
 
-import gc
 import sys
 
-from .._daemon import run_daemon
+from .._daemon import run_daemon, settle_gc
 from ..config import QueenConfig
 from ..credentials import HiveCredentials
 from ..http.auth import read_token
@@ -43,18 +42,8 @@ them all while no heartbeat was answered: at 2,400 eight-GPU hives heartbeat p99
 default and 65 ms with these (p50 1 s and 0.9 ms; docs/scale.md). Heartbeats make few cycles."""
 
 
-def settle_gc() -> None:
-    """The cyclic collector set for a fleet queen, once its modules are loaded: ``GC_THRESHOLDS``,
-    and what exists now (the modules, ~50,000 objects) frozen out of every later collection
-    (``gc.freeze``): a full collection walked them each time, 11 ms of a 10,000-hive queen's
-    ~270 ms. They live as long as the process; nothing is lost but their scanning."""
-    gc.set_threshold(*GC_THRESHOLDS)
-    gc.collect()
-    gc.freeze()
-
-
 def main(argv: list[str] | None = None) -> int:
-    settle_gc()
+    settle_gc(GC_THRESHOLDS)  # freezing what start-up loaded: 11 ms of a 10,000-hive full collection
     return run_daemon("rbee-queen", "the rbee telemetry queen", QueenConfig, QueenServer,
                       describe, argv)
 
