@@ -30,7 +30,9 @@ from .hivekit import hive_config, sleeper_specs, wait_joined
 
 
 async def test_agent_publishes_heartbeats_and_reacts_to_exit_at_once():
-    agent = HiveAgent(hive_config("agent", workers=sleeper_specs(2)))
+    # heartbeats and collections 30 s apart: a snapshot with the exit within seconds was pushed
+    agent = HiveAgent(hive_config("agent", workers=sleeper_specs(2), heartbeat={"interval_s": 30},
+                                  collect={"interval_s": 30}))
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         heartbeat = agent.latest
@@ -39,7 +41,7 @@ async def test_agent_publishes_heartbeats_and_reacts_to_exit_at_once():
         assert sorted(w.instance for w in heartbeat.workers) == ["w0", "w1"]
         victim = next(w.pid for w in heartbeat.workers if w.instance == "w0")
         os.kill(victim, signal.SIGKILL)
-        with trio.fail_after(0.5):  # well inside the 1 s interval: pushed, not polled
+        with trio.fail_after(5):  # well inside the 30 s intervals: pushed, not polled
             while not any(w.last_exit for w in (await agent.wait_changed()).workers):
                 pass
         w0, w1 = sorted(agent.latest.workers, key=lambda w: w.instance)
