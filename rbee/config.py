@@ -19,7 +19,7 @@ from .addresses import check_bind, parse_redis_url
 from .configfile import load_config, parse_config  # noqa: F401 (their home for callers)
 from .contract import MAX_WORKERS, EndpointUrl, Identifier
 from .limits import parse_limits
-from .settings import EngineSettings, HistorySettings, PickSettings, Settings
+from .settings import EngineSettings, GcSettings, HistorySettings, PickSettings, Settings
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -397,6 +397,7 @@ class QueenConfig(Settings):
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     pick: PickSettings = msgspec.field(default_factory=PickSettings)
+    gc: GcSettings = msgspec.field(default_factory=GcSettings)
     channel_enabled: bool = True
     """False: every upgrade to a hive channel is refused (403), and hives POST."""
     auth_token_file: str | None = None

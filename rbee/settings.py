@@ -124,3 +124,18 @@ class HistorySettings(Settings):
             if unknown or len(set(names)) != len(names):
                 raise ValueError(f"history.{key}: {', '.join(unknown) or 'a metric named twice'}"
                                  f" in {names}; known: {', '.join(known)}")
+
+
+class GcSettings(Settings):
+    """The queen's cyclic garbage collection (``rbee/queen/gcpace.py``): what it holds is
+    frozen out of Python's automatic collections every ``freeze_every_s``, and walked whole
+    every ``full_every_s``, so no collection stalls heartbeats every few seconds by walking the
+    whole fleet."""
+
+    freeze_every_s: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.1
+    """How often what exists is frozen; an automatic collection then walks at most this
+    interval's survivors. 0: Python's collector as it runs by itself (at 3,200 eight-GPU hives,
+    a 67-120 ms stall every few seconds; docs/scale.md)."""
+    full_every_s: Annotated[float, msgspec.Meta(ge=1)] = 600.0
+    """How often everything is walked for garbage cycles (which reference counting cannot
+    free, and which wait for it). It holds the loop: ~0.3 s at 3,200 hives (docs/scale.md)."""

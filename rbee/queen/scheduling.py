@@ -101,12 +101,26 @@ def judged(workers: list[WorkerTelemetry], devices: list[GpuDevice], hive_schedu
                schedulable and is_idle(worker, settings.idle_gpu_util_pct))
 
 
+def idle_workers(workers: list[WorkerTelemetry], devices: list[GpuDevice], hive_schedulable: bool,
+                 settings: RegistrySettings) -> list[WorkerTelemetry]:
+    """The idle ones of a hive's ``workers``, in their order: ``judged``'s rule, without its
+    per-worker verdicts where no GPU is unhealthy (per heartbeat, on the ingest path)."""
+    if not hive_schedulable:
+        return []
+    if any(isinstance(d.health, Unhealthy) for d in devices):
+        return [worker for worker, _, _, idle in judged(
+            workers, devices, True, settings, ordered=False) if idle]
+    threshold, running = settings.idle_gpu_util_pct, WorkerState.RUNNING
+    return [worker for worker in workers
+            if worker.state is running and is_idle(worker, threshold)]
+
+
 def idle_instances(heartbeat: HiveHeartbeat, settings: RegistrySettings) -> list[str]:
     """``group/instance`` of the idle workers of a hive just heard from (so not stale), by the
     same rule as the listings: what the stream's ``hive_telemetry`` event carries."""
-    return [instance_key(worker) for worker, _, _, idle in judged(
+    return [instance_key(worker) for worker in idle_workers(  # in the hive's order: no sort
         heartbeat.workers, heartbeat.capabilities, hive_schedulable(heartbeat.hive, False),
-        settings, ordered=False) if idle]  # per heartbeat, on the ingest path: no sort
+        settings)]
 
 
 def instance_key(worker: WorkerTelemetry) -> str:

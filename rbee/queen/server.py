@@ -3,7 +3,8 @@
 HTTP is hypercorn's trio worker serving the Starlette app. Beside it run the background tasks of
 the fleet's store (``rbee/queen/fleet.py``: the stale cleanup every ``registry.cleanup_interval_s``,
 the fleet summary on the stream every ``stream.queen_interval_s``; with redis also the stream's
-follower and the sweeper's lease) and the history's recording (``history.fine_step_s``). The store
+follower and the sweeper's lease), the history's recording (``history.fine_step_s``) and the
+pacing of garbage collection (``rbee/queen/gcpace.py``). The store
 is started first: a queen whose Redis cannot be reached at start says so and exits. ``stop()``
 first ends every SSE stream (sse-starlette's own shutdown draining works only on asyncio, so under
 trio the streams would otherwise hold the server open), then lets hypercorn finish requests in
@@ -25,6 +26,7 @@ from ..http.transport import ConnectionTable
 from .api import build_app
 from .channel import OpenChannels
 from .fleet import open_fleet
+from .gcpace import GcGauges, GcPacer
 from .history import FleetHistory
 from .history.gauges import HistoryGauges
 from .metrics import QueenMetrics
@@ -51,6 +53,8 @@ class QueenServer:
                                     lambda: self.broadcaster.lagged_total, self.connections)
         self.metrics.registry.register(HistoryGauges(self.history))
         self.channels = OpenChannels(self.config.http.shutdown_grace_s)
+        self.gc = GcPacer(self.config.gc)
+        self.metrics.registry.register(GcGauges(self.gc))
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -64,6 +68,7 @@ class QueenServer:
             async with trio.open_nursery() as background:
                 await background.start(self.fleet.store.run)
                 background.start_soon(self._history_loop)
+                background.start_soon(self.gc.run)
                 async with trio.open_nursery() as http:
                     self.urls = await http.start(self._serve_http)
                     log.info("queen listening on %s", ", ".join(self.urls))

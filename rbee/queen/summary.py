@@ -38,7 +38,7 @@ from ..contract import (
     encode,
     utc_now,
 )
-from .scheduling import judged
+from .scheduling import idle_workers
 
 HIVES_PER_PART = 50
 """Changed hives whose shares are computed between two checkpoints (about 1.3 ms of eight
@@ -126,10 +126,8 @@ class HivePart:
             self.ids_json = b""
             self.counts = (len(workers),) + (0,) * (len(_COUNTS) - 1)
             return
-        available = 0
         schedulable = entry.schedulable
-        for _, _, _, idle in judged(workers, devices, schedulable, settings, ordered=False):
-            available += idle
+        available = len(idle_workers(workers, devices, schedulable, settings))
         models, states, busy, running, waiting, cpu, rss, vram = _worker_totals(workers)
         ids = msgspec.json.encode([f"{hive_id}/{group}/{instance}" for group, instance in sorted(
             [(w.group, w.instance) for w in workers])])[1:-1]  # b'"h/g/i","h/g/i"': one object
