@@ -4,7 +4,7 @@ trio sockets and hand-written HTTP/1.1, reading back only the status line and th
 The load generator of bench/test_bench_fleet.py, run as a process of its own so that what it
 costs never lands on the queen's core:
 
-    python -m tests.fleetload PORT [--plain | --channel]
+    python -m tests.fleetload PORT [--plain | --channel] [--period-s S]
 
 With ``--channel`` each hive speaks the queen's channel instead (a hand-written WebSocket upgrade,
 then pre-encoded masked msgpack frames: its snapshot, then deltas of a few workers and all eight
@@ -199,9 +199,10 @@ class Window:
     timeouts: int = 0
     latencies: list[float] = field(default_factory=list)
 
-    def summary(self, hives: int, seconds: float, cpu_s: float) -> dict:
+    def summary(self, hives: int, seconds: float, cpu_s: float, period_s: float) -> dict:
         latencies = sorted(self.latencies) or [float("nan")]
-        return {"hives": hives, "window_s": seconds, "expected": round(hives * seconds / PERIOD_S),
+        return {"hives": hives, "window_s": seconds, "period_s": period_s,
+                "expected": round(hives * seconds / period_s),
                 "sent": self.sent, "answered": len(self.latencies), "unanswered": self.in_flight,
                 "ok": self.statuses.get(200, 0),
                 "statuses": {str(code): n for code, n in sorted(self.statuses.items())},
@@ -216,6 +217,9 @@ class Meter:
     """The window now open (or last closed): each beat is counted in the one open when it was sent."""
 
     window: Window = field(default_factory=Window)
+    period_s: float = PERIOD_S
+    """Each hive's beat (``--period-s``): 1 s as a hive sends; longer to hold a fleet bigger
+    than the queen's core carries at 1 Hz (its memory, its restart)."""
 
 
 class ConnectionLost(Exception):
@@ -250,9 +254,11 @@ async def answer_status(sock: trio.socket.SocketType) -> int:
 
 
 async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random) -> None:
-    """One hive: connect, then a beat every ``PERIOD_S`` (jittered) on the same connection, one
-    at a time as a real hive's sender does; a broken connection is counted and opened again."""
-    due = trio.current_time() + rng.uniform(0, PERIOD_S)
+    """One hive: connect, then a beat every ``meter.period_s`` (jittered) on the same
+    connection, one at a time as a real hive's sender does; a broken connection is counted and
+    opened again."""
+    period = meter.period_s
+    due = trio.current_time() + rng.uniform(0, period)
     failed_rounds = 0
     while True:
         sock = trio.socket.socket()
@@ -281,8 +287,8 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
                     window.in_flight -= 1
                     counted = False
                 now = trio.current_time()
-                due += PERIOD_S + rng.uniform(-JITTER_S, JITTER_S)
-                if due < now - PERIOD_S:  # fell a whole beat behind: send the next one now
+                due += period + rng.uniform(-JITTER_S, JITTER_S)
+                if due < now - period:  # fell a whole beat behind: send the next one now
                     due = now
         except trio.TooSlowError:
             window.timeouts += counted or window.open
@@ -297,10 +303,10 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
 
 
 async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
-              window_s: float, prefix: str = "fleet-hive") -> None:
+              window_s: float, prefix: str = "fleet-hive", period_s: float = PERIOD_S) -> None:
     rng = random.Random(24)
     deltas = channel_deltas() if channel else []
-    meter = Meter()
+    meter = Meter(period_s=period_s)
     started = 0
     async with trio.open_nursery() as nursery:
         while line := await trio.to_thread.run_sync(sys.stdin.readline):
@@ -331,7 +337,7 @@ async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
             with trio.move_on_after(ANSWER_TIMEOUT_S + 1):  # the window's beats still in flight
                 while window.in_flight:
                     await trio.sleep(0.05)
-            print(json.dumps(window.summary(target, window_s, cpu_s)), flush=True)
+            print(json.dumps(window.summary(target, window_s, cpu_s, period_s)), flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -343,11 +349,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="each hive on its channel (WebSocket, msgpack deltas), not POST")
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--period-s", type=float, default=PERIOD_S,
+                        help="each hive's beat (default 1 s)")
     parser.add_argument("--prefix", default="fleet-hive",
                         help="hive ids: PREFIX-00000 and on (one per load process of one fleet)")
     args = parser.parse_args(argv)
     trio.run(lambda: run(args.port, compressed=not args.plain, channel=args.channel,
-                         warmup_s=args.warmup_s, window_s=args.window_s, prefix=args.prefix))
+                         warmup_s=args.warmup_s, window_s=args.window_s, prefix=args.prefix,
+                         period_s=args.period_s))
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ async def _serve(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics
                 return
             idle.deadline = math.inf  # the answer is not bounded by the hive's silence
             await _answer(websocket, link, metrics, data)
+            del data  # not held through the wait for the next: 5 KB a hive (docs/scale.md)
     await websocket.close(1000, f"no frame for http.keep_alive_timeout_s ({idle_s:g}s)")
 
 
