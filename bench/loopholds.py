@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import sys
@@ -197,8 +198,8 @@ async def measure(args: argparse.Namespace, holds: Holds) -> dict:
         "registry": {"max_hives": hives * 2, "new_hives_per_s": 1e6, "new_hives_burst": hives * 2},
     }, QueenConfig)
     settle = getattr(queen_main, "settle_gc", None)  # as rbee-queen starts, where it does
-    if settle is not None:
-        settle()
+    if settle is not None:  # with the daemon's thresholds where the tree passes them
+        settle(*([queen_main.GC_THRESHOLDS] if inspect.signature(settle).parameters else []))
     if os.environ.get("RBEE_BENCH_GC_THRESHOLDS"):
         gc.set_threshold(*map(int, os.environ["RBEE_BENCH_GC_THRESHOLDS"].split(",")))
     beats = heartbeats(hives)  # the registry's heartbeats share their inner lists and structs

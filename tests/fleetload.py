@@ -21,6 +21,7 @@ one line of JSON: what the window saw from the hives' side. The caller samples t
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -325,6 +326,10 @@ async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
                 nursery.start_soon(hive, port, talk, meter, random.Random(rng.random()))
                 started += 1
                 await trio.sleep(1 / RAMP_PER_S)
+            # what the hives hold, out of this process's collections: at thousands of hives a
+            # full one walked them for 100 ms and more, between sends and answers it was timing
+            gc.collect()
+            gc.freeze()
             await trio.sleep(warmup_s)
             meter.window = window = Window(open=True)
             print("start", flush=True)
