@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 import trio
 
 from rbee.config import HeartbeatSettings
-from rbee.contract import EngineState, GpuUtilSource, HiveHeartbeat, WorkerGpuUse, encode
+from rbee.contract import (
+    ChannelResync,
+    EngineState,
+    GpuUtilSource,
+    HiveHeartbeat,
+    WorkerGpuUse,
+    decode_queen_frame,
+    encode,
+)
 from rbee.contract.paths import CHANNEL, HEARTBEAT
 from rbee.hive.channel import FrameMaker
 from rbee.hive.heartbeat import reconnect_delay
@@ -150,14 +158,22 @@ def channel_deltas() -> list[bytes]:
 
 class Channel:
     """A hive on its channel: a hand-written WebSocket upgrade, then pre-encoded masked frames:
-    its snapshot, then the shared deltas, a snapshot again every ``SNAPSHOT_EVERY`` beats."""
+    its snapshot, then the shared deltas, a snapshot again every ``SNAPSHOT_EVERY`` beats. As
+    the real hive does (``rbee/hive/channel.py``): a frame refused for any other reason is
+    followed by the snapshot, and a busy queen's refusal (429/503) ends the channel, the hive
+    reconnecting after the queen's ``retry_after_s`` and its full-jitter delay."""
 
     def __init__(self, port: int, snapshot: bytes, deltas: list[bytes]) -> None:
         self.upgrade = (b"GET %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nupgrade: websocket\r\n"
                         b"connection: upgrade\r\nsec-websocket-version: 13\r\n"
                         b"sec-websocket-key: %s\r\n\r\n" % (CHANNEL.encode(), port, _KEY))
         self.frames = [snapshot, *deltas]
+        self.next = 0
+        """The frame sent next: the snapshot first on each connection and after a refusal
+        (its seq is 0, the deltas' 1, 2, ...)."""
         self.buffer = b""
+        self.retry_after_s: float | None = None
+        """A busy queen's ``retry_after_s``, until the reconnect waits it out."""
 
     async def open(self, sock: trio.socket.SocketType) -> None:
         await sock.send(self.upgrade)
@@ -165,25 +181,59 @@ class Channel:
         if data[9:12] != b"101":
             raise ConnectionLost
         self.buffer = data[end + 4:]
+        self.next = 0
 
     def beat(self, n: int) -> bytes:
-        return self.frames[n % len(self.frames)]
+        frame = self.frames[self.next]
+        self.next = (self.next + 1) % len(self.frames)
+        return frame
 
     def reconnect_wait(self, failed_rounds: int, rng: random.Random) -> float:
-        """The real hive's full-jitter reconnect (``reconnect_delay``, default settings): what a
-        restarted queen facing the fleet sees."""
-        return reconnect_delay(_HEARTBEAT, failed_rounds, None, rng.random())
+        """The real hive's full-jitter reconnect (``reconnect_delay``, default settings), after
+        a busy queen's ``retry_after_s``: what a restarted queen facing the fleet sees."""
+        retry_after_s, self.retry_after_s = self.retry_after_s, None
+        return reconnect_delay(_HEARTBEAT, failed_rounds, retry_after_s, rng.random())
 
     async def answer(self, sock: trio.socket.SocketType) -> int:
-        """The queen's answer frame (unmasked, short): an ack is 200, anything else 400."""
-        while len(self.buffer) < 2 or len(self.buffer) < 2 + (self.buffer[1] & 0x7F):
+        """The queen's answer frame (unmasked): an ack is 200, anything else its status (a
+        resync 409); ``Busy`` once the answer is counted, for a refusal that ends the channel."""
+        while (size := _frame_size(self.buffer)) is None or len(self.buffer) < size:
             chunk = await sock.recv(RECV_SIZE)
             if not chunk:
                 raise ConnectionLost
             self.buffer += chunk
-        size = 2 + (self.buffer[1] & 0x7F)
         frame, self.buffer = self.buffer[:size], self.buffer[size:]
-        return 200 if b"\xa3ack" in frame else 400
+        if b"\xa3ack" in frame[:16]:
+            return 200
+        if frame[0] & 0x0F != 0x2:  # a close (the queen stopping): not an answer
+            raise ConnectionLost
+        answer = decode_queen_frame(frame[2 if frame[1] < 126 else 4:])
+        self.next = 0
+        if type(answer) is ChannelResync:
+            return 409
+        if answer.status in (429, 503):
+            self.retry_after_s = answer.retry_after_s
+            raise Busy(answer.status)
+        return answer.status
+
+
+def _frame_size(buffer: bytes) -> int | None:
+    """The whole size of the server frame at the start of ``buffer`` (unmasked, under 64 KiB),
+    or None until its length is there."""
+    if len(buffer) < 2:
+        return None
+    length = buffer[1] & 0x7F
+    if length < 126:
+        return 2 + length
+    return None if len(buffer) < 4 else 4 + int.from_bytes(buffer[2:4], "big")
+
+
+class Busy(Exception):
+    """The queen refused a frame as busy: the hive leaves the channel and reconnects later."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 @dataclass
@@ -281,12 +331,19 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
                 while sent < len(request):
                     sent += await sock.send(request[sent:])
                 with trio.fail_after(ANSWER_TIMEOUT_S):
-                    status = await talk.answer(sock)
+                    try:
+                        status = await talk.answer(sock)
+                    except Busy as busy:
+                        status, leave = busy.status, True
+                    else:
+                        leave = False
                 if counted:
                     window.latencies.append(time.perf_counter() - started)
                     window.statuses[status] = window.statuses.get(status, 0) + 1
                     window.in_flight -= 1
                     counted = False
+                if leave:
+                    break
                 now = trio.current_time()
                 due += period + rng.uniform(-JITTER_S, JITTER_S)
                 if due < now - period:  # fell a whole beat behind: send the next one now
