@@ -48,28 +48,6 @@ class MessageSocket(Protocol):
         """The next whole message (bytes, or str for a text message); None once the peer closed
         or left, or the socket closed for a protocol error."""
 
-    async def _read(self) -> bytes:
-        """What the peer sent next (b"" once it left or the connection closed). On a plain
-        socket: trio's wait for it to be readable, then one read, as the queen answers a frame
-        before it waits for the next and nothing is there yet: 17-20 µs a frame against 33 µs
-        through ``SocketStream.receive_some``, which tries a read that fails first and wraps
-        each in a generator's context manager (3,000 sockets, ``bench/test_bench_rawchannel.py``
-        measures the codec)."""
-        fd = self.fd
-        if fd is None:
-            return await self.connection.receive_by(math.inf, "channel")
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return b""  # the connection closed it (the queen stopping)
-            try:
-                return os.read(fd, MAX_RECV)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return b""  # reset
-
     async def send_bytes(self, data: bytes) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
@@ -183,9 +161,9 @@ class RawWebSocket:
         """What the peer sent next (b"" once it left or the connection closed). On a plain
         socket: trio's wait for it to be readable, then one read, as the queen answers a frame
         before it waits for the next and nothing is there yet: 17-20 µs a frame against 33 µs
-        through ``SocketStream.receive_some``, which tries a read that fails first and wraps
-        each in a generator's context manager (3,000 sockets, ``bench/test_bench_rawchannel.py``
-        measures the codec)."""
+        through ``SocketStream.receive_some``, which first tries a read that fails and wraps
+        each in a generator's context manager (3,000 socket pairs in one trio loop, measured
+        once; docs/scale.md)."""
         fd = self.fd
         if fd is None:
             return await self.connection.receive_by(math.inf, "channel")
