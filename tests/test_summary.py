@@ -105,7 +105,7 @@ def test_totals_follow_every_kind_of_change(seed):
 async def test_a_summary_in_parts_is_the_registry_at_one_instant(monkeypatch):
     """With three hives a part, the registry changes at every checkpoint between the parts (and
     between the event's figures and its JSON); the event still equals the whole computation over
-    the registry at the moment its figures were taken."""
+    the registry at the instant it was asked for."""
     monkeypatch.setattr(summary_module, "HIVES_PER_PART", 3)
     rng, clock = random.Random(7), Clock()
     registry = HiveRegistry(SETTINGS, clock=clock)
@@ -114,14 +114,14 @@ async def test_a_summary_in_parts_is_the_registry_at_one_instant(monkeypatch):
         registry.update_hive(random_heartbeat(rng, hive_id))
     totals = totals_of(registry)
     changes = 0
-    taken, at_that_instant = totals._taken, []
+    begin, at_that_instant = totals._begin, []
 
-    def taking():
-        figures = taken()
+    def beginning():
+        instant = begin()
         at_that_instant.append(registry.summary())  # no checkpoint between
-        return figures
+        return instant
 
-    monkeypatch.setattr(totals, "_taken", taking)
+    monkeypatch.setattr(totals, "_begin", beginning)
 
     async def meddle() -> None:
         nonlocal changes

@@ -8,19 +8,21 @@ At 10,000 eight-worker hives adding them up from scratch takes hundreds of milli
 event loop (a ``FleetWorker`` per worker, then the event's 80,000 worker ids), and every
 heartbeat waits meanwhile. So ``FleetTotals`` keeps each hive's share (``HivePart``) and the
 running totals of all shares, and follows the registry (``HiveRegistry.observe``): a change of a
-hive only notes it, and the next summary computes the shares of the hives changed since, in parts
-with a checkpoint between them. The last part and the event are made with no checkpoint between
-them, after every noted change is applied, so an event describes the registry at one instant:
-the same event ``fleet_summary`` (the whole computation, kept as the reference the tests compare
-with) gives for the registry as it is then.
+hive only notes it, and the next summary takes the changes noted until then, with the hives'
+order at that instant, and computes their shares in parts with a pause after each (a change
+after that instant is noted for the event after). Once they are all applied the totals are those
+of that instant, so an event describes the registry at one instant: the same event
+``fleet_summary`` (the whole computation, kept as the reference the tests compare with) gives
+for the registry as it was then.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from itertools import islice
 from operator import attrgetter
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 import trio
@@ -38,12 +40,16 @@ from ..contract import (
     encode,
     utc_now,
 )
-from .scheduling import idle_workers
+from .scheduling import hive_schedulable, idle_workers
 
 HIVES_PER_PART = 50
-"""Changed hives whose shares are computed between two checkpoints (about 1.3 ms of eight
-workers each on a loaded 2-core machine); the event's last step applies at most as many, then
-puts the event together (~3 ms at 10,000 hives)."""
+"""Changed hives whose shares are computed between two pauses (about 1.3 ms of eight workers
+each on a loaded 2-core machine)."""
+PART_PAUSE_S = 0.004
+"""The pause after each part: the summary takes at most about a fifth of the loop while it runs
+(at 5,000 hives, ~0.5 s for 100 parts). With a bare checkpoint between parts it took half the
+loop or more for 80-125 ms every ``stream.queen_interval_s``, and at 5,000 channel hives the
+heartbeats queued behind that burst set p99 (docs/scale.md)."""
 CPU_UNIT = 1000
 """CPU % is summed in thousandths, as integers: the running totals add and take away shares
 forever, and floats would drift (and the whole computation rounds the same way)."""
@@ -100,6 +106,20 @@ class HiveEntry(Protocol):
 
     @property
     def schedulable(self) -> bool: ...
+
+
+class _Seen(NamedTuple):
+    """A registry entry's figures as of one instant: the registry changes some of an entry in
+    place (its ``stale`` flag, its workers), so an event in parts keeps what it read."""
+
+    info: HiveInfo
+    workers: list[WorkerTelemetry]
+    capabilities: list[GpuDevice]
+    stale: bool
+
+    @property
+    def schedulable(self) -> bool:
+        return hive_schedulable(self.info, self.stale)
 
 
 _COUNTS = ("workers", "online", "available", "hives_online", "hives_available", "busy",
@@ -166,6 +186,11 @@ class FleetTotals:
         self.settings, self.order = settings, order
         self._parts: dict[str, HivePart] = {}
         self._due: dict[str, HiveEntry | None] = {}
+        self._noted: dict[str, HiveEntry | None] = {}
+        """The changes an event in parts is applying (``event``), still to apply."""
+        self._generation = 0
+        """Counts ``event_now`` calls: an event in parts that sees it move knows its changes
+        were applied."""
         self._sums = [0] * len(_COUNTS)
         self._models: dict[str, int] = {}
         self._states: dict[str, int] = {}
@@ -178,34 +203,52 @@ class FleetTotals:
         self._due[hive_id] = entry
 
     async def event(self) -> bytes:
-        """The ``queen`` event's JSON as of now: the changed hives' shares computed in parts of
-        ``HIVES_PER_PART``, checkpoints between them; the last part and the event's figures at
-        once (``_taken``), its JSON made from them after one more checkpoint."""
-        while len(self._due) > HIVES_PER_PART:
-            self._apply(HIVES_PER_PART)
-            await trio.lowlevel.checkpoint()
-        event, ids = self._taken()
+        """The ``queen`` event's JSON as of the instant it is asked for: the hives changed until
+        then are taken from the noted ones (a change after it is noted for the next event) with
+        the hive order of that instant, their shares computed in parts of ``HIVES_PER_PART``
+        with a pause of ``PART_PAUSE_S`` after each, then the event's figures, and its JSON after
+        one more checkpoint. Should ``event_now`` run meanwhile (it applies every change at
+        once), the event is taken as of then instead."""
+        noted, order, at, generation = self._begin()
+        while noted:
+            self._apply(HIVES_PER_PART, noted)
+            if noted:
+                await trio.sleep(PART_PAUSE_S)
+                if self._generation != generation:  # event_now applied ours and later ones
+                    self._apply(None, self._due)
+                    noted, order, at = {}, self.order(), utc_now()
+        event, ids = self._taken(order, at)
         await trio.lowlevel.checkpoint()
         return _json(event, ids)
 
+    def _begin(self) -> tuple[dict[str, HiveEntry | None], list[str], datetime, int]:
+        """The instant an event describes: the changes noted until now (from now on noted
+        apart), the hives' order, and the time."""
+        due, self._due = self._due, {}
+        self._noted = {hive_id: None if entry is None else _Seen(
+            entry.info, entry.workers, entry.capabilities, entry.stale)
+            for hive_id, entry in due.items()}
+        return self._noted, self.order(), utc_now(), self._generation
+
     def event_now(self) -> bytes:
         """The ``queen`` event's JSON as of now, every noted change applied in one go."""
-        return _json(*self._taken())
+        self._generation += 1
+        self._apply(None, self._noted)  # an event in parts' changes first: they are older
+        self._apply(None, self._due)
+        return _json(*self._taken(self.order(), utc_now()))
 
-    def _taken(self) -> tuple[QueenEvent, list[bytes]]:
-        """Every noted change applied, the event's figures as of now: the event without its
-        ``worker_ids``, and the online hives' ids as JSON (bytes, never changed: the JSON made
-        from them later is still this instant's)."""
-        self._apply(None)
+    def _taken(self, order: list[str], at: datetime) -> tuple[QueenEvent, list[bytes]]:
+        """The event's figures from the shares applied: the event without its ``worker_ids``,
+        and the online hives' ids as JSON (bytes, never changed: the JSON made from them later
+        is still this instant's). ``order`` and ``at``: the hive ids and the time as of the
+        instant described."""
         (workers, online, available, hives_online, hives_available, busy, running, waiting, cpu,
          rss, vram, gpus, unhealthy) = self._sums
         for counts in (self._models, self._states):
             for gone in [key for key, n in counts.items() if not n]:
                 del counts[gone]
         offline = self._offline
-        hive_ids = self.order()
-        if offline:
-            hive_ids = [h for h in hive_ids if h not in offline]
+        hive_ids = [h for h in order if h not in offline] if offline else order
         summary = FleetSummary(
             workers_total=workers, workers_busy=busy, requests_running=running,
             requests_waiting=waiting, cpu_pct=round(cpu / CPU_UNIT, 1), rss_mb=rss,
@@ -214,12 +257,12 @@ class FleetTotals:
         event = QueenEvent(
             workers_online=online, workers_available=available, hives_online=hives_online,
             hives_available=hives_available, worker_ids=[], hive_ids=hive_ids,
-            timestamp=utc_now(), summary=summary)
+            timestamp=at, summary=summary)
         return event, list(filter(None, map(_IDS_JSON, map(self._parts.__getitem__, hive_ids))))
 
-    def _apply(self, limit: int | None) -> None:
-        """The shares of the first ``limit`` hives noted (all with None), in the order noted."""
-        due = self._due
+    def _apply(self, limit: int | None, due: dict[str, HiveEntry | None]) -> None:
+        """The shares of the first ``limit`` hives of ``due`` (all with None), in the order
+        noted, taken out of it."""
         noted = list(due.items() if limit is None else islice(due.items(), limit))
         if limit is None:
             due.clear()
