@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from trio.testing import MockClock
 
 from rbee.hive.cgroups import CgroupBackend, NoCgroup, select_backend
 from rbee.hive.cgroups.detect import read_mounts
@@ -162,3 +163,11 @@ def no_cgroup_left_behind():
         except OSError:
             leaked.append(root)
     assert not leaked, f"cgroups left behind: {leaked}"
+
+
+@pytest.fixture
+def mock_clock():
+    """trio's MockClock for a test that asks for it (pytest-trio runs the test under it): virtual
+    time jumps as soon as every task waits. A file whose tasks wait on real threads overrides it
+    with a threshold."""
+    return MockClock(autojump_threshold=0)

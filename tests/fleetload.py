@@ -112,7 +112,7 @@ class Post:
     async def open(self, sock: trio.socket.SocketType) -> None:
         pass
 
-    def beat(self, n: int) -> bytes:
+    def beat(self) -> bytes:
         return self.request
 
     async def answer(self, sock: trio.socket.SocketType) -> int:
@@ -183,7 +183,7 @@ class Channel:
         self.buffer = data[end + 4:]
         self.next = 0
 
-    def beat(self, n: int) -> bytes:
+    def beat(self) -> bytes:
         frame = self.frames[self.next]
         self.next = (self.next + 1) % len(self.frames)
         return frame
@@ -317,10 +317,9 @@ async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random
         try:
             await sock.connect(("127.0.0.1", port))
             await talk.open(sock)
-            beats = failed_rounds = 0
+            failed_rounds = 0
             while True:
-                request = talk.beat(beats)
-                beats += 1
+                request = talk.beat()
                 await trio.sleep_until(due)
                 window = meter.window
                 counted = window.open

@@ -13,7 +13,6 @@ import httpx
 import pytest
 import trio
 from starlette.routing import WebSocketRoute
-from trio.testing import MockClock
 
 from rbee.config import HttpSettings
 from rbee.contract import (
@@ -180,11 +179,6 @@ class OneHeartbeat:
         if generation >= self.generation:
             await trio.sleep_forever()
         return self.generation, self.latest
-
-
-@pytest.fixture
-def mock_clock():
-    return MockClock(autojump_threshold=0)
 
 
 @pytest.mark.parametrize("answer, expected, problem", [

@@ -12,7 +12,6 @@ import weakref
 import pytest
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from trio.testing import MockClock
 
 from rbee import ConfigError
 from rbee.config import QueenConfig, parse_config
@@ -30,11 +29,6 @@ def no_automatic_collection():
         gc.unfreeze()
         if was:
             gc.enable()
-
-
-@pytest.fixture
-def mock_clock():
-    return MockClock(autojump_threshold=0)
 
 
 class Node:

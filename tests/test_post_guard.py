@@ -57,9 +57,9 @@ async def beats(port: int, *, chunk: bool = False, channel: bool = False) -> Non
             await sock.connect(("127.0.0.1", port))
             if channel:
                 await talk.open(sock)
-            for beat in range(ROUNDS):
+            for _ in range(ROUNDS):
                 if channel:
-                    await sock.send(talk.beat(beat))
+                    await sock.send(talk.beat())
                     assert await talk.answer(sock) == 200
                     continue
                 await sock.send(payload)

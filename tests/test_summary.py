@@ -242,13 +242,6 @@ async def test_the_sweeping_queen_sends_the_summary_of_the_shared_fleet(nursery,
         b.stop()
 
 
-@pytest.fixture
-def mock_clock():
-    from trio.testing import MockClock
-
-    return MockClock(autojump_threshold=0)
-
-
 async def test_the_store_sends_the_summary_every_queen_interval(nursery, mock_clock,
                                                                  monkeypatch):
     """Under a MockClock: the memory store's summary goes out every ``stream.queen_interval_s``,

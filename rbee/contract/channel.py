@@ -134,13 +134,13 @@ def apply_delta(base: HiveHeartbeat, delta: ChannelDelta) -> HiveHeartbeat:
     not hold as gone, or that makes a list longer than the contract allows."""
     workers = base.workers
     if delta.workers or delta.gone:
-        by_key = {(w.group, w.instance): w for w in workers}  # worker_key, without a call each
+        by_key = {worker_key(w): w for w in workers}
         for key in delta.gone:
             if by_key.pop(tuple(key), None) is None:
                 raise ContractError(f"invalid delta: worker {'/'.join(key)!r} is gone but was "
                                     f"not there - at `$.gone`")
         for worker in delta.workers:
-            by_key[worker.group, worker.instance] = worker
+            by_key[worker_key(worker)] = worker
         workers = list(by_key.values())
         if len(workers) > MAX_WORKERS:
             raise ContractError(f"invalid delta: {len(workers)} workers, more than {MAX_WORKERS}")

@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import trio
-from hypercorn.trio.tcp_server import MAX_RECV
 
 from ..config import HttpSettings
 from .rawstream import StreamConnection
@@ -144,7 +143,7 @@ class RawWebSocket:
             while not self.closed:
                 next_frame = self._next_frame()
                 if next_frame is None:
-                    data = await self._read()
+                    data = await self.connection.receive_by(math.inf, "channel")
                     if not data:
                         self.closed = True
                         return None
@@ -156,28 +155,6 @@ class RawWebSocket:
         except Refused as problem:
             await self._refuse(problem)
         return None
-
-    async def _read(self) -> bytes:
-        """What the peer sent next (b"" once it left or the connection closed). On a plain
-        socket: trio's wait for it to be readable, then one read, as the queen answers a frame
-        before it waits for the next and nothing is there yet: 17-20 µs a frame against 33 µs
-        through ``SocketStream.receive_some``, which first tries a read that fails and wraps
-        each in a generator's context manager (3,000 socket pairs in one trio loop, measured
-        once; docs/scale.md)."""
-        fd = self.fd
-        if fd is None:
-            return await self.connection.receive_by(math.inf, "channel")
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return b""  # the connection closed it (the queen stopping)
-            try:
-                return os.read(fd, MAX_RECV)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return b""  # reset
 
     async def send_bytes(self, data: bytes) -> None:
         if not self.closed:

@@ -186,11 +186,6 @@ class FleetTotals:
         self.settings, self.order = settings, order
         self._parts: dict[str, HivePart] = {}
         self._due: dict[str, HiveEntry | None] = {}
-        self._noted: dict[str, HiveEntry | None] = {}
-        """The changes an event in parts is applying (``event``), still to apply."""
-        self._generation = 0
-        """Counts ``event_now`` calls: an event in parts that sees it move knows its changes
-        were applied."""
         self._sums = [0] * len(_COUNTS)
         self._models: dict[str, int] = {}
         self._states: dict[str, int] = {}
@@ -207,33 +202,29 @@ class FleetTotals:
         then are taken from the noted ones (a change after it is noted for the next event) with
         the hive order of that instant, their shares computed in parts of ``HIVES_PER_PART``
         with a pause of ``PART_PAUSE_S`` after each, then the event's figures, and its JSON after
-        one more checkpoint. Should ``event_now`` run meanwhile (it applies every change at
-        once), the event is taken as of then instead."""
-        noted, order, at, generation = self._begin()
+        one more checkpoint. One runs at a time (the store's summary loop)."""
+        noted, order, at = self._begin()
         while noted:
             self._apply(HIVES_PER_PART, noted)
             if noted:
                 await trio.sleep(PART_PAUSE_S)
-                if self._generation != generation:  # event_now applied ours and later ones
-                    self._apply(None, self._due)
-                    noted, order, at = {}, self.order(), utc_now()
         event, ids = self._taken(order, at)
         await trio.lowlevel.checkpoint()
         return _json(event, ids)
 
-    def _begin(self) -> tuple[dict[str, HiveEntry | None], list[str], datetime, int]:
+    def _begin(self) -> tuple[dict[str, HiveEntry | None], list[str], datetime]:
         """The instant an event describes: the changes noted until now (from now on noted
-        apart), the hives' order, and the time."""
+        apart), each as the entry reads now (``_Seen``; one pass, ~2 ms at 5,000 hives), the
+        hives' order, and the time."""
         due, self._due = self._due, {}
-        self._noted = {hive_id: None if entry is None else _Seen(
+        noted: dict[str, HiveEntry | None] = {hive_id: None if entry is None else _Seen(
             entry.info, entry.workers, entry.capabilities, entry.stale)
             for hive_id, entry in due.items()}
-        return self._noted, self.order(), utc_now(), self._generation
+        return noted, self.order(), utc_now()
 
     def event_now(self) -> bytes:
-        """The ``queen`` event's JSON as of now, every noted change applied in one go."""
-        self._generation += 1
-        self._apply(None, self._noted)  # an event in parts' changes first: they are older
+        """The ``queen`` event's JSON as of now, every noted change applied in one go (not while
+        ``event`` runs: its changes, taken out of the noted ones, would be applied after)."""
         self._apply(None, self._due)
         return _json(*self._taken(self.order(), utc_now()))
 
