@@ -6,6 +6,7 @@ a POST; hostile frames get an error naming the problem and corrupt nothing."""
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 
 import httpx
@@ -31,6 +32,7 @@ from rbee.contract import (
 from rbee.credentials import new_credential
 from rbee.hive.channel import FrameMaker
 from rbee.http.auth import bearer, hive_basic
+from rbee.queen.channel import HiveLink, OpenChannels
 
 from .builders import fleet_heartbeat, gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of, wait_until
@@ -264,6 +266,69 @@ async def test_a_stopping_queen_closes_its_channels_at_once(nursery):
         with trio.fail_after(1):
             await queen.stopped.wait()
     assert queen.metrics.channels._value.get() == 0
+
+
+class _Socket:
+    """A session's socket that never brings a frame, and records how it was closed."""
+
+    def __init__(self) -> None:
+        self.closed: tuple[int, str] | None = None
+
+    async def receive(self) -> None:
+        await trio.sleep_forever()
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+async def _silent_session(channels: OpenChannels, socket: _Socket, link: HiveLink) -> float:
+    """A session as ``ChannelService.serve`` runs it, on ``socket``: when it was closed."""
+    with trio.CancelScope() as scope:
+        channels.opened(scope, link)
+        try:
+            await socket.receive()
+        finally:
+            channels.gone(scope)
+    await channels.farewell(socket, link)
+    return trio.current_time()
+
+
+async def test_the_reaper_closes_a_silent_channel_within_a_quarter_of_the_timeout(mock_clock):
+    """One task closes silent channels (no deadline moved per frame): between ``idle_s`` and
+    1.25 times it after the last frame, with 1000 and the key named; a channel whose frame is
+    being answered is left open however long the answer takes."""
+    channels = OpenChannels(grace_s=1.0, idle_s=8.0)
+    silent, answering = _Socket(), _Socket()
+    silent_link, answering_link = HiveLink(None, None, 0), HiveLink(None, None, 0)
+    closed_at: list[float] = []
+
+    async def session(socket: _Socket, link: HiveLink) -> None:
+        closed_at.append(await _silent_session(channels, socket, link))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(channels.reap)
+        opened_at = trio.current_time()
+        nursery.start_soon(session, silent, silent_link)
+        nursery.start_soon(session, answering, answering_link)
+        await trio.sleep(0)
+        answering_link.heard_at = math.inf  # as while its frame is answered
+        while silent.closed is None:
+            await trio.sleep(0.5)
+        await trio.sleep(60)
+        assert answering.closed is None and len(channels) == 1
+        nursery.cancel_scope.cancel()
+    assert silent.closed == (1000, "no frame for http.keep_alive_timeout_s (8s)")
+    assert 8.0 <= closed_at[0] - opened_at <= 10.0
+
+
+async def test_a_stopping_queen_says_so_to_a_silent_channel_too(mock_clock):
+    channels = OpenChannels(grace_s=1.0, idle_s=8.0)
+    socket, link = _Socket(), HiveLink(None, None, 0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_silent_session, channels, socket, link)
+        await trio.sleep(1)
+        channels.close()
+    assert socket.closed == (1001, "the queen is stopping") and len(channels) == 0
 
 
 async def test_a_channel_without_frames_is_closed_after_the_keep_alive_timeout(nursery):

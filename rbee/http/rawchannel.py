@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import math
 import os
 import struct
 from collections.abc import Mapping
@@ -143,7 +142,7 @@ class RawWebSocket:
             while not self.closed:
                 next_frame = self._next_frame()
                 if next_frame is None:
-                    data = await self.connection.receive_by(math.inf, "channel")
+                    data = await self.connection.receive_some()
                     if not data:
                         self.closed = True
                         return None
@@ -188,7 +187,7 @@ class RawWebSocket:
         a reset, and the peer might never read why."""
         await self.close(problem.code, str(problem))
         with trio.move_on_after(self.settings.shutdown_grace_s):
-            while data := await self.connection.receive_by(math.inf, "channel"):
+            while data := await self.connection.receive_some():
                 self.buffer += data
                 try:
                     while (next_frame := self._next_frame(closing=True)) is not None:

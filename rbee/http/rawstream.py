@@ -17,7 +17,6 @@ client closing its side ends the stream at once (nothing waits for a write to no
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -91,6 +90,9 @@ class RawStream(Protocol):
 class StreamConnection(Protocol):
     async def receive_by(self, deadline: float, phase: str | None) -> bytes | None: ...
 
+    async def receive_some(self) -> bytes:
+        """The next bytes, with no deadline (b"": the peer left)."""
+
     async def send(self, data: bytes) -> bool:
         """False once the peer is gone (or the stall timeout cut it off)."""
 
@@ -143,7 +145,7 @@ async def serve_stream(connection: StreamConnection, frames: AsyncIterator[bytes
                 return
 
     async def watch_peer(cancel: trio.CancelScope) -> None:
-        while await connection.receive_by(math.inf, "stream"):
+        while await connection.receive_some():
             pass  # anything a client sends after its request is not ours to read
         cancel.cancel()  # it closed its side
 

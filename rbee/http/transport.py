@@ -184,44 +184,45 @@ class GuardedConnection(TCPServer):
     # -- what serve_raw needs (rbee/http/rawpost.py) --
 
     async def receive_by(self, deadline: float, phase: str | None) -> bytes | None:
-        try:
-            if deadline == inf and phase is not None:  # no deadline, no cancel scope to make
-                return await self._receive_some()
-            if phase is None:
-                if self.table.draining:
-                    return None
-                try:
-                    with trio.CancelScope(deadline=deadline) as self._waiting:
-                        return await self._receive_some()
-                finally:
-                    self._waiting = None
-                return None  # idle past keep_alive_timeout_s, or the server stops
-            with trio.move_on_at(deadline):
-                return await self._receive_some()
-            self._timed_out(phase)
-            return None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return b""
+        if deadline == inf and phase is not None:  # no deadline, no cancel scope to make
+            return await self.receive_some()
+        if phase is None:
+            if self.table.draining:
+                return None
+            try:
+                with trio.CancelScope(deadline=deadline) as self._waiting:
+                    return await self.receive_some()
+            finally:
+                self._waiting = None
+            return None  # idle past keep_alive_timeout_s, or the server stops
+        with trio.move_on_at(deadline):
+            return await self.receive_some()
+        self._timed_out(phase)
+        return None
 
-    async def _receive_some(self) -> bytes:
-        """The next bytes (b"": the peer left). On a plain socket, trio's wait for it to be
-        readable and then one ``os.read``: a raw route reads once it has answered, when nothing
-        is there yet, and ``SocketStream.receive_some`` first tries a read that fails and wraps
-        each in a generator's context manager (17-20 µs a read against 33 µs, 3,000 sockets in
-        one trio loop; docs/scale.md). Over TLS, the stream's own read."""
+    async def receive_some(self) -> bytes:
+        """The next bytes, with no deadline (b"": the peer left, or the connection closed). On
+        a plain socket, trio's wait for it to be readable and then one ``os.read``: a raw route
+        reads once it has answered, when nothing is there yet, and ``SocketStream.receive_some``
+        first tries a read that fails and wraps each in a generator's context manager (17-20 µs
+        a read against 33 µs, 3,000 sockets in one trio loop; docs/scale.md). Over TLS, the
+        stream's own read."""
         fd = self._read_fd
         if fd is _UNKNOWN:
             fd = self._read_fd = self.socket_fd()
-        if fd is None:
-            return await self.stream.receive_some(MAX_RECV)
-        while True:
-            await trio.lowlevel.wait_readable(fd)  # ClosedResourceError once trio closes it
-            try:
-                return os.read(fd, MAX_RECV)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return b""  # reset
+        try:
+            if fd is None:
+                return await self.stream.receive_some(MAX_RECV)
+            while True:
+                await trio.lowlevel.wait_readable(fd)  # ClosedResourceError once trio closes it
+                try:
+                    return os.read(fd, MAX_RECV)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    return b""  # reset
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return b""
 
     async def send(self, data: bytes) -> bool:
         try:

@@ -14,7 +14,7 @@ and leaves the connection's state as it was.
 
 The WebSocket is the connection's own (``rbee/http/rawchannel.py``: no wsproto, ASGI message or
 Starlette ``WebSocket`` per frame) for every upgrade it can take; the rest reach the app's route
-(hypercorn's WebSocket). Both run one session (``ChannelService``, ``_serve``).
+(hypercorn's WebSocket). Both run one session (``ChannelService.serve``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from ..http.rawchannel import MessageSocket
 from ..http.serving import WS_MESSAGE_BODIES
 from .ingest import Ingest
 from .metrics import QueenMetrics
+from .ticks import every
 
 log = RateLimitedLog(logging.getLogger("rbee.queen.channel"))
 
@@ -78,6 +79,10 @@ class HiveLink:
         """The bytes of the last snapshot: what a delta's heartbeat is counted as (the stream's
         replay budget), since the whole heartbeat was never encoded."""
         self.hive_id: str | None = None
+        self.heard_at = math.inf
+        """trio time the last frame was answered (inf while one is: ``OpenChannels.reap``)."""
+        self.idle = False
+        """Closed for falling silent."""
 
     async def take(self, data: bytes) -> QueenFrame:
         """The answer to one frame; the state moves on only when the frame was taken."""
@@ -120,39 +125,62 @@ class HiveLink:
 
 
 class OpenChannels:
-    """The channels open now, so that a queen that stops closes them at once (1001, going away)
+    """The channels open now: so that a queen that stops closes them at once (1001, going away)
     and their hives reconnect or fail over, instead of holding the stop for the whole
-    ``http.shutdown_grace_s`` as requests in flight do."""
+    ``http.shutdown_grace_s`` as requests in flight do; and so that one task (``reap``) closes
+    those silent for ``idle_s``, where a deadline per channel would be moved twice a frame
+    (trio's deadline heap, and a cancel scope more per channel: docs/scale.md)."""
 
-    def __init__(self, grace_s: float) -> None:
-        self._scopes: set[trio.CancelScope] = set()
+    def __init__(self, grace_s: float, idle_s: float) -> None:
+        self._open: dict[trio.CancelScope, HiveLink] = {}
         self.closed = False
         self.grace_s = grace_s
         """``http.shutdown_grace_s``: the most a channel's closing frame may take to send."""
+        self.idle_s = idle_s
+        """``http.keep_alive_timeout_s``: a channel with no frame for this long is closed (a
+        hive sends one every interval; one that vanished without a word, power or network,
+        would hold its channel forever)."""
+
+    def __len__(self) -> int:
+        return len(self._open)
 
     def close(self) -> None:
         self.closed = True
-        for scope in self._scopes:
+        for scope in self._open:
             scope.cancel()
 
-    async def serve(self, websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
-                    idle_s: float) -> None:
-        with trio.CancelScope() as scope:
-            self._scopes.add(scope)
-            try:
-                if not self.closed:
-                    await _serve(websocket, link, metrics, idle_s)
-                    return
-            finally:
-                self._scopes.discard(scope)
+    async def reap(self) -> None:
+        """Close the channels silent for ``idle_s`` (not one whose frame is being answered: the
+        answer is not bounded by the hive's silence), looking every quarter of it: a channel
+        goes between ``idle_s`` and 1.25 times it after its last frame."""
+        async for now in every(self.idle_s / 4):
+            heard_by = now - self.idle_s
+            for scope, link in self._open.items():
+                if link.heard_at < heard_by:
+                    link.idle = True
+                    scope.cancel()
+
+    def opened(self, scope: trio.CancelScope, link: HiveLink) -> None:
+        """A channel's session begins: ``scope`` is cancelled to end it."""
+        link.heard_at = trio.current_time()
+        self._open[scope] = link
+
+    def gone(self, scope: trio.CancelScope) -> None:
+        del self._open[scope]
+
+    async def farewell(self, websocket: MessageSocket, link: HiveLink) -> None:
+        """The closing frame of a session ended here: 1000 when its hive fell silent, 1001
+        (going away) when the queen stops."""
+        code, reason = ((1000, f"no frame for http.keep_alive_timeout_s ({self.idle_s:g}s)")
+                        if link.idle and not self.closed else (1001, "the queen is stopping"))
         with trio.move_on_after(self.grace_s):
-            await websocket.close(1001, "the queen is stopping")
+            await websocket.close(code, reason)
 
 
 class ChannelService:
     """The channel's sessions, on either server: the connection's own WebSocket
     (``rbee/http/rawchannel.py``, every upgrade it can take) and hypercorn's with Starlette's
-    ``WebSocket`` (``route``: whatever the connection leaves to the app). Both run ``_serve``,
+    ``WebSocket`` (``route``: whatever the connection leaves to the app). Both run ``serve``,
     so a hive cannot tell them apart but by the cost."""
 
     def __init__(self, config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
@@ -171,13 +199,30 @@ class ChannelService:
         return self.authenticate(head)
 
     async def serve(self, socket: MessageSocket, acting_as: str | None) -> None:
-        self.metrics.channels.inc()
+        """Frames in order, one answer each: the next frame is read once this one is answered,
+        so a hive that sends faster than the queen takes is held back by TCP, never queued
+        here. One coroutine and one cancel scope a channel while it waits (10,000 channels
+        wait at once: docs/scale.md)."""
+        metrics, channels = self.metrics, self.open_channels
         link = HiveLink(self.ingest, acting_as, self.config.http.max_body_bytes)
+        metrics.channels.inc()
         try:
-            await self.open_channels.serve(socket, link, self.metrics,
-                                           self.config.http.keep_alive_timeout_s)
+            with trio.CancelScope() as scope:  # OpenChannels: the queen stops, or silence
+                channels.opened(scope, link)
+                try:
+                    while not channels.closed:
+                        data = await socket.receive()
+                        if data is None:
+                            return
+                        link.heard_at = math.inf  # not closed as idle while it is answered
+                        await _answer(socket, link, metrics, data)
+                        del data  # not held through the wait for the next: 5 KB a hive
+                        link.heard_at = trio.current_time()
+                finally:
+                    channels.gone(scope)
+            await channels.farewell(socket, link)
         finally:
-            self.metrics.channels.dec()
+            metrics.channels.dec()
 
     def route(self) -> WebSocketRoute:
         """The app's route (``paths.CHANNEL``), or one that refuses every upgrade (403, as an
@@ -220,24 +265,6 @@ class _AsgiSocket:
 
     async def close(self, code: int, reason: str) -> None:
         await self.websocket.close(code=code, reason=reason)
-
-
-async def _serve(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
-                 idle_s: float) -> None:
-    """Frames in order, one answer each: the next frame is read once this one is answered, so a
-    hive that sends faster than the queen takes is held back by TCP, never queued here. A channel
-    with no frame for ``idle_s`` (``http.keep_alive_timeout_s``; a hive sends one every interval)
-    is closed: its hive vanished without a word (power, network), and would hold it forever."""
-    with trio.CancelScope() as idle:  # one scope for the wait of every frame, not one each
-        while True:
-            idle.deadline = trio.current_time() + idle_s
-            data = await websocket.receive()
-            if data is None:
-                return
-            idle.deadline = math.inf  # the answer is not bounded by the hive's silence
-            await _answer(websocket, link, metrics, data)
-            del data  # not held through the wait for the next: 5 KB a hive (docs/scale.md)
-    await websocket.close(1000, f"no frame for http.keep_alive_timeout_s ({idle_s:g}s)")
 
 
 async def _answer(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,

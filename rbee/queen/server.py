@@ -52,7 +52,8 @@ class QueenServer:
                                     lambda: self.broadcaster.client_count,
                                     lambda: self.broadcaster.lagged_total, self.connections)
         self.metrics.registry.register(HistoryGauges(self.history))
-        self.channels = OpenChannels(self.config.http.shutdown_grace_s)
+        self.channels = OpenChannels(self.config.http.shutdown_grace_s,
+                                     self.config.http.keep_alive_timeout_s)
         self.gc = GcPacer(self.config.gc)
         self.metrics.registry.register(GcGauges(self.gc))
         self.app = build_app(self)
@@ -69,6 +70,7 @@ class QueenServer:
                 await background.start(self.fleet.store.run)
                 background.start_soon(self._history_loop)
                 background.start_soon(self.gc.run)
+                background.start_soon(self.channels.reap)
                 async with trio.open_nursery() as http:
                     self.urls = await http.start(self._serve_http)
                     log.info("queen listening on %s", ", ".join(self.urls))
