@@ -113,6 +113,10 @@ async def views_of_one_heartbeat(client: httpx.AsyncClient, url: str,
     raise AssertionError("no quiet moment between two heartbeats in 100 tries")
 
 
+def _restarts(found: dict) -> int:
+    return found["worker"].get("restarts", 0)
+
+
 def states_and_idle(listed: list[dict]) -> dict[str, tuple[str, bool]]:
     return {f"{found['worker']['group']}/{found['worker']['instance']}":
             (found["worker"].get("state", "running"), found["idle"]) for found in listed}
@@ -122,15 +126,19 @@ async def cli_and_api_alike(client: httpx.AsyncClient, url: str
                             ) -> tuple[dict[str, tuple[str, bool]], dict[str, tuple[str, bool]]]:
     """``rbee workers``'s STATE and IDLE columns, and the API's, while neither changed: the
     crashing worker changes state every second or two, so this asks again until the API said
-    the same before and after the command ran."""
+    the same before and after the command ran, restart counts included (a restart between
+    them goes crashloop, starting, crashloop: the same state before and after, another in
+    the command's view)."""
     for _ in range(10):
-        before = states_and_idle((await client.get(f"{url}/v1/workers")).json())
+        before = (await client.get(f"{url}/v1/workers")).json()
         cli = await trio.to_thread.run_sync(lambda: subprocess.run(
             [str(BIN / "rbee"), "workers", "--queen", url], capture_output=True, text=True,
             timeout=30))
-        after = states_and_idle((await client.get(f"{url}/v1/workers")).json())
+        listed = (await client.get(f"{url}/v1/workers")).json()
+        after = states_and_idle(listed)
         assert cli.returncode == 0, cli.stderr
-        if before == after:
+        if (states_and_idle(before) == after
+                and list(map(_restarts, before)) == list(map(_restarts, listed))):
             header = cli.stdout.splitlines()[0]
             at = {name: header.index(name) for name in ("STATE", "MODEL", "IDLE", "UPTIME")}
             return {line.split()[1]: (line[at["STATE"]:at["MODEL"]].strip(),
