@@ -76,6 +76,12 @@ def test_a_deltas_new_workers_and_gpus_are_shared_and_the_kept_ones_left_as_they
     assert new.group is kept.group and new.model is base.workers[0].model
     assert stored.capabilities[0].faults is sharing.EMPTY
     assert stored.capabilities[0].name is base.capabilities[0].name
+    # one string per GPU however many beats: the new GPU's UUID is the last one's, and every
+    # worker's use of it points at the same
+    assert stored.capabilities[0] is not base.capabilities[0]
+    assert stored.capabilities[0].uuid is base.capabilities[0].uuid
+    assert all(use.uuid is stored.capabilities[use.index].uuid
+               for worker in stored.workers for use in worker.gpus)
 
 
 def test_a_heartbeat_with_errors_keeps_them():

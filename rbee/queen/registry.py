@@ -162,7 +162,9 @@ class HiveRegistry:
         or new hives arrive faster than ``new_hives_per_s``; a known hive is always stored."""
         hive_id = heartbeat.hive.id
         now = self._clock() if received_at is None else received_at
-        self._texts.share(heartbeat)  # before anything reads it, so all see the shared strings
+        known = self._hives.get(hive_id)
+        # before anything reads it, so all see the shared objects
+        self._texts.share(heartbeat, () if known is None else known.capabilities)
         # the heartbeat's own lists, not copies: like the structs in them, never mutated once
         # stored (the stream's event holds the same ones)
         entry = _HiveEntry(info=heartbeat.hive, workers=heartbeat.workers,
@@ -170,7 +172,7 @@ class HiveRegistry:
                            last_heartbeat=heartbeat.timestamp, received_at=now, first_seen=now,
                            stale=stale)
         with self._lock:
-            known = self._hives.get(hive_id)
+            known = self._hives.get(hive_id)  # again: another thread may have written meanwhile
             if known is None:
                 if admit:
                     self._admit(hive_id, self._clock())

@@ -21,7 +21,9 @@ already shared, so only the new ones are swapped.
 
 from __future__ import annotations
 
-from ..contract import HiveHeartbeat
+from collections.abc import Iterable
+
+from ..contract import GpuDevice, HiveHeartbeat
 
 EMPTY: list = []
 """The empty list of every stored heartbeat's empty ``errors`` and ``faults`` (never mutated)."""
@@ -42,13 +44,18 @@ class SharedText:
     def __len__(self) -> int:
         return len(self._held) + len(self._floats) + len(self._indices)
 
-    def share(self, heartbeat: HiveHeartbeat) -> None:
+    def share(self, heartbeat: HiveHeartbeat, last: Iterable[GpuDevice] = ()) -> None:
         """Swap ``heartbeat``'s repeated fields for the equal objects held: each worker's group,
         instance, model, engine and engine version, its settings' figures (``rate_window_s``,
         ``cpu_limit_pct``, ``memory_limit_mb``, the engine's ``rate_window_s``, each GPU use's
         ``util_window_s``); each GPU's name and ``vram_total_mb``; the empty ``errors``,
         ``faults`` and ``metrics`` for ``EMPTY`` and ``NO_METRICS``, and the workers'
         ``gpu_indices`` for the equal lists held. The values are unchanged.
+
+        A GPU's ``uuid`` becomes the string of the hive's ``last`` GPUs with that UUID (the
+        hive's GPUs as stored before), and each GPU use's ``uuid`` its GPU's: one string per
+        GPU however many beats (UUIDs are each hive's own, so a fleet-wide table would not
+        hold them).
 
         A worker or GPU already shared (its ``errors`` or ``faults`` is ``EMPTY``: a channel's
         delta keeps the unchanged ones of the hive's last heartbeat) is skipped."""
@@ -58,6 +65,20 @@ class SharedText:
             floats.clear()
             indices.clear()
         get, number = held.setdefault, floats.setdefault
+        last_uuids: dict[str, str] | None = None
+        for device in heartbeat.capabilities:
+            if device.faults is EMPTY:
+                continue
+            if last_uuids is None:
+                last_uuids = {gpu.uuid: gpu.uuid for gpu in last}
+            device.uuid = last_uuids.get(device.uuid, device.uuid)
+            device.name = get(device.name, device.name)
+            device.vram_total_mb = number(device.vram_total_mb, device.vram_total_mb)
+            if not device.faults:
+                device.faults = EMPTY
+            if not device.errors:
+                device.errors = EMPTY
+        uuids: dict[str, str] | None = None
         for worker in heartbeat.workers:
             if worker.errors is EMPTY:
                 continue
@@ -79,18 +100,12 @@ class SharedText:
                 worker.memory_limit_mb = number(worker.memory_limit_mb, worker.memory_limit_mb)
             for use in worker.gpus:
                 use.util_window_s = number(use.util_window_s, use.util_window_s)
+                if uuids is None:
+                    uuids = {gpu.uuid: gpu.uuid for gpu in heartbeat.capabilities}
+                use.uuid = uuids.get(use.uuid, use.uuid)
             engine = worker.engine
             if engine is not None:
                 engine.engine = get(engine.engine, engine.engine)
                 engine.rate_window_s = number(engine.rate_window_s, engine.rate_window_s)
                 if engine.version is not None:
                     engine.version = get(engine.version, engine.version)
-        for device in heartbeat.capabilities:
-            if device.faults is EMPTY:
-                continue
-            device.name = get(device.name, device.name)
-            device.vram_total_mb = number(device.vram_total_mb, device.vram_total_mb)
-            if not device.faults:
-                device.faults = EMPTY
-            if not device.errors:
-                device.errors = EMPTY
