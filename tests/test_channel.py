@@ -310,7 +310,8 @@ async def test_the_reaper_closes_a_silent_channel_within_a_quarter_of_the_timeou
         opened_at = trio.current_time()
         nursery.start_soon(session, silent, silent_link)
         nursery.start_soon(session, answering, answering_link)
-        await trio.sleep(0)
+        while len(channels) < 2:  # both sessions opened (trio runs new tasks in any order)
+            await trio.sleep(0)
         answering_link.heard_at = math.inf  # as while its frame is answered
         while silent.closed is None:
             await trio.sleep(0.5)
