@@ -98,14 +98,35 @@ async def test_endpoint_from_a_hive_spawn_to_workers_and_pick(nursery):
         listed[i]["endpoint"] for i in ("llama-0", "llama-1"))
 
 
+async def settled_endpoint(agent: HiveAgent, instance: str) -> str:
+    """The worker's endpoint once its process serves on the port it was given, and the hive's
+    records say so. Its port is free when the hive picks it, but a process of a test beside
+    this one can take it first: the worker then dies at start and the hive restarts it on
+    another (seen in CI runs: a new process 30 ms after the first)."""
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        with trio.fail_after(30):
+            while True:
+                worker = agent.monitor.get("llm", instance)
+                port = worker.argv[-1]
+                try:
+                    serving = (await client.get(f"http://127.0.0.1:{port}/metrics")).is_success
+                except httpx.HTTPError:
+                    serving = False
+                endpoint = next((w.endpoint for w in agent.latest.workers
+                                 if w.instance == instance), None)
+                if (serving and agent.monitor.get("llm", instance) is worker
+                        and endpoint == f"http://127.0.0.1:{port}/v1"):
+                    return endpoint
+                await trio.sleep(0.05)
+
+
 async def test_a_readopted_worker_keeps_its_endpoint(nursery):
     specs = [engine_spec("llama-0")]
     async with trio.open_nursery() as first_life:
         first, _ = await start_hive(first_life, fast_hive(
             "readopt-endpoint", specs, stop_workers_on_exit=False))
-        before = next(w for w in first.latest.workers if w.instance == "llama-0").endpoint
-        # the worker this hive holds as it leaves (no checkpoint between): under load its first
-        # process once died at start and was restarted 31 ms later, before the hive left
+        before = await settled_endpoint(first, "llama-0")
+        # the worker this hive holds as it leaves (no checkpoint between)
         worker = first.monitor.get("llm", "llama-0")
         first_life.cancel_scope.cancel()
     assert before == f"http://127.0.0.1:{worker.argv[-1]}/v1"
