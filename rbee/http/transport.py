@@ -184,8 +184,6 @@ class GuardedConnection(TCPServer):
     # -- what serve_raw needs (rbee/http/rawpost.py) --
 
     async def receive_by(self, deadline: float, phase: str | None) -> bytes | None:
-        if deadline == inf and phase is not None:  # no deadline, no cancel scope to make
-            return await self.receive_some()
         if phase is None:
             if self.table.draining:
                 return None
