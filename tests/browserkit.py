@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,14 +54,18 @@ def chromium(tmp_path: Path, width: int = 1400, height: int = 1000) -> Iterator[
                      "--no-first-run", "--disable-background-networking"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    try:
-        driver.set_page_load_timeout(20)
-        driver.set_script_timeout(20)
-        yield driver
-    finally:
-        driver.quit()
+    # chromium leaves its singleton socket's folder (``org.chromium.Chromium.*``) in TMPDIR:
+    # a folder of ours, removed on the way out (short, as a socket's path must be)
+    with tempfile.TemporaryDirectory(prefix="rbee-chromium-") as scratch:
+        service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"),
+                          env={**os.environ, "TMPDIR": scratch})
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            driver.set_page_load_timeout(20)
+            driver.set_script_timeout(20)
+            yield driver
+        finally:
+            driver.quit()
 
 
 def console_errors(driver, allowed: Callable[[str], bool] = lambda message: False) -> list[str]:
