@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from rbee.contract import encode
 from rbee.exposition import WORKER_GAUGES, FleetCollector, render
+from rbee.http.transport import ConnectionTable
 from rbee.queen.history import FleetHistory
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.registry import HiveRegistry
@@ -43,7 +44,7 @@ def fleet_registry() -> HiveRegistry:
 
 
 def test_scrape_fleet(benchmark, fleet_registry):
-    metrics = QueenMetrics(fleet_registry.records, lambda: 0, lambda: 0)
+    metrics = QueenMetrics(fleet_registry.records, lambda: 0, lambda: 0, ConnectionTable(100))
     body, _ = benchmark(render, metrics.registry, None, fleet_registry.records)
     lines = body.count(b"\n")
     record(benchmark, "scrape 1000x10 (rbee's writer)")
@@ -51,6 +52,20 @@ def test_scrape_fleet(benchmark, fleet_registry):
         f"{benchmark.stats.stats.median * 1e3:.0f} ms, {len(body) / 2**20:.1f} MiB of text, "
         f"{lines:,} lines")
     assert benchmark.stats.stats.median <= 0.2
+
+
+def test_scrape_fleet_past_max_workers(benchmark, fleet_registry):
+    """The same fleet past ``metrics.max_workers``: the hives' families and the queen's alone."""
+    metrics = QueenMetrics(fleet_registry.records, lambda: 0, lambda: 0, ConnectionTable(100),
+                           max_workers=HIVES * WORKERS - 1)
+    body, _ = benchmark(render, metrics.registry, None, fleet_registry.records, metrics.detail)
+    assert b"rbee_worker_" not in body and b"rbee_queen_metrics_workers_omitted 10000.0" in body
+    record(benchmark, "scrape 1000x10 past metrics.max_workers")
+    every, lines = MEDIANS.get("scrape 1000x10 (rbee's writer)"), body.count(b"\n")
+    FIGURES["scrape 1000 hives x 10 workers past metrics.max_workers"] = (
+        f"{benchmark.stats.stats.median * 1e3:.1f} ms, {lines:,} lines"
+        + (f", {every / benchmark.stats.stats.median:.0f}x less than every worker's" if every
+           else ""))
 
 
 def test_scrape_fleet_prometheus_client_encoder(benchmark, fleet_registry):

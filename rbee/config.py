@@ -384,6 +384,16 @@ class StreamSettings(Settings):
     1,000 heartbeats of ``max_body_bytes`` each would otherwise pin gigabytes."""
 
 
+class MetricsSettings(Settings):
+    """The queen's ``GET /metrics`` (docs/operations.md: Prometheus)."""
+
+    max_workers: Annotated[int, msgspec.Meta(ge=0)] = 20_000
+    """Each worker and GPU is listed while the fleet holds at most this many workers. Past it
+    only the hives' and the queen's own series are, ``rbee_queen_metrics_workers_omitted`` says
+    how many workers were left out, and each hive's own ``/metrics`` serves its workers and
+    GPUs: 80,000 workers are some 2 million samples, seconds of the queen's core per scrape."""
+
+
 class QueenConfig(Settings):
     """queen.yaml: the fleet's queen (``rbee-queen --config queen.yaml``)."""
 
@@ -398,6 +408,7 @@ class QueenConfig(Settings):
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     pick: PickSettings = msgspec.field(default_factory=PickSettings)
     gc: GcSettings = msgspec.field(default_factory=GcSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     channel_enabled: bool = True
     """False: every upgrade to a hive channel is refused (403), and hives POST."""
     auth_token_file: str | None = None

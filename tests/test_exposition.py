@@ -1,9 +1,13 @@
 """The fleet's exposition (``rbee.exposition``): rbee's fast writer and the prometheus-client
 collector give the same samples; both formats parse with prometheus-client's own parsers (the
-OpenMetrics one is strict); label values are escaped; unknown figures are absent."""
+OpenMetrics one is strict); label values are escaped; unknown figures are absent; past
+``metrics.max_workers`` a queen lists its hives alone, and says so."""
 
 from __future__ import annotations
 
+import logging
+
+import httpx
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.parser import (
@@ -25,6 +29,7 @@ from rbee.contract import (
 from rbee.exposition import FleetCollector, fleet_text, render
 
 from .builders import GIB, fleet_heartbeat, gpu, heartbeat, worker
+from .queenkit import post_heartbeat, start_queen, url_of
 
 MIB = 2**20
 
@@ -139,3 +144,58 @@ def test_worker_restarts_oom_kills_and_state():
     registry.register(FleetCollector(lambda: fleet))
     assert samples(parse_text(generate_latest(registry).decode())) == samples(
         parse_text(fleet_text(fleet, openmetrics=False)))
+
+
+def test_hive_families_alone_without_detail():
+    """``detail=False``: each hive's families, and no worker's, GPU's or plugin's sample."""
+    fleet = records()
+    for openmetrics in (False, True):
+        text = fleet_text(fleet, openmetrics, detail=False)
+        parse = parse_openmetrics if openmetrics else parse_text
+        names = {s.name for f in parse(text + ("# EOF\n" if openmetrics else ""))
+                 for s in f.samples}
+        assert {"rbee_hive_up", "rbee_hive_workers", "rbee_hive_health",
+                "rbee_hive_heartbeat_age_seconds", "rbee_hive_info"} <= names
+        assert not [n for n in names if not n.startswith("rbee_hive")], names
+
+
+async def test_the_queen_leaves_workers_out_past_metrics_max_workers(nursery, caplog):
+    """A real queen with ``metrics.max_workers: 4``: three workers are listed; six are not, and
+    the queen says how many it left out (a gauge and one log line); back under, listed again."""
+    queen = await start_queen(nursery, metrics={"max_workers": 4})
+    url = url_of(queen)
+
+    listed: list[tuple] = []
+
+    async def scrape(client: httpx.AsyncClient) -> dict[tuple, float]:
+        """Each sample by name and hive (the last of a hive's workers); every one in ``listed``."""
+        response = await client.get(f"{url}/metrics", headers={
+            "accept": "application/openmetrics-text; version=1.0.0"})
+        assert response.status_code == 200
+        listed[:] = samples(parse_openmetrics(response.text))
+        return {(name, dict(labels).get("hive")): value for name, labels, value in listed}
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        await post_heartbeat(client, queen, fleet_heartbeat("a", 3))
+        found = await scrape(client)
+        assert found[("rbee_queen_metrics_workers_omitted", None)] == 0
+        assert [dict(labels)["instance"] for name, labels, _ in listed
+                if name == "rbee_worker_cpu_ratio"] == ["worker-000", "worker-001", "worker-002"]
+        assert len([name for name, _, _ in listed if name == "rbee_gpu_memory_total_bytes"]) == 8
+
+        with caplog.at_level(logging.WARNING, logger="rbee.queen"):
+            await post_heartbeat(client, queen, fleet_heartbeat("b", 3))
+            found = await scrape(client)
+            await scrape(client)  # said once, when it turns
+        assert found[("rbee_queen_metrics_workers_omitted", None)] == 6
+        assert not [n for n, _ in found if n.startswith(("rbee_worker_", "rbee_gpu_"))]
+        assert found[("rbee_hive_workers", "b")] == 3 and found[("rbee_hive_up", "a")] == 1
+        assert found[("rbee_queen_workers", None)] == 6
+        said = [r.getMessage() for r in caplog.records if "metrics.max_workers" in r.getMessage()]
+        assert said == ["/metrics leaves out the workers' and GPUs' series: 6 workers, more than "
+                        "metrics.max_workers (4); each hive's /metrics has its own"]
+
+        assert (await client.delete(f"{url}/v1/hives/b")).status_code == 200
+        found = await scrape(client)
+        assert found[("rbee_queen_metrics_workers_omitted", None)] == 0
+        assert ("rbee_worker_cpu_ratio", "a") in found and ("rbee_hive_up", "b") not in found

@@ -359,7 +359,7 @@ def build_app(queen: QueenParts) -> Starlette:
         Route(paths.WORKERS, reads.list_workers, methods=["GET"]),
         Route(paths.HISTORY, reads.history_of, methods=["GET"]),
         Route(paths.PICK, picks.pick, methods=["GET"]),
-        metrics_route(metrics.registry, metrics.records, gate.reader),
+        metrics_route(metrics.registry, metrics.records, gate.reader, metrics.detail),
         *dashboard_routes(),
     ], config.http, STATUSES)
     app.state.raw_posts[paths.HEARTBEAT] = writes  # served by the connections themselves

@@ -2,13 +2,15 @@
 
 The queen's own figures: heartbeats received and refused (by reason), the time to ingest one
 (read, decode, store, publish), stream clients and lagged clients, the registry's size, and the
-HTTP connections (open, the limit, shed at the limit, timed out by ``rbee/http/transport.py``). They
+HTTP connections (open, the limit, shed at the limit, timed out by ``rbee/http/transport.py``),
+and the workers a scrape left out past ``metrics.max_workers`` (``QueenMetrics.detail``). They
 live in a ``CollectorRegistry`` of this queen's own (not prometheus-client's global one), so two
 queens in one process, as in the tests, keep their counts apart.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -17,6 +19,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..contract import HiveRecord
 from ..http.transport import ConnectionTable
+
+log = logging.getLogger("rbee.queen")
 
 REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 409: "out_of_sequence", 413: "too_large",
                    415: "unsupported_encoding"}
@@ -27,8 +31,15 @@ channel's delta that did not follow the last frame taken (the hive resends a sna
 class QueenMetrics:
     def __init__(self, records: Callable[[], list[HiveRecord]],
                  stream_clients: Callable[[], int], lagged_total: Callable[[], int],
-                 connections: ConnectionTable) -> None:
+                 connections: ConnectionTable, max_workers: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self.max_workers = max_workers
+        """``metrics.max_workers`` (None: no limit)."""
+        self.workers_omitted = Gauge(
+            "rbee_queen_metrics_workers_omitted", "Workers the last scrape left out (their and "
+            "their GPUs' series), past metrics.max_workers: each hive's /metrics has them",
+            registry=self.registry)
+        self._omitted = 0
         self.received = Counter("rbee_queen_heartbeats_received", "Heartbeats accepted",
                                 registry=self.registry)
         self.refused = Counter("rbee_queen_heartbeats_refused", "Heartbeats refused, by reason",
@@ -47,6 +58,24 @@ class QueenMetrics:
 
     def refusal(self, status_code: int) -> None:
         self.refused.labels(REFUSAL_REASONS.get(status_code, "other")).inc()
+
+    def detail(self, hives: list[HiveRecord]) -> bool:
+        """Whether a scrape lists each worker and GPU of ``hives``: not past ``max_workers``
+        (a fleet's every worker is ~20 samples, and a scrape holds the queen's core while it
+        writes them). Said in the log when it turns, and by ``workers_omitted`` each scrape."""
+        workers = sum(len(hive.workers) for hive in hives)
+        listed = self.max_workers is None or workers <= self.max_workers
+        if listed != (self._omitted == 0):
+            if listed:
+                log.warning("/metrics lists every worker and GPU again: %d workers, "
+                            "metrics.max_workers %d", workers, self.max_workers)
+            else:
+                log.warning("/metrics leaves out the workers' and GPUs' series: %d workers, "
+                            "more than metrics.max_workers (%d); each hive's /metrics has its "
+                            "own", workers, self.max_workers)
+        self._omitted = 0 if listed else workers
+        self.workers_omitted.set(self._omitted)
+        return listed
 
 
 class _QueenState(Collector):

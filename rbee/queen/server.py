@@ -50,7 +50,8 @@ class QueenServer:
         self.connections = ConnectionTable(self.config.http.max_connections)
         self.metrics = QueenMetrics(self.registry.records,
                                     lambda: self.broadcaster.client_count,
-                                    lambda: self.broadcaster.lagged_total, self.connections)
+                                    lambda: self.broadcaster.lagged_total, self.connections,
+                                    self.config.metrics.max_workers)
         self.metrics.registry.register(HistoryGauges(self.history))
         self.channels = OpenChannels(self.config.http.shutdown_grace_s,
                                      self.config.http.keep_alive_timeout_s)
