@@ -113,38 +113,42 @@ async def views_of_one_heartbeat(client: httpx.AsyncClient, url: str,
     raise AssertionError("no quiet moment between two heartbeats in 100 tries")
 
 
-def _restarts(found: dict) -> int:
-    return found["worker"].get("restarts", 0)
-
-
-def states_and_idle(listed: list[dict]) -> dict[str, tuple[str, bool]]:
+def steady_view(listed: list[dict]) -> dict[str, tuple[str, bool, int]]:
+    """Each worker's state, idle flag and restart count, by ``group/instance``."""
     return {f"{found['worker']['group']}/{found['worker']['instance']}":
-            (found["worker"].get("state", "running"), found["idle"]) for found in listed}
+            (found["worker"].get("state", "running"), found["idle"],
+             found["worker"].get("restarts", 0)) for found in listed}
 
 
 async def cli_and_api_alike(client: httpx.AsyncClient, url: str
                             ) -> tuple[dict[str, tuple[str, bool]], dict[str, tuple[str, bool]]]:
-    """``rbee workers``'s STATE and IDLE columns, and the API's, while neither changed: the
-    crashing worker changes state every second or two, so this asks again until the API said
-    the same before and after the command ran, restart counts included (a restart between
-    them goes crashloop, starting, crashloop: the same state before and after, another in
-    the command's view)."""
-    for _ in range(10):
-        before = (await client.get(f"{url}/v1/workers")).json()
+    """``rbee workers``'s STATE and IDLE columns, and the API's, for each worker in a run of the
+    command during which the API said the same of it before and after, restart count included:
+    the crashing and the OOM-killed workers change every second or two (a restart between the
+    two reads goes crashloop, starting, crashloop: the same state before and after, another in
+    the command's view), so each worker is taken from a run where it held still, until every
+    one has been."""
+    in_cli: dict[str, tuple[str, bool]] = {}
+    in_api: dict[str, tuple[str, bool]] = {}
+    for _ in range(20):
+        before = steady_view((await client.get(f"{url}/v1/workers")).json())
         cli = await trio.to_thread.run_sync(lambda: subprocess.run(
             [str(BIN / "rbee"), "workers", "--queen", url], capture_output=True, text=True,
             timeout=30))
-        listed = (await client.get(f"{url}/v1/workers")).json()
-        after = states_and_idle(listed)
+        after = steady_view((await client.get(f"{url}/v1/workers")).json())
         assert cli.returncode == 0, cli.stderr
-        if (states_and_idle(before) == after
-                and list(map(_restarts, before)) == list(map(_restarts, listed))):
-            header = cli.stdout.splitlines()[0]
-            at = {name: header.index(name) for name in ("STATE", "MODEL", "IDLE", "UPTIME")}
-            return {line.split()[1]: (line[at["STATE"]:at["MODEL"]].strip(),
-                                      line[at["IDLE"]:at["UPTIME"]].strip() == "yes")
-                    for line in cli.stdout.splitlines()[1:] if line.startswith(HIVE)}, after
-    raise AssertionError("the fleet changed during every one of 10 runs of rbee workers")
+        header = cli.stdout.splitlines()[0]
+        at = {name: header.index(name) for name in ("STATE", "MODEL", "IDLE", "UPTIME")}
+        shown = {line.split()[1]: (line[at["STATE"]:at["MODEL"]].strip(),
+                                   line[at["IDLE"]:at["UPTIME"]].strip() == "yes")
+                 for line in cli.stdout.splitlines()[1:] if line.startswith(HIVE)}
+        for name, (state, idle, _) in after.items():
+            if before.get(name) == after[name]:
+                in_cli[name], in_api[name] = shown.get(name), (state, idle)
+        if len(in_api) == len(WORKERS):
+            return in_cli, in_api
+    raise AssertionError(f"only {sorted(in_api)} held still through a run of rbee workers, "
+                         f"in 20 runs")
 
 
 def key(worker: WorkerTelemetry) -> str:
