@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
+import psutil
 import pytest
 import trio
 from trio.testing import MockClock
@@ -23,6 +25,7 @@ from rbee import (
 )
 from rbee.config import HiveConfig, WorkerSpec, parse_config
 from rbee.hive.agent import HiveAgent
+from rbee.plugin import hookimpl
 
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, V2_MOUNT, sleeper
 from .fakes import write_fake_nvidia_smi
@@ -254,4 +257,53 @@ async def test_spawning_over_a_live_worker_changes_nothing_and_over_an_ended_one
         with trio.fail_after(10):
             while (w := agent.monitor.get_or_none("llm", "kept")) is None or w.pid == kept:
                 await agent.wait_changed()
+        nursery.cancel_scope.cancel()
+
+
+class HeldCollection:
+    """A collector plugin that, once armed, holds the next collection in its first worker until
+    released: a collection under way, as one often is when an operator stops a worker."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    @hookimpl
+    def rbee_collect_worker(self, worker, telemetry):
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+
+
+async def test_a_stopped_worker_is_not_listed_once_the_stop_returns():
+    """``stop_worker`` (the hive's ``DELETE /v1/workers/...``) returns once a snapshot collected
+    after the stop is the latest: a collection that read the worker's process before it stopped
+    does not list it again after the answer."""
+    held = HeldCollection()
+    agent = HiveAgent(hive_config("stop-listed", workers=sleeper_specs(2),
+                                  heartbeat={"interval_s": 30}, collect={"interval_s": 30}),
+                      extra_plugins=[held])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        victim = next(w.pid for w in agent.latest.workers if w.instance == "w0")
+        held.armed = True
+        await agent.spawn(WorkerSpec(group="llm", instance="w2", argv=sleeper()))  # collects now
+        assert await trio.to_thread.run_sync(held.entered.wait, 10)
+        stopped = trio.Event()
+
+        async def stop() -> None:
+            await agent.stop_worker("llm", "w0")
+            stopped.set()
+
+        nursery.start_soon(stop)
+        with trio.fail_after(10):
+            while psutil.pid_exists(victim) and psutil.Process(victim).status() != "zombie":
+                await trio.sleep(0.05)
+        assert "w0" in [w.instance for w in agent.latest.workers]  # the last snapshot still
+        held.release.set()  # the held collection, which read w0 alive, is published
+        with trio.fail_after(10):
+            await stopped.wait()
+        assert "w0" not in [w.instance for w in agent.latest.workers]
         nursery.cancel_scope.cancel()
