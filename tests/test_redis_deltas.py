@@ -118,7 +118,11 @@ async def test_a_queen_loaded_between_snapshots_catches_up_at_the_next(nursery, 
 
 
 async def caught_up(b, a) -> bool:
-    return entry_key(b.fleet.store.mirror.position) >= entry_key(a.fleet.store.mirror.position)
+    """Whether ``b``'s mirror has read the whole stream as it is now, every entry ``a`` wrote
+    included (not ``a``'s own mirror's position: that one may lag behind what ``a`` wrote)."""
+    redis = a.fleet.store.redis
+    last = as_entries(await redis.command("XREVRANGE", redis.keys.stream, "+", "-", "COUNT", "1"))
+    return entry_key(b.fleet.store.mirror.position) >= entry_key(last[0][0].decode())
 
 
 async def test_a_mirror_that_missed_entries_reloads_the_hive(nursery, redis_server):  # noqa: F811
