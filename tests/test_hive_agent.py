@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 
 import psutil
 import pytest
@@ -21,12 +22,15 @@ from rbee import (
     NotFoundError,
     OperationalStatus,
     SpawnError,
+    WorkerExit,
     WorkerState,
 )
 from rbee.config import HiveConfig, WorkerSpec, parse_config
 from rbee.hive.agent import HiveAgent
+from rbee.hive.supervisor import Supervisor
 from rbee.plugin import hookimpl
 
+from .builders import worker
 from .conftest import IS_ROOT, RUN_ROOT, V1_MOUNTS, V2_MOUNT, sleeper
 from .fakes import write_fake_nvidia_smi
 from .hivekit import hive_config, sleeper_specs, wait_joined
@@ -145,6 +149,26 @@ def test_restart_wanted_by_policy_and_exit_code():
     assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), 3) is True
     assert restart_wanted(WorkerSpec(**spec, restart="on-failure"), None) is True  # re-adopted
     assert restart_wanted(WorkerSpec(**spec, restart="never"), 3) is False
+
+
+def test_a_record_read_before_its_process_ended_is_not_listed_as_live():
+    """A tick that read a worker's process just before it ended (its exit recorded meanwhile)
+    lists it as its lifecycle says: down with the ended PID, or, restarted since, starting
+    with no PID; never as a live ``starting`` record of the ended process."""
+    spec = WorkerSpec(group="llm", instance="w0", argv=["x"], restart="always")
+    supervisor = Supervisor()
+    supervisor.keep(spec)
+    ending = WorkerExit(at=datetime.now(UTC), pid=4242, signal="SIGKILL")
+    assert supervisor.ended(("llm", "w0"), ending, 0) is not None  # to be restarted
+    read_before = worker("w0", group="llm", pid=4242, rate_window_s=0.0)
+    other = worker("w1", group="llm", pid=5151, rate_window_s=1.0)
+    (w0, w1) = sorted(supervisor.records([read_before, other]), key=lambda w: w.instance)
+    assert (w0.state, w0.pid, w0.last_exit) == (WorkerState.BACKOFF, 4242, ending)
+    assert (w1.state, w1.pid) == (WorkerState.RUNNING, 5151)
+
+    supervisor.started(("llm", "w0"))  # restarted: its new process is not in this tick's list
+    (w0,) = [w for w in supervisor.records([read_before]) if w.instance == "w0"]
+    assert (w0.state, w0.pid, w0.restarts) == (WorkerState.STARTING, 0, 1)
 
 
 CRASHER = ["/bin/sh", "-c", "echo to stdout; echo 'fatal: no model at /models/x' >&2; exit 3"]

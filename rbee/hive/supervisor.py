@@ -129,12 +129,19 @@ class Supervisor:
         ``starting`` until its rates are measured, then one record for each kept worker that has
         no process now, so none vanishes while it waits or after it ended. A worker that was
         down when the tick took its list (``down_before``) and was restarted since is listed as
-        ``starting``: the tick could not see its new process."""
-        seen = set()
+        ``starting``: the tick could not see its new process. A live record of the process
+        that last ended (the tick read it before it did) is listed from the lifecycle instead,
+        as down or, if restarted since, ``starting``: never as running."""
+        seen, ended, current = set(), set(), []
         for record in live:
             key = (record.group, record.instance)
-            seen.add(key)
             life = self.lives.get(key)
+            if life is not None and life.last_exit is not None and \
+                    life.last_exit.pid == record.pid:
+                ended.add(key)
+                continue
+            seen.add(key)
+            current.append(record)
             if record.rate_window_s == 0.0:
                 record.state = WorkerState.STARTING
             if life is None:
@@ -143,9 +150,10 @@ class Supervisor:
             record.restarts = life.restarts
             record.oom_kills += life.oom_kills_before
             record.last_exit = life.last_exit
-        return live + [self._down_record(life, restarted=life.state is WorkerState.RUNNING)
-                       for key, life in self.lives.items() if key not in seen
-                       and (life.state is not WorkerState.RUNNING or key in down_before)]
+        return current + [self._down_record(life, restarted=life.state is WorkerState.RUNNING)
+                          for key, life in self.lives.items() if key not in seen
+                          and (life.state is not WorkerState.RUNNING or key in down_before
+                               or key in ended)]
 
     @staticmethod
     def _down_record(life: Lifecycle, restarted: bool = False) -> WorkerTelemetry:
