@@ -1,6 +1,7 @@
 """Build and install rbee telemetry.
 
-The Cython extension ``rbee._cstat`` is built from ``ext/``; the built-in collectors in
+The Cython extensions ``rbee._cstat`` (the hive's stat files) and ``rbee._cmask`` (the queen's
+channel frames) are built from ``ext/``; the built-in collectors in
 ``collectors/`` are installed as ``rbee.collectors`` and registered through the same entry-point
 group, ``rbee.collectors``, that third-party collector plugins use.
 """
@@ -9,7 +10,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
 extensions = cythonize(
-    [Extension("rbee._cstat", ["ext/_cstat.pyx"], extra_compile_args=["-O2"])],
+    [Extension(f"rbee.{name}", [f"ext/{name}.pyx"], extra_compile_args=["-O2"])
+     for name in ("_cstat", "_cmask")],
     compiler_directives={"language_level": "3"},
 )
 

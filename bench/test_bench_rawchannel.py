@@ -1,8 +1,9 @@
 """The channel's WebSocket frames on the queen, per frame: wsproto's ``Connection`` (what
 hypercorn runs, usable without it) against the frame code of ``rbee/http/rawchannel.py``, on the
 frames ``tests/fleetload.py``'s hives send (a masked eight-GPU snapshot, a masked delta), each
-read and answered by one ack frame. Same run, same frames; the summary prints µs per frame and
-the ratio.
+read and answered by one ack frame; and ``rbee-py``, the same code with the payload unmasked by
+the pure-Python twin (``rbee/http/masking.py``) in place of the Cython extension
+(``ext/_cmask.pyx``). Same run, same frames; the summary prints µs per frame and the ratios.
 
     .venv/bin/python -m pytest -n 0 -s bench/test_bench_rawchannel.py
 """
@@ -15,6 +16,7 @@ from wsproto.events import BytesMessage
 
 from rbee.contract import ChannelAck, encode_frame
 from rbee.hive.channel import FrameMaker
+from rbee.http import masking, rawchannel
 from rbee.http.rawchannel import RawWebSocket, frame
 from tests.fleetload import channel_deltas, eight_gpu_hive, masked
 
@@ -49,15 +51,18 @@ def by_rbee(data: bytes) -> None:
         frame(2, ACK)
 
 
-@pytest.mark.parametrize("codec", ["wsproto", "rbee"])
+@pytest.mark.parametrize("codec", ["wsproto", "rbee-py", "rbee"])
 @pytest.mark.parametrize("kind", list(FRAMES))
-def test_frame_codec(benchmark, kind, codec):
+def test_frame_codec(benchmark, monkeypatch, kind, codec):
     data = FRAMES[kind]
+    if codec == "rbee-py":
+        monkeypatch.setattr(rawchannel, "unmask", masking.py_unmask)
     benchmark.pedantic(by_wsproto if codec == "wsproto" else by_rbee, (data,), rounds=20,
                        iterations=1, warmup_rounds=2)
     name = f"channel frame {kind} {codec}"
     record(benchmark, name)
     FIGURES[f"{name} ({len(data):,} B)"] = f"{MEDIANS[name] / ROUNDS * 1e6:.2f} µs per frame"
-    other = MEDIANS.get(f"channel frame {kind} wsproto")
-    if codec == "rbee" and other:
-        FIGURES[f"channel frame {kind} wsproto/rbee"] = f"{other / MEDIANS[name]:.1f}x"
+    if codec == "rbee":
+        for other in ("wsproto", "rbee-py"):
+            if (slower := MEDIANS.get(f"channel frame {kind} {other}")):
+                FIGURES[f"channel frame {kind} {other}/rbee"] = f"{slower / MEDIANS[name]:.1f}x"

@@ -27,7 +27,6 @@ from rbee.contract import (
     paths,
     utc_now,
 )
-from rbee.http.rawchannel import unmask
 
 from .builders import heartbeat, worker
 from .queenkit import start_queen, wait_until
@@ -300,14 +299,6 @@ async def test_an_idle_channel_is_closed(nursery, path):
     assert await ws.talk(ChannelSnapshot(seq=0, heartbeat=heartbeat("hive-a"))) == ChannelAck(0)
     assert await ws.closed() == (1000, "no frame for http.keep_alive_timeout_s (1s)")
     ws.sock.close()
-
-
-@pytest.mark.parametrize("size", [0, 1, 3, 63, 64, 65, 127, 3601, 70_001])
-def test_unmask(size):
-    data = os.urandom(size + 7)
-    mask = os.urandom(4)
-    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data[5:5 + size]))
-    assert unmask(data, 5, size, mask) == expected
 
 
 async def test_permessage_deflate_offered_is_not_negotiated(nursery):

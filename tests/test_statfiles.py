@@ -23,15 +23,9 @@ from rbee._sample import (
     MEMSTAT_V1,
     MEMSTAT_V2,
 )
+from tests.extkit import extension
 
-try:
-    from rbee import _cstat
-except ImportError:  # test_c_parser_loaded fails for it; the twin's own tests still run
-    _cstat = None
-
-needs_cstat = pytest.mark.skipif(
-    _cstat is None, reason="the Cython extension rbee._cstat is not built (test_c_parser_loaded "
-                           "fails for it)")
+_cstat, needs_cstat = extension("_cstat", "test_c_parser_loaded")
 
 CPU_STAT_V2 = (b"usage_usec 8123456\nuser_usec 6000000\nsystem_usec 2123456\n"
                b"core_sched.force_idle_usec 0\nnr_periods 120\nnr_throttled 7\n"

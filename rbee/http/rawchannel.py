@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from ..config import HttpSettings
+from .masking import unmask
 from .rawstream import StreamConnection
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -97,17 +98,6 @@ def frame(opcode: int, payload: bytes) -> bytes:
     if size < 65536:
         return struct.pack("!BBH", 0x80 | opcode, 126, size) + payload
     return struct.pack("!BBQ", 0x80 | opcode, 127, size) + payload
-
-
-def unmask(data: bytes, start: int, size: int, mask: bytes) -> bytes:
-    """``size`` bytes of ``data`` from ``start``, XORed with the 4-byte ``mask`` repeated."""
-    if size < 64:  # numpy's call overhead is more than the XOR itself
-        key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
-        return (int.from_bytes(data[start:start + size], "little") ^ key).to_bytes(size, "little")
-    import numpy as np  # here: a hive (this module serves its API too) never loads numpy
-
-    keys = np.frombuffer(mask * (size // 4 + 1), np.uint8, size)
-    return (np.frombuffer(data, np.uint8, size, start) ^ keys).tobytes()
 
 
 class Refused(Exception):
