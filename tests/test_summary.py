@@ -259,10 +259,11 @@ async def test_the_store_sends_the_summary_every_queen_interval(nursery, mock_cl
         sent.append((trio.current_time(), event)), publish(event, event_id)))
     start = trio.current_time()
     await nursery.start(fleet.store.run)
-    await fleet.store.ingest(heartbeat("hive-a", [worker("w1"), worker("w2")]))
-    await trio.sleep(3.0)
-    await fleet.store.ingest(heartbeat("hive-b", [worker("w1")]))
-    await trio.sleep(4.6)
+    with fleet.broadcaster.subscribe():  # a client listens: the store publishes to it
+        await fleet.store.ingest(heartbeat("hive-a", [worker("w1"), worker("w2")]))
+        await trio.sleep(3.0)
+        await fleet.store.ingest(heartbeat("hive-b", [worker("w1")]))
+        await trio.sleep(4.6)
     summaries = [(at - start, decode_stream_event(raw)) for at, raw in sent
                  if isinstance(raw, bytes)]
     assert [at for at, _ in summaries] == [2.5, 5.0, 7.5]

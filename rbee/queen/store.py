@@ -113,7 +113,7 @@ class MemoryStore:
         start = int(time.time() * 1e6)
         self._ids = itertools.count(start)
         self._last = start - 1
-        self._kept: deque[tuple[int, StreamEvent | bytes, int]] = deque()
+        self._kept: deque[tuple[int, StreamEvent | bytes | HiveHeartbeat, int]] = deque()
         self._kept_bytes = 0
         """The JSON size of the kept events: bounded by ``stream.replay_bytes`` as their count
         is by ``stream.replay_events``, so one hive's big heartbeats cannot pin a thousand
@@ -126,20 +126,33 @@ class MemoryStore:
     def health(self) -> StoreHealth:
         return StoreHealth(kind="memory")
 
-    def publish(self, event: StreamEvent | bytes, size: int | None = None) -> None:
+    def publish(self, event: StreamEvent | bytes | HiveHeartbeat, size: int | None = None
+                ) -> None:
         """Announce ``event`` (a struct, or its JSON: the fleet summary) and keep it for
         resuming clients. ``size``, its JSON's bytes, is measured here when not given (sweeps
-        only: a heartbeat brings its body's)."""
+        only: a heartbeat brings its body's).
+
+        A heartbeat stands for its ``hive_telemetry`` event, built only when read: at once when
+        a client listens, else only if a resuming client asks for it (``missed``). The event is
+        a function of the heartbeat alone (never mutated once stored) and the settings, so it
+        is the same either way; building it for every heartbeat nobody reads cost about 5 µs
+        of the ~25 µs a heartbeat's store write takes (docs/scale.md)."""
         self._last = next(self._ids)
         if size is None:
-            size = len(event) if isinstance(event, bytes) else len(encode(event))
+            size = len(event) if isinstance(event, bytes) else len(encode(self._event(event)))
         kept, stream = self._kept, self.config.stream
         kept.append((self._last, event, size))
         self._kept_bytes += size
         while kept and (len(kept) > stream.replay_events
                         or self._kept_bytes > stream.replay_bytes):
             self._kept_bytes -= kept.popleft()[2]
-        self.broadcaster.publish(event, str(self._last))
+        if self.broadcaster.client_count:
+            self.broadcaster.publish(self._event(event), str(self._last))
+
+    def _event(self, kept: StreamEvent | bytes | HiveHeartbeat) -> StreamEvent | bytes:
+        if type(kept) is HiveHeartbeat:
+            return telemetry_event(kept, self.config.registry)
+        return kept
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -159,7 +172,7 @@ class MemoryStore:
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
         self.registry.update_hive(heartbeat)  # the whole heartbeat: no other queen needs a delta
-        self.publish(telemetry_event(heartbeat, self.config.registry), size)
+        self.publish(heartbeat, size)
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         event = self.registry.remove_hive(hive_id, reason)
@@ -179,7 +192,7 @@ class MemoryStore:
         if not kept or not kept[0][0] <= last + 1 <= end or end > kept[-1][0]:
             return None
         first = last + 1 - kept[0][0]  # ids are consecutive within one run
-        return [(str(n), event)
+        return [(str(n), self._event(event))
                 for n, event, _ in itertools.islice(kept, first, None) if n <= end]
 
     async def caught_up(self, event_id: str) -> None:
