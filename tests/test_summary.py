@@ -270,3 +270,37 @@ async def test_the_store_sends_the_summary_every_queen_interval(nursery, mock_cl
     assert summaries[0][1].worker_ids == ["hive-a/llm/w1", "hive-a/llm/w2"]
     assert summaries[1][1].hive_ids == ["hive-a", "hive-b"]
     assert summaries[2][1].summary.workers_total == 3
+
+
+async def test_no_summary_is_made_while_nobody_listens(nursery, mock_clock, monkeypatch):
+    """Under a MockClock: the summary is for stream clients, so with none listening the store
+    computes none (no hive's share), and the first one after a client comes, at the next
+    ``stream.queen_interval_s``, is the fleet as it is then, changes made unheard included."""
+    from rbee.config import QueenConfig, StreamSettings
+    from rbee.queen.fleet import open_fleet
+
+    config = QueenConfig(stream=StreamSettings(queen_interval_s=2.5),
+                         registry=RegistrySettings(stale_after_s=60, remove_after_s=120))
+    fleet = open_fleet(config, clock=trio.current_time)
+    made: list[float] = []
+    event = fleet.store.totals.event
+    monkeypatch.setattr(fleet.store.totals, "event",
+                        lambda: (made.append(trio.current_time()), event())[1])
+    sent: list[bytes] = []
+    publish = fleet.broadcaster.publish
+    monkeypatch.setattr(fleet.broadcaster, "publish", lambda event, event_id: (
+        sent.append(event), publish(event, event_id)))
+    start = trio.current_time()
+    await nursery.start(fleet.store.run)
+    await fleet.store.ingest(heartbeat("hive-a", [worker("w1"), worker("w2")]))
+    await trio.sleep(6.0)
+    await fleet.store.ingest(heartbeat("hive-b", [worker("w1")]))
+    await trio.sleep(5.0)  # 11.0: between two ticks, so the client comes before the next
+    assert made == [] and sent == []
+    with fleet.broadcaster.subscribe():
+        await trio.sleep(2.6)
+    assert [at - start for at in made] == [12.5]
+    (summary,) = [decode_stream_event(raw) for raw in sent if isinstance(raw, bytes)]
+    assert summary.hive_ids == ["hive-a", "hive-b"]
+    assert summary.worker_ids == ["hive-a/llm/w1", "hive-a/llm/w2", "hive-b/llm/w1"]
+    assert summary.summary.workers_total == 3

@@ -166,8 +166,15 @@ class MemoryStore:
                     self.publish(event)
 
     async def _summary_loop(self) -> None:
+        """The fleet summary every ``stream.queen_interval_s`` while a client listens. It is
+        for listeners alone: with none, none is made (each hive's share is computed again at
+        each summary once it has reported, 7 % of a queen's core at 3,200 channel hives:
+        docs/scale.md). The changes noted meanwhile are kept, one per hive, so the first
+        summary a client gets is the fleet as it is then, and a client resuming over a quiet
+        spell misses no summary: there was none."""
         async for _ in every(self.config.stream.queen_interval_s):
-            self.publish(await self.totals.event())
+            if self.broadcaster.client_count:
+                self.publish(await self.totals.event())
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
