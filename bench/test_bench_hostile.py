@@ -2,7 +2,7 @@
 it every 0.5 s: what the hive gets through, how long it goes without, what the queen's memory and
 ``/health`` do. Each scenario runs against this tree's queen ("after") and, with
 ``RBEE_BENCH_BEFORE=/path/to/a/checkout`` (say ``git archive main | tar -x -C /tmp/rbee-main``,
-plus the built ``rbee/_cstat*.so`` copied in), against that checkout's queen ("before"), in the
+plus the built ``rbee/_c*.so`` copied in), against that checkout's queen ("before"), in the
 same run, and prints both and the ratio. Both queens run with RLIMIT_NOFILE 1024 (systemd's
 default without ``LimitNOFILE``). The hostile connections come from a process of their own
 (``python -m tests.hostilekit``), so that the one measuring (the hive's deliveries, read from

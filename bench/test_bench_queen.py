@@ -7,7 +7,7 @@ as well), and heartbeats per CPU-second the queen process used (its own cost, fr
 /proc/<pid>/stat), which is the "on one core" figure. Fan-out latency runs from just before the
 POST is sent to the moment each client's socket delivers the event; clients read raw bytes so
 that the client side adds as little as possible. With ``RBEE_BENCH_BEFORE=/path/to/a/checkout``
-(``git archive main | tar -x -C /tmp/rbee-main``, plus the built ``rbee/_cstat*.so`` copied in)
+(``git archive main | tar -x -C /tmp/rbee-main``, plus the built ``rbee/_c*.so`` copied in)
 fan-out is measured against that checkout's queen too, in the same run (the machine is shared:
 only figures of one run compare).
 """
