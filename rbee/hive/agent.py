@@ -71,8 +71,8 @@ class HiveAgent:
         self._patched_since: dict[tuple[str, str], EngineState | str] | None = None
         """Engine changes patched in while a collection runs (``_publish``), else None."""
         self._wake_event = trio.Event()
-        self._collections = (0, 0)
-        """Snapshots begun and published (``_publish``; one runs at a time)."""
+        self._begun = self._published = 0
+        """Snapshots begun, and the last one published (``_publish``; one runs at a time)."""
         self._collect_limiter = trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -180,10 +180,10 @@ class HiveAgent:
         await self._collected_from_now()
 
     async def _collected_from_now(self) -> None:
-        begun, _ = self._collections
+        begun = self._begun
         self._wake_now()
         with trio.move_on_after(self.config.heartbeat.interval_s):
-            while self._collections[1] <= begun:
+            while self._published <= begun:
                 await self._changed.wait()
 
     async def _collect_loop(self) -> None:
@@ -195,8 +195,8 @@ class HiveAgent:
             await self._publish()
 
     async def _publish(self) -> None:
-        begun, published = self._collections
-        self._collections = (begun + 1, published)
+        self._begun += 1
+        number = self._begun
         down_before = self.keeper.down_keys()  # before the tick's list: see Supervisor.records
         self._patched_since = {}
         records = await trio.to_thread.run_sync(self.collector.collect_all,
@@ -206,7 +206,7 @@ class HiveAgent:
             await trio.to_thread.run_sync(self.monitor.reap, worker)
         latest = self._heartbeat(self.keeper.records(records, down_before))
         patched, self._patched_since = self._patched_since, None
-        self._collections = (begun + 1, begun + 1)
+        self._published = number
         self._set_latest(_with_engines(latest, patched)[0] if patched else latest)
 
     def _set_latest(self, latest: HiveHeartbeat) -> None:
