@@ -132,22 +132,25 @@ class MemoryStore:
         resuming clients. ``size``, its JSON's bytes, is measured here when not given (sweeps
         only: a heartbeat brings its body's).
 
-        A heartbeat stands for its ``hive_telemetry`` event, built only when read: at once when
-        a client listens, else only if a resuming client asks for it (``missed``). The event is
-        a function of the heartbeat alone (never mutated once stored) and the settings, so it
-        is the same either way; building it for every heartbeat nobody reads cost about 5 µs
-        of the ~25 µs a heartbeat's store write takes (docs/scale.md)."""
+        A heartbeat stands for its ``hive_telemetry`` event, built once, when first read: at
+        once when a client listens (and kept built), else only if a resuming client asks for it
+        (``missed``). The event is a function of the heartbeat alone (never mutated once stored)
+        and the settings, so it is the same either way; building it for every heartbeat nobody
+        reads cost about 5 µs of the ~25 µs a heartbeat's store write takes (docs/scale.md)."""
         self._last = next(self._ids)
+        listening = self.broadcaster.client_count
+        if listening or size is None:
+            event = self._event(event)
         if size is None:
-            size = len(event) if isinstance(event, bytes) else len(encode(self._event(event)))
+            size = len(event) if isinstance(event, bytes) else len(encode(event))
         kept, stream = self._kept, self.config.stream
         kept.append((self._last, event, size))
         self._kept_bytes += size
         while kept and (len(kept) > stream.replay_events
                         or self._kept_bytes > stream.replay_bytes):
             self._kept_bytes -= kept.popleft()[2]
-        if self.broadcaster.client_count:
-            self.broadcaster.publish(self._event(event), str(self._last))
+        if listening:
+            self.broadcaster.publish(event, str(self._last))
 
     def _event(self, kept: StreamEvent | bytes | HiveHeartbeat) -> StreamEvent | bytes:
         if type(kept) is HiveHeartbeat:
