@@ -1,8 +1,8 @@
 """A fleet's heartbeats, cheaply: N simulated eight-GPU hives, each on its own keep-alive
 connection, posting a pre-encoded, gzip-compressed heartbeat every second (with jitter) over raw
-trio sockets and hand-written HTTP/1.1, reading back only the status line and the body's length.
-The load generator of bench/test_bench_fleet.py, run as a process of its own so that what it
-costs never lands on the queen's core:
+non-blocking sockets and hand-written HTTP/1.1, reading back only the status line and the body's
+length. The load generator of bench/test_bench_fleet.py, run as a process of its own so that what
+it costs never lands on the queen's core:
 
     python -m tests.fleetload PORT [--plain | --channel] [--period-s S]
 
@@ -10,6 +10,10 @@ With ``--channel`` each hive speaks the queen's channel instead (a hand-written 
 then pre-encoded masked msgpack frames: its snapshot, then deltas of a few workers and all eight
 GPUs each second, a snapshot every fifth beat), one frame answered before the next, as cheap to
 generate as the POSTs.
+
+One loop drives every hive (``Load``: one epoll set, one timer heap), so a beat costs this process
+a send, a wake-up and a read: about 20 µs, where a trio task per hive cost about 170 µs and
+saturated the load's core at ~6,000 hives, before the queen's (docs/scale.md).
 
 It reads a number of hives per line on stdin: it grows the fleet to that many (new hives
 connect gradually, ``RAMP_PER_S`` a second), lets it settle for ``--warmup-s``, prints
@@ -21,13 +25,21 @@ one line of JSON: what the window saw from the hives' side. The caller samples t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import gc
 import gzip
+import heapq
+import itertools
 import json
 import os
 import random
+import select
+import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -106,17 +118,32 @@ def post(port: int, body: bytes, *, compressed: bool) -> bytes:
 class Post:
     """A hive that POSTs its whole heartbeat every beat."""
 
+    opening = b""
+    """Sent once connected: nothing, a POST needs no handshake."""
+
     def __init__(self, request: bytes) -> None:
         self.request = request
 
-    async def open(self, sock: trio.socket.SocketType) -> None:
-        pass
+    def opened(self, buffer: bytes) -> int | None:
+        return 0
 
     def beat(self) -> bytes:
         return self.request
 
-    async def answer(self, sock: trio.socket.SocketType) -> int:
-        return await answer_status(sock)
+    def parse_answer(self, buffer: bytes) -> tuple[int, int] | None:
+        """The status of the whole answer at the start of ``buffer`` and its size; None until
+        it is whole. Only the status line and the length are parsed."""
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        length = 0
+        for header in buffer[:end].lower().split(b"\r\n")[1:]:
+            if header.startswith(b"content-length:"):
+                length = int(header[15:])
+        size = end + 4 + length
+        if len(buffer) < size:
+            return None
+        return int(buffer[9:12]), size  # ValueError: not an HTTP answer
 
     def reconnect_wait(self, failed_rounds: int, rng: random.Random) -> float:
         return RECONNECT_S
@@ -161,27 +188,33 @@ class Channel:
     its snapshot, then the shared deltas, a snapshot again every ``SNAPSHOT_EVERY`` beats. As
     the real hive does (``rbee/hive/channel.py``): a frame refused for any other reason is
     followed by the snapshot, and a busy queen's refusal (429/503) ends the channel, the hive
-    reconnecting after the queen's ``retry_after_s`` and its full-jitter delay."""
+    reconnecting after the queen's ``retry_after_s`` and its full-jitter delay.
+
+    The parsing is the caller's bytes in, answers out (``opened``, ``parse_answer``), so the
+    load's one loop drives it; ``open`` and ``answer`` do the same on a trio socket."""
 
     def __init__(self, port: int, snapshot: bytes, deltas: list[bytes]) -> None:
-        self.upgrade = (b"GET %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nupgrade: websocket\r\n"
+        self.opening = (b"GET %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nupgrade: websocket\r\n"
                         b"connection: upgrade\r\nsec-websocket-version: 13\r\n"
                         b"sec-websocket-key: %s\r\n\r\n" % (CHANNEL.encode(), port, _KEY))
         self.frames = [snapshot, *deltas]
         self.next = 0
         """The frame sent next: the snapshot first on each connection and after a refusal
         (its seq is 0, the deltas' 1, 2, ...)."""
-        self.buffer = b""
         self.retry_after_s: float | None = None
         """A busy queen's ``retry_after_s``, until the reconnect waits it out."""
+        self._buffer = b""
+        """What a trio socket brought after the last answer (``open``, ``answer``)."""
 
-    async def open(self, sock: trio.socket.SocketType) -> None:
-        await sock.send(self.upgrade)
-        data, end = await head(sock)
-        if data[9:12] != b"101":
+    def opened(self, buffer: bytes) -> int | None:
+        """The size of the queen's 101 at the start of ``buffer``; None until it is whole."""
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        if buffer[9:12] != b"101":
             raise ConnectionLost
-        self.buffer = data[end + 4:]
         self.next = 0
+        return end + 4
 
     def beat(self) -> bytes:
         frame = self.frames[self.next]
@@ -194,27 +227,49 @@ class Channel:
         retry_after_s, self.retry_after_s = self.retry_after_s, None
         return reconnect_delay(_HEARTBEAT, failed_rounds, retry_after_s, rng.random())
 
-    async def answer(self, sock: trio.socket.SocketType) -> int:
-        """The queen's answer frame (unmasked): an ack is 200, anything else its status (a
-        resync 409); ``Busy`` once the answer is counted, for a refusal that ends the channel."""
-        while (size := _frame_size(self.buffer)) is None or len(self.buffer) < size:
-            chunk = await sock.recv(RECV_SIZE)
-            if not chunk:
-                raise ConnectionLost
-            self.buffer += chunk
-        frame, self.buffer = self.buffer[:size], self.buffer[size:]
+    def parse_answer(self, buffer: bytes) -> tuple[int, int] | None:
+        """The queen's answer frame (unmasked) at the start of ``buffer`` and its size, None
+        until it is whole: an ack is 200, anything else its status (a resync 409); ``Busy``
+        for a refusal that ends the channel."""
+        size = _frame_size(buffer)
+        if size is None or len(buffer) < size:
+            return None
+        frame = buffer[:size]
         if b"\xa3ack" in frame[:16]:
-            return 200
+            return 200, size
         if frame[0] & 0x0F != 0x2:  # a close (the queen stopping): not an answer
             raise ConnectionLost
         answer = decode_queen_frame(frame[2 if frame[1] < 126 else 4:])
         self.next = 0
         if type(answer) is ChannelResync:
-            return 409
+            return 409, size
         if answer.status in (429, 503):
             self.retry_after_s = answer.retry_after_s
             raise Busy(answer.status)
-        return answer.status
+        return answer.status, size
+
+    async def open(self, sock: trio.socket.SocketType) -> None:
+        """The upgrade on a connected trio socket."""
+        await sock.send(self.opening)
+        self._buffer = b""
+        while (end := self.opened(self._buffer)) is None:
+            self._buffer += await _received(sock)
+        self._buffer = self._buffer[end:]
+
+    async def answer(self, sock: trio.socket.SocketType) -> int:
+        """The next answer's status, read from a trio socket."""
+        while (parsed := self.parse_answer(self._buffer)) is None:
+            self._buffer += await _received(sock)
+        status, size = parsed
+        self._buffer = self._buffer[size:]
+        return status
+
+
+async def _received(sock: trio.socket.SocketType) -> bytes:
+    chunk = await sock.recv(RECV_SIZE)
+    if not chunk:
+        raise ConnectionLost
+    return chunk
 
 
 def _frame_size(buffer: bytes) -> int | None:
@@ -234,6 +289,10 @@ class Busy(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
+
+
+class ConnectionLost(Exception):
+    pass
 
 
 @dataclass
@@ -263,6 +322,244 @@ class Window:
                 "max_ms": latencies[-1] * 1e3, "load_cpu_pct": cpu_s / seconds * 100}
 
 
+CLOSED, CONNECTING, OPENING, WAITING, ANSWERING = range(5)
+"""A hive's connection: none (a reconnect is due), connecting, its handshake sent, between
+beats, a beat sent and its answer awaited."""
+
+
+class Hive:
+    """One simulated hive: its connection, where it is, and when its next beat is due."""
+
+    __slots__ = ("buffer", "counted", "due", "failed_rounds", "pending", "rng", "sock", "started",
+                 "state", "talk", "timer", "window")
+
+    def __init__(self, talk: Post | Channel, rng: random.Random, window: Window) -> None:
+        self.talk, self.rng, self.window = talk, rng, window
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+        self.pending = b""
+        """What the kernel did not take of the last send yet."""
+        self.state = CLOSED
+        self.due = 0.0
+        self.timer = 0
+        """The token of this hive's one live timer (older ones are skipped)."""
+        self.started = 0.0
+        """When the current step began: the beat's send, or the connect."""
+        self.counted = False
+        """The beat in flight counts in ``window``."""
+        self.failed_rounds = 0
+
+
+class Load:
+    """Every hive's socket in one epoll set and every beat on one timer heap, driven by one
+    loop: a beat costs a send, a wake-up and a read, with no task, coroutine or scheduler per
+    hive (a trio task per hive cost this process about 170 µs a beat, so at ~6,000 hives its
+    own lag, not the queen's, set the latencies it measured)."""
+
+    def __init__(self, port: int, meter: Meter) -> None:
+        self.port, self.meter = port, meter
+        self.epoll = select.epoll()
+        self.by_fd: dict[int, Hive] = {}
+        self.hives: list[Hive] = []
+        self.timers: list[tuple[float, int, Hive]] = []
+        self.tokens = itertools.count(1)
+        self.target = 0
+        """Hives asked for; the loop connects new ones, ``RAMP_PER_S`` a second."""
+        self.done = False
+
+    def schedule(self, hive: Hive, when: float) -> None:
+        hive.timer = token = next(self.tokens)
+        heapq.heappush(self.timers, (when, token, hive))
+
+    def run(self, make: Callable[[int], Post | Channel], seed: random.Random) -> None:
+        """Beat until ``done``; new hives made by ``make(n)`` as ``target`` grows."""
+        timers, epoll, by_fd, clock = self.timers, self.epoll, self.by_fd, time.perf_counter
+        ramped_at = clock()
+        sweep_at = ramped_at
+        while not self.done:
+            now = clock()
+            if len(self.hives) < self.target:
+                allowed = int((now - ramped_at) * RAMP_PER_S)
+                if allowed:
+                    ramped_at += allowed / RAMP_PER_S
+                    for _ in range(min(allowed, self.target - len(self.hives))):
+                        hive = Hive(make(len(self.hives)), random.Random(seed.random()),
+                                    self.meter.window)
+                        self.hives.append(hive)
+                        self.schedule(hive, now)
+                        hive.due = now + hive.rng.uniform(0, self.meter.period_s)
+            else:
+                ramped_at = now
+            while timers and timers[0][0] <= now:
+                _, token, hive = heapq.heappop(timers)
+                if token == hive.timer:
+                    self.step(hive, now)
+            if now >= sweep_at:
+                sweep_at = now + 0.25
+                self.expire(now)
+            wait = min(timers[0][0] - now if timers else 0.05, 0.05)
+            for fd, events in epoll.poll(max(wait, 0.0), 4096):
+                hive = by_fd.get(fd)
+                if hive is not None:
+                    self.ready(hive, events)
+        for hive in self.hives:
+            self.close(hive)
+        epoll.close()
+
+    def step(self, hive: Hive, now: float) -> None:
+        """A hive's timer: its beat is due, or its reconnect."""
+        if hive.state == WAITING:
+            self.send_beat(hive, now)
+        elif hive.state == CLOSED:
+            self.connect(hive, now)
+
+    def connect(self, hive: Hive, now: float) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        hive.sock, hive.state, hive.started, hive.buffer, hive.pending = (
+            sock, CONNECTING, now, b"", b"")
+        hive.window = self.meter.window
+        self.by_fd[sock.fileno()] = hive
+        error = sock.connect_ex(("127.0.0.1", self.port))
+        if error not in (0, errno.EINPROGRESS):
+            self.lost(hive, timeout=False)
+            return
+        self.epoll.register(sock.fileno(), select.EPOLLOUT)
+
+    def send_beat(self, hive: Hive, now: float) -> None:
+        window = hive.window = self.meter.window
+        hive.counted = counted = window.open
+        window.sent += counted
+        window.in_flight += counted
+        hive.state = ANSWERING
+        hive.started = time.perf_counter()
+        self.send(hive, hive.talk.beat())
+
+    def send(self, hive: Hive, data: bytes) -> None:
+        """Send, keeping what the kernel does not take yet for when the socket is writable."""
+        try:
+            sent = hive.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.lost(hive, timeout=False)
+            return
+        hive.pending = data[sent:]
+        if hive.pending:
+            self.epoll.modify(hive.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def ready(self, hive: Hive, events: int) -> None:
+        sock = hive.sock
+        if hive.state == CONNECTING:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.lost(hive, timeout=False)
+                return
+            self.epoll.modify(sock.fileno(), select.EPOLLIN)
+            hive.state = OPENING
+            if hive.talk.opening:
+                self.send(hive, hive.talk.opening)
+            else:
+                self.answered(hive, b"")
+            return
+        if events & select.EPOLLOUT and hive.pending:
+            data, hive.pending = hive.pending, b""
+            self.epoll.modify(sock.fileno(), select.EPOLLIN)
+            self.send(hive, data)
+            if hive.sock is None:
+                return
+        if events & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.lost(hive, timeout=False)
+                return
+            self.answered(hive, hive.buffer + data if hive.buffer else data)
+
+    def answered(self, hive: Hive, buffer: bytes) -> None:
+        """Bytes from the queen: the handshake's answer, or the beat's."""
+        talk = hive.talk
+        try:
+            if hive.state == OPENING:
+                end = talk.opened(buffer)
+                if end is None:
+                    hive.buffer = buffer
+                    return
+                hive.buffer, hive.state, hive.failed_rounds = buffer[end:], WAITING, 0
+                self.schedule(hive, hive.due)
+                return
+            if hive.state != ANSWERING:
+                hive.buffer = buffer  # nothing is asked: kept for the next answer
+                return
+            parsed = talk.parse_answer(buffer)
+        except Busy as busy:
+            self.count(hive, busy.status)
+            self.close(hive)
+            self.retry(hive)
+            return
+        except (ConnectionLost, ValueError):
+            self.lost(hive, timeout=False)
+            return
+        if parsed is None:
+            hive.buffer = buffer
+            return
+        status, size = parsed
+        hive.buffer = buffer[size:]
+        self.count(hive, status)
+        hive.state = WAITING
+        now = time.perf_counter()
+        period = self.meter.period_s
+        hive.due += period + hive.rng.uniform(-JITTER_S, JITTER_S)
+        if hive.due < now - period:  # fell a whole beat behind: send the next one now
+            hive.due = now
+        self.schedule(hive, hive.due)
+
+    def count(self, hive: Hive, status: int) -> None:
+        if hive.counted:
+            window = hive.window
+            window.latencies.append(time.perf_counter() - hive.started)
+            window.statuses[status] = window.statuses.get(status, 0) + 1
+            window.in_flight -= 1
+            hive.counted = False
+
+    def expire(self, now: float) -> None:
+        """Beats unanswered for ``ANSWER_TIMEOUT_S`` (and connections not open by then)."""
+        for hive in self.hives:
+            if hive.state in (ANSWERING, CONNECTING, OPENING) and \
+                    now - hive.started > ANSWER_TIMEOUT_S:
+                self.lost(hive, timeout=hive.state == ANSWERING)
+
+    def lost(self, hive: Hive, *, timeout: bool) -> None:
+        """A reset, a close or no answer in time: counted, and the hive reconnects."""
+        window = hive.window
+        if timeout:
+            window.timeouts += hive.counted or window.open
+        else:
+            window.resets += hive.counted or window.open
+        window.in_flight -= hive.counted
+        hive.counted = False
+        self.close(hive)
+        self.retry(hive)
+
+    def retry(self, hive: Hive) -> None:
+        wait = hive.talk.reconnect_wait(hive.failed_rounds, hive.rng)
+        hive.failed_rounds += 1
+        hive.due = time.perf_counter() + wait
+        self.schedule(hive, hive.due)
+
+    def close(self, hive: Hive) -> None:
+        sock, hive.sock, hive.state = hive.sock, None, CLOSED
+        if sock is not None:
+            fd = sock.fileno()
+            self.by_fd.pop(fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(fd)
+            sock.close()
+
+
 @dataclass
 class Meter:
     """The window now open (or last closed): each beat is counted in the one open when it was sent."""
@@ -273,133 +570,59 @@ class Meter:
     than the queen's core carries at 1 Hz (its memory, its restart)."""
 
 
-class ConnectionLost(Exception):
-    pass
-
-
-async def head(sock: trio.socket.SocketType) -> tuple[bytes, int]:
-    """An answer's head and what came after it, and where the head ends."""
-    data = b""
-    while (end := data.find(b"\r\n\r\n")) < 0:
-        chunk = await sock.recv(RECV_SIZE)
-        if not chunk:
-            raise ConnectionLost
-        data += chunk
-    return data, end
-
-
-async def answer_status(sock: trio.socket.SocketType) -> int:
-    """Read one whole answer; its status code. Only the status line and the length are parsed."""
-    data, end = await head(sock)
-    length = 0
-    for header in data[:end].lower().split(b"\r\n")[1:]:
-        if header.startswith(b"content-length:"):
-            length = int(header[15:])
-    left = end + 4 + length - len(data)
-    while left > 0:
-        chunk = await sock.recv(max(left, RECV_SIZE))
-        if not chunk:
-            raise ConnectionLost
-        left -= len(chunk)
-    return int(data[9:12])
-
-
-async def hive(port: int, talk: Post | Channel, meter: Meter, rng: random.Random) -> None:
-    """One hive: connect, then a beat every ``meter.period_s`` (jittered) on the same
-    connection, one at a time as a real hive's sender does; a broken connection is counted and
-    opened again."""
-    period = meter.period_s
-    due = trio.current_time() + rng.uniform(0, period)
-    failed_rounds = 0
-    while True:
-        sock = trio.socket.socket()
-        window, counted = meter.window, False
-        try:
-            await sock.connect(("127.0.0.1", port))
-            await talk.open(sock)
-            failed_rounds = 0
-            while True:
-                request = talk.beat()
-                await trio.sleep_until(due)
-                window = meter.window
-                counted = window.open
-                window.sent += counted
-                window.in_flight += counted
-                started = time.perf_counter()
-                sent = 0
-                while sent < len(request):
-                    sent += await sock.send(request[sent:])
-                with trio.fail_after(ANSWER_TIMEOUT_S):
-                    try:
-                        status = await talk.answer(sock)
-                    except Busy as busy:
-                        status, leave = busy.status, True
-                    else:
-                        leave = False
-                if counted:
-                    window.latencies.append(time.perf_counter() - started)
-                    window.statuses[status] = window.statuses.get(status, 0) + 1
-                    window.in_flight -= 1
-                    counted = False
-                if leave:
-                    break
-                now = trio.current_time()
-                due += period + rng.uniform(-JITTER_S, JITTER_S)
-                if due < now - period:  # fell a whole beat behind: send the next one now
-                    due = now
-        except trio.TooSlowError:
-            window.timeouts += counted or window.open
-        except (OSError, ConnectionLost, ValueError):  # reset, closed, or not an HTTP answer
-            window.resets += counted or window.open
-        finally:
-            window.in_flight -= counted
-            sock.close()
-        await trio.sleep(talk.reconnect_wait(failed_rounds, rng))
-        failed_rounds += 1
-        due = trio.current_time()
-
-
-async def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
-              window_s: float, prefix: str = "fleet-hive", period_s: float = PERIOD_S) -> None:
-    rng = random.Random(24)
-    deltas = channel_deltas() if channel else []
-    meter = Meter(period_s=period_s)
-    started = 0
-    async with trio.open_nursery() as nursery:
-        while line := await trio.to_thread.run_sync(sys.stdin.readline):
+def steer(load: Load, *, warmup_s: float, window_s: float) -> None:
+    """The steps, read from stdin (in a thread of their own, the loop beating meanwhile): grow
+    the fleet, let it settle, open a window, print what it saw."""
+    meter = load.meter
+    try:
+        while line := sys.stdin.readline():
             target = int(line)
             raise_descriptor_limit(target + 256)
-            while started < target:
-                hive_id = f"{prefix}-{started:05d}"
-                if channel:
-                    snapshot = FrameMaker().frame(eight_gpu_hive(hive_id, started), True)
-                    talk: Post | Channel = Channel(port, masked(snapshot), deltas)
-                else:
-                    body = eight_gpu_heartbeat(hive_id, started)
-                    if compressed:
-                        body = gzip.compress(body, compresslevel=1, mtime=0)
-                    talk = Post(post(port, body, compressed=compressed))
-                nursery.start_soon(hive, port, talk, meter, random.Random(rng.random()))
-                started += 1
-                await trio.sleep(1 / RAMP_PER_S)
+            load.target = target
+            while len(load.hives) < target:
+                time.sleep(0.05)
             # what the hives hold, out of this process's collections: at thousands of hives a
             # full one walked them for 100 ms and more, between sends and answers it was timing
             gc.collect()
             gc.freeze()
-            await trio.sleep(warmup_s)
+            time.sleep(warmup_s)
             meter.window = window = Window(open=True)
             print("start", flush=True)
             before = os.times()
-            await trio.sleep(window_s)
+            time.sleep(window_s)
             window.open = False
             spent = os.times()
             print("end", flush=True)
             cpu_s = (spent.user + spent.system) - (before.user + before.system)
-            with trio.move_on_after(ANSWER_TIMEOUT_S + 1):  # the window's beats still in flight
-                while window.in_flight:
-                    await trio.sleep(0.05)
-            print(json.dumps(window.summary(target, window_s, cpu_s, period_s)), flush=True)
-        nursery.cancel_scope.cancel()
+            deadline = time.monotonic() + ANSWER_TIMEOUT_S + 1  # the window's beats in flight
+            while window.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            print(json.dumps(window.summary(target, window_s, cpu_s, meter.period_s)),
+                  flush=True)
+    finally:
+        load.done = True
+
+
+def run(port: int, *, compressed: bool, channel: bool, warmup_s: float,
+        window_s: float, prefix: str = "fleet-hive", period_s: float = PERIOD_S) -> None:
+    rng = random.Random(24)
+    deltas = channel_deltas() if channel else []
+
+    def make(n: int) -> Post | Channel:
+        hive_id = f"{prefix}-{n:05d}"
+        if channel:
+            snapshot = FrameMaker().frame(eight_gpu_hive(hive_id, n), True)
+            return Channel(port, masked(snapshot), deltas)
+        body = eight_gpu_heartbeat(hive_id, n)
+        if compressed:
+            body = gzip.compress(body, compresslevel=1, mtime=0)
+        return Post(post(port, body, compressed=compressed))
+
+    load = Load(port, Meter(period_s=period_s))
+    steering = threading.Thread(target=steer, args=(load,), daemon=True,
+                                kwargs={"warmup_s": warmup_s, "window_s": window_s})
+    steering.start()
+    load.run(make, rng)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -415,9 +638,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix", default="fleet-hive",
                         help="hive ids: PREFIX-00000 and on (one per load process of one fleet)")
     args = parser.parse_args(argv)
-    trio.run(lambda: run(args.port, compressed=not args.plain, channel=args.channel,
-                         warmup_s=args.warmup_s, window_s=args.window_s, prefix=args.prefix,
-                         period_s=args.period_s))
+    run(args.port, compressed=not args.plain, channel=args.channel, warmup_s=args.warmup_s,
+        window_s=args.window_s, prefix=args.prefix, period_s=args.period_s)
 
 
 if __name__ == "__main__":
