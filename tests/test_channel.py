@@ -299,7 +299,7 @@ async def test_the_reaper_closes_a_silent_channel_within_a_quarter_of_the_timeou
     being answered is left open however long the answer takes."""
     channels = OpenChannels(grace_s=1.0, idle_s=8.0)
     silent, answering = _Socket(), _Socket()
-    silent_link, answering_link = HiveLink(None, None, 0), HiveLink(None, None, 0)
+    silent_link, answering_link = HiveLink(None, None, 0, None), HiveLink(None, None, 0, None)
     closed_at: list[float] = []
 
     async def session(socket: _Socket, link: HiveLink) -> None:
@@ -324,7 +324,7 @@ async def test_the_reaper_closes_a_silent_channel_within_a_quarter_of_the_timeou
 
 async def test_a_stopping_queen_says_so_to_a_silent_channel_too(mock_clock):
     channels = OpenChannels(grace_s=1.0, idle_s=8.0)
-    socket, link = _Socket(), HiveLink(None, None, 0)
+    socket, link = _Socket(), HiveLink(None, None, 0, None)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_silent_session, channels, socket, link)
         await trio.sleep(1)

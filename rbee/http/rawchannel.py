@@ -149,6 +149,15 @@ class RawWebSocket:
         if not self.closed:
             await self._send(frame(_BINARY, data))
 
+    async def send_framed(self, data: bytes) -> bool:
+        """The rest of a frame begun elsewhere (the channel hub's answer the kernel did not
+        take whole); False once the peer is gone."""
+        return await self._send(data)
+
+    def between_messages(self) -> bool:
+        """No message is half received (no fragment of one is held)."""
+        return self._parts is None
+
     async def _send(self, data: bytes) -> bool:
         """False once the peer is gone."""
         if self.fd is not None:

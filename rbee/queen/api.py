@@ -62,6 +62,7 @@ from ..http.errors import ApiError
 from ..http.rawpost import RawHead
 from ..http.rawstream import StreamHead
 from .channel import ChannelService, OpenChannels
+from .channelhub import ChannelHub
 from .dashboard import dashboard_routes
 from .fleet import Fleet
 from .history import FleetHistory, QueryError, Selector
@@ -338,6 +339,7 @@ class QueenParts(Access, Protocol):
     history: FleetHistory
     metrics: QueenMetrics
     channels: OpenChannels
+    hub: ChannelHub
 
 
 def build_app(queen: QueenParts) -> Starlette:
@@ -347,7 +349,7 @@ def build_app(queen: QueenParts) -> Starlette:
     live = StreamHandlers(config, fleet, gate)
     reads = ReadHandlers(config, fleet.registry, queen.history, gate)
     picks = pick_handler(config, fleet.registry, gate.reader)
-    channel = ChannelService(config, writes.ingest, gate.hive, metrics, queen.channels)
+    channel = ChannelService(config, writes.ingest, gate.hive, metrics, queen.channels, queen.hub)
     app = json_app([
         Route(paths.HEARTBEAT, writes.post_heartbeat, methods=["POST"]),
         channel.route(),

@@ -14,7 +14,9 @@ and leaves the connection's state as it was.
 
 The WebSocket is the connection's own (``rbee/http/rawchannel.py``: no wsproto, ASGI message or
 Starlette ``WebSocket`` per frame) for every upgrade it can take; the rest reach the app's route
-(hypercorn's WebSocket). Both run one session (``ChannelService.serve``).
+(hypercorn's WebSocket). Both run one session (``ChannelService.serve``). With the memory store a
+plain channel's whole frames are answered by the queen's one hub task (``channelhub.py``), the
+same ``HiveLink`` taking them without waiting (``take_now``); its own task does the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import trio
 from starlette.routing import WebSocketRoute
@@ -49,6 +52,7 @@ from ..http.app import JsonResponse
 from ..http.errors import ApiError
 from ..http.rawchannel import MessageSocket
 from ..http.serving import WS_MESSAGE_BODIES
+from .channelhub import Back, ChannelHub
 from .ingest import Ingest
 from .metrics import QueenMetrics
 from .ticks import every
@@ -71,8 +75,10 @@ class _Upgrade:
 class HiveLink:
     """One channel's state: the hive's last whole heartbeat as the queen took it, and its seq."""
 
-    def __init__(self, ingest: Ingest, acting_as: str | None, max_frame_bytes: int) -> None:
+    def __init__(self, ingest: Ingest, acting_as: str | None, max_frame_bytes: int,
+                 metrics: QueenMetrics) -> None:
         self.ingest, self.acting_as, self.max_frame_bytes = ingest, acting_as, max_frame_bytes
+        self.metrics = metrics
         self.base: HiveHeartbeat | None = None
         self.seq = -1
         self.size = 0
@@ -86,6 +92,47 @@ class HiveLink:
 
     async def take(self, data: bytes) -> QueenFrame:
         """The answer to one frame; the state moves on only when the frame was taken."""
+        step = self._read(data)
+        if type(step) is not _Taking:
+            return step
+        try:
+            await self.ingest.accept(step.heartbeat, step.size, self.acting_as, step.delta)
+        except ApiError as exc:
+            return _refusal(step, exc)
+        return self._took(step)
+
+    def answer_now(self, data: bytes) -> bytes:
+        """The encoded answer to one frame, counted (``take_now``)."""
+        started = time.perf_counter()
+        answer = self.take_now(data)
+        self.counted(answer, started)
+        return encode_frame(answer)
+
+    def counted(self, answer: QueenFrame, started: float) -> None:
+        """An answer on the queen's metrics (and a refusal in its log)."""
+        metrics = self.metrics
+        if type(answer) is ChannelAck:
+            metrics.received.inc()
+            metrics.ingest.observe(time.perf_counter() - started)
+        else:
+            metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
+            log.warning("hive channel %s: %s", self.hive_id or "(no hive yet)",
+                        answer.reason if type(answer) is ChannelResync else answer.message)
+
+    def take_now(self, data: bytes) -> QueenFrame:
+        """``take`` on a store that writes without waiting (``Ingest.synchronous``): the
+        channel hub's, which answers the frames of every ready channel in one task."""
+        step = self._read(data)
+        if type(step) is not _Taking:
+            return step
+        try:
+            self.ingest.accept_now(step.heartbeat, step.size, self.acting_as, step.delta)
+        except ApiError as exc:
+            return _refusal(step, exc)
+        return self._took(step)
+
+    def _read(self, data: bytes) -> QueenFrame | _Taking:
+        """The heartbeat a frame makes of this channel's state, or the answer refusing it."""
         if len(data) > self.max_frame_bytes:
             return ChannelError(status=413, message=f"frame of {len(data)} bytes, more than "
                                                     f"http.max_body_bytes ({self.max_frame_bytes})")
@@ -93,7 +140,6 @@ class HiveLink:
             frame = decode_hive_frame(data)
         except ContractError as exc:
             return ChannelError(status=400, message=str(exc))
-        size = len(data)
         if type(frame) is ChannelDelta:
             if self.base is None or frame.seq != self.seq + 1:
                 reason = ("no snapshot taken on this channel yet" if self.base is None else
@@ -103,25 +149,37 @@ class HiveLink:
                 heartbeat = apply_delta(self.base, frame)
             except ContractError as exc:
                 return ChannelError(seq=frame.seq, status=400, message=str(exc))
-            size = self.size
-        else:
-            heartbeat = frame.heartbeat
-            if self.hive_id is not None and heartbeat.hive.id != self.hive_id:
-                return ChannelError(seq=frame.seq, status=400, message=(
-                    f"invalid snapshot: hive {heartbeat.hive.id!r} on the channel of hive "
-                    f"{self.hive_id!r} (a channel carries one hive) - at `$.heartbeat.hive.id`"))
-        try:
-            await self.ingest.accept(heartbeat, size, self.acting_as,
-                                     frame if type(frame) is ChannelDelta else None)
-        except ApiError as exc:
-            retry_after = (exc.headers or {}).get("Retry-After")
-            return ChannelError(seq=frame.seq, status=exc.status_code, message=exc.message,
-                                retry_after_s=None if retry_after is None else float(retry_after))
+            return _Taking(frame.seq, heartbeat, self.size, frame)
+        heartbeat = frame.heartbeat
+        if self.hive_id is not None and heartbeat.hive.id != self.hive_id:
+            return ChannelError(seq=frame.seq, status=400, message=(
+                f"invalid snapshot: hive {heartbeat.hive.id!r} on the channel of hive "
+                f"{self.hive_id!r} (a channel carries one hive) - at `$.heartbeat.hive.id`"))
+        return _Taking(frame.seq, heartbeat, len(data), None)
+
+    def _took(self, step: _Taking) -> ChannelAck:
+        heartbeat = step.heartbeat
         self.hive_id = heartbeat.hive.id
         stopped = heartbeat.hive.operational_status is OperationalStatus.STOPPED
         self.base = None if stopped else heartbeat
-        self.seq, self.size = frame.seq, size if type(frame) is ChannelDelta else len(data)
-        return ChannelAck(frame.seq)
+        self.seq, self.size = step.seq, step.size
+        return ChannelAck(step.seq)
+
+
+class _Taking(NamedTuple):
+    """A frame read and ready for the store: the whole heartbeat it makes, counted as ``size``
+    bytes (a snapshot's own; a delta's, its channel's last snapshot's)."""
+
+    seq: int
+    heartbeat: HiveHeartbeat
+    size: int
+    delta: ChannelDelta | None
+
+
+def _refusal(step: _Taking, exc: ApiError) -> ChannelError:
+    retry_after = (exc.headers or {}).get("Retry-After")
+    return ChannelError(seq=step.seq, status=exc.status_code, message=exc.message,
+                        retry_after_s=None if retry_after is None else float(retry_after))
 
 
 class OpenChannels:
@@ -184,9 +242,12 @@ class ChannelService:
     so a hive cannot tell them apart but by the cost."""
 
     def __init__(self, config: QueenConfig, ingest: Ingest, authenticate: Authenticate,
-                 metrics: QueenMetrics, open_channels: OpenChannels) -> None:
+                 metrics: QueenMetrics, open_channels: OpenChannels,
+                 hub: ChannelHub | None = None) -> None:
         self.config, self.ingest, self.authenticate = config, ingest, authenticate
         self.metrics, self.open_channels = metrics, open_channels
+        self.hub = hub if ingest.synchronous else None
+        """Where plain channels wait and are answered (None: each by its own task)."""
         self.max_message_bytes = WS_MESSAGE_BODIES * config.http.max_body_bytes
         """As hypercorn buffers: a frame somewhat over ``http.max_body_bytes`` gets a clear 413,
         a bigger one closes the channel (1009) unread."""
@@ -202,20 +263,32 @@ class ChannelService:
         """Frames in order, one answer each: the next frame is read once this one is answered,
         so a hive that sends faster than the queen takes is held back by TCP, never queued
         here. One coroutine and one cancel scope a channel while it waits (10,000 channels
-        wait at once: docs/scale.md)."""
-        metrics, channels = self.metrics, self.open_channels
-        link = HiveLink(self.ingest, acting_as, self.config.http.max_body_bytes)
+        wait at once: docs/scale.md); parked in the hub (``ChannelHub.park``) when it can take
+        the channel, this task answering what the hub hands back."""
+        metrics, channels, hub = self.metrics, self.open_channels, self.hub
+        link = HiveLink(self.ingest, acting_as, self.config.http.max_body_bytes, metrics)
         metrics.channels.inc()
         try:
             with trio.CancelScope() as scope:  # OpenChannels: the queen stops, or silence
                 channels.opened(scope, link)
                 try:
                     while not channels.closed:
+                        if hub is not None and hub.can_take(socket):
+                            back, unsent = await hub.park(socket, link)
+                            if back is Back.GONE:
+                                return
+                            if back is Back.WRITE:
+                                link.heard_at = math.inf
+                                if not await socket.send_framed(unsent):
+                                    return
+                                link.heard_at = trio.current_time()
+                                continue
+                            # Back.FRAME: that one message on this task's path, then back
                         data = await socket.receive()
                         if data is None:
                             return
                         link.heard_at = math.inf  # not closed as idle while it is answered
-                        await _answer(socket, link, metrics, data)
+                        await _answer(socket, link, data)
                         del data  # not held through the wait for the next: 5 KB a hive
                         link.heard_at = trio.current_time()
                 finally:
@@ -267,8 +340,7 @@ class _AsgiSocket:
         await self.websocket.close(code=code, reason=reason)
 
 
-async def _answer(websocket: MessageSocket, link: HiveLink, metrics: QueenMetrics,
-                  data: bytes | str) -> None:
+async def _answer(websocket: MessageSocket, link: HiveLink, data: bytes | str) -> None:
     started = time.perf_counter()
     if type(data) is str:
         answer: QueenFrame = ChannelError(status=400, message=(
@@ -276,11 +348,5 @@ async def _answer(websocket: MessageSocket, link: HiveLink, metrics: QueenMetric
             "(rbee/contract/channel.py)"))
     else:
         answer = await link.take(data)
-    if type(answer) is ChannelAck:
-        metrics.received.inc()
-        metrics.ingest.observe(time.perf_counter() - started)
-    else:
-        metrics.refusal(409 if type(answer) is ChannelResync else answer.status)
-        log.warning("hive channel %s: %s", link.hive_id or "(no hive yet)",
-                    answer.reason if type(answer) is ChannelResync else answer.message)
+    link.counted(answer, started)
     await websocket.send_bytes(encode_frame(answer))

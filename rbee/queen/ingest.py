@@ -14,7 +14,7 @@ from ..config import QueenConfig
 from ..contract import ChannelDelta, HiveHeartbeat, OperationalStatus
 from ..http.auth import ANY_HIVE
 from ..http.errors import ApiError
-from .store import BaseMissing, FleetStore
+from .store import BaseMissing, FleetStore, MemoryStore
 
 
 async def stored(write):
@@ -32,32 +32,65 @@ class Ingest:
 
     def __init__(self, config: QueenConfig, store: FleetStore) -> None:
         self.config, self.store = config, store
+        self.synchronous = isinstance(store, MemoryStore)
+        """The store writes without waiting (``accept_now``): the channel hub's condition."""
 
     async def accept(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None,
                      delta: ChannelDelta | None = None) -> str:
         """Store ``heartbeat`` (``size``: its encoded bytes) sent by ``acting_as`` (a hive id, or
         ``ANY_HIVE`` for the shared token); returns what the queen answers. ``delta``: the
         channel's frame that ``heartbeat`` was made from (a shared store sends only it on)."""
-        config, store = self.config, self.store
+        store = self.store
+        if self._goodbye(heartbeat, acting_as):
+            await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
+            return _removed(heartbeat)
+        try:
+            await stored(store.ingest(heartbeat, size, delta))
+        except (BaseMissing, AdmissionError) as exc:
+            raise _refused(exc) from exc
+        return _received(heartbeat)
+
+    def accept_now(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None,
+                   delta: ChannelDelta | None = None) -> str:
+        """``accept`` on a store that writes without waiting (``synchronous``): the same
+        checks, refusals and writes, for a caller that cannot wait (the channel hub)."""
+        store = self.store
+        assert isinstance(store, MemoryStore), "accept_now needs a synchronous store"
+        if self._goodbye(heartbeat, acting_as):
+            store.remove_now(heartbeat.hive.id, "the hive stopped")
+            return _removed(heartbeat)
+        try:
+            store.ingest_now(heartbeat, size)
+        except AdmissionError as exc:
+            raise _refused(exc) from exc
+        return _received(heartbeat)
+
+    def _goodbye(self, heartbeat: HiveHeartbeat, acting_as: str | None) -> bool:
+        """ApiError for a heartbeat this caller may not send; whether it is its hive's goodbye
+        (a stopped hive, whose workers are no longer watched by anyone: it is removed)."""
         if acting_as is not ANY_HIVE and heartbeat.hive.id != acting_as:
             raise ApiError(403, f"the credential of hive {acting_as!r} cannot post as hive "
                                 f"{heartbeat.hive.id!r}")
-        if len(heartbeat.workers) > config.registry.max_workers_per_hive:
+        limit = self.config.registry.max_workers_per_hive
+        if len(heartbeat.workers) > limit:
             raise ApiError(400, f"invalid heartbeat: {len(heartbeat.workers)} workers, more than "
-                                f"registry.max_workers_per_hive "
-                                f"({config.registry.max_workers_per_hive}) - at `$.workers`")
-        if heartbeat.hive.operational_status is OperationalStatus.STOPPED:
-            # a hive's goodbye: its workers are no longer watched by anyone
-            await stored(store.remove(heartbeat.hive.id, "the hive stopped"))
-            return f"hive {heartbeat.hive.id!r} stopped: removed"
-        try:
-            await stored(store.ingest(heartbeat, size, delta))
-        except BaseMissing as exc:
-            raise ApiError(409, str(exc)) from exc
-        except AdmissionError as exc:
-            if exc.retry_after_s is None:
-                raise ApiError(503, str(exc)) from exc
-            raise ApiError(429, str(exc), headers={
-                "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
-        return (f"heartbeat from hive {heartbeat.hive.id!r} with "
-                f"{len(heartbeat.workers)} workers received")
+                                f"registry.max_workers_per_hive ({limit}) - at `$.workers`")
+        return heartbeat.hive.operational_status is OperationalStatus.STOPPED
+
+
+def _refused(exc: BaseMissing | AdmissionError) -> ApiError:
+    """What a POST answers when the store refuses a heartbeat: a delta without its base 409,
+    admission 429 with Retry-After while hives arrive too fast, 503 when the registry is full."""
+    if isinstance(exc, BaseMissing):
+        return ApiError(409, str(exc))
+    if exc.retry_after_s is None:
+        return ApiError(503, str(exc))
+    return ApiError(429, str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+
+
+def _removed(heartbeat: HiveHeartbeat) -> str:
+    return f"hive {heartbeat.hive.id!r} stopped: removed"
+
+
+def _received(heartbeat: HiveHeartbeat) -> str:
+    return f"heartbeat from hive {heartbeat.hive.id!r} with {len(heartbeat.workers)} workers received"

@@ -25,6 +25,7 @@ from ..http.serving import serve
 from ..http.transport import ConnectionTable
 from .api import build_app
 from .channel import OpenChannels
+from .channelhub import ChannelHub
 from .fleet import open_fleet
 from .gcpace import GcGauges, GcPacer
 from .history import FleetHistory
@@ -57,6 +58,7 @@ class QueenServer:
                                      self.config.http.keep_alive_timeout_s)
         self.gc = GcPacer(self.config.gc)
         self.metrics.registry.register(GcGauges(self.gc))
+        self.hub = ChannelHub()
         self.app = build_app(self)
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -72,6 +74,7 @@ class QueenServer:
                 background.start_soon(self._history_loop)
                 background.start_soon(self.gc.run)
                 background.start_soon(self.channels.reap)
+                background.start_soon(self.hub.run)
                 async with trio.open_nursery() as http:
                     self.urls = await http.start(self._serve_http)
                     log.info("queen listening on %s", ", ".join(self.urls))

@@ -181,10 +181,18 @@ class MemoryStore:
 
     async def ingest(self, heartbeat: HiveHeartbeat, size: int | None = None,
                      delta: ChannelDelta | None = None) -> None:
-        self.registry.update_hive(heartbeat)  # the whole heartbeat: no other queen needs a delta
+        self.ingest_now(heartbeat, size)
+
+    def ingest_now(self, heartbeat: HiveHeartbeat, size: int | None = None) -> None:
+        """``ingest``, which never waits here: no other queen needs to hear of it (nor of a
+        delta: the whole heartbeat is stored)."""
+        self.registry.update_hive(heartbeat)
         self.publish(heartbeat, size)
 
     async def remove(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
+        return self.remove_now(hive_id, reason)
+
+    def remove_now(self, hive_id: str, reason: str) -> HiveRemovedEvent | None:
         event = self.registry.remove_hive(hive_id, reason)
         if event is not None:
             self.publish(event)
