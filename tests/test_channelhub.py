@@ -102,3 +102,22 @@ async def _opened(queen) -> Ws:
     await ws.send(upgrade("raw"))
     assert (await ws.head())[0] == 101
     return ws
+
+
+async def test_a_frame_that_fails_unexpectedly_ends_its_channel_alone(nursery, monkeypatch, caplog):
+    """A bug in taking one frame (here, forced) closes that channel, logged; the hub and the
+    other channels go on."""
+    queen = await start_queen(nursery)
+    other = await _opened(queen)
+    assert type(await other.talk(snapshot())) is ChannelAck
+    failing = await _opened(queen)
+
+    def broken(self, data):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("rbee.queen.channel.HiveLink.take_now", broken)
+    await failing.send(client_frame(BINARY, encode_frame(snapshot())))
+    assert await failing.frame() is None  # closed, no answer
+    assert "a frame failed; the channel is closed" in caplog.text
+    monkeypatch.undo()
+    assert type(await other.talk(ChannelDelta(seq=1, timestamp=utc_now()))) is ChannelAck

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 import select
 from typing import Protocol
@@ -33,6 +34,8 @@ import trio
 
 from ..http.masking import unmask
 from ..http.rawchannel import RawWebSocket, frame
+
+log = logging.getLogger("rbee.queen.channel")
 
 _FINAL_BINARY = 0x82
 """A whole binary message in one frame: FIN set, opcode 2."""
@@ -45,6 +48,7 @@ class Link(Protocol):
 
     heard_at: float
     """trio time of the last answer (``OpenChannels.reap`` closes the silent)."""
+    hive_id: str | None
 
     def answer_now(self, data: bytes) -> bytes:
         """The encoded answer to one frame's payload, the frame taken without waiting."""
@@ -96,7 +100,7 @@ class ChannelHub:
                 for fd, _ in epoll.poll(0, READY_PER_ROUND):
                     channel = parked.get(fd)
                     if channel is not None:
-                        self._serve(channel, read=True)
+                        self._serve_or_end(channel, read=True)
         finally:
             for channel in list(parked.values()):
                 self._hand_back(channel, Back.FRAME, channel.socket.buffer)
@@ -111,7 +115,7 @@ class ChannelHub:
         try:
             self._epoll.register(channel.fd, select.EPOLLIN)  # can_take: run is running
             if socket.buffer:
-                self._serve(channel, read=False)
+                self._serve_or_end(channel, read=False)
             await channel.event.wait()
         finally:
             self._let_go(channel)
@@ -129,6 +133,17 @@ class ChannelHub:
         self.handed_back[why] += 1
         self._let_go(channel)
         channel.event.set()
+
+    def _serve_or_end(self, channel: _Parked, *, read: bool) -> None:
+        """``_serve``; a failure that is no refusal (a bug) ends that channel alone, logged, as
+        it would end the channel's own task, never the hub and every channel with it."""
+        try:
+            self._serve(channel, read=read)
+        except Exception:
+            log.exception("hive channel %s: a frame failed; the channel is closed",
+                          channel.link.hive_id or "(no hive yet)")
+            channel.socket.closed = True  # no close frame after an unknown failure
+            self._hand_back(channel, Back.GONE, b"")
 
     def _serve(self, channel: _Parked, *, read: bool) -> None:
         """Read what is there, answer each whole frame in it, keep the rest for the next read."""
