@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import os
 import struct
@@ -154,9 +155,25 @@ class RawWebSocket:
         take whole); False once the peer is gone."""
         return await self._send(data)
 
-    def between_messages(self) -> bool:
-        """No message is half received (no fragment of one is held)."""
-        return self._parts is None
+    def next_plain(self) -> bytes | Next:
+        """The common case without a wait: the buffer's first frame when it is a whole binary
+        message in one frame within ``max_message_bytes``, its payload taken out of the buffer
+        and unmasked; ``Next.MORE`` while only its start is there; ``Next.OTHER`` for anything
+        else (a control, text or fragmented frame, one too big or malformed: ``receive``'s)."""
+        data = self.buffer
+        if len(data) < 2:
+            return Next.MORE
+        if data[0] != 0x80 | _BINARY or not data[1] & 0x80 or self._parts is not None:
+            return Next.OTHER
+        length = _length(data)
+        if length is None:
+            return Next.MORE
+        size, start = length
+        if size > self.max_message_bytes:
+            return Next.OTHER
+        if len(data) < start + 4 + size:
+            return Next.MORE
+        return self._cut(data, start, size)
 
     async def _send(self, data: bytes) -> bool:
         """False once the peer is gone."""
@@ -202,30 +219,29 @@ class RawWebSocket:
         if len(data) < 2:
             return None
         first, second = data[0], data[1]
-        opcode, final, size, start = first & 0x0F, bool(first & 0x80), second & 0x7F, 2
+        opcode, final = first & 0x0F, bool(first & 0x80)
         if first & 0x70:
             raise Refused(PROTOCOL_ERROR, "reserved bits set: no extension was negotiated")
         if not second & 0x80:
             raise Refused(PROTOCOL_ERROR, "an unmasked frame: a client masks every frame")
-        if size == 126:
-            if len(data) < 4:
-                return None
-            size, start = int.from_bytes(data[2:4], "big"), 4
-        elif size == 127:
-            if len(data) < 10:
-                return None
-            size, start = int.from_bytes(data[2:10], "big"), 10
+        length = _length(data)
+        if length is None:
+            return None
+        size, start = length
         if opcode >= _CLOSE:
             if not final or size > 125:
                 raise Refused(PROTOCOL_ERROR, "a control frame fragmented or over 125 bytes")
         elif self._size + size > self.max_message_bytes and not closing:
             raise Refused(MESSAGE_TOO_BIG, f"a message over {self.max_message_bytes} bytes")
-        end = start + 4 + size
-        if len(data) < end:
+        if len(data) < start + 4 + size:
             return None
-        payload = unmask(data, start + 4, size, data[start:start + 4]) if size else b""
-        self.buffer = data[end:]
-        return opcode, final, payload
+        return opcode, final, self._cut(data, start, size)
+
+    def _cut(self, data: bytes, start: int, size: int) -> bytes:
+        """The whole first frame's payload, unmasked (its mask at ``start``), taken out of the
+        buffer."""
+        self.buffer = data[start + 4 + size:]
+        return unmask(data, start + 4, size, data[start:start + 4]) if size else b""
 
     async def _take(self, opcode: int, final: bool, payload: bytes) -> bytes | str | None:
         """The message this frame completes, if any; control frames answered here."""
@@ -254,6 +270,24 @@ class RawWebSocket:
         elif opcode != _PONG:
             raise Refused(PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
         return None
+
+
+class Next(enum.Enum):
+    """What ``next_plain`` found instead of a message."""
+
+    MORE = "only the start of a frame: read more"
+    OTHER = "a frame for ``receive``"
+
+
+def _length(data: bytes) -> tuple[int, int] | None:
+    """The size of the first frame's payload and where its mask begins; None until the
+    extended length is in ``data`` (which holds the frame's first two bytes)."""
+    size = data[1] & 0x7F
+    if size == 126:
+        return None if len(data) < 4 else (int.from_bytes(data[2:4], "big"), 4)
+    if size == 127:
+        return None if len(data) < 10 else (int.from_bytes(data[2:10], "big"), 10)
+    return size, 2
 
 
 def _message(opcode: int, payload: bytes) -> bytes | str:

@@ -126,7 +126,7 @@ class HiveLink:
         if type(step) is not _Taking:
             return step
         try:
-            self.ingest.accept_now(step.heartbeat, step.size, self.acting_as, step.delta)
+            self.ingest.accept_now(step.heartbeat, step.size, self.acting_as)
         except ApiError as exc:
             return _refusal(step, exc)
         return self._took(step)

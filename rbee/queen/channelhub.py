@@ -32,13 +32,10 @@ from typing import Protocol
 
 import trio
 
-from ..http.masking import unmask
-from ..http.rawchannel import RawWebSocket, frame
+from ..http.rawchannel import Next, RawWebSocket, frame
 
 log = logging.getLogger("rbee.queen.channel")
 
-_FINAL_BINARY = 0x82
-"""A whole binary message in one frame: FIN set, opcode 2."""
 READY_PER_ROUND = 64
 """Ready channels answered before the hub lets other tasks run (a few ms of frames at most)."""
 
@@ -85,9 +82,9 @@ class ChannelHub:
 
     def can_take(self, socket: object) -> bool:
         """Whether ``socket`` is one the hub can serve: a plain raw WebSocket (not TLS, not
-        hypercorn's) with no message half received."""
+        hypercorn's), open."""
         return (self._epoll is not None and type(socket) is RawWebSocket
-                and socket.fd is not None and socket.between_messages() and not socket.closed)
+                and socket.fd is not None and not socket.closed)
 
     async def run(self) -> None:
         """Answer ready channels until cancelled (``READY_PER_ROUND`` at a time); on leaving,
@@ -103,7 +100,7 @@ class ChannelHub:
                         self._serve_or_end(channel, read=True)
         finally:
             for channel in list(parked.values()):
-                self._hand_back(channel, Back.FRAME, channel.socket.buffer)
+                self._hand_back(channel, Back.FRAME)
             self._epoll = None
             epoll.close()
 
@@ -127,8 +124,7 @@ class ChannelHub:
             with contextlib.suppress(OSError, ValueError, AttributeError):  # closed meanwhile
                 self._epoll.unregister(channel.fd)
 
-    def _hand_back(self, channel: _Parked, why: Back, buffer: bytes) -> None:
-        channel.socket.buffer = buffer
+    def _hand_back(self, channel: _Parked, why: Back) -> None:
         channel.back = why
         self.handed_back[why] += 1
         self._let_go(channel)
@@ -143,12 +139,12 @@ class ChannelHub:
             log.exception("hive channel %s: a frame failed; the channel is closed",
                           channel.link.hive_id or "(no hive yet)")
             channel.socket.closed = True  # no close frame after an unknown failure
-            self._hand_back(channel, Back.GONE, b"")
+            self._hand_back(channel, Back.GONE)
 
     def _serve(self, channel: _Parked, *, read: bool) -> None:
-        """Read what is there, answer each whole frame in it, keep the rest for the next read."""
+        """Read what is there, answer each whole frame in it (``RawWebSocket.next_plain``), keep
+        the rest in the socket's buffer for the next read."""
         socket, link = channel.socket, channel.link
-        buffer = socket.buffer
         if read:
             try:
                 data = os.read(channel.fd, 65536)
@@ -157,36 +153,22 @@ class ChannelHub:
             except OSError:
                 data = b""
             if not data:
-                return self._hand_back(channel, Back.GONE, buffer)
-            buffer = buffer + data if buffer else data
-        limit = socket.max_message_bytes
-        while len(buffer) >= 2:
-            second = buffer[1]
-            size, start = second & 0x7F, 2
-            if buffer[0] != _FINAL_BINARY or not second & 0x80 or size == 127:
-                return self._hand_back(channel, Back.FRAME, buffer)
-            if size == 126:
-                if len(buffer) < 4:
-                    break
-                size, start = int.from_bytes(buffer[2:4], "big"), 4
-            if size > limit:
-                return self._hand_back(channel, Back.FRAME, buffer)
-            end = start + 4 + size
-            if len(buffer) < end:
-                break
-            payload = unmask(buffer, start + 4, size, buffer[start:start + 4])
-            buffer = buffer[end:]
-            out = frame(0x2, link.answer_now(payload))
-            del payload
+                return self._hand_back(channel, Back.GONE)
+            socket.buffer = socket.buffer + data if socket.buffer else data
+        while (message := socket.next_plain()) is not Next.MORE:
+            if message is Next.OTHER:
+                return self._hand_back(channel, Back.FRAME)
+            out = frame(0x2, link.answer_now(message))
+            del message
             self.answered += 1
             try:
                 written = os.write(channel.fd, out)  # non-blocking (trio's socket)
             except BlockingIOError:
                 written = 0
             except OSError:
-                return self._hand_back(channel, Back.GONE, buffer)
+                return self._hand_back(channel, Back.GONE)
             link.heard_at = trio.current_time()
             if written < len(out):
                 channel.unsent = out[written:]
-                return self._hand_back(channel, Back.WRITE, buffer)
-        socket.buffer = buffer
+                return self._hand_back(channel, Back.WRITE)
+        return None

@@ -32,8 +32,13 @@ class Ingest:
 
     def __init__(self, config: QueenConfig, store: FleetStore) -> None:
         self.config, self.store = config, store
-        self.synchronous = isinstance(store, MemoryStore)
-        """The store writes without waiting (``accept_now``): the channel hub's condition."""
+        self._direct = store if isinstance(store, MemoryStore) else None
+        """The store when it writes without waiting (``accept_now``)."""
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether ``accept_now`` can be used: the channel hub's condition."""
+        return self._direct is not None
 
     async def accept(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None,
                      delta: ChannelDelta | None = None) -> str:
@@ -50,12 +55,13 @@ class Ingest:
             raise _refused(exc) from exc
         return _received(heartbeat)
 
-    def accept_now(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None,
-                   delta: ChannelDelta | None = None) -> str:
+    def accept_now(self, heartbeat: HiveHeartbeat, size: int, acting_as: str | None) -> str:
         """``accept`` on a store that writes without waiting (``synchronous``): the same
-        checks, refusals and writes, for a caller that cannot wait (the channel hub)."""
-        store = self.store
-        assert isinstance(store, MemoryStore), "accept_now needs a synchronous store"
+        checks, refusals and writes, for a caller that cannot wait (the channel hub). Such a
+        store keeps whole heartbeats, so a channel's delta is not passed on."""
+        store = self._direct
+        if store is None:
+            raise TypeError(f"accept_now: {type(self.store).__name__} writes with a wait")
         if self._goodbye(heartbeat, acting_as):
             store.remove_now(heartbeat.hive.id, "the hive stopped")
             return _removed(heartbeat)
