@@ -15,7 +15,7 @@ Plugin figures follow, a family per declared figure (``rbee.plugin_figures``).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -140,6 +140,12 @@ UNDECLARED = Family(UNDECLARED_NAME, UNDECLARED_HELP, (*WORKER_LABELS, "key"))
 FAMILIES = (WORKER_FAMILIES + OTHER_FAMILIES[:2] + GPU_FAMILIES + OTHER_FAMILIES[2:]
             + LIFECYCLE_FAMILIES)
 
+WORKER_PREFIXES = ("rbee_worker_", "rbee_gpu_", "rbee_plugin_")
+"""The samples that need each worker's or GPU's labels; the hives' are ``rbee_hive*``, the
+queen's own ``rbee_queen_*``."""
+FLEET_PREFIXES = (*WORKER_PREFIXES, "rbee_hive")
+
+
 Row = tuple[tuple[str, ...], tuple[str, ...], float]
 """One sample: the entity's labels (one tuple per worker, GPU or hive, shared by all of its
 samples), the family's extra labels, the value."""
@@ -240,12 +246,18 @@ class FleetCollector(Collector):
             yield metric
 
 
-def fleet_text(hives: list[HiveRecord], openmetrics: bool, detail: bool = True) -> str:
+def fleet_text(hives: list[HiveRecord], openmetrics: bool, detail: bool = True,
+               names: Collection[str] | None = None) -> str:
     """The same samples as ``fleet_rows``, in the text format (0.0.4) or OpenMetrics 1.0, written
     directly: each worker's, GPU's and hive's label string is built once and every family is one
-    list comprehension over them (~0.7 µs a sample here, against ~12 µs through
-    prometheus-client's encoder). ``test_exposition`` holds the two to the same samples.
-    ``detail`` False: the hives' families only, no worker's, GPU's or plugin's sample."""
+    list comprehension over them (~0.7 µs a sample here, against ~12 µs through prometheus-client's
+    encoder). ``test_exposition`` holds the two to the same samples.
+    ``detail`` False: the hives' families only, no worker's, GPU's or plugin's sample.
+    ``names`` (a scrape's ``name[]``): only the families with a sample of these names; a family
+    left out costs nothing, its samples are never formatted."""
+    wanted = _wanted(names)
+    if names is not None and not any(name.startswith(WORKER_PREFIXES) for name in names):
+        detail = False  # no worker's or GPU's label is built for the hives' families alone
     workers, gpus, hive_labels = [], [], []
     for hive in hives:
         hive_id = _escape(hive.info.id)
@@ -259,58 +271,61 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool, detail: bool = True) 
                          f'mig_parent="{_escape(d.mig_parent_uuid or "")}"', d))
     out: list[str] = []
 
-    def family(family: Family, lines: list[str]) -> None:
-        if lines:
+    def family(family: Family, lines_of: Callable[[], list[str]]) -> None:
+        """The family's lines (``lines_of()``, never called for a family not wanted)."""
+        if wanted(family) and (lines := lines_of()):
+            name = _sample_name(family, openmetrics)
             kind = ("counter" if family.counter else "info" if family.info and openmetrics
                     else "gauge")
-            name = (f"{family.name}_total" if family.counter and not openmetrics
-                    else family.name if openmetrics or not family.info else f"{family.name}_info")
             out.append(f"# HELP {name} {family.help}\n# TYPE {name} {kind}\n")
             if family.unit and openmetrics:
                 out.append(f"# UNIT {name} {family.unit}\n")
             out.extend(lines)
 
     for spec, (name, _, value_of) in zip(WORKER_FAMILIES, WORKER_GAUGES, strict=True):
-        family(spec, [f"{name}{{{labels}}} {value!r}\n" for labels, w in workers
-                      if (value := value_of(w)) is not None])
+        family(spec, lambda name=name, value_of=value_of: [  # bound now, called now
+            f"{name}{{{labels}}} {value!r}\n" for labels, w in workers
+            if (value := value_of(w)) is not None])
     util, vram = OTHER_FAMILIES[0].name, OTHER_FAMILIES[1].name
-    family(OTHER_FAMILIES[0], [
+    family(OTHER_FAMILIES[0], lambda: [
         f'{util}{{{labels},gpu="{u.index}",uuid="{_escape(u.uuid)}",source="{u.util_source or ""}"}}'
         f" {u.util_pct / 100!r}\n" for labels, w in workers for u in w.gpus if u.util_pct is not None])
-    family(OTHER_FAMILIES[1], [
+    family(OTHER_FAMILIES[1], lambda: [
         f'{vram}{{{labels},gpu="{u.index}",uuid="{_escape(u.uuid)}"}} {u.vram_mb * MIB!r}\n'
         for labels, w in workers for u in w.gpus if u.vram_mb is not None])
     for spec, (name, _, value_of) in zip(GPU_FAMILIES, GPU_GAUGES, strict=True):
-        family(spec, [f"{name}{{{labels}}} {value!r}\n" for labels, d in gpus
-                      if (value := value_of(d)) is not None])
+        family(spec, lambda name=name, value_of=value_of: [
+            f"{name}{{{labels}}} {value!r}\n" for labels, d in gpus
+            if (value := value_of(d)) is not None])
     health, faults = OTHER_FAMILIES[2].name, OTHER_FAMILIES[3].name
-    family(OTHER_FAMILIES[2], [
+    family(OTHER_FAMILIES[2], lambda: [
         f'{health}{{{labels},state="{known}"}} {1.0 if _state(d.health) == known else 0.0}\n'
         for labels, d in gpus for known in HEALTH_STATES])
-    family(OTHER_FAMILIES[3], [
+    family(OTHER_FAMILIES[3], lambda: [
         f'{faults}{{{labels},kind="{kind}",fatal="{fatal}"}} {count}\n' for labels, d in gpus
         for (kind, fatal), count in sorted(_fault_counts(d).items())])
     up, age, hive_health, count, info = (f.name for f in OTHER_FAMILIES[4:])
-    family(OTHER_FAMILIES[4], [f"{up}{{{labels}}} {0.0 if h.stale else 1.0}\n"
-                               for labels, h in hive_labels])
-    family(OTHER_FAMILIES[5], [f"{age}{{{labels}}} {h.silent_s!r}\n" for labels, h in hive_labels])
-    family(OTHER_FAMILIES[6], [
+    family(OTHER_FAMILIES[4], lambda: [f"{up}{{{labels}}} {0.0 if h.stale else 1.0}\n"
+                                       for labels, h in hive_labels])
+    family(OTHER_FAMILIES[5], lambda: [f"{age}{{{labels}}} {h.silent_s!r}\n"
+                                       for labels, h in hive_labels])
+    family(OTHER_FAMILIES[6], lambda: [
         f'{hive_health}{{{labels},state="{known}"}} '
         f"{1.0 if _state(h.info.health_status) == known else 0.0}\n"
         for labels, h in hive_labels for known in HEALTH_STATES])
-    family(OTHER_FAMILIES[7], [f"{count}{{{labels}}} {len(h.workers)}\n"
-                               for labels, h in hive_labels])
-    family(OTHER_FAMILIES[8], [
+    family(OTHER_FAMILIES[7], lambda: [f"{count}{{{labels}}} {len(h.workers)}\n"
+                                       for labels, h in hive_labels])
+    family(OTHER_FAMILIES[8], lambda: [
         f'{info}_info{{{labels},version="{_escape(h.info.version)}",hostname='
         f'"{_escape(h.info.hostname)}",status="{h.info.operational_status}"}} 1.0\n'
         for labels, h in hive_labels])
     restarts, oom_kills, state = (f.name for f in LIFECYCLE_FAMILIES)
-    family(LIFECYCLE_FAMILIES[0], [f"{restarts}_total{{{labels}}} {w.restarts}\n"
-                                   for labels, w in workers])
-    family(LIFECYCLE_FAMILIES[1], [f"{oom_kills}_total{{{labels}}} {w.oom_kills}\n"
-                                   for labels, w in workers])
-    family(LIFECYCLE_FAMILIES[2], [f'{state}{{{labels},state="{w.state}"}} 1.0\n'
-                                   for labels, w in workers])
+    family(LIFECYCLE_FAMILIES[0], lambda: [f"{restarts}_total{{{labels}}} {w.restarts}\n"
+                                           for labels, w in workers])
+    family(LIFECYCLE_FAMILIES[1], lambda: [f"{oom_kills}_total{{{labels}}} {w.oom_kills}\n"
+                                           for labels, w in workers])
+    family(LIFECYCLE_FAMILIES[2], lambda: [f'{state}{{{labels},state="{w.state}"}} 1.0\n'
+                                           for labels, w in workers])
     if not detail:
         return "".join(out)
     labels_of = {id(w): labels for labels, w in workers}  # each worker's, built once above
@@ -319,10 +334,29 @@ def fleet_text(hives: list[HiveRecord], openmetrics: bool, detail: bool = True) 
         sample = f"{plugin.name}_total" if plugin.counter else plugin.name
         family(Family(plugin.name, _escape_help(plugin.help, openmetrics), WORKER_LABELS,
                       counter=plugin.counter, unit=plugin.unit),
-               [f"{sample}{{{labels}}} {value!r}\n" for labels, value in samples])
-    family(UNDECLARED, [f'{UNDECLARED.name}{{{labels},key="{_escape(key)}"}} {value!r}\n'
-                        for labels, key, value in undeclared])
+               lambda sample=sample, samples=samples: [
+                   f"{sample}{{{labels}}} {value!r}\n" for labels, value in samples])
+    family(UNDECLARED, lambda: [
+        f'{UNDECLARED.name}{{{labels},key="{_escape(key)}"}} {value!r}\n'
+        for labels, key, value in undeclared])
     return "".join(out)
+
+
+def _sample_name(family: Family, openmetrics: bool) -> str:
+    """The family's name as the format writes it (text 0.0.4 suffixes counters and infos)."""
+    if family.counter and not openmetrics:
+        return f"{family.name}_total"
+    return family.name if openmetrics or not family.info else f"{family.name}_info"
+
+
+def _wanted(names: Collection[str] | None) -> Callable[[Family], bool]:
+    """Whether a scrape's ``name[]`` selects a family: by its name or a sample name of it
+    (``_total``, ``_info``), as prometheus-client selects its own samples
+    (``CollectorRegistry.restricted_registry``)."""
+    if names is None:
+        return lambda family: True
+    return lambda family: not names.isdisjoint(
+        (family.name, f"{family.name}_total", f"{family.name}_info"))
 
 
 def _worker_labels(hive_id: str, w: WorkerTelemetry) -> str:
@@ -357,18 +391,23 @@ Detail = Callable[[list[HiveRecord]], bool]
 
 def render(registry: CollectorRegistry, accept: str | None,
            hives: Callable[[], list[HiveRecord]] | None = None,
-           detail: Detail | None = None) -> tuple[bytes, str]:
+           detail: Detail | None = None,
+           names: Collection[str] | None = None) -> tuple[bytes, str]:
     """The exposition of ``registry`` (and of the fleet in ``hives()``) in the format ``accept``
     asks for: OpenMetrics when the scraper asks for it (Prometheus does), else the classic text
-    format. ``detail`` is asked before ``registry`` is written, so a gauge it sets is current."""
+    format. ``detail`` is asked before ``registry`` is written, so a gauge it sets is current.
+    ``names`` (a scrape's ``name[]``, as prometheus-client's own handler takes it): only the
+    samples of these names, and the fleet is not walked unless one of them is the fleet's."""
     encoder, content_type = choose_encoder(accept or "")
+    if names is not None and not any(name.startswith(FLEET_PREFIXES) for name in names):
+        hives = None
     records = None if hives is None else hives()
     listed = records is not None and (detail is None or detail(records))
-    body = encoder(registry)
+    body = encoder(registry if names is None else registry.restricted_registry(names))
     if records is None:
         return body, content_type
     openmetrics = content_type.startswith("application/openmetrics-text")
-    fleet = fleet_text(records, openmetrics, listed).encode()
+    fleet = fleet_text(records, openmetrics, listed, names).encode()
     if openmetrics:
         return body.removesuffix(b"# EOF\n") + fleet + b"# EOF\n", content_type
     return body + fleet, content_type
@@ -379,15 +418,19 @@ def metrics_route(registry: CollectorRegistry,
                   guard: Callable[[Request], None] | None = None,
                   detail: Detail | None = None) -> Route:
     """``GET /metrics``: ``registry`` (the server's own figures) and the fleet in ``hives()``
-    (each worker and GPU where ``detail`` says so). Built in a worker thread: a large fleet's
-    takes tens of milliseconds, which must not hold up heartbeats or the stream. ``guard`` may
-    refuse the request first (raising ApiError)."""
+    (each worker and GPU where ``detail`` says so); ``?name[]=...`` (repeated) selects samples by
+    name, as prometheus-client's handler does: a check of the queen's own counters then costs
+    nothing of the fleet. Built in a worker thread: a large fleet's takes tens of milliseconds,
+    which must not hold up heartbeats or the stream. ``guard`` may refuse the request first
+    (raising ApiError)."""
 
     async def metrics(request: Request) -> Response:
         if guard is not None:
             guard(request)
+        names = request.query_params.getlist("name[]") or None
         body, content_type = await trio.to_thread.run_sync(
-            render, registry, request.headers.get("accept"), hives, detail)
+            render, registry, request.headers.get("accept"), hives, detail,
+            None if names is None else frozenset(names))
         return Response(body, media_type=content_type)
 
     return Route(paths.METRICS, metrics, methods=["GET"])

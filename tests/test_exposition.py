@@ -1,7 +1,7 @@
 """The fleet's exposition (``rbee.exposition``): rbee's fast writer and the prometheus-client
 collector give the same samples; both formats parse with prometheus-client's own parsers (the
 OpenMetrics one is strict); label values are escaped; unknown figures are absent; past
-``metrics.max_workers`` a queen lists its hives alone, and says so."""
+``metrics.max_workers`` a queen lists its hives alone, and says so; ``name[]`` selects samples."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 
 import httpx
 import msgspec
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -159,6 +159,34 @@ def test_hive_families_alone_without_detail():
         assert not [n for n in names if not n.startswith("rbee_hive")], names
 
 
+def test_names_select_families_and_the_fleet_is_not_walked_for_the_queens_own():
+    """``name[]`` as prometheus-client's handler takes it: by family or sample name, both
+    formats; a name of the queen's own asks nothing of the fleet (``hives`` is never called)."""
+    fleet = records()
+    registry = CollectorRegistry()
+    Counter("rbee_queen_heartbeats_received", "Heartbeats", registry=registry).inc(3)
+    for accept, parse in ((None, parse_text),
+                          ("application/openmetrics-text; version=1.0.0", parse_openmetrics)):
+        asked = frozenset({"rbee_worker_restarts_total", "rbee_hive", "rbee_gpu_health"})
+        body, _ = render(registry, accept, lambda: fleet, names=asked)
+        got = samples(parse(body.decode()))
+        assert {name for name, _, _ in got} == {"rbee_worker_restarts_total", "rbee_hive_info",
+                                                "rbee_gpu_health"}
+        whole, _ = render(registry, accept, lambda: fleet)
+        assert got == [x for x in samples(parse(whole.decode())) if x[0] in
+                       {"rbee_worker_restarts_total", "rbee_hive_info", "rbee_gpu_health"}]
+
+        def walked() -> list[HiveRecord]:
+            raise AssertionError("the fleet was walked for the queen's own counter")
+
+        body, _ = render(registry, accept, walked,
+                         names=frozenset({"rbee_queen_heartbeats_received_total"}))
+        assert samples(parse(body.decode())) == [
+            ("rbee_queen_heartbeats_received_total", (), 3.0)]
+    hives_only = fleet_text(fleet, False, names=frozenset({"rbee_hive_up"}))
+    assert {s.name for f in parse_text(hives_only) for s in f.samples} == {"rbee_hive_up"}
+
+
 async def test_the_queen_leaves_workers_out_past_metrics_max_workers(nursery, caplog):
     """A real queen with ``metrics.max_workers: 4``: three workers are listed; six are not, and
     the queen says how many it left out (a gauge and one log line); back under, listed again."""
@@ -198,4 +226,11 @@ async def test_the_queen_leaves_workers_out_past_metrics_max_workers(nursery, ca
         assert (await client.delete(f"{url}/v1/hives/b")).status_code == 200
         found = await scrape(client)
         assert found[("rbee_queen_metrics_workers_omitted", None)] == 0
+
+        own = await client.get(f"{url}/metrics", params=[
+            ("name[]", "rbee_queen_heartbeats_received_total"), ("name[]", "rbee_hive_up")])
+        assert own.status_code == 200
+        assert samples(parse_text(own.text)) == [
+            ("rbee_hive_up", (("hive", "a"),), 1.0),
+            ("rbee_queen_heartbeats_received_total", (), 2.0)]
         assert ("rbee_worker_cpu_ratio", "a") in found and ("rbee_hive_up", "b") not in found
