@@ -15,9 +15,8 @@ Beside it, in the same loop, drivers do what a fleet and its readers do:
   eight-GPU, eight-worker struct with new lists, as a fresh decode would give (the bytes' decode
   is the transport's, measured by bench/test_bench_fleet.py, and left out here);
 - ``pick``: a ``/v1/pick`` of one model every 100 ms, through the raw GET handler;
-- with ``--metrics``: a ``/metrics`` render every 5 s, in a worker thread as the route does (its
-  wall time is reported; it is not a task step of the loop, but it takes the GIL from the loop
-  thread every 5 ms, ``sys.getswitchinterval``, while it runs);
+- with ``--metrics``: a ``/metrics`` written every 5 s, on the loop in parts as the route
+  does (``rbee.exposition.fleet_parts``; its wall time is reported, each part is a task step);
 - ``probe``: sleeps 1 ms again and again and records how late it wakes: what a heartbeat that
   became ready would wait for the loop;
 - with ``--stream``: one SSE client of the whole stream (connects once the fleet is in, so the
@@ -50,9 +49,9 @@ import psutil
 import trio
 
 from rbee.config import QueenConfig
-from rbee.exposition import render
 from rbee.queen import main as queen_main
 from rbee.queen.server import QueenServer
+from rbee.scrape import exposition
 from tests.fleetload import eight_gpu_hive
 
 TICK_S = 0.01
@@ -175,7 +174,9 @@ async def probe(lateness: list[float], stop: trio.Event) -> None:
 async def metrics(queen: QueenServer, renders: list[float], stop: trio.Event) -> None:
     while not stop.is_set():
         began = time.perf_counter()
-        await trio.to_thread.run_sync(render, queen.metrics.registry, None, queen.metrics.records)
+        parts, _ = exposition(queen.metrics.registry, None, queen.metrics.records)
+        for _part in parts:
+            await trio.lowlevel.checkpoint()
         renders.append(time.perf_counter() - began)
         await trio.sleep(METRICS_EVERY_S)
 

@@ -22,11 +22,12 @@ import trio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from rbee.contract import encode
-from rbee.exposition import WORKER_GAUGES, FleetCollector, render
+from rbee.exposition import WORKER_GAUGES, FleetCollector
 from rbee.http.transport import ConnectionTable
 from rbee.queen.history import FleetHistory
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.registry import HiveRegistry
+from rbee.scrape import render
 from tests.builders import fleet_heartbeat
 
 from .conftest import FIGURES, MEDIANS, record

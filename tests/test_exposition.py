@@ -26,7 +26,8 @@ from rbee.contract import (
     WorkerGpuUse,
     WorkerState,
 )
-from rbee.exposition import FleetCollector, fleet_text, render
+from rbee.exposition import PART, FleetCollector, fleet_parts, fleet_text
+from rbee.scrape import render
 
 from .builders import GIB, fleet_heartbeat, gpu, heartbeat, worker
 from .queenkit import post_heartbeat, start_queen, url_of
@@ -185,6 +186,23 @@ def test_names_select_families_and_the_fleet_is_not_walked_for_the_queens_own():
             ("rbee_queen_heartbeats_received_total", (), 3.0)]
     hives_only = fleet_text(fleet, False, names=frozenset({"rbee_hive_up"}))
     assert {s.name for f in parse_text(hives_only) for s in f.samples} == {"rbee_hive_up"}
+
+
+def test_a_large_fleet_is_written_in_bounded_parts():
+    """The route writes the fleet on the event loop and lets every ready task go between two
+    parts (``fleet_parts``): no part may cover more than ``PART`` workers, GPUs or hives, so a
+    scrape of 20,000 workers holds heartbeats for a part's time, never the whole scrape's."""
+    beats = [fleet_heartbeat(f"h{i:03d}", 8) for i in range(100)]  # 800 workers, 800 GPUs
+    fleet = [HiveRecord(info=b.hive, workers=b.workers, gpus=b.capabilities) for b in beats]
+    parts = list(fleet_parts(fleet, openmetrics=False))
+    assert "".join(parts) == fleet_text(fleet, openmetrics=False)
+    for part in parts:
+        entities = {line.split("{", 1)[1].split(",gpu=")[0].split(",state=")[0]
+                    for line in part.splitlines() if not line.startswith("#")}
+        assert len(entities) <= PART, part[:200]
+    # a family of every worker's (800) or GPU's comes in four parts
+    for sample in ("rbee_worker_cpu_ratio{", "rbee_gpu_memory_total_bytes{"):
+        assert len([p for p in parts if sample in p]) == -(-800 // PART) == 4
 
 
 async def test_the_queen_leaves_workers_out_past_metrics_max_workers(nursery, caplog):

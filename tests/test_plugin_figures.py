@@ -14,7 +14,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from rbee.contract import HiveRecord, MetricSpec, PluginInfo
-from rbee.exposition import FleetCollector, fleet_text, render
+from rbee.exposition import FleetCollector, fleet_text
+from rbee.scrape import render
 
 from .builders import heartbeat, worker
 from .test_exposition import samples

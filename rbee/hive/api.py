@@ -6,7 +6,7 @@
     POST   /v1/workers                   spawn: a WorkerSpec (group, instance, argv, limits,
                                          env, restart policy); 201, or 4xx naming the problem
     DELETE /v1/workers/{group}/{instance}
-    GET    /metrics                      its workers and GPUs, for Prometheus (rbee/exposition.py)
+    GET    /metrics                      its workers and GPUs, for Prometheus (rbee/scrape.py)
 
 The paths are named in ``rbee/contract/paths.py``; errors answer by type (``STATUSES``).
 
@@ -29,10 +29,10 @@ from starlette.routing import Route
 from .._errors import CgroupError, LimitError, NotFoundError, SpawnError, WorkerExistsError
 from ..config import HiveConfig, WorkerSpec
 from ..contract import HiveHealth, HiveHeartbeat, HiveRecord, decode_json, paths
-from ..exposition import metrics_route
 from ..http.app import JsonResponse, Statuses, json_app, ok
 from ..http.auth import require_token
 from ..http.bodies import read_body
+from ..scrape import metrics_route
 
 STATUSES: Statuses = {
     NotFoundError: 404,

@@ -18,7 +18,7 @@
                                      pass back as ?after=<worker id> for the next page
     GET    /v1/history               aligned columns of past figures (rbee/queen/history.py)
     GET    /v1/pick                  ?model=M&n=K: the K best workers of M (rbee/queen/pick)
-    GET    /metrics                  the fleet and the queen, for Prometheus (rbee/exposition.py)
+    GET    /metrics                  the fleet and the queen, for Prometheus (rbee/scrape.py)
     GET    /                         the live fleet dashboard; /static/... its files (dashboard.py)
 
 With ``auth_token_file`` set, the two writes (heartbeat, DELETE) take ``Authorization: Bearer
@@ -54,13 +54,13 @@ from .._errors import NotFoundError, StoreError
 from ..config import QueenConfig
 from ..contract import QueenHealth, Reply, decode_heartbeat, encode, paths
 from ..credentials import HiveCredentials
-from ..exposition import metrics_route
 from ..http.app import JsonResponse, Statuses, json_app, ok
 from ..http.auth import ANY_HIVE, authenticate_hive, require_reader
 from ..http.bodies import read_body
 from ..http.errors import ApiError
 from ..http.rawpost import RawHead
 from ..http.rawstream import StreamHead
+from ..scrape import metrics_route
 from .channel import ChannelService, OpenChannels
 from .channelhub import ChannelHub
 from .dashboard import dashboard_routes

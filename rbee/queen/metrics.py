@@ -54,7 +54,7 @@ class QueenMetrics:
                               registry=self.registry)
         self.registry.register(_QueenState(records, stream_clients, lagged_total, connections))
         self.records = records
-        """The fleet, written beside the registry by ``rbee.exposition.render``."""
+        """The fleet, written beside the registry by ``rbee.scrape.exposition``."""
 
     def refusal(self, status_code: int) -> None:
         self.refused.labels(REFUSAL_REASONS.get(status_code, "other")).inc()
