@@ -45,7 +45,7 @@ def fleet_registry() -> HiveRegistry:
 
 
 def test_scrape_fleet(benchmark, fleet_registry):
-    metrics = QueenMetrics(fleet_registry.records, lambda: 0, lambda: 0, ConnectionTable(100))
+    metrics = QueenMetrics(fleet_registry, lambda: 0, lambda: 0, ConnectionTable(100))
     body, _ = benchmark(render, metrics.registry, None, fleet_registry.records)
     lines = body.count(b"\n")
     record(benchmark, "scrape 1000x10 (rbee's writer)")
@@ -57,7 +57,7 @@ def test_scrape_fleet(benchmark, fleet_registry):
 
 def test_scrape_fleet_past_max_workers(benchmark, fleet_registry):
     """The same fleet past ``metrics.max_workers``: the hives' families and the queen's alone."""
-    metrics = QueenMetrics(fleet_registry.records, lambda: 0, lambda: 0, ConnectionTable(100),
+    metrics = QueenMetrics(fleet_registry, lambda: 0, lambda: 0, ConnectionTable(100),
                            max_workers=HIVES * WORKERS - 1)
     body, _ = benchmark(render, metrics.registry, None, fleet_registry.records, metrics.detail)
     assert b"rbee_worker_" not in body and b"rbee_queen_metrics_workers_omitted 10000.0" in body

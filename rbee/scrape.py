@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 
 import trio
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from starlette.requests import Request
@@ -36,7 +37,7 @@ def exposition(registry: CollectorRegistry, accept: str | None,
         hives = None
     records = None if hives is None else hives()
     listed = records is not None and (detail is None or detail(records))
-    body = encoder(registry if names is None else registry.restricted_registry(names))
+    body = encoder(registry if names is None else _Named(registry, names))
     openmetrics = content_type.startswith("application/openmetrics-text")
 
     def parts() -> Iterator[bytes]:
@@ -50,6 +51,24 @@ def exposition(registry: CollectorRegistry, accept: str | None,
             yield b"# EOF\n"
 
     return parts(), content_type
+
+
+class _Named:
+    """``registry``'s samples named in ``names`` (by sample or family name), for an encoder:
+    what prometheus-client's ``restricted_registry`` gives, custom collectors without a
+    ``describe`` included (the queen's own have none)."""
+
+    def __init__(self, registry: CollectorRegistry, names: Collection[str]) -> None:
+        self.registry, self.names = registry, names
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            named = metric.name in self.names
+            samples = [s for s in metric.samples if named or s.name in self.names]
+            if samples:
+                kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                kept.samples = samples
+                yield kept
 
 
 def render(registry: CollectorRegistry, accept: str | None,

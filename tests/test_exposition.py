@@ -27,6 +27,8 @@ from rbee.contract import (
     WorkerState,
 )
 from rbee.exposition import PART, FleetCollector, fleet_parts, fleet_text
+from rbee.http.transport import ConnectionTable
+from rbee.queen.metrics import QueenMetrics
 from rbee.scrape import render
 
 from .builders import GIB, fleet_heartbeat, gpu, heartbeat, worker
@@ -186,6 +188,24 @@ def test_names_select_families_and_the_fleet_is_not_walked_for_the_queens_own():
             ("rbee_queen_heartbeats_received_total", (), 3.0)]
     hives_only = fleet_text(fleet, False, names=frozenset({"rbee_hive_up"}))
     assert {s.name for f in parse_text(hives_only) for s in f.samples} == {"rbee_hive_up"}
+
+
+def test_the_queens_own_figures_read_no_record_of_a_hive():
+    """The queen's hive and worker counts come from ``counts``: a scrape of its own figures
+    builds no record per hive (``records`` is never called)."""
+
+    class Counted:
+        def records(self) -> list[HiveRecord]:
+            raise AssertionError("a record per hive was built for the queen's own figures")
+
+        def counts(self) -> tuple[int, int]:
+            return 3, 24
+
+    metrics = QueenMetrics(Counted(), lambda: 0, lambda: 0, ConnectionTable(10))
+    body, _ = render(metrics.registry, None, metrics.records, metrics.detail,
+                     names=frozenset({"rbee_queen_hives", "rbee_queen_workers"}))
+    assert samples(parse_text(body.decode())) == [("rbee_queen_hives", (), 3.0),
+                                                  ("rbee_queen_workers", (), 24.0)]
 
 
 def test_a_large_fleet_is_written_in_bounded_parts():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,8 +29,21 @@ REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 409: "out_of_sequence", 
 channel's delta that did not follow the last frame taken (the hive resends a snapshot)."""
 
 
+class Fleet(Protocol):
+    """What the queen's ``/metrics`` reads of its registry (``HiveRegistry``)."""
+
+    def records(self) -> list[HiveRecord]:
+        """Every hive, for the fleet's samples."""
+        ...
+
+    def counts(self) -> tuple[int, int]:
+        """Hives and workers, for the queen's own: without a record per hive, so a scrape of
+        the queen's counters alone (``name[]``) costs nothing per hive."""
+        ...
+
+
 class QueenMetrics:
-    def __init__(self, records: Callable[[], list[HiveRecord]],
+    def __init__(self, fleet: Fleet,
                  stream_clients: Callable[[], int], lagged_total: Callable[[], int],
                  connections: ConnectionTable, max_workers: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -52,8 +66,9 @@ class QueenMetrics:
             registry=self.registry)
         self.channels = Gauge("rbee_queen_channels", "Hive channels open (WebSockets)",
                               registry=self.registry)
-        self.registry.register(_QueenState(records, stream_clients, lagged_total, connections))
-        self.records = records
+        self.registry.register(_QueenState(fleet.counts, stream_clients, lagged_total,
+                                           connections))
+        self.records = fleet.records
         """The fleet, written beside the registry by ``rbee.scrape.exposition``."""
 
     def refusal(self, status_code: int) -> None:
@@ -79,15 +94,14 @@ class QueenMetrics:
 
 
 class _QueenState(Collector):
-    def __init__(self, records, stream_clients, lagged_total, connections) -> None:
-        self.records, self.stream_clients, self.lagged_total = records, stream_clients, lagged_total
+    def __init__(self, counts, stream_clients, lagged_total, connections) -> None:
+        self.counts, self.stream_clients, self.lagged_total = counts, stream_clients, lagged_total
         self.connections = connections
 
     def collect(self) -> Iterator[Metric]:
-        hives = self.records()
-        yield GaugeMetricFamily("rbee_queen_hives", "Hives in the registry", value=len(hives))
-        yield GaugeMetricFamily("rbee_queen_workers", "Workers in the registry",
-                                value=sum(len(h.workers) for h in hives))
+        hives, workers = self.counts()
+        yield GaugeMetricFamily("rbee_queen_hives", "Hives in the registry", value=hives)
+        yield GaugeMetricFamily("rbee_queen_workers", "Workers in the registry", value=workers)
         yield GaugeMetricFamily("rbee_queen_stream_clients", "Clients of the live stream",
                                 value=self.stream_clients())
         yield CounterMetricFamily("rbee_queen_stream_lagged", "Times a stream client lagged "

@@ -227,6 +227,11 @@ class HiveRegistry:
         with self._lock:
             return len(self._hives)
 
+    def counts(self) -> tuple[int, int]:
+        """Hives and their workers (stale hives included), as ``records`` would count them."""
+        with self._lock:
+            return len(self._hives), sum(len(e.workers) for e in self._hives.values())
+
     def hive_ids(self) -> list[str]:
         with self._lock:
             return list(self._order)

@@ -49,7 +49,7 @@ class QueenServer:
         self.history = FleetHistory(self.config.history)
         self.registry.observe(self.history.hive_changed)  # each heartbeat noted for the next step
         self.connections = ConnectionTable(self.config.http.max_connections)
-        self.metrics = QueenMetrics(self.registry.records,
+        self.metrics = QueenMetrics(self.registry,
                                     lambda: self.broadcaster.client_count,
                                     lambda: self.broadcaster.lagged_total, self.connections,
                                     self.config.metrics.max_workers)
