@@ -29,7 +29,7 @@ REFUSAL_REASONS = {400: "invalid", 401: "unauthorized", 409: "out_of_sequence", 
 channel's delta that did not follow the last frame taken (the hive resends a snapshot)."""
 
 
-class Fleet(Protocol):
+class ScrapedFleet(Protocol):
     """What the queen's ``/metrics`` reads of its registry (``HiveRegistry``)."""
 
     def records(self) -> list[HiveRecord]:
@@ -43,7 +43,7 @@ class Fleet(Protocol):
 
 
 class QueenMetrics:
-    def __init__(self, fleet: Fleet,
+    def __init__(self, fleet: ScrapedFleet,
                  stream_clients: Callable[[], int], lagged_total: Callable[[], int],
                  connections: ConnectionTable, max_workers: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
