@@ -374,8 +374,7 @@ def _sample_name(family: Family, openmetrics: bool) -> str:
 
 def _wanted(names: Collection[str] | None) -> Callable[[Family], bool]:
     """Whether a scrape's ``name[]`` selects a family: by its name or a sample name of it
-    (``_total``, ``_info``), as prometheus-client selects its own samples
-    (``CollectorRegistry.restricted_registry``)."""
+    (``_total``, ``_info``), as ``rbee.scrape`` selects the server's own figures."""
     if names is None:
         return lambda family: True
     return lambda family: not names.isdisjoint(
